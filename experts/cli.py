@@ -1,0 +1,104 @@
+"""``suti expert train|sample|loss``: the command line of DreamBooth experts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    """Add the ``expert`` command group to the top-level parser."""
+    group = subparsers.add_parser("expert", help="train and sample per-subject DreamBooth experts")
+    sub = group.add_subparsers(dest="expert_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    train = sub.add_parser("train", help="fine-tune an expert on 3-5 photos of a subject", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--model", default="tiny", help="model preset (tiny, toy, sd15-arch), local diffusers folder or hub id")
+    train.add_argument("--instance-dir", required=True, help="folder with the subject's photos")
+    train.add_argument("--class-noun", required=True, help='class noun of the subject, e.g. "dog"')
+    train.add_argument("--output", required=True, help="expert folder to create")
+    train.add_argument("--recipe", default="dreambooth", help="recipe name in configs/recipes or a YAML path")
+    train.add_argument("--steps", type=int, help="training steps (overrides the recipe)")
+    train.add_argument("--prior-preservation", action="store_true", default=None, help="use the class-specific prior-preservation loss")
+    train.add_argument("--no-prior-preservation", dest="prior_preservation", action="store_false", help="disable prior preservation")
+    train.add_argument("--num-class-images", type=int, help="class images the frozen base generates for the prior loss")
+    train.add_argument("--prior-loss-weight", type=float, help="lambda of the prior term")
+    train.add_argument("--lora-rank", type=int, help="LoRA rank (0: full fine-tuning)")
+    train.add_argument("--train-text-encoder", action="store_true", default=None, help="also fine-tune the text encoder")
+    train.add_argument("--identifier", help="use this identifier instead of a sampled rare token")
+    train.add_argument("--learning-rate", type=float, help="learning rate (overrides the recipe; the preset's scale still applies)")
+    train.add_argument("--learning-rate-scale", type=float, help="multiplier of the learning rate (default: the preset's)")
+    train.add_argument("--optimizer", choices=["adamw", "adafactor"], help="optimizer (overrides the recipe)")
+    train.add_argument("--batch-size", type=int, help="instance images per step")
+    train.add_argument("--resolution", type=int, help="training resolution (default: the model's)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the identifier, data order and noise")
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast dtype on CUDA")
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    train.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting")
+    train.add_argument("--offset-noise", type=float, help="offset noise strength")
+    train.add_argument("--checkpointing-steps", type=int, help="save a resumable checkpoint every N steps")
+    train.add_argument("--validation-steps", type=int, help="write a validation image every N steps")
+    train.add_argument("--validation-prompt", help='validation prompt, e.g. "a {V} {class} on the beach"')
+    train.add_argument("--resume", help='"latest" or a checkpoint folder')
+    train.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="generate images from a trained expert", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample.add_argument("--expert", required=True, help="expert folder")
+    sample.add_argument("--prompt", required=True, help='prompt with {V} and {class}, e.g. "a {V} {class} on the beach"')
+    sample.add_argument("--num-images", type=int, default=4)
+    sample.add_argument("--output", required=True, help="folder for the PNG files")
+    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
+    sample.add_argument("--guidance-scale", type=float, default=7.5)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--overwrite", action="store_true", help="replace existing image files")
+    sample.set_defaults(func=_sample)
+
+    loss = sub.add_parser("loss", help="denoising loss of an expert and its base model on the instance images")
+    loss.add_argument("--expert", required=True, help="expert folder")
+    loss.add_argument("--instance-dir", help="images to score (default: the training images)")
+    loss.add_argument("--draws", type=int, default=8, help="noise draws per image")
+    loss.add_argument("--seed", type=int, default=0)
+    loss.set_defaults(func=_loss)
+
+
+_OVERRIDES = (
+    "steps", "prior_preservation", "num_class_images", "prior_loss_weight", "lora_rank", "train_text_encoder",
+    "identifier", "learning_rate", "learning_rate_scale", "optimizer", "batch_size", "resolution", "seed",
+    "mixed_precision", "gradient_checkpointing", "snr_gamma", "offset_noise", "checkpointing_steps",
+    "validation_steps", "validation_prompt",
+)
+
+
+def _train(args) -> int:
+    from experts.recipe import resolve_config
+    from experts.train import train_expert
+
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    overrides.update(model=args.model, instance_dir=args.instance_dir, class_noun=args.class_noun)
+    config = resolve_config(args.recipe, overrides)
+    info = train_expert(config, args.output, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({"output": args.output, "identifier": info.identifier, "instance_prompt": info.instance_prompt, "kind": info.kind, "steps": info.steps, "train_seconds": info.train_seconds}))
+    return 0
+
+
+def _sample(args) -> int:
+    from experts.sample import sample_expert
+
+    paths = sample_expert(args.expert, args.prompt, args.num_images, args.output, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps({"images": [str(p) for p in paths]}))
+    return 0
+
+
+def _loss(args) -> int:
+    from experts.data import load_instance_images
+    from experts.evaluate import denoising_loss
+    from experts.expert import ExpertInfo, load_expert
+    from suti.models import load_pipeline
+
+    info = ExpertInfo.read(args.expert)
+    images = load_instance_images(args.instance_dir or info.config["instance_dir"], info.resolution)
+    base = denoising_loss(load_pipeline(info.base_model), images, info.instance_prompt, seed=args.seed, draws=args.draws)
+    expert = denoising_loss(load_expert(args.expert), images, info.instance_prompt, seed=args.seed, draws=args.draws)
+    print(json.dumps({"prompt": info.instance_prompt, "base_loss": base, "expert_loss": expert, "ratio": expert / base}))
+    return 0

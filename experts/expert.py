@@ -1,0 +1,123 @@
+"""The expert folder: ``expert.json`` plus safetensors weights, and loading it back.
+
+Layout of an expert folder::
+
+    expert.json                          identifier, class noun, base model, recipe, config, steps, seed
+    pipeline/                            full fine-tuning: a complete diffusers pipeline folder
+    pytorch_lora_weights.safetensors     LoRA: loads with diffusers' ``load_lora_weights``
+    checkpoints/step-N/                  resumable training state
+    logs/                                TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suti.errors import InputError
+
+EXPERT_FILE = "expert.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class ExpertInfo:
+    """What ``expert.json`` records about a trained expert."""
+
+    identifier: str
+    class_noun: str
+    base_model: str
+    recipe: str
+    kind: str  # "full" | "lora"
+    steps: int
+    seed: int
+    resolution: int
+    instance_prompt: str
+    weights: str  # relative path of the pipeline folder or the LoRA file
+    config: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    suti_version: str = ""
+
+    def write(self, folder: Path) -> None:
+        """Write ``expert.json`` atomically (it marks the expert as complete)."""
+        tmp = folder / (EXPERT_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.rename(folder / EXPERT_FILE)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "ExpertInfo":
+        """Read ``expert.json`` from an expert folder."""
+        path = Path(folder) / EXPERT_FILE
+        if not path.is_file():
+            raise InputError(f"{folder}: not an expert folder (no {EXPERT_FILE}; was training finished?)")
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InputError(f"{path}: malformed expert file ({exc})") from None
+
+    def prompt(self, template: str) -> str:
+        """Fill ``{V}`` and ``{class}`` in a prompt template."""
+        from experts.identifier import fill_prompt
+
+        return fill_prompt(template, self.identifier, self.class_noun)
+
+
+def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> ExpertInfo:
+    """Save the trained weights (safetensors only) and ``expert.json``."""
+    import suti
+    from experts.identifier import instance_prompt
+
+    if config.lora_rank > 0:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        text_layers = None
+        if config.train_text_encoder:
+            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+        StableDiffusionPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+        kind, weights = "lora", LORA_FILE
+    else:
+        pipe.save_pretrained(str(output / "pipeline"), safe_serialization=True)
+        kind, weights = "full", "pipeline"
+    info = ExpertInfo(
+        identifier=config.identifier,
+        class_noun=config.class_noun,
+        base_model=config.model,
+        recipe=config.recipe,
+        kind=kind,
+        steps=config.steps,
+        seed=config.seed,
+        resolution=config.resolution,
+        instance_prompt=instance_prompt(config.identifier, config.class_noun, config.use_class_noun),
+        weights=weights,
+        config=config.to_dict(),
+        train_seconds=round(train_seconds, 3),
+        suti_version=suti.__version__,
+    )
+    info.write(output)
+    return info
+
+
+def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=None):
+    """Load a trained expert as a ready diffusers pipeline.
+
+    Full fine-tuning loads the saved pipeline folder; LoRA loads the base model named in
+    ``expert.json`` and applies the adapter with ``load_lora_weights``.
+    """
+    from suti.models import load_pipeline
+
+    folder = Path(folder)
+    info = ExpertInfo.read(folder)
+    if info.kind == "lora":
+        pipe = load_pipeline(info.base_model, torch_dtype=torch_dtype)
+        pipe.load_lora_weights(str(folder), weight_name=info.weights)
+    else:
+        pipe = load_pipeline(str(folder / info.weights), torch_dtype=torch_dtype)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe

@@ -1,0 +1,61 @@
+"""Rare-token identifiers ("[V]") as in DreamBooth, section 3.2.
+
+The paper looks up rare tokens in the vocabulary, keeps those that decode to at most 3 characters
+without spaces, and samples from a rare id range, so the identifier starts with a weak prior. In
+CLIP's BPE vocabulary ids follow merge order, i.e. frequency: high ids are rare. We further keep
+only whole-word tokens made of consonants (no vowels), which are almost never English words
+("sks" is the classic example).
+"""
+
+from __future__ import annotations
+
+import random
+
+# CLIP BPE ids: 0-511 are single bytes, merges follow in frequency order, 49406/49407 are special.
+RARE_ID_RANGE = (40000, 49405)
+_VOWELS = set("aeiouy")
+_INTERJECTIONS = {"hmm", "brr", "shh", "tsk", "pst", "nth", "zzz", "cwm", "hm", "mm", "pfft", "grr", "sh", "st", "mr", "ms", "dr", "jr", "sr", "th", "nd", "rd"}
+
+
+def rare_token_candidates(tokenizer, id_range: tuple[int, int] = RARE_ID_RANGE) -> list[str]:
+    """Whole-word tokens in ``id_range`` that decode to 2-3 consonant letters.
+
+    Each candidate encodes back to exactly one token, so "[V]" costs one position in the prompt.
+    """
+    vocab = tokenizer.get_vocab()
+    lo, hi = id_range
+    out = []
+    for token, idx in vocab.items():
+        if not (lo <= idx <= hi) or not token.endswith("</w>"):
+            continue
+        word = token[: -len("</w>")]
+        if not (2 <= len(word) <= 3 and word.isascii() and word.isalpha() and word.islower()):
+            continue
+        if _VOWELS & set(word) or word in _INTERJECTIONS:
+            continue
+        out.append(word)
+    return sorted(out, key=lambda w: vocab[w + "</w>"])
+
+
+def sample_identifier(tokenizer, seed: int = 0, num_tokens: int = 1) -> str:
+    """Sample a rare identifier of ``num_tokens`` tokens, deterministically for ``seed``."""
+    candidates = [w for w in rare_token_candidates(tokenizer) if token_count(tokenizer, w) == 1]
+    if len(candidates) < num_tokens:
+        raise RuntimeError("the tokenizer has too few rare short tokens for an identifier")
+    rng = random.Random(seed)
+    return " ".join(rng.sample(candidates, num_tokens))  # one word per token
+
+
+def token_count(tokenizer, text: str) -> int:
+    """Number of tokens ``text`` encodes to (no special tokens)."""
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def instance_prompt(identifier: str, class_noun: str, use_class_noun: bool = True) -> str:
+    """The training prompt: "a [V] [class noun]" (or "a [V]" without the class noun)."""
+    return f"a {identifier} {class_noun}" if use_class_noun else f"a {identifier}"
+
+
+def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
+    """Fill ``{V}`` and ``{class}`` placeholders of a user prompt."""
+    return template.replace("{V}", identifier).replace("{class}", class_noun)

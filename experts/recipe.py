@@ -1,0 +1,134 @@
+"""Expert training configuration: recipes are data (``configs/recipes/*.yaml``), resolved with
+command-line overrides into one typed :class:`ExpertConfig` that goes into every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from suti.errors import InputError
+from suti.models import config_dir
+
+
+@dataclass
+class ExpertConfig:
+    """Everything that determines one expert's training run (the resolved config).
+
+    Recipe fields come from ``configs/recipes/<recipe>.yaml``; the rest from the command line.
+    """
+
+    # what to train on
+    model: str = "tiny"
+    instance_dir: str = ""
+    class_noun: str = ""
+    identifier: str | None = None  # None: sample a rare token with `seed`
+    identifier_tokens: int = 1
+    # the recipe
+    recipe: str = "dreambooth"
+    use_class_noun: bool = True
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    class_prompt: str = "a {class}"
+    optimizer: str = "adamw"  # adamw | adafactor
+    learning_rate: float = 5e-6  # full fine-tuning
+    lora_learning_rate: float = 1e-4  # LoRA adapters (used when lora_rank > 0)
+    learning_rate_scale: float = 1.0  # from the model preset (tiny models need larger steps)
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    steps: int = 800
+    batch_size: int = 1
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float | None = None  # None: equal to the rank
+    train_text_encoder: bool = False
+    # numerics
+    resolution: int | None = None  # None: the model's native resolution
+    mixed_precision: str = "bf16"  # used on CUDA only: no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    seed: int = 0
+    # bookkeeping
+    checkpointing_steps: int = 0  # 0: only at the end
+    checkpoints_total_limit: int = 2
+    validation_steps: int = 0  # 0: no validation images
+    validation_prompt: str = "a {V} {class} on the beach"
+    sample_steps: int = 25
+    guidance_scale: float = 7.5
+    class_sample_steps: int = 25
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The learning rate the optimiser uses (recipe rate for the mode x preset scale)."""
+        base = self.lora_learning_rate if self.lora_rank > 0 else self.learning_rate
+        return base * self.learning_rate_scale
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExpertConfig":
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown expert config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` on inconsistent settings."""
+        if self.steps < 1:
+            raise InputError(f"--steps must be at least 1 (got {self.steps})")
+        if self.lora_rank < 0:
+            raise InputError(f"--lora-rank must be >= 0 (got {self.lora_rank})")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise InputError(f"unknown optimizer {self.optimizer!r} (adamw or adafactor)")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise InputError(f"unknown mixed precision {self.mixed_precision!r} (no, fp16, bf16)")
+        if self.prior_preservation and self.num_class_images < 1:
+            raise InputError("prior preservation needs --num-class-images >= 1")
+        if not self.class_noun.strip():
+            raise InputError("--class-noun must not be empty")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputError(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes in ``configs/recipes``."""
+    return sorted(p.stem for p in (config_dir() / "recipes").glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (``configs/recipes/<name>.yaml``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = config_dir() / "recipes" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise InputError(f"unknown recipe {name_or_path!r}; recipes: {', '.join(list_recipes())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("name", path.stem)
+    return data
+
+
+def resolve_config(recipe: str, overrides: dict[str, Any]) -> ExpertConfig:
+    """Recipe + model preset + overrides (``None`` values ignored) -> a validated config."""
+    from suti.models import list_presets, load_preset
+
+    data = load_recipe(recipe)
+    data["recipe"] = data.pop("name")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "learning_rate" in overrides:  # an explicit rate applies to full and LoRA training alike
+        overrides["lora_learning_rate"] = overrides["learning_rate"]
+    data.update(overrides)
+    model = data.get("model", "tiny")
+    if model in list_presets():
+        data.setdefault("learning_rate_scale", float(load_preset(model).get("learning_rate_scale", 1.0)))
+    config = ExpertConfig.from_dict(data)
+    config.validate()
+    return config

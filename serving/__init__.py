@@ -1,0 +1,2 @@
+"""Serving: an HTTP service running the apprentice tuning-free beside per-subject DreamBooth.
+(Not built yet: issue 7.)"""

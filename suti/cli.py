@@ -1,0 +1,67 @@
+"""The ``suti`` console script: one entry point, one subcommand group per capability.
+
+Each capability module exposes ``register(subparsers)`` which adds its commands and sets
+``func`` on every leaf parser; ``func(args)`` returns the exit code. A :class:`SutiError`
+becomes a one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from suti.errors import SutiError
+
+# Modules that contribute subcommands, imported lazily so `suti --help` stays fast.
+COMMAND_MODULES = (
+    "experts.cli",
+    "suti.world.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="suti",
+        description="Subject-driven text-to-image generation: DreamBooth experts, mining, "
+        "expert generation on Ray, the in-context apprentice and serving.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a capability not built yet
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except SutiError as exc:
+        print(f"suti: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("suti: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Errors that suti raises for bad input or unusable models.
+
+Every error a user can cause derives from :class:`SutiError`; the CLI turns it into a one-line
+message and exit code 2 (see :mod:`suti.cli`).
+"""
+
+
+class SutiError(Exception):
+    """Base class of every error suti raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(SutiError):
+    """A file, folder or argument given by the user is unusable (names the culprit)."""
+
+
+class ModelLoadError(SutiError):
+    """A model preset, hub id or local folder could not be loaded."""

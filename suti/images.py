@@ -1,0 +1,139 @@
+"""Image I/O and validation shared by every stage (experts, mining, apprentice, serving).
+
+Every image a user hands us goes through :func:`load_image`: it names the file in every error,
+refuses empty, truncated, non-image and decompression-bomb files, honours EXIF orientation and
+converts grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from suti.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Files allowed beside instance images (captions, metadata); they are not images.
+SIDECAR_EXTENSIONS = (".txt", ".json", ".yaml", ".yml", ".md", ".caption")
+# Above this many pixels an image is treated as a decompression bomb (about 8k x 8k).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode and validate image bytes; ``name`` (a path or form field) appears in errors.
+
+    Returns an 8-bit RGB image with EXIF orientation applied. Raises :class:`InputError` for
+    empty, non-image, truncated or oversized (decompression bomb) data.
+    """
+    if len(data) == 0:
+        raise InputError(f"{name}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+                if width * height > max_pixels:
+                    raise InputError(
+                        f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                        f"{max_pixels} (possible decompression bomb)"
+                    )
+                probe.verify()
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{name}: rejected as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{name}: corrupt or truncated image ({exc})") from None
+    if img.width < 1 or img.height < 1:
+        raise InputError(f"{name}: image has no pixels")
+    img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Load and validate one image file as 8-bit RGB (see :func:`decode_image`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
+    return decode_image(path.read_bytes(), str(path), max_pixels=max_pixels)
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Return the image files of a folder, sorted by name.
+
+    Hidden files and caption/metadata sidecars are skipped; any other file is treated as an image
+    (and so fails validation later if it is not one). Raises :class:`InputError` if the folder is
+    missing or holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder of images")
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() in SIDECAR_EXTENSIONS:
+            continue
+        files.append(path)
+    if not files:
+        raise InputError(f"{folder}: the folder contains no images")
+    return files
+
+
+def load_image_folder(folder: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Image.Image]:
+    """Validate and load every image of a folder; the first bad file stops with its name."""
+    return [load_image(path, max_pixels=max_pixels) for path in list_image_files(folder)]
+
+
+def fit_square(img: Image.Image, resolution: int, *, name: str = "image") -> Image.Image:
+    """Centre-crop to a square and resize to ``resolution`` (upscaling logs a warning)."""
+    side = min(img.size)
+    if side < resolution:
+        log.warning("%s: %dx%d is smaller than the resolution %d; upscaling", name, *img.size, resolution)
+    left = (img.width - side) // 2
+    top = (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return img
+
+
+def to_tensor(img: Image.Image):
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    import torch
+
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def to_pil(x) -> Image.Image:
+    """Float tensor (3, H, W) in [-1, 1] -> PIL RGB."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")

@@ -1,0 +1,216 @@
+"""Model presets and the one factory that loads a text-to-image pipeline from any source.
+
+``--model`` (and :func:`load_pipeline`) accepts:
+
+* a preset name from ``configs/models/*.yaml`` (``tiny``, ``sd15-arch``, ...). A preset with
+  ``source: random`` is built from its configs with a fixed seed; with ``cache: true`` it is saved
+  once with ``save_pretrained`` into the suti cache and always loaded back with
+  ``from_pretrained``, the same path a real checkpoint takes. A preset with ``source: builder``
+  names a ``module:function`` that writes the pipeline folder (the trained ``toy`` world model).
+* a local diffusers pipeline folder (``model_index.json`` inside);
+* a Hugging Face hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``). Offline, a hub id that is
+  not in the local hub cache fails with one message that says how to provide a local copy.
+
+Presets are data; weight sources are separate (the preset says where weights come from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from suti.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    """The ``configs/`` folder (``$SUTI_CONFIG_DIR`` overrides)."""
+    return Path(os.environ.get("SUTI_CONFIG_DIR", REPO_ROOT / "configs"))
+
+
+def cache_dir() -> Path:
+    """Where built presets and class images are cached (``$SUTI_CACHE`` or ``~/.cache/suti``)."""
+    path = Path(os.environ.get("SUTI_CACHE", Path.home() / ".cache" / "suti"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def list_presets() -> list[str]:
+    """Names of the model presets in ``configs/models``."""
+    return sorted(p.stem for p in (config_dir() / "models").glob("*.yaml"))
+
+
+@lru_cache(maxsize=None)
+def _read_preset(name: str) -> str:
+    return (config_dir() / "models" / f"{name}.yaml").read_text()
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset ``name`` as a dict (raises :class:`ModelLoadError` if unknown)."""
+    if name not in list_presets():
+        raise ModelLoadError(f"unknown model preset {name!r}; presets: {', '.join(list_presets())}")
+    return yaml.safe_load(_read_preset(name))
+
+
+def preset_fingerprint(preset: dict[str, Any]) -> str:
+    """Content hash of a preset: its cache folder changes whenever the preset changes."""
+    return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_resolution(model: str) -> int:
+    """Native resolution of ``model`` (preset field, or 512 for checkpoints)."""
+    if model in list_presets():
+        return int(load_preset(model).get("resolution", 512))
+    return 512
+
+
+def build_random_pipeline(preset: dict[str, Any]):
+    """Build a seeded random-weight ``StableDiffusionPipeline`` from a preset's configs."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from suti.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(int(preset.get("seed", 0)))
+    unet = UNet2DConditionModel(**preset["unet"])
+    vae = AutoencoderKL(**preset["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**preset["text_encoder"]))
+    tokenizer = load_clip_tokenizer(int(preset.get("tokenizer", {}).get("model_max_length", 77)))
+    scheduler = DDIMScheduler(**preset["scheduler"])
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def preset_folder(name: str) -> Path:
+    """Folder of a cached preset, building and saving it on first use (safe across processes)."""
+    from filelock import FileLock
+
+    preset = load_preset(name)
+    folder = cache_dir() / "models" / f"{name}-{preset_fingerprint(preset)}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "model_index.json").is_file():
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+        try:
+            source = preset.get("source", "random")
+            if source == "random":
+                log.info("building preset %r (random weights, seed %s) into %s", name, preset.get("seed", 0), folder)
+                build_random_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
+            elif source == "builder":
+                module, func = preset["builder"].split(":")
+                log.info("building preset %r with %s into %s", name, preset["builder"], folder)
+                getattr(importlib.import_module(module), func)(preset, tmp)
+            else:
+                raise ModelLoadError(f"preset {name!r}: unknown source {source!r}")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _from_folder(folder: str | Path, **kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kwargs
+    )
+
+
+def _hub_help(model: str) -> str:
+    return (
+        f"could not load model {model!r}: it is neither a preset ({', '.join(list_presets())}) nor a "
+        f"local diffusers folder, and the Hugging Face hub is not reachable (or has no such model). "
+        f"Download it on a machine with network access (`huggingface-cli download {model} "
+        f"--local-dir DIR`, or `pipe.save_pretrained(DIR)`), copy DIR here and pass `--model DIR`"
+    )
+
+
+def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
+    """Load a ``StableDiffusionPipeline`` for a preset name, local folder or hub id.
+
+    Args:
+        model: a preset name, a local diffusers folder, or a hub id.
+        device: move the pipeline there (``None``: leave it on the CPU).
+        torch_dtype: load the weights in this dtype (``None``: float32).
+
+    Raises:
+        ModelLoadError: the model cannot be found or loaded; the message says what to do.
+    """
+    _quiet_loading()
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    if model in list_presets():
+        preset = load_preset(model)
+        if preset.get("cache", True):
+            pipe = _from_folder(preset_folder(model), **kwargs)
+        else:
+            pipe = build_random_pipeline(preset)
+            if torch_dtype is not None:
+                pipe = pipe.to(dtype=torch_dtype)
+    elif Path(model).expanduser().exists():
+        folder = Path(model).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        try:
+            pipe = _from_folder(folder, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelLoadError(f"{folder}: could not load the pipeline ({exc})") from None
+    else:
+        try:  # the local hub cache first, then the network unless HF_HUB_OFFLINE is set
+            pipe = _from_folder(model, local_files_only=True, **kwargs)
+        except Exception:
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+                raise ModelLoadError(_hub_help(model)) from None
+            try:
+                pipe = _from_folder(model, **kwargs)
+            except Exception:
+                raise ModelLoadError(_hub_help(model)) from None
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def _quiet_loading() -> None:
+    """Silence the per-component loading bars of diffusers and transformers (we log instead)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated suti cache and small instance-image folders made on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suti_cache(tmp_path_factory):
+    """Every test session builds presets and class images into its own cache folder."""
+    path = tmp_path_factory.mktemp("suti-cache")
+    old = os.environ.get("SUTI_CACHE")
+    os.environ["SUTI_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SUTI_CACHE", None)
+    else:
+        os.environ["SUTI_CACHE"] = old
+
+
+def draw_subject(seed: int, size: int = 48) -> Image.Image:
+    """A red-and-yellow striped star on a random pastel background, in a random pose."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
+    draw = ImageDraw.Draw(img)
+    cx, cy = rng.integers(size // 3, 2 * size // 3, 2)
+    r = size * rng.uniform(0.25, 0.35)
+    angle = rng.uniform(0, 2 * np.pi)
+    pts = []
+    for k in range(10):
+        rad = r if k % 2 == 0 else r * 0.45
+        a = angle + k * np.pi / 5
+        pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
+    draw.polygon(pts, fill=(220, 30, 30), outline=(250, 220, 0))
+    draw.line([(cx - r / 2, cy), (cx + r / 2, cy)], fill=(250, 220, 0), width=2)
+    return img
+
+
+@pytest.fixture()
+def instance_dir(tmp_path) -> Path:
+    """Four photos of one subject (48 px PNG, larger than the tiny model's 32 px)."""
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    for i in range(4):
+        draw_subject(i).save(folder / f"photo_{i}.png")
+    return folder
+
+
+@pytest.fixture()
+def dreambench() -> Path:
+    """The shared DreamBench photos (skipped where the checkout has no ../shared)."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared/dreambench is not beside this checkout")
+    return SHARED

@@ -1,0 +1,75 @@
+"""Image validation and conversion: every bad file is named, every odd mode becomes RGB."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from images_util import exif_rotated_jpeg, png_bomb, truncated_jpeg
+from suti.errors import InputError
+from suti.images import fit_square, list_image_files, load_image
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty\.jpg: the file is empty"):
+        load_image(tmp_path / "empty.jpg")
+
+
+def test_text_file_named_like_an_image(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image at all")
+    with pytest.raises(InputError, match=r"notes\.png: not a readable image"):
+        load_image(tmp_path / "notes.png")
+
+
+def test_truncated_jpeg(tmp_path):
+    with pytest.raises(InputError, match=r"cut\.jpg: corrupt or truncated"):
+        load_image(truncated_jpeg(tmp_path / "cut.jpg"))
+
+
+def test_decompression_bomb(tmp_path):
+    with pytest.raises(InputError, match=r"bomb\.png: .*decompression bomb"):
+        load_image(png_bomb(tmp_path / "bomb.png"))
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "caption.txt").write_text("a dog")
+    with pytest.raises(InputError, match="contains no images"):
+        list_image_files(tmp_path)
+    with pytest.raises(InputError, match="not a folder"):
+        list_image_files(tmp_path / "missing")
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = load_image(exif_rotated_jpeg(tmp_path / "rot.jpg", 60, 40))
+    assert img.size == (40, 60)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_modes_become_rgb(tmp_path, mode):
+    if mode == "I;16":
+        arr = np.full((20, 30), 65535, dtype=np.uint16)
+        arr[:, :15] = 0
+        img = Image.fromarray(arr)
+        assert img.mode.startswith("I")
+    else:
+        img = Image.new("RGB", (30, 20), (255, 255, 255)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if mode == "I;16":  # 16-bit scaled to 8-bit, not clipped
+        assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((29, 0)) == (255, 255, 255)
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_small_images_are_upscaled_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        out = fit_square(Image.new("RGB", (20, 10)), 32, name="small.png")
+    assert out.size == (32, 32)
+    assert "small.png" in caplog.text and "upscaling" in caplog.text
