@@ -18,6 +18,7 @@ from suti.errors import SutiError
 COMMAND_MODULES = (
     "experts.cli",
     "suti.world.cli",
+    "suti.demo",
 )
 
 
