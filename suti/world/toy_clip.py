@@ -1,0 +1,488 @@
+"""A small CLIP for the synthetic world: makes CLIP-I / CLIP-T measurable offline.
+
+The model is an ordinary :class:`open_clip.model.CLIP` built from a custom config
+(``"suti-toy-clip"``, :data:`DEFAULT_CONFIG`): a ModifiedResNet (CLIP-RN style) vision tower
+on 32x32 images and a causal text transformer over the standard CLIP BPE tokens
+(:class:`open_clip.tokenizer.SimpleTokenizer`, context length 32, the real 49408-token
+vocabulary). Any image size is accepted: images are centre-cropped to a square and resized to
+32 px with LANCZOS (the world itself renders 32 px scenes by LANCZOS-downsampling 4x sprites).
+
+It is pretrained contrastively (symmetric InfoNCE, learnable temperature) on scenes streamed
+from the *train* subjects of the training world (:data:`TRAIN_WORLD_SUBJECTS` subjects, seed
+:data:`TRAIN_WORLD_SEED`), half of them edited (colour change, accessory, style), with several
+caption forms per scene:
+
+* ``full``: the world's DreamBench caption (``"a sketch of a red striped robot in the snow"``),
+* ``class``: class noun only (``"a robot wearing a hat on the beach"``) as DreamBench prompts
+  are worded, naming the colour only for a colour edit,
+* ``detailed``: proportions, part and pattern colour too,
+* ``nocontext``: the full caption without its context phrase.
+
+Captions that leave an attribute out are true of many images, so the contrastive targets are
+*multi-positive*: caption ``j`` counts as a positive of image ``i`` whenever everything caption
+``j`` states holds for image ``i`` (colour counts as unknowable in sketches). Held-out subjects
+of that world (all held-out subjects of ``make_world(n, seed=0)`` for ``n <= 1024``, the
+default 24-subject world included) are never seen.
+
+Usage::
+
+    from suti.world.toy_clip import load_toy_clip, encode_images, encode_texts
+
+    model, preprocess, tokenizer = load_toy_clip()
+    img = encode_images(model, images)          # (N, D), L2-normalised
+    txt = encode_texts(model, ["a red ball on the beach"])  # (1, D)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from suti.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Where the shipped weights live (``toy_clip.safetensors`` + ``toy_clip.json``, ``probe.*``).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The world whose *train* split the toy models learn from (its held-out split is never seen).
+TRAIN_WORLD_SUBJECTS = 1024
+TRAIN_WORLD_SEED = 0
+#: Side of the images the toy models see.
+IMAGE_SIZE = 32
+
+MODEL_NAME = "suti-toy-clip"
+#: open_clip model config (``CLIP(embed_dim, vision_cfg, text_cfg)``) of the toy CLIP.
+DEFAULT_CONFIG: dict = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 16,
+                   "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4,
+                 "layers": 3},
+}
+#: Pixel normalisation: [0, 255] -> [-1, 1] (the same scale as :func:`suti.images.to_tensor`).
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+# --------------------------------------------------------------------------- images and text
+
+
+def resize_to(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """RGB, centre-cropped to a square and resized to ``size`` (LANCZOS) when needed."""
+    img = img.convert("RGB")
+    if img.width != img.height:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.width != size:
+        img = img.resize((size, size), Image.LANCZOS)
+    return img
+
+
+def images_to_tensor(images, size: int = IMAGE_SIZE):
+    """PIL images (any size/mode) -> float tensor ``(N, 3, size, size)`` in [-1, 1]."""
+    import torch
+
+    arr = np.stack([np.asarray(resize_to(im, size), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div_(127.5).sub_(1.0).contiguous()
+
+
+class Preprocess:
+    """The toy CLIP's image transform: PIL image -> ``(3, 32, 32)`` float tensor in [-1, 1]."""
+
+    def __init__(self, size: int = IMAGE_SIZE):
+        self.size = size
+
+    def __call__(self, img: Image.Image):
+        return images_to_tensor([img], self.size)[0]
+
+    def __repr__(self) -> str:
+        return f"Preprocess(size={self.size}, resample=LANCZOS, mean={IMAGE_MEAN}, std={IMAGE_STD})"
+
+
+@lru_cache(maxsize=4)
+def get_tokenizer(context_length: int = 32):
+    """The standard CLIP BPE tokenizer of open_clip (offline): ``tok(list[str]) -> (N, L) long``."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def build_toy_clip(config: dict | None = None):
+    """A randomly initialised toy CLIP (an ``open_clip.model.CLIP``) from an open_clip config."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    cfg = config or DEFAULT_CONFIG
+    return CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]),
+                CLIPTextCfg(**cfg["text_cfg"]))
+
+
+def _image_size(model) -> int:
+    size = getattr(model.visual, "image_size", IMAGE_SIZE)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def encode_images(model, images, batch_size: int = 256):
+    """Embed PIL images with a toy CLIP: ``(N, D)`` L2-normalised float32 tensor."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images_to_tensor(images[i:i + batch_size], _image_size(model))
+            out.append(model.encode_image(x, normalize=True).float())
+    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1])
+
+
+def encode_texts(model, texts, tokenizer=None, batch_size: int = 512):
+    """Embed strings with a toy CLIP: ``(N, D)`` L2-normalised float32 tensor."""
+    import torch
+
+    tokenizer = tokenizer or get_tokenizer(model.context_length)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            out.append(model.encode_text(tokenizer(list(texts[i:i + batch_size])),
+                                         normalize=True).float())
+    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1])
+
+
+# --------------------------------------------------------------------------- training data
+
+#: Attribute fields of a scene, in the column order of :func:`scene_truth`.
+FIELDS = ("class", "color", "pattern", "pattern_color", "part", "aspect", "context",
+          "accessory", "style")
+
+
+@lru_cache(maxsize=1)
+def vocabularies() -> dict[str, list]:
+    """Per-field label lists (``None`` is "no accessory"/"no style"/"no pattern colour")."""
+    from suti.world.spec import ACCESSORIES, ASPECTS, CLASSES, COLORS, CONTEXTS, PATTERNS, STYLES
+
+    return {
+        "class": list(CLASSES),
+        "color": list(COLORS),
+        "pattern": list(PATTERNS),
+        "pattern_color": [None, *COLORS],
+        "part": [f"{c}/{p}" for c, spec in CLASSES.items() for p in spec.parts],
+        "aspect": list(ASPECTS),
+        "context": list(CONTEXTS),
+        "accessory": [None, *ACCESSORIES],
+        "style": [None, *STYLES],
+    }
+
+
+def scene_truth(subject, meta: dict) -> dict[str, object]:
+    """The attribute values shown in a scene of ``subject`` (``meta`` from ``sample_scene``)."""
+    return {"class": subject.class_name, "color": meta["color"], "pattern": subject.pattern,
+            "pattern_color": subject.pattern_color,
+            "part": f"{subject.class_name}/{subject.part}", "aspect": subject.aspect,
+            "context": meta["context"], "accessory": meta["accessory"], "style": meta["style"]}
+
+
+def _codes(values: dict) -> list[int]:
+    voc = vocabularies()
+    return [voc[f].index(values[f]) if f in values else -1 for f in FIELDS]
+
+
+CAPTION_FORMS = {"full": 0.55, "class": 0.2, "detailed": 0.15, "nocontext": 0.1}
+
+
+def scene_caption(subject, meta: dict, form: str) -> tuple[str, dict]:
+    """A caption of one caption form and the attributes it states (field -> value).
+
+    Attributes a caption leaves out are unconstrained, except accessory and style (naming none
+    means there is none, as in :func:`suti.world.caption`) and, in ``full``/``detailed``
+    captions, the pattern (the world omits the word for plain subjects).
+    """
+    from suti.world.spec import ACCESSORIES, CONTEXTS, STYLES
+
+    truth = scene_truth(subject, meta)
+    override = meta["color"] if meta.get("edit") == "attribute" else None
+    stated = {"class": truth["class"], "accessory": truth["accessory"], "style": truth["style"]}
+    if form == "class":
+        noun = " ".join(w for w in (override, subject.class_noun) if w)
+        if override:
+            stated["color"] = override
+    else:
+        noun = subject.description(color=override, detailed=form == "detailed")
+        stated.update(color=truth["color"], pattern=truth["pattern"])
+        if form == "detailed":
+            stated.update(pattern_color=truth["pattern_color"], part=truth["part"],
+                          aspect=truth["aspect"])
+    words = [STYLES[truth["style"]]] if truth["style"] else []
+    words.append(("an " if noun[0] in "aeiou" else "a ") + noun)
+    if truth["accessory"]:
+        words.append(ACCESSORIES[truth["accessory"]])
+    if form != "nocontext":
+        words.append(CONTEXTS[truth["context"]].phrase)
+        stated["context"] = truth["context"]
+    return " ".join(words), stated
+
+
+def positives(truth_codes, caption_codes):
+    """``(B, B)`` bool: caption ``j`` holds for image ``i`` (all its stated fields match).
+
+    ``truth_codes``/``caption_codes``: ``(B, F)`` int arrays over :data:`FIELDS`; a caption code
+    ``-1`` is an unstated field, a truth code ``-2`` an unknowable one (colour in a sketch).
+    """
+    t = truth_codes[:, None, :]
+    c = caption_codes[None, :, :]
+    return ((c == -1) | (t == -2) | (c == t)).all(-1)
+
+
+def training_world():
+    """The world the toy models are trained on (only its train split is used)."""
+    from suti.world.spec import make_world
+
+    return make_world(TRAIN_WORLD_SUBJECTS, seed=TRAIN_WORLD_SEED)
+
+
+def clip_batch(subjects, rng: np.random.Generator, batch_size: int, *, edit_prob: float = 0.5,
+               p64: float = 0.25, forms: dict[str, float] | None = None):
+    """A contrastive batch: ``(images (B,3,32,32), captions, truth codes, caption codes)``.
+
+    A fraction ``p64`` of the scenes is rendered at 64 px and resized (as real inputs may be).
+    """
+    from suti.world.render import sample_scene
+
+    forms = forms or CAPTION_FORMS
+    names, probs = list(forms), np.array(list(forms.values()), float)
+    probs /= probs.sum()
+    images, texts, tcodes, ccodes = [], [], [], []
+    for _ in range(batch_size):
+        subject = subjects[int(rng.integers(len(subjects)))]
+        size = 64 if rng.random() < p64 else IMAGE_SIZE
+        img, _, meta = sample_scene(subject, rng, size=size, edit_prob=edit_prob)
+        text, stated = scene_caption(subject, meta, names[int(rng.choice(len(names), p=probs))])
+        truth = _codes(scene_truth(subject, meta))
+        if meta["style"] == "sketch":
+            truth[FIELDS.index("color")] = truth[FIELDS.index("pattern_color")] = -2
+        images.append(img)
+        texts.append(text)
+        tcodes.append(truth)
+        ccodes.append(_codes(stated))
+    return images_to_tensor(images), texts, np.array(tcodes), np.array(ccodes)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def retrieval_accuracy(model, subjects, n: int = 64, seed: int = 1234, edit_prob: float = 0.5,
+                       tokenizer=None) -> dict[str, float]:
+    """Caption retrieval among ``n`` scenes of ``n`` different subjects (one each).
+
+    Each scene gets the world's caption (:func:`suti.world.caption`, edits included). Returns
+    ``image_to_text`` / ``text_to_image`` top-1 accuracies and ``chance`` (= 1/n); a retrieved
+    caption counts as right when its text equals the true caption.
+    """
+    from suti.world.render import sample_scene
+
+    rng = np.random.default_rng(seed)
+    chosen = [subjects[i] for i in rng.permutation(len(subjects))[:n]]
+    scenes = [sample_scene(s, rng, size=IMAGE_SIZE, edit_prob=edit_prob) for s in chosen]
+    img = encode_images(model, [im for im, _, _ in scenes])
+    texts = [t for _, t, _ in scenes]
+    txt = encode_texts(model, texts, tokenizer)
+    sim = img @ txt.T  # (n images, n captions)
+    i2t = [texts[int(j)] == texts[i] for i, j in enumerate(sim.argmax(1))]
+    t2i = [texts[int(i)] == texts[j] for j, i in enumerate(sim.argmax(0))]
+    return {"image_to_text": float(np.mean(i2t)), "text_to_image": float(np.mean(t2i)),
+            "chance": 1.0 / len(chosen), "n": len(chosen)}
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def _lr_factor(progress: float, warmup: float = 0.05) -> float:
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
+                  steps: int = 100_000, batch_size: int = 256, lr: float = 1e-3,
+                  config: dict | None = None, progress: bool = True) -> dict:
+    """Pretrain the toy CLIP on the training world; write ``toy_clip.safetensors`` + ``.json``.
+
+    Training stops after ``steps`` steps or ``minutes`` of wall time, whichever comes first;
+    the learning rate follows warm-up + cosine over that budget. Weights are saved in fp16.
+
+    Args:
+        out_dir: folder for ``toy_clip.safetensors`` and ``toy_clip.json`` (created).
+        seed: seeds the initialisation and the scene stream.
+        minutes: wall-time budget.
+        steps: step budget.
+        batch_size: scenes (and captions) per contrastive batch.
+        lr: peak AdamW learning rate.
+        config: open_clip model config (default :data:`DEFAULT_CONFIG`).
+        progress: log the loss and an image->text retrieval check along the way.
+
+    Returns:
+        The metadata written to ``toy_clip.json`` (config, steps, time, held-out retrieval).
+    """
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    cfg = json.loads(json.dumps(config or DEFAULT_CONFIG))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_toy_clip(cfg)
+    model.train()
+    tokenizer = get_tokenizer(cfg["text_cfg"]["context_length"])
+    world = training_world()
+    train, heldout = world.train_subjects, world.heldout_subjects
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    rng = np.random.default_rng([seed, 101])
+    budget = minutes * 60.0
+    start = time.time()
+    step, losses = 0, []
+    while step < steps:
+        frac = max(step / steps, (time.time() - start) / budget)
+        if frac >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(frac)
+        x, texts, tcodes, ccodes = clip_batch(train, rng, batch_size)
+        pos = torch.from_numpy(positives(tcodes, ccodes)).float()  # (B images, B captions)
+        img, txt, scale = model(x, tokenizer(texts))  # (B, D), (B, D), ()
+        logits = scale * img @ txt.T
+        loss_i = -(F.log_softmax(logits, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+        loss_t = -(F.log_softmax(logits, 0) * pos / pos.sum(0, keepdim=True)).sum(0).mean()
+        loss = 0.5 * (loss_i + loss_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss))
+        step += 1
+        if progress and step % 50 == 0:
+            log.info("toy clip step %d  %.0fs  loss %.3f  temp %.1f", step, time.time() - start,
+                     float(np.mean(losses[-50:])), float(model.logit_scale.exp()))
+    elapsed = time.time() - start
+    model.eval()
+    metrics = {"heldout_retrieval_64": retrieval_accuracy(model, heldout, 64, tokenizer=tokenizer),
+               "train_retrieval_64": retrieval_accuracy(model, train, 64, tokenizer=tokenizer)}
+    if progress:
+        log.info("toy clip done: %d steps in %.0fs; held-out retrieval %s", step, elapsed,
+                 metrics["heldout_retrieval_64"])
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+             if v.is_floating_point()}
+    state.update({k: v.contiguous() for k, v in model.state_dict().items()
+                  if not v.is_floating_point()})
+    save_file(state, str(out / "toy_clip.safetensors"))
+    meta = {
+        "model_name": MODEL_NAME, "model_cfg": cfg, "image_size": IMAGE_SIZE,
+        "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
+        "tokenizer": {"kind": "open_clip.SimpleTokenizer",
+                      "context_length": cfg["text_cfg"]["context_length"]},
+        "training": {"seed": seed, "steps": step, "batch_size": batch_size, "lr": lr,
+                     "seconds": round(elapsed, 1), "final_loss": float(np.mean(losses[-50:])),
+                     "world": {"num_subjects": TRAIN_WORLD_SUBJECTS, "seed": TRAIN_WORLD_SEED,
+                               "split": "train"},
+                     "caption_forms": CAPTION_FORMS, "edit_prob": 0.5,
+                     "torch_threads": torch.get_num_threads()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "metrics": metrics,
+    }
+    (out / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_from(folder: Path):
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "toy_clip.json").read_text())
+    model = build_toy_clip(meta["model_cfg"])
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in load_file(str(folder / "toy_clip.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if k != "attn_mask"] or unexpected:
+        raise ModelLoadError(f"{folder}/toy_clip.safetensors does not match toy_clip.json "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, Preprocess(meta["image_size"]), get_tokenizer(
+        meta["tokenizer"]["context_length"])
+
+
+def _weights_folder(name: str, files: tuple[str, ...], pretrain, weights_dir) -> Path:
+    """The folder holding ``files``: ``weights_dir``, the shipped weights, or a cache folder
+    pretrained on first use (with a warning; safe across processes)."""
+    if weights_dir is not None:
+        folder = Path(weights_dir)
+        if not all((folder / f).is_file() for f in files):
+            raise ModelLoadError(f"{folder}: no {' + '.join(files)} there")
+        return folder
+    if all((WEIGHTS_DIR / f).is_file() for f in files):
+        return WEIGHTS_DIR
+    from filelock import FileLock
+
+    from suti.models import cache_dir
+
+    folder = cache_dir() / "world" / name
+    if not all((folder / f).is_file() for f in files):
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not all((folder / f).is_file() for f in files):
+                log.warning("no shipped %s weights in %s: pretraining them into %s (minutes)",
+                            name, WEIGHTS_DIR, folder)
+                pretrain(folder)
+    return folder
+
+
+def load_toy_clip(weights_dir: str | Path | None = None):
+    """Load the toy CLIP: ``(model, preprocess, tokenizer)``, model in eval mode, frozen.
+
+    Weights come from ``weights_dir`` when given, else the shipped ``suti/world/weights/``; when
+    those are missing they are pretrained once into ``<suti cache>/world/toy_clip`` (a logged
+    warning, several minutes). ``preprocess(PIL) -> (3, 32, 32)`` tensor; ``tokenizer(list[str])
+    -> (N, 32)`` token ids (standard CLIP BPE).
+
+    Raises:
+        ModelLoadError: ``weights_dir`` lacks the files or they do not match their config.
+    """
+    folder = _weights_folder("toy_clip", ("toy_clip.safetensors", "toy_clip.json"),
+                             lambda d: pretrain_clip(d, progress=True), weights_dir)
+    return _load_from(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m suti.world.toy_clip OUT_DIR [--minutes M] [--steps N] [--seed S]``."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description="pretrain the toy CLIP of the synthetic world")
+    parser.add_argument("out_dir")
+    parser.add_argument("--minutes", type=float, default=6.0)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    meta = pretrain_clip(args.out_dir, seed=args.seed, minutes=args.minutes, steps=args.steps)
+    print(json.dumps(meta["metrics"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,559 @@
+"""The ``toy`` model: a small latent text-to-image Stable Diffusion pretrained on the world.
+
+Same classes as Stable Diffusion 1.x, so everything that runs on SD (DreamBooth experts, the
+apprentice, serving) runs on it unchanged: an :class:`~diffusers.AutoencoderKL` (32 px RGB ->
+16x16x4 latents), a :class:`~diffusers.UNet2DConditionModel` with cross-attention, a
+:class:`~transformers.CLIPTextModel` over the real CLIP BPE tokenizer (:mod:`suti.tokenizer`)
+and a :class:`~diffusers.DDIMScheduler` with SD's ``scaled_linear`` betas.
+
+Pretraining (:func:`pretrain_t2i`, ~25 min on a 2-core CPU) streams fresh scenes of the
+*train* subjects of :data:`PRETRAIN_WORLD` (``make_world(240, seed=0)``: 182 train subjects;
+its held-out split contains the held-out subjects of the default ``make_world(24, seed=0)``,
+and none of them shares class + colour + pattern with a train subject), with edits (colour
+change, accessory, style) and caption variants (full DreamBench caption, without the context,
+class noun only, ...) plus 10% empty captions for classifier-free guidance:
+
+1. the VAE as an autoencoder (MSE + L1 + 1e-6 KL); then ``scaling_factor`` = 1 / latent std;
+2. the U-Net and the text encoder jointly from scratch (DDPM epsilon loss with min-SNR-5
+   weighting, AdamW, warmup + cosine decay, EMA weights are what is saved).
+
+:func:`build_toy_pipeline` is the ``builder`` of ``configs/models/toy.yaml``: it assembles the
+shipped fp16 weights (``suti/world/weights/toy``) into a float32 pipeline folder, or pretrains
+from scratch when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RESOLUTION = 32
+#: (num_subjects, seed) of the world whose *train* subjects the toy model sees.
+PRETRAIN_WORLD = (240, 0)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "toy"
+SUMMARY_FILE = "toy_training.json"
+#: Bump together with ``weights_version`` in configs/models/toy.yaml when the weights change.
+WEIGHTS_VERSION = 1
+
+VAE_CONFIG: dict[str, Any] = dict(
+    sample_size=RESOLUTION, in_channels=3, out_channels=3, latent_channels=4,
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+)
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=RESOLUTION // 2, in_channels=4, out_channels=4,
+    block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=(1, 2, 4),  # diffusers' legacy name: the number of heads (32-dim heads)
+)
+TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=256, num_attention_heads=4,
+    num_hidden_layers=3, max_position_embeddings=77, projection_dim=64, hidden_act="quick_gelu",
+    layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+
+CFG_DROP = 0.1  # empty captions, for classifier-free guidance
+
+
+def pretrain_world():
+    """The world whose train subjects are shown in pretraining (held-out ones never)."""
+    from suti.world.spec import make_world
+
+    return make_world(*PRETRAIN_WORLD)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def compose_caption(subject, meta: dict, *, color: bool = True, pattern: bool = True,
+                    context: bool = True) -> str:
+    """A caption of a scene (``meta`` from :func:`~suti.world.render.sample_scene`) with some
+    parts left out; with everything it equals :func:`suti.world.render.caption`."""
+    from suti.world.spec import ACCESSORIES, CONTEXTS, PATTERNS, STYLES
+
+    words = []
+    if color:
+        words.append(meta["color"])
+    if pattern and subject.pattern != "plain":
+        words.append(PATTERNS[subject.pattern])
+    words.append(subject.class_noun)
+    noun = " ".join(words)
+    out = [STYLES[meta["style"]]] if meta.get("style") else []
+    out.append(f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}")
+    if meta.get("accessory"):
+        out.append(ACCESSORIES[meta["accessory"]])
+    if context:
+        out.append(CONTEXTS[meta["context"]].phrase)
+    return " ".join(out)
+
+
+def random_caption(subject, meta: dict, rng: np.random.Generator) -> str:
+    """Training caption: empty (10%), else the full caption (~60%) or one with the colour,
+    the pattern and/or the context left out (so "a cup", "a cup on the beach", "a red cup"
+    - the prompts of DreamBooth's class prior - are in distribution)."""
+    if rng.random() < CFG_DROP:
+        return ""
+    u = rng.random()
+    if u < 0.65:
+        color = pattern = True
+    elif u < 0.75:
+        color, pattern = True, False
+    elif u < 0.8:
+        color, pattern = False, True
+    else:
+        color = pattern = False
+    return compose_caption(subject, meta, color=color, pattern=pattern,
+                           context=rng.random() >= 0.15)
+
+
+class SceneStream:
+    """Endless batches of freshly rendered scenes: ``(pixels (B, 3, 32, 32) in [-1, 1],
+    captions, metas)``. A quarter are rendered at 64 px and downsampled the way DreamBooth
+    instance photos are (:func:`suti.images.fit_square`, bicubic)."""
+
+    def __init__(self, subjects, seed: int, *, edit_prob: float = 0.35, hires: float = 0.25,
+                 captions: str = "random"):
+        self.subjects = list(subjects)
+        self.rng = np.random.default_rng([seed, 0x707])
+        self.edit_prob, self.hires, self.captions = edit_prob, hires, captions
+
+    def batch(self, n: int):
+        import torch
+        from PIL import Image
+
+        from suti.world.render import sample_scene
+
+        imgs, texts, metas = [], [], []
+        for _ in range(n):
+            subject = self.subjects[int(self.rng.integers(len(self.subjects)))]
+            hires = self.rng.random() < self.hires
+            img, text, meta = sample_scene(subject, self.rng, size=2 * RESOLUTION if hires else RESOLUTION,
+                                           edit_prob=self.edit_prob)
+            if hires:
+                img = img.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)
+            if self.captions == "random":
+                text = random_caption(subject, meta, self.rng)
+            imgs.append(np.asarray(img, np.float32))
+            texts.append(text)
+            metas.append(meta)
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
+        return x, texts, metas
+
+
+def heldout_scenes(n: int, seed: int = 0, edit_prob: float = 0.3):
+    """``n`` scenes of held-out subjects (never seen in pretraining), with full captions:
+    ``(pixels (n, 3, 32, 32) in [-1, 1], captions, metas)``. For evaluation."""
+    world = pretrain_world()
+    return SceneStream(world.heldout_subjects, seed + 1_000_003, edit_prob=edit_prob,
+                       hires=0.0, captions="full").batch(n)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def new_models(seed: int = 0):
+    """Freshly initialised ``(vae, unet, text_encoder)`` of the toy architecture."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    return vae, unet, text_encoder
+
+
+def num_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class _Tokens:
+    """Caption -> token ids, cached (captions repeat a lot)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, captions: list[str]):
+        import torch
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            self.cache.update(zip(missing, ids))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+class _Clock:
+    """Training progress in [0, 1]: the larger of steps done / steps and time used / budget."""
+
+    def __init__(self, steps: int | None, seconds: float | None):
+        if steps is None and seconds is None:
+            raise ValueError("give steps or a time budget")
+        self.steps, self.seconds, self.start = steps, seconds, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        p = 0.0
+        if self.steps:
+            p = max(p, step / self.steps)
+        if self.seconds:
+            p = max(p, self.elapsed() / self.seconds)
+        return min(p, 1.0)
+
+
+def _lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 10% along ``progress``."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer, base: float, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base * factor
+
+
+def train_vae(stream: SceneStream, *, steps: int | None = 1200, seconds: float | None = None,
+              batch_size: int = 16, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
+              progress: bool = True, vae=None):
+    """Train the autoencoder on world scenes; returns ``(vae, stats)``."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    if vae is None:
+        vae = new_models(seed)[0]
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)
+    clock = _Clock(steps, seconds)
+    bar = tqdm(total=100, desc="toy vae", unit="%", disable=not progress)
+    step, shown, ema_rec = 0, 0, None
+    while clock.progress(step) < 1.0:
+        _set_lr(opt, lr, _lr_factor(step, clock.progress(step), 100))
+        x, _, _ = stream.batch(batch_size)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(gen)).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x) + kl_weight * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_rec = mse.item() if ema_rec is None else 0.95 * ema_rec + 0.05 * mse.item()
+        now = int(100 * clock.progress(step))
+        bar.update(now - shown)
+        shown = now
+        bar.set_postfix(step=step, mse=f"{ema_rec:.4f}")
+    bar.close()
+    vae.eval()
+    x, _, _ = stream.batch(256)
+    with torch.no_grad():
+        rec = vae(x, sample_posterior=False).sample.clamp(-1, 1)
+        mse = F.mse_loss(rec, x).item()
+    stats = {"vae_steps": step, "vae_seconds": round(clock.elapsed(), 1), "vae_mse": mse,
+             "vae_psnr_db": round(10 * math.log10(4.0 / mse), 2)}  # pixel range [-1, 1]
+    return vae, stats
+
+
+def latent_scaling_factor(vae, stream: SceneStream, n: int = 512, seed: int = 0) -> float:
+    """1 / std of the VAE's (sampled) latents on ``n`` scenes: latents then have ~unit std."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(stream.batch(64)[0]).latent_dist.sample(gen)
+                         for _ in range(max(1, n // 64))])
+    return float(1.0 / lat.std())
+
+
+def _caption_gap(unet, text_encoder, tokens, latents, captions, *, seed: int = 0, draws: int = 2):
+    """Denoising MSE with the right captions and with captions rolled by one (same noise and
+    timesteps): ``(right, shuffled)``."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    gen = torch.Generator().manual_seed(seed)
+    was = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    out = []
+    with torch.no_grad():
+        embs = [text_encoder(tokens(c))[0] for c in (captions, captions[1:] + captions[:1])]
+        noise = [torch.randn(latents.shape, generator=gen) for _ in range(draws)]
+        ts = [torch.randint(0, 1000, (len(latents),), generator=gen) for _ in range(draws)]
+        for emb in embs:
+            losses = [(unet(sched.add_noise(latents, n, t), t, emb).sample - n).pow(2).mean()
+                      for n, t in zip(noise, ts)]
+            out.append(float(torch.stack(losses).mean()))
+    unet.train(was[0])
+    text_encoder.train(was[1])
+    return out[0], out[1]
+
+
+def train_unet(vae, scaling_factor: float, stream: SceneStream, *, steps: int | None = 3000,
+               seconds: float | None = None, batch_size: int = 32, lr: float = 1e-3,
+               seed: int = 0, ema_decay: float = 0.999, min_snr: float = 5.0,
+               eval_every: int = 250, progress: bool = True, unet=None, text_encoder=None,
+               tokenizer=None):
+    """Train the U-Net and the text encoder jointly on (frozen-VAE latents, captions).
+
+    Returns ``(unet, text_encoder, stats)`` with the EMA weights loaded (unless the raw weights
+    are better on held-out scenes).
+    """
+    import torch
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    from suti.tokenizer import load_clip_tokenizer
+
+    if unet is None or text_encoder is None:
+        _, unet, text_encoder = new_models(seed)
+    tokens = _Tokens(tokenizer or load_clip_tokenizer())
+    vae.eval().requires_grad_(False)
+    unet.train()
+    text_encoder.train()
+    named = [(f"unet.{n}", p) for n, p in unet.named_parameters()]
+    named += [(f"text.{n}", p) for n, p in text_encoder.named_parameters()]
+    params = [p for _, p in named]
+    no_decay = [p for n, p in named if p.ndim < 2 or "embedding" in n]
+    decay = [p for n, p in named if not (p.ndim < 2 or "embedding" in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    weight = torch.clamp(snr, max=min_snr) / snr if min_snr else torch.ones_like(snr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ex, ecaps, _ = heldout_scenes(32, seed)
+    with torch.no_grad():
+        elat = vae.encode(ex).latent_dist.mean * scaling_factor
+    clock = _Clock(steps, seconds)
+    history, step, shown, run_loss = [], 0, 0, None
+    bar = tqdm(total=100, desc="toy unet+text", unit="%", disable=not progress)
+    while clock.progress(step) < 1.0:
+        _set_lr(opt, lr, _lr_factor(step, clock.progress(step), 200))
+        x, caps, _ = stream.batch(batch_size)
+        with torch.no_grad():
+            lat = vae.encode(x).latent_dist.sample(gen) * scaling_factor
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        emb = text_encoder(tokens(caps))[0]
+        pred = unet(sched.add_noise(lat, noise, t), t, emb).sample
+        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (weight[t] * mse).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        run_loss = mse.mean().item() if run_loss is None else 0.98 * run_loss + 0.02 * mse.mean().item()
+        if eval_every and step % eval_every == 0:
+            right, shuffled = _caption_gap(unet, text_encoder, tokens, elat, ecaps, seed=seed)
+            history.append({"step": step, "seconds": round(clock.elapsed(), 1),
+                            "train_mse": round(run_loss, 5), "heldout_mse": round(right, 5),
+                            "heldout_mse_shuffled": round(shuffled, 5)})
+            log.info("toy unet step %d: train %.4f, held-out %.4f (shuffled captions %.4f)",
+                     step, run_loss, right, shuffled)
+        now = int(100 * clock.progress(step))
+        bar.update(now - shown)
+        shown = now
+        bar.set_postfix(step=step, mse=f"{run_loss:.4f}")
+    bar.close()
+    raw = _caption_gap(unet, text_encoder, tokens, elat, ecaps, seed=seed + 7, draws=4)
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    averaged = _caption_gap(unet, text_encoder, tokens, elat, ecaps, seed=seed + 7, draws=4)
+    use_ema = averaged[0] <= raw[0]
+    if not use_ema:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    final = averaged if use_ema else raw
+    stats = {"unet_steps": step, "unet_seconds": round(clock.elapsed(), 1),
+             "batch_size": batch_size, "lr": lr, "train_mse": round(run_loss, 5),
+             "weights": "ema" if use_ema else "raw",
+             "heldout_mse_raw": round(raw[0], 5), "heldout_mse_ema": round(averaged[0], 5),
+             "heldout_mse": round(final[0], 5), "heldout_mse_shuffled": round(final[1], 5),
+             "caption_ratio": round(final[0] / final[1], 4), "history": history}
+    unet.eval()
+    text_encoder.eval()
+    return unet, text_encoder, stats
+
+
+def make_pipeline(vae, unet, text_encoder, tokenizer=None, scheduler=None):
+    """A ``StableDiffusionPipeline`` of toy components (DDIM, no safety checker)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from suti.tokenizer import load_clip_tokenizer
+
+    return StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder,
+        tokenizer=tokenizer or load_clip_tokenizer(),
+        scheduler=scheduler or DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 25.0,
+                 steps: int | None = None, vae_steps: int | None = None, batch_size: int = 32,
+                 lr: float = 1e-3, threads: int | None = None, progress: bool = True) -> dict:
+    """Pretrain the toy text-to-image model and write a diffusers pipeline folder to ``out_dir``.
+
+    Args:
+        out_dir: new or empty folder; gets ``model_index.json``, ``unet/``, ``vae/``,
+            ``text_encoder/``, ``tokenizer/``, ``scheduler/`` (safetensors) and
+            ``toy_training.json`` (the run's settings, losses and timings).
+        seed: all randomness (initialisation, scenes, noise).
+        minutes: wall-clock budget of the whole run (the VAE gets 15% of it, at most
+            ``vae_steps``); ``None``: no time limit (then ``steps`` is required).
+        steps: U-Net/text-encoder steps (``None``: as many as ``minutes`` allow). With both, the
+            run stops at whichever comes first; the learning-rate schedule follows the same
+            progress, so a time-limited run still ends with a fully decayed rate.
+        vae_steps: autoencoder steps (default 1500, or fewer if ``minutes`` runs out).
+        batch_size: U-Net batch (the VAE uses half of it).
+        lr: peak learning rate of the U-Net and text encoder.
+        threads: ``torch.set_num_threads`` for the run (``None``: leave as is).
+        progress: show progress bars.
+
+    Returns:
+        the summary that is also written to ``toy_training.json``.
+    """
+    import torch
+
+    if minutes is None and steps is None:
+        raise ValueError("give minutes, steps or both")
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: output folder is not empty")
+    started = time.perf_counter()
+    world = pretrain_world()
+    stream = SceneStream(world.train_subjects, seed)
+    vae, unet, text_encoder = new_models(seed)
+    total = None if minutes is None else 60.0 * minutes
+    vae, vstats = train_vae(stream, steps=vae_steps or 1500,
+                            seconds=None if total is None else 0.15 * total,
+                            batch_size=max(8, batch_size // 2), seed=seed, progress=progress, vae=vae)
+    scale = latent_scaling_factor(vae, stream, seed=seed)
+    vae.register_to_config(scaling_factor=scale)
+    log.info("toy vae: %d steps, %.1f s, reconstruction PSNR %.1f dB, scaling factor %.4f",
+             vstats["vae_steps"], vstats["vae_seconds"], vstats["vae_psnr_db"], scale)
+    left = None if total is None else max(60.0, total - (time.perf_counter() - started))
+    unet, text_encoder, ustats = train_unet(vae, scale, stream, steps=steps, seconds=left,
+                                            batch_size=batch_size, lr=lr, seed=seed,
+                                            progress=progress, unet=unet,
+                                            text_encoder=text_encoder)
+    pipe = make_pipeline(vae, unet, text_encoder)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    summary = {
+        "weights_version": WEIGHTS_VERSION, "seed": seed, "minutes": minutes, "steps": steps,
+        "world": {"num_subjects": PRETRAIN_WORLD[0], "seed": PRETRAIN_WORLD[1],
+                  "split": "train", "subjects": len(world.train_subjects)},
+        "threads": torch.get_num_threads(),
+        "params": {"vae": num_params(vae), "unet": num_params(unet),
+                   "text_encoder": num_params(text_encoder)},
+        "scaling_factor": scale, **vstats, **ustats,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    log.info("toy model written to %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
+             "(ratio %.3f)", out, summary["total_seconds"] / 60, ustats["heldout_mse"],
+             ustats["heldout_mse_shuffled"], ustats["caption_ratio"])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# shipped weights and the preset builder
+
+
+def _load_components(folder: Path, dtype):
+    import torch  # noqa: F401
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae").to(dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(dtype)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").to(dtype)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    return vae, unet, text_encoder, scheduler
+
+
+def ship_weights(pipeline_dir: str | Path, dest: str | Path = WEIGHTS_DIR) -> Path:
+    """Write the compact copy of a pretrained toy pipeline that the repository ships:
+    fp16 safetensors and configs, no tokenizer (rebuilt offline by :mod:`suti.tokenizer`)."""
+    import torch
+
+    src, dest = Path(pipeline_dir), Path(dest)
+    vae, unet, text_encoder, scheduler = _load_components(src, torch.float16)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, part in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder),
+                       ("scheduler", scheduler)):
+        if (dest / name).exists():
+            shutil.rmtree(dest / name)
+        part.save_pretrained(dest / name)
+    shutil.copy(src / "model_index.json", dest / "model_index.json")
+    if (src / SUMMARY_FILE).is_file():
+        shutil.copy(src / SUMMARY_FILE, dest / SUMMARY_FILE)
+    return dest
+
+
+def assemble_shipped(out_dir: str | Path, weights: str | Path = WEIGHTS_DIR) -> Path:
+    """Turn the shipped fp16 weights into a float32 pipeline folder at ``out_dir``."""
+    import torch
+
+    weights, out = Path(weights), Path(out_dir)
+    vae, unet, text_encoder, scheduler = _load_components(weights, torch.float32)
+    make_pipeline(vae, unet, text_encoder, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    if (weights / SUMMARY_FILE).is_file():
+        shutil.copy(weights / SUMMARY_FILE, out / SUMMARY_FILE)
+    return out
+
+
+def build_toy_pipeline(preset: dict, out_dir: str | Path) -> Path:
+    """Builder of the ``toy`` preset: the shipped weights if present, else pretrain (~25 min)."""
+    if (WEIGHTS_DIR / "model_index.json").is_file():
+        summary = WEIGHTS_DIR / SUMMARY_FILE
+        shipped = json.loads(summary.read_text()).get("weights_version") if summary.is_file() else None
+        wanted = preset.get("weights_version")
+        if wanted is not None and shipped is not None and int(wanted) != int(shipped):
+            log.warning("toy preset asks for weights version %s, the shipped ones are version %s",
+                        wanted, shipped)
+        log.info("toy model: assembling the shipped weights from %s", WEIGHTS_DIR)
+        return assemble_shipped(out_dir)
+    minutes = float(preset.get("pretrain_minutes", 25))
+    log.warning("toy model: no shipped weights in %s; pretraining from scratch, this takes "
+                "~%.0f minutes on a 2-core CPU (once; the result is cached)", WEIGHTS_DIR, minutes)
+    pretrain_t2i(out_dir, seed=int(preset.get("seed", 0)), minutes=minutes)
+    return Path(out_dir)
