@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "experts.cli",
     "suti.world.cli",
     "suti.demo",
+    "mining.generate_cli",
 )
 
 

@@ -1,0 +1,58 @@
+"""``suti generate``: the distributed expert generation job (see :mod:`mining.generate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    """Add ``suti generate``."""
+    p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine`")
+    p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
+    p.add_argument("--output", required=True, help="folder for the shards, manifest and staging")
+    p.add_argument("--model", default="toy", help="base model of the experts")
+    p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
+    p.add_argument("--steps", type=int, help="expert steps (overrides the recipe)")
+    p.add_argument("--lora-rank", type=int, help="train LoRA experts of this rank")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=0.02, help="keep samples with delta-CLIP > lambda")
+    p.add_argument("--no-filter", action="store_true", help="keep every sample (the lambda=none ablation)")
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--prompts-per-cluster", type=int, default=4, help="unseen prompts sampled per cluster (0: all)")
+    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per sample")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
+    p.add_argument("--scorer", default="toy-clip", help="CLIP used for delta-CLIP (toy-clip, openai-clip-vit-b-32)")
+    p.add_argument("--samples-per-shard", type=int, default=64)
+    p.add_argument("--max-clusters", type=int, help="only the first n clusters")
+    p.add_argument("--keep-experts", action="store_true", help="keep expert weights under OUTPUT/experts/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--gpus-per-expert", type=float, default=0.0, help="GPUs per expert task (fractions pack LoRA experts; 0: 1 if CUDA locally)")
+    p.add_argument("--cpus-per-expert", type=float, default=1.0)
+    p.add_argument("--max-workers", type=int, help="experts in flight at once (default: as resources allow)")
+    p.add_argument("--max-retries", type=int, default=2, help="retries of a cluster whose worker died or hit a transient error")
+    p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from mining.generate import GenerateConfig, run_generation
+
+    overrides = {}
+    if args.lora_rank is not None:
+        overrides["lora_rank"] = args.lora_rank
+    config = GenerateConfig(
+        clusters=args.clusters, crawl=args.crawl, output=args.output, model=args.model, recipe=args.recipe,
+        steps=args.steps, recipe_overrides=overrides, lambda_=args.lambda_, samples_per_prompt=args.samples_per_prompt,
+        prompts_per_cluster=args.prompts_per_cluster or None, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+        scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
+        keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
+        gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
+        max_retries=args.max_retries, retry_failed=args.retry_failed,
+    )
+    summary = run_generation(config)
+    print(json.dumps(summary))
+    if summary["failed"]:
+        print(f"warning: {summary['failed']} cluster(s) failed; see manifest.jsonl (rerun with --retry-failed)")
+    return 0

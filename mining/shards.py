@@ -1,0 +1,125 @@
+"""Webdataset shards of (demos, prompt, target) samples, written atomically and exactly once.
+
+A sample with key ``K`` is stored as tar members ``K.target.jpg``, ``K.demo_0.jpg`` ...
+``K.demo_{n-1}.jpg`` and ``K.json``; plain ``webdataset.WebDataset`` reads them. Shards are
+``shard-000000.tar`` ...; each is written under a temporary name and renamed, so a shard that
+exists is complete. The set of sample keys already in shards is read back from the shards
+themselves (the ground truth after a crash), never from a separate ledger.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+from PIL import Image
+
+SHARD_GLOB = "shard-*.tar"
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 95) -> bytes:
+    """Encode an image as JPEG bytes (deterministic for the same pixels)."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def sample_members(key: str, target: bytes, demos: list[bytes], meta: dict) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in webdataset naming (``key.field``)."""
+    if "." in key:
+        raise ValueError(f"sample key {key!r} must not contain a dot")
+    members = [(f"{key}.target.jpg", target)]
+    members += [(f"{key}.demo_{i}.jpg", d) for i, d in enumerate(demos)]
+    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return members
+
+
+def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write a tar of (name, bytes) members to ``path`` via a temporary file and rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tarfile.open(tmp, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    """All (name, bytes) members of a tar."""
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def group_samples(members: list[tuple[str, bytes]]) -> dict[str, dict[str, bytes]]:
+    """Members -> {sample key: {field: bytes}} (fields like ``target.jpg``, ``json``)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for name, data in members:
+        key, _, field = name.partition(".")
+        out.setdefault(key, {})[field] = data
+    return out
+
+
+def shard_keys(path: Path) -> list[str]:
+    """Sample keys stored in one shard (from member names; no payload is read)."""
+    with tarfile.open(path) as tar:
+        keys = {m.name.partition(".")[0] for m in tar.getmembers()}
+    return sorted(keys)
+
+
+def existing_shards(folder: Path) -> list[Path]:
+    """Complete shards in ``folder``, in order."""
+    return sorted(folder.glob(SHARD_GLOB))
+
+
+class ShardPacker:
+    """Packs samples into fixed-size shards, continuing after whatever a crash left behind.
+
+    ``add`` buffers samples; every ``samples_per_shard`` of them become one shard. ``flush``
+    writes the remainder as a last, smaller shard. Keys already present in complete shards are
+    ignored, so feeding the same sample twice (a re-run task, a restarted driver) writes it once.
+    """
+
+    def __init__(self, folder: Path, samples_per_shard: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".shard-*.tar.tmp-*"):
+            stale.unlink()  # a half-written shard from a killed driver
+        self.samples_per_shard = samples_per_shard
+        shards = existing_shards(self.folder)
+        self.written: set[str] = set()
+        for shard in shards:
+            self.written.update(shard_keys(shard))
+        self.next_index = (int(shards[-1].stem.split("-")[1]) + 1) if shards else 0
+        self.buffer: dict[str, list[tuple[str, bytes]]] = {}
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> list[Path]:
+        """Buffer one sample; returns the shards written as a result (possibly none)."""
+        if key in self.written or key in self.buffer:
+            return []
+        self.buffer[key] = members
+        written = []
+        while len(self.buffer) >= self.samples_per_shard:
+            written.append(self._write(sorted(self.buffer)[: self.samples_per_shard]))
+        return written
+
+    def flush(self) -> list[Path]:
+        """Write all buffered samples (the last shard may be smaller)."""
+        return [self._write(sorted(self.buffer))] if self.buffer else []
+
+    def _write(self, keys: list[str]) -> Path:
+        path = self.folder / f"shard-{self.next_index:06d}.tar"
+        write_tar_atomic(path, [m for k in keys for m in self.buffer[k]])
+        for k in keys:
+            self.written.add(k)
+            del self.buffer[k]
+        self.next_index += 1
+        return path
