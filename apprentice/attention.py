@@ -1,0 +1,119 @@
+"""Demonstration attention as diffusers attention processors (installed with
+``unet.set_attn_processor``; fed through ``cross_attention_kwargs={"demo": DemoContext}``).
+
+Every self-attention (``attn1``) of the U-Net's transformer blocks gets a
+:class:`DemoAttnProcessor`. It runs the block's usual self-attention and, in ``"attention"``
+mode, adds an extra attention from the generated image's tokens to the demonstrations' tokens
+of the same layer:
+
+    out = SelfAttn(h) + W_o · softmax(W_q h · (W_k F)^T / sqrt(d)) · W_v F
+
+with ``F`` the demonstrations' features at that layer, computed once per request (see
+:meth:`apprentice.adapter.DemoAttentionAdapter.encode_demos`) and cached as keys and values. ``W_o``
+starts at zero, so an untrained apprentice equals the base model. In ``"reference"`` mode
+(DreamTuner's training-free reference self-attention) the demonstrations' keys and values from the
+block's own projections are concatenated to the self-attention's keys and values instead.
+
+Cross-attention layers (``attn2``) get a :class:`PassthroughProcessor` that ignores ``demo``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+
+@dataclass
+class DemoContext:
+    """Per-request demonstration state, passed as ``cross_attention_kwargs={"demo": ctx}``.
+
+    Attributes:
+        mode: ``"capture"`` (record each layer's input features of the demonstration batch),
+            ``"use"`` (attend to cached keys/values) or ``"off"`` (plain base model).
+        num_demos: demonstrations per generated image.
+        features: layer name -> captured features, (B * num_demos, HW, C).
+        kv: layer name -> (keys, values), each (B, heads, num_demos * HW, head_dim); in reference
+            mode keys/values of the block's own projections.
+        mask: (B,) float, 1 where the image sees its demonstrations, 0 where they are dropped
+            (classifier-free guidance over demonstrations); ``None`` means all 1.
+        scale: multiplier of the demonstration attention's output (1 = as trained).
+    """
+
+    mode: str = "use"
+    num_demos: int = 0
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    scale: float = 1.0
+
+    def repeat(self, times: int) -> "DemoContext":
+        """The same context for a batch repeated ``times`` (e.g. the CFG branches)."""
+        kv = {k: (a.repeat(times, 1, 1, 1), b.repeat(times, 1, 1, 1)) for k, (a, b) in self.kv.items()}
+        mask = None if self.mask is None else self.mask.repeat(times)
+        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C // heads)."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+class DemoAttnProcessor:
+    """Self-attention plus demonstration attention for one ``attn1`` layer.
+
+    Not an ``nn.Module``: its weights live in :class:`apprentice.adapter.DemoAttentionAdapter`
+    (``layer``), so the base U-Net's state dict stays exactly the base model's.
+    """
+
+    def __init__(self, name: str, layer: torch.nn.Module | None, method: str = "attention"):
+        self.name = name
+        self.layer = layer
+        self.method = method
+        self.base = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, demo: DemoContext | None = None, **kwargs):
+        if demo is None or demo.mode == "off":
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if demo.mode == "capture":
+            demo.features[self.name] = hidden_states.detach() if not torch.is_grad_enabled() else hidden_states
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if self.name not in demo.kv:
+            raise KeyError(f"demonstration keys/values for layer {self.name} were not computed")
+        keys, values = demo.kv[self.name]  # (B, heads, M, d) with M = num_demos * HW
+        if self.method == "reference":
+            return self._reference(attn, hidden_states, keys, values, demo)
+        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # (B, HW, C)
+        query = _heads(self.layer.to_q(hidden_states), attn.heads)  # (B, heads, HW, d)
+        extra = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype))
+        extra = self.layer.to_out(extra.transpose(1, 2).reshape(hidden_states.shape[0], -1, query.shape[1] * query.shape[3]))
+        gate = demo.scale if demo.mask is None else demo.scale * demo.mask.to(extra.dtype).view(-1, 1, 1)
+        return out + gate * extra
+
+    def _reference(self, attn, hidden_states, ref_keys, ref_values, demo):
+        """DreamTuner-style: concatenate the demos' keys/values to the self-attention's."""
+        b = hidden_states.shape[0]
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        keys = _heads(attn.to_k(hidden_states), attn.heads)
+        values = _heads(attn.to_v(hidden_states), attn.heads)
+        if demo.mask is not None and bool((demo.mask == 0).any()):
+            # dropped demos: mask out the reference tokens for those rows
+            bias = torch.zeros(b, 1, 1, keys.shape[2] + ref_keys.shape[2], dtype=query.dtype, device=query.device)
+            bias[:, :, :, keys.shape[2]:] = torch.where(demo.mask.view(-1, 1, 1) > 0, 0.0, float("-inf")).to(query.dtype)
+        else:
+            bias = None
+        keys = torch.cat([keys, ref_keys.to(keys.dtype)], dim=2)
+        values = torch.cat([values, ref_values.to(values.dtype)], dim=2)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * query.shape[-1])
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class PassthroughProcessor(AttnProcessor2_0):
+    """The standard processor, accepting (and ignoring) the ``demo`` keyword."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, demo: DemoContext | None = None, **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

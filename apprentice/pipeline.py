@@ -1,0 +1,132 @@
+"""``ApprenticePipeline``: in-context subject-driven generation from 1-8 demonstrations.
+
+A ``DiffusionPipeline`` of the base model's components plus the demonstration-attention
+``adapter``; ``save_pretrained``/``from_pretrained`` give one folder that loads in one call.
+Sampling uses classifier-free guidance over text and demonstrations (as in InstructPix2Pix):
+
+    eps = eps(∅, ∅) + s_demo · (eps(demos, ∅) - eps(∅, ∅)) + s_text · (eps(demos, text) - eps(demos, ∅))
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from PIL import Image
+
+from apprentice.adapter import DemoAttentionAdapter
+from suti.images import fit_square, to_pil, to_tensor
+
+
+class ApprenticePipeline(DiffusionPipeline):
+    """The SuTI apprentice: base U-Net + demonstration attention, tuning-free.
+
+    Components: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (the base
+    model's) and ``adapter`` (:class:`DemoAttentionAdapter`).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, adapter: DemoAttentionAdapter):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, adapter=adapter)
+        adapter.install(unet)
+
+    @classmethod
+    def from_base(cls, base, **adapter_kwargs) -> "ApprenticePipeline":
+        """An untrained apprentice on a base ``StableDiffusionPipeline`` (equals the base)."""
+        adapter = DemoAttentionAdapter.for_unet(base.unet, **adapter_kwargs)
+        return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, adapter)
+
+    @property
+    def resolution(self) -> int:
+        """Native image size in pixels."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> (B, L, D) text-encoder states."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def encode_images(self, images: list[Image.Image], sample: bool = False, generator=None) -> torch.Tensor:
+        """PIL images -> (N, C, h, w) scaled latents (the distribution's mean unless ``sample``)."""
+        pixels = torch.stack([to_tensor(fit_square(img, self.resolution)) for img in images]).to(self.vae.device, self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        latents = dist.sample(generator) if sample else dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_demonstrations(self, demos: list[Image.Image], captions: list[str] | None = None, scale: float = 1.0):
+        """Encode one request's demonstrations once (cached keys/values for every step)."""
+        if not 1 <= len(demos) <= 8:
+            raise ValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
+        captions = captions or [""] * len(demos)
+        if len(captions) != len(demos):
+            raise ValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
+        latents = self.encode_images(demos)[None]  # (1, n, C, h, w)
+        emb = self.encode_text(captions)[None]  # (1, n, L, D)
+        return self.adapter.encode_demos(self.unet, latents, emb, scale=scale)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        demo_images: list[Image.Image] | None = None,
+        demo_captions: list[str] | None = None,
+        num_images: int = 1,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        demo_guidance_scale: float = 2.0,
+        generator: torch.Generator | None = None,
+        demo_context=None,
+        output_type: str = "pil",
+    ):
+        """Generate ``num_images`` images of ``prompt`` in context of the demonstrations.
+
+        Args:
+            prompt: the target prompt (the subject is taken from the demonstrations).
+            demo_images: 1-8 demonstration images (``None``: the base model alone).
+            demo_captions: one caption per demonstration (optional).
+            guidance_scale: text guidance scale ``s_text``.
+            demo_guidance_scale: demonstration guidance scale ``s_demo``.
+            demo_context: a context from :meth:`encode_demonstrations` to reuse across calls.
+        """
+        device = self.unet.device
+        ctx = demo_context
+        if ctx is None and demo_images:
+            ctx = self.encode_demonstrations(demo_images, demo_captions)
+        text = self.encode_text([prompt]).expand(num_images, -1, -1)
+        null = self.encode_text([""]).expand(num_images, -1, -1)
+        if ctx is not None:
+            # three branches: (no demos, no text), (demos, no text), (demos, text)
+            emb = torch.cat([null, null, text])
+            batch_ctx = ctx.repeat(3 * num_images)
+            batch_ctx.mask = torch.cat([torch.zeros(num_images), torch.ones(2 * num_images)]).to(device)
+        else:
+            emb = torch.cat([null, text])
+            batch_ctx = None
+        size = self.unet.config.sample_size
+        latents = torch.randn((num_images, self.unet.config.in_channels, size, size), generator=generator).to(device, self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps):  # latents: (N, C, h, w)
+            branches = 3 if batch_ctx is not None else 2
+            model_in = self.scheduler.scale_model_input(torch.cat([latents] * branches), t)
+            kwargs = {"demo": batch_ctx} if batch_ctx is not None else {"demo": None}
+            eps = self.unet(model_in, t, emb, cross_attention_kwargs=kwargs).sample
+            if batch_ctx is not None:
+                e_none, e_demo, e_full = eps.chunk(3)
+                eps = e_none + demo_guidance_scale * (e_demo - e_none) + guidance_scale * (e_full - e_demo)
+            else:
+                e_none, e_text = eps.chunk(2)
+                eps = e_none + guidance_scale * (e_text - e_none)
+            latents = self.scheduler.step(eps, t, latents).prev_sample
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (N, 3, H, W)
+        if output_type == "pt":  # diffusers' convention: [0, 1]
+            return ImagePipelineOutput(images=(images / 2 + 0.5).clamp(0, 1))
+        return ImagePipelineOutput(images=[to_pil(x) for x in images])
