@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "suti.world.cli",
     "suti.demo",
     "mining.generate_cli",
+    "mining.cli",
+    "apprentice.cli",
 )
 
 

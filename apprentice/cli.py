@@ -1,0 +1,68 @@
+"""``suti apprentice train|sample``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def register(subparsers) -> None:
+    """Add the ``apprentice`` command group."""
+    from apprentice.train import build_arg_parser
+
+    group = subparsers.add_parser("apprentice", help="train and query the in-context apprentice")
+    sub = group.add_subparsers(dest="apprentice_command", metavar="SUBCOMMAND")
+    sub.required = True
+    train = sub.add_parser("train", help="train the apprentice with DeepSpeed on generation shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build_arg_parser(train)
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine (launched with torchrun)")
+    train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="generate a subject in context from 1-8 demonstration photos", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample.add_argument("--apprentice", default="toy", help='apprentice folder, or "toy" for the embedded default')
+    sample.add_argument("--demos", nargs="+", required=True, help="1-8 photos of the subject")
+    sample.add_argument("--demo-captions", nargs="+", help="one caption per photo")
+    sample.add_argument("--prompt", required=True, help="the target prompt, e.g. \"a cup in the snow\"")
+    sample.add_argument("--num-images", type=int, default=4)
+    sample.add_argument("--output", required=True, help="folder for the PNG files")
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance")
+    sample.add_argument("--demo-guidance-scale", type=float, default=2.0, help="demonstration guidance")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--overwrite", action="store_true")
+    sample.set_defaults(func=_sample)
+
+
+def _train(args) -> int:
+    from apprentice.train import config_from_args, train_apprentice
+
+    if args.nproc > 1 and "RANK" not in os.environ:
+        argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
+        drop = {"--nproc"}
+        cleaned, skip = [], False
+        for a in argv:
+            if skip:
+                skip = False
+                continue
+            if a in drop:
+                skip = True
+                continue
+            if a.startswith("--nproc="):
+                continue
+            cleaned.append(a)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "apprentice.train", *cleaned]
+        return subprocess.call(cmd)
+    train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({"output": args.output}))
+    return 0
+
+
+def _sample(args) -> int:
+    from apprentice.sample import sample_apprentice
+
+    paths = sample_apprentice(args.apprentice, args.demos, args.prompt, args.num_images, args.output, demo_captions=args.demo_captions, steps=args.steps, guidance_scale=args.guidance_scale, demo_guidance_scale=args.demo_guidance_scale, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps({"images": [str(p) for p in paths]}))
+    return 0

@@ -1,0 +1,117 @@
+"""The apprentice's training data: the generation job's shards as an explicit webdataset pipeline.
+
+Stages: shard list -> seeded shard shuffle -> split by node -> split by worker -> tar to samples
+-> seeded sample shuffle -> decode -> to training example; every stage after the shard list
+logs a bad sample and continues. When there are fewer shards than (nodes x workers), shards are
+not split; samples are split by index instead, so every process still gets distinct data.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from suti.errors import InputError
+from suti.images import fit_square, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+def log_and_continue(exn: Exception) -> bool:
+    """webdataset handler: log the bad sample and keep going."""
+    log.warning("skipping a bad training sample: %s: %s", type(exn).__name__, exn)
+    return True
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """A glob, a brace pattern (``shard-{000000..000009}.tar``), a folder or a list -> shard paths."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        if Path(s).is_dir():
+            out += sorted(str(p) for p in Path(s).glob("*.tar"))
+        elif "{" in s:
+            import braceexpand
+
+            out += list(braceexpand.braceexpand(s))
+        else:
+            out += sorted(glob.glob(s))
+    if not out:
+        raise InputError(f"no shards match {spec!r}")
+    return out
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ToExample:
+    """Decoded webdataset sample -> training example with a random subset of demonstrations."""
+
+    def __init__(self, resolution: int, num_demos: int, seed: int):
+        self.resolution = resolution
+        self.num_demos = num_demos
+        self.rng = random.Random(seed)
+
+    def __call__(self, sample: dict) -> dict:
+        meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
+        demo_fields = sorted((k for k in sample if k.startswith("demo_") and k.endswith(".jpg")), key=lambda k: int(k[5:-4]))
+        if not demo_fields:
+            raise ValueError(f"sample {sample.get('__key__')} has no demonstrations")
+        picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
+        captions = meta.get("demo_captions") or [""] * len(demo_fields)
+        return {
+            "target": to_tensor(fit_square(sample["target.jpg"], self.resolution)),  # (3, R, R)
+            "demos": torch.stack([to_tensor(fit_square(sample[f], self.resolution)) for f in picks]),  # (n, 3, R, R)
+            "prompt": meta["prompt"],
+            "demo_captions": [captions[int(f[5:-4])] if int(f[5:-4]) < len(captions) else "" for f in picks],
+            "key": sample["__key__"],
+        }
+
+
+def collate(examples: list[dict]) -> dict:
+    """List of examples -> batch (tensors stacked, strings listed)."""
+    return {
+        "target": torch.stack([e["target"] for e in examples]),  # (B, 3, R, R)
+        "demos": torch.stack([e["demos"] for e in examples]),  # (B, n, 3, R, R)
+        "prompt": [e["prompt"] for e in examples],
+        "demo_captions": [e["demo_captions"] for e in examples],
+        "key": [e["key"] for e in examples],
+    }
+
+
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True) -> wds.DataPipeline:
+    """The training pipeline over ``shards`` (an infinite stream when ``repeat``)."""
+    urls = expand_shards(shards)
+    rank, world = _dist()
+    split_shards = len(urls) >= world * max(1, num_workers)
+    stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed)]
+    if split_shards:
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(handler=log_and_continue)]
+    if not split_shards:
+        stages += [_split_samples(rank, world)]
+    stages += [
+        wds.shuffle(shuffle_buffer, rng=random.Random(seed + rank)),
+        wds.decode("pil", handler=log_and_continue),
+        wds.map(ToExample(resolution, num_demos, seed + rank), handler=log_and_continue),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    return pipeline.repeat() if repeat else pipeline
+
+
+def _split_samples(rank: int, world: int):
+    def stage(samples):
+        for i, s in enumerate(samples):
+            if i % world == rank:
+                yield s
+
+    return stage
