@@ -102,7 +102,7 @@ class DemoAttnProcessor:
         if demo.mask is not None and bool((demo.mask == 0).any()):
             # dropped demos: mask out the reference tokens for those rows
             bias = torch.zeros(b, 1, 1, keys.shape[2] + ref_keys.shape[2], dtype=query.dtype, device=query.device)
-            bias[:, :, :, keys.shape[2]:] = torch.where(demo.mask.view(-1, 1, 1) > 0, 0.0, float("-inf")).to(query.dtype)
+            bias[:, :, :, keys.shape[2]:] = torch.where(demo.mask.view(-1, 1, 1, 1) > 0, 0.0, float("-inf")).to(query.dtype)
         else:
             bias = None
         keys = torch.cat([keys, ref_keys.to(keys.dtype)], dim=2)

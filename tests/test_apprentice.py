@@ -1,0 +1,170 @@
+"""The apprentice: zero-init equals the base, demo layers learn, 1-8 demos, DeepSpeed, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from apprentice import ApprenticePipeline, DemoAttentionAdapter
+from apprentice.data import collate, make_pipeline
+from apprentice.evaluate import apprentice_loss
+from apprentice.train import ApprenticeTrainConfig, train_apprentice
+from shard_util import world_shards
+from suti.cli import main
+from suti.models import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demos(n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (32, 32), (40 * i, 200 - 20 * i, 90)) for i in range(n)]
+
+
+def test_zero_initialised_apprentice_equals_the_base_model():
+    base = load_pipeline("tiny")
+    ref = base("a red cup", height=32, width=32, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    app.set_progress_bar_config(disable=True)
+    with_demos = app("a red cup", demo_images=_demos(3), num_inference_steps=4, guidance_scale=5.0, demo_guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(with_demos, ref)
+    assert base.unet.state_dict().keys() == app.unet.state_dict().keys(), "the U-Net is not forked"
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_any_number_of_demos_from_1_to_8(n):
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    ctx = app.encode_demonstrations(_demos(n), [f"photo {i}" for i in range(n)])
+    assert ctx.num_demos == n
+    k, v = next(iter(ctx.kv.values()))
+    assert k.shape[0] == 1 and k.shape[2] % n == 0
+
+
+def test_nine_demos_are_refused():
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    with pytest.raises(ValueError, match="1 to 8"):
+        app.encode_demonstrations(_demos(9))
+
+
+def test_demo_layers_get_gradients_and_change_the_output():
+    base = load_pipeline("tiny")
+    adapter = DemoAttentionAdapter.for_unet(base.unet)
+    adapter.install(base.unet)
+    base.unet.requires_grad_(False)
+    opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    demo_lat = torch.randn(2, 3, 4, 16, 16, generator=gen)
+    demo_emb = torch.randn(2, 3, 77, 32, generator=gen)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.tensor([10, 500])
+    emb = torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        plain = base.unet(x, t, emb, cross_attention_kwargs={"demo": None}).sample
+        first = base.unet(x, t, emb, cross_attention_kwargs={"demo": adapter.encode_demos(base.unet, demo_lat, demo_emb)}).sample
+    assert torch.equal(plain, first)
+    for _ in range(3):
+        out = base.unet(x, t, emb, cross_attention_kwargs={"demo": adapter.encode_demos(base.unet, demo_lat, demo_emb)}).sample
+        loss = (out - torch.randn_like(out)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in adapter.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+        opt.step()
+    with torch.no_grad():
+        after = base.unet(x, t, emb, cross_attention_kwargs={"demo": adapter.encode_demos(base.unet, demo_lat, demo_emb)}).sample
+    assert not torch.allclose(after, plain)
+
+
+def test_reference_attention_baseline_runs_training_free():
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"), method="reference")
+    app.set_progress_bar_config(disable=True)
+    img = app("a cup", demo_images=_demos(2), num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (32, 32)
+
+
+def test_shard_pipeline_reads_examples(tmp_path):
+    shards = world_shards(tmp_path / "sh", num_subjects=3, per_subject=2)
+    examples = list(make_pipeline(str(shards / "*.tar"), resolution=32, num_demos=3, repeat=False))
+    assert len(examples) == 6
+    batch = collate(examples[:2])
+    assert batch["target"].shape == (2, 3, 32, 32) and batch["demos"].shape == (2, 3, 3, 32, 32)
+    assert len(batch["demo_captions"][0]) == 3
+
+
+def test_bad_shard_sample_is_logged_and_skipped(tmp_path, caplog):
+    from mining.shards import ShardPacker, sample_members
+
+    packer = ShardPacker(tmp_path, 4)
+    packer.add("bad_p00_s00", sample_members("bad_p00_s00", b"not a jpeg", [b"nope"], {"prompt": "x"}))
+    packer.flush()
+    world_shards(tmp_path, num_subjects=1, per_subject=2)
+    examples = list(make_pipeline(str(tmp_path / "*.tar"), resolution=32, repeat=False))
+    assert len(examples) == 2
+    assert "skipping a bad training sample" in caplog.text
+
+
+def _train(shards, out, steps, **kw):
+    config = ApprenticeTrainConfig(shards=str(shards / "*.tar"), output=str(out), model="tiny", steps=steps, batch_size=4, learning_rate=2e-3, save_steps=kw.pop("save_steps", steps), deepspeed_config="configs/deepspeed/zero2.json", **kw)
+    return train_apprentice(config, progress=False, **({"resume": "latest"} if kw.get("resume") else {}))
+
+
+def _eval_loss(folder_or_pipe, shards):
+    from apprentice.sample import load_apprentice
+
+    pipe = load_apprentice(str(folder_or_pipe)) if isinstance(folder_or_pipe, Path) else folder_or_pipe
+    ex = list(make_pipeline(str(shards / "*.tar"), resolution=32, num_demos=3, repeat=False))[:4]
+    from suti.images import to_pil
+
+    targets = [to_pil(e["target"]) for e in ex]
+    demos = [[to_pil(d) for d in e["demos"]] for e in ex]
+    return apprentice_loss(pipe, targets, [e["prompt"] for e in ex], demos, [e["demo_captions"] for e in ex], seed=0)
+
+
+@pytest.mark.slow
+def test_deepspeed_one_process_lowers_the_loss_and_resumes(tmp_path):
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
+    before = _eval_loss(ApprenticePipeline.from_base(load_pipeline("tiny")), shards)
+    out = _train(shards, tmp_path / "app", 16, save_steps=8)
+    after = _eval_loss(out, shards)
+    assert after < before
+    assert (out / "checkpoints" / "step-16").is_dir() and (out / "checkpoints" / "latest").is_file()
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 16 and info["config"]["model"] == "tiny"
+    loaded = ApprenticePipeline.from_pretrained(str(out))
+    assert isinstance(loaded.adapter, DemoAttentionAdapter)
+    # resume: continue the same run to 20 steps from its latest checkpoint
+    config = ApprenticeTrainConfig(shards=str(shards / "*.tar"), output=str(out), model="tiny", steps=20, batch_size=4, learning_rate=2e-3, save_steps=8)
+    train_apprentice(config, resume="latest", progress=False)
+    assert json.loads((out / "training.json").read_text())["steps"] == 20
+    assert (out / "checkpoints" / "step-20").is_dir()
+
+
+@pytest.mark.slow
+def test_deepspeed_two_processes_with_torchrun(tmp_path):
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
+    before = _eval_loss(ApprenticePipeline.from_base(load_pipeline("tiny")), shards)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "apprentice.train", "--shards", str(shards / "*.tar"), "--model", "tiny", "--output", str(tmp_path / "app2"), "--steps", "12", "--batch-size", "2", "--learning-rate", "2e-3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "app2" / "training.json").read_text())
+    assert info["world_size"] == 2
+    assert _eval_loss(tmp_path / "app2", shards) < before
+
+
+def test_cli_sample_with_a_bad_demo_names_it(tmp_path, capsys):
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    app.save_pretrained(tmp_path / "app")
+    good = tmp_path / "good.png"
+    _demos(1)[0].save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("this is text")
+    code = main(["apprentice", "sample", "--apprentice", str(tmp_path / "app"), "--demos", str(good), str(bad), "--prompt", "a cup", "--num-images", "1", "--output", str(tmp_path / "out")])
+    assert code == 2 and "bad.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    code = main(["apprentice", "sample", "--apprentice", str(tmp_path / "app"), "--demos", str(good), str(good), "--prompt", "a cup", "--num-images", "2", "--output", str(tmp_path / "out"), "--steps", "2"])
+    assert code == 0 and len(list((tmp_path / "out").glob("*.png"))) == 2
