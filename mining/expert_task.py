@@ -77,7 +77,7 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
     from experts.train import train_expert
     from mining.crawl import load_crawl_images
     from suti.models import default_device
-    from suti.scoring import delta_clip_scores, get_scorer
+    from suti.scoring import get_scorer
 
     images = load_crawl_images(crawl, cluster["keys"])
     demos = [images[k] for k in cluster["keys"]]
@@ -144,6 +144,14 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
         return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def delta_clip_scores(scorer, images: list, prompts: list[str], demos: list) -> list[float]:
+    """delta-CLIP of each image y with its prompt p: CLIP(y, p) - max over demos x of CLIP(x, p)."""
+    img = scorer.embed_images(images)  # (N, D)
+    txt = scorer.embed_texts(prompts)  # (N, D)
+    demo = scorer.embed_images(demos)  # (M, D)
+    return ((img * txt).sum(-1) - (txt @ demo.T).max(-1).values).tolist()
 
 
 def _score_prompt(entry, class_noun: str) -> str:

@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "mining.generate_cli",
     "mining.cli",
     "apprentice.cli",
+    "suti.eval.cli",
+    "serving.cli",
 )
 
 

@@ -1,0 +1,42 @@
+"""``suti eval``: the DreamBench protocol for any suti method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    """Add ``suti eval``."""
+    p = subparsers.add_parser("eval", help="DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV) of a method", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, help='DreamBench-layout folder, or "world:N" for N held-out subjects of the synthetic world')
+    p.add_argument("--method", required=True, choices=["expert", "apprentice", "base", "real"])
+    p.add_argument("--model", default="toy", help="base model (expert, base)")
+    p.add_argument("--apprentice", default="toy", help="apprentice folder or toy (apprentice)")
+    p.add_argument("--subjects", help="comma-separated subject names (default: all)")
+    p.add_argument("--prompts", type=int, help="first n prompt templates (default: all 25)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--output", required=True, help="results folder (rerunning reuses its images)")
+    p.add_argument("--recipe", default="dreambooth", help="expert recipe")
+    p.add_argument("--expert-steps", type=int, help="expert training steps (default: the recipe's)")
+    p.add_argument("--num-class-images", type=int, help="prior-preservation images per expert")
+    p.add_argument("--num-demos", type=int, default=3, help="apprentice demonstrations (the first n photos)")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
+    p.add_argument("--dino", default="auto", help="DINO backbone: auto (dino-vits16, else toy-identity), or a scorer name")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from suti.eval.run import run_eval
+
+    if args.dataset.startswith("world"):
+        from suti.eval.worldbench import world_dataset
+
+        args.dataset = str(world_dataset(args.dataset, Path(args.output) / "dataset", seed=args.seed))
+    overall = run_eval(args)
+    print(json.dumps(overall))
+    return 0

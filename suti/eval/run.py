@@ -1,0 +1,276 @@
+"""``suti eval``: generate (resumably) with a method and score it with the DreamBench metrics.
+
+Layout of a results folder::
+
+    settings.json           method, model, backbones, prompts, seeds (and the PRES/DIV definitions)
+    images/<subject>/p{prompt:02d}_{k}.png      generated images (existing ones are never redone)
+    experts/<subject>/      DreamBooth experts (method expert), reused when present
+    per_image.csv|json      one row per image: subject, prompt, DINO, CLIP-I, CLIP-T (+ probe)
+    per_subject.csv|json    means per subject, plus PRES and DIV where defined
+    overall.csv|json        means over subjects
+    grids/<subject>.png     real photos on top, one row per prompt
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from suti.errors import InputError, ModelLoadError
+from suti.eval.dataset import EvalDataset, EvalSubject, load_dataset
+from suti.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
+from suti.images import load_image
+
+log = logging.getLogger(__name__)
+
+METHODS = ("expert", "apprentice", "base", "real")
+# Published DreamBench numbers (DreamBooth Table 1; SuTI Table 1), reported as published.
+PUBLISHED = [
+    ("Real images (published)", 0.774, 0.885, None),
+    ("DreamBooth, Imagen (published)", 0.696, 0.812, 0.306),
+    ("DreamBooth, Stable Diffusion (published)", 0.668, 0.803, 0.305),
+    ("Textual Inversion, SD (published)", 0.569, 0.780, 0.255),
+    ("Re-Imagen (published)", 0.600, 0.740, 0.270),
+    ("SuTI (published)", 0.741, 0.819, 0.304),
+]
+REAL_BACKBONES = {"clip": "openai-clip-vit-b-32", "dino": "dino-vits16"}
+TOY_BACKBONES = {"clip": "toy-clip", "dino": "toy-identity"}
+
+
+def resolve_backbones(clip: str, dino: str) -> tuple[dict[str, str], object, object]:
+    """Scorers by name; ``auto`` tries the real backbones and falls back to the world's."""
+    from suti.scoring import get_scorer
+
+    chosen = {}
+    scorers = {}
+    for kind, name in (("clip", clip), ("dino", dino)):
+        candidates = [REAL_BACKBONES[kind], TOY_BACKBONES[kind]] if name == "auto" else [name]
+        last = None
+        for cand in candidates:
+            try:
+                scorers[kind] = get_scorer(cand)
+                chosen[kind] = cand
+                break
+            except ModelLoadError as exc:
+                last = exc
+                log.warning("backbone %s unavailable (%s); trying the next", cand, exc)
+        if kind not in scorers:
+            raise last
+    return chosen, scorers["clip"], scorers["dino"]
+
+
+def _prompt_for(template: str, identifier: str | None, class_noun: str) -> str:
+    text = template.replace("{class}", class_noun)
+    return text.replace("{V}", identifier) if identifier else text.replace("{V} ", "").replace("{V}", "")
+
+
+class Generator:
+    """Makes the images of one method for one subject (models loaded lazily, once)."""
+
+    def __init__(self, method: str, model: str, apprentice: str, output: Path, args):
+        self.method, self.model, self.apprentice, self.output, self.args = method, model, apprentice, output, args
+        self._base = self._app = None
+
+    def prepare(self, subject: EvalSubject):
+        """Load or train what the subject needs; returns (callable(prompt, seed) -> image, identifier)."""
+        from suti.models import default_device, default_resolution, load_pipeline
+
+        steps, guidance = self.args.sample_steps, self.args.guidance_scale
+        if self.method == "base":
+            self._base = self._base or load_pipeline(self.model, device=default_device())
+            res = default_resolution(self.model)
+            return (lambda p, s: self._base(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]), None
+        if self.method == "apprentice":
+            from apprentice.sample import load_apprentice
+
+            self._app = self._app or load_apprentice(self.apprentice)
+            demos = [load_image(p) for p in subject.images[: self.args.num_demos]]
+            captions = [f"a {subject.class_noun}"] * len(demos)
+            ctx = self._app.encode_demonstrations(demos, captions)
+            return (lambda p, s: self._app(p, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]), None
+        if self.method == "expert":
+            from experts import load_expert, resolve_config
+            from experts.expert import ExpertInfo
+            from experts.train import train_expert
+
+            folder = self.output / "experts" / subject.name
+            if not (folder / "expert.json").is_file():
+                instance = self.output / "experts" / f"{subject.name}-photos"
+                instance.mkdir(parents=True, exist_ok=True)
+                for p in subject.images:
+                    (instance / p.name).write_bytes(p.read_bytes())
+                overrides = dict(model=self.model, instance_dir=str(instance), class_noun=subject.class_noun, steps=self.args.expert_steps, seed=self.args.seed)
+                if self.args.num_class_images is not None:
+                    overrides["num_class_images"] = self.args.num_class_images
+                train_expert(resolve_config(self.args.recipe, overrides), folder, overwrite=True, progress=False)
+            info = ExpertInfo.read(folder)
+            pipe = load_expert(folder, device=default_device())
+            pipe.set_progress_bar_config(disable=True)
+            res = info.resolution
+            return (lambda p, s: pipe(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]), info.identifier
+        raise InputError(f"unknown method {self.method!r}")
+
+
+def run_eval(args) -> dict:
+    """Run the protocol; writes the results folder and returns the overall row."""
+    if args.method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}")
+    subjects = [s for s in args.subjects.split(",")] if args.subjects else None
+    dataset = load_dataset(args.dataset, subjects)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    backbones, clip, dino = resolve_backbones(args.clip, args.dino)
+    settings = {
+        "dataset": str(Path(args.dataset).resolve()), "method": args.method, "model": args.model, "apprentice": args.apprentice,
+        "subjects": [s.name for s in dataset.subjects], "prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
+        "seed": args.seed, "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "backbones": backbones,
+        "metrics": {"CLIP-I": "mean cosine of CLIP image embeddings, generated vs each real photo", "CLIP-T": "cosine of CLIP image and prompt (identifier removed) embeddings", "DINO": "mean cosine of DINO embeddings, generated vs each real photo", "PRES": "mean DINO cosine of images generated for 'a [class]' to the real photos (expert only; lower is better)", "DIV": "1 - mean pairwise DINO cosine among images of the same prompt (embedding-based, not LPIPS)"},
+    }
+    (output / "settings.json").write_text(json.dumps(settings, indent=2))
+
+    rows, per_subject = [], []
+    generated = 0
+    started = time.perf_counter()
+    gen = Generator(args.method, args.model, args.apprentice, output, args) if args.method != "real" else None
+    probe_world = _world_probe(dataset)
+    for si, subject in enumerate(dataset.subjects):
+        real = [load_image(p) for p in subject.images]
+        real_clip, real_dino = clip.embed_images(real), dino.embed_images(real)
+        if args.method == "real":
+            images, prompts, entries = real, [f"a {subject.class_noun}"] * len(real), [(None, i, p.name) for i, p in enumerate(subject.images)]
+        else:
+            templates = dataset.prompts_for(subject)[: args.prompts or None]
+            folder = output / "images" / subject.name
+            folder.mkdir(parents=True, exist_ok=True)
+            todo = [(pi, k) for pi in range(len(templates)) for k in range(args.images_per_prompt) if not (folder / f"p{pi:02d}_{k}.png").is_file()]
+            make, identifier = (None, None)
+            if todo:
+                make, identifier = gen.prepare(subject)
+            for pi, k in tqdm(todo, desc=f"{subject.name} ({si + 1}/{len(dataset.subjects)})", unit="img", disable=not todo):
+                image = make(_prompt_for(templates[pi], identifier, subject.class_noun), args.seed + 1000 * pi + k)
+                image.save(folder / f"p{pi:02d}_{k}.png")
+                generated += 1
+            if args.method == "expert":  # PRES: the expert on the bare class prompt
+                pres_todo = [k for k in range(args.images_per_prompt) if not (folder / f"pres_{k}.png").is_file()]
+                if pres_todo and make is None:
+                    make, identifier = gen.prepare(subject)
+                for k in pres_todo:
+                    make(f"a {subject.class_noun}", args.seed + 999_000 + k).save(folder / f"pres_{k}.png")
+                    generated += 1
+            entries = [(pi, k, f"p{pi:02d}_{k}.png") for pi in range(len(templates)) for k in range(args.images_per_prompt)]
+            images = [Image.open(folder / name).convert("RGB") for _, _, name in entries]
+            prompts = [_prompt_for(templates[pi], None, subject.class_noun) for pi, _, _ in entries]
+        gen_clip, gen_dino = clip.embed_images(images), dino.embed_images(images)
+        text = clip.embed_texts(prompts)
+        exclude = args.method == "real"
+        clip_i = mean_cosine_to_set(gen_clip, real_clip, exclude_self=exclude)
+        dino_s = mean_cosine_to_set(gen_dino, real_dino, exclude_self=exclude)
+        clip_t = paired_cosine(gen_clip, text)
+        probe_rows = probe_world(subject, images) if probe_world else [{}] * len(images)
+        subject_rows = []
+        for (pi, k, name), p, a, b, c, extra in zip(entries, prompts, dino_s.tolist(), clip_i.tolist(), clip_t.tolist(), probe_rows):
+            row = {"subject": subject.name, "class": subject.class_noun, "prompt_index": pi, "image": name, "prompt": p, "DINO": a, "CLIP-I": b, "CLIP-T": c, **extra}
+            rows.append(row)
+            subject_rows.append(row)
+        summary = {"subject": subject.name, "class": subject.class_noun, "images": len(subject_rows), **_means(subject_rows)}
+        if args.method != "real":
+            by_prompt: dict = {}
+            for row, emb in zip(subject_rows, gen_dino):
+                by_prompt.setdefault(row["prompt_index"], []).append(emb)
+            divs = [diversity(torch.stack(v)) for v in by_prompt.values() if len(v) > 1]
+            summary["DIV"] = sum(divs) / len(divs) if divs else float("nan")
+        if args.method == "expert":
+            pres = [Image.open(p).convert("RGB") for p in sorted((output / "images" / subject.name).glob("pres_*.png"))]
+            summary["PRES"] = float(mean_cosine_to_set(dino.embed_images(pres), real_dino).mean()) if pres else float("nan")
+        per_subject.append(summary)
+    overall = {"method": args.method, "subjects": len(per_subject), "images": len(rows), **_means(per_subject, keys=[k for k in per_subject[0] if k not in ("subject", "class", "images")])}
+    for name, data in (("per_image", rows), ("per_subject", per_subject), ("overall", [overall])):
+        _write_table(output / name, data)
+    _grids(dataset, output, args)
+    overall["generated_now"] = generated
+    overall["seconds"] = round(time.perf_counter() - started, 1)
+    print_table(overall, backbones)
+    print(f"generated {generated} new images; results in {output}")
+    return overall
+
+
+def _means(rows: list[dict], keys: list[str] | None = None) -> dict:
+    keys = keys or [k for k in rows[0] if isinstance(rows[0][k], float)]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and not math.isnan(r[k])]
+        out[k] = round(sum(vals) / len(vals), 6) if vals else float("nan")
+    return out
+
+
+def _write_table(stem: Path, rows: list[dict]) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _grids(dataset: EvalDataset, output: Path, args) -> None:
+    folder = output / "grids"
+    folder.mkdir(exist_ok=True)
+    cell = 96
+    for subject in dataset.subjects:
+        real = [load_image(p) for p in subject.images]
+        rows = [real]
+        gen_dir = output / "images" / subject.name
+        if gen_dir.is_dir():
+            by_prompt: dict = {}
+            for p in sorted(gen_dir.glob("p[0-9]*_*.png")):
+                by_prompt.setdefault(p.name.split("_")[0], []).append(Image.open(p).convert("RGB"))
+            rows += [by_prompt[k] for k in sorted(by_prompt)]
+        width = max(len(r) for r in rows)
+        grid = Image.new("RGB", (width * cell, len(rows) * cell), "white")
+        for y, row in enumerate(rows):
+            for x, img in enumerate(row):
+                grid.paste(img.resize((cell, cell)), (x * cell, y * cell))
+        grid.save(folder / f"{subject.name}.png")
+
+
+def _world_probe(dataset: EvalDataset):
+    """When the dataset is the synthetic world (``world_subjects.json`` beside it), the probe's
+    exact per-image identity and class accuracies."""
+    meta = dataset.root / "world_subjects.json"
+    if not meta.is_file():
+        return None
+    from suti.world import Subject
+    from suti.world.probe import load_probe
+
+    subjects = {k: Subject(**v) for k, v in json.loads(meta.read_text()).items()}
+    probe = load_probe()
+
+    def score(subject: EvalSubject, images: list[Image.Image]) -> list[dict]:
+        truth = subjects[subject.name]
+        return [{"probe_identity": probe.identity_accuracy([img], truth), "probe_class": probe.identity_accuracy([img], truth, attrs=("class_name",))} for img in images]
+
+    return score
+
+
+def print_table(overall: dict, backbones: dict) -> None:
+    """The paper's table: published rows, then this run."""
+    print(f"\n{'Method':48s} {'DINO':>7s} {'CLIP-I':>7s} {'CLIP-T':>7s}")
+    for name, d, ci, ct in PUBLISHED:
+        print(f"{name:48s} {d:7.3f} {ci:7.3f} {('%7.3f' % ct) if ct is not None else '    N/A'}")
+    label = f"suti {overall['method']} (backbones: {backbones['dino']}, {backbones['clip']})"
+    fmt = lambda v: "    N/A" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:7.3f}"  # noqa: E731
+    print(f"{label:48s} {fmt(overall.get('DINO'))} {fmt(overall.get('CLIP-I'))} {fmt(overall.get('CLIP-T'))}")
+    extra = {k: v for k, v in overall.items() if k in ("DIV", "PRES", "probe_identity", "probe_class")}
+    if extra:
+        print("  " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items() if isinstance(v, float) and not math.isnan(v)))
