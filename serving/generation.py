@@ -1,0 +1,283 @@
+"""Image generation for the API: the apprentice (tuning-free, from demonstrations) and trained
+experts, on a bounded thread pool with a bounded queue and per-request deadlines.
+
+* Models are loaded once per worker process, lazily, and cached (the apprentice; experts in a
+  small LRU). Every request runs on a shallow copy of the cached pipeline with its own scheduler,
+  so concurrent requests never share denoising state.
+* At most ``max_concurrency`` requests run; ``max_queue`` more may wait; beyond that
+  :class:`QueueFull` (HTTP 429) with an estimated ``retry_after``.
+* A request past its deadline stops at the next denoising step (or before it starts) and raises
+  :class:`DeadlineExceeded` (HTTP 504); its slot is freed as soon as its thread lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import copy
+import io
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many requests in the queue; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ModelUnavailable(Exception):
+    """The apprentice or an expert could not be loaded (HTTP 503)."""
+
+
+def _load(what: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the server's, not the request's
+        raise ModelUnavailable(f"{what} could not be loaded: {exc}") from exc
+
+
+# --- per-process model cache -----------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_APPRENTICES: dict[tuple[str, str | None], Any] = {}
+_EXPERTS: "collections.OrderedDict[tuple[str, str | None], Any]" = collections.OrderedDict()
+_KEY_LOCKS: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
+
+
+def _key_lock(key: tuple) -> threading.Lock:
+    with _LOCK:
+        return _KEY_LOCKS[key]
+
+
+def get_apprentice(name_or_path: str, device: str | None = None):
+    """The apprentice of this process (loaded on first use, then cached)."""
+    key = (name_or_path, device)
+    pipe = _APPRENTICES.get(key)
+    if pipe is not None:
+        return pipe
+    with _key_lock(("apprentice",) + key):
+        if key not in _APPRENTICES:
+            from apprentice.sample import load_apprentice
+
+            started = time.perf_counter()
+            _APPRENTICES[key] = load_apprentice(name_or_path, device=device)
+            log.info("apprentice %s loaded in %.1f s", name_or_path, time.perf_counter() - started)
+    return _APPRENTICES[key]
+
+
+def apprentice_loaded(name_or_path: str, device: str | None = None) -> bool:
+    return (name_or_path, device) in _APPRENTICES
+
+
+def get_expert(folder: Path, capacity: int, device: str | None = None):
+    """A trained expert's pipeline (LRU cache of ``capacity`` experts per process)."""
+    from experts.expert import ExpertInfo
+
+    key = (str(folder), device)
+    with _LOCK:
+        if key in _EXPERTS:
+            _EXPERTS.move_to_end(key)
+            return _EXPERTS[key]
+    with _key_lock(("expert",) + key):
+        with _LOCK:
+            if key in _EXPERTS:
+                return _EXPERTS[key]
+        from experts.expert import load_expert
+        from suti.models import default_device
+
+        info = ExpertInfo.read(folder)
+        pipe = load_expert(folder, device=device or default_device())
+        pipe.set_progress_bar_config(disable=True)
+        entry = (pipe, info)
+        with _LOCK:
+            _EXPERTS[key] = entry
+            while len(_EXPERTS) > max(1, capacity):
+                _EXPERTS.popitem(last=False)
+    return entry
+
+
+class _StepGuard:
+    """Replaces a pipeline copy's ``progress_bar``: checks the deadline at every denoising step.
+
+    Works for both call styles of diffusers pipelines: ``for t in self.progress_bar(timesteps)``
+    and ``with self.progress_bar(total=n) as bar: bar.update()``.
+    """
+
+    def __init__(self, check: Callable[[], None]):
+        self.check = check
+
+    def __call__(self, iterable=None, total=None):
+        if iterable is not None:
+            return self._iterate(iterable)
+        return self
+
+    def _iterate(self, iterable):
+        for item in iterable:
+            self.check()
+            yield item
+
+    def update(self, n: int = 1) -> None:
+        self.check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def request_copy(pipe, check: Callable[[], None]):
+    """A per-request view of a cached pipeline: shared weights, own scheduler and call state."""
+    view = copy.copy(pipe)
+    view.__dict__["scheduler"] = copy.deepcopy(pipe.scheduler)
+    view.__dict__["progress_bar"] = _StepGuard(check)
+    return view
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Result:
+    images: list[bytes]  # PNG files
+    seed: int
+    seconds: float
+
+    def b64(self) -> list[str]:
+        return [base64.b64encode(b).decode("ascii") for b in self.images]
+
+
+class GenerationService:
+    """Bounded, deadline-aware execution of generation requests on a thread pool."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.capacity = settings.max_concurrency + settings.max_queue
+        self._pool = concurrent.futures.ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="suti-gen")
+        self._lock = threading.Lock()
+        self.active = 0  # admitted, not finished (running + waiting)
+        self.running = 0
+        self._ewma = 2.0  # seconds per request, for Retry-After
+        self.closed = False
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.active - self.running)
+
+    def retry_after(self) -> int:
+        per_slot = self._ewma * (self.waiting + 1) / self.settings.max_concurrency
+        return max(1, math.ceil(per_slot))
+
+    async def submit(self, fn: Callable[[Callable[[], None]], Result]) -> Result:
+        """Run ``fn(check)`` within the limits; ``check()`` raises once the deadline has passed."""
+        with self._lock:
+            if self.active >= self.capacity:
+                raise QueueFull(self.retry_after())
+            self.active += 1
+        deadline = time.monotonic() + self.settings.request_timeout
+        abandoned = threading.Event()
+
+        def check() -> None:
+            if abandoned.is_set() or time.monotonic() > deadline:
+                raise DeadlineExceeded()
+
+        def job() -> Result:
+            check()  # do not start work nobody waits for
+            with self._lock:
+                self.running += 1
+            started = time.perf_counter()
+            try:
+                result = fn(check)
+                with self._lock:
+                    self._ewma = 0.8 * self._ewma + 0.2 * (time.perf_counter() - started)
+                return result
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        try:
+            future = self._pool.submit(job)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self.active -= 1
+            raise
+        future.add_done_callback(lambda _: self._release())
+        wrapped = asyncio.wrap_future(future)
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when abandoned
+        try:
+            return await asyncio.wait_for(asyncio.shield(wrapped), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            abandoned.set()
+            raise DeadlineExceeded() from None
+        except asyncio.CancelledError:  # the client went away
+            abandoned.set()
+            raise
+
+    def _release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def shutdown(self) -> None:
+        self.closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- the two kinds of work ----------------------------------------------------------------
+
+    def apprentice_work(self, images: list[Image.Image], captions: list[str] | None, prompt: str, num_images: int, steps: int, guidance_scale: float, demo_guidance_scale: float, seed: int):
+        settings = self.settings
+
+        def work(check) -> Result:
+            import torch
+
+            started = time.perf_counter()
+            pipe = _load(f"the apprentice {settings.apprentice!r}", get_apprentice, settings.apprentice, settings.device)
+            check()
+            view = request_copy(pipe, check)
+            ctx = view.encode_demonstrations(images, captions)  # once per request
+            out = []
+            for i in range(num_images):
+                generator = torch.Generator().manual_seed(seed + i)
+                image = view(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator).images[0]
+                out.append(png_bytes(image))
+            return Result(out, seed, time.perf_counter() - started)
+
+        return work
+
+    def expert_work(self, folder: Path, template: str, num_images: int, steps: int, guidance_scale: float, seed: int):
+        settings = self.settings
+
+        def work(check) -> Result:
+            import torch
+
+            started = time.perf_counter()
+            pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device)
+            check()
+            view = request_copy(pipe, check)
+            prompt = info.prompt(template)
+            out = []
+            for i in range(num_images):
+                generator = torch.Generator().manual_seed(seed + i)
+                image = view(prompt, height=info.resolution, width=info.resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
+                out.append(png_bytes(image))
+            return Result(out, seed, time.perf_counter() - started)
+
+        return work

@@ -1,0 +1,102 @@
+"""Serving settings: one dataclass shared by ``suti serve``, :func:`serving.create_app` and Ray Serve."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    """``$SUTI_DATA_DIR``, else ``<suti cache>/serving``."""
+    if os.environ.get("SUTI_DATA_DIR"):
+        return Path(os.environ["SUTI_DATA_DIR"])
+    from suti.models import cache_dir
+
+    return cache_dir() / "serving"
+
+
+@dataclass
+class Settings:
+    """Everything that configures one serving app (models, limits, jobs, security)."""
+
+    # models
+    model: str = "toy"  # base model of the DreamBooth experts (preset, folder or hub id)
+    apprentice: str = "toy"  # apprentice folder or "toy"
+    device: str | None = None  # None: cuda when visible, else cpu
+    torch_threads: int | None = None  # torch intra-op threads in the server and job workers
+    preload: bool = True  # load the apprentice in the background at start-up
+    expert_cache: int = 2  # trained experts kept loaded (LRU)
+    # storage
+    data_dir: Path = field(default_factory=default_data_dir)
+    db_path: Path | None = None  # None: DATA_DIR/jobs.sqlite
+    # generation: concurrency, queue, timeout
+    max_concurrency: int = 1  # generations running at once
+    max_queue: int = 8  # generations waiting beyond those; more answer 429
+    request_timeout: float = 120.0  # seconds from arrival to answer; then 504
+    default_steps: int = 25
+    max_steps: int = 100
+    apprentice_guidance_scale: float = 5.0
+    expert_guidance_scale: float = 7.5
+    max_num_images: int = 4
+    # expert jobs
+    job_workers: int = 1  # training jobs running at once
+    ray_address: str | None = None  # run jobs as Ray tasks on this cluster ("auto", "ray://...", "local")
+    ray_job_gpus: float = 0.0  # GPUs per Ray training task
+    default_recipe: str = "suti-expert"
+    max_train_steps: int = 2000
+    job_stale_seconds: float = 60.0  # a running job whose owner stopped heart-beating is re-run
+    # limits and security
+    max_file_bytes: int = 10 * MIB
+    max_total_bytes: int = 50 * MIB
+    max_image_pixels: int = 36_000_000
+    max_demo_images: int = 8
+    min_expert_images: int = 3
+    max_expert_images: int = 5
+    max_prompt_chars: int = 300
+    max_class_noun_chars: int = 40
+    stored_image_side: int = 1024  # uploaded photos are stored as PNG, shorter side at most this
+    api_key: str | None = None  # required on /v1/* and /metrics when set
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        if self.db_path is not None:
+            self.db_path = Path(self.db_path).expanduser()
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.db_path or self.data_dir / "jobs.sqlite"
+
+    @property
+    def experts_dir(self) -> Path:
+        return self.data_dir / "experts"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def with_(self, **changes) -> "Settings":
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise :class:`suti.errors.InputError` on unusable values."""
+        from suti.errors import InputError
+
+        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.max_queue < 0:
+            raise InputError(f"max-queue must be >= 0 (got {self.max_queue})")
+        if self.request_timeout <= 0:
+            raise InputError(f"timeout must be positive (got {self.request_timeout})")
+        if not 1 <= self.min_expert_images <= self.max_expert_images:
+            raise InputError("expert image limits must satisfy 1 <= min <= max")
+        if not 1 <= self.max_demo_images <= 8:
+            raise InputError("max-demo-images must be between 1 and 8 (the apprentice's limit)")

@@ -1,0 +1,202 @@
+"""One DreamBooth job run, in its own process (``python -m serving.worker``) or a Ray task.
+
+The worker reads its job row, trains the expert into ``DATA_DIR/experts/<id>.partial`` and
+publishes it as ``DATA_DIR/experts/<id>`` in the same transaction that marks the job ``done``.
+Progress goes into the job row (fenced by the run token): when the write fails because the job
+was cancelled or handed to another worker, the worker stops at once.
+
+``experts.train.train_expert`` reports progress only through a tqdm bar, so the worker swaps
+the ``tqdm`` names of :mod:`experts.train` and :mod:`experts.data` for :class:`ProgressReporter`
+(same calls: ``update``, ``set_postfix``, iteration, ``close``) in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from serving.store import JobStore, valid_job_id
+
+log = logging.getLogger("serving.worker")
+
+
+class JobAborted(Exception):
+    """The job was cancelled or re-assigned while this worker ran it."""
+
+
+class ProgressReporter:
+    """A tqdm stand-in that writes the job's progress into its row (at most every ``interval`` s).
+
+    Bars are mapped to phases: ``class images`` (prior-preservation images) fill
+    ``[0, class_share)`` and the training bar fills ``[class_share, 0.98]``.
+    """
+
+    store: JobStore | None = None
+    job_id = ""
+    token = ""
+    class_share = 0.0
+    interval = 0.5
+
+    def __init__(self, iterable=None, total=None, initial=0, desc=None, unit=None, disable=False, **_):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n = initial
+        self.desc = desc or ""
+        self.postfix = {}
+        self._last = 0.0
+        self._logged = -1
+        self._report(force=True)
+
+    @classmethod
+    def bind(cls, store: JobStore, job_id: str, token: str, class_share: float) -> None:
+        cls.store, cls.job_id, cls.token, cls.class_share = store, job_id, token, class_share
+
+    @classmethod
+    def send(cls, progress: float, phase: str) -> None:
+        if cls.store is not None and not cls.store.report(cls.job_id, cls.token, progress, phase):
+            raise JobAborted(f"job {cls.job_id} was cancelled or re-assigned")
+
+    def _fraction(self) -> tuple[float, str]:
+        done = (self.n / self.total) if self.total else 0.0
+        if self.desc.startswith("class"):
+            return self.class_share * done, "class_images"
+        return self.class_share + (0.98 - self.class_share) * done, "training"
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval and not (self.total and self.n >= self.total):
+            return
+        self._last = now
+        progress, phase = self._fraction()
+        self.send(progress, phase)
+        decile = int(progress * 10)
+        if decile != self._logged:
+            self._logged = decile
+            log.info("%s %s/%s %s", phase, self.n, self.total, " ".join(f"{k}={v}" for k, v in self.postfix.items()))
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._report()
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = kwargs
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: receive SIGTERM when the server that started us dies (even by SIGKILL)."""
+    if not parent_pid or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: int | None = None) -> str:
+    """Train the expert of one job run; returns the final state written (or ``"aborted"``)."""
+    if not valid_job_id(job_id):
+        raise ValueError(f"bad job id {job_id!r}")
+    store = JobStore(db_path)
+    job = store.get(job_id)
+    if job is None or job["state"] != "running" or job["run_token"] != token:
+        log.info("job %s is no longer ours; nothing to do", job_id)
+        return "aborted"
+    data = Path(data_dir)
+    uploads = data / "uploads" / job_id
+    final = data / "experts" / job_id
+    partial = data / "experts" / f"{job_id}.partial"
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        ProgressReporter.bind(store, job_id, token, 0.0)
+        ProgressReporter.send(0.0, "loading")
+        from experts import data as experts_data
+        from experts import train as experts_train
+        from experts.recipe import resolve_config
+
+        experts_train.tqdm = ProgressReporter
+        experts_data.tqdm = ProgressReporter
+        overrides = dict(model=job["model"], instance_dir=str(uploads), class_noun=job["class_noun"], steps=job["steps"], seed=job["seed"])
+        config = resolve_config(job["recipe"], overrides)
+        ProgressReporter.bind(store, job_id, token, 0.2 if config.prior_preservation else 0.0)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        experts_train.train_expert(config, partial, overwrite=True, progress=True)
+        ProgressReporter.send(0.99, "saving")
+        with store.finishing(job_id, token) as db:
+            if db is None:
+                raise JobAborted(f"job {job_id} was cancelled or re-assigned")
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            store.finish(job_id, token, "done", db=db)
+        log.info("job %s done in %.1f s", job_id, time.perf_counter() - started)
+        return "done"
+    except JobAborted as exc:
+        log.info("%s; stopping", exc)
+        shutil.rmtree(partial, ignore_errors=True)
+        return "aborted"
+    except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error
+        from suti.errors import SutiError
+
+        message = str(exc) if isinstance(exc, SutiError) else f"{type(exc).__name__}: {exc}"
+        message = message.replace(str(uploads), "the uploaded photos").replace(str(data), "DATA_DIR")  # no server paths
+        log.error("job %s failed: %s\n%s", job_id, message, traceback.format_exc())
+        shutil.rmtree(partial, ignore_errors=True)
+        store.finish(job_id, token, "failed", error=message[:2000])
+        return "failed"
+    finally:
+        ProgressReporter.store = None
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run one DreamBooth job of the serving job table")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # cancel: stop now, the server cleans up
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    state = run_job(args.db, args.data_dir, args.job, args.token, threads=args.threads)
+    return 0 if state in ("done", "aborted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
