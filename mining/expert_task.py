@@ -79,7 +79,7 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
     from suti.models import default_device
     from suti.scoring import get_scorer
 
-    images = load_crawl_images(crawl, cluster["keys"])
+    images = load_crawl_images(crawl, cluster["keys"], sources=cluster.get("sources"))
     demos = [images[k] for k in cluster["keys"]]
     seed = cluster_seed(cid, int(job["seed"]))
     keep_dir = Path(job["output"]) / "experts" / cid if job.get("keep_experts") else None

@@ -1,0 +1,209 @@
+"""``suti mine``: a web crawl -> subject clusters with unseen creative prompts.
+
+Writes, atomically (temporary file + rename), into ``--output``:
+
+* ``clusters.jsonl``: one row per kept cluster - ``cluster_id`` (from the page URL's hash),
+  ``page_url``, ``keys``, ``captions``, ``prompts`` (``{"prompt", "skill", "level"}`` with
+  ``{S}`` for the subject), ``class_noun``, ``noun_support``, ``image_similarity``,
+  ``min_pair_similarity``, ``text_similarity``, ``duplicates``, ``outliers``, ``skipped``,
+  ``sources`` (where each image's bytes are: for ``load_crawl_images(crawl, keys,
+  sources=...)``, which then reads them directly instead of scanning the crawl);
+* ``dropped.jsonl``: one row per dropped page - ``page_url``, ``keys``, ``reason``, numbers;
+* ``stats.json``: counts (pages, images, skipped images and samples by reason, kept/dropped
+  clusters by reason), thresholds, model, crawl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from suti.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _prompts(args, cluster, class_noun: str) -> list[dict]:
+    from mining.prompts import llm_prompts, template_prompts
+
+    if args.prompt_generator == "llm":
+        return llm_prompts(cluster.cluster_id, cluster.captions, class_noun, args.llm_model,
+                           args.prompts_per_cluster, args.seed)
+    return template_prompts(cluster.cluster_id, cluster.captions, args.prompts_per_cluster,
+                            args.seed)
+
+
+def run_mine(args: argparse.Namespace) -> dict:
+    """Run the whole mining job of ``args`` (see :func:`register`); returns ``stats``."""
+    from mining.cluster import default_thresholds, mine_clusters
+    from mining.crawl import detect_format, iter_records
+    from mining.embed import embed_crawl
+
+    start = time.time()
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if (out / "clusters.jsonl").exists() and not args.overwrite:
+        raise InputError(f"{out}: already holds clusters.jsonl (use --overwrite to replace it)")
+    if args.prompt_generator == "llm" and not (args.llm_model and Path(args.llm_model).exists()):
+        raise InputError(f"--llm-model {args.llm_model!r}: no such local model folder "
+                         "(--prompt-generator llm needs a local text-generation model)")
+    for name in ("prompts_per_cluster", "batch_size", "min_side"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    th = default_thresholds(args.model, min_images=args.min_images, max_images=args.max_images,
+                            min_image_sim=args.min_image_sim, min_pair_sim=args.min_pair_sim,
+                            min_text_sim=args.min_text_sim, min_noun_support=args.min_noun_support,
+                            dedup=args.dedup_threshold, outlier=args.outlier_threshold)
+    fmt = args.crawl_format if args.crawl_format != "auto" else detect_format(args.crawl)[0]
+    sample_skips: Counter = Counter()
+    records = list(iter_records(args.crawl, sample_skips, fmt=fmt, on_bad_line=args.on_bad_line))
+    if not records:
+        raise InputError(f"{args.crawl}: the crawl has no image with a page URL")
+    log.info("%d images on %d pages in %s (%s)", len(records),
+             len({r.page_url for r in records}), args.crawl, fmt)
+    use_ray = bool(args.ray or args.ray_address or len(records) > args.ray_threshold)
+    emb = embed_crawl(records, args.model, args.pretrained, use_ray=use_ray,
+                      ray_threshold=args.ray_threshold, ray_address=args.ray_address,
+                      batch_size=args.batch_size, min_side=args.min_side, progress=True)
+    kept, dropped = mine_clusters(emb, th)
+    rows = []
+    for c in kept:
+        rows.append({"cluster_id": c.cluster_id, "page_url": c.page_url, "keys": c.keys,
+                     "captions": c.captions, "prompts": _prompts(args, c, c.class_noun),
+                     "class_noun": c.class_noun, "noun_support": c.noun_support,
+                     "image_similarity": c.image_similarity,
+                     "min_pair_similarity": c.min_pair_similarity,
+                     "text_similarity": c.text_similarity, "class_noun": c.class_noun,
+                  "noun_support": c.noun_support, "duplicates": c.duplicates,
+                     "outliers": c.outliers, "skipped": c.skipped, "sources": c.sources})
+    drop_rows = [{"cluster_id": c.cluster_id, "page_url": c.page_url, "keys": c.page_keys,
+                  "reason": c.reason, "n_images": len(c.page_keys), "filtered_keys": c.keys,
+                  "image_similarity": c.image_similarity,
+                  "min_pair_similarity": c.min_pair_similarity,
+                  "text_similarity": c.text_similarity, "class_noun": c.class_noun,
+                  "noun_support": c.noun_support,
+                  "duplicates": c.duplicates, "outliers": c.outliers, "skipped": c.skipped}
+                 for c in dropped]
+    stats = {
+        "crawl": str(args.crawl), "crawl_format": fmt, "model": args.model,
+        "pretrained": args.pretrained, "embedding": "ray" if use_ray else "in-process",
+        "pages": len(kept) + len(dropped), "images": len(records),
+        "usable_images": len(emb.records),
+        "skipped_images": dict(sorted(emb.skipped_counts.items())),
+        "skipped_samples": dict(sorted(sample_skips.items())),
+        "kept_clusters": len(kept), "kept_images": sum(len(c.keys) for c in kept),
+        "dropped_clusters": dict(sorted(Counter(c.reason for c in dropped).items())),
+        "duplicates_removed": sum(len(c.duplicates) for c in kept + dropped),
+        "outliers_removed": sum(len(c.outliers) for c in kept + dropped),
+        "thresholds": asdict(th), "seed": args.seed,
+        "prompt_generator": args.prompt_generator, "prompts_per_cluster":
+        args.prompts_per_cluster, "seconds": round(time.time() - start, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "clusters.jsonl", _jsonl(rows))
+    write_atomic(out / "dropped.jsonl", _jsonl(drop_rows))
+    write_atomic(out / "stats.json", json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    """``suti mine``: print a one-line summary after :func:`run_mine`."""
+    stats = run_mine(args)
+    skipped = sum(stats["skipped_images"].values()) + sum(stats["skipped_samples"].values())
+    print(f"kept {stats['kept_clusters']} of {stats['pages']} pages as subject clusters "
+          f"({stats['kept_images']} images; dropped: "
+          f"{', '.join(f'{k} {v}' for k, v in stats['dropped_clusters'].items()) or 'none'}; "
+          f"{skipped} images skipped) -> {Path(args.output) / 'clusters.jsonl'}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``suti mine`` (also used by tests to build a namespace)."""
+    from mining.crawl import DEFAULT_MIN_SIDE, FORMATS
+    from mining.embed import DEFAULT_BATCH_SIZE, DEFAULT_RAY_THRESHOLD
+    from mining.prompts import DEFAULT_PROMPTS_PER_CLUSTER
+
+    p.add_argument("--crawl", required=True, help="webdataset shards (folder, .tar, glob or "
+                   "brace pattern), an image folder, a .jsonl or .parquet manifest, or a "
+                   "`suti world make` folder")
+    p.add_argument("--output", required=True, help="folder for clusters.jsonl, dropped.jsonl, "
+                   "stats.json")
+    p.add_argument("--crawl-format", choices=FORMATS, default="auto",
+                   help="crawl layout (auto: detect it)")
+    p.add_argument("--model", default="toy-clip", help="embedding model: toy-clip, a "
+                   "suti.scoring name, or an open_clip architecture (ViT-B-32) with --pretrained")
+    p.add_argument("--pretrained", help="open_clip pretrained tag for --model, e.g. openai")
+    p.add_argument("--min-images", type=int, help="fewest images of a cluster (model default: 3)")
+    p.add_argument("--max-images", type=int, help="most images of a cluster (model default: 10)")
+    p.add_argument("--min-image-sim", type=float,
+                   help="mean pairwise image-image cosine a cluster needs (model default)")
+    p.add_argument("--min-pair-sim", type=float,
+                   help="image-image cosine the least similar pair of a cluster needs "
+                   "(model default)")
+    p.add_argument("--min-text-sim", type=float,
+                   help="mean image/alt-text cosine a cluster needs (model default)")
+    p.add_argument("--min-noun-support", type=float,
+                   help="share of the informative alt texts that must name the cluster's "
+                   "class noun, in [0, 1] (model default)")
+    p.add_argument("--dedup-threshold", type=float,
+                   help="image-image cosine above which an image is a near-duplicate "
+                   "(model default)")
+    p.add_argument("--outlier-threshold", type=float,
+                   help="mean cosine to the rest of its page below which an image is dropped "
+                   "(model default)")
+    p.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE,
+                   help="skip images with a side below this many pixels")
+    p.add_argument("--on-bad-line", choices=("error", "skip"), default="error",
+                   help="a malformed manifest line stops the run (error) or is skipped, "
+                   "counted and listed in a warning (skip)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--prompts-per-cluster", type=int, default=DEFAULT_PROMPTS_PER_CLUSTER,
+                   help="prompts per cluster, levels 1-3 in turn")
+    p.add_argument("--prompt-generator", choices=("template", "llm"), default="template",
+                   help="template: the world's vocabulary; llm: a local text-generation model")
+    p.add_argument("--llm-model", help="local transformers text-generation model folder "
+                   "(for --prompt-generator llm)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per embedding batch")
+    p.add_argument("--ray", action="store_true", help="embed with Ray Data whatever the size")
+    p.add_argument("--ray-threshold", type=int, default=DEFAULT_RAY_THRESHOLD,
+                   help="embed with Ray Data above this many images")
+    p.add_argument("--ray-address", help="Ray cluster address (implies --ray)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the description's layout; show defaults that are not None/False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def register(subparsers) -> None:
+    """Add ``suti mine`` to the top-level ``suti`` subparsers."""
+    p = subparsers.add_parser("mine", help="mine subject clusters and prompts from a web crawl",
+                              description=__doc__,
+                              formatter_class=_Formatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_mine)

@@ -1,0 +1,388 @@
+"""Reading a web crawl: (image, alt text, image URL, page URL) records from four layouts.
+
+:func:`iter_records` reads
+
+* ``shards``: img2dataset-style webdataset tar shards - a folder of ``*.tar`` files, a glob
+  (``crawl/*.tar``) or a brace pattern (``crawl-{00000..00009}.tar``); each sample has the
+  members ``key.jpg`` (or ``.png``/``.webp``...), ``key.txt`` (alt text) and ``key.json``
+  (``url``, ``page_url``, optionally ``caption``);
+* ``folder``: the same three files per key loose in a folder (img2dataset's ``files`` layout,
+  e.g. ``suti world make``'s ``images/``);
+* ``jsonl``: a manifest, one JSON object per line with ``key``, ``path`` (relative to the
+  manifest or absolute), ``url``, ``page_url`` and ``caption``;
+* ``parquet``: a manifest with the same columns.
+
+A world crawl folder (``suti world make --output W``) is read through its ``shards/``, else its
+``crawl.jsonl``, else its ``images/``. Records carry a *reference* to the image bytes (a file, or
+a byte range of an uncompressed tar), so they are cheap to ship to Ray workers; images are
+decoded and validated by :func:`decode_record`, which raises :class:`SkipImage` with a reason
+(``unreadable``, ``too_small``) - such images are counted and skipped, never fatal. A malformed
+manifest line (not JSON, not an object, no ``path`` or ``page_url``, a duplicate key) stops the
+run with an :class:`~suti.errors.InputError` naming the file and line number, or - with
+``on_bad_line="skip"`` - is skipped, counted and listed in one warning.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from suti.errors import InputError
+from suti.images import IMAGE_EXTENSIONS, decode_image
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "shards", "folder", "jsonl", "parquet")
+#: Images with a side below this many pixels are skipped as ``too_small``.
+DEFAULT_MIN_SIDE = 16
+_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+class SkipImage(Exception):
+    """An image that mining skips and counts; ``reason`` is the counter key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Record:
+    """One crawled image: metadata plus where its bytes are.
+
+    Exactly one of: ``data`` (inline bytes), ``path`` with ``offset``/``size`` (a byte range of
+    an uncompressed tar shard), or ``path`` alone (a whole file).
+    """
+
+    key: str
+    caption: str
+    url: str
+    page_url: str
+    path: str | None = None
+    offset: int | None = None
+    size: int | None = None
+    data: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        """How errors name the image: ``shard.tar:key`` or the file path."""
+        if self.path and self.offset is not None:
+            return f"{self.path}:{self.key}"
+        return self.path or self.key
+
+    def source(self) -> dict | None:
+        """Where the bytes are, for reading them back later (:func:`load_crawl_images`):
+        ``{"path", "offset", "size"}`` with an absolute path, or ``None`` for inline bytes."""
+        if self.data is not None or not self.path:
+            return None
+        return {"path": str(Path(self.path).resolve()), "offset": self.offset, "size": self.size}
+
+    def read_bytes(self) -> bytes:
+        """The encoded image bytes (raises ``OSError`` if the file is gone)."""
+        if self.data is not None:
+            return self.data
+        if self.offset is None:
+            return Path(self.path).read_bytes()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+def decode_record(record: Record, min_side: int = DEFAULT_MIN_SIDE) -> Image.Image:
+    """Decode and validate a record's image (8-bit RGB).
+
+    Raises:
+        SkipImage: ``unreadable`` (missing, empty, corrupt, not an image, a decompression bomb)
+            or ``too_small`` (a side below ``min_side`` pixels).
+    """
+    try:
+        img = decode_image(record.read_bytes(), record.name)
+    except (InputError, OSError) as exc:
+        raise SkipImage("unreadable", str(exc)) from None
+    if min(img.size) < min_side:
+        raise SkipImage("too_small", f"{record.name}: {img.width}x{img.height} is below "
+                                     f"{min_side} px")
+    return img
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _expand(pattern: str) -> list[str]:
+    """Shard paths of a glob and/or brace pattern, sorted, existing files only."""
+    from braceexpand import braceexpand
+
+    paths = []
+    for p in braceexpand(pattern):
+        paths.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
+    return [p for p in paths if Path(p).is_file()]
+
+
+def detect_format(crawl: str | Path) -> tuple[str, list[str]]:
+    """``(format, paths)`` of a crawl argument (see the module docstring)."""
+    s = str(crawl)
+    p = Path(s)
+    if p.is_file():
+        if p.suffix == ".jsonl" or p.name.endswith(".jsonl.gz"):
+            return "jsonl", [s]
+        if p.suffix == ".parquet":
+            return "parquet", [s]
+        if p.name.endswith((".tar", ".tar.gz", ".tgz")):
+            return "shards", [s]
+        raise InputError(f"{s}: unknown crawl file type (.tar, .jsonl or .parquet)")
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if tars:
+            return "shards", tars
+        if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.iterdir()):
+            return "folder", [s]
+        for sub, fmt in (("shards", None), ("crawl.jsonl", "jsonl"),
+                         ("crawl.parquet", "parquet"), ("images", None)):
+            if (p / sub).exists():
+                return (fmt, [str(p / sub)]) if fmt else detect_format(p / sub)
+        raise InputError(f"{s}: no crawl there (no *.tar shards, images, crawl.jsonl or "
+                         f"crawl.parquet)")
+    if any(c in s for c in "*?[{"):
+        paths = _expand(s)
+        if paths:
+            return "shards", paths
+        raise InputError(f"{s}: the shard pattern matches no file")
+    raise InputError(f"{s}: no such crawl file or folder")
+
+
+def _iter_shards(paths: list[str], counts: Counter) -> Iterator[Record]:
+    """Samples of webdataset tars (members of one key are consecutive, as webdataset needs)."""
+
+    def finish(key, members, path):
+        image = next((members[e] for e in _IMAGE_EXTS if e in members), None)
+        meta = members.get("json")
+        if image is None:
+            counts["no_image_member"] += 1
+            return None
+        try:
+            meta = json.loads(meta) if meta is not None else {}
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            counts["bad_metadata"] += 1
+            log.debug("%s:%s: unreadable json member", path, key)
+            return None
+        txt = members.get("txt")
+        caption = txt.decode("utf-8", "replace") if txt is not None else meta.get("caption")
+        if not meta.get("page_url"):
+            counts["no_page_url"] += 1
+            return None
+        off, size, data = image
+        return Record(str(meta.get("key") or key), str(caption or "").strip(),
+                      str(meta.get("url") or ""), str(meta["page_url"]), path, off, size, data)
+
+    for path in paths:
+        try:
+            tar = tarfile.open(path, "r:*")
+        except (tarfile.TarError, OSError) as exc:
+            raise InputError(f"{path}: not a readable tar shard ({exc})") from None
+        seekable = path.endswith(".tar")
+        key, members = None, {}
+        with tar:
+            try:
+                for m in tar:
+                    folder, _, fname = m.name.rpartition("/")
+                    if not m.isfile() or "." not in fname:
+                        continue
+                    stem, ext = fname.split(".", 1)
+                    base = f"{folder}/{stem}" if folder else stem
+                    ext = ext.lower()
+                    if base != key:
+                        rec = finish(key, members, path) if key is not None else None
+                        if rec:
+                            yield rec
+                        key, members = base, {}
+                    if ext in _IMAGE_EXTS:
+                        data = None if seekable else tar.extractfile(m).read()
+                        members[ext] = (m.offset_data if seekable else None,
+                                        m.size if seekable else None, data)
+                    elif ext in ("txt", "json"):
+                        members[ext] = tar.extractfile(m).read()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                log.warning("%s: truncated or corrupt shard, read up to the error (%s)", path, exc)
+                counts["corrupt_shard"] += 1
+            if key is not None:
+                rec = finish(key, members, path)
+                if rec:
+                    yield rec
+
+
+def _iter_folder(folder: str, counts: Counter) -> Iterator[Record]:
+    """``key.jpg`` + ``key.txt`` + ``key.json`` files of a folder, sorted by key."""
+    for img in sorted(Path(folder).iterdir()):
+        if img.suffix.lower() not in IMAGE_EXTENSIONS or img.name.startswith("."):
+            continue
+        side = img.with_suffix(".json")
+        try:
+            meta = json.loads(side.read_text()) if side.is_file() else {}
+        except (ValueError, OSError):
+            meta = None
+        if not isinstance(meta, dict):
+            counts["bad_metadata"] += 1
+            continue
+        if not meta.get("page_url"):
+            counts["no_page_url"] += 1
+            continue
+        txt = img.with_suffix(".txt")
+        caption = txt.read_text(errors="replace") if txt.is_file() else meta.get("caption")
+        yield Record(str(meta.get("key") or img.stem), str(caption or "").strip(),
+                     str(meta.get("url") or ""), str(meta["page_url"]), str(img))
+
+
+def _manifest_record(row, base: Path, seen: set) -> Record:
+    """A manifest row -> Record; raises ``ValueError`` saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    path, page = row.get("path"), row.get("page_url")
+    if not path:
+        raise ValueError("no 'path'")
+    if not page:
+        raise ValueError("no 'page_url'")
+    key = str(row.get("key") or Path(str(path)).stem)
+    if key in seen:
+        raise ValueError(f"duplicate key {key!r}")
+    seen.add(key)
+    full = Path(str(path))
+    full = full if full.is_absolute() else base / full
+    return Record(key, str(row.get("caption") or "").strip(), str(row.get("url") or ""),
+                  str(page), str(full))
+
+
+def _iter_manifest(path: str, fmt: str, counts: Counter, on_bad_line: str) -> Iterator[Record]:
+    """Rows of a JSONL or parquet manifest; bad rows raise or are counted (``on_bad_line``)."""
+    base, seen, bad = Path(path).resolve().parent, set(), []
+
+    def rows():
+        if fmt == "jsonl":
+            import gzip
+
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield n, json.loads(line)
+                        except ValueError as exc:
+                            yield n, exc
+            return
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a non-parquet file
+            raise InputError(f"{path}: not a readable parquet file ({exc})") from None
+        n = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+
+    for n, row in rows():
+        try:
+            if isinstance(row, Exception):
+                raise ValueError(f"not JSON ({row})")
+            yield _manifest_record(row, base, seen)
+        except ValueError as exc:
+            where = f"{path}: line {n}" if fmt == "jsonl" else f"{path}: row {n}"
+            if on_bad_line == "error":
+                raise InputError(f"{where}: malformed manifest entry: {exc}") from None
+            counts["malformed_manifest_line"] += 1
+            bad.append(n)
+    if bad:
+        what = "line" if fmt == "jsonl" else "row"
+        log.warning("%s: skipped %d malformed manifest %ss: %s%s", path, len(bad), what,
+                    ", ".join(map(str, bad[:50])), " ..." if len(bad) > 50 else "")
+
+
+def iter_records(crawl: str | Path, counts: Counter | None = None, *, fmt: str = "auto",
+                 on_bad_line: str = "error") -> Iterator[Record]:
+    """Yield the :class:`Record` of every crawled image that has a page URL.
+
+    Args:
+        crawl: a shard folder/file/pattern, an image folder, a ``.jsonl`` or ``.parquet``
+            manifest, or a ``suti world make`` output folder.
+        counts: a Counter that receives skipped-sample reasons (``no_page_url``,
+            ``bad_metadata``, ``no_image_member``, ``duplicate_key``,
+            ``malformed_manifest_line``, ``corrupt_shard``).
+        fmt: one of :data:`FORMATS` (``auto`` detects it).
+        on_bad_line: ``"error"`` (InputError with the line number) or ``"skip"`` (count, warn).
+
+    Raises:
+        InputError: no crawl at ``crawl``, an unknown format, or a malformed manifest line.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"unknown crawl format {fmt!r}; known: {', '.join(FORMATS)}")
+    if on_bad_line not in ("error", "skip"):
+        raise InputError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+    counts = counts if counts is not None else Counter()
+    detected, paths = detect_format(crawl)
+    if fmt == "auto":
+        fmt = detected
+    elif fmt != detected:
+        if not (fmt == "folder" and Path(crawl).is_dir()):
+            raise InputError(f"{crawl}: not a {fmt} crawl (it looks like {detected})")
+        paths = [str(crawl)]
+    if fmt in ("jsonl", "parquet"):  # duplicate keys are malformed lines there
+        yield from _iter_manifest(paths[0], fmt, counts, on_bad_line)
+        return
+    seen = set()
+    for rec in _iter_shards(paths, counts) if fmt == "shards" else _iter_folder(paths[0], counts):
+        if rec.key in seen:
+            counts["duplicate_key"] += 1
+            continue
+        seen.add(rec.key)
+        yield rec
+
+
+def load_crawl_images(crawl: str | Path, keys, *, sources=None,
+                      min_side: int = DEFAULT_MIN_SIDE, strict: bool = True
+                      ) -> dict[str, Image.Image]:
+    """Decode the images of ``keys`` from a crawl: ``{key: PIL RGB image}``.
+
+    With ``sources`` (a list aligned with ``keys``, as in the ``sources`` of a
+    ``clusters.jsonl`` row: :meth:`Record.source` dicts or ``None``) images are read straight
+    from their file or shard byte range; the others are found by reading the crawl once, which
+    stops as soon as every key was found (a whole job's keys can be asked for at once).
+
+    Raises:
+        InputError: with ``strict``, when a key is not in the crawl or its image is unusable
+            (without ``strict`` such keys are left out, with a warning).
+    """
+    keys = [str(k) for k in keys]
+    wanted, out, bad = set(keys), {}, {}
+    for key, src in zip(keys, sources or []):
+        if src and Path(src["path"]).is_file():
+            try:
+                out[key] = decode_record(Record(key, "", "", "", **src), min_side)
+            except SkipImage as exc:
+                bad[key] = str(exc)
+    if len(out) + len(bad) < len(wanted):
+        for rec in iter_records(crawl, on_bad_line="skip"):
+            if rec.key in wanted and rec.key not in out and rec.key not in bad:
+                try:
+                    out[rec.key] = decode_record(rec, min_side)
+                except SkipImage as exc:
+                    bad[rec.key] = str(exc)
+                if len(out) + len(bad) == len(wanted):
+                    break
+    missing = sorted(wanted - set(out) - set(bad))
+    if missing or bad:
+        msg = (f"{crawl}: {len(missing)} key(s) not in the crawl ({', '.join(missing[:5])}) and "
+               f"{len(bad)} unusable ({'; '.join(list(bad.values())[:3])})")
+        if strict:
+            raise InputError(msg)
+        log.warning("%s", msg)
+    return out

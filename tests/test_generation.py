@@ -1,0 +1,109 @@
+"""The expert generation job on local Ray: end to end, lambda filter, rerun, killed worker and driver."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from suti.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--steps", "3", "--sample-steps", "2", "--prompts-per-cluster", "2", "--samples-per-shard", "2", "--max-workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    assert main(["world", "make", "--output", str(root / "crawl"), "--subjects", "6", "--noise-pages", "0.2", "--seed", "5", "--size", "32"]) == 0
+    assert main(["mine", "--crawl", str(root / "crawl"), "--output", str(root / "mined")]) == 0
+    rows = [json.loads(line) for line in (root / "mined" / "clusters.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3
+    return root
+
+
+def _generate(root, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "suti.cli", "generate", "--clusters", str(root / "mined" / "clusters.jsonl"), "--crawl", str(root / "crawl"), "--output", str(out), *FAST, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900)
+
+
+def _samples(out: Path) -> list[dict]:
+    shards = sorted(str(p) for p in out.glob("shard-*.tar"))
+    return list(wds.WebDataset(shards, shardshuffle=False).decode("pil")) if shards else []
+
+
+def _manifest(out: Path) -> dict:
+    return {json.loads(line)["cluster_id"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+
+
+def _digest(out: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("shard-*.tar")}
+
+
+def test_end_to_end_lambda_filter_and_rerun(mined, tmp_path):
+    out = tmp_path / "sh"
+    proc = _generate(mined, out, "--max-clusters", "3", "--lambda", "-0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = _manifest(out)
+    assert len(manifest) == 3 and all(r["status"] in ("accepted", "rejected", "failed") for r in manifest.values())
+    samples = _samples(out)
+    kept = sum(len(r.get("kept", [])) for r in manifest.values())
+    assert len(samples) == kept
+    for s in samples:
+        meta = s["json"]
+        assert {"cluster_id", "prompt", "demo_captions", "delta_clip", "expert"} <= set(meta)
+        assert meta["delta_clip"] > -0.05, "no kept sample at or below lambda"
+        assert {"recipe", "steps", "seed"} <= set(meta["expert"])
+        assert "target.jpg" in s and "demo_0.jpg" in s
+        assert sum(k.startswith("demo_") for k in s) == len(meta["demo_keys"])
+    before = _digest(out)
+    again = _generate(mined, out, "--max-clusters", "3", "--lambda", "-0.05")
+    assert again.returncode == 0
+    assert '"ran_now": 0' in again.stdout
+    assert _digest(out) == before
+
+
+def test_killed_worker_is_retried(mined, tmp_path):
+    out = tmp_path / "sh"
+    proc = _generate(mined, out, "--max-clusters", "2", "--lambda", "-1", env={"SUTI_TEST_CRASH_ONCE": str(tmp_path / "crashes")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "crashes").glob("*.crashed"))) == 2, "every cluster's first attempt died"
+    manifest = _manifest(out)
+    assert len(manifest) == 2 and all(r["status"] == "accepted" for r in manifest.values())
+    keys = [s["__key__"] for s in _samples(out)]
+    assert len(keys) == len(set(keys)) == 2 * 2  # 2 clusters x 2 prompts x 1 sample
+
+
+def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, tmp_path):
+    out = tmp_path / "sh"
+    cmd = [sys.executable, "-m", "suti.cli", "generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), *FAST, "--lambda", "-1", "--max-workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (out / "manifest.jsonl").is_file() and (out / "manifest.jsonl").read_text().count("\n") >= 1:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    total = len((mined / "mined" / "clusters.jsonl").read_text().splitlines())
+    assert len(_manifest(out)) < total, "the driver was killed midway"
+    rerun = _generate(mined, out, "--lambda", "-1", "--max-workers", "1")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = _manifest(out)
+    assert len(manifest) == total
+    keys = [s["__key__"] for s in _samples(out)]
+    assert len(keys) == len(set(keys)), "no sample written twice"
+    assert len(keys) == sum(len(r.get("kept", [])) for r in manifest.values()), "no sample lost"
+
+
+def test_malformed_clusters_file_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "clusters.jsonl"
+    bad.write_text('{"cluster_id": "a", "keys": [], "prompts": []}\nnot json\n')
+    assert main(["generate", "--clusters", str(bad), "--crawl", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "clusters.jsonl:2" in capsys.readouterr().err
