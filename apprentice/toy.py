@@ -1,0 +1,72 @@
+"""The ``toy`` apprentice: trained on the synthetic world by the main job's pipeline.
+
+Its demonstration-attention weights ship in ``suti/world/weights/toy_apprentice/`` (the base is
+the ``toy`` preset, frozen during its training). :func:`toy_apprentice_folder` assembles them
+with the toy base into an :class:`~apprentice.pipeline.ApprenticePipeline` folder in the suti
+cache (once), or, if they are missing, runs the main job's stages 1-4 (crawl, mining, expert
+generation on Ray, DeepSpeed training) into the cache, which takes a long time on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "suti" / "world" / "weights" / "toy_apprentice"
+
+
+def toy_apprentice_folder() -> Path:
+    """Folder of the toy apprentice pipeline (built on first use, then cached)."""
+    from suti.models import cache_dir, load_preset, preset_fingerprint
+
+    stamp = preset_fingerprint(load_preset("toy"))
+    folder = cache_dir() / "apprentices" / f"toy-{stamp}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "model_index.json").is_file():
+            return folder
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (WEIGHTS / "config.json").is_file():
+            assemble(WEIGHTS, tmp)
+        else:
+            log.warning("the toy apprentice's weights are not shipped; training it with the main job's pipeline (long on a CPU)")
+            from suti.demo import run_pipeline
+
+            work = cache_dir() / "apprentices" / "toy-build"
+            args = argparse.Namespace(output=str(work), model="toy", subjects=40, noise_pages=0.2, expert_steps=120, apprentice_steps=1500, workers=2, seed=7)
+            app = run_pipeline(args)
+            shutil.copytree(app, tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def assemble(adapter_dir: Path, out: Path) -> Path:
+    """Toy base + shipped adapter -> an ApprenticePipeline folder."""
+    from apprentice.adapter import DemoAttentionAdapter
+    from apprentice.pipeline import ApprenticePipeline
+    from suti.models import load_pipeline
+
+    base = load_pipeline("toy")
+    adapter = DemoAttentionAdapter.from_pretrained(str(adapter_dir))
+    pipe = ApprenticePipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, adapter)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def ship(apprentice_dir: Path, dest: Path = WEIGHTS) -> Path:
+    """Copy a trained (frozen-base) apprentice's adapter into the shipped weights."""
+    from apprentice.adapter import DemoAttentionAdapter
+
+    adapter = DemoAttentionAdapter.from_pretrained(str(Path(apprentice_dir) / "adapter"))
+    shutil.rmtree(dest, ignore_errors=True)
+    adapter.save_pretrained(str(dest), safe_serialization=True)
+    return dest
