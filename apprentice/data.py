@@ -88,8 +88,12 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True) -> wds.DataPipeline:
-    """The training pipeline over ``shards`` (an infinite stream when ``repeat``)."""
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None) -> wds.DataPipeline:
+    """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
+
+    ``min_delta_clip`` keeps only samples whose recorded delta-CLIP exceeds it (the paper's
+    lambda ablation on shards generated with ``suti generate --no-filter``).
+    """
     urls = expand_shards(shards)
     rank, world = _dist()
     split_shards = len(urls) >= world * max(1, num_workers)
@@ -102,10 +106,28 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     stages += [
         wds.shuffle(shuffle_buffer, rng=random.Random(seed + rank)),
         wds.decode("pil", handler=log_and_continue),
-        wds.map(ToExample(resolution, num_demos, seed + rank), handler=log_and_continue),
     ]
+    if min_delta_clip is not None:
+        stages.append(wds.select(lambda s: float(s["json"].get("delta_clip", float("-inf"))) > min_delta_clip))
+    stages.append(wds.map(ToExample(resolution, num_demos, seed + rank), handler=log_and_continue))
     pipeline = wds.DataPipeline(*stages)
-    return pipeline.repeat() if repeat else pipeline
+    return _Epochs(pipeline) if repeat else pipeline
+
+
+class _Epochs(torch.utils.data.IterableDataset):
+    """Repeat a pipeline forever; an epoch that yields nothing is an error, not a hang."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __iter__(self):
+        while True:
+            count = 0
+            for sample in self.pipeline:
+                count += 1
+                yield sample
+            if count == 0:
+                raise InputError("the shards yield no usable training sample (all bad, or all filtered out by --min-delta-clip)")
 
 
 def _split_samples(rank: int, world: int):
