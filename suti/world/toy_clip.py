@@ -7,10 +7,11 @@ on 32x32 images and a causal text transformer over the standard CLIP BPE tokens
 vocabulary). Any image size is accepted: images are centre-cropped to a square and resized to
 32 px with LANCZOS (the world itself renders 32 px scenes by LANCZOS-downsampling 4x sprites).
 
-It is pretrained contrastively (symmetric InfoNCE, learnable temperature) on scenes streamed
-from the *train* subjects of the training world (:data:`TRAIN_WORLD_SUBJECTS` subjects, seed
-:data:`TRAIN_WORLD_SEED`), half of them edited (colour change, accessory, style), with several
-caption forms per scene:
+It is pretrained contrastively (symmetric InfoNCE, learnable temperature) on scenes of the
+*train* subjects of the training world (:data:`TRAIN_WORLD_SUBJECTS` subjects, seed
+:data:`TRAIN_WORLD_SEED`), half of them edited (colour change, accessory, style), rendered into
+a :class:`SceneBuffer` (each step renders 64 fresh scenes and reuses stored ones, with flips),
+each drawn with a fresh caption of one of several forms:
 
 * ``full``: the world's DreamBench caption (``"a sketch of a red striped robot in the snow"``),
 * ``class``: class noun only (``"a robot wearing a hat on the beach"``) as DreamBench prompts
@@ -238,38 +239,108 @@ def positives(truth_codes, caption_codes):
     return ((c == -1) | (t == -2) | (c == t)).all(-1)
 
 
-def training_world():
-    """The world the toy models are trained on (only its train split is used)."""
+def training_world(num_subjects: int = TRAIN_WORLD_SUBJECTS):
+    """The world the toy models are trained on (only its train split is used).
+
+    Worlds of one seed extend each other with the same splits, so a bigger training world
+    (the probe uses 6144 subjects) keeps every held-out subject of the smaller ones unseen.
+    """
     from suti.world.spec import make_world
 
-    return make_world(TRAIN_WORLD_SUBJECTS, seed=TRAIN_WORLD_SEED)
+    return make_world(num_subjects, seed=TRAIN_WORLD_SEED)
 
 
-def clip_batch(subjects, rng: np.random.Generator, batch_size: int, *, edit_prob: float = 0.5,
-               p64: float = 0.25, forms: dict[str, float] | None = None):
-    """A contrastive batch: ``(images (B,3,32,32), captions, truth codes, caption codes)``.
+class SceneBuffer:
+    """Rendered training scenes kept for reuse, so training is not bound by rendering.
 
-    A fraction ``p64`` of the scenes is rendered at 64 px and resized (as real inputs may be).
+    Holds up to ``per_subject`` 32 px scenes (uint8) for each subject in a ring; :meth:`add`
+    renders fresh scenes of random subjects (half of them edited, a fraction ``p64`` rendered at
+    64 px and resized, as real inputs may be) and :meth:`sample` draws batches with random
+    horizontal flips (a flip is a valid pose of every subject). Both the toy CLIP and the probe
+    train from one: each step renders a few fresh scenes and samples a batch.
     """
-    from suti.world.render import sample_scene
 
+    def __init__(self, subjects, seed: int, *, per_subject: int = 48, edit_prob: float = 0.5,
+                 p64: float = 0.25):
+        self.subjects = list(subjects)
+        self.rng = np.random.default_rng([seed, 303])
+        self.per_subject = per_subject
+        self.edit_prob = edit_prob
+        self.p64 = p64
+        n = len(self.subjects)
+        self.images = np.zeros((n, per_subject, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        self.meta: list[list] = [[None] * per_subject for _ in range(n)]
+        self.count = np.zeros(n, int)
+        self.rendered = 0
+
+    def render_one(self, k: int) -> None:
+        """Render a fresh scene of subject ``k`` into its ring."""
+        from suti.world.render import sample_scene
+
+        size = 64 if self.rng.random() < self.p64 else IMAGE_SIZE
+        img, _, meta = sample_scene(self.subjects[k], self.rng, size=size,
+                                    edit_prob=self.edit_prob)
+        slot = self.count[k] % self.per_subject
+        self.images[k, slot] = np.asarray(resize_to(img))
+        self.meta[k][slot] = meta
+        self.count[k] += 1
+        self.rendered += 1
+
+    def add(self, n: int) -> None:
+        """Render ``n`` fresh scenes of random subjects."""
+        for k in self.rng.integers(len(self.subjects), size=n):
+            self.render_one(int(k))
+
+    def fill(self, per_subject: int) -> None:
+        """Render until every subject has at least ``per_subject`` scenes."""
+        for k in range(len(self.subjects)):
+            while self.count[k] < per_subject:
+                self.render_one(k)
+
+    def sample(self, n_subjects: int, views: int = 1):
+        """``views`` distinct stored scenes of each of ``n_subjects`` distinct subjects.
+
+        Returns ``(images (n_subjects * views, 3, 32, 32) float in [-1, 1], subject indices,
+        metas)``, ordered view-major (all first views, then all second views...).
+        """
+        import torch
+
+        ready = np.flatnonzero(self.count >= views)
+        chosen = self.rng.choice(ready, size=min(n_subjects, len(ready)), replace=False)
+        arrays, ks, metas = [], [], []
+        slots = [self.rng.choice(min(self.count[k], self.per_subject), size=views,
+                                 replace=False) for k in chosen]
+        for v in range(views):
+            for k, sl in zip(chosen, slots):
+                arr = self.images[k, sl[v]]
+                arrays.append(arr[:, ::-1] if self.rng.random() < 0.5 else arr)
+                ks.append(int(k))
+                metas.append(self.meta[k][sl[v]])
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays), np.float32))
+        x = x.permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
+        return x.contiguous(memory_format=torch.channels_last), ks, metas
+
+
+def clip_batch(buffer: SceneBuffer, batch_size: int, forms: dict[str, float] | None = None):
+    """A contrastive batch from ``buffer`` (one scene each of ``batch_size`` subjects, each with
+    a fresh random caption form): ``(images (B,3,32,32), captions, truth codes (B, F),
+    caption codes (B, F))`` for :func:`positives`."""
     forms = forms or CAPTION_FORMS
     names, probs = list(forms), np.array(list(forms.values()), float)
     probs /= probs.sum()
-    images, texts, tcodes, ccodes = [], [], [], []
-    for _ in range(batch_size):
-        subject = subjects[int(rng.integers(len(subjects)))]
-        size = 64 if rng.random() < p64 else IMAGE_SIZE
-        img, _, meta = sample_scene(subject, rng, size=size, edit_prob=edit_prob)
-        text, stated = scene_caption(subject, meta, names[int(rng.choice(len(names), p=probs))])
+    x, ks, metas = buffer.sample(batch_size, 1)
+    texts, tcodes, ccodes = [], [], []
+    for k, meta in zip(ks, metas):
+        subject = buffer.subjects[k]
+        form = names[int(buffer.rng.choice(len(names), p=probs))]
+        text, stated = scene_caption(subject, meta, form)
         truth = _codes(scene_truth(subject, meta))
         if meta["style"] == "sketch":
             truth[FIELDS.index("color")] = truth[FIELDS.index("pattern_color")] = -2
-        images.append(img)
         texts.append(text)
         tcodes.append(truth)
         ccodes.append(_codes(stated))
-    return images_to_tensor(images), texts, np.array(tcodes), np.array(ccodes)
+    return x, texts, np.array(tcodes), np.array(ccodes)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -307,23 +378,26 @@ def _lr_factor(progress: float, warmup: float = 0.05) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
-def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
-                  steps: int = 100_000, batch_size: int = 256, lr: float = 1e-3,
+def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
+                  steps: int = 500, batch_size: int = 256, fresh: int = 64, lr: float = 1e-3,
                   config: dict | None = None, progress: bool = True) -> dict:
     """Pretrain the toy CLIP on the training world; write ``toy_clip.safetensors`` + ``.json``.
 
     Training stops after ``steps`` steps or ``minutes`` of wall time, whichever comes first;
-    the learning rate follows warm-up + cosine over that budget. Weights are saved in fp16.
+    the learning rate follows warm-up + cosine over that budget. Weights are saved in fp16
+    (:func:`pack_state`). The defaults are those of the shipped weights (500 steps took 10 min
+    on one shared CPU core).
 
     Args:
         out_dir: folder for ``toy_clip.safetensors`` and ``toy_clip.json`` (created).
         seed: seeds the initialisation and the scene stream.
         minutes: wall-time budget.
         steps: step budget.
-        batch_size: scenes (and captions) per contrastive batch.
+        batch_size: scenes (and captions) per contrastive batch, of distinct subjects.
+        fresh: scenes rendered into the :class:`SceneBuffer` per step (the rest is reuse).
         lr: peak AdamW learning rate.
         config: open_clip model config (default :data:`DEFAULT_CONFIG`).
-        progress: log the loss and an image->text retrieval check along the way.
+        progress: log the loss every 50 steps and the final held-out retrieval.
 
     Returns:
         The metadata written to ``toy_clip.json`` (config, steps, time, held-out retrieval).
@@ -345,9 +419,12 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    rng = np.random.default_rng([seed, 101])
+    model = model.to(memory_format=torch.channels_last)
     budget = minutes * 60.0
     start = time.time()
+    buffer = SceneBuffer(train, seed)
+    buffer.fill(2)
+    seen = torch.zeros(cfg["text_cfg"]["vocab_size"], dtype=torch.bool)  # token ids trained
     step, losses = 0, []
     while step < steps:
         frac = max(step / steps, (time.time() - start) / budget)
@@ -355,9 +432,12 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
             break
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(frac)
-        x, texts, tcodes, ccodes = clip_batch(train, rng, batch_size)
+        buffer.add(fresh)
+        x, texts, tcodes, ccodes = clip_batch(buffer, batch_size)
         pos = torch.from_numpy(positives(tcodes, ccodes)).float()  # (B images, B captions)
-        img, txt, scale = model(x, tokenizer(texts))  # (B, D), (B, D), ()
+        tokens = tokenizer(texts)  # (B, 32)
+        seen[tokens.unique()] = True
+        img, txt, scale = model(x, tokens)  # (B, D), (B, D), ()
         logits = scale * img @ txt.T
         loss_i = -(F.log_softmax(logits, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
         loss_t = -(F.log_softmax(logits, 0) * pos / pos.sum(0, keepdim=True)).sum(0).mean()
@@ -367,11 +447,11 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if progress and step % 50 == 0:
             log.info("toy clip step %d  %.0fs  loss %.3f  temp %.1f", step, time.time() - start,
-                     float(np.mean(losses[-50:])), float(model.logit_scale.exp()))
+                     float(np.mean(losses[-50:])), float(model.logit_scale.detach().exp()))
     elapsed = time.time() - start
     model.eval()
     metrics = {"heldout_retrieval_64": retrieval_accuracy(model, heldout, 64, tokenizer=tokenizer),
@@ -379,10 +459,7 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
     if progress:
         log.info("toy clip done: %d steps in %.0fs; held-out retrieval %s", step, elapsed,
                  metrics["heldout_retrieval_64"])
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-             if v.is_floating_point()}
-    state.update({k: v.contiguous() for k, v in model.state_dict().items()
-                  if not v.is_floating_point()})
+    state = pack_state(model, torch.nonzero(seen).flatten())
     save_file(state, str(out / "toy_clip.safetensors"))
     meta = {
         "model_name": MODEL_NAME, "model_cfg": cfg, "image_size": IMAGE_SIZE,
@@ -390,12 +467,14 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
         "tokenizer": {"kind": "open_clip.SimpleTokenizer",
                       "context_length": cfg["text_cfg"]["context_length"]},
         "training": {"seed": seed, "steps": step, "batch_size": batch_size, "lr": lr,
+                     "scenes_rendered": buffer.rendered,
                      "seconds": round(elapsed, 1), "final_loss": float(np.mean(losses[-50:])),
                      "world": {"num_subjects": TRAIN_WORLD_SUBJECTS, "seed": TRAIN_WORLD_SEED,
                                "split": "train"},
                      "caption_forms": CAPTION_FORMS, "edit_prob": 0.5,
                      "torch_threads": torch.get_num_threads()},
         "parameters": sum(p.numel() for p in model.parameters()),
+        "token_embedding": {"rows_stored": int(seen.sum()), "other_rows": "zero (never trained)"},
         "metrics": metrics,
     }
     (out / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -404,14 +483,50 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 6.0,
 
 # --------------------------------------------------------------------------- loading
 
+_EMB = "token_embedding.weight"
+
+
+def pack_state(model, token_ids) -> dict:
+    """The model's state dict for saving: fp16 floats, and of the 49408 x width token
+    embedding only the rows of ``token_ids`` (the tokens seen in training), as
+    ``token_embedding.rows`` + ``token_embedding.ids``; the others never received a gradient
+    and are restored as zeros (an unknown word). Keeps the file at a few MB."""
+    import torch
+
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == _EMB:
+            ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+            state["token_embedding.ids"] = ids.contiguous()
+            state["token_embedding.rows"] = v[ids].to(torch.float16).contiguous()
+        elif k == "attn_mask":
+            continue  # a constant buffer, rebuilt by the constructor
+        else:
+            state[k] = (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+    return state
+
+
+def unpack_state(state: dict, model) -> dict:
+    """Inverse of :func:`pack_state` for ``model``: float32 state dict with the full token
+    embedding (rows never trained are zero)."""
+    import torch
+
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if "token_embedding.ids" in state:
+        ids, rows = state.pop("token_embedding.ids"), state.pop("token_embedding.rows")
+        table = torch.zeros_like(model.token_embedding.weight)
+        table[ids] = rows
+        state[_EMB] = table
+    return state
+
+
 
 def _load_from(folder: Path):
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "toy_clip.json").read_text())
     model = build_toy_clip(meta["model_cfg"])
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in load_file(str(folder / "toy_clip.safetensors")).items()}
+    state = unpack_state(load_file(str(folder / "toy_clip.safetensors")), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if [k for k in missing if k != "attn_mask"] or unexpected:
         raise ModelLoadError(f"{folder}/toy_clip.safetensors does not match toy_clip.json "
@@ -472,8 +587,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="pretrain the toy CLIP of the synthetic world")
     parser.add_argument("out_dir")
-    parser.add_argument("--minutes", type=float, default=6.0)
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
