@@ -1,4 +1,5 @@
-"""``suti world ...``: make a synthetic world + crawl, show it, export a subject's photos."""
+"""``suti world ...``: make a synthetic world + crawl, show it, export a subject's photos,
+pretrain the world models (toy text-to-image, small CLIP, probe)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,43 @@ def cmd_export_subject(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(func, out_dir: Path, args: argparse.Namespace):
+    """Call a ``pretrain_*(out_dir, ...)`` with the options its signature accepts."""
+    import inspect
+
+    params = inspect.signature(func).parameters
+    kwargs = {k: getattr(args, k) for k in ("seed", "minutes")
+              if k in params and getattr(args, k) is not None}
+    return func(out_dir, **kwargs)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """``suti world pretrain``: pretrain world models into OUTPUT/{t2i,clip,probe}."""
+    import importlib
+
+    jobs = {"t2i": [("suti.world.toy_t2i", "pretrain_t2i")],
+            "clip": [("suti.world.toy_clip", "pretrain_clip")],
+            "all": [("suti.world.toy_t2i", "pretrain_t2i"), ("suti.world.toy_clip", "pretrain_clip"),
+                    ("suti.world.probe", "pretrain_probe")]}[args.what]
+    out = Path(args.output)
+    done = 0
+    for module, name in jobs:
+        try:
+            func = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as exc:  # a model whose module is not written yet
+            if exc.name != module:
+                raise
+            print(f"skipping {name}: {module} is not available")
+            continue
+        target = out / name.removeprefix("pretrain_")
+        _call(func, target, args)
+        print(f"{name}: wrote {target}")
+        done += 1
+    if not done:
+        raise InputError(f"nothing to pretrain for --what {args.what}")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add the ``world`` command group to the top-level ``suti`` subparsers."""
     world = subparsers.add_parser("world", help="the synthetic subject world (offline default)",
@@ -100,3 +138,14 @@ def register(subparsers) -> None:
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--size", type=int, default=64)
     export.set_defaults(func=cmd_export_subject)
+
+    pretrain = sub.add_parser("pretrain", help="pretrain the world models (toy t2i, CLIP, probe)")
+    pretrain.add_argument("--output", required=True,
+                          help="folder; models go to OUTPUT/t2i (a diffusers pipeline), "
+                               "OUTPUT/clip, OUTPUT/probe")
+    pretrain.add_argument("--what", choices=("t2i", "clip", "all"), default="t2i",
+                          help="which models (t2i)")
+    pretrain.add_argument("--minutes", type=float, default=None,
+                          help="time budget per model (default: each model's own, ~25 for t2i)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(func=cmd_pretrain)
