@@ -11,7 +11,8 @@ Prints, for the shipped (or cache-trained) toy CLIP and attribute probe:
    identity accuracy on unedited renders of the right subject vs another subject of the class;
 4. identity-embedding subject retrieval: leave-one-out nearest neighbour among 4 renders each
    of 64 held-out subjects vs chance, for the probe's identity embedding, its raw identity
-   features, its head probabilities and the toy CLIP image embedding.
+   features, its head probabilities and the toy CLIP image embedding; then the harder version
+   over all 270 held-out subjects with half of the renders edited (accessory or style).
 
 Run: ``python benchmarks/world_clip_probe.py [--repeats 4]`` (about a minute on one core).
 """
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the benchmark (see the module docstring); returns 0."""
     import torch
 
-    from suti.world.probe import evaluate_probe, load_probe, nn_retrieval
+    from suti.world.probe import IDENTITY_HEADS, evaluate_probe, load_probe, nn_retrieval
     from suti.world.render import sample_scene
     from suti.world.toy_clip import encode_images, load_toy_clip, retrieval_accuracy, \
         training_world
@@ -140,6 +141,23 @@ def main(argv: list[str] | None = None) -> int:
         clip_acc.append(nn_retrieval(encode_images(model, images), owner))
     print(f"   {'toy CLIP image embedding':36s} {np.mean(clip_acc):.3f}")
     print(f"   chance {metrics[0]['retrieval']['chance']:.4f}")
+
+    print(f"\n   harder: all {len(held)} held-out subjects x 4 renders, half of them edited "
+          f"(accessory or style)")
+    rng = np.random.default_rng(12)
+    images = [sample_scene(s, rng, size=32, edit_prob=0.5, edit_kinds=("accessory", "style"))[0]
+              for s in held for _ in range(4)]
+    owner = torch.arange(len(held)).repeat_interleave(4)
+    out = probe._forward(images)
+    probs = torch.cat([torch.softmax(out[h], 1) for h in IDENTITY_HEADS], 1)
+    embs = {"probe identity embedding (used)": out["embedding"],
+            "probe identity-branch features": out["identity"],
+            "probe identity-head probabilities": probs,
+            "toy CLIP image embedding": encode_images(model, images)}
+    for label, emb in embs.items():
+        acc = nn_retrieval(torch.nn.functional.normalize(emb.float(), dim=1), owner)
+        print(f"   {label:36s} {acc:.3f}")
+    print(f"   chance {3 / (len(images) - 1):.4f}")
     print(f"\n({time.time() - t0:.0f} s)")
     return 0
 
