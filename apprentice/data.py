@@ -54,11 +54,21 @@ def _dist() -> tuple[int, int]:
 
 
 class ToExample:
-    """Decoded webdataset sample -> training example with a random subset of demonstrations."""
+    """Decoded webdataset sample -> training example with a random subset of demonstrations.
 
-    def __init__(self, resolution: int, num_demos: int, seed: int):
+    With probability ``self_target`` the target is not the expert's sample but one of the
+    cluster's own photos (prompt: its alt text), and the demonstrations are drawn from the
+    other photos: a reconstruction example that teaches the demonstration layers to copy the
+    subject (as in-context subject models are commonly pretrained); 0 keeps SuTI's pure
+    expert-target training.
+    """
+
+    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0):
+        if not 0.0 <= self_target <= 1.0:
+            raise ValueError(f"self_target must be in [0, 1], got {self_target}")
         self.resolution = resolution
         self.num_demos = num_demos
+        self.self_target = self_target
         self.rng = random.Random(seed)
 
     def __call__(self, sample: dict) -> dict:
@@ -66,13 +76,23 @@ class ToExample:
         demo_fields = sorted((k for k in sample if k.startswith("demo_") and k.endswith(".jpg")), key=lambda k: int(k[5:-4]))
         if not demo_fields:
             raise ValueError(f"sample {sample.get('__key__')} has no demonstrations")
-        picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
         captions = meta.get("demo_captions") or [""] * len(demo_fields)
+
+        def caption(field: str) -> str:
+            i = int(field[5:-4])
+            return captions[i] if i < len(captions) else ""
+
+        target, prompt = sample["target.jpg"], meta["prompt"]
+        if len(demo_fields) >= 2 and self.rng.random() < self.self_target:
+            held = self.rng.choice(demo_fields)
+            demo_fields = [f for f in demo_fields if f != held]
+            target, prompt = sample[held], caption(held)
+        picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
         return {
-            "target": to_tensor(fit_square(sample["target.jpg"], self.resolution)),  # (3, R, R)
+            "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)
             "demos": torch.stack([to_tensor(fit_square(sample[f], self.resolution)) for f in picks]),  # (n, 3, R, R)
-            "prompt": meta["prompt"],
-            "demo_captions": [captions[int(f[5:-4])] if int(f[5:-4]) < len(captions) else "" for f in picks],
+            "prompt": prompt,
+            "demo_captions": [caption(f) for f in picks],
             "key": sample["__key__"],
         }
 
@@ -88,11 +108,12 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None) -> wds.DataPipeline:
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0) -> wds.DataPipeline:
     """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
 
     ``min_delta_clip`` keeps only samples whose recorded delta-CLIP exceeds it (the paper's
-    lambda ablation on shards generated with ``suti generate --no-filter``).
+    lambda ablation on shards generated with ``suti generate --no-filter``); ``self_target``: see
+    :class:`ToExample`.
     """
     urls = expand_shards(shards)
     rank, world = _dist()
@@ -109,7 +130,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     ]
     if min_delta_clip is not None:
         stages.append(wds.select(lambda s: float(s["json"].get("delta_clip", float("-inf"))) > min_delta_clip))
-    stages.append(wds.map(ToExample(resolution, num_demos, seed + rank), handler=log_and_continue))
+    stages.append(wds.map(ToExample(resolution, num_demos, seed + rank, self_target), handler=log_and_continue))
     pipeline = wds.DataPipeline(*stages)
     return _Epochs(pipeline) if repeat else pipeline
 

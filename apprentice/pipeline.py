@@ -93,7 +93,8 @@ class ApprenticePipeline(DiffusionPipeline):
             demo_images: 1-8 demonstration images (``None``: the base model alone).
             demo_captions: one caption per demonstration (optional).
             guidance_scale: text guidance scale ``s_text``.
-            demo_guidance_scale: demonstration guidance scale ``s_demo``.
+            demo_guidance_scale: demonstration guidance scale ``s_demo``; 1 skips the
+                no-demonstration branch (two U-Net branches per step, as the base model).
             demo_context: a context from :meth:`encode_demonstrations` to reuse across calls.
         """
         device = self.unet.device
@@ -102,27 +103,30 @@ class ApprenticePipeline(DiffusionPipeline):
             ctx = self.encode_demonstrations(demo_images, demo_captions)
         text = self.encode_text([prompt]).expand(num_images, -1, -1)
         null = self.encode_text([""]).expand(num_images, -1, -1)
+        # branches of classifier-free guidance, batched in one U-Net call per step:
+        # demos: (no demos, no text), (demos, no text), (demos, text); with demo_guidance_scale
+        # 1 the first drops out (eps = e_demo + s_text (e_full - e_demo)): 2 branches, as the base.
+        three = ctx is not None and demo_guidance_scale != 1.0
         if ctx is not None:
-            # three branches: (no demos, no text), (demos, no text), (demos, text)
-            emb = torch.cat([null, null, text])
-            batch_ctx = ctx.repeat(3 * num_images)
-            batch_ctx.mask = torch.cat([torch.zeros(num_images), torch.ones(2 * num_images)]).to(device)
+            emb = torch.cat([null, null, text] if three else [null, text])
+            branches = 3 if three else 2
+            batch_ctx = ctx.repeat(branches * num_images)
+            mask = [torch.zeros(num_images)] if three else []
+            batch_ctx.mask = torch.cat(mask + [torch.ones(2 * num_images)]).to(device)
         else:
             emb = torch.cat([null, text])
-            batch_ctx = None
+            batch_ctx, branches = None, 2
         size = self.unet.config.sample_size
         latents = torch.randn((num_images, self.unet.config.in_channels, size, size), generator=generator).to(device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):  # latents: (N, C, h, w)
-            branches = 3 if batch_ctx is not None else 2
             model_in = self.scheduler.scale_model_input(torch.cat([latents] * branches), t)
-            kwargs = {"demo": batch_ctx} if batch_ctx is not None else {"demo": None}
-            eps = self.unet(model_in, t, emb, cross_attention_kwargs=kwargs).sample
-            if batch_ctx is not None:
+            eps = self.unet(model_in, t, emb, cross_attention_kwargs={"demo": batch_ctx}).sample
+            if three:
                 e_none, e_demo, e_full = eps.chunk(3)
                 eps = e_none + demo_guidance_scale * (e_demo - e_none) + guidance_scale * (e_full - e_demo)
-            else:
+            else:  # (demos or nothing, no text), (demos or nothing, text)
                 e_none, e_text = eps.chunk(2)
                 eps = e_none + guidance_scale * (e_text - e_none)
             latents = self.scheduler.step(eps, t, latents).prev_sample

@@ -14,8 +14,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from filelock import FileLock
-
 log = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "suti" / "world" / "weights" / "toy_apprentice"
@@ -23,30 +21,37 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "suti" / "world" / "weights" / "
 
 def toy_apprentice_folder() -> Path:
     """Folder of the toy apprentice pipeline (built on first use, then cached)."""
-    from suti.models import cache_dir, load_preset, preset_fingerprint
+    from suti.models import cache_dir, cached_build, load_preset, preset_fingerprint
 
     stamp = preset_fingerprint(load_preset("toy"))
-    folder = cache_dir() / "apprentices" / f"toy-{stamp}"
-    if (folder / "model_index.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if (folder / "model_index.json").is_file():
-            return folder
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+    adapter_stamp = _adapter_stamp()
+    folder = cache_dir() / "apprentices" / f"toy-{stamp}-{adapter_stamp}"
+
+    def build(tmp: Path) -> None:
         if (WEIGHTS / "config.json").is_file():
             assemble(WEIGHTS, tmp)
-        else:
-            log.warning("the toy apprentice's weights are not shipped; training it with the main job's pipeline (long on a CPU)")
-            from suti.demo import run_pipeline
+            return
+        log.warning("the toy apprentice's weights are not shipped; training it with the main job's pipeline (long on a CPU)")
+        from suti.demo import run_pipeline
 
-            work = cache_dir() / "apprentices" / "toy-build"
-            args = argparse.Namespace(output=str(work), model="toy", subjects=40, noise_pages=0.2, expert_steps=120, apprentice_steps=1500, workers=2, seed=7)
-            app = run_pipeline(args)
-            shutil.copytree(app, tmp)
-        tmp.rename(folder)
-    return folder
+        work = cache_dir() / "apprentices" / "toy-build"
+        args = argparse.Namespace(output=str(work), model="toy", subjects=40, noise_pages=0.2, expert_steps=120, apprentice_steps=1500, self_target=0.5, workers=2, seed=7)
+        app = run_pipeline(args)
+        shutil.rmtree(tmp)
+        shutil.copytree(app, tmp)
+
+    return cached_build(folder, build)
+
+
+def _adapter_stamp() -> str:
+    """Short hash of the shipped adapter weights ("none" when not shipped), so new shipped
+    weights get a new cache folder."""
+    weights = WEIGHTS / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return "none"
+    import hashlib
+
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
 
 
 def assemble(adapter_dir: Path, out: Path) -> Path:

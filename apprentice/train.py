@@ -56,6 +56,7 @@ class ApprenticeTrainConfig:
     seed: int = 0
     resolution: int | None = None
     min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
+    self_target: float = 0.0  # share of examples whose target is a held-out cluster photo (0: SuTI)
     extra: dict = field(default_factory=dict)
 
 
@@ -175,7 +176,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         ema.load(ckpt_dir / f"ema-step-{step}.safetensors")
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
-    data = iter(torch.utils.data.DataLoader(make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=config.seed + 1000 * step, min_delta_clip=config.min_delta_clip), batch_size=config.batch_size, collate_fn=collate, num_workers=0))
+    data = iter(torch.utils.data.DataLoader(make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=config.seed + 1000 * step, min_delta_clip=config.min_delta_clip, self_target=config.self_target), batch_size=config.batch_size, collate_fn=collate, num_workers=0))
     writer = _writer(output / "logs") if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
     null_emb = _encode(base, [""], device)
@@ -300,6 +301,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
+    p.add_argument("--self-target", type=float, default=0.0, help="share of examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
     p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -311,7 +313,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
-        min_delta_clip=args.min_delta_clip,
+        min_delta_clip=args.min_delta_clip, self_target=args.self_target,
     )
 
 

@@ -50,12 +50,13 @@ def class_images_folder(model: str, prompt: str, num: int, resolution: int, seed
     return cache_dir() / "class_images" / digest
 
 
-def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5) -> list[Path]:
+def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5, progress_callback=None) -> list[Path]:
     """Generate (or reuse) ``num`` images of ``prompt`` with the frozen base ``pipe``.
 
     Images are written one by one (``class_000.png`` ...) under a folder keyed by model, prompt,
     count, resolution, seed and sampler steps, so an interrupted run resumes and a second run with
-    the same key generates nothing.
+    the same key generates nothing. ``progress_callback("class_images", done, total, {})`` is
+    called after each image (see :func:`experts.train.train_expert`).
     """
     folder = class_images_folder(model, prompt, num, resolution, seed, steps)
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,12 +65,14 @@ def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
         log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
-    for i in tqdm(missing, desc="class images", unit="img", disable=not missing):
+    for k, i in enumerate(tqdm(missing, desc="class images", unit="img", disable=not missing)):
         generator = torch.Generator(device="cpu").manual_seed(seed * 100003 + i)
         image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
         tmp = paths[i].with_suffix(".tmp.png")
         image.save(tmp)
         tmp.rename(paths[i])  # atomic: a crash leaves no half-written image
+        if progress_callback is not None:
+            progress_callback("class_images", k + 1, len(missing), {})
     return paths
 
 

@@ -77,7 +77,7 @@ def make_optimizer(params: list[torch.nn.Parameter], config: ExpertConfig):
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.adam_weight_decay)
 
 
-def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> ExpertInfo:
+def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None) -> ExpertInfo:
     """Train one DreamBooth expert into ``output`` and return its :class:`ExpertInfo`.
 
     Args:
@@ -86,6 +86,10 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         resume: ``"latest"`` or a checkpoint folder to continue from.
         overwrite: replace a non-empty ``output``.
         progress: show a progress bar with the loss.
+        progress_callback: ``f(phase, done, total, metrics)``, called after every class image
+            (phase ``"class_images"``) and every training step (``"training"``, metrics
+            ``loss``, ``instance_loss``, ``prior_loss``); an exception it raises stops the run
+            (a serving job uses this to stop a cancelled job).
 
     Raises:
         InputError: a bad instance image (named), a non-empty output, inconsistent settings.
@@ -121,7 +125,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
 
     class_pixels = None
     if config.prior_preservation:
-        paths = ensure_class_images(pipe, config.model, class_prompt, config.num_class_images, resolution, config.seed, config.class_sample_steps, config.guidance_scale)
+        paths = ensure_class_images(pipe, config.model, class_prompt, config.num_class_images, resolution, config.seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback)
         class_pixels = load_class_images(paths, resolution)
 
     output.mkdir(parents=True, exist_ok=True)
@@ -209,6 +213,8 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", inst=f"{loss_inst.item():.4f}", prior=f"{loss_prior.item():.4f}")
+        if progress_callback is not None:
+            progress_callback("training", step, config.steps, {"loss": loss.item(), "instance_loss": loss_inst.item(), "prior_loss": loss_prior.item()})
         if writer:
             writer.add_scalar("loss/total", loss.item(), step)
             writer.add_scalar("loss/instance", loss_inst.item(), step)

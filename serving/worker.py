@@ -5,9 +5,7 @@ publishes it as ``DATA_DIR/experts/<id>`` in the same transaction that marks the
 Progress goes into the job row (fenced by the run token): when the write fails because the job
 was cancelled or handed to another worker, the worker stops at once.
 
-``experts.train.train_expert`` reports progress only through a tqdm bar, so the worker swaps
-the ``tqdm`` names of :mod:`experts.train` and :mod:`experts.data` for :class:`ProgressReporter`
-(same calls: ``update``, ``set_postfix``, iteration, ``close``) in its own process.
+Progress comes from ``train_expert``'s ``progress_callback`` (:class:`ProgressReporter`).
 """
 
 from __future__ import annotations
@@ -32,75 +30,41 @@ class JobAborted(Exception):
 
 
 class ProgressReporter:
-    """A tqdm stand-in that writes the job's progress into its row (at most every ``interval`` s).
+    """``progress_callback`` of ``train_expert`` that writes the job's progress into its row (at
+    most every ``interval`` s, and always at the end of a phase).
 
-    Bars are mapped to phases: ``class images`` (prior-preservation images) fill
-    ``[0, class_share)`` and the training bar fills ``[class_share, 0.98]``.
+    Phases map to fractions: ``class_images`` (prior-preservation images) fill
+    ``[0, class_share)`` and ``training`` fills ``[class_share, 0.98]``. Raises
+    :class:`JobAborted` when the row no longer belongs to this run (cancelled or re-assigned),
+    which stops training at once.
     """
 
-    store: JobStore | None = None
-    job_id = ""
-    token = ""
-    class_share = 0.0
-    interval = 0.5
-
-    def __init__(self, iterable=None, total=None, initial=0, desc=None, unit=None, disable=False, **_):
-        self.iterable = iterable
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n = initial
-        self.desc = desc or ""
-        self.postfix = {}
+    def __init__(self, store: JobStore, job_id: str, token: str, class_share: float = 0.0, interval: float = 0.5):
+        self.store, self.job_id, self.token = store, job_id, token
+        self.class_share, self.interval = class_share, interval
         self._last = 0.0
         self._logged = -1
-        self._report(force=True)
 
-    @classmethod
-    def bind(cls, store: JobStore, job_id: str, token: str, class_share: float) -> None:
-        cls.store, cls.job_id, cls.token, cls.class_share = store, job_id, token, class_share
+    def send(self, progress: float, phase: str) -> None:
+        """Write ``progress`` and ``phase`` now."""
+        if not self.store.report(self.job_id, self.token, progress, phase):
+            raise JobAborted(f"job {self.job_id} was cancelled or re-assigned")
 
-    @classmethod
-    def send(cls, progress: float, phase: str) -> None:
-        if cls.store is not None and not cls.store.report(cls.job_id, cls.token, progress, phase):
-            raise JobAborted(f"job {cls.job_id} was cancelled or re-assigned")
-
-    def _fraction(self) -> tuple[float, str]:
-        done = (self.n / self.total) if self.total else 0.0
-        if self.desc.startswith("class"):
-            return self.class_share * done, "class_images"
-        return self.class_share + (0.98 - self.class_share) * done, "training"
-
-    def _report(self, force: bool = False) -> None:
+    def __call__(self, phase: str, done: int, total: int, metrics: dict) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.interval and not (self.total and self.n >= self.total):
+        if now - self._last < self.interval and done < total:
             return
         self._last = now
-        progress, phase = self._fraction()
+        frac = done / total if total else 0.0
+        if phase == "class_images":
+            progress = self.class_share * frac
+        else:
+            progress = self.class_share + (0.98 - self.class_share) * frac
         self.send(progress, phase)
         decile = int(progress * 10)
         if decile != self._logged:
             self._logged = decile
-            log.info("%s %s/%s %s", phase, self.n, self.total, " ".join(f"{k}={v}" for k, v in self.postfix.items()))
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self._report()
-
-    def set_postfix(self, **kwargs) -> None:
-        self.postfix = kwargs
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+            log.info("%s %s/%s %s", phase, done, total, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
@@ -136,23 +100,19 @@ def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: in
 
         if threads:
             torch.set_num_threads(threads)
-        ProgressReporter.bind(store, job_id, token, 0.0)
-        ProgressReporter.send(0.0, "loading")
-        from experts import data as experts_data
+        ProgressReporter(store, job_id, token).send(0.0, "loading")
         from experts import train as experts_train
         from experts.recipe import resolve_config
 
-        experts_train.tqdm = ProgressReporter
-        experts_data.tqdm = ProgressReporter
         overrides = dict(model=job["model"], instance_dir=str(uploads), class_noun=job["class_noun"], steps=job["steps"], seed=job["seed"])
         config = resolve_config(job["recipe"], overrides)
-        ProgressReporter.bind(store, job_id, token, 0.2 if config.prior_preservation else 0.0)
+        reporter = ProgressReporter(store, job_id, token, 0.2 if config.prior_preservation else 0.0)
         if partial.exists():
             shutil.rmtree(partial)
         partial.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        experts_train.train_expert(config, partial, overwrite=True, progress=True)
-        ProgressReporter.send(0.99, "saving")
+        experts_train.train_expert(config, partial, overwrite=True, progress=False, progress_callback=reporter)
+        reporter.send(0.99, "saving")
         with store.finishing(job_id, token) as db:
             if db is None:
                 raise JobAborted(f"job {job_id} was cancelled or re-assigned")
@@ -176,7 +136,6 @@ def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: in
         store.finish(job_id, token, "failed", error=message[:2000])
         return "failed"
     finally:
-        ProgressReporter.store = None
         store.close()
 
 

@@ -103,30 +103,22 @@ def build_random_pipeline(preset: dict[str, Any]):
     )
 
 
-def preset_folder(name: str) -> Path:
-    """Folder of a cached preset, building and saving it on first use (safe across processes)."""
+def cached_build(folder: Path, build, marker: str = "model_index.json") -> Path:
+    """``folder`` once it holds ``marker``; else ``build(tmp)`` writes a temp folder beside it
+    that is renamed into place. Safe across processes (a file lock); a failed or interrupted
+    build leaves nothing behind, so the next call builds again."""
     from filelock import FileLock
 
-    preset = load_preset(name)
-    folder = cache_dir() / "models" / f"{name}-{preset_fingerprint(preset)}"
-    if (folder / "model_index.json").is_file():
+    folder = Path(folder)
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if (folder / "model_index.json").is_file():
+        if (folder / marker).is_file():
             return folder
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            source = preset.get("source", "random")
-            if source == "random":
-                log.info("building preset %r (random weights, seed %s) into %s", name, preset.get("seed", 0), folder)
-                build_random_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
-            elif source == "builder":
-                module, func = preset["builder"].split(":")
-                log.info("building preset %r with %s into %s", name, preset["builder"], folder)
-                getattr(importlib.import_module(module), func)(preset, tmp)
-            else:
-                raise ModelLoadError(f"preset {name!r}: unknown source {source!r}")
+            build(tmp)
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
@@ -134,6 +126,26 @@ def preset_folder(name: str) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def preset_folder(name: str) -> Path:
+    """Folder of a cached preset, building and saving it on first use (safe across processes)."""
+    preset = load_preset(name)
+    folder = cache_dir() / "models" / f"{name}-{preset_fingerprint(preset)}"
+
+    def build(tmp: Path) -> None:
+        source = preset.get("source", "random")
+        if source == "random":
+            log.info("building preset %r (random weights, seed %s) into %s", name, preset.get("seed", 0), folder)
+            build_random_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
+        elif source == "builder":
+            module, func = preset["builder"].split(":")
+            log.info("building preset %r with %s into %s", name, preset["builder"], folder)
+            getattr(importlib.import_module(module), func)(preset, tmp)
+        else:
+            raise ModelLoadError(f"preset {name!r}: unknown source {source!r}")
+
+    return cached_build(folder, build)
 
 
 def _from_folder(folder: str | Path, **kwargs):

@@ -111,6 +111,26 @@ def test_resume_continues_from_the_saved_step(instance_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_progress_callback_sees_every_phase_and_can_stop_training(instance_dir, tmp_path):
+    calls = []
+    train_expert(config(instance_dir, steps=4, num_class_images=2, class_sample_steps=2, seed=11), tmp_path / "a", progress=False, progress_callback=lambda *a: calls.append(a))
+    phases = [c[0] for c in calls]
+    assert phases == ["class_images"] * 2 + ["training"] * 4
+    assert [c[1:3] for c in calls if c[0] == "training"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert set(calls[-1][3]) == {"loss", "instance_loss", "prior_loss"}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(phase, done, total, metrics):
+        if phase == "training" and done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_expert(config(instance_dir, steps=4, prior_preservation=False), tmp_path / "b", progress=False, progress_callback=stop_at_2)
+    assert not (tmp_path / "b" / "expert.json").exists()
+
+
 def test_identifier_override_and_suti_recipe(instance_dir, tmp_path):
     info = train_expert(config(instance_dir, recipe="suti-expert", identifier="zwx", steps=5, prior_preservation=None), tmp_path / "e", progress=False)
     assert info.identifier == "zwx" and info.recipe == "suti-expert"

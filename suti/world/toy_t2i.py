@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -113,9 +114,11 @@ def compose_caption(subject, meta: dict, *, color: bool = True, pattern: bool = 
 
 
 def random_caption(subject, meta: dict, rng: np.random.Generator) -> str:
-    """Training caption: empty (10%), else the full caption (~60%) or one with the colour,
-    the pattern and/or the context left out (so "a cup", "a cup on the beach", "a red cup"
-    - the prompts of DreamBooth's class prior - are in distribution)."""
+    """Training caption: empty (10%); else colour and pattern are each kept or dropped (both
+    kept 65%, pattern dropped 10%, colour dropped 5%, both dropped 20%) and the context phrase
+    kept 85% of the time. About half the captions are the full DreamBench caption; "a cup",
+    "a cup on the beach", "a red cup" (the prompts of DreamBooth's class prior and of
+    "a [V] cup") are in distribution."""
     if rng.random() < CFG_DROP:
         return ""
     u = rng.random()
@@ -277,6 +280,8 @@ def train_vae(stream: SceneStream, *, steps: int | None = 1200, seconds: float |
         opt.step()
         step += 1
         ema_rec = mse.item() if ema_rec is None else 0.95 * ema_rec + 0.05 * mse.item()
+        if step % 250 == 0:
+            log.info("toy vae step %d (%.0f s): reconstruction MSE %.4f", step, clock.elapsed(), ema_rec)
         now = int(100 * clock.progress(step))
         bar.update(now - shown)
         shown = now
@@ -331,8 +336,12 @@ def train_unet(vae, scaling_factor: float, stream: SceneStream, *, steps: int | 
                seconds: float | None = None, batch_size: int = 32, lr: float = 2e-3,
                seed: int = 0, ema_decay: float = 0.999, min_snr: float = 5.0,
                eval_every: int = 250, progress: bool = True, unet=None, text_encoder=None,
-               tokenizer=None):
+               tokenizer=None, checkpoint: str | Path | None = None):
     """Train the U-Net and the text encoder jointly on (frozen-VAE latents, captions).
+
+    ``checkpoint``: a file that gets the whole training state (weights, EMA, optimizer, step,
+    random streams, history) every ``eval_every`` steps, written atomically; when it exists at
+    the start, training resumes from it (the time already spent counts against ``seconds``).
 
     Returns ``(unet, text_encoder, stats)`` with the EMA weights loaded (unless the raw weights
     are better on held-out scenes).
@@ -366,6 +375,20 @@ def train_unet(vae, scaling_factor: float, stream: SceneStream, *, steps: int | 
         elat = vae.encode(ex).latent_dist.mean * scaling_factor
     clock = _Clock(steps, seconds)
     history, step, shown, run_loss = [], 0, 0, None
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for e, v in zip(ema, state["ema"]):
+                e.copy_(v)
+        gen.set_state(state["generator"])
+        stream.rng.bit_generator.state = state["stream_rng"]
+        step, run_loss, history = state["step"], state["run_loss"], state["history"]
+        clock.start -= state["seconds"]
+        log.info("toy unet: resumed from %s at step %d", ckpt, step)
     bar = tqdm(total=100, desc="toy unet+text", unit="%", disable=not progress)
     while clock.progress(step) < 1.0:
         _set_lr(opt, lr, _lr_factor(step, clock.progress(step), 200))
@@ -394,6 +417,14 @@ def train_unet(vae, scaling_factor: float, stream: SceneStream, *, steps: int | 
                             "heldout_mse_shuffled": round(shuffled, 5)})
             log.info("toy unet step %d: train %.4f, held-out %.4f (shuffled captions %.4f)",
                      step, run_loss, right, shuffled)
+            if ckpt is not None:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                            "optimizer": opt.state_dict(), "ema": ema, "generator": gen.get_state(),
+                            "stream_rng": stream.rng.bit_generator.state, "step": step,
+                            "run_loss": run_loss, "history": history,
+                            "seconds": clock.elapsed()}, tmp)
+                os.replace(tmp, ckpt)
         now = int(100 * clock.progress(step))
         bar.update(now - shown)
         shown = now
@@ -457,6 +488,9 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
         threads: ``torch.set_num_threads`` for the run (``None``: leave as is).
         progress: show progress bars.
 
+    An interrupted run continues where it stopped when called again with the same ``out_dir``:
+    the state lives in ``<out_dir>.partial/`` until the pipeline is written.
+
     Returns:
         the summary that is also written to ``toy_training.json``.
     """
@@ -474,9 +508,23 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
     stream = SceneStream(world.train_subjects, seed)
     vae, unet, text_encoder = new_models(seed)
     total = None if minutes is None else 60.0 * minutes
-    vae, vstats = train_vae(stream, steps=vae_steps or 1500,
-                            seconds=None if total is None else 0.15 * total,
-                            batch_size=max(8, batch_size // 2), seed=seed, progress=progress, vae=vae)
+    # An interrupted run resumes from OUT.partial/ (the trained VAE, then U-Net checkpoints).
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    vae_file = partial / "vae.pt"
+    if vae_file.exists():
+        state = torch.load(vae_file, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["vae"])
+        vstats, stream.rng.bit_generator.state = state["stats"], state["stream_rng"]
+        log.info("toy vae: resumed from %s", vae_file)
+    else:
+        vae, vstats = train_vae(stream, steps=vae_steps or 1500,
+                                seconds=None if total is None else 0.15 * total,
+                                batch_size=max(8, batch_size // 2), seed=seed, progress=progress,
+                                vae=vae)
+        torch.save({"vae": vae.state_dict(), "stats": vstats,
+                    "stream_rng": stream.rng.bit_generator.state}, vae_file.with_suffix(".tmp"))
+        os.replace(vae_file.with_suffix(".tmp"), vae_file)
     scale = latent_scaling_factor(vae, stream, seed=seed)
     vae.register_to_config(scaling_factor=scale)
     log.info("toy vae: %d steps, %.1f s, reconstruction PSNR %.1f dB, scaling factor %.4f",
@@ -485,7 +533,8 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
     unet, text_encoder, ustats = train_unet(vae, scale, stream, steps=steps, seconds=left,
                                             batch_size=batch_size, lr=lr, seed=seed,
                                             progress=progress, unet=unet,
-                                            text_encoder=text_encoder)
+                                            text_encoder=text_encoder,
+                                            checkpoint=partial / "unet.pt")
     pipe = make_pipeline(vae, unet, text_encoder)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -500,6 +549,7 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
     log.info("toy model written to %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
              "(ratio %.3f)", out, summary["total_seconds"] / 60, ustats["heldout_mse"],
              ustats["heldout_mse_shuffled"], ustats["caption_ratio"])

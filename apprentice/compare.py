@@ -1,0 +1,134 @@
+"""In-context apprentice vs DreamBooth expert vs base model on held-out subjects of the toy world.
+
+Used by the main job's last stage (``suti demo``) and by ``benchmarks/in_context.py``. For each
+held-out world subject: 3 photos are exported as the demonstrations / DreamBooth instance
+images; the apprentice (from the demos, no tuning), a DreamBooth expert (trained on the same
+photos, then sampled) and the base model (class noun only) generate the same prompts with the
+same seeds; subject fidelity is the probe's identity accuracy and the small CLIP's image
+similarity to the demos, and the wall-clock times to the first image are recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: Query prompts; ``{S}`` is the subject phrase ("star toy" or "[V] star toy").
+QUERY_PROMPTS = ("a {S} on the beach", "a {S} in the snow", "a {S} wearing a hat")
+METHODS = ("apprentice", "expert", "base")
+
+
+@dataclass
+class SubjectResult:
+    """One held-out subject: the demos, each method's images (prompt order) and the numbers."""
+
+    subject_id: str
+    description: str
+    demos: list[Image.Image]
+    images: dict[str, list[Image.Image]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"subject": self.subject_id, "description": self.description, **self.metrics}
+
+
+def heldout_subjects(n: int):
+    """The first ``n`` held-out subjects of the toy model's pretraining world (never seen by
+    the toy base, its CLIP, its probe or the toy apprentice)."""
+    from suti.world.toy_t2i import pretrain_world
+
+    world = pretrain_world()
+    if not 1 <= n <= len(world.heldout_subjects):
+        raise ValueError(f"num_subjects must be in 1..{len(world.heldout_subjects)}, got {n}")
+    return world, world.heldout_subjects[:n]
+
+
+def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: int = 3,
+                     prompts: tuple[str, ...] = QUERY_PROMPTS, methods: tuple[str, ...] = METHODS,
+                     model: str = "toy", expert_steps: int = 200, num_inference_steps: int = 25,
+                     guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0,
+                     seed: int = 7) -> list[SubjectResult]:
+    """Run the comparison; see the module docstring.
+
+    Args:
+        apprentice: an :class:`~apprentice.pipeline.ApprenticePipeline` (``None`` if
+            ``"apprentice"`` is not in ``methods``).
+        base: the base ``StableDiffusionPipeline`` (the toy preset).
+        work_dir: gets ``<subject>/photos`` and ``<subject>/expert`` (reused when present).
+        methods: any of ``"apprentice"``, ``"expert"``, ``"base"``.
+        model: the experts' base model preset.
+        expert_steps: DreamBooth steps of each expert (recipe ``dreambooth``, prior preservation).
+        seed: photo export and expert seed; image ``k`` uses generator seed ``k``.
+
+    Returns:
+        one :class:`SubjectResult` per subject, with metrics ``<method>_identity``,
+        ``<method>_clip_i`` and ``<method>_first_image_s`` (apprentice: demo encoding + first
+        image; expert: training + loading + first image; base: first image).
+    """
+    from suti.models import default_resolution
+    from suti.scoring import get_scorer
+    from suti.world import export_subject
+    from suti.world.probe import load_probe
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    work = Path(work_dir)
+    res = default_resolution(model)
+    world, subjects = heldout_subjects(num_subjects)
+    probe, clip = load_probe(), get_scorer("toy-clip")
+    out: list[SubjectResult] = []
+    for subject in subjects:
+        photos = work / subject.subject_id / "photos"
+        if not photos.is_dir():
+            export_subject(world, subject.subject_id, photos, n=3, seed=seed, size=res)
+        demos = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))]
+        result = SubjectResult(subject.subject_id, subject.description(), demos)
+        sample_kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        for method in methods:
+            t0 = time.perf_counter()
+            images = []
+            if method == "apprentice":
+                ctx = apprentice.encode_demonstrations(demos, [f"a {subject.description()}"] * len(demos))
+                for k, template in enumerate(prompts):
+                    images += apprentice(template.replace("{S}", subject.class_noun), demo_context=ctx, demo_guidance_scale=demo_guidance_scale, generator=torch.Generator().manual_seed(k), **sample_kw).images
+                    if k == 0:
+                        first = time.perf_counter() - t0
+            elif method == "expert":
+                pipe, identifier = _train_expert(photos, subject.class_noun, work / subject.subject_id / "expert", model, expert_steps, seed)
+                for k, template in enumerate(prompts):
+                    images += pipe(template.replace("{S}", f"{identifier} {subject.class_noun}"), height=res, width=res, generator=torch.Generator().manual_seed(k), **sample_kw).images
+                    if k == 0:
+                        first = time.perf_counter() - t0
+            else:
+                for k, template in enumerate(prompts):
+                    images += base(template.replace("{S}", subject.class_noun), height=res, width=res, generator=torch.Generator().manual_seed(k), **sample_kw).images
+                    if k == 0:
+                        first = time.perf_counter() - t0
+            result.images[method] = images
+            result.metrics[f"{method}_identity"] = probe.identity_accuracy(images, subject)
+            result.metrics[f"{method}_clip_i"] = float((clip.embed_images(images) @ clip.embed_images(demos).T).mean())
+            result.metrics[f"{method}_first_image_s"] = round(first, 3)
+        out.append(result)
+    return out
+
+
+def _train_expert(photos: Path, class_noun: str, folder: Path, model: str, steps: int, seed: int):
+    """A DreamBooth expert (trained now, timed by the caller): ``(pipeline, identifier)``."""
+    from experts import load_expert, resolve_config
+    from experts.train import train_expert
+
+    config = resolve_config("dreambooth", dict(model=model, instance_dir=str(photos), class_noun=class_noun, steps=steps, num_class_images=8, seed=seed))
+    info = train_expert(config, folder, overwrite=True, progress=False)
+    return load_expert(folder), info.identifier
+
+
+def mean_metrics(results: list[SubjectResult]) -> dict[str, float]:
+    """Mean of every metric over subjects."""
+    keys = results[0].metrics.keys()
+    return {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
