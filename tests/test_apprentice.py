@@ -95,6 +95,43 @@ def test_shard_pipeline_reads_examples(tmp_path):
     assert len(batch["demo_captions"][0]) == 3
 
 
+def test_self_target_reconstructs_a_held_out_cluster_photo(tmp_path):
+    import numpy as np
+
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=3, num_demos=4)
+    plain = list(make_pipeline(str(shards / "*.tar"), resolution=32, num_demos=3, repeat=False))
+    selfs = list(make_pipeline(str(shards / "*.tar"), resolution=32, num_demos=3, repeat=False, self_target=1.0))
+    assert len(selfs) == len(plain) == 6
+    for e in selfs:
+        # the target is one of the 4 cluster photos and none of the 3 demonstrations
+        dists = [float((e["target"] - d).abs().mean()) for d in e["demos"]]
+        assert min(dists) > 1e-3, "the held-out photo must not also be a demonstration"
+    by_key = {e["key"]: e for e in plain}
+    assert all(not torch.equal(e["target"], by_key[e["key"]]["target"]) for e in selfs), "self targets replace the expert's sample"
+    with pytest.raises(ValueError, match="self_target"):
+        list(make_pipeline(str(shards / "*.tar"), resolution=32, repeat=False, self_target=1.5))
+
+
+def test_demo_guidance_1_uses_two_branches_and_the_same_formula():
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    app.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for p in app.adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    calls = []
+    hook = app.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    ctx = app.encode_demonstrations(_demos(3))
+    calls.clear()
+    kw = dict(demo_context=ctx, num_inference_steps=3, guidance_scale=4.0, output_type="pt")
+    two = app("a cup", demo_guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+    assert set(calls) == {2}
+    calls.clear()
+    three = app("a cup", demo_guidance_scale=1.0 + 1e-7, generator=torch.Generator().manual_seed(0), **kw).images
+    assert set(calls) == {3}
+    hook.remove()
+    torch.testing.assert_close(two, three, atol=2e-4, rtol=0)
+
+
 def test_bad_shard_sample_is_logged_and_skipped(tmp_path, caplog):
     from mining.shards import ShardPacker, sample_members
 
