@@ -66,8 +66,9 @@ def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: in
         seed: photo export and expert seed; image ``k`` uses generator seed ``k``.
 
     Returns:
-        one :class:`SubjectResult` per subject, with metrics ``<method>_identity``,
-        ``<method>_clip_i`` and ``<method>_first_image_s`` (apprentice: demo encoding + first
+        one :class:`SubjectResult` per subject, with metrics ``<method>_identity`` (probe: all
+        identity attributes right), ``<method>_attributes`` (probe: share of identity attributes
+        right), ``<method>_clip_i`` and ``<method>_first_image_s`` (apprentice: demo encoding + first
         image; expert: training + loading + first image; base: first image).
     """
     from suti.models import default_resolution
@@ -112,6 +113,7 @@ def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: in
                         first = time.perf_counter() - t0
             result.images[method] = images
             result.metrics[f"{method}_identity"] = probe.identity_accuracy(images, subject)
+            result.metrics[f"{method}_attributes"] = probe.identity_attribute_score(images, subject)
             result.metrics[f"{method}_clip_i"] = float((clip.embed_images(images) @ clip.embed_images(demos).T).mean())
             result.metrics[f"{method}_first_image_s"] = round(first, 3)
         out.append(result)

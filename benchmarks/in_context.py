@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     mean = mean_metrics(results)
     report["fidelity"] = {"per_subject": [r.row() for r in results], "mean": mean}
     print(f"(a) subject fidelity on {args.subjects} held-out subjects x {len(results[0].images['base'])} prompts")
-    print(f"    {'method':12s} {'identity acc':>12s} {'CLIP-I':>8s} {'first image (s)':>16s}")
+    print(f"    {'method':12s} {'identity acc':>12s} {'attributes':>10s} {'CLIP-I':>8s} {'first image (s)':>16s}")
     for m in ("apprentice", "expert", "base"):
-        print(f"    {m:12s} {mean[m + '_identity']:12.3f} {mean[m + '_clip_i']:8.3f} {mean[m + '_first_image_s']:16.2f}")
+        print(f"    {m:12s} {mean[m + '_identity']:12.3f} {mean[m + '_attributes']:10.3f} {mean[m + '_clip_i']:8.3f} {mean[m + '_first_image_s']:16.2f}")
     speedup = mean["expert_first_image_s"] / mean["apprentice_first_image_s"]
     report["time_to_first_image_ratio"] = speedup
     print(f"(b) time to first image: expert {mean['expert_first_image_s']:.1f} s / apprentice {mean['apprentice_first_image_s']:.2f} s = {speedup:.0f}x")
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = ablation(args.ablation_shards, args.ablation_steps, args, base)
         report["ablation"] = rows
         print(f"(e) delta-CLIP ablation ({args.ablation_steps} steps each)")
-        print(f"    {'lambda':8s} {'identity acc':>12s} {'CLIP-I':>8s}")
+        print(f"    {'lambda':8s} {'identity acc':>12s} {'attributes':>10s} {'CLIP-I':>8s}")
         for r in rows:
-            print(f"    {r['lambda']:8s} {r['apprentice_identity']:12.3f} {r['apprentice_clip_i']:8.3f}")
+            print(f"    {r['lambda']:8s} {r['apprentice_identity']:12.3f} {r['apprentice_attributes']:10.3f} {r['apprentice_clip_i']:8.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if tmp is not None:

@@ -109,9 +109,9 @@ def run_demo(args) -> int:
     apprentice_dir = run_pipeline(args)
     summary = query(args, apprentice_dir)
     print(f"\ngrid (demos | apprentice | DreamBooth expert | base): {Path(args.output) / 'grid.png'}")
-    print(f"{'':12s} {'identity acc':>13s} {'CLIP-I to demos':>16s}")
+    print(f"{'':12s} {'identity acc':>13s} {'attributes':>11s} {'CLIP-I to demos':>16s}")
     for name in ("apprentice", "expert", "base"):
-        print(f"{name:12s} {summary[name + '_identity']:13.2f} {summary[name + '_clip_i']:16.3f}")
+        print(f"{name:12s} {summary[name + '_identity']:13.2f} {summary[name + '_attributes']:11.2f} {summary[name + '_clip_i']:16.3f}")
     print(f"time to first image: apprentice {summary['apprentice_first_image_s']:.2f} s, DreamBooth expert (train + sample) {summary['expert_first_image_s']:.1f} s -> {summary['speedup_time_to_first_image']:.0f}x faster")
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0

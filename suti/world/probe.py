@@ -207,6 +207,21 @@ class Probe:
             hits.append(all(row[a] == expected[a] for a in keys))
         return float(np.mean(hits))
 
+    def identity_attribute_score(self, images, subject, *,
+                                 attrs: tuple[str, ...] = IDENTITY_ATTRS) -> float:
+        """Mean fraction of ``subject``'s identity attributes (class, body colour, pattern,
+        part, aspect) that the probe reads correctly, over ``images``: a graded companion of
+        :meth:`identity_accuracy` (which needs all of them at once) for weak generators.
+        Colours are skipped on images read as sketches."""
+        expected = {"class_name": subject.class_name, "body_color": subject.body_color,
+                    "pattern": subject.pattern, "pattern_color": subject.pattern_color,
+                    "part": subject.part, "aspect": subject.aspect}
+        scores = []
+        for row in self.predict(images):
+            keys = [a for a in attrs if not (row["style"] == "sketch" and a in COLOR_ATTRS)]
+            scores.append(np.mean([row[a] == expected[a] for a in keys]))
+        return float(np.mean(scores))
+
     def attribute_accuracy(self, images, expected: dict) -> dict[str, float]:
         """Per-attribute accuracy of ``images`` against ``expected`` (attribute -> value).
 

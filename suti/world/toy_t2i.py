@@ -44,7 +44,7 @@ PRETRAIN_WORLD = (240, 0)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "toy"
 SUMMARY_FILE = "toy_training.json"
 #: Bump together with ``weights_version`` in configs/models/toy.yaml when the weights change.
-WEIGHTS_VERSION = 1
+WEIGHTS_VERSION = 2
 
 VAE_CONFIG: dict[str, Any] = dict(
     sample_size=RESOLUTION, in_channels=3, out_channels=3, latent_channels=4,

@@ -1,0 +1,84 @@
+"""The ``toy`` preset: a world-pretrained text-to-image model that follows its captions and on
+which DreamBooth experts learn held-out subjects (offline, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experts import load_expert, resolve_config
+from experts.data import load_instance_images
+from experts.evaluate import denoising_loss
+from experts.train import train_expert
+from suti.models import default_resolution, load_pipeline, load_preset, preset_folder
+from suti.world import export_subject, make_world
+from suti.world.toy_t2i import WEIGHTS_DIR, heldout_scenes
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").is_file(),
+                                reason="no shipped toy weights (building them takes ~25 min)")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    return load_pipeline("toy")
+
+
+def test_toy_preset_loads_offline(toy, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    preset = load_preset("toy")
+    assert preset["source"] == "builder" and default_resolution("toy") == 32
+    folder = preset_folder("toy")
+    assert list((folder / "unet").glob("*.safetensors"))
+    assert json.loads((folder / "model_index.json").read_text())["safety_checker"] == [None, None]
+    assert toy.unet.dtype == torch.float32 and toy.vae.config.scaling_factor != 0.18215
+    image = toy("a red ball on the beach", height=32, width=32, num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_right_captions_denoise_better_than_shuffled(toy):
+    """Held-out subjects (never seen in pretraining), same images/noise/timesteps."""
+    images, captions, _ = heldout_scenes(32, seed=0)
+    right = denoising_loss(toy, images, captions, seed=0, draws=2)
+    shuffled = denoising_loss(toy, images, captions[1:] + captions[:1], seed=0, draws=2)
+    assert right <= 0.95 * shuffled, (right, shuffled)
+
+
+@pytest.mark.slow
+def test_dreambooth_expert_learns_a_heldout_subject(tmp_path):
+    """A held-out subject (never seen in pretraining): the expert denoises its photos better
+    than the base model and its samples carry more of the subject's identity (probe) than the
+    base model's samples for the same prompts and seeds."""
+    from suti.world.probe import load_probe
+    from suti.world.toy_t2i import pretrain_world
+
+    world = pretrain_world()
+    subject = world.heldout_subjects[0]
+    instance = tmp_path / "instance"
+    export_subject(world, subject.subject_id, instance, n=4, seed=0, size=32)
+    config = resolve_config("dreambooth", {
+        "model": "toy", "instance_dir": str(instance), "class_noun": subject.class_noun,
+        "steps": 300, "num_class_images": 8, "seed": 0,
+    })
+    assert config.learning_rate_scale == load_preset("toy")["learning_rate_scale"]
+    out = tmp_path / "expert"
+    info = train_expert(config, out, progress=False)
+    base_pipe, expert_pipe = load_pipeline("toy"), load_expert(out)
+    images = load_instance_images(instance, 32)
+    base = denoising_loss(base_pipe, images, info.instance_prompt, seed=1)
+    expert = denoising_loss(expert_pipe, images, info.instance_prompt, seed=1)
+    assert expert < 0.9 * base, (expert, base)
+
+    prompts = ["a {} on the beach", "a {} in the snow", "a {} wearing a hat", "a {} in the city"]
+
+    def samples(pipe, phrase):
+        return [pipe(p.format(phrase), height=32, width=32, num_inference_steps=25, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(k)).images[0] for p in prompts for k in range(2)]
+
+    probe = load_probe()
+    base_score = probe.identity_attribute_score(samples(base_pipe, subject.class_noun), subject)
+    expert_score = probe.identity_attribute_score(samples(expert_pipe, f"{info.identifier} {subject.class_noun}"), subject)
+    assert expert_score > base_score + 0.1, (expert_score, base_score)
