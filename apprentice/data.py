@@ -57,7 +57,8 @@ class ToExample:
     """Decoded webdataset sample -> training example with a random subset of demonstrations.
 
     With probability ``self_target`` the target is not the expert's sample but one of the
-    cluster's own photos (prompt: its alt text), and the demonstrations are drawn from the
+    cluster's own photos (prompt: "a <class noun>", or its alt text when the sample has no class
+    noun), and the demonstrations are drawn from the
     other photos: a reconstruction example that teaches the demonstration layers to copy the
     subject (as in-context subject models are commonly pretrained); 0 keeps SuTI's pure
     expert-target training.
@@ -86,7 +87,10 @@ class ToExample:
         if len(demo_fields) >= 2 and self.rng.random() < self.self_target:
             held = self.rng.choice(demo_fields)
             demo_fields = [f for f in demo_fields if f != held]
-            target, prompt = sample[held], caption(held)
+            # the prompt names the class only ("a ball"), as a query does: the identity (colour,
+            # pattern, parts) has to come from the demonstrations, not from the photo's alt text
+            noun = meta.get("class_noun")
+            target, prompt = sample[held], (f"a {noun}" if noun else caption(held))
         picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
         return {
             "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)

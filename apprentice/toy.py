@@ -35,7 +35,7 @@ def toy_apprentice_folder() -> Path:
         from suti.demo import run_pipeline
 
         work = cache_dir() / "apprentices" / "toy-build"
-        args = argparse.Namespace(output=str(work), model="toy", subjects=40, noise_pages=0.2, expert_steps=120, apprentice_steps=1500, self_target=0.5, workers=2, seed=7)
+        args = argparse.Namespace(output=str(work), model="toy", subjects=40, noise_pages=0.2, expert_steps=120, apprentice_steps=600, self_target=0.5, workers=2, seed=7)
         app = run_pipeline(args)
         shutil.rmtree(tmp)
         shutil.copytree(app, tmp)

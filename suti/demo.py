@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--subjects", type=int, default=40, help="subjects in the synthetic crawl")
     p.add_argument("--noise-pages", type=float, default=0.2)
     p.add_argument("--expert-steps", type=int, default=120, help="steps of each data-generating expert")
-    p.add_argument("--apprentice-steps", type=int, default=1500)
+    p.add_argument("--apprentice-steps", type=int, default=600)
     p.add_argument("--self-target", type=float, default=0.5, help="share of apprentice examples that reconstruct a held-out cluster photo (apprentice train --self-target)")
     p.add_argument("--query-subjects", type=int, default=3, help="held-out subjects queried at the end")
     p.add_argument("--query-expert-steps", type=int, default=200, help="steps of the DreamBooth expert compared at the end")

@@ -82,3 +82,23 @@ def test_dreambooth_expert_learns_a_heldout_subject(tmp_path):
     base_score = probe.identity_attribute_score(samples(base_pipe, subject.class_noun), subject)
     expert_score = probe.identity_attribute_score(samples(expert_pipe, f"{info.identifier} {subject.class_noun}"), subject)
     assert expert_score > base_score + 0.1, (expert_score, base_score)
+
+
+def test_toy_apprentice_assembles_from_shipped_weights_offline(monkeypatch):
+    """The shipped adapter + the toy base -> an ApprenticePipeline folder in the cache, loaded
+    by one call; its U-Net is the (frozen) toy base's and its adapter was trained (non-zero)."""
+    from apprentice.sample import load_apprentice
+    from apprentice.toy import WEIGHTS, toy_apprentice_folder
+
+    if not (WEIGHTS / "config.json").is_file():
+        pytest.skip("the toy apprentice's adapter is not shipped")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = toy_apprentice_folder()
+    assert (folder / "model_index.json").is_file() and toy_apprentice_folder() == folder
+    app = load_apprentice("toy")
+    base = load_pipeline("toy")
+    for (name, a), b in zip(app.unet.state_dict().items(), base.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(p.abs().sum() > 0 for n, p in app.adapter.named_parameters() if "to_out" in n)
+    image = app("a cup on the beach", demo_images=[image for image in base("a red cup", num_images_per_prompt=3, height=32, width=32, num_inference_steps=2).images], num_inference_steps=3).images[0]
+    assert image.size == (32, 32)
