@@ -91,30 +91,30 @@ def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: in
         demos = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))]
         result = SubjectResult(subject.subject_id, subject.description(), demos)
         sample_kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        demo_emb = clip.embed_images(demos)  # (n, D)
         for method in methods:
             t0 = time.perf_counter()
-            images = []
+            # each method: text for a prompt template -> one image (the clock runs from t0, so
+            # the apprentice's demo encoding and the expert's training count to the first image)
             if method == "apprentice":
                 ctx = apprentice.encode_demonstrations(demos, [f"a {subject.description()}"] * len(demos))
-                for k, template in enumerate(prompts):
-                    images += apprentice(template.replace("{S}", subject.class_noun), demo_context=ctx, demo_guidance_scale=demo_guidance_scale, generator=torch.Generator().manual_seed(k), **sample_kw).images
-                    if k == 0:
-                        first = time.perf_counter() - t0
+                phrase = subject.class_noun
+                generate = lambda text, gen: apprentice(text, demo_context=ctx, demo_guidance_scale=demo_guidance_scale, generator=gen, **sample_kw).images[0]  # noqa: E731
             elif method == "expert":
                 pipe, identifier = _train_expert(photos, subject.class_noun, work / subject.subject_id / "expert", model, expert_steps, seed)
-                for k, template in enumerate(prompts):
-                    images += pipe(template.replace("{S}", f"{identifier} {subject.class_noun}"), height=res, width=res, generator=torch.Generator().manual_seed(k), **sample_kw).images
-                    if k == 0:
-                        first = time.perf_counter() - t0
+                phrase = f"{identifier} {subject.class_noun}"
+                generate = lambda text, gen: pipe(text, height=res, width=res, generator=gen, **sample_kw).images[0]  # noqa: E731
             else:
-                for k, template in enumerate(prompts):
-                    images += base(template.replace("{S}", subject.class_noun), height=res, width=res, generator=torch.Generator().manual_seed(k), **sample_kw).images
-                    if k == 0:
-                        first = time.perf_counter() - t0
+                phrase = subject.class_noun
+                generate = lambda text, gen: base(text, height=res, width=res, generator=gen, **sample_kw).images[0]  # noqa: E731
+            images, first = [], None
+            for k, template in enumerate(prompts):
+                images.append(generate(template.replace("{S}", phrase), torch.Generator().manual_seed(k)))
+                first = first if first is not None else time.perf_counter() - t0
             result.images[method] = images
             result.metrics[f"{method}_identity"] = probe.identity_accuracy(images, subject)
             result.metrics[f"{method}_attributes"] = probe.identity_attribute_score(images, subject)
-            result.metrics[f"{method}_clip_i"] = float((clip.embed_images(images) @ clip.embed_images(demos).T).mean())
+            result.metrics[f"{method}_clip_i"] = float((clip.embed_images(images) @ demo_emb.T).mean())
             result.metrics[f"{method}_first_image_s"] = round(first, 3)
         out.append(result)
     return out

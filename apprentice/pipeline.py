@@ -107,15 +107,13 @@ class ApprenticePipeline(DiffusionPipeline):
         # demos: (no demos, no text), (demos, no text), (demos, text); with demo_guidance_scale
         # 1 the first drops out (eps = e_demo + s_text (e_full - e_demo)): 2 branches, as the base.
         three = ctx is not None and demo_guidance_scale != 1.0
+        branches = 3 if three else 2
+        emb = torch.cat([null, null, text] if three else [null, text])
+        batch_ctx = None
         if ctx is not None:
-            emb = torch.cat([null, null, text] if three else [null, text])
-            branches = 3 if three else 2
             batch_ctx = ctx.repeat(branches * num_images)
             mask = [torch.zeros(num_images)] if three else []
             batch_ctx.mask = torch.cat(mask + [torch.ones(2 * num_images)]).to(device)
-        else:
-            emb = torch.cat([null, text])
-            batch_ctx, branches = None, 2
         size = self.unet.config.sample_size
         latents = torch.randn((num_images, self.unet.config.in_channels, size, size), generator=generator).to(device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)

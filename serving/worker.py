@@ -100,13 +100,14 @@ def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: in
 
         if threads:
             torch.set_num_threads(threads)
-        ProgressReporter(store, job_id, token).send(0.0, "loading")
+        reporter = ProgressReporter(store, job_id, token)
+        reporter.send(0.0, "loading")
         from experts import train as experts_train
         from experts.recipe import resolve_config
 
         overrides = dict(model=job["model"], instance_dir=str(uploads), class_noun=job["class_noun"], steps=job["steps"], seed=job["seed"])
         config = resolve_config(job["recipe"], overrides)
-        reporter = ProgressReporter(store, job_id, token, 0.2 if config.prior_preservation else 0.0)
+        reporter.class_share = 0.2 if config.prior_preservation else 0.0
         if partial.exists():
             shutil.rmtree(partial)
         partial.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from suti.errors import SutiError
 
 log = logging.getLogger(__name__)
 
+
 def register(subparsers) -> None:
     """Add ``suti demo``."""
     p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded default (synthetic world, CPU)")

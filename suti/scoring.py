@@ -98,6 +98,19 @@ def _cache_then_network(load: Callable, what: str, errors: list[str]):
 # --------------------------------------------------------------------------- scorers
 
 
+def _embed_batched(images, preprocess, forward, batch_size: int, device) -> "torch.Tensor":
+    """``forward`` over preprocessed ``images`` in batches, without gradients: (N, D), L2-normalised."""
+    import torch
+
+    images = _rgb(images)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([preprocess(im) for im in images[i:i + batch_size]])  # (b, 3, H, W)
+            out.append(forward(x.to(device)).float().cpu())  # (b, D)
+    return _normalise(torch.cat(out))
+
+
 class Scorer(ABC):
     """Embeds images (and texts, when ``supports_text``) into L2-normalised vectors.
 
@@ -204,15 +217,7 @@ class OpenClipScorer(Scorer):
         self.preprocess = preprocess
 
     def embed_images(self, images):
-        import torch
-
-        images = _rgb(images)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), self.batch_size):
-                x = torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]])
-                out.append(self.model.encode_image(x.to(self.device)).float().cpu())
-        return _normalise(torch.cat(out))  # (N, D)
+        return _embed_batched(images, self.preprocess, self.model.encode_image, self.batch_size, self.device)
 
     def embed_texts(self, texts):
         import torch
@@ -300,15 +305,7 @@ class DinoScorer(Scorer):
         ])
 
     def embed_images(self, images):
-        import torch
-
-        images = _rgb(images)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), self.batch_size):
-                x = torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]])
-                out.append(self.model(x.to(self.device)).float().cpu())  # (b, 384) CLS tokens
-        return _normalise(torch.cat(out))  # (N, D)
+        return _embed_batched(images, self.preprocess, self.model, self.batch_size, self.device)  # CLS tokens
 
 
 #: :func:`get_scorer` names -> (class, keyword arguments).

@@ -185,6 +185,17 @@ class Probe:
         ``pattern_color``, ``accessory`` and ``style`` may be ``None``)."""
         return self._decode(self._forward(images))
 
+    def _identity_hits(self, images, subject, color: str | None,
+                       attrs: tuple[str, ...]) -> list[list[bool]]:
+        """Per image, whether each checked identity attribute matches ``subject`` (colours are
+        not checked on images the probe reads as sketches: unknowable there)."""
+        expected = {"class_name": subject.class_name, "body_color": color or subject.body_color,
+                    "pattern": subject.pattern, "pattern_color": subject.pattern_color,
+                    "part": subject.part, "aspect": subject.aspect}
+        return [[row[a] == expected[a] for a in attrs
+                 if not (row["style"] == "sketch" and a in COLOR_ATTRS)]
+                for row in self.predict(images)]
+
     def identity_accuracy(self, images, subject, *, color: str | None = None,
                           attrs: tuple[str, ...] = IDENTITY_ATTRS) -> float:
         """Fraction of ``images`` whose predicted identity attributes all match ``subject``.
@@ -198,29 +209,15 @@ class Probe:
 
         Colours are not checked on images the probe reads as sketches (unknowable there).
         """
-        expected = {"class_name": subject.class_name, "body_color": color or subject.body_color,
-                    "pattern": subject.pattern, "pattern_color": subject.pattern_color,
-                    "part": subject.part, "aspect": subject.aspect}
-        hits = []
-        for row in self.predict(images):
-            keys = [a for a in attrs if not (row["style"] == "sketch" and a in COLOR_ATTRS)]
-            hits.append(all(row[a] == expected[a] for a in keys))
-        return float(np.mean(hits))
+        return float(np.mean([all(h) for h in self._identity_hits(images, subject, color, attrs)]))
 
-    def identity_attribute_score(self, images, subject, *,
+    def identity_attribute_score(self, images, subject, *, color: str | None = None,
                                  attrs: tuple[str, ...] = IDENTITY_ATTRS) -> float:
         """Mean fraction of ``subject``'s identity attributes (class, body colour, pattern,
         part, aspect) that the probe reads correctly, over ``images``: a graded companion of
         :meth:`identity_accuracy` (which needs all of them at once) for weak generators.
-        Colours are skipped on images read as sketches."""
-        expected = {"class_name": subject.class_name, "body_color": subject.body_color,
-                    "pattern": subject.pattern, "pattern_color": subject.pattern_color,
-                    "part": subject.part, "aspect": subject.aspect}
-        scores = []
-        for row in self.predict(images):
-            keys = [a for a in attrs if not (row["style"] == "sketch" and a in COLOR_ATTRS)]
-            scores.append(np.mean([row[a] == expected[a] for a in keys]))
-        return float(np.mean(scores))
+        Arguments as for :meth:`identity_accuracy`."""
+        return float(np.mean([np.mean(h) for h in self._identity_hits(images, subject, color, attrs)]))
 
     def attribute_accuracy(self, images, expected: dict) -> dict[str, float]:
         """Per-attribute accuracy of ``images`` against ``expected`` (attribute -> value).
