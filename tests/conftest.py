@@ -59,3 +59,14 @@ def dreambench() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/dreambench is not beside this checkout")
     return SHARED
+
+
+@pytest.fixture()
+def one_thread():
+    """Run the test with one torch thread (small models: threads only add overhead)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
