@@ -257,8 +257,8 @@ def _world_probe(dataset: EvalDataset):
     probe = load_probe()
 
     def score(subject: EvalSubject, images: list[Image.Image]) -> list[dict]:
-        truth = subjects[subject.name]
-        return [{"probe_identity": probe.identity_accuracy([img], truth), "probe_class": probe.identity_accuracy([img], truth, attrs=("class_name",))} for img in images]
+        hits = probe.identity_hits(images, subjects[subject.name])  # one batched pass
+        return [{"probe_identity": float(all(h.values())), "probe_class": float(h["class_name"])} for h in hits]
 
     return score
 

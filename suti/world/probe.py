@@ -185,15 +185,16 @@ class Probe:
         ``pattern_color``, ``accessory`` and ``style`` may be ``None``)."""
         return self._decode(self._forward(images))
 
-    def _identity_hits(self, images, subject, color: str | None,
-                       attrs: tuple[str, ...]) -> list[list[bool]]:
-        """Per image, whether each checked identity attribute matches ``subject`` (colours are
-        not checked on images the probe reads as sketches: unknowable there)."""
+    def identity_hits(self, images, subject, *, color: str | None = None,
+                      attrs: tuple[str, ...] = IDENTITY_ATTRS) -> list[dict[str, bool]]:
+        """Per image, ``{attribute: matches subject}`` for each of ``attrs``, from one batched
+        forward pass (colours are left out on images the probe reads as sketches: unknowable
+        there). ``color``: the expected body colour after a colour edit."""
         expected = {"class_name": subject.class_name, "body_color": color or subject.body_color,
                     "pattern": subject.pattern, "pattern_color": subject.pattern_color,
                     "part": subject.part, "aspect": subject.aspect}
-        return [[row[a] == expected[a] for a in attrs
-                 if not (row["style"] == "sketch" and a in COLOR_ATTRS)]
+        return [{a: row[a] == expected[a] for a in attrs
+                 if not (row["style"] == "sketch" and a in COLOR_ATTRS)}
                 for row in self.predict(images)]
 
     def identity_accuracy(self, images, subject, *, color: str | None = None,
@@ -209,7 +210,7 @@ class Probe:
 
         Colours are not checked on images the probe reads as sketches (unknowable there).
         """
-        return float(np.mean([all(h) for h in self._identity_hits(images, subject, color, attrs)]))
+        return float(np.mean([all(h.values()) for h in self.identity_hits(images, subject, color=color, attrs=attrs)]))
 
     def identity_attribute_score(self, images, subject, *, color: str | None = None,
                                  attrs: tuple[str, ...] = IDENTITY_ATTRS) -> float:
@@ -217,7 +218,7 @@ class Probe:
         part, aspect) that the probe reads correctly, over ``images``: a graded companion of
         :meth:`identity_accuracy` (which needs all of them at once) for weak generators.
         Arguments as for :meth:`identity_accuracy`."""
-        return float(np.mean([np.mean(h) for h in self._identity_hits(images, subject, color, attrs)]))
+        return float(np.mean([np.mean(list(h.values())) for h in self.identity_hits(images, subject, color=color, attrs=attrs)]))
 
     def attribute_accuracy(self, images, expected: dict) -> dict[str, float]:
         """Per-attribute accuracy of ``images`` against ``expected`` (attribute -> value).
