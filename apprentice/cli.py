@@ -1,4 +1,4 @@
-"""``suti apprentice train|sample``."""
+"""``suti apprentice train|pack-photos|sample``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def register(subparsers) -> None:
     build_arg_parser(train)
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine (launched with torchrun)")
     train.set_defaults(func=_train)
+
+    pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pack.add_argument("--clusters", required=True, help="clusters.jsonl of `suti mine`")
+    pack.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
+    pack.add_argument("--output", required=True, help="folder for shard-*.tar (a rerun adds only missing clusters)")
+    pack.add_argument("--samples-per-shard", type=int, default=256)
+    pack.set_defaults(func=_pack_photos)
 
     sample = sub.add_parser("sample", help="generate a subject in context from 1-8 demonstration photos", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sample.add_argument("--apprentice", default="toy", help='apprentice folder, or "toy" for the embedded default')
@@ -57,6 +64,13 @@ def _train(args) -> int:
         return subprocess.call(cmd)
     train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"output": args.output}))
+    return 0
+
+
+def _pack_photos(args) -> int:
+    from apprentice.photos import pack_photos
+
+    print(json.dumps(pack_photos(args.clusters, args.crawl, args.output, samples_per_shard=args.samples_per_shard)))
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from apprentice.photos import PHOTO_KIND
 from suti.errors import InputError
 from suti.images import fit_square, to_tensor
 
@@ -57,20 +58,36 @@ class ToExample:
     """Decoded webdataset sample -> training example with a random subset of demonstrations.
 
     With probability ``self_target`` the target is not the expert's sample but one of the
-    cluster's own photos (prompt: "a <class noun>", or its alt text when the sample has no class
-    noun), and the demonstrations are drawn from the
-    other photos: a reconstruction example that teaches the demonstration layers to copy the
-    subject (as in-context subject models are commonly pretrained); 0 keeps SuTI's pure
-    expert-target training.
+    cluster's own photos, and the demonstrations are drawn from the other photos: a
+    reconstruction example that teaches the demonstration layers to copy the subject (as
+    in-context subject models are commonly pretrained); 0 keeps SuTI's pure expert-target
+    training. Photo samples (:mod:`apprentice.photos`: a cluster's photos, no expert target) are
+    always reconstruction examples.
+
+    A reconstruction example's prompt names the class only ("a ball"), as a query does, so the
+    identity (colour, pattern, parts) has to come from the demonstrations; with probability
+    ``caption_prompt`` it is the target photo's own alt text instead, when that alt text names
+    the class noun (a descriptive caption, not "image" or "untitled"), so the apprentice also
+    learns to add the demonstrations to a prompt that already describes the subject and its
+    context. Without a class noun the alt text is used.
     """
 
-    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0):
-        if not 0.0 <= self_target <= 1.0:
-            raise ValueError(f"self_target must be in [0, 1], got {self_target}")
+    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5):
+        for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.resolution = resolution
         self.num_demos = num_demos
         self.self_target = self_target
+        self.caption_prompt = caption_prompt
         self.rng = random.Random(seed)
+
+    def _reconstruction_prompt(self, noun: str | None, alt_text: str) -> str:
+        if not noun:
+            return alt_text
+        if noun.lower() in alt_text.lower() and self.rng.random() < self.caption_prompt:
+            return alt_text
+        return f"a {noun}"
 
     def __call__(self, sample: dict) -> dict:
         meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
@@ -83,14 +100,15 @@ class ToExample:
             i = int(field[5:-4])
             return captions[i] if i < len(captions) else ""
 
-        target, prompt = sample["target.jpg"], meta["prompt"]
-        if len(demo_fields) >= 2 and self.rng.random() < self.self_target:
+        photos_only = "target.jpg" not in sample
+        if photos_only and len(demo_fields) < 2:
+            raise ValueError(f"photo sample {sample.get('__key__')} needs at least 2 photos (got {len(demo_fields)})")
+        if photos_only or (len(demo_fields) >= 2 and self.rng.random() < self.self_target):
             held = self.rng.choice(demo_fields)
             demo_fields = [f for f in demo_fields if f != held]
-            # the prompt names the class only ("a ball"), as a query does: the identity (colour,
-            # pattern, parts) has to come from the demonstrations, not from the photo's alt text
-            noun = meta.get("class_noun")
-            target, prompt = sample[held], (f"a {noun}" if noun else caption(held))
+            target, prompt = sample[held], self._reconstruction_prompt(meta.get("class_noun"), caption(held))
+        else:
+            target, prompt = sample["target.jpg"], meta["prompt"]
         picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
         return {
             "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)
@@ -112,12 +130,14 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0) -> wds.DataPipeline:
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5) -> wds.DataPipeline:
     """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
 
     ``min_delta_clip`` keeps only samples whose recorded delta-CLIP exceeds it (the paper's
     lambda ablation on shards generated with ``suti generate --no-filter``); ``self_target``: see
     :class:`ToExample`.
+    Expert shards (``suti generate``) and photo shards (``suti apprentice pack-photos``) mix
+    freely in ``shards``.
     """
     urls = expand_shards(shards)
     rank, world = _dist()
@@ -133,8 +153,9 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
         wds.decode("pil", handler=log_and_continue),
     ]
     if min_delta_clip is not None:
-        stages.append(wds.select(lambda s: float(s["json"].get("delta_clip", float("-inf"))) > min_delta_clip))
-    stages.append(wds.map(ToExample(resolution, num_demos, seed + rank, self_target), handler=log_and_continue))
+        # the lambda filter applies to expert samples; photo samples hold real photos only
+        stages.append(wds.select(lambda s: s["json"].get("kind") == PHOTO_KIND or float(s["json"].get("delta_clip", float("-inf"))) > min_delta_clip))
+    stages.append(wds.map(ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt), handler=log_and_continue))
     pipeline = wds.DataPipeline(*stages)
     return _Epochs(pipeline) if repeat else pipeline
 

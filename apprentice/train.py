@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class ApprenticeTrainConfig:
     """Everything that determines an apprentice training run (saved in every checkpoint)."""
 
-    shards: str
+    shards: str | list[str]
     output: str
     model: str = "toy"
     steps: int = 1000
@@ -56,7 +56,8 @@ class ApprenticeTrainConfig:
     seed: int = 0
     resolution: int | None = None
     min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
-    self_target: float = 0.0  # share of examples whose target is a held-out cluster photo (0: SuTI)
+    self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
+    caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
     extra: dict = field(default_factory=dict)
 
 
@@ -176,7 +177,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         ema.load(ckpt_dir / f"ema-step-{step}.safetensors")
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
-    data = iter(torch.utils.data.DataLoader(make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=config.seed + 1000 * step, min_delta_clip=config.min_delta_clip, self_target=config.self_target), batch_size=config.batch_size, collate_fn=collate, num_workers=0))
+    data = iter(torch.utils.data.DataLoader(make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=config.seed + 1000 * step, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt), batch_size=config.batch_size, collate_fn=collate, num_workers=0))
     writer = _writer(output / "logs") if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
     null_emb = _encode(base, [""], device)
@@ -286,7 +287,7 @@ def _writer(folder: Path):
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
     p = parser or argparse.ArgumentParser(prog="apprentice.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help='shards of `suti generate`, e.g. "SH/*.tar"')
+    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`, e.g. "SH/*.tar" "PH/*.tar"')
     p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
     p.add_argument("--output", required=True, help="apprentice folder to write")
     p.add_argument("--steps", type=int, default=1000)
@@ -302,6 +303,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
     p.add_argument("--self-target", type=float, default=0.0, help="share of examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
+    p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
     p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -313,7 +315,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
-        min_delta_clip=args.min_delta_clip, self_target=args.self_target,
+        min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
     )
 
 

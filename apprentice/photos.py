@@ -1,0 +1,92 @@
+"""Photo shards: the mined clusters' own photos as apprentice training data (no expert needed).
+
+``suti generate`` makes one (demos, prompt, expert sample) example per kept expert sample, at the
+cost of a DreamBooth run per cluster. A *photo sample* needs no expert: it holds a cluster's photos
+(``K.demo_0.jpg`` ... and ``K.json``, no ``K.target.jpg``), and the training pipeline turns it into
+a reconstruction example (one photo is the target, 3 of the others are the demonstrations; see
+:class:`apprentice.data.ToExample`). Mining is cheap, so photo shards give the apprentice
+thousands of subjects where expert shards give tens to hundreds; the two are mixed by passing both
+to ``suti apprentice train --shards``.
+
+Samples are keyed by cluster id and packed with :class:`mining.shards.ShardPacker`, so a rerun
+(after a crash, or with more clusters) writes every cluster exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from suti.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: ``kind`` field of a photo sample's json (expert samples have none).
+PHOTO_KIND = "photos"
+
+
+def photo_members(cluster: dict, images: dict) -> tuple[str, list[tuple[str, bytes]]]:
+    """The tar members of one cluster's photo sample: ``(key, members)``.
+
+    Args:
+        cluster: a ``clusters.jsonl`` row (``cluster_id``, ``keys``, ``captions``, ``class_noun``).
+        images: crawl key -> PIL image for the cluster's keys.
+    """
+    from mining.shards import jpeg_bytes
+
+    cid = cluster["cluster_id"]
+    key = f"{cid}_photos"
+    meta = {
+        "key": key, "kind": PHOTO_KIND, "cluster_id": cid, "page_url": cluster.get("page_url"),
+        "class_noun": cluster.get("class_noun"), "demo_keys": cluster["keys"],
+        "demo_captions": cluster.get("captions", []),
+    }
+    members = [(f"{key}.demo_{i}.jpg", jpeg_bytes(images[k])) for i, k in enumerate(cluster["keys"])]
+    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return key, members
+
+
+def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, samples_per_shard: int = 256,
+                min_photos: int = 2, progress: bool = True) -> dict:
+    """Write one photo sample per cluster of ``clusters`` into ``output/shard-*.tar``.
+
+    Clusters with fewer than ``min_photos`` usable photos are skipped (a reconstruction example
+    needs a target and at least one demonstration). Idempotent: clusters already in ``output``'s
+    shards are not written again. Returns counts, also written to ``output/summary.json``.
+
+    Raises:
+        InputError: ``clusters`` is missing or malformed (names the file and line).
+    """
+    from mining.crawl import load_crawl_images
+    from mining.generate import read_clusters
+    from mining.shards import ShardPacker
+
+    if min_photos < 2:
+        raise InputError(f"min_photos must be at least 2 (a target and a demonstration), got {min_photos}")
+    rows = read_clusters(clusters)
+    out = Path(output)
+    packer = ShardPacker(out, samples_per_shard)
+    written = skipped = 0
+    already = len(packer.written)
+    for row in tqdm(rows, desc="photo shards", unit="cluster", disable=not progress):
+        if f"{row['cluster_id']}_photos" in packer.written:
+            continue
+        images = load_crawl_images(crawl, row["keys"], sources=row.get("sources"), strict=False)
+        usable = [k for k in row["keys"] if k in images]
+        if len(usable) < min_photos:
+            skipped += 1
+            continue
+        captions = dict(zip(row["keys"], row.get("captions") or [""] * len(row["keys"])))
+        row = {**row, "keys": usable, "captions": [captions.get(k, "") for k in usable]}
+        key, members = photo_members(row, images)
+        packer.add(key, members)
+        written += 1
+    packer.flush()
+    summary = {"clusters": len(rows), "written": written, "already_present": already, "skipped_too_few_photos": skipped,
+               "samples": len(packer.written), "shards": len(list(out.glob("shard-*.tar")))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("photo shards: %s", summary)
+    return summary
