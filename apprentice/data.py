@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +23,11 @@ from suti.errors import InputError
 from suti.images import fit_square, to_tensor
 
 log = logging.getLogger(__name__)
+
+
+#: A demonstration's field in a sample: ``demo_<i>.jpg`` (expert shards) or ``demo_<i>.png``
+#: (photo shards).
+DEMO_FIELD = re.compile(r"demo_(\d+)\.(?:jpg|png)")
 
 
 def log_and_continue(exn: Exception) -> bool:
@@ -91,13 +97,13 @@ class ToExample:
 
     def __call__(self, sample: dict) -> dict:
         meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
-        demo_fields = sorted((k for k in sample if k.startswith("demo_") and k.endswith(".jpg")), key=lambda k: int(k[5:-4]))
+        demo_fields = sorted((k for k in sample if DEMO_FIELD.fullmatch(k)), key=lambda k: int(DEMO_FIELD.fullmatch(k).group(1)))
         if not demo_fields:
             raise ValueError(f"sample {sample.get('__key__')} has no demonstrations")
         captions = meta.get("demo_captions") or [""] * len(demo_fields)
 
         def caption(field: str) -> str:
-            i = int(field[5:-4])
+            i = int(DEMO_FIELD.fullmatch(field).group(1))
             return captions[i] if i < len(captions) else ""
 
         photos_only = "target.jpg" not in sample

@@ -35,3 +35,31 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
             pred = pipe.unet(noisy, t, text[i : i + 1], cross_attention_kwargs={"demo": ctx}).sample
             losses.append(per_sample_mse(pred, noise))
     return torch.cat(losses).mean().item()
+
+
+def heldout_demo_loss(pipe, num_subjects: int = 12, *, seed: int = 7, num_demos: int = 3, num_targets: int = 4, draws: int = 4) -> tuple[float, float]:
+    """Denoising loss on held-out world subjects' *other* photos, with and without demonstrations.
+
+    For each of the first ``num_subjects`` held-out subjects of the toy model's pretraining world
+    (never seen by the toy base, nor by the toy apprentice's training crawl), ``num_demos`` photos
+    are the demonstrations and ``num_targets`` further photos (other contexts and poses) the
+    targets, each with its full caption as the prompt. Returns ``(with_demos, without_demos)``
+    on identical noise and timesteps (see :func:`apprentice_loss`).
+    """
+    import numpy as np
+
+    from apprentice.compare import heldout_subjects
+    from suti.world.render import sample_scene
+
+    _, subjects = heldout_subjects(num_subjects)
+    rng = np.random.default_rng(seed + 1)
+    targets, prompts, demos = [], [], []
+    for subject in subjects:
+        shots = [sample_scene(subject, rng, size=pipe.resolution) for _ in range(num_demos + num_targets)]
+        for img, caption, _ in shots[num_demos:]:
+            targets.append(img)
+            prompts.append(caption)
+            demos.append([s[0] for s in shots[:num_demos]])
+    with_demos = apprentice_loss(pipe, targets, prompts, demos, seed=seed, draws=draws)
+    without = apprentice_loss(pipe, targets, prompts, None, seed=seed, draws=draws)
+    return with_demos, without

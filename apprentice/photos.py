@@ -2,7 +2,8 @@
 
 ``suti generate`` makes one (demos, prompt, expert sample) example per kept expert sample, at the
 cost of a DreamBooth run per cluster. A *photo sample* needs no expert: it holds a cluster's photos
-(``K.demo_0.jpg`` ... and ``K.json``, no ``K.target.jpg``), and the training pipeline turns it into
+(``K.demo_0.png`` ... and ``K.json``, no ``K.target.jpg``; PNG keeps the crawl's decoded pixels
+exactly, with no second JPEG pass), and the training pipeline turns it into
 a reconstruction example (one photo is the target, 3 of the others are the demonstrations; see
 :class:`apprentice.data.ToExample`). Mining is cheap, so photo shards give the apprentice
 thousands of subjects where expert shards give tens to hundreds; the two are mixed by passing both
@@ -35,7 +36,7 @@ def photo_members(cluster: dict, images: dict) -> tuple[str, list[tuple[str, byt
         cluster: a ``clusters.jsonl`` row (``cluster_id``, ``keys``, ``captions``, ``class_noun``).
         images: crawl key -> PIL image for the cluster's keys.
     """
-    from mining.shards import jpeg_bytes
+    import io
 
     cid = cluster["cluster_id"]
     key = f"{cid}_photos"
@@ -44,7 +45,11 @@ def photo_members(cluster: dict, images: dict) -> tuple[str, list[tuple[str, byt
         "class_noun": cluster.get("class_noun"), "demo_keys": cluster["keys"],
         "demo_captions": cluster.get("captions", []),
     }
-    members = [(f"{key}.demo_{i}.jpg", jpeg_bytes(images[k])) for i, k in enumerate(cluster["keys"])]
+    members = []
+    for i, k in enumerate(cluster["keys"]):
+        buf = io.BytesIO()
+        images[k].convert("RGB").save(buf, format="PNG")  # lossless: the decoded crawl pixels
+        members.append((f"{key}.demo_{i}.png", buf.getvalue()))
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
     return key, members
 

@@ -9,7 +9,6 @@ generation on Ray, DeepSpeed training) into the cache, which takes a long time o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -32,11 +31,10 @@ def toy_apprentice_folder() -> Path:
             assemble(WEIGHTS, tmp)
             return
         log.warning("the toy apprentice's weights are not shipped; training it with the main job's pipeline (long on a CPU)")
-        from suti.demo import run_pipeline
+        from suti.demo import demo_args, run_pipeline
 
         work = cache_dir() / "apprentices" / "toy-build"
-        args = argparse.Namespace(output=str(work), model="toy", subjects=40, noise_pages=0.2, expert_steps=120, apprentice_steps=600, self_target=0.5, workers=2, seed=7)
-        app = run_pipeline(args)
+        app = run_pipeline(demo_args(["--output", str(work)]))  # the main job's defaults
         shutil.rmtree(tmp)
         shutil.copytree(app, tmp)
 

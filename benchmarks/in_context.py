@@ -9,8 +9,8 @@ One run measures, on the same held-out subjects, prompts and seeds (:mod:`appren
     demos + first image) -> the speed-up ratio (paper: 20x; our goal: at least 50x);
 (c) time per image with the demos cached: apprentice / base model, same denoising steps, for
     demo guidance 2 (three guidance branches) and 1 (two branches, as the base) (goal: <= 1.25x);
-(d) the denoising loss of the apprentice on the subjects' *other* photos with their 3 demos vs
-    without demos (same noise and timesteps);
+(d) the denoising loss of the apprentice on held-out subjects' *other* photos with their 3 demos
+    vs without demos (same noise and timesteps; :func:`apprentice.evaluate.heldout_demo_loss`);
 (e) optionally (``--ablation-shards``, shards generated with ``suti generate --no-filter``): the
     delta-CLIP ablation of SuTI section 5.3: apprentices trained on the same shards filtered at
     lambda = none, 0 and 0.02 for ``--ablation-steps`` each, then (a) for the apprentice only.
@@ -58,28 +58,6 @@ def per_image_ratio(app, base, demos, prompt: str, steps: int, repeats: int) -> 
     return out
 
 
-def demo_loss(app, num_subjects: int, seed: int) -> tuple[float, float]:
-    """(d): apprentice loss on 4 other photos of each held-out subject, with / without its demos."""
-    from apprentice.compare import heldout_subjects
-    from apprentice.evaluate import apprentice_loss
-    from suti.world.render import sample_scene
-    import numpy as np
-
-    world, subjects = heldout_subjects(num_subjects)
-    rng = np.random.default_rng(seed + 1)
-    res = app.resolution
-    targets, prompts, demos = [], [], []
-    for subject in subjects:
-        shots = [sample_scene(subject, rng, size=res) for _ in range(7)]
-        for img, caption, _ in shots[3:]:
-            targets.append(img)
-            prompts.append(caption)
-            demos.append([s[0] for s in shots[:3]])
-    with_demos = apprentice_loss(app, targets, prompts, demos, seed=seed)
-    without = apprentice_loss(app, targets, prompts, None, seed=seed)
-    return with_demos, without
-
-
 def ablation(shards: str, steps: int, args, base) -> list[dict]:
     """(e): train one apprentice per lambda on the same shards and score it."""
     from apprentice.compare import compare_on_world, mean_metrics
@@ -105,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apprentice", default="toy", help='apprentice folder or "toy"')
     p.add_argument("--model", default="toy", help="base model preset of the apprentice and the experts")
     p.add_argument("--subjects", type=int, default=3, help="held-out world subjects")
+    p.add_argument("--loss-subjects", type=int, default=12, help="held-out world subjects of (d) (4 target photos each)")
     p.add_argument("--expert-steps", type=int, default=200, help="DreamBooth steps of each expert")
     p.add_argument("--steps", type=int, default=25, help="denoising steps of every sampler")
     p.add_argument("--repeats", type=int, default=5, help="timed images per method for (c)")
@@ -117,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from apprentice.compare import compare_on_world, mean_metrics
+    from apprentice.evaluate import heldout_demo_loss
     from apprentice.sample import load_apprentice
     from experts import load_pipeline
 
@@ -146,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         report["time_per_image"][f"ratio_sdemo{s_demo}"] = ratio
         print(f"(c) time per image, demo guidance {s_demo}: apprentice {per[f'apprentice_sdemo{s_demo}_s']:.3f} s / base {per['base_s']:.3f} s = {ratio:.2f}x")
 
-    with_demos, without = demo_loss(app, args.subjects, args.seed)
+    with_demos, without = heldout_demo_loss(app, args.loss_subjects, seed=args.seed)
     report["loss"] = {"with_demos": with_demos, "without_demos": without, "ratio": with_demos / without}
     print(f"(d) denoising loss on other photos: with demos {with_demos:.4f}, without {without:.4f} (ratio {with_demos / without:.3f})")
 

@@ -10,6 +10,8 @@ Text-to-image part (``toy`` preset, :mod:`suti.world.toy_t2i`):
     A ratio right / wrong < 1 means the caption helps to denoise.
 (b) a grid of samples for held-out caption combinations (held-out subjects' class + colour +
     pattern, in each context), one real render of the same caption at the left of each row.
+(d) the attribute probe's class and context accuracy on samples for held-out subjects' full
+    captions, against chance and against real renders of the same captions.
 
 Usage::
 
@@ -127,6 +129,44 @@ def sample_grid(pipe, output: str | Path, *, contexts=GRID_CONTEXTS, steps: int 
 
 
 # --------------------------------------------------------------------------------------------
+# (d) does the probe recognise the samples? (class and context, against chance)
+
+
+def probe_recognition(pipe, *, num: int = 60, steps: int = 25, guidance: float = 4.0,
+                      seed: int = 0) -> dict:
+    """Sample one image per held-out subject of the toy model's pretraining world, each for its
+    full caption in a random context (a class + colour + pattern + part combination no
+    pretraining subject has), and read the samples with the attribute probe. Returns the
+    probe's class and context accuracy on the samples, on real renders of the same captions
+    (the probe's own ceiling) and the chance levels (1 / number of classes or contexts)."""
+    import torch
+
+    from suti.world.probe import load_probe
+    from suti.world.render import Pose, caption, render
+    from suti.world.spec import CLASSES, CONTEXTS
+    from suti.world.toy_t2i import pretrain_world
+
+    subjects = pretrain_world().heldout_subjects[:num]
+    rng = np.random.default_rng(seed)
+    contexts = sorted(CONTEXTS)
+    wanted = [contexts[int(rng.integers(len(contexts)))] for _ in subjects]
+    prompts = [caption(s, c) for s, c in zip(subjects, wanted)]
+    samples = []
+    for i in range(0, len(prompts), 8):
+        gen = torch.Generator().manual_seed(seed + i)
+        samples += pipe(prompts[i:i + 8], height=32, width=32, num_inference_steps=steps,
+                        guidance_scale=guidance, generator=gen).images
+    reals = [render(s, c, pose=Pose.random(rng), size=32, rng=rng) for s, c in zip(subjects, wanted)]
+    probe = load_probe()
+    out = {"n": len(subjects), "chance_class": 1 / len(CLASSES), "chance_context": 1 / len(CONTEXTS)}
+    for name, images in (("samples", samples), ("real", reals)):
+        rows = probe.predict(images)
+        out[f"{name}_class"] = float(np.mean([r["class_name"] == s.class_name for r, s in zip(rows, subjects)]))
+        out[f"{name}_context"] = float(np.mean([r["context"] == c for r, c in zip(rows, wanted)]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # (c) DreamBooth experts on the model: which learning-rate scale? (--expert-sweep)
 
 
@@ -238,6 +278,12 @@ def t2i_report(args) -> dict:
         print("    rows (left: a real render on the beach; then " + ", ".join(GRID_CONTEXTS) + "):")
         for subject in heldout_subjects():
             print(f"    {subject.subject_id}: {caption(subject)}")
+    rec = probe_recognition(pipe, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    print(f"\n(d) the probe on {rec['n']} samples for held-out subjects' captions (real renders of "
+          f"the same captions: the probe's ceiling)")
+    for what in ("class", "context"):
+        print(f"    {what:<8} samples {rec['samples_' + what]:.3f}  real {rec['real_' + what]:.3f}  "
+              f"chance {rec['chance_' + what]:.3f}  samples / chance {rec['samples_' + what] / rec['chance_' + what]:.1f}x")
     return losses
 
 

@@ -1,11 +1,15 @@
 """``suti demo``: the README's main job, the whole SuTI pipeline on the embedded default.
 
-1. make a synthetic web crawl (``suti world make``),
+1. make a synthetic web crawl (``suti world make``; PNG, since JPEG artifacts at 32 px are a
+   domain of their own that the apprentice would learn instead of the subject),
 2. mine subject clusters from it (``suti mine``),
-3. generate expert data on local Ray (``suti generate``: one DreamBooth expert per cluster,
-   delta-CLIP filter, webdataset shards),
-4. train the apprentice with DeepSpeed on the shards (``suti apprentice train``),
-5. answer in-context queries for held-out subjects of the toy world and compare with a DreamBooth
+3. write every cluster's photos as photo shards (``suti apprentice pack-photos``),
+4. generate expert data on local Ray for the first ``--expert-clusters`` clusters (``suti
+   generate``: one DreamBooth expert per cluster, delta-CLIP filter, webdataset shards),
+5. train the apprentice with DeepSpeed on the expert shards and the photo shards (``suti
+   apprentice train``): mining is cheap and experts are not, so on a CPU the apprentice sees
+   about a thousand subjects through their photos and tens through expert samples,
+6. answer in-context queries for held-out subjects of the toy world and compare with a DreamBooth
    expert and the base model on the same prompts and seeds: an image grid
    (demos | apprentice | expert | base) and the fidelity numbers (probe identity accuracy,
    small-CLIP image similarity to the demos) and times.
@@ -15,6 +19,7 @@ Each stage skips when its output exists, so a rerun of the same command continue
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -27,15 +32,24 @@ from suti.errors import SutiError
 log = logging.getLogger(__name__)
 
 
+def demo_args(argv: list[str]) -> argparse.Namespace:
+    """``suti demo`` arguments (defaults included) from ``argv``, e.g. ``["--output", "X"]``."""
+    parser = argparse.ArgumentParser(prog="suti")
+    register(parser.add_subparsers())
+    return parser.parse_args(["demo", *argv])
+
+
 def register(subparsers) -> None:
     """Add ``suti demo``."""
     p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded default (synthetic world, CPU)")
     p.add_argument("--output", default="runs/demo", help="folder of every stage's outputs")
     p.add_argument("--model", default="toy", help="base model")
-    p.add_argument("--subjects", type=int, default=40, help="subjects in the synthetic crawl")
+    p.add_argument("--subjects", type=int, default=1400, help="subjects in the synthetic crawl (3/4 are crawled)")
     p.add_argument("--noise-pages", type=float, default=0.2)
+    p.add_argument("--expert-clusters", type=int, default=30, help="clusters that get a data-generating DreamBooth expert (all get photo shards)")
     p.add_argument("--expert-steps", type=int, default=120, help="steps of each data-generating expert")
-    p.add_argument("--apprentice-steps", type=int, default=600)
+    p.add_argument("--apprentice-steps", type=int, default=2400)
+    p.add_argument("--apprentice-lr", type=float, default=1e-3, help="learning rate of the demonstration-attention layers (the base is frozen)")
     p.add_argument("--self-target", type=float, default=0.5, help="share of apprentice examples that reconstruct a held-out cluster photo (apprentice train --self-target)")
     p.add_argument("--query-subjects", type=int, default=3, help="held-out subjects queried at the end")
     p.add_argument("--query-expert-steps", type=int, default=200, help="steps of the DreamBooth expert compared at the end")
@@ -59,14 +73,15 @@ def _stage(name: str, done: bool, argv: list[str]) -> float:
 
 
 def run_pipeline(args) -> Path:
-    """Stages 1-4; returns the apprentice folder."""
+    """Stages 1-5; returns the apprentice folder."""
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    crawl, mined, shards, app = out / "crawl", out / "mined", out / "shards", out / "apprentice"
-    _stage("crawl", (crawl / "crawl.jsonl").is_file(), ["world", "make", "--output", str(crawl), "--subjects", str(args.subjects), "--noise-pages", str(args.noise_pages), "--seed", str(args.seed), "--size", "32"])
+    crawl, mined, photos, shards, app = out / "crawl", out / "mined", out / "photos", out / "shards", out / "apprentice"
+    _stage("crawl", (crawl / "crawl.jsonl").is_file(), ["world", "make", "--output", str(crawl), "--subjects", str(args.subjects), "--noise-pages", str(args.noise_pages), "--seed", str(args.seed), "--size", "32", "--image-format", "png"])
     _stage("mine", (mined / "clusters.jsonl").is_file(), ["mine", "--crawl", str(crawl), "--output", str(mined)])
-    _stage("generate", (shards / "summary.json").is_file(), ["generate", "--clusters", str(mined / "clusters.jsonl"), "--crawl", str(crawl), "--output", str(shards), "--model", args.model, "--steps", str(args.expert_steps), "--max-workers", str(args.workers), "--samples-per-shard", "32"])
-    _stage("apprentice", (app / "model_index.json").is_file(), ["apprentice", "train", "--shards", str(shards / "shard-*.tar"), "--model", args.model, "--output", str(app), "--steps", str(args.apprentice_steps), "--freeze-base", "--batch-size", "8", "--learning-rate", "3e-4", "--save-steps", "500", "--self-target", str(args.self_target), "--overwrite"])
+    _stage("photos", (photos / "summary.json").is_file(), ["apprentice", "pack-photos", "--clusters", str(mined / "clusters.jsonl"), "--crawl", str(crawl), "--output", str(photos)])
+    _stage("generate", (shards / "summary.json").is_file(), ["generate", "--clusters", str(mined / "clusters.jsonl"), "--crawl", str(crawl), "--output", str(shards), "--model", args.model, "--steps", str(args.expert_steps), "--max-workers", str(args.workers), "--samples-per-shard", "32", "--max-clusters", str(args.expert_clusters)])
+    _stage("apprentice", (app / "model_index.json").is_file(), ["apprentice", "train", "--shards", str(shards / "shard-*.tar"), str(photos / "shard-*.tar"), "--model", args.model, "--output", str(app), "--steps", str(args.apprentice_steps), "--freeze-base", "--batch-size", "8", "--learning-rate", str(args.apprentice_lr), "--save-steps", "500", "--self-target", str(args.self_target), "--overwrite"])
     return app
 
 
@@ -83,7 +98,7 @@ def _grid(rows: list[list[Image.Image]], labels: list[str], cell: int = 64) -> I
 
 
 def query(args, apprentice_dir: Path) -> dict:
-    """Stage 5: in-context queries for held-out toy-world subjects vs a DreamBooth expert and the
+    """Stage 6: in-context queries for held-out toy-world subjects vs a DreamBooth expert and the
     base model (:func:`apprentice.compare.compare_on_world`); writes ``grid.png`` and
     ``results.json`` and returns the mean numbers."""
     from apprentice.compare import compare_on_world, mean_metrics

@@ -102,3 +102,18 @@ def test_toy_apprentice_assembles_from_shipped_weights_offline(monkeypatch):
     assert any(p.abs().sum() > 0 for n, p in app.adapter.named_parameters() if "to_out" in n)
     image = app("a cup on the beach", demo_images=[image for image in base("a red cup", num_images_per_prompt=3, height=32, width=32, num_inference_steps=2).images], num_inference_steps=3).images[0]
     assert image.size == (32, 32)
+
+
+def test_toy_apprentice_denoises_heldout_subjects_better_with_their_demonstrations():
+    """Issue 5, acceptance 3: on held-out world subjects (never seen by the toy base nor by the
+    apprentice's training crawl), the shipped toy apprentice's denoising loss on the subject's
+    other photos is lower with 3 demonstrations than without (same noise and timesteps)."""
+    from apprentice.evaluate import heldout_demo_loss
+    from apprentice.sample import load_apprentice
+    from apprentice.toy import WEIGHTS
+
+    if not (WEIGHTS / "config.json").is_file():
+        pytest.skip("the toy apprentice's adapter is not shipped")
+    torch.manual_seed(0)
+    with_demos, without = heldout_demo_loss(load_apprentice("toy"), 12, seed=7)
+    assert with_demos < without, (with_demos, without)

@@ -240,6 +240,24 @@ def test_crawl_ground_truth_is_consistent(tmp_path):
     assert members[f"{key}.jpg"] == (out / "images" / f"{key}.jpg").read_bytes()
 
 
+def test_png_crawl_is_lossless_and_has_the_jpg_crawls_pixels_and_layout(tmp_path):
+    kw = dict(num_subjects=4, noise_pages_fraction=0.0, images_per_page=(2, 3), size=32, seed=2)
+    make_crawl(tmp_path / "jpg", **kw)
+    make_crawl(tmp_path / "png", image_format="png", **kw)
+    jpg_rows = [json.loads(line) for line in (tmp_path / "jpg" / "crawl.jsonl").read_text().splitlines()]
+    png_rows = [json.loads(line) for line in (tmp_path / "png" / "crawl.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in jpg_rows] == [r["key"] for r in png_rows]
+    for j, p in zip(jpg_rows, png_rows):
+        assert p["path"].endswith(".png") and p["url"].endswith(".png") and j["caption"] == p["caption"]
+        png = np.asarray(Image.open(tmp_path / "png" / p["path"]).convert("RGB"), dtype=np.float32)
+        jpg = np.asarray(Image.open(tmp_path / "jpg" / j["path"]).convert("RGB"), dtype=np.float32)
+        assert 0 < np.abs(png - jpg).mean() < 12  # the same scene; JPEG adds its artifacts
+    with tarfile.open(next((tmp_path / "png" / "shards").glob("*.tar"))) as tar:
+        assert any(m.name.endswith(".png") for m in tar.getmembers())
+    with pytest.raises(InputError, match="image format"):
+        make_crawl(tmp_path / "gif", image_format="gif", **kw)
+
+
 @pytest.mark.parametrize("noise,expect_clean", [(0.0, True), (1.0, False)])
 def test_crawl_noise_extremes(tmp_path, noise, expect_clean):
     make_crawl(tmp_path / "c", 6, noise, seed=0, images_per_page=(2, 3), size=32, shard_size=0)

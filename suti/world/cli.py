@@ -30,7 +30,7 @@ def cmd_make(args: argparse.Namespace) -> int:
                          pages_per_subject=args.pages_per_subject,
                          heldout_fraction=args.heldout_fraction,
                          include_heldout=args.include_heldout, shard_size=args.shard_size,
-                         progress=True)
+                         image_format=args.image_format, progress=True)
     print(f"wrote {summary['images']} images on {summary['pages']} pages "
           f"({summary['clean_pages']} clean, {summary['noise_pages']} noise) of "
           f"{summary['crawled_subjects']}/{summary['subjects']} subjects "
@@ -121,6 +121,8 @@ def register(subparsers) -> None:
                       help="fraction of subjects held out, never crawled (0.25)")
     make.add_argument("--include-heldout", action="store_true",
                       help="also crawl the held-out subjects")
+    make.add_argument("--image-format", choices=["jpg", "png"], default="jpg",
+                      help="jpg (quality 90, like crawled photos) or png (lossless) (jpg)")
     make.add_argument("--shard-size", type=int, default=1000,
                       help="images per webdataset tar shard; 0: no shards (1000)")
     make.set_defaults(func=cmd_make)

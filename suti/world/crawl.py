@@ -3,7 +3,8 @@
 :func:`make_crawl` writes::
 
     output_dir/
-      images/{key}.jpg .txt .json   img2dataset layout (json: key, url, page_url, caption)
+      images/{key}.jpg .txt .json   img2dataset layout (json: key, url, page_url, caption;
+                                    .png with image_format="png")
       crawl.jsonl                   one row per image: key, path, url, page_url, caption
       shards/crawl-00000.tar ...    webdataset shards (key.jpg, key.txt, key.json members)
       world.json                    the world, to rebuild it (see suti.world.spec.load_world)
@@ -153,7 +154,7 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
                seed: int, images_per_page: tuple[int, int] = (3, 8), size: int = 64, *,
                pages_per_subject: int = 1, heldout_fraction: float = 0.25,
                include_heldout: bool = False, shard_size: int = 1000,
-               progress: bool = False) -> dict:
+               image_format: str = "jpg", progress: bool = False) -> dict:
     """Generate a world of ``num_subjects`` subjects and write its crawl to ``output_dir``.
 
     Args:
@@ -167,6 +168,9 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
         heldout_fraction: see :func:`suti.world.spec.make_world`.
         include_heldout: also put held-out subjects in the crawl (default: train only).
         shard_size: images per webdataset tar shard; 0 writes no shards.
+        image_format: ``"jpg"`` (JPEG quality 90, as crawled photos are) or ``"png"`` (lossless:
+            clean images, e.g. for training data at 32 px, where JPEG artifacts are a domain of
+            their own).
         progress: show a progress bar on stderr.
 
     Returns:
@@ -177,6 +181,8 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
         InputError: bad arguments or a non-empty output folder.
     """
     out = Path(output_dir)
+    if image_format not in ("jpg", "png"):
+        raise InputError(f"image format must be jpg or png, got {image_format!r}")
     _check_args(out, num_subjects, noise_pages_fraction, tuple(images_per_page), size,
                 pages_per_subject, heldout_fraction, shard_size)
     world = make_world(num_subjects, seed, heldout_fraction)
@@ -196,11 +202,14 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
         for img, alt, subject, meta in _page_images(kind, subjects, int(rng.integers(lo, hi + 1)),
                                                     rng, size):
             key = f"{len(rows):09d}"
-            url = f"{HOST}/img/{key}.jpg"
+            url = f"{HOST}/img/{key}.{image_format}"
             buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+            if image_format == "jpg":
+                img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+            else:
+                img.save(buf, format="PNG")
             sidecar = _dumps({"key": key, "url": url, "page_url": page_url, "caption": alt})
-            files = {f"{key}.jpg": buf.getvalue(), f"{key}.txt": alt.encode(),
+            files = {f"{key}.{image_format}": buf.getvalue(), f"{key}.txt": alt.encode(),
                      f"{key}.json": sidecar.encode()}
             for name, data in files.items():
                 (out / "images" / name).write_bytes(data)
@@ -214,7 +223,7 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
                     shard_idx += 1
                 for name, data in files.items():
                     _tar_add(shard, name, data)
-            rows.append({"key": key, "path": f"images/{key}.jpg", "url": url,
+            rows.append({"key": key, "path": f"images/{key}.{image_format}", "url": url,
                          "page_url": page_url, "caption": alt})
             truth_images[key] = subject.subject_id if subject else None
             image_meta[key] = meta
