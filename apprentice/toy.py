@@ -3,8 +3,9 @@
 Its demonstration-attention weights ship in ``suti/world/weights/toy_apprentice/`` (the base is
 the ``toy`` preset, frozen during its training). :func:`toy_apprentice_folder` assembles them
 with the toy base into an :class:`~apprentice.pipeline.ApprenticePipeline` folder in the suti
-cache (once), or, if they are missing, runs the main job's stages 1-4 (crawl, mining, expert
-generation on Ray, DeepSpeed training) into the cache, which takes a long time on a CPU.
+cache (once), or, if they are missing, runs the main job's stages 1-5 with its defaults (crawl,
+mining, photo shards, expert generation on Ray, DeepSpeed training) into the cache, about 15
+minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
