@@ -10,6 +10,16 @@ from suti.cli import main
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    try:
+        _run_demo_twice(tmp_path, capsys)
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()  # the generation stage started a local cluster; later tests start their own
+
+
+def _run_demo_twice(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", str(out), "--subjects", "12", "--noise-pages", "0.1", "--expert-clusters", "2",
             "--expert-steps", "4", "--apprentice-steps", "6", "--query-subjects", "1", "--query-expert-steps", "4",
