@@ -63,12 +63,15 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
     shards are not written again. Returns counts, also written to ``output/summary.json``.
 
     Raises:
-        InputError: ``clusters`` is missing or malformed (names the file and line).
+        InputError: ``crawl`` does not exist, or ``clusters`` is missing or malformed (names the
+            file and line).
     """
     from mining.crawl import load_crawl_images
     from mining.generate import read_clusters
     from mining.shards import ShardPacker
 
+    if not Path(crawl).exists():
+        raise InputError(f"{crawl}: no such crawl (give the folder or manifest `suti mine` read)")
     if min_photos < 2:
         raise InputError(f"min_photos must be at least 2 (a target and a demonstration), got {min_photos}")
     rows = read_clusters(clusters)

@@ -97,3 +97,11 @@ def test_pack_photos_names_a_missing_clusters_file(tmp_path, capsys):
     assert code == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_pack_photos_names_a_missing_crawl(mined, tmp_path, capsys):
+    _, clusters = mined
+    code = main(["apprentice", "pack-photos", "--clusters", str(clusters), "--crawl", str(tmp_path / "no-crawl"), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "no-crawl: no such crawl" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
