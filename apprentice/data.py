@@ -97,13 +97,14 @@ class ToExample:
 
     def __call__(self, sample: dict) -> dict:
         meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
-        demo_fields = sorted((k for k in sample if DEMO_FIELD.fullmatch(k)), key=lambda k: int(DEMO_FIELD.fullmatch(k).group(1)))
+        index = {k: int(m.group(1)) for k in sample if (m := DEMO_FIELD.fullmatch(k))}  # field -> demo number
+        demo_fields = sorted(index, key=index.get)
         if not demo_fields:
             raise ValueError(f"sample {sample.get('__key__')} has no demonstrations")
         captions = meta.get("demo_captions") or [""] * len(demo_fields)
 
         def caption(field: str) -> str:
-            i = int(DEMO_FIELD.fullmatch(field).group(1))
+            i = index[field]
             return captions[i] if i < len(captions) else ""
 
         photos_only = "target.jpg" not in sample

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 PHOTO_KIND = "photos"
 
 
+def photo_key(cluster_id: str) -> str:
+    """The sample key of a cluster's photo sample."""
+    return f"{cluster_id}_photos"
+
+
 def photo_members(cluster: dict, images: dict) -> tuple[str, list[tuple[str, bytes]]]:
     """The tar members of one cluster's photo sample: ``(key, members)``.
 
@@ -36,22 +41,17 @@ def photo_members(cluster: dict, images: dict) -> tuple[str, list[tuple[str, byt
         cluster: a ``clusters.jsonl`` row (``cluster_id``, ``keys``, ``captions``, ``class_noun``).
         images: crawl key -> PIL image for the cluster's keys.
     """
-    import io
+    from mining.shards import png_bytes, sample_members
 
     cid = cluster["cluster_id"]
-    key = f"{cid}_photos"
+    key = photo_key(cid)
     meta = {
         "key": key, "kind": PHOTO_KIND, "cluster_id": cid, "page_url": cluster.get("page_url"),
         "class_noun": cluster.get("class_noun"), "demo_keys": cluster["keys"],
         "demo_captions": cluster.get("captions", []),
     }
-    members = []
-    for i, k in enumerate(cluster["keys"]):
-        buf = io.BytesIO()
-        images[k].convert("RGB").save(buf, format="PNG")  # lossless: the decoded crawl pixels
-        members.append((f"{key}.demo_{i}.png", buf.getvalue()))
-    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
-    return key, members
+    # PNG: the decoded crawl pixels, with no second JPEG pass
+    return key, sample_members(key, None, [png_bytes(images[k]) for k in cluster["keys"]], meta, demo_ext="png")
 
 
 def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, samples_per_shard: int = 256,
@@ -79,19 +79,26 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
     packer = ShardPacker(out, samples_per_shard)
     written = skipped = 0
     already = len(packer.written)
-    for row in tqdm(rows, desc="photo shards", unit="cluster", disable=not progress):
-        if f"{row['cluster_id']}_photos" in packer.written:
-            continue
-        images = load_crawl_images(crawl, row["keys"], sources=row.get("sources"), strict=False)
-        usable = [k for k in row["keys"] if k in images]
-        if len(usable) < min_photos:
-            skipped += 1
-            continue
-        captions = dict(zip(row["keys"], row.get("captions") or [""] * len(row["keys"])))
-        row = {**row, "keys": usable, "captions": [captions.get(k, "") for k in usable]}
-        key, members = photo_members(row, images)
-        packer.add(key, members)
-        written += 1
+    todo = [row for row in rows if photo_key(row["cluster_id"]) not in packer.written]
+    bar = tqdm(total=len(todo), desc="photo shards", unit="cluster", disable=not progress)
+    for start in range(0, len(todo), samples_per_shard):
+        # one crawl read per chunk of clusters (a crawl without byte offsets is scanned, not
+        # re-scanned per cluster), and at most a shard's worth of decoded images in memory
+        chunk = todo[start:start + samples_per_shard]
+        keys = [k for row in chunk for k in row["keys"]]
+        sources = [s for row in chunk for s in (row.get("sources") or [None] * len(row["keys"]))]
+        images = load_crawl_images(crawl, keys, sources=sources, strict=False)
+        for row in chunk:
+            usable = [k for k in row["keys"] if k in images]
+            if len(usable) < min_photos:
+                skipped += 1
+            else:
+                captions = dict(zip(row["keys"], row.get("captions") or [""] * len(row["keys"])))
+                key, members = photo_members({**row, "keys": usable, "captions": [captions.get(k, "") for k in usable]}, images)
+                packer.add(key, members)
+                written += 1
+            bar.update(1)
+    bar.close()
     packer.flush()
     summary = {"clusters": len(rows), "written": written, "already_present": already, "skipped_too_few_photos": skipped,
                "samples": len(packer.written), "shards": len(list(out.glob("shard-*.tar")))}

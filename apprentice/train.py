@@ -302,7 +302,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
-    p.add_argument("--self-target", type=float, default=0.0, help="share of examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
+    p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
     p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
     p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
     p.add_argument("--overwrite", action="store_true")

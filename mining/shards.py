@@ -28,12 +28,21 @@ def jpeg_bytes(img: Image.Image, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(key: str, target: bytes, demos: list[bytes], meta: dict) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in webdataset naming (``key.field``)."""
+def png_bytes(img: Image.Image) -> bytes:
+    """Encode an image as PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_members(key: str, target: bytes | None, demos: list[bytes], meta: dict, demo_ext: str = "jpg") -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in webdataset naming (``key.field``): ``key.target.jpg``
+    (left out when ``target`` is ``None``: a photo sample), ``key.demo_<i>.<demo_ext>`` and
+    ``key.json``."""
     if "." in key:
         raise ValueError(f"sample key {key!r} must not contain a dot")
-    members = [(f"{key}.target.jpg", target)]
-    members += [(f"{key}.demo_{i}.jpg", d) for i, d in enumerate(demos)]
+    members = [] if target is None else [(f"{key}.target.jpg", target)]
+    members += [(f"{key}.demo_{i}.{demo_ext}", d) for i, d in enumerate(demos)]
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
     return members
 

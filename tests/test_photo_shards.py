@@ -1,12 +1,12 @@
 """Photo shards (``suti apprentice pack-photos``): mined clusters' photos as reconstruction examples."""
 
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from apprentice.data import make_pipeline
+from mining.shards import existing_shards, shard_keys
 from shard_util import world_shards
 from suti.cli import main
 
@@ -21,11 +21,7 @@ def mined(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _keys(folder: Path) -> list[str]:
-    keys = []
-    for shard in sorted(folder.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            keys += sorted({m.name.partition(".")[0] for m in tar.getmembers()})
-    return keys
+    return [k for shard in existing_shards(folder) for k in shard_keys(shard)]
 
 
 def test_pack_photos_writes_each_cluster_once_and_a_rerun_adds_nothing(mined, tmp_path, capsys):

@@ -122,7 +122,7 @@ def _page_images(kind: str, subjects: list[Subject], n: int, rng: np.random.Gene
 
 def _check_args(output_dir: Path, num_subjects: int, noise_pages_fraction: float,
                 images_per_page: tuple[int, int], size: int, pages_per_subject: int,
-                heldout_fraction: float, shard_size: int) -> None:
+                heldout_fraction: float, shard_size: int, image_format: str) -> None:
     if num_subjects < 1:
         raise InputError(f"number of subjects must be >= 1, got {num_subjects}")
     if not 0.0 <= noise_pages_fraction <= 1.0:
@@ -138,6 +138,8 @@ def _check_args(output_dir: Path, num_subjects: int, noise_pages_fraction: float
         raise InputError(f"held-out fraction must be in [0, 1], got {heldout_fraction}")
     if shard_size < 0:
         raise InputError(f"shard size must be >= 0, got {shard_size}")
+    if image_format not in ("jpg", "png"):
+        raise InputError(f"image format must be jpg or png, got {image_format!r}")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise InputError(f"output folder {output_dir} exists and is not empty")
 
@@ -181,10 +183,8 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
         InputError: bad arguments or a non-empty output folder.
     """
     out = Path(output_dir)
-    if image_format not in ("jpg", "png"):
-        raise InputError(f"image format must be jpg or png, got {image_format!r}")
     _check_args(out, num_subjects, noise_pages_fraction, tuple(images_per_page), size,
-                pages_per_subject, heldout_fraction, shard_size)
+                pages_per_subject, heldout_fraction, shard_size, image_format)
     world = make_world(num_subjects, seed, heldout_fraction)
     crawled = world.subjects if include_heldout else world.train_subjects
     rng = np.random.default_rng([seed, 7])
