@@ -117,3 +117,30 @@ def test_toy_apprentice_denoises_heldout_subjects_better_with_their_demonstratio
     torch.manual_seed(0)
     with_demos, without = heldout_demo_loss(load_apprentice("toy"), 12, seed=7)
     assert with_demos < without, (with_demos, without)
+
+
+def test_continue_pretraining_keeps_the_latent_space_and_records_its_history(tmp_path):
+    """``suti world pretrain --continue-from``: the VAE encoder (the latent space the U-Net was
+    trained on) is untouched, decoder and U-Net move, the result loads through
+    ``from_pretrained`` and its summary carries the earlier run's."""
+    from diffusers import StableDiffusionPipeline
+
+    from suti.world.toy_t2i import SUMMARY_FILE, continue_t2i
+
+    out = tmp_path / "t2i"
+    summary = continue_t2i(out, minutes=None, steps=3, decoder_minutes=0.05, subjects=300,
+                           progress=False)
+    assert not (tmp_path / "t2i.partial").exists()
+    assert summary["unet_steps"] == 3 and summary["decoder_steps"] >= 1
+    assert summary["continued_from"]["unet_steps"] > 0
+    assert summary["total_unet_steps"] == summary["continued_from"].get(
+        "total_unet_steps", summary["continued_from"]["unet_steps"]) + 3
+    assert json.loads((out / SUMMARY_FILE).read_text())["world"]["num_subjects"] == 300
+    new = StableDiffusionPipeline.from_pretrained(out)
+    old = load_pipeline("toy")
+    for (name, a), b in zip(new.vae.encoder.state_dict().items(), old.vae.encoder.state_dict().values()):
+        assert torch.equal(a, b), name  # both are the shipped fp16 weights as float32
+    moved = lambda m, n: any(not torch.equal(a, b) for a, b in zip(m.parameters(), n.parameters()))  # noqa: E731
+    assert moved(new.vae.decoder, old.vae.decoder) and moved(new.unet, old.unet)
+    with pytest.raises(FileExistsError):
+        continue_t2i(out, minutes=None, steps=1, progress=False)

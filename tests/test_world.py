@@ -304,3 +304,23 @@ def test_cli_make_show_export(tmp_path, capsys):
     assert main(["world", "export-subject", "--world", str(tmp_path), "--subject", sid,
                  "--output", str(tmp_path / "e")]) == 2
     assert "suti: error:" in capsys.readouterr().err
+
+
+def test_cli_pretrain_continue_rejects_bad_input_before_training(tmp_path, capsys):
+    """``suti world pretrain --continue-from``: a folder that is not a toy pipeline, another
+    model than t2i, or a non-empty output stop with exit code 2 and say which."""
+    from suti.cli import main
+
+    out = tmp_path / "p"
+    assert main(["world", "pretrain", "--continue-from", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    assert "not a toy pipeline folder" in capsys.readouterr().err
+    assert main(["world", "pretrain", "--what", "clip", "--continue-from", "shipped", "--output", str(out)]) == 2
+    assert "--what t2i only" in capsys.readouterr().err
+    (out / "t2i").mkdir(parents=True)
+    (out / "t2i" / "keep.txt").write_text("earlier results")
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    assert main(["world", "pretrain", "--continue-from", str(pipeline), "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "t2i" / "keep.txt").read_text() == "earlier results"

@@ -76,6 +76,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """``suti world pretrain``: pretrain world models into OUTPUT/{t2i,clip,probe}."""
     import importlib
 
+    if args.continue_from is not None:
+        if args.what != "t2i":
+            raise InputError("--continue-from applies to --what t2i only")
+        from suti.world.toy_t2i import WEIGHTS_DIR, continue_t2i
+
+        init = WEIGHTS_DIR if args.continue_from == "shipped" else Path(args.continue_from)
+        if not (init / "model_index.json").is_file():
+            raise InputError(f"--continue-from {args.continue_from}: {init} is not a toy pipeline "
+                             "folder (no model_index.json)")
+        target = Path(args.output) / "t2i"
+        if target.exists() and any(target.iterdir()):
+            raise InputError(f"{target}: output folder is not empty")
+        kwargs = {"minutes": args.minutes} if args.minutes is not None else {}
+        continue_t2i(target, init=init, seed=1 if args.seed is None else args.seed,
+                     subjects=args.subjects, **kwargs)
+        print(f"continue_t2i: wrote {target}")
+        return 0
     jobs = {"t2i": [("suti.world.toy_t2i", "pretrain_t2i")],
             "clip": [("suti.world.toy_clip", "pretrain_clip")],
             "all": [("suti.world.toy_t2i", "pretrain_t2i"), ("suti.world.toy_clip", "pretrain_clip"),
@@ -149,5 +166,15 @@ def register(subparsers) -> None:
                           help="which models (t2i)")
     pretrain.add_argument("--minutes", type=float, default=None,
                           help="time budget per model (default: each model's own, ~25 for t2i)")
-    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--seed", type=int, default=None,
+                          help="randomness of the run (default 0; 1 with --continue-from, so the "
+                               "continued run sees other scenes than the first)")
+    pretrain.add_argument("--continue-from", default=None, metavar="FOLDER|shipped",
+                          help="t2i: continue training this toy pipeline folder ('shipped': the "
+                               "weights in suti/world/weights/toy) instead of starting from "
+                               "scratch; the VAE encoder is kept, the decoder fine-tuned "
+                               "(default budget 45 min for the U-Net + 5 for the decoder)")
+    pretrain.add_argument("--subjects", type=int, default=2000,
+                          help="with --continue-from: train on the train split of the seed-0 "
+                               "world of this many subjects (2000)")
     pretrain.set_defaults(func=cmd_pretrain)

@@ -17,6 +17,13 @@ class noun only, ...) plus 10% empty captions for classifier-free guidance:
 2. the U-Net and the text encoder jointly from scratch (DDPM epsilon loss with min-SNR-5
    weighting, AdamW, warmup + cosine decay, EMA weights are what is saved).
 
+:func:`continue_t2i` (``suti world pretrain --what t2i --continue-from shipped``) trains an
+existing toy model further: the VAE encoder - the latent space - stays, the decoder is
+fine-tuned, then the U-Net and text encoder see the train subjects of a bigger seed-0 world
+(``make_world(2000, 0)``: 1486 subjects; it extends :data:`PRETRAIN_WORLD`, so the held-out
+subjects stay held out). The shipped weights (version 3) are the version-2 model (3500 steps
+from scratch) continued this way for 45 minutes (5495 more steps, 8995 in all).
+
 :func:`build_toy_pipeline` is the ``builder`` of ``configs/models/toy.yaml``: it assembles the
 shipped fp16 weights (``suti/world/weights/toy``) into a float32 pipeline folder, or pretrains
 from scratch when they are missing.
@@ -44,7 +51,7 @@ PRETRAIN_WORLD = (240, 0)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "toy"
 SUMMARY_FILE = "toy_training.json"
 #: Bump together with ``weights_version`` in configs/models/toy.yaml when the weights change.
-WEIGHTS_VERSION = 2
+WEIGHTS_VERSION = 3
 
 VAE_CONFIG: dict[str, Any] = dict(
     sample_size=RESOLUTION, in_channels=3, out_channels=3, latent_channels=4,
@@ -551,6 +558,157 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
     log.info("toy model written to %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
+             "(ratio %.3f)", out, summary["total_seconds"] / 60, ustats["heldout_mse"],
+             ustats["heldout_mse_shuffled"], ustats["caption_ratio"])
+    return summary
+
+
+def finetune_decoder(vae, stream: SceneStream, *, steps: int | None = None,
+                     seconds: float | None = 300.0, batch_size: int = 32, lr: float = 1e-3,
+                     seed: int = 0, progress: bool = True):
+    """Fine-tune the VAE *decoder* (and ``post_quant_conv``) with the encoder frozen.
+
+    The latent space - what the U-Net was trained on - stays exactly the same, so this can run
+    on a VAE whose U-Net is already trained. Loss: MSE + 0.5 L1 on posterior samples, as in
+    :func:`train_vae`. Returns ``(vae, stats)`` with the reconstruction MSE/PSNR before and after
+    on the same 256 scenes.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    x_eval, _, _ = stream.batch(256)
+
+    def evaluate() -> float:
+        vae.eval()
+        with torch.no_grad():
+            rec = vae(x_eval, sample_posterior=False).sample.clamp(-1, 1)
+        return F.mse_loss(rec, x_eval).item()
+
+    before = evaluate()
+    vae.requires_grad_(False)
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed + 2)
+    clock = _Clock(steps, seconds)
+    bar = tqdm(total=100, desc="toy vae decoder", unit="%", disable=not progress)
+    step, shown = 0, 0
+    while clock.progress(step) < 1.0:
+        _set_lr(opt, lr, _lr_factor(step, clock.progress(step), 50))
+        x, _, _ = stream.batch(batch_size)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(gen)  # (B, 4, 16, 16)
+        rec = vae.decode(z).sample  # (B, 3, 32, 32)
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        step += 1
+        now = int(100 * clock.progress(step))
+        bar.update(now - shown)
+        shown = now
+    bar.close()
+    vae.requires_grad_(False)
+    after = evaluate()
+    stats = {"decoder_steps": step, "decoder_seconds": round(clock.elapsed(), 1),
+             "decoder_psnr_db_before": round(10 * math.log10(4.0 / before), 2),
+             "decoder_psnr_db_after": round(10 * math.log10(4.0 / after), 2)}
+    log.info("toy vae decoder: %d steps, PSNR %.2f -> %.2f dB", step,
+             stats["decoder_psnr_db_before"], stats["decoder_psnr_db_after"])
+    return vae, stats
+
+
+def continue_t2i(out_dir: str | Path, *, init: str | Path | None = None, seed: int = 1,
+                 minutes: float | None = 45.0, steps: int | None = None,
+                 decoder_minutes: float = 5.0, subjects: int = 2000, batch_size: int = 32,
+                 lr: float = 1e-3, threads: int | None = None, progress: bool = True) -> dict:
+    """Continue pretraining a toy model (by default the shipped one) and write the result.
+
+    The VAE encoder is kept (so the latent space does not move), its decoder is fine-tuned for
+    ``decoder_minutes`` (:func:`finetune_decoder`), then the U-Net and the text encoder train
+    on (by default) the train subjects of ``make_world(subjects, 0)`` - a bigger seed-0 world
+    extends :data:`PRETRAIN_WORLD`, so its held-out subjects stay held out - with a fresh
+    warmup + cosine schedule peaking at ``lr``. Resumable like :func:`pretrain_t2i`
+    (``<out_dir>.partial/``); ``toy_training.json`` keeps the earlier run's summary under
+    ``"continued_from"``.
+
+    Args:
+        out_dir: new or empty folder for the pipeline.
+        init: a toy pipeline folder, or the shipped weights (default).
+        seed: scenes and noise of this run (use another seed than the earlier run's).
+        minutes: U-Net budget (``None``: ``steps`` only).
+        steps: U-Net/text-encoder steps.
+        decoder_minutes: decoder fine-tuning budget (0: skip).
+        subjects: size of the seed-0 world whose train subjects are shown.
+        batch_size, lr, threads, progress: as for :func:`pretrain_t2i`.
+    """
+    import torch
+
+    from suti.world.spec import make_world
+
+    if minutes is None and steps is None:
+        raise ValueError("give minutes, steps or both")
+    if subjects < PRETRAIN_WORLD[0]:
+        raise ValueError(f"subjects must be >= {PRETRAIN_WORLD[0]} (the pretraining world)")
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: output folder is not empty")
+    init = Path(init) if init is not None else WEIGHTS_DIR
+    if not (init / "model_index.json").is_file():
+        raise FileNotFoundError(f"{init}: not a toy pipeline folder (no model_index.json)")
+    earlier = json.loads((init / SUMMARY_FILE).read_text()) if (init / SUMMARY_FILE).is_file() else {}
+    started = time.perf_counter()
+    vae, unet, text_encoder, _ = _load_components(init, torch.float32)
+    world = make_world(subjects, PRETRAIN_WORLD[1])
+    stream = SceneStream(world.train_subjects, seed)
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    vae_file = partial / "vae.pt"
+    if vae_file.exists():
+        state = torch.load(vae_file, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["vae"])
+        dstats, stream.rng.bit_generator.state = state["stats"], state["stream_rng"]
+        log.info("toy vae decoder: resumed from %s", vae_file)
+    else:
+        dstats = {}
+        if decoder_minutes > 0:
+            vae, dstats = finetune_decoder(vae, stream, seconds=60.0 * decoder_minutes,
+                                           seed=seed, progress=progress)
+        torch.save({"vae": vae.state_dict(), "stats": dstats,
+                    "stream_rng": stream.rng.bit_generator.state}, vae_file.with_suffix(".tmp"))
+        os.replace(vae_file.with_suffix(".tmp"), vae_file)
+    vae.eval().requires_grad_(False)
+    scale = float(vae.config.scaling_factor)
+    unet, text_encoder, ustats = train_unet(vae, scale, stream, steps=steps,
+                                            seconds=None if minutes is None else 60.0 * minutes,
+                                            batch_size=batch_size, lr=lr, seed=seed,
+                                            progress=progress, unet=unet,
+                                            text_encoder=text_encoder,
+                                            checkpoint=partial / "unet.pt")
+    pipe = make_pipeline(vae, unet, text_encoder)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    summary = {
+        "weights_version": WEIGHTS_VERSION, "seed": seed, "minutes": minutes, "steps": steps,
+        "world": {"num_subjects": subjects, "seed": PRETRAIN_WORLD[1], "split": "train",
+                  "subjects": len(world.train_subjects)},
+        "threads": torch.get_num_threads(),
+        "params": {"vae": num_params(vae), "unet": num_params(unet),
+                   "text_encoder": num_params(text_encoder)},
+        "scaling_factor": scale, **dstats, **ustats,
+        "total_unet_steps": int(earlier.get("total_unet_steps", earlier.get("unet_steps", 0))) + ustats["unet_steps"],
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "continued_from": {k: v for k, v in earlier.items() if k != "history"},
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("toy model continued into %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
              "(ratio %.3f)", out, summary["total_seconds"] / 60, ustats["heldout_mse"],
              ustats["heldout_mse_shuffled"], ustats["caption_ratio"])
     return summary
