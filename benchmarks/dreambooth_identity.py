@@ -17,6 +17,7 @@ Prints both per subject and on average, and the ratio expert / base of the attri
 Usage::
 
     python benchmarks/dreambooth_identity.py [--subjects 6] [--steps 300] [--model toy]
+    python benchmarks/dreambooth_identity.py --model OTHER_TOY_FOLDER --learning-rate-scale 50
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def samples(pipe, phrase: str, *, seeds: int, guidance: float, steps: int = 25) 
 
 
 def measure_subject(subject, world, base_pipe, probe, work: Path, *, model: str, steps: int,
-                    photos: int, seeds: int, guidance: float, seed: int = 0) -> dict:
+                    photos: int, seeds: int, guidance: float, seed: int = 0,
+                    learning_rate_scale: float | None = None) -> dict:
     """Train one expert on ``subject`` and score its samples and the base model's."""
     from experts import load_expert, resolve_config
     from experts.train import train_expert
@@ -56,9 +58,11 @@ def measure_subject(subject, world, base_pipe, probe, work: Path, *, model: str,
 
     instance = work / subject.subject_id / "instance"
     export_subject(world, subject.subject_id, instance, n=photos, seed=seed, size=32)
-    config = resolve_config("dreambooth", {"model": model, "instance_dir": str(instance),
-                                           "class_noun": subject.class_noun, "steps": steps,
-                                           "num_class_images": 8, "seed": seed})
+    overrides = {"model": model, "instance_dir": str(instance), "class_noun": subject.class_noun,
+                 "steps": steps, "num_class_images": 8, "seed": seed, "resolution": 32}
+    if learning_rate_scale is not None:
+        overrides["learning_rate_scale"] = learning_rate_scale
+    config = resolve_config("dreambooth", overrides)
     started = time.perf_counter()
     info = train_expert(config, work / subject.subject_id / "expert", progress=False)
     train_s = time.perf_counter() - started
@@ -85,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=4, help="instance photos per subject (4)")
     parser.add_argument("--seeds", type=int, default=2, help="samples per prompt (2)")
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--learning-rate-scale", type=float, default=None,
+                        help="multiplier of the recipe's learning rate (default: the preset's; "
+                             "give the toy preset's 50 when --model is a folder)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, subject in enumerate(subjects):
             row = measure_subject(subject, world, base_pipe, probe, Path(tmp), model=args.model,
                                   steps=args.steps, photos=args.photos, seeds=args.seeds,
-                                  guidance=args.guidance)
+                                  guidance=args.guidance,
+                                  learning_rate_scale=args.learning_rate_scale)
             rows.append(row)
             print(f"[{i + 1}/{len(subjects)}] {row['subject']} ({row['description']}): exact identity "
                   f"expert {row['expert_identity']:.2f} / base {row['base_identity']:.2f}; attributes "
