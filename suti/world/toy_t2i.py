@@ -474,6 +474,26 @@ def make_pipeline(vae, unet, text_encoder, tokenizer=None, scheduler=None):
     )
 
 
+def _vae_stage(vae_file: Path, vae, stream: SceneStream, train):
+    """The VAE stage of a resumable run: load ``vae_file`` (weights, stats and the scene
+    stream's position) when an interrupted run left it, else ``train()`` -> ``(vae, stats)``
+    and save it there atomically. Returns ``(vae, stats)``."""
+    import torch
+
+    if vae_file.exists():
+        state = torch.load(vae_file, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["vae"])
+        stream.rng.bit_generator.state = state["stream_rng"]
+        log.info("toy vae: resumed from %s", vae_file)
+        return vae, state["stats"]
+    vae, stats = train()
+    tmp = vae_file.with_suffix(".tmp")
+    torch.save({"vae": vae.state_dict(), "stats": stats,
+                "stream_rng": stream.rng.bit_generator.state}, tmp)
+    os.replace(tmp, vae_file)
+    return vae, stats
+
+
 def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 25.0,
                  steps: int | None = None, vae_steps: int | None = None, batch_size: int = 32,
                  lr: float = 2e-3, threads: int | None = None, progress: bool = True) -> dict:
@@ -518,20 +538,9 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
     # An interrupted run resumes from OUT.partial/ (the trained VAE, then U-Net checkpoints).
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    vae_file = partial / "vae.pt"
-    if vae_file.exists():
-        state = torch.load(vae_file, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["vae"])
-        vstats, stream.rng.bit_generator.state = state["stats"], state["stream_rng"]
-        log.info("toy vae: resumed from %s", vae_file)
-    else:
-        vae, vstats = train_vae(stream, steps=vae_steps or 1500,
-                                seconds=None if total is None else 0.15 * total,
-                                batch_size=max(8, batch_size // 2), seed=seed, progress=progress,
-                                vae=vae)
-        torch.save({"vae": vae.state_dict(), "stats": vstats,
-                    "stream_rng": stream.rng.bit_generator.state}, vae_file.with_suffix(".tmp"))
-        os.replace(vae_file.with_suffix(".tmp"), vae_file)
+    vae, vstats = _vae_stage(partial / "vae.pt", vae, stream, lambda: train_vae(
+        stream, steps=vae_steps or 1500, seconds=None if total is None else 0.15 * total,
+        batch_size=max(8, batch_size // 2), seed=seed, progress=progress, vae=vae))
     scale = latent_scaling_factor(vae, stream, seed=seed)
     vae.register_to_config(scaling_factor=scale)
     log.info("toy vae: %d steps, %.1f s, reconstruction PSNR %.1f dB, scaling factor %.4f",
@@ -669,20 +678,9 @@ def continue_t2i(out_dir: str | Path, *, init: str | Path | None = None, seed: i
     stream = SceneStream(world.train_subjects, seed)
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    vae_file = partial / "vae.pt"
-    if vae_file.exists():
-        state = torch.load(vae_file, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["vae"])
-        dstats, stream.rng.bit_generator.state = state["stats"], state["stream_rng"]
-        log.info("toy vae decoder: resumed from %s", vae_file)
-    else:
-        dstats = {}
-        if decoder_minutes > 0:
-            vae, dstats = finetune_decoder(vae, stream, seconds=60.0 * decoder_minutes,
-                                           seed=seed, progress=progress)
-        torch.save({"vae": vae.state_dict(), "stats": dstats,
-                    "stream_rng": stream.rng.bit_generator.state}, vae_file.with_suffix(".tmp"))
-        os.replace(vae_file.with_suffix(".tmp"), vae_file)
+    vae, dstats = _vae_stage(partial / "vae.pt", vae, stream, lambda: finetune_decoder(
+        vae, stream, seconds=60.0 * decoder_minutes, seed=seed, progress=progress)
+        if decoder_minutes > 0 else (vae, {}))
     vae.eval().requires_grad_(False)
     scale = float(vae.config.scaling_factor)
     unet, text_encoder, ustats = train_unet(vae, scale, stream, steps=steps,
