@@ -1,10 +1,11 @@
 """Does a DreamBooth expert carry a held-out subject's identity? (issue 3, acceptance 3)
 
-For each of the first ``--subjects`` held-out subjects of the toy model's pretraining world
+For each of ``--subjects`` held-out subjects (after the first ``--skip``) of the toy model's pretraining world
 (never seen by the ``toy`` base): export ``--photos`` renders of it, train a classic DreamBooth
-expert on them (``dreambooth`` recipe: full U-Net fine-tuning, prior preservation,
-``--steps`` steps), then sample the expert ("a [V] <class>" in four DreamBench-style prompts)
-and the base model ("a <class>" in the same prompts) with the same seeds and settings. The
+expert on them (``dreambooth`` recipe with the model preset's defaults: full fine-tuning of
+the U-Net, and of the text encoder for ``toy``; prior preservation; ``--steps`` steps), then
+sample the expert ("a [V] <class>" in four DreamBench-style prompts) and the base model
+("a <class>" in the same prompts) with the same seeds and settings. The
 attribute probe (:mod:`suti.world.probe`) reads every sample:
 
 * exact identity accuracy: the share of samples whose class, body colour, pattern, part and
@@ -16,8 +17,9 @@ Prints both per subject and on average, and the ratio expert / base of the attri
 
 Usage::
 
-    python benchmarks/dreambooth_identity.py [--subjects 6] [--steps 300] [--model toy]
+    python benchmarks/dreambooth_identity.py [--subjects 6] [--steps 800] [--model toy]
     python benchmarks/dreambooth_identity.py --model OTHER_TOY_FOLDER --learning-rate-scale 50
+    python benchmarks/dreambooth_identity.py --steps 800 --set train_text_encoder=false
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,7 +52,7 @@ def samples(pipe, phrase: str, *, seeds: int, guidance: float, steps: int = 25) 
 
 def measure_subject(subject, world, base_pipe, probe, work: Path, *, model: str, steps: int,
                     photos: int, seeds: int, guidance: float, seed: int = 0,
-                    learning_rate_scale: float | None = None) -> dict:
+                    learning_rate_scale: float | None = None, extra: dict | None = None) -> dict:
     """Train one expert on ``subject`` and score its samples and the base model's."""
     from experts import load_expert, resolve_config
     from experts.train import train_expert
@@ -62,6 +65,7 @@ def measure_subject(subject, world, base_pipe, probe, work: Path, *, model: str,
                  "steps": steps, "num_class_images": 8, "seed": seed, "resolution": 32}
     if learning_rate_scale is not None:
         overrides["learning_rate_scale"] = learning_rate_scale
+    overrides.update(extra or {})
     config = resolve_config("dreambooth", overrides)
     started = time.perf_counter()
     info = train_expert(config, work / subject.subject_id / "expert", progress=False)
@@ -85,15 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
     parser.add_argument("--subjects", type=int, default=6, help="held-out subjects (6)")
-    parser.add_argument("--steps", type=int, default=300, help="DreamBooth steps (300)")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="start after this many held-out subjects (0), for fresh subjects")
+    parser.add_argument("--steps", type=int, default=800, help="DreamBooth steps (800, the recipe's)")
     parser.add_argument("--photos", type=int, default=4, help="instance photos per subject (4)")
     parser.add_argument("--seeds", type=int, default=2, help="samples per prompt (2)")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--learning-rate-scale", type=float, default=None,
                         help="multiplier of the recipe's learning rate (default: the preset's; "
                              "give the toy preset's 50 when --model is a folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an expert config field (YAML value), e.g. "
+                             "--set train_text_encoder=false; repeatable")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set wants KEY=VALUE, got {item!r}")
+        extra[key] = yaml.safe_load(value)
 
     import torch
 
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     world = pretrain_world()
-    subjects = world.heldout_subjects[: args.subjects]
+    subjects = world.heldout_subjects[args.skip: args.skip + args.subjects]
     base_pipe, probe = load_pipeline(args.model), load_probe()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             row = measure_subject(subject, world, base_pipe, probe, Path(tmp), model=args.model,
                                   steps=args.steps, photos=args.photos, seeds=args.seeds,
                                   guidance=args.guidance,
-                                  learning_rate_scale=args.learning_rate_scale)
+                                  learning_rate_scale=args.learning_rate_scale, extra=extra)
             rows.append(row)
             print(f"[{i + 1}/{len(subjects)}] {row['subject']} ({row['description']}): exact identity "
                   f"expert {row['expert_identity']:.2f} / base {row['base_identity']:.2f}; attributes "

@@ -116,19 +116,42 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def resolve_config(recipe: str, overrides: dict[str, Any]) -> ExpertConfig:
-    """Recipe + model preset + overrides (``None`` values ignored) -> a validated config."""
+def preset_expert_defaults(model: str, recipe: str) -> dict[str, Any]:
+    """What the model preset ``model`` sets for expert training with ``recipe``.
+
+    ``learning_rate_scale`` (all recipes) and the preset's ``expert_defaults: {recipe: {field:
+    value}}`` (fields of :class:`ExpertConfig`); empty for checkpoints that are not presets.
+    """
     from suti.models import list_presets, load_preset
 
+    if model not in list_presets():
+        return {}
+    preset = load_preset(model)
+    out = {"learning_rate_scale": float(preset.get("learning_rate_scale", 1.0))}
+    per_recipe = preset.get("expert_defaults") or {}
+    if not isinstance(per_recipe, dict) or not all(isinstance(v, dict) for v in per_recipe.values()):
+        raise InputError(f"model preset {model!r}: expert_defaults must map recipe names to "
+                         f"{{field: value}} mappings")
+    chosen = per_recipe.get(recipe, {})
+    unknown = sorted(set(chosen) - {f.name for f in dataclasses.fields(ExpertConfig)})
+    if unknown:
+        raise InputError(f"model preset {model!r}: expert_defaults[{recipe!r}] has unknown "
+                         f"expert config keys: {', '.join(unknown)}")
+    out.update(chosen)
+    return out
+
+
+def resolve_config(recipe: str, overrides: dict[str, Any]) -> ExpertConfig:
+    """Recipe < model preset (:func:`preset_expert_defaults`) < overrides (``None`` values
+    ignored) -> a validated config."""
     data = load_recipe(recipe)
     data["recipe"] = data.pop("name")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "learning_rate" in overrides:  # an explicit rate applies to full and LoRA training alike
         overrides["lora_learning_rate"] = overrides["learning_rate"]
+    model = overrides.get("model", data.get("model", "tiny"))
+    data.update(preset_expert_defaults(model, data["recipe"]))
     data.update(overrides)
-    model = data.get("model", "tiny")
-    if model in list_presets():
-        data.setdefault("learning_rate_scale", float(load_preset(model).get("learning_rate_scale", 1.0)))
     config = ExpertConfig.from_dict(data)
     config.validate()
     return config

@@ -65,9 +65,16 @@ def load_preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(_read_preset(name))
 
 
+#: Preset keys that advise how to fine-tune the model and do not change its weights: editing them
+#: does not rebuild the cached pipeline (nor invalidate class images or the toy apprentice).
+TRAINING_KEYS = ("description", "learning_rate_scale", "expert_defaults")
+
+
 def preset_fingerprint(preset: dict[str, Any]) -> str:
-    """Content hash of a preset: its cache folder changes whenever the preset changes."""
-    return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()[:12]
+    """Content hash of a preset's weight-defining keys (all but :data:`TRAINING_KEYS`): its cache
+    folder changes whenever those change."""
+    defining = {k: v for k, v in preset.items() if k not in TRAINING_KEYS}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_resolution(model: str) -> int:

@@ -116,3 +116,16 @@ def test_real_and_base_tables_are_written_deterministic_and_resumable(tmp_path, 
     assert (tmp_path / "base" / "per_image.csv").is_file() and (tmp_path / "base" / "grids" / "star.png").is_file()
     settings = json.loads((tmp_path / "base" / "settings.json").read_text())
     assert settings["backbones"] == {"clip": "toy-clip", "dino": "toy-identity"}
+
+
+def test_world_dataset_is_scored_by_the_probe(tmp_path, capsys):
+    """``--dataset world:N``: real photos of held-out world subjects get the probe's exact
+    identity, attribute share and class numbers, and they read as their subjects."""
+    out = tmp_path / "world"
+    assert main(["eval", "--dataset", "world:2", "--method", "real", "--output", str(out), "--clip", "toy-clip", "--dino", "toy-identity", "--prompts", "1"]) == 0
+    (overall,) = json.loads((out / "overall.json").read_text())  # one row
+    for key in ("probe_identity", "probe_attributes", "probe_class"):
+        assert 0.0 <= overall[key] <= 1.0, key
+    assert overall["probe_attributes"] >= overall["probe_identity"]
+    assert overall["probe_class"] > 0.9 and overall["probe_attributes"] > 0.8, overall
+    assert "probe_attributes" in capsys.readouterr().out

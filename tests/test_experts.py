@@ -1,6 +1,7 @@
 """DreamBooth experts on the tiny preset: training, LoRA, prior preservation, resume, bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from experts.evaluate import denoising_loss
 from experts.train import train_expert
 from images_util import png_bomb, truncated_jpeg
 from suti.cli import main
+from suti.errors import InputError
 
 
 def run_cli(*args: str) -> int:
@@ -136,6 +138,47 @@ def test_identifier_override_and_suti_recipe(instance_dir, tmp_path):
     assert info.identifier == "zwx" and info.recipe == "suti-expert"
     assert info.instance_prompt == "a zwx", "the SuTI recipe uses no class noun"
     assert info.config["optimizer"] == "adafactor" and info.config["prior_preservation"] is False
+
+
+def test_model_preset_sets_recipe_defaults_and_the_user_overrides_them(tmp_path, monkeypatch):
+    """Recipe < the preset's ``expert_defaults[recipe]`` < command line: the toy preset trains
+    the text encoder in DreamBooth (measured in benchmarks/dreambooth_identity.py), but not in
+    the SuTI recipe, and ``--no-train-text-encoder`` wins."""
+    common = dict(instance_dir="x", class_noun="cup")
+    assert resolve_config("dreambooth", dict(common, model="toy")).train_text_encoder is True
+    assert resolve_config("dreambooth", dict(common, model="toy", train_text_encoder=False)).train_text_encoder is False
+    assert resolve_config("suti-expert", dict(common, model="toy")).train_text_encoder is False
+    assert resolve_config("dreambooth", dict(common, model="tiny")).train_text_encoder is False
+    assert resolve_config("dreambooth", dict(common, model="toy")).learning_rate_scale == 50
+
+    # a preset with a malformed or unknown default is an error that names the preset
+    configs = tmp_path / "configs"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", configs)
+    monkeypatch.setenv("SUTI_CONFIG_DIR", str(configs))
+    from suti.models import _read_preset
+
+    _read_preset.cache_clear()
+    try:
+        (configs / "models" / "bad.yaml").write_text("name: bad\nsource: random\nexpert_defaults: [1]\n")
+        with pytest.raises(InputError, match="'bad'.*expert_defaults"):
+            resolve_config("dreambooth", dict(common, model="bad"))
+        (configs / "models" / "bad.yaml").write_text("name: bad\nsource: random\nexpert_defaults: {dreambooth: {stepz: 3}}\n")
+        _read_preset.cache_clear()
+        with pytest.raises(InputError, match="stepz"):
+            resolve_config("dreambooth", dict(common, model="bad"))
+    finally:
+        _read_preset.cache_clear()
+
+
+def test_cli_no_train_text_encoder_keeps_the_text_encoder_frozen(instance_dir, tmp_path):
+    out = tmp_path / "e"
+    assert run_cli("expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "star toy", "--output", str(out), "--no-prior-preservation", "--steps", "2", "--no-train-text-encoder") == 0
+    assert json.loads((out / "expert.json").read_text())["config"]["train_text_encoder"] is False
+    out = tmp_path / "t"
+    assert run_cli("expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "star toy", "--output", str(out), "--no-prior-preservation", "--steps", "3", "--train-text-encoder") == 0
+    assert json.loads((out / "expert.json").read_text())["config"]["train_text_encoder"] is True
+    base, expert = load_pipeline("tiny").text_encoder, load_expert(out).text_encoder
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), expert.state_dict().values()))
 
 
 def _bad_folder(instance_dir: Path, kind: str) -> Path:

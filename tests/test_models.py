@@ -51,6 +51,19 @@ def test_presets_are_data():
     assert {"tiny", "sd15-arch"} <= set(list_presets())
 
 
+def test_fingerprint_follows_weights_not_training_advice():
+    """Editing how a preset is fine-tuned (learning-rate scale, expert defaults) keeps its cached
+    pipeline; editing its architecture or weight source rebuilds it."""
+    from suti.models import preset_fingerprint
+
+    toy = load_preset("toy")
+    same = dict(toy, learning_rate_scale=7, expert_defaults={"dreambooth": {"steps": 3}}, description="x")
+    assert preset_fingerprint(same) == preset_fingerprint(toy)
+    assert preset_fingerprint(dict(toy, weights_version=toy["weights_version"] + 1)) != preset_fingerprint(toy)
+    tiny = load_preset("tiny")
+    assert preset_fingerprint(dict(tiny, unet=dict(tiny["unet"], layers_per_block=2))) != preset_fingerprint(tiny)
+
+
 def test_unknown_model_offline_gives_one_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as err:

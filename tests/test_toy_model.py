@@ -64,6 +64,7 @@ def test_dreambooth_expert_learns_a_heldout_subject(tmp_path):
         "steps": 300, "num_class_images": 8, "seed": 0,
     })
     assert config.learning_rate_scale == load_preset("toy")["learning_rate_scale"]
+    assert config.train_text_encoder, "the toy preset's DreamBooth default (expert_defaults)"
     out = tmp_path / "expert"
     info = train_expert(config, out, progress=False)
     base_pipe, expert_pipe = load_pipeline("toy"), load_expert(out)

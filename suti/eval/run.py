@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -246,7 +247,8 @@ def _grids(dataset: EvalDataset, output: Path, args) -> None:
 
 def _world_probe(dataset: EvalDataset):
     """When the dataset is the synthetic world (``world_subjects.json`` beside it), the probe's
-    exact per-image identity and class accuracies."""
+    per-image exact identity (all identity attributes right), share of identity attributes
+    right, and class accuracy."""
     meta = dataset.root / "world_subjects.json"
     if not meta.is_file():
         return None
@@ -258,7 +260,8 @@ def _world_probe(dataset: EvalDataset):
 
     def score(subject: EvalSubject, images: list[Image.Image]) -> list[dict]:
         hits = probe.identity_hits(images, subjects[subject.name])  # one batched pass
-        return [{"probe_identity": float(all(h.values())), "probe_class": float(h["class_name"])} for h in hits]
+        return [{"probe_identity": float(all(h.values())), "probe_attributes": float(np.mean(list(h.values()))),
+                 "probe_class": float(h["class_name"])} for h in hits]
 
     return score
 
@@ -271,6 +274,6 @@ def print_table(overall: dict, backbones: dict) -> None:
     label = f"suti {overall['method']} (backbones: {backbones['dino']}, {backbones['clip']})"
     fmt = lambda v: "    N/A" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:7.3f}"  # noqa: E731
     print(f"{label:48s} {fmt(overall.get('DINO'))} {fmt(overall.get('CLIP-I'))} {fmt(overall.get('CLIP-T'))}")
-    extra = {k: v for k, v in overall.items() if k in ("DIV", "PRES", "probe_identity", "probe_class")}
+    extra = {k: v for k, v in overall.items() if k in ("DIV", "PRES", "probe_identity", "probe_attributes", "probe_class")}
     if extra:
         print("  " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items() if isinstance(v, float) and not math.isnan(v)))
