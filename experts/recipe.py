@@ -73,10 +73,14 @@ class ExpertConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def unknown_keys(cls, data: dict[str, Any]) -> list[str]:
+        """Keys of ``data`` that are not config fields, sorted."""
+        return sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExpertConfig":
         """Inverse of :meth:`to_dict` (unknown keys are an error)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = cls.unknown_keys(data)
         if unknown:
             raise InputError(f"unknown expert config keys: {', '.join(unknown)}")
         return cls(**data)
@@ -133,7 +137,7 @@ def preset_expert_defaults(model: str, recipe: str) -> dict[str, Any]:
         raise InputError(f"model preset {model!r}: expert_defaults must map recipe names to "
                          f"{{field: value}} mappings")
     chosen = per_recipe.get(recipe, {})
-    unknown = sorted(set(chosen) - {f.name for f in dataclasses.fields(ExpertConfig)})
+    unknown = ExpertConfig.unknown_keys(chosen)
     if unknown:
         raise InputError(f"model preset {model!r}: expert_defaults[{recipe!r}] has unknown "
                          f"expert config keys: {', '.join(unknown)}")

@@ -17,3 +17,11 @@ class InputError(SutiError):
 
 class ModelLoadError(SutiError):
     """A model preset, hub id or local folder could not be loaded."""
+
+
+class OutputExistsError(InputError, FileExistsError):
+    """An output folder that must be new or empty is not; nothing was written to it."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the user named is missing or is not what it should be."""

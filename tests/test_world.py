@@ -316,6 +316,8 @@ def test_cli_pretrain_continue_rejects_bad_input_before_training(tmp_path, capsy
     assert "not a toy pipeline folder" in capsys.readouterr().err
     assert main(["world", "pretrain", "--what", "clip", "--continue-from", "shipped", "--output", str(out)]) == 2
     assert "--what t2i only" in capsys.readouterr().err
+    assert main(["world", "pretrain", "--continue-from", "shipped", "--subjects", "10", "--output", str(out)]) == 2
+    assert "subjects must be >=" in capsys.readouterr().err
     (out / "t2i").mkdir(parents=True)
     (out / "t2i" / "keep.txt").write_text("earlier results")
     pipeline = tmp_path / "pipe"

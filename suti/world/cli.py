@@ -81,13 +81,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise InputError("--continue-from applies to --what t2i only")
         from suti.world.toy_t2i import WEIGHTS_DIR, continue_t2i
 
+        # continue_t2i checks the folders before training (InputError: exit code 2)
         init = WEIGHTS_DIR if args.continue_from == "shipped" else Path(args.continue_from)
-        if not (init / "model_index.json").is_file():
-            raise InputError(f"--continue-from {args.continue_from}: {init} is not a toy pipeline "
-                             "folder (no model_index.json)")
         target = Path(args.output) / "t2i"
-        if target.exists() and any(target.iterdir()):
-            raise InputError(f"{target}: output folder is not empty")
         kwargs = {"minutes": args.minutes} if args.minutes is not None else {}
         continue_t2i(target, init=init, seed=1 if args.seed is None else args.seed,
                      subjects=args.subjects, **kwargs)

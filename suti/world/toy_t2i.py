@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from suti.errors import InputError, MissingInputError, OutputExistsError
+
 log = logging.getLogger(__name__)
 
 RESOLUTION = 32
@@ -494,6 +496,62 @@ def _vae_stage(vae_file: Path, vae, stream: SceneStream, train):
     return vae, stats
 
 
+def _start_run(out_dir: str | Path, *, minutes: float | None, steps: int | None,
+               threads: int | None) -> tuple[Path, Path]:
+    """Checks and set-up shared by :func:`pretrain_t2i` and :func:`continue_t2i`: returns
+    ``(out, partial)``, the output folder (new or empty, else :class:`OutputExistsError`) and
+    ``<out>.partial/``, where an interrupted run keeps its state until the pipeline is written."""
+    import torch
+
+    if minutes is None and steps is None:
+        raise ValueError("give minutes, steps or both")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise OutputExistsError(f"{out}: output folder is not empty")
+    if threads:
+        torch.set_num_threads(int(threads))
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    return out, partial
+
+
+def _train_unet_and_write(out: Path, partial: Path, started: float, *, vae, scale: float,
+                          stream: SceneStream, unet, text_encoder, train: dict, header: dict,
+                          vae_stats: dict, continued_from: dict | None = None) -> dict:
+    """The last stage of :func:`pretrain_t2i` and :func:`continue_t2i`: train the U-Net and
+    text encoder (:func:`train_unet` with ``train``, checkpointed in ``partial``), write the
+    pipeline and ``toy_training.json`` to ``out``, remove ``partial``; returns the summary
+    (``header`` - seed, minutes, steps, world - then sizes, ``vae_stats`` and the U-Net's
+    stats; with ``continued_from``, the earlier run's summary and the total U-Net steps)."""
+    import torch
+
+    unet, text_encoder, ustats = train_unet(vae, scale, stream, unet=unet,
+                                            text_encoder=text_encoder,
+                                            checkpoint=partial / "unet.pt", **train)
+    pipe = make_pipeline(vae, unet, text_encoder)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    summary = {
+        "weights_version": WEIGHTS_VERSION, **header,
+        "threads": torch.get_num_threads(),
+        "params": {"vae": num_params(vae), "unet": num_params(unet),
+                   "text_encoder": num_params(text_encoder)},
+        "scaling_factor": scale, **vae_stats, **ustats,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    if continued_from is not None:
+        earlier_steps = continued_from.get("total_unet_steps", continued_from.get("unet_steps", 0))
+        summary["total_unet_steps"] = int(earlier_steps) + ustats["unet_steps"]
+        summary["continued_from"] = {k: v for k, v in continued_from.items() if k != "history"}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("toy model %s %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
+             "(ratio %.3f)", "continued into" if continued_from is not None else "written to",
+             out, summary["total_seconds"] / 60, ustats["heldout_mse"],
+             ustats["heldout_mse_shuffled"], ustats["caption_ratio"])
+    return summary
+
+
 def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 25.0,
                  steps: int | None = None, vae_steps: int | None = None, batch_size: int = 32,
                  lr: float = 2e-3, threads: int | None = None, progress: bool = True) -> dict:
@@ -521,23 +579,12 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
     Returns:
         the summary that is also written to ``toy_training.json``.
     """
-    import torch
-
-    if minutes is None and steps is None:
-        raise ValueError("give minutes, steps or both")
-    if threads:
-        torch.set_num_threads(int(threads))
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: output folder is not empty")
+    out, partial = _start_run(out_dir, minutes=minutes, steps=steps, threads=threads)
     started = time.perf_counter()
     world = pretrain_world()
     stream = SceneStream(world.train_subjects, seed)
     vae, unet, text_encoder = new_models(seed)
     total = None if minutes is None else 60.0 * minutes
-    # An interrupted run resumes from OUT.partial/ (the trained VAE, then U-Net checkpoints).
-    partial = out.with_name(out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
     vae, vstats = _vae_stage(partial / "vae.pt", vae, stream, lambda: train_vae(
         stream, steps=vae_steps or 1500, seconds=None if total is None else 0.15 * total,
         batch_size=max(8, batch_size // 2), seed=seed, progress=progress, vae=vae))
@@ -546,30 +593,14 @@ def pretrain_t2i(out_dir: str | Path, *, seed: int = 0, minutes: float | None = 
     log.info("toy vae: %d steps, %.1f s, reconstruction PSNR %.1f dB, scaling factor %.4f",
              vstats["vae_steps"], vstats["vae_seconds"], vstats["vae_psnr_db"], scale)
     left = None if total is None else max(60.0, total - (time.perf_counter() - started))
-    unet, text_encoder, ustats = train_unet(vae, scale, stream, steps=steps, seconds=left,
-                                            batch_size=batch_size, lr=lr, seed=seed,
-                                            progress=progress, unet=unet,
-                                            text_encoder=text_encoder,
-                                            checkpoint=partial / "unet.pt")
-    pipe = make_pipeline(vae, unet, text_encoder)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    summary = {
-        "weights_version": WEIGHTS_VERSION, "seed": seed, "minutes": minutes, "steps": steps,
-        "world": {"num_subjects": PRETRAIN_WORLD[0], "seed": PRETRAIN_WORLD[1],
-                  "split": "train", "subjects": len(world.train_subjects)},
-        "threads": torch.get_num_threads(),
-        "params": {"vae": num_params(vae), "unet": num_params(unet),
-                   "text_encoder": num_params(text_encoder)},
-        "scaling_factor": scale, **vstats, **ustats,
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    shutil.rmtree(partial, ignore_errors=True)
-    log.info("toy model written to %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
-             "(ratio %.3f)", out, summary["total_seconds"] / 60, ustats["heldout_mse"],
-             ustats["heldout_mse_shuffled"], ustats["caption_ratio"])
-    return summary
+    world_info = {"num_subjects": PRETRAIN_WORLD[0], "seed": PRETRAIN_WORLD[1],
+                  "split": "train", "subjects": len(world.train_subjects)}
+    return _train_unet_and_write(
+        out, partial, started, vae=vae, scale=scale, stream=stream, unet=unet,
+        text_encoder=text_encoder, vae_stats=vstats,
+        train={"steps": steps, "seconds": left, "batch_size": batch_size, "lr": lr,
+               "seed": seed, "progress": progress},
+        header={"seed": seed, "minutes": minutes, "steps": steps, "world": world_info})
 
 
 def finetune_decoder(vae, stream: SceneStream, *, steps: int | None = None,
@@ -659,57 +690,29 @@ def continue_t2i(out_dir: str | Path, *, init: str | Path | None = None, seed: i
 
     from suti.world.spec import make_world
 
-    if minutes is None and steps is None:
-        raise ValueError("give minutes, steps or both")
     if subjects < PRETRAIN_WORLD[0]:
-        raise ValueError(f"subjects must be >= {PRETRAIN_WORLD[0]} (the pretraining world)")
-    if threads:
-        torch.set_num_threads(int(threads))
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: output folder is not empty")
+        raise InputError(f"subjects must be >= {PRETRAIN_WORLD[0]} (the pretraining world)")
     init = Path(init) if init is not None else WEIGHTS_DIR
     if not (init / "model_index.json").is_file():
-        raise FileNotFoundError(f"{init}: not a toy pipeline folder (no model_index.json)")
+        raise MissingInputError(f"{init}: not a toy pipeline folder (no model_index.json)")
+    out, partial = _start_run(out_dir, minutes=minutes, steps=steps, threads=threads)
     earlier = json.loads((init / SUMMARY_FILE).read_text()) if (init / SUMMARY_FILE).is_file() else {}
     started = time.perf_counter()
     vae, unet, text_encoder, _ = _load_components(init, torch.float32)
     world = make_world(subjects, PRETRAIN_WORLD[1])
     stream = SceneStream(world.train_subjects, seed)
-    partial = out.with_name(out.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
     vae, dstats = _vae_stage(partial / "vae.pt", vae, stream, lambda: finetune_decoder(
         vae, stream, seconds=60.0 * decoder_minutes, seed=seed, progress=progress)
         if decoder_minutes > 0 else (vae, {}))
     vae.eval().requires_grad_(False)
-    scale = float(vae.config.scaling_factor)
-    unet, text_encoder, ustats = train_unet(vae, scale, stream, steps=steps,
-                                            seconds=None if minutes is None else 60.0 * minutes,
-                                            batch_size=batch_size, lr=lr, seed=seed,
-                                            progress=progress, unet=unet,
-                                            text_encoder=text_encoder,
-                                            checkpoint=partial / "unet.pt")
-    pipe = make_pipeline(vae, unet, text_encoder)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    summary = {
-        "weights_version": WEIGHTS_VERSION, "seed": seed, "minutes": minutes, "steps": steps,
-        "world": {"num_subjects": subjects, "seed": PRETRAIN_WORLD[1], "split": "train",
-                  "subjects": len(world.train_subjects)},
-        "threads": torch.get_num_threads(),
-        "params": {"vae": num_params(vae), "unet": num_params(unet),
-                   "text_encoder": num_params(text_encoder)},
-        "scaling_factor": scale, **dstats, **ustats,
-        "total_unet_steps": int(earlier.get("total_unet_steps", earlier.get("unet_steps", 0))) + ustats["unet_steps"],
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "continued_from": {k: v for k, v in earlier.items() if k != "history"},
-    }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    shutil.rmtree(partial, ignore_errors=True)
-    log.info("toy model continued into %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
-             "(ratio %.3f)", out, summary["total_seconds"] / 60, ustats["heldout_mse"],
-             ustats["heldout_mse_shuffled"], ustats["caption_ratio"])
-    return summary
+    world_info = {"num_subjects": subjects, "seed": PRETRAIN_WORLD[1], "split": "train",
+                  "subjects": len(world.train_subjects)}
+    return _train_unet_and_write(
+        out, partial, started, vae=vae, scale=float(vae.config.scaling_factor), stream=stream,
+        unet=unet, text_encoder=text_encoder, vae_stats=dstats, continued_from=earlier,
+        train={"steps": steps, "seconds": None if minutes is None else 60.0 * minutes,
+               "batch_size": batch_size, "lr": lr, "seed": seed, "progress": progress},
+        header={"seed": seed, "minutes": minutes, "steps": steps, "world": world_info})
 
 
 # --------------------------------------------------------------------------------------------
