@@ -50,7 +50,7 @@ class ApprenticeTrainConfig:
     demo_timestep: int = 1
     method: str = "attention"
     ema_decay: float = 0.0  # 0: no EMA
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    deepspeed_config: str = "zero2"
     save_steps: int = 500
     keep_checkpoints: int = 2
     seed: int = 0
@@ -97,11 +97,9 @@ class ApprenticeModule(torch.nn.Module):
 
 
 def _ds_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        from suti.models import REPO_ROOT
+    from suti.models import config_path
 
-        p = REPO_ROOT / path
+    p = config_path("deepspeed", path, ".json")
     if not p.is_file():
         raise InputError(f"{path}: no such DeepSpeed config")
     ds = json.loads(p.read_text())
@@ -298,7 +296,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--num-demos", type=int, default=3)
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
     p.add_argument("--ema-decay", type=float, default=0.0)
-    p.add_argument("--deepspeed-config", default="configs/deepspeed/zero2.json")
+    p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")

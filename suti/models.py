@@ -36,9 +36,33 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The presets, recipes and DeepSpeed configs shipped inside the package (and so the wheel).
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 def config_dir() -> Path:
-    """The ``configs/`` folder (``$SUTI_CONFIG_DIR`` overrides)."""
-    return Path(os.environ.get("SUTI_CONFIG_DIR", REPO_ROOT / "configs"))
+    """The ``configs/`` folder: ``suti/configs`` inside the installed package (``$SUTI_CONFIG_DIR``
+    overrides). The repository's top-level ``configs`` is a link to it."""
+    return Path(os.environ.get("SUTI_CONFIG_DIR", PACKAGE_CONFIGS))
+
+
+def config_path(kind: str, name_or_path: str, suffix: str) -> Path:
+    """A shipped config by name (``configs/<kind>/<name><suffix>``) or an existing file path.
+
+    ``kind`` is ``models``, ``recipes`` or ``deepspeed``. A path like ``configs/deepspeed/zero2.json``
+    is also found inside the package, so commands written for a source checkout work from a wheel.
+    Returns the path, which exists only if one of the candidates does (callers raise their own
+    error naming the value).
+    """
+    given = Path(name_or_path)
+    if given.is_file():
+        return given
+    parts = given.parts
+    if parts and parts[0] == "configs":  # a repository-relative path: look inside the package
+        inside = config_dir().joinpath(*parts[1:])
+        if inside.is_file():
+            return inside
+    return config_dir() / kind / (given.name if given.name.endswith(suffix) else f"{given.name}{suffix}")
 
 
 def cache_dir() -> Path:
