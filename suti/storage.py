@@ -201,7 +201,9 @@ def glob(pattern: str | os.PathLike) -> list[str]:
     """URIs matching a glob pattern (``*``, ``?``, ``[..]``), sorted, with the pattern's protocol."""
     fs, path = filesystem(pattern)
     found = sorted(fs.glob(path))
-    return [unstrip(pattern, p) for p in found]
+    if is_local(pattern):
+        return found
+    return [fs.unstrip_protocol(p) for p in found]
 
 
 def expand(pattern: str | os.PathLike) -> list[str]:
@@ -219,14 +221,6 @@ def expand(pattern: str | os.PathLike) -> list[str]:
         else:
             out.append(one)
     return sorted(set(out))
-
-
-def unstrip(like: str | os.PathLike, path: str) -> str:
-    """Put ``like``'s protocol back on a path that fsspec returned without it."""
-    proto = protocol(like)
-    if proto in ("file", "local"):
-        return path
-    return f"{proto}://{path}"
 
 
 @contextlib.contextmanager
