@@ -108,11 +108,27 @@ def default_resolution(model: str) -> int:
     return 512
 
 
+def is_sdxl_preset(preset: dict[str, Any]) -> bool:
+    """Whether a preset describes a Stable Diffusion XL-class model (it has ``text_encoder_2``)."""
+    return "text_encoder_2" in preset
+
+
+def is_sdxl(pipe) -> bool:
+    """Whether ``pipe`` is SDXL-class: two text encoders and ``text_time`` added conditioning
+    (``unet.config.addition_embed_type``), as in diffusers' ``StableDiffusionXLPipeline``."""
+    return getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
 def build_random_pipeline(preset: dict[str, Any]):
-    """Build a seeded random-weight ``StableDiffusionPipeline`` from a preset's configs."""
+    """Build a seeded random-weight pipeline from a preset's configs.
+
+    Returns a ``StableDiffusionPipeline``, or a ``StableDiffusionXLPipeline`` when the preset has
+    ``text_encoder_2`` (a ``CLIPTextModelWithProjection`` whose pooled output feeds the U-Net's
+    ``text_time`` add_embeds; SDXL section 2.2, diffusers' ``StableDiffusionXLPipeline``).
+    """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from suti.tokenizer import load_clip_tokenizer
 
@@ -120,8 +136,16 @@ def build_random_pipeline(preset: dict[str, Any]):
     unet = UNet2DConditionModel(**preset["unet"])
     vae = AutoencoderKL(**preset["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**preset["text_encoder"]))
-    tokenizer = load_clip_tokenizer(int(preset.get("tokenizer", {}).get("model_max_length", 77)))
+    max_length = int(preset.get("tokenizer", {}).get("model_max_length", 77))
+    tokenizer = load_clip_tokenizer(max_length)
     scheduler = DDIMScheduler(**preset["scheduler"])
+    if is_sdxl_preset(preset):
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset["text_encoder_2"]))
+        return StableDiffusionXLPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer, tokenizer_2=load_clip_tokenizer(max_length), scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -179,9 +203,27 @@ def preset_folder(name: str) -> Path:
     return cached_build(folder, build)
 
 
-def _from_folder(folder: str | Path, **kwargs):
-    from diffusers import StableDiffusionPipeline
+#: Pipeline classes the factory loads, by ``model_index.json`` ``_class_name``.
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 
+
+def _pipeline_class_name(folder: str | Path, **kwargs) -> str:
+    """``_class_name`` of a local pipeline folder's or hub id's ``model_index.json``."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        from huggingface_hub import hf_hub_download
+
+        index = Path(hf_hub_download(str(folder), "model_index.json", local_files_only=kwargs.get("local_files_only", False)))
+    return json.loads(index.read_text()).get("_class_name", "StableDiffusionPipeline")
+
+
+def _from_folder(folder: str | Path, **kwargs):
+    """Load an SD 1.x/2.x (``StableDiffusionPipeline``) or SDXL (``StableDiffusionXLPipeline``)
+    pipeline, chosen by its ``model_index.json``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if _pipeline_class_name(folder, **kwargs) in SDXL_CLASSES:
+        return StableDiffusionXLPipeline.from_pretrained(str(folder), use_safetensors=True, **kwargs)
     return StableDiffusionPipeline.from_pretrained(
         str(folder), safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kwargs
     )
@@ -197,7 +239,9 @@ def _hub_help(model: str) -> str:
 
 
 def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
-    """Load a ``StableDiffusionPipeline`` for a preset name, local folder or hub id.
+    """Load a ``StableDiffusionPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLPipeline`` (SDXL, by
+    the folder's ``model_index.json`` or the preset's ``text_encoder_2``) for a preset name, local
+    folder or hub id.
 
     Args:
         model: a preset name, a local diffusers folder, or a hub id.

@@ -81,3 +81,40 @@ def test_local_folder_loads(tmp_path):
     load_pipeline("tiny").save_pretrained(tmp_path / "copy")
     pipe = load_pipeline(str(tmp_path / "copy"))
     assert isinstance(pipe, StableDiffusionPipeline)
+
+
+def test_tiny_sdxl_round_trips_as_an_sdxl_pipeline(suti_cache, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from suti.models import is_sdxl
+
+    folder = preset_folder("tiny-sdxl")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert (folder / "text_encoder_2").is_dir() and (folder / "tokenizer_2").is_dir()
+    pipe = load_pipeline("tiny-sdxl")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and is_sdxl(pipe)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    image = pipe("a dog", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    # a plain diffusers SDXL folder (save_pretrained) loads through the same factory
+    pipe.save_pretrained(tmp_path / "sdxl")
+    again = load_pipeline(str(tmp_path / "sdxl"))
+    assert isinstance(again, StableDiffusionXLPipeline)
+    assert torch.equal(again.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert not is_sdxl(load_pipeline("tiny"))
+
+
+def test_sdxl_arch_is_the_sdxl_base_architecture():
+    import yaml
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from suti.models import config_dir
+
+    preset = yaml.safe_load((config_dir() / "models" / "sdxl-arch.yaml").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**preset["unet"])
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset["text_encoder_2"]))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base 1.0 U-Net
+    assert sum(p.numel() for p in text_2.parameters()) == 694_659_840  # OpenCLIP ViT-bigG/14 text tower
