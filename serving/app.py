@@ -101,6 +101,7 @@ class Runtime:
         self._saved_threads: int | None = None
         self._pending_jobs = 0  # expert uploads being checked and saved (not yet queued rows)
         self._pending_lock = threading.Lock()
+        self._decoders = threading.BoundedSemaphore(settings.max_decoding)  # bounds decoded pixels held at once
         m = self.metrics
         m.gauge("suti_generate_queue_depth", "Generation requests waiting for a slot.", lambda: self.generation.waiting)
         m.gauge("suti_generate_in_flight", "Generation requests running.", lambda: self.generation.running)
@@ -147,6 +148,12 @@ class Runtime:
                 self.metrics.inc("suti_jobs_rejected_total", help="Expert jobs refused because the job queue was full.")
                 raise ApiError(429, f"{queued} expert jobs are already queued (the limit is {self.settings.max_queued_jobs}); retry later", {"Retry-After": "60"})
             self._pending_jobs += 1
+
+    def decode(self, datas: list[bytes], field: str) -> list:
+        """:func:`serving.limits.decode_uploads` for at most ``max_decoding`` requests at once
+        (each holds one full-size image at a time, then its reduced copies)."""
+        with self._decoders:
+            return decode_uploads(datas, field, self.settings.max_image_pixels, self.settings.stored_image_side)
 
     def unreserve_job(self) -> None:
         with self._pending_lock:
@@ -303,7 +310,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     raise ApiError(400, f"captions: {len(captions)} captions for {len(datas)} images")
                 captions = [clean_text(c, f"captions[{i}]", settings.max_prompt_chars, required=False) for i, c in enumerate(captions)]
             check_pixels(datas, "images", settings.max_image_pixels, settings.max_request_pixels)  # headers only
-            pictures = await run_in_threadpool(decode_uploads, datas, "images", settings.max_image_pixels, settings.stored_image_side)
+            pictures = await run_in_threadpool(rt.decode, datas, "images")
             del datas
             seed = secrets.randbelow(2**31) if seed is None else seed
             work = rt.generation.apprentice_work(
@@ -341,7 +348,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _create_expert(images, noun: str, recipe: str, steps: int | None, seed: int | None) -> JSONResponse:
         datas = await read_uploads(images, "images", settings.min_expert_images, settings.max_expert_images, settings)
         check_pixels(datas, "images", settings.max_image_pixels, settings.max_request_pixels)  # headers only
-        pictures = await run_in_threadpool(decode_uploads, datas, "images", settings.max_image_pixels, settings.stored_image_side)
+        pictures = await run_in_threadpool(rt.decode, datas, "images")
         del datas
         job_id = new_job_id()
         folder = settings.uploads_dir / job_id

@@ -57,6 +57,7 @@ class Settings:
     max_total_bytes: int = 50 * MIB
     max_image_pixels: int = 36_000_000  # one image (width x height), read from its header before decoding
     max_request_pixels: int = 64_000_000  # all images of one request together; more answer 413
+    max_decoding: int = 2  # requests decoding photos at once (others wait); bounds the memory decoding takes
     max_demo_images: int = 8
     min_expert_images: int = 3
     max_expert_images: int = 5
@@ -94,7 +95,7 @@ class Settings:
         """Raise :class:`suti.errors.InputError` on unusable values."""
         from suti.errors import InputError
 
-        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps", "max_queued_jobs", "max_job_attempts", "max_image_pixels", "max_request_pixels"):
+        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps", "max_queued_jobs", "max_job_attempts", "max_image_pixels", "max_request_pixels", "max_decoding"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.max_queue < 0:
