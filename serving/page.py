@@ -84,7 +84,7 @@ function headers() {
 // Messages go next to what the user did: el is the status element of that control.
 function say(el, text, error) {
   el.textContent = text;
-  el.className = "status" + (error ? " error" : "");
+  el.classList.toggle("error", !!error);
 }
 
 async function errorOf(resp) {

@@ -907,8 +907,11 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(live_server.url + "/")
             assert page.title() == "SuTI"
-            page.click("#generate")  # nothing chosen yet: a message, no request
-            assert "add at least one photo" in page.text_content("#status")
+            page.click("#generate")  # nothing chosen yet: a message next to the button, no request
+            assert "add at least one photo" in page.text_content("#generate-status")
+            page.click("#train")
+            assert "type the class noun" in page.text_content("#train-status")
+            assert page.text_content("#generate-status") == "add at least one photo first"
 
             page.set_input_files("#files", paths)
             assert page.text_content("#photo-count") == "3 photos"
@@ -919,7 +922,7 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             # page.evaluate, not wait_for_function: the page's CSP forbids the eval that the latter uses
             loaded = "() => [...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth === 32).length"
             wait_for(lambda: page.evaluate(loaded) == 2, 30, 0.2, "two decoded images")
-            assert "generated 2 images" in page.text_content("#status")
+            assert "generated 2 images" in page.text_content("#generate-status")
 
             page.fill("#class-noun", "star")
             page.fill("#train-steps", "10")
@@ -930,7 +933,44 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             job.query_selector(".expert-go").click()
             expert_image = "() => { const i = document.querySelector('.job .expert-results img'); return !!i && i.complete && i.naturalWidth === 32; }"
             wait_for(lambda: page.evaluate(expert_image), 60, 0.2, "the expert's image")
-            assert "the expert generated 1 image" in page.text_content("#status")
+            assert "the expert generated 1 image" in job.query_selector(".job-status").text_content()
+            job.query_selector(".delete").click()  # a finished expert can be deleted from the page
+            wait_for(lambda: page.query_selector(".job") is None, 10, 0.1, "the job to leave the list")
+            assert "deleted" in page.text_content("#train-status")
+
+            page.goto(live_server.url + "/docs")  # the API reference needs no network
+            page.wait_for_selector(".op[data-path='/v1/generate'][data-method='post']", timeout=10_000)
+            assert "multipart/form-data" in page.text_content(".op[data-path='/v1/generate']")
             assert errors == []
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_web_page_loads_jobs_when_the_api_key_is_typed(tmp_path, apprentice_dir, monkeypatch):
+    sync_playwright = _browser()
+    monkeypatch.setenv("SUTI_TEST_KEY", "s3cret")
+    server = LiveServer(tmp_path / "data", apprentice_dir, "--api-key-env", "SUTI_TEST_KEY")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(server.url + "/")
+                wait_for(lambda: "needs an API key" in page.text_content("#key-status"), 10, 0.1, "the key message")
+                page.fill("#api-key", "wrong")
+                wait_for(lambda: page.text_content("#key-status") == "wrong API key", 10, 0.1, "the wrong-key message")
+                job_id = httpx.post(server.url + "/v1/experts", files=files(3), data={"class_noun": "star", "steps": 2000}, headers={"X-API-Key": "s3cret"}, timeout=30).json()["id"]
+                page.fill("#api-key", "s3cret")  # no reload: the list appears
+                page.wait_for_selector(f"#job-{job_id}", timeout=10_000)
+                assert page.text_content("#key-status") == "key accepted"
+                page.click(f"#job-{job_id} .cancel")
+                wait_for(lambda: page.text_content(f"#job-{job_id} .job-status") == "cancelled", 10, 0.1, "the cancel message in the job's box")
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        server.stop()
