@@ -61,6 +61,9 @@ def settings_from_args(args):
         api_key = os.environ.get(args.api_key_env, "")
         if not api_key:
             raise InputError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
+    for flag, value in (("--upload-retention-hours", args.upload_retention_hours), ("--job-retention-days", args.job_retention_days)):
+        if not value >= 0:
+            raise InputError(f"{flag} must be >= 0 (got {value})")
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535 (got {args.port})")
     kwargs = dict(

@@ -410,6 +410,8 @@ def test_bad_job_ids(shared_client, job_id, status):
         ("recipe-path", 400, "recipe: unknown recipe '../../configs/recipes/dreambooth'"),
         ("class-noun", 400, "class_noun: use letters"),
         ("no-class-noun", 422, "class_noun: Field required"),
+        ("empty-class-noun", 400, "class_noun: must not be empty"),
+        ("json-body", 415, "/v1/experts takes multipart/form-data fields"),
         ("steps", 422, "steps: "),
     ],
 )
@@ -428,10 +430,15 @@ def test_expert_job_refuses_bad_input(shared_client, case, status, message):
         data["class_noun"] = "../star"
     elif case == "no-class-noun":
         data = {}
+    elif case == "empty-class-noun":
+        data["class_noun"] = ""
     elif case == "steps":
         data["steps"] = 0
     before = len(shared_client.get("/v1/experts").json()["jobs"])
-    r = shared_client.post("/v1/experts", files=upload, data=data)
+    if case == "json-body":
+        r = shared_client.post("/v1/experts", json=data)
+    else:
+        r = shared_client.post("/v1/experts", files=upload, data=data)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
     assert len(shared_client.get("/v1/experts").json()["jobs"]) == before, "a refused job leaves no row"
@@ -747,6 +754,14 @@ def test_cli_defaults_and_errors(monkeypatch, tmp_path, capsys):
     assert main(["serve", "--apprentice", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
     assert "not an apprentice folder" in capsys.readouterr().err
     assert main(["serve", "--max-concurrency", "0"]) == 2
+    args = build_parser().parse_args(["serve", "--max-queued-jobs", "3", "--max-job-attempts", "5", "--upload-retention-hours", "2", "--job-retention-days", "0", "--max-request-pixels", "1000"])
+    settings = settings_from_args(args)
+    assert (settings.max_queued_jobs, settings.max_job_attempts, settings.upload_retention_s, settings.job_retention_s, settings.max_request_pixels) == (3, 5, 7200.0, None, 1000)
+    assert settings_from_args(build_parser().parse_args(["serve"])).job_retention_s == 30 * 86400.0
+    assert main(["serve", "--max-queued-jobs", "0"]) == 2
+    assert "max-queued-jobs must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--upload-retention-hours", "-1"]) == 2
+    assert "--upload-retention-hours must be >= 0 (got -1.0)" in capsys.readouterr().err
 
 
 def test_ray_serve_deployment_constructs(tmp_path, apprentice_dir):
