@@ -707,6 +707,25 @@ def test_orphaned_running_jobs_are_found(tmp_path):
     assert other in [r["id"] for r in store.orphans("me", socket.gethostname(), -1)], "stale heartbeat"
 
 
+def test_an_interrupted_job_is_retried_up_to_max_job_attempts(tmp_path, apprentice_dir):
+    """The restart path counts runs as the crash path does: the last interruption fails the job."""
+    from serving.jobs import JobManager
+
+    settings = settings_for(tmp_path, apprentice_dir, max_job_attempts=2)
+    store = JobStore(settings.jobs_db)
+    job_id = new_job_id()
+    store.create(job_id, class_noun="dog", recipe="suti-expert", model="tiny", steps=5, seed=0, num_images=3)
+    manager = JobManager(settings, store)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for attempt in (1, 2):
+        assert store.claim_next("gone", socket.gethostname(), dead.pid)["attempts"] == attempt
+        manager._recover()
+    row = store.get(job_id)
+    assert row["state"] == "failed" and row["attempts"] == 2, row
+    assert row["error"] == "training stopped unexpectedly 2 times; last time its server stopped while it ran"
+
+
 # --- health, metrics, docs, page, CLI, Ray Serve -------------------------------------------------
 
 
