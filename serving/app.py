@@ -18,17 +18,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import suti
-from serving.generation import DeadlineExceeded, GenerationService, ModelUnavailable, QueueFull, Result, apprentice_loaded, get_apprentice
-from serving.jobs import JobManager
-from serving.limits import FORM_OVERHEAD, ApiError, BodyLimitMiddleware, clean_class_noun, clean_text, decode_uploads, read_uploads, stored_png
+from serving.generation import Admission, DeadlineExceeded, GenerationService, ModelUnavailable, QueueFull, Result, apprentice_loaded, forget_expert, get_apprentice
+from serving.jobs import JobManager, remove_job_files
+from serving.limits import FORM_OVERHEAD, ApiError, BodyLimitMiddleware, check_pixels, clean_class_noun, clean_text, decode_uploads, read_uploads, stored_png
 from serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from serving.page import PAGE
+from serving.page import DOCS_PAGE, PAGE
 from serving.settings import Settings
 from serving.store import JobStore, new_job_id
 
 log = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 MAX_SEED = 2**63 - 1
 IMAGES_RESPONSE = {
     200: {
@@ -93,6 +99,9 @@ class Runtime:
         self.preload_error: str | None = None
         self._start_lock = threading.Lock()
         self._saved_threads: int | None = None
+        self._pending_jobs = 0  # expert uploads being checked and saved (not yet queued rows)
+        self._pending_lock = threading.Lock()
+        self._decoders = threading.BoundedSemaphore(settings.max_decoding)  # bounds decoded pixels held at once
         m = self.metrics
         m.gauge("suti_generate_queue_depth", "Generation requests waiting for a slot.", lambda: self.generation.waiting)
         m.gauge("suti_generate_in_flight", "Generation requests running.", lambda: self.generation.running)
@@ -130,6 +139,26 @@ class Runtime:
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = None
 
+    def reserve_job(self) -> None:
+        """Take a place among the ``max_queued_jobs`` waiting expert jobs before the upload is
+        decoded; :class:`ApiError` 429 when none is free. Call :meth:`unreserve_job` after."""
+        with self._pending_lock:
+            queued = self.store.counts()["queued"]
+            if queued + self._pending_jobs >= self.settings.max_queued_jobs:
+                self.metrics.inc("suti_jobs_rejected_total", help="Expert jobs refused because the job queue was full.")
+                raise ApiError(429, f"{queued} expert jobs are already queued (the limit is {self.settings.max_queued_jobs}); retry later", {"Retry-After": "60"})
+            self._pending_jobs += 1
+
+    def decode(self, datas: list[bytes], field: str) -> list:
+        """:func:`serving.limits.decode_uploads` for at most ``max_decoding`` requests at once
+        (each holds one full-size image at a time, then its reduced copies)."""
+        with self._decoders:
+            return decode_uploads(datas, field, self.settings.max_image_pixels, self.settings.stored_image_side)
+
+    def unreserve_job(self) -> None:
+        with self._pending_lock:
+            self._pending_jobs -= 1
+
     def _preload(self) -> None:
         try:
             get_apprentice(self.settings.apprentice, self.settings.device)
@@ -153,6 +182,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rt.stop()
 
     app = FastAPI(
+        docs_url=None,  # Swagger UI loads its assets from a CDN: /docs is our own page (offline)
+        redoc_url=None,
         title="SuTI serving",
         version=suti.__version__,
         description="Subject-driven text-to-image generation: the in-context apprentice (tuning-free, "
@@ -172,8 +203,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message = "; ".join(f"{_field(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors)
-        return JSONResponse({"error": message, "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]}, status_code=422)
+        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if request.method == "POST" and media not in FORM_TYPES and any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors):
+            message = (
+                f"{request.url.path} takes multipart/form-data fields (e.g. curl -F images=@photo.png -F 'prompt=a photo of it'), "
+                f"not {media or 'a body without Content-Type'}"
+            )
+            return JSONResponse({"error": message}, status_code=415)
+        sent = set(exc.body.keys()) if hasattr(exc.body, "keys") else set()
+        messages, only_empty = [], True
+        for e in errors:
+            loc = tuple(e.get("loc", ()))
+            if e.get("type") == "missing" and len(loc) == 2 and loc[0] == "body" and loc[1] in sent:
+                messages.append(f"{_field(loc)}: must not be empty")  # sent, but blank: as clean_text says
+                continue
+            only_empty = False
+            message = f"{_field(loc)}: {e.get('msg', 'invalid')}"
+            if e.get("type") == "missing" and loc[-1] == "images" and media != "multipart/form-data":
+                message += " (photos are uploaded as multipart/form-data)"
+            messages.append(message)
+        return JSONResponse({"error": "; ".join(messages), "detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]}, status_code=400 if only_empty else 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -198,12 +247,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    async def run_generation(work) -> Result:
+    def queue_full(exc: QueueFull) -> ApiError:
+        rt.metrics.inc("suti_generate_rejected_total", help="Generation requests refused because the queue was full.")
+        return ApiError(429, str(exc), {"Retry-After": str(exc.retry_after)})
+
+    def admit() -> Admission:
+        """A place in the generation queue, taken before any photo is decoded (else 429)."""
         try:
-            return await rt.generation.submit(work)
+            return rt.generation.admit()
         except QueueFull as exc:
-            rt.metrics.inc("suti_generate_rejected_total", help="Generation requests refused because the queue was full.")
-            raise ApiError(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+            raise queue_full(exc) from None
+
+    async def run_generation(work, admission: Admission | None = None) -> Result:
+        try:
+            return await rt.generation.submit(work, admission)
+        except QueueFull as exc:
+            raise queue_full(exc) from None
         except DeadlineExceeded:
             rt.metrics.inc("suti_generate_timeouts_total", help="Generation requests that ran past the timeout.")
             raise ApiError(504, f"generation did not finish within {settings.request_timeout:g} s") from None
@@ -238,24 +297,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         captions: Annotated[list[str] | None, Form(description="one caption per photo (optional; repeat the field)")] = None,
         num_images: Annotated[int, num_field] = 1,
         steps: Annotated[int | None, steps_field] = None,
-        guidance_scale: Annotated[float | None, Form(ge=0, le=50, description="text guidance")] = None,
-        demo_guidance_scale: Annotated[float | None, Form(ge=0, le=50, description="demonstration guidance")] = None,
+        guidance_scale: Annotated[float | None, Form(ge=0, le=50, allow_inf_nan=False, description="text guidance")] = None,
+        demo_guidance_scale: Annotated[float | None, Form(ge=0, le=50, allow_inf_nan=False, description="demonstration guidance")] = None,
         seed: Annotated[int | None, seed_field] = None,
     ):
         prompt = clean_text(prompt, "prompt", settings.max_prompt_chars)
-        datas = await read_uploads(images, "images", 1, settings.max_demo_images, settings)
-        if captions:
-            if len(captions) != len(datas):
-                raise ApiError(400, f"captions: {len(captions)} captions for {len(datas)} images")
-            captions = [clean_text(c, f"captions[{i}]", settings.max_prompt_chars, required=False) for i, c in enumerate(captions)]
-        pictures = await run_in_threadpool(decode_uploads, datas, "images", settings.max_image_pixels)
-        seed = secrets.randbelow(2**31) if seed is None else seed
-        work = rt.generation.apprentice_work(
-            pictures, captions or None, prompt, num_images, steps or settings.default_steps,
-            settings.apprentice_guidance_scale if guidance_scale is None else guidance_scale,
-            2.0 if demo_guidance_scale is None else demo_guidance_scale, seed,
-        )
-        return images_response(await run_generation(work))
+        admission = admit()  # admission first: a full queue answers 429 before any photo is decoded
+        try:
+            datas = await read_uploads(images, "images", 1, settings.max_demo_images, settings)
+            if captions:
+                if len(captions) != len(datas):
+                    raise ApiError(400, f"captions: {len(captions)} captions for {len(datas)} images")
+                captions = [clean_text(c, f"captions[{i}]", settings.max_prompt_chars, required=False) for i, c in enumerate(captions)]
+            check_pixels(datas, "images", settings.max_image_pixels, settings.max_request_pixels)  # headers only
+            pictures = await run_in_threadpool(rt.decode, datas, "images")
+            del datas
+            seed = secrets.randbelow(2**31) if seed is None else seed
+            work = rt.generation.apprentice_work(
+                pictures, captions or None, prompt, num_images, steps or settings.default_steps,
+                settings.apprentice_guidance_scale if guidance_scale is None else guidance_scale,
+                2.0 if demo_guidance_scale is None else demo_guidance_scale, seed,
+            )
+        except BaseException:
+            admission.release()
+            raise
+        return images_response(await run_generation(work, admission))
 
     @v1.post("/experts", status_code=202, summary="Start a DreamBooth expert job on 3-5 photos")
     async def create_expert(
@@ -273,8 +339,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recipes = list_recipes()
         if recipe not in recipes:  # a name only: never a path
             raise ApiError(400, f"recipe: unknown recipe {recipe!r}; recipes: {', '.join(recipes)}")
+        rt.reserve_job()  # a full job queue answers 429 before any photo is decoded
+        try:
+            return await _create_expert(images, noun, recipe, steps, seed)
+        finally:
+            rt.unreserve_job()
+
+    async def _create_expert(images, noun: str, recipe: str, steps: int | None, seed: int | None) -> JSONResponse:
         datas = await read_uploads(images, "images", settings.min_expert_images, settings.max_expert_images, settings)
-        pictures = await run_in_threadpool(decode_uploads, datas, "images", settings.max_image_pixels)
+        check_pixels(datas, "images", settings.max_image_pixels, settings.max_request_pixels)  # headers only
+        pictures = await run_in_threadpool(rt.decode, datas, "images")
+        del datas
         job_id = new_job_id()
         folder = settings.uploads_dir / job_id
 
@@ -309,14 +384,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_expert(job_id: JobId):
         return job_view(job_or_404(job_id), settings)
 
-    @v1.delete("/experts/{job_id}", summary="Cancel a queued or running DreamBooth job")
-    def cancel_expert(job_id: JobId):
+    @v1.delete("/experts/{job_id}", summary="Cancel a queued or running DreamBooth job; delete a finished one with its files")
+    def delete_expert(job_id: JobId):
+        """A queued or running job is cancelled (its worker stopped; answers the cancelled job).
+        A finished job (done, failed or cancelled) is deleted with its expert, photos and log,
+        answering ``{"id", "status": "deleted", "freed_bytes"}``; it is then unknown (404)."""
         before = rt.jobs.cancel(job_id) if rt.jobs is not None else rt.store.cancel(job_id)
         if before is None:
             raise ApiError(404, f"no job {job_id}")
-        if before["state"] not in ("queued", "running"):
-            raise ApiError(409, f"job {job_id} is already {before['state']}")
-        return job_view(job_or_404(job_id), settings)
+        if before["state"] in ("queued", "running"):
+            return job_view(job_or_404(job_id), settings)
+        if not rt.store.delete(job_id):  # deleted meanwhile
+            raise ApiError(404, f"no job {job_id}")
+        forget_expert(settings.experts_dir / job_id)
+        freed = remove_job_files(settings, job_id)
+        rt.metrics.inc("suti_jobs_deleted_total", help="Finished expert jobs deleted (API or retention).")
+        return {"id": job_id, "status": "deleted", "freed_bytes": freed}
 
     @v1.post("/experts/{job_id}/generate", responses=IMAGES_RESPONSE, summary="Generate images with a trained expert")
     async def generate_expert(
@@ -324,7 +407,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt: Annotated[str, Form(min_length=1, max_length=settings.max_prompt_chars, description='e.g. "a {V} {class} on the beach"')],
         num_images: Annotated[int, num_field] = 1,
         steps: Annotated[int | None, steps_field] = None,
-        guidance_scale: Annotated[float | None, Form(ge=0, le=50)] = None,
+        guidance_scale: Annotated[float | None, Form(ge=0, le=50, allow_inf_nan=False)] = None,
         seed: Annotated[int | None, seed_field] = None,
     ):
         prompt = clean_text(prompt, "prompt", settings.max_prompt_chars)
@@ -363,13 +446,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return HTMLResponse(
-            PAGE,
-            headers={
-                "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer",
-            },
-        )
+        return HTMLResponse(PAGE, headers=PAGE_HEADERS)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs():
+        """The API reference, drawn from ``/openapi.json`` by a self-contained page (no CDN)."""
+        return HTMLResponse(DOCS_PAGE, headers=PAGE_HEADERS)
 
     return app

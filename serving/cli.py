@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         help="serve the apprentice and DreamBooth experts over HTTP (API, metrics, web page)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve POST /v1/generate (apprentice), /v1/experts (DreamBooth jobs), /healthz, /metrics, "
-        "the OpenAPI docs at /docs and a web page at /. With no arguments: the toy model and toy apprentice on "
+        "the API reference at /docs (from /openapi.json, works offline) and a web page at /. With no arguments: the toy model and toy apprentice on "
         "http://127.0.0.1:8000.",
     )
     p.add_argument("--model", default="toy", help="base model of DreamBooth experts: preset, local diffusers folder or hub id")
@@ -36,11 +36,16 @@ def register(subparsers) -> None:
     p.add_argument("--ray-job-gpus", type=float, default=0.0, help="GPUs per Ray training task")
     p.add_argument("--recipe", default="suti-expert", help="default recipe of DreamBooth jobs")
     p.add_argument("--max-train-steps", type=int, default=2000, help="most training steps a job may ask for")
+    p.add_argument("--max-queued-jobs", type=int, default=16, help="DreamBooth jobs waiting to run; more are answered 429")
+    p.add_argument("--max-job-attempts", type=int, default=3, help="runs of a job whose worker died (kill -9, out of memory) before it fails")
+    p.add_argument("--upload-retention-hours", type=float, default=0.0, help="keep uploaded photos this long after their job finished")
+    p.add_argument("--job-retention-days", type=float, default=30.0, help="delete finished jobs (expert, photos, log) this long after they finished; 0 keeps them")
     p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
     p.add_argument("--default-steps", type=int, default=25, help="denoising steps when a request gives none")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded file")
     p.add_argument("--max-total-upload-mb", type=float, default=50.0, help="largest total upload of one request")
-    p.add_argument("--max-image-pixels", type=int, default=36_000_000, help="largest image (width x height)")
+    p.add_argument("--max-image-pixels", type=int, default=36_000_000, help="largest image (width x height), read from its header before decoding")
+    p.add_argument("--max-request-pixels", type=int, default=64_000_000, help="most pixels of all images of one request together (then 413)")
     p.add_argument("--threads", type=int, help="torch threads per process (server and job workers)")
     p.add_argument("--no-preload", action="store_true", help="load the apprentice on the first request instead of at start-up")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -56,6 +61,9 @@ def settings_from_args(args):
         api_key = os.environ.get(args.api_key_env, "")
         if not api_key:
             raise InputError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
+    for flag, value in (("--upload-retention-hours", args.upload_retention_hours), ("--job-retention-days", args.job_retention_days)):
+        if not value >= 0:
+            raise InputError(f"{flag} must be >= 0 (got {value})")
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535 (got {args.port})")
     kwargs = dict(
@@ -76,6 +84,11 @@ def settings_from_args(args):
         max_file_bytes=int(args.max_upload_mb * MIB),
         max_total_bytes=int(args.max_total_upload_mb * MIB),
         max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_queued_jobs=args.max_queued_jobs,
+        max_job_attempts=args.max_job_attempts,
+        upload_retention_s=args.upload_retention_hours * 3600.0,
+        job_retention_s=args.job_retention_days * 86400.0 if args.job_retention_days else None,
         torch_threads=args.threads,
         preload=not args.no_preload,
     )

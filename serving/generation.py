@@ -112,6 +112,13 @@ def get_expert(folder: Path, capacity: int, device: str | None = None):
     return entry
 
 
+def forget_expert(folder: Path) -> None:
+    """Drop a deleted expert's pipelines from this process's cache."""
+    with _LOCK:
+        for key in [k for k in _EXPERTS if k[0] == str(folder)]:
+            del _EXPERTS[key]
+
+
 class _StepGuard:
     """Replaces a pipeline copy's ``progress_bar``: checks the deadline at every denoising step.
 
@@ -166,6 +173,25 @@ class Result:
         return [base64.b64encode(b).decode("ascii") for b in self.images]
 
 
+class Admission:
+    """One request's place in a :class:`GenerationService` (released once)."""
+
+    def __init__(self, service: "GenerationService"):
+        self.service = service
+        self.owned = False  # handed to submit(): the work's thread releases it
+        self._released = False
+
+    def release(self, force: bool = False) -> None:
+        """Free the place, unless :meth:`GenerationService.submit` owns it (or ``force``)."""
+        if self.owned and not force:
+            return
+        with self.service._lock:
+            if self._released:
+                return
+            self._released = True
+            self.service.active -= 1
+
+
 class GenerationService:
     """Bounded, deadline-aware execution of generation requests on a thread pool."""
 
@@ -187,12 +213,22 @@ class GenerationService:
         per_slot = self._ewma * (self.waiting + 1) / self.settings.max_concurrency
         return max(1, math.ceil(per_slot))
 
-    async def submit(self, fn: Callable[[Callable[[], None]], Result]) -> Result:
-        """Run ``fn(check)`` within the limits; ``check()`` raises once the deadline has passed."""
+    def admit(self) -> "Admission":
+        """Take one of the ``capacity`` places now, before the request's photos are decoded;
+        raises :class:`QueueFull` when none is free. Hand it to :meth:`submit`, or release it."""
         with self._lock:
             if self.active >= self.capacity:
                 raise QueueFull(self.retry_after())
             self.active += 1
+        return Admission(self)
+
+    async def submit(self, fn: Callable[[Callable[[], None]], Result], admission: "Admission | None" = None) -> Result:
+        """Run ``fn(check)`` within the limits; ``check()`` raises once the deadline has passed.
+
+        ``admission`` (from :meth:`admit`) is the request's place; without one a place is taken
+        now. The place is freed when the work's thread lets go of it."""
+        admission = admission or self.admit()
+        admission.owned = True
         deadline = time.monotonic() + self.settings.request_timeout
         abandoned = threading.Event()
 
@@ -217,10 +253,9 @@ class GenerationService:
         try:
             future = self._pool.submit(job)
         except RuntimeError:  # shut down
-            with self._lock:
-                self.active -= 1
+            admission.release(force=True)
             raise
-        future.add_done_callback(lambda _: self._release())
+        future.add_done_callback(lambda _: admission.release(force=True))
         wrapped = asyncio.wrap_future(future)
         wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when abandoned
         try:
@@ -231,10 +266,6 @@ class GenerationService:
         except asyncio.CancelledError:  # the client went away
             abandoned.set()
             raise
-
-    def _release(self) -> None:
-        with self._lock:
-            self.active -= 1
 
     def shutdown(self) -> None:
         self.closed = True

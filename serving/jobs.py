@@ -11,6 +11,11 @@ in a worker process (``python -m serving.worker``, the default) or a Ray task (`
   heartbeat for ``job_stale_seconds``) goes back to ``queued`` and runs again from the start;
   queued rows simply run. Local workers die with their server (``PR_SET_PDEATHSIG``), and on a
   clean shutdown the server stops its workers and re-queues their jobs.
+* Crash: a worker that dies without writing a final state (kill -9, out of memory, a lost Ray
+  task) gets its job re-queued the same way, up to ``max_job_attempts`` runs in all; then the
+  job fails with a one-line reason (the worker's log stays in the server's log folder).
+* Disk: uploaded photos are deleted ``upload_retention_s`` after their job finished, finished jobs
+  (row, expert, photos, log) ``job_retention_s`` after (:meth:`JobManager.sweep`).
 """
 
 from __future__ import annotations
@@ -76,14 +81,23 @@ class LocalRun:
                 continue
 
     def failure(self) -> str:
+        """Why the worker ended, in words for the user (no log lines, no paths)."""
         code = self.proc.poll()
-        tail = ""
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = " (out of memory, or stopped by an operator)" if -code == signal.SIGKILL else ""
+            return f"the training worker was killed by {name}{hint}"
+        return f"the training worker exited with code {code} without a result"
+
+    def log_tail(self) -> str:
         try:
             lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-            tail = lines[-1][-300:] if lines else ""
         except OSError:
-            pass
-        return f"worker exited with code {code}" + (f": {tail}" if tail else "")
+            return ""
+        return lines[-1][-300:] if lines else ""
 
 
 def _ray_run_job(db_path: str, data_dir: str, job_id: str, token: str, threads: int | None) -> str:
@@ -124,7 +138,12 @@ class RayRun:
             pass
 
     def failure(self) -> str:
-        return f"ray task failed: {self._error or 'no result'}"
+        """Why the task ended, in words for the user (the exception type, not its text)."""
+        kind = (self._error or "").split(":", 1)[0]
+        return f"the Ray training task was lost ({kind or 'no result'})"
+
+    def log_tail(self) -> str:
+        return self._error or ""
 
 
 class RayRunner:
@@ -159,10 +178,42 @@ class LocalRunner:
         pass
 
 
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_job_files(settings: Settings, job_id: str) -> int:
+    """Delete everything a job left on disk (expert, partial expert, uploaded photos, log);
+    returns the bytes freed."""
+    if not valid_job_id(job_id):
+        raise ValueError(f"bad job id {job_id!r}")
+    freed = 0
+    for path in (settings.experts_dir / job_id, settings.experts_dir / f"{job_id}.partial", settings.uploads_dir / job_id, settings.logs_dir / f"{job_id}.log"):
+        if not path.exists():
+            continue
+        freed += _tree_bytes(path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return freed
+
+
 class JobManager:
     """Claims, runs, watches and cancels DreamBooth jobs for one server process."""
 
     tick = 0.5
+    sweep_interval = 2.0  # seconds between retention sweeps
+    orphan_upload_seconds = 3600.0  # an upload folder without a job row is removed after this
 
     def __init__(self, settings: Settings, store: JobStore):
         self.settings = settings
@@ -176,6 +227,7 @@ class JobManager:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._swept = 0.0
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -257,11 +309,23 @@ class JobManager:
 
     def _recover(self) -> None:
         for row in self.store.orphans(self.owner, self.host, self.settings.job_stale_seconds):
-            if self.store.requeue(row["id"], row["run_token"], reason="re-queued after interruption"):
-                log.info("job %s was interrupted (owner %s gone); re-queued", row["id"], row["owner_pid"])
+            self._retry_or_fail(row, row["run_token"], "its server stopped while it ran")
+
+    def _retry_or_fail(self, row: dict, token: str | None, reason: str) -> None:
+        """A run ended without a final state: queue the job again, or fail it once it has had
+        ``max_job_attempts`` runs."""
+        job_id, attempts, limit = row["id"], row["attempts"], self.settings.max_job_attempts
+        if attempts < limit:
+            if self.store.requeue(job_id, token, reason=f"retrying ({reason})"):
+                log.warning("job %s: %s (run %d of %d); re-queued", job_id, reason, attempts, limit)
+        elif self.store.fail(job_id, token, f"training stopped unexpectedly {attempts} times; last time {reason}"):
+            log.warning("job %s: %s (run %d of %d); failed", job_id, reason, attempts, limit)
 
     def _step(self) -> None:
         self._recover()
+        if time.monotonic() - self._swept >= self.sweep_interval:
+            self._swept = time.monotonic()
+            self.sweep()
         with self._lock:
             runs = dict(self._runs)
         for job_id, run in runs.items():
@@ -273,9 +337,9 @@ class JobManager:
             if code is None:  # cancelled or re-assigned elsewhere: stop the worker
                 run.terminate()
                 self._remove_partial(job_id)
-            elif still_ours:  # the worker ended without writing a final state
-                self.store.finish(job_id, run.token, "failed", error=run.failure())
-                log.warning("job %s: %s", job_id, run.failure())
+            elif still_ours:  # the worker died without writing a final state
+                log.warning("job %s: worker ended with code %s; last log line: %s", job_id, code, run.log_tail())
+                self._retry_or_fail(row, run.token, run.failure())
                 self._remove_partial(job_id)
             with self._lock:
                 if self._runs.get(job_id) is run:
@@ -294,6 +358,42 @@ class JobManager:
                 self._runs[job["id"]] = run
                 self.store.set_worker_pid(job["id"], job["run_token"], run.pid)
                 log.info("job %s started (attempt %d, %s worker %s)", job["id"], job["attempts"], self.backend, run.pid)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Apply the retention settings: delete uploaded photos of jobs finished more than
+        ``upload_retention_s`` ago (and upload folders without a job after an hour), and finished
+        jobs (row, expert, photos, log) more than ``job_retention_s`` ago."""
+        now = time.time() if now is None else now
+        settings = self.settings
+        try:
+            names = os.listdir(settings.uploads_dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            path = settings.uploads_dir / name
+            job_id = name[1:-4] if name.startswith(".") and name.endswith(".tmp") else name
+            if not valid_job_id(job_id):
+                continue
+            row = None if job_id != name else self.store.get(job_id)
+            if row is None:
+                try:
+                    old = now - path.stat().st_mtime > self.orphan_upload_seconds
+                except OSError:
+                    continue
+                if not old:
+                    continue
+            elif row["state"] not in ("done", "failed", "cancelled") or (row["finished_at"] or now) > now - settings.upload_retention_s:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("job %s: uploaded photos deleted", job_id)
+        if settings.job_retention_s is not None:
+            for job_id in self.store.finished_before(now - settings.job_retention_s):
+                if self.store.delete(job_id):
+                    from serving.generation import forget_expert
+
+                    forget_expert(settings.experts_dir / job_id)
+                    freed = remove_job_files(settings, job_id)
+                    log.info("job %s: deleted after the retention time (%d bytes freed)", job_id, freed)
 
     def _remove_partial(self, job_id: str) -> None:
         if valid_job_id(job_id):

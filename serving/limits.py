@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 from PIL import Image
 
@@ -102,15 +103,62 @@ async def read_uploads(files, field: str, lo: int, hi: int, settings) -> list[by
     return datas
 
 
-def decode_uploads(datas: list[bytes], field: str, max_pixels: int) -> list[Image.Image]:
-    """Validate every upload with :func:`suti.images.decode_image` (all before any is used)."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header, without decoding its pixels; None when PIL
+    cannot even open it (:func:`decode_uploads` then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size
+    except Exception:  # noqa: BLE001 - unreadable, bomb or truncated: decode_image names the reason
+        return None
+
+
+def check_pixels(datas: list[bytes], field: str, max_pixels: int, max_request_pixels: int) -> int:
+    """Refuse uploads whose decoded size would be too large, reading only their headers.
+
+    One image above ``max_pixels``: 400 (as :func:`suti.images.decode_image` says). All images of
+    the request together above ``max_request_pixels``: 413. Returns the total pixel count.
+    """
+    total = 0
+    for i, data in enumerate(datas):
+        size = header_size(data)
+        if size is None:
+            continue
+        width, height = size
+        if width * height > max_pixels:
+            raise ApiError(400, f"{field}[{i}]: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (possible decompression bomb)")
+        total += width * height
+    if total > max_request_pixels:
+        raise ApiError(413, f"{field}: {len(datas)} images of {total:,} pixels in all exceed the limit of {max_request_pixels:,} pixels per request; send smaller photos")
+    return total
+
+
+def decode_uploads(datas: list[bytes], field: str, max_pixels: int, max_side: int | None = None) -> list[Image.Image]:
+    """Validate every upload with :func:`suti.images.decode_image` (all before any is used).
+
+    Images are decoded one at a time; with ``max_side`` each is reduced at once so that its
+    shorter side is at most ``max_side`` pixels (only one full-size image is held at a time).
+    """
     images = []
     for i, data in enumerate(datas):
         try:
-            images.append(decode_image(data, f"{field}[{i}]", max_pixels=max_pixels))
+            image = decode_image(data, f"{field}[{i}]", max_pixels=max_pixels)
         except InputError as exc:
             raise ApiError(400, str(exc)) from None
+        if max_side is not None:
+            image = shrink(image, max_side)
+        images.append(image)
     return images
+
+
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` with its shorter side reduced to ``max_side`` (LANCZOS); unchanged if smaller."""
+    if min(image.size) <= max_side:
+        return image
+    scale = max_side / min(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
 
 
 def clean_text(value: str, field: str, max_chars: int, *, required: bool = True) -> str:
@@ -134,9 +182,7 @@ def clean_class_noun(value: str, max_chars: int) -> str:
 
 def stored_png(image: Image.Image, max_side: int) -> bytes:
     """A validated upload as PNG (no metadata), its shorter side reduced to ``max_side``."""
-    if min(image.size) > max_side:
-        scale = max_side / min(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    image = shrink(image, max_side)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

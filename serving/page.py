@@ -1,6 +1,9 @@
 """The web page served at ``/``: plain HTML and JavaScript (no build step), embedded here so it
 ships inside the package. Drop photos, type a prompt, see images (apprentice); start a DreamBooth
-job, watch its progress, then generate from it."""
+job, watch its progress, then generate from it. Every message appears next to the control that
+caused it (``#key-status``, ``#generate-status``, ``#train-status``, a job's ``.job-status``).
+
+``DOCS_PAGE`` (``/docs``) lists the API from ``/openapi.json`` without any asset from a CDN."""
 
 PAGE = r"""<!doctype html>
 <html lang="en">
@@ -22,7 +25,7 @@ PAGE = r"""<!doctype html>
   input[type=text] { flex: 1; min-width: 220px; padding: .35rem; } input[type=number] { width: 5rem; padding: .3rem; }
   button { padding: .35rem .8rem; cursor: pointer; }
   .images img { width: 160px; height: 160px; image-rendering: pixelated; margin: .25rem; border: 1px solid #ddd; border-radius: 4px; }
-  #status { min-height: 1.3rem; margin: .6rem 0; } #status.error { color: #b00; }
+  .status { min-height: 1.3rem; margin: .3rem 0; } .status.error { color: #b00; font-weight: 600; }
   .job { border: 1px solid #ddd; border-radius: 6px; padding: .6rem; margin: .5rem 0; }
   .job progress { width: 200px; }
 </style>
@@ -31,7 +34,8 @@ PAGE = r"""<!doctype html>
 <h1>SuTI</h1>
 <div class="muted">Subject-driven text-to-image: the apprentice generates from your photos at once; a DreamBooth expert trains on them in the background.</div>
 
-<div class="row muted"><label>API key (if the server needs one) <input id="api-key" type="password" autocomplete="off"></label></div>
+<div class="row muted"><label>API key (if the server needs one) <input id="api-key" type="password" autocomplete="off"></label>
+  <span id="key-status" class="status" role="status"></span></div>
 
 <h2>1. Photos of your subject</h2>
 <div id="drop">Drop 3&ndash;5 photos here, or click to choose<input id="files" type="file" accept="image/*" multiple hidden></div>
@@ -45,6 +49,7 @@ PAGE = r"""<!doctype html>
   <label>steps <input id="steps" type="number" min="1" max="100" placeholder="default"></label>
   <button id="generate">Generate</button>
 </div>
+<div id="generate-status" class="status" role="status"></div>
 <div id="results" class="images"></div>
 
 <h2>3. Train a DreamBooth expert</h2>
@@ -53,9 +58,8 @@ PAGE = r"""<!doctype html>
   <label>training steps <input id="train-steps" type="number" min="1" placeholder="recipe"></label>
   <button id="train">Train expert</button>
 </div>
+<div id="train-status" class="status" role="status"></div>
 <div id="jobs"></div>
-
-<div id="status" role="status"></div>
 
 <script>
 "use strict";
@@ -65,17 +69,22 @@ const watched = new Map();
 
 const keyInput = $("api-key");
 keyInput.value = localStorage.getItem("suti-api-key") || "";
-keyInput.addEventListener("change", () => localStorage.setItem("suti-api-key", keyInput.value));
+let keyTimer = null;
+keyInput.addEventListener("input", () => {  // typing the key loads the job list, no reload needed
+  localStorage.setItem("suti-api-key", keyInput.value);
+  clearTimeout(keyTimer);
+  keyTimer = setTimeout(loadJobs, 300);
+});
 
 function headers() {
   const key = keyInput.value.trim();
   return key ? { "X-API-Key": key } : {};
 }
 
-function say(text, error) {
-  const el = $("status");
+// Messages go next to what the user did: el is the status element of that control.
+function say(el, text, error) {
   el.textContent = text;
-  el.className = error ? "error" : "";
+  el.classList.toggle("error", !!error);
 }
 
 async function errorOf(resp) {
@@ -120,40 +129,42 @@ async function showImages(resp, box) {
 }
 
 $("generate").addEventListener("click", async () => {
-  if (!photos.length) return say("add at least one photo first", true);
+  const status = $("generate-status");
+  if (!photos.length) return say(status, "add at least one photo first", true);
   const prompt = $("prompt").value.trim();
-  if (!prompt) return say("type a prompt first", true);
+  if (!prompt) return say(status, "type a prompt first", true);
   const form = new FormData();
   photos.forEach((f) => form.append("images", f, f.name));
   form.append("prompt", prompt);
   form.append("num_images", $("num-images").value || "1");
   if ($("steps").value) form.append("steps", $("steps").value);
-  say("generating\u2026");
+  say(status, "generating\u2026");
   $("generate").disabled = true;
   try {
     const resp = await fetch("/v1/generate", { method: "POST", body: form, headers: headers() });
-    if (!resp.ok) return say(await errorOf(resp), true);
+    if (!resp.ok) return say(status, await errorOf(resp), true);
     const n = await showImages(resp, $("results"));
-    say("generated " + n + " image" + (n > 1 ? "s" : "") + " (seed " + resp.headers.get("x-seed") + ")");
-  } catch (e) { say("request failed: " + e, true); }
+    say(status, "generated " + n + " image" + (n > 1 ? "s" : "") + " (seed " + resp.headers.get("x-seed") + ")");
+  } catch (e) { say(status, "request failed: " + e, true); }
   finally { $("generate").disabled = false; }
 });
 
 $("train").addEventListener("click", async () => {
+  const status = $("train-status");
   const noun = $("class-noun").value.trim();
-  if (!noun) return say("type the class noun of your subject (e.g. dog)", true);
-  if (photos.length < 3 || photos.length > 5) return say("a DreamBooth expert needs 3 to 5 photos (you have " + photos.length + ")", true);
+  if (!noun) return say(status, "type the class noun of your subject (e.g. dog)", true);
+  if (photos.length < 3 || photos.length > 5) return say(status, "a DreamBooth expert needs 3 to 5 photos (you have " + photos.length + ")", true);
   const form = new FormData();
   photos.forEach((f) => form.append("images", f, f.name));
   form.append("class_noun", noun);
   if ($("train-steps").value) form.append("steps", $("train-steps").value);
   try {
     const resp = await fetch("/v1/experts", { method: "POST", body: form, headers: headers() });
-    if (!resp.ok) return say(await errorOf(resp), true);
+    if (!resp.ok) return say(status, await errorOf(resp), true);
     const job = await resp.json();
-    say("job " + job.id + " queued");
+    say(status, "job " + job.id.slice(0, 8) + " queued (below)");
     watch(job.id);
-  } catch (e) { say("request failed: " + e, true); }
+  } catch (e) { say(status, "request failed: " + e, true); }
 });
 
 function jobBox(id) {
@@ -162,10 +173,12 @@ function jobBox(id) {
   box = document.createElement("div"); box.className = "job"; box.id = "job-" + id; box.dataset.job = id;
   box.innerHTML =
     '<div class="row"><b class="title"></b> <span class="state"></span> <progress max="1" value="0"></progress> <span class="pct"></span>' +
-    ' <button class="cancel">Cancel</button></div>' +
+    ' <button class="cancel">Cancel</button> <button class="delete">Delete</button></div>' +
     '<div class="row expert-generate" hidden><input type="text" class="expert-prompt" value="a {V} {class} on the beach" maxlength="300">' +
-    ' <button class="expert-go">Generate with expert</button></div><div class="images expert-results"></div>';
-  box.querySelector(".cancel").addEventListener("click", () => cancel(id));
+    ' <button class="expert-go">Generate with expert</button></div><div class="status job-status" role="status"></div>' +
+    '<div class="images expert-results"></div>';
+  box.querySelector(".cancel").addEventListener("click", () => cancel(id, box));
+  box.querySelector(".delete").addEventListener("click", () => remove(id, box));
   box.querySelector(".expert-go").addEventListener("click", () => generateWithExpert(id, box));
   $("jobs").prepend(box);
   return box;
@@ -181,6 +194,7 @@ function renderJob(job) {
   box.querySelector("progress").value = job.progress || 0;
   box.querySelector(".pct").textContent = Math.round((job.progress || 0) * 100) + "%";
   box.querySelector(".cancel").hidden = !(job.status === "queued" || job.status === "running");
+  box.querySelector(".delete").hidden = job.status === "queued" || job.status === "running";
   box.querySelector(".expert-generate").hidden = job.status !== "done";
 }
 
@@ -197,34 +211,133 @@ async function poll(id) {
 function watch(id) { watched.set(id, true); poll(id); }
 setInterval(() => { for (const id of watched.keys()) poll(id); }, 1000);
 
-async function cancel(id) {
-  const resp = await fetch("/v1/experts/" + id, { method: "DELETE", headers: headers() });
-  if (!resp.ok) return say(await errorOf(resp), true);
-  renderJob(await resp.json());
-  watched.delete(id);
+async function cancel(id, box) {
+  const status = box.querySelector(".job-status");
+  try {
+    const resp = await fetch("/v1/experts/" + id, { method: "DELETE", headers: headers() });
+    if (!resp.ok) return say(status, await errorOf(resp), true);
+    renderJob(await resp.json());
+    watched.delete(id);
+    say(status, "cancelled");
+  } catch (e) { say(status, "request failed: " + e, true); }
+}
+
+async function remove(id, box) {
+  const status = box.querySelector(".job-status");
+  try {
+    const resp = await fetch("/v1/experts/" + id, { method: "DELETE", headers: headers() });
+    if (!resp.ok) return say(status, await errorOf(resp), true);
+    watched.delete(id);
+    box.remove();
+    say($("train-status"), "job " + id.slice(0, 8) + " deleted");
+  } catch (e) { say(status, "request failed: " + e, true); }
 }
 
 async function generateWithExpert(id, box) {
+  const status = box.querySelector(".job-status");
   const form = new FormData();
   form.append("prompt", box.querySelector(".expert-prompt").value);
   if ($("steps").value) form.append("steps", $("steps").value);
-  say("generating with the expert\u2026");
+  say(status, "generating with the expert\u2026");
   try {
     const resp = await fetch("/v1/experts/" + id + "/generate", { method: "POST", body: form, headers: headers() });
-    if (!resp.ok) return say(await errorOf(resp), true);
+    if (!resp.ok) return say(status, await errorOf(resp), true);
     const n = await showImages(resp, box.querySelector(".expert-results"));
-    say("the expert generated " + n + " image" + (n > 1 ? "s" : ""));
-  } catch (e) { say("request failed: " + e, true); }
+    say(status, "the expert generated " + n + " image" + (n > 1 ? "s" : ""));
+  } catch (e) { say(status, "request failed: " + e, true); }
 }
 
-(async () => {
+// The job list: at start and whenever the API key changes (a wrong key is said next to it).
+async function loadJobs() {
+  const status = $("key-status");
   try {
     const resp = await fetch("/v1/experts?limit=20", { headers: headers() });
-    if (!resp.ok) return;
+    if (resp.status === 401) {
+      $("jobs").replaceChildren(); watched.clear();
+      return say(status, keyInput.value.trim() ? "wrong API key" : "this server needs an API key", true);
+    }
+    if (!resp.ok) return say(status, await errorOf(resp), true);
+    say(status, keyInput.value.trim() ? "key accepted" : "");
     const jobs = (await resp.json()).jobs.reverse();
     for (const job of jobs) { renderJob(job); if (job.status === "queued" || job.status === "running") watched.set(job.id, true); }
-  } catch (e) { /* the list is a convenience */ }
-})();
+  } catch (e) { say(status, "could not load the jobs: " + e, true); }
+}
+loadJobs();
+</script>
+</body>
+</html>
+"""
+
+DOCS_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>SuTI API</title>
+<style>
+  body { font-family: system-ui, sans-serif; max-width: 960px; margin: 1.5rem auto; padding: 0 1rem; color: #222; }
+  .op { border: 1px solid #ddd; border-radius: 6px; padding: .6rem .8rem; margin: .6rem 0; }
+  .method { display: inline-block; min-width: 4.5rem; font-weight: bold; font-family: monospace; }
+  .path { font-family: monospace; font-size: 1.05rem; }
+  table { border-collapse: collapse; margin-top: .4rem; font-size: .9rem; } td, th { text-align: left; padding: .15rem .6rem .15rem 0; vertical-align: top; }
+  .muted { color: #666; font-size: .9rem; } code { background: #f4f4f4; padding: 0 .2rem; }
+</style>
+</head>
+<body>
+<h1>SuTI API</h1>
+<div class="muted">Drawn from <a href="/openapi.json">/openapi.json</a> (OpenAPI 3) by this page, with nothing fetched from
+other sites. Requests with photos are <code>multipart/form-data</code>, e.g.
+<code>curl -F images=@photo.png -F "prompt=a photo of it on the beach" http://HOST/v1/generate -o out.png</code>.
+The web page is at <a href="/">/</a>.</div>
+<div id="ops">loading&hellip;</div>
+<script>
+"use strict";
+function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
+function typeOf(schema, spec) {
+  if (!schema) return "";
+  if (schema.$ref) return typeOf(spec.components.schemas[schema.$ref.split("/").pop()], spec);
+  if (schema.anyOf) return schema.anyOf.map((s) => typeOf(s, spec)).filter((t) => t !== "null").join(" | ");
+  if (schema.type === "array") return "list of " + typeOf(schema.items, spec);
+  if (schema.enum) return schema.enum.join(" | ");
+  return (schema.format === "binary" ? "file" : schema.type) || "";
+}
+function limits(schema) {
+  const parts = [];
+  for (const [k, label] of [["minimum", ">="], ["maximum", "<="], ["minLength", "min length"], ["maxLength", "max length"]]) if (schema && schema[k] !== undefined) parts.push(label + " " + schema[k]);
+  return parts.join(", ");
+}
+function fieldRows(table, rows) {
+  for (const [name, where, type, required, notes] of rows) {
+    const tr = el("tr");
+    tr.append(el("td", "", name), el("td", "muted", where), el("td", "", type), el("td", "muted", required ? "required" : ""), el("td", "muted", notes));
+    table.append(tr);
+  }
+}
+fetch("/openapi.json").then((r) => r.json()).then((spec) => {
+  const box = document.getElementById("ops");
+  box.replaceChildren();
+  box.append(el("p", "muted", spec.info.title + " " + spec.info.version + " \u2014 " + (spec.info.description || "")));
+  for (const [path, ops] of Object.entries(spec.paths)) {
+    for (const [method, op] of Object.entries(ops)) {
+      const div = el("div", "op"); div.dataset.path = path; div.dataset.method = method;
+      div.append(el("span", "method", method.toUpperCase()), el("span", "path", path), el("div", "", op.summary || ""));
+      if (op.description) div.append(el("div", "muted", op.description));
+      const rows = [];
+      for (const p of op.parameters || []) rows.push([p.name, p.in, typeOf(p.schema, spec), p.required, [limits(p.schema), p.description || ""].filter(Boolean).join("; ")]);
+      const content = (op.requestBody || {}).content || {};
+      for (const [media, body] of Object.entries(content)) {
+        let schema = body.schema || {};
+        if (schema.$ref) schema = spec.components.schemas[schema.$ref.split("/").pop()];
+        const required = schema.required || [];
+        for (const [name, prop] of Object.entries(schema.properties || {})) rows.push([name, media, typeOf(prop, spec), required.includes(name), [limits(prop), prop.description || ""].filter(Boolean).join("; ")]);
+      }
+      if (rows.length) { const table = el("table"); fieldRows(table, rows); div.append(table); }
+      const codes = Object.entries(op.responses || {}).map(([code, r]) => code + " " + (r.description || "")).join(" \u00b7 ");
+      div.append(el("div", "muted", "answers: " + codes));
+      box.append(div);
+    }
+  }
+}).catch((e) => { document.getElementById("ops").textContent = "could not load /openapi.json: " + e; });
 </script>
 </body>
 </html>

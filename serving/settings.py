@@ -48,10 +48,16 @@ class Settings:
     default_recipe: str = "suti-expert"
     max_train_steps: int = 2000
     job_stale_seconds: float = 60.0  # a running job whose owner stopped heart-beating is re-run
+    max_queued_jobs: int = 16  # expert jobs waiting to run; more answer 429
+    max_job_attempts: int = 3  # runs of a job whose worker died (kill -9, OOM, server crash) before it fails
+    upload_retention_s: float = 0.0  # uploaded photos are deleted this long after their job finished
+    job_retention_s: float | None = 30 * 86400.0  # finished jobs (row, expert, log) are deleted this long after; None: kept
     # limits and security
     max_file_bytes: int = 10 * MIB
     max_total_bytes: int = 50 * MIB
-    max_image_pixels: int = 36_000_000
+    max_image_pixels: int = 36_000_000  # one image (width x height), read from its header before decoding
+    max_request_pixels: int = 64_000_000  # all images of one request together; more answer 413
+    max_decoding: int = 2  # requests decoding photos at once (others wait); bounds the memory decoding takes
     max_demo_images: int = 8
     min_expert_images: int = 3
     max_expert_images: int = 5
@@ -89,11 +95,15 @@ class Settings:
         """Raise :class:`suti.errors.InputError` on unusable values."""
         from suti.errors import InputError
 
-        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps"):
+        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps", "max_queued_jobs", "max_job_attempts", "max_image_pixels", "max_request_pixels", "max_decoding"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.max_queue < 0:
             raise InputError(f"max-queue must be >= 0 (got {self.max_queue})")
+        for name in ("upload_retention_s", "job_retention_s"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise InputError(f"{name.replace('_', '-')} must be >= 0 seconds (got {value})")
         if self.request_timeout <= 0:
             raise InputError(f"timeout must be positive (got {self.request_timeout})")
         if not 1 <= self.min_expert_images <= self.max_expert_images:

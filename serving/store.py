@@ -196,6 +196,28 @@ class JobStore:
                 db.execute("UPDATE jobs SET state = 'cancelled', phase = 'cancelled', finished_at = ? WHERE id = ?", (time.time(), job_id))
         return dict(row)
 
+    def delete(self, job_id: str) -> bool:
+        """Delete a finished job's row (``done``, ``failed`` or ``cancelled``); False otherwise."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM jobs WHERE id = ? AND state IN ('done', 'failed', 'cancelled')", (job_id,))
+        return cur.rowcount == 1
+
+    def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
+        """Ids of finished jobs whose ``finished_at`` is older than ``cutoff`` (epoch seconds)."""
+        rows = self._connect().execute(
+            "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ? ORDER BY finished_at LIMIT ?", (cutoff, limit)
+        ).fetchall()
+        return [r["id"] for r in rows]
+
+    def fail(self, job_id: str, token: str | None, error: str) -> bool:
+        """Mark a running job ``failed`` (its worker died once too often), fenced by ``token``."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, phase = 'failed', finished_at = ?, worker_pid = NULL WHERE id = ? AND state = 'running' AND run_token IS ?",
+                (error, time.time(), job_id, token),
+            )
+        return cur.rowcount == 1
+
     def requeue(self, job_id: str, token: str | None = None, reason: str = "interrupted") -> bool:
         """Put a running job back in the queue (its worker stopped without finishing)."""
         with self._tx() as db:

@@ -8,6 +8,7 @@ import base64
 import concurrent.futures
 import io
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -147,6 +148,12 @@ def test_concurrent_requests_match_serial_ones(client):
         ("empty-file", 400, "images[0]: the file is empty"),
         ("long-prompt", 422, "prompt: String should have at most 300 characters"),
         ("no-prompt", 422, "prompt: Field required"),
+        ("empty-prompt", 400, "prompt: must not be empty"),
+        ("blank-prompt", 400, "prompt: must not be empty"),
+        ("nan-guidance", 422, "guidance_scale: Input should be a finite number"),
+        ("inf-demo-guidance", 422, "demo_guidance_scale: Input should be a finite number"),
+        ("json-body", 415, "/v1/generate takes multipart/form-data fields"),
+        ("urlencoded", 422, "images: Field required (photos are uploaded as multipart/form-data)"),
         ("captions", 400, "captions: 1 captions for 2 images"),
         ("num-images", 422, "num_images: "),
         ("steps", 422, "steps: "),
@@ -172,6 +179,20 @@ def test_generate_refuses_bad_input_naming_the_field(shared_client, tmp_path, ca
         data["prompt"] = "x" * 301
     elif case == "no-prompt":
         data = {}
+    elif case == "empty-prompt":
+        data["prompt"] = ""
+    elif case == "blank-prompt":
+        data["prompt"] = "   "
+    elif case == "nan-guidance":
+        data["guidance_scale"] = "nan"
+    elif case == "inf-demo-guidance":
+        data["demo_guidance_scale"] = "inf"
+    elif case == "json-body":
+        r = shared_client.post("/v1/generate", json={"prompt": "a photo", "images": ["aGVsbG8="]})
+        assert r.status_code == status and message in r.json()["error"] and "not application/json" in r.json()["error"], r.text
+        return
+    elif case == "urlencoded":
+        upload = None
     elif case == "captions":
         data["captions"] = ["only one"]
     elif case == "num-images":
@@ -215,11 +236,82 @@ def test_pixel_limit(tmp_path, apprentice_dir):
         assert r.status_code == 400 and "images[0]: 48x48 = 2304 pixels exceeds the limit of 1600" in r.json()["error"]
 
 
+def huge_png(side: int = 5900) -> bytes:
+    """A small file (a few KB) that decodes to ``side`` x ``side`` pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def count_decodes(monkeypatch) -> list:
+    import serving.app
+
+    calls, real = [], serving.app.decode_uploads
+    monkeypatch.setattr(serving.app, "decode_uploads", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    return calls
+
+
+def test_oversized_requests_are_refused_from_headers_at_once(tmp_path, apprentice_dir, monkeypatch):
+    """Three concurrent requests of 8 photos of 5900x5900 pixels: 413 at once, nothing decoded."""
+    import psutil
+
+    big = huge_png()
+    assert len(big) < 200_000
+    decodes = count_decodes(monkeypatch)
+    process = psutil.Process()
+    with TestClient(create_app(settings_for(tmp_path, apprentice_dir))) as c:
+        before, peak, done = process.memory_info().rss, [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], process.memory_info().rss)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
+        def ask(i):
+            started = time.monotonic()
+            if i == 2:  # an expert job of 5 such photos
+                r = c.post("/v1/experts", files=[("images", (f"{j}.png", big, "image/png")) for j in range(5)], data={"class_noun": "dog"})
+            else:
+                r = c.post("/v1/generate", files=[("images", (f"{j}.png", big, "image/png")) for j in range(8)], data={"prompt": "x"})
+            return r, time.monotonic() - started
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                answers = list(pool.map(ask, range(3)))
+        finally:
+            done.set()
+            sampler.join()
+        for r, seconds in answers:
+            assert r.status_code == 413, r.text
+            assert "pixels in all exceed the limit of 64,000,000 pixels per request" in r.json()["error"]
+            assert seconds < 5, seconds
+        assert decodes == []
+        grown = (peak[0] - before) / 2**30
+        assert grown < 1.5, f"{grown:.2f} GiB"
+        print(f"3 oversized requests: {max(s for _, s in answers):.2f} s, RSS +{grown * 1024:.0f} MiB")
+        assert c.get("/v1/experts").json()["jobs"] == []
+        assert not any((runtime(c).settings.uploads_dir).iterdir())
+
+
+def test_request_pixel_limit_sums_all_photos(tmp_path, apprentice_dir, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    with TestClient(create_app(settings_for(tmp_path, apprentice_dir, max_request_pixels=3 * 48 * 48))) as c:
+        r = c.post("/v1/generate", files=files(3), data={"prompt": "x", "steps": 1})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/generate", files=files(4), data={"prompt": "x"})
+        assert r.status_code == 413 and r.json()["error"] == "images: 4 images of 9,216 pixels in all exceed the limit of 6,912 pixels per request; send smaller photos"
+        assert decodes == [3]
+
+
 # --- limits of the executor: 429 and 504 ---------------------------------------------------------
 
 
-def test_full_queue_answers_429_with_retry_after(tmp_path, apprentice_dir):
+def test_full_queue_answers_429_with_retry_after(tmp_path, apprentice_dir, monkeypatch):
     settings = settings_for(tmp_path, apprentice_dir, max_concurrency=1, max_queue=1)
+    decodes = count_decodes(monkeypatch)
     release = threading.Event()
     with TestClient(create_app(settings)) as c:
         service = runtime(c).generation
@@ -236,8 +328,13 @@ def test_full_queue_answers_429_with_retry_after(tmp_path, apprentice_dir):
             first = [pool.submit(c.post, "/v1/generate", files=files(1), data={"prompt": "x"}) for _ in range(2)]
             wait_for(lambda: service.active == 2, 20, what="two admitted requests")
             assert service.running == 1 and service.waiting == 1
+            assert decodes == [1, 1]
+            r = c.post("/v1/generate", files=[("images", ("big.png", huge_png(), "image/png"))] * 8, data={"prompt": "x"})
+            assert r.status_code == 429, "admission comes before the photos are even looked at"
+            assert decodes == [1, 1]
             r = c.post("/v1/generate", files=files(1), data={"prompt": "x"})
             assert r.status_code == 429
+            assert decodes == [1, 1], "a refused request decodes nothing"
             assert int(r.headers["retry-after"]) >= 1
             assert "queue" in r.json()["error"]
             metrics = c.get("/metrics").text
@@ -245,7 +342,7 @@ def test_full_queue_answers_429_with_retry_after(tmp_path, apprentice_dir):
             release.set()
             assert [f.result().status_code for f in first] == [200, 200]
         assert service.active == 0
-        assert 'route="/v1/generate",status="429"} 1' in c.get("/metrics").text
+        assert 'route="/v1/generate",status="429"} 2' in c.get("/metrics").text
 
 
 def test_timeout_answers_504_and_stops_the_work(tmp_path, apprentice_dir):
@@ -313,6 +410,8 @@ def test_bad_job_ids(shared_client, job_id, status):
         ("recipe-path", 400, "recipe: unknown recipe '../../configs/recipes/dreambooth'"),
         ("class-noun", 400, "class_noun: use letters"),
         ("no-class-noun", 422, "class_noun: Field required"),
+        ("empty-class-noun", 400, "class_noun: must not be empty"),
+        ("json-body", 415, "/v1/experts takes multipart/form-data fields"),
         ("steps", 422, "steps: "),
     ],
 )
@@ -331,10 +430,15 @@ def test_expert_job_refuses_bad_input(shared_client, case, status, message):
         data["class_noun"] = "../star"
     elif case == "no-class-noun":
         data = {}
+    elif case == "empty-class-noun":
+        data["class_noun"] = ""
     elif case == "steps":
         data["steps"] = 0
     before = len(shared_client.get("/v1/experts").json()["jobs"])
-    r = shared_client.post("/v1/experts", files=upload, data=data)
+    if case == "json-body":
+        r = shared_client.post("/v1/experts", json=data)
+    else:
+        r = shared_client.post("/v1/experts", files=upload, data=data)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
     assert len(shared_client.get("/v1/experts").json()["jobs"]) == before, "a refused job leaves no row"
@@ -365,8 +469,7 @@ def test_expert_job_trains_reports_progress_and_generates(client):
     assert statuses.index("running") < statuses.index("done")
 
     settings = rt.settings
-    stored = sorted((settings.uploads_dir / job_id).iterdir())
-    assert [p.name for p in stored] == [f"image_{i:02d}.png" for i in range(4)]
+    wait_for(lambda: not (settings.uploads_dir / job_id).exists(), 10, 0.2, "the uploaded photos to be deleted (upload_retention_s=0)")
     assert (settings.experts_dir / job_id / "expert.json").is_file()
     assert not (settings.experts_dir / f"{job_id}.partial").exists()
 
@@ -381,11 +484,16 @@ def test_expert_job_trains_reports_progress_and_generates(client):
     assert client.get("/v1/experts", params={"status": "done"}).json()["jobs"][0]["id"] == job_id
     assert client.get("/v1/experts", params={"status": "queued"}).json()["jobs"] == []
     assert client.get("/v1/experts", params={"status": "bogus"}).status_code == 422
-    r = client.delete(f"/v1/experts/{job_id}")
-    assert r.status_code == 409 and "already done" in r.json()["error"]
     metrics = client.get("/metrics").text
     assert 'suti_jobs{state="done"} 1' in metrics
     assert 'suti_http_requests_total{method="POST",route="/v1/experts",status="202"} 1' in metrics
+    r = client.delete(f"/v1/experts/{job_id}")  # a finished expert is deleted with its files
+    assert r.status_code == 200 and r.json()["status"] == "deleted" and r.json()["freed_bytes"] > 0, r.text
+    assert not (settings.experts_dir / job_id).exists() and not (settings.logs_dir / f"{job_id}.log").exists()
+    assert client.get(f"/v1/experts/{job_id}").status_code == 404
+    assert client.post(f"/v1/experts/{job_id}/generate", data={"prompt": "a {V} {class}"}).status_code == 404
+    assert client.delete(f"/v1/experts/{job_id}").status_code == 404
+    assert 'suti_jobs{state="done"} 0' in client.get("/metrics").text
 
 
 def test_cancel_stops_the_running_worker_and_a_queued_job(tmp_path, apprentice_dir):
@@ -410,9 +518,12 @@ def test_cancel_stops_the_running_worker_and_a_queued_job(tmp_path, apprentice_d
             job = c.get(f"/v1/experts/{job_id}").json()
             assert job["status"] == "cancelled", job
         assert c.get(f"/v1/experts/{queued}").json()["attempts"] == 0
-        assert c.delete(f"/v1/experts/{running}").status_code == 409
         r = c.post(f"/v1/experts/{running}/generate", data={"prompt": "a {V} {class}"})
         assert r.status_code == 409 and "cancelled" in r.json()["error"]
+        r = c.delete(f"/v1/experts/{running}")  # a second DELETE removes the cancelled job
+        assert r.status_code == 200 and r.json()["status"] == "deleted"
+        assert c.get(f"/v1/experts/{running}").status_code == 404
+        assert not (settings.uploads_dir / running).exists()
 
 
 def test_shutdown_requeues_and_next_start_finishes_the_job(tmp_path, apprentice_dir):
@@ -441,6 +552,103 @@ def test_a_failing_job_reports_its_error(tmp_path, apprentice_dir):
         assert job["status"] == "failed" and "no-such-model" in job["error"], job
         assert not (settings.experts_dir / job_id).exists()
         assert c.get("/v1/experts", params={"status": "failed"}).json()["jobs"][0]["id"] == job_id
+
+
+def test_queued_job_limit_answers_429_before_decoding(tmp_path, apprentice_dir, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    with TestClient(create_app(settings_for(tmp_path, apprentice_dir, max_queued_jobs=2))) as c:
+        rt = runtime(c)
+        rt.jobs.stop()  # no dispatcher: jobs stay queued
+        rt.jobs = None
+        ids = [c.post("/v1/experts", files=files(3), data={"class_noun": "star"}).json()["id"] for _ in range(2)]
+        r = c.post("/v1/experts", files=files(3), data={"class_noun": "star"})
+        assert r.status_code == 429 and "2 expert jobs are already queued (the limit is 2)" in r.json()["error"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert decodes == [3, 3]
+        assert c.delete(f"/v1/experts/{ids[0]}").json()["status"] == "cancelled"
+        assert c.post("/v1/experts", files=files(3), data={"class_noun": "star"}).status_code == 202
+        assert 'suti_jobs_rejected_total 1' in c.get("/metrics").text
+
+
+def _finished_job(store: JobStore, settings, state: str = "done", finished_at: float | None = None) -> str:
+    """A job row in ``state`` with an expert folder, uploads and a log on disk (no training)."""
+    job_id = new_job_id()
+    store.create(job_id, class_noun="dog", recipe="suti-expert", model="tiny", steps=5, seed=0, num_images=3)
+    job = store.claim_next("someone", "host", 1)
+    if state == "done":
+        assert store.finish(job_id, job["run_token"], "done")
+    elif state == "failed":
+        assert store.fail(job_id, job["run_token"], "broken")
+    for folder in (settings.experts_dir / job_id, settings.uploads_dir / job_id):
+        folder.mkdir(parents=True)
+        (folder / "file.bin").write_bytes(b"0" * 1000)
+    (settings.logs_dir / f"{job_id}.log").write_text("log\n")
+    if finished_at is not None:
+        with sqlite3.connect(settings.jobs_db) as db:
+            db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (finished_at, job_id))
+    return job_id
+
+
+def test_delete_a_finished_job_frees_its_disk(tmp_path, apprentice_dir):
+    with TestClient(create_app(settings_for(tmp_path, apprentice_dir, upload_retention_s=3600))) as c:
+        rt = runtime(c)
+        settings = rt.settings
+        for state in ("done", "failed"):
+            job_id = _finished_job(rt.store, settings, state)
+            assert c.get(f"/v1/experts/{job_id}").json()["status"] == state
+            r = c.delete(f"/v1/experts/{job_id}")
+            assert r.status_code == 200 and r.json() == {"id": job_id, "status": "deleted", "freed_bytes": 2004}, r.text
+            for path in (settings.experts_dir / job_id, settings.uploads_dir / job_id, settings.logs_dir / f"{job_id}.log"):
+                assert not path.exists(), path
+            assert c.get(f"/v1/experts/{job_id}").status_code == 404
+            assert c.delete(f"/v1/experts/{job_id}").status_code == 404
+
+
+def test_retention_deletes_old_uploads_and_jobs(tmp_path, apprentice_dir):
+    settings = settings_for(tmp_path, apprentice_dir, upload_retention_s=3600, job_retention_s=86400)
+    with TestClient(create_app(settings)) as c:
+        rt = runtime(c)
+        rt.jobs.stop()  # sweep by hand, at a chosen time
+        rt.jobs = None
+        from serving.jobs import JobManager
+
+        manager = JobManager(settings, rt.store)
+        now = time.time()
+        fresh = _finished_job(rt.store, settings, "done", finished_at=now - 60)
+        hour_old = _finished_job(rt.store, settings, "failed", finished_at=now - 7200)
+        day_old = _finished_job(rt.store, settings, "done", finished_at=now - 2 * 86400)
+        queued = c.post("/v1/experts", files=files(3), data={"class_noun": "star"}).json()["id"]
+        orphan = settings.uploads_dir / new_job_id()  # photos whose row was never written
+        orphan.mkdir()
+        os.utime(orphan, (now - 7200, now - 7200))
+        manager.sweep(now)
+        assert (settings.uploads_dir / fresh).is_dir() and (settings.experts_dir / fresh).is_dir()
+        assert not (settings.uploads_dir / hour_old).exists() and (settings.experts_dir / hour_old).is_dir()
+        assert c.get(f"/v1/experts/{hour_old}").json()["status"] == "failed"
+        assert c.get(f"/v1/experts/{day_old}").status_code == 404
+        assert not (settings.experts_dir / day_old).exists() and not (settings.logs_dir / f"{day_old}.log").exists()
+        assert (settings.uploads_dir / queued).is_dir(), "a queued job keeps its photos"
+        assert not orphan.exists()
+        manager.sweep(now + 2 * 86400)
+        assert [j["id"] for j in c.get("/v1/experts").json()["jobs"]] == [queued]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_then_fails_with_a_clean_error(tmp_path, apprentice_dir):
+    settings = settings_for(tmp_path, apprentice_dir, job_workers=1, max_job_attempts=2)
+    with TestClient(create_app(settings)) as c:
+        rt = runtime(c)
+        job_id = c.post("/v1/experts", files=files(3), data={"class_noun": "star", "steps": 2000}).json()["id"]
+        for attempt in (1, 2):
+            job = wait_for(lambda: (j := c.get(f"/v1/experts/{job_id}").json())["status"] == "running" and j["attempts"] == attempt and j["progress"] > 0 and j, 180, 0.2, f"run {attempt} to train")
+            pid = rt.jobs.running_pids()[job_id]
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not pid_alive(pid), 10, 0.1, "the worker to die")
+        job = wait_job(c, job_id, states=("failed",), timeout=30)
+        assert job["attempts"] == 2
+        assert job["error"] == "training stopped unexpectedly 2 times; last time the training worker was killed by SIGKILL (out of memory, or stopped by an operator)"
+        assert not (settings.experts_dir / f"{job_id}.partial").exists()
+        wait_for(lambda: not (settings.uploads_dir / job_id).exists(), 10, 0.2, "the photos of the failed job to be deleted")
 
 
 @pytest.mark.slow
@@ -499,6 +707,25 @@ def test_orphaned_running_jobs_are_found(tmp_path):
     assert other in [r["id"] for r in store.orphans("me", socket.gethostname(), -1)], "stale heartbeat"
 
 
+def test_an_interrupted_job_is_retried_up_to_max_job_attempts(tmp_path, apprentice_dir):
+    """The restart path counts runs as the crash path does: the last interruption fails the job."""
+    from serving.jobs import JobManager
+
+    settings = settings_for(tmp_path, apprentice_dir, max_job_attempts=2)
+    store = JobStore(settings.jobs_db)
+    job_id = new_job_id()
+    store.create(job_id, class_noun="dog", recipe="suti-expert", model="tiny", steps=5, seed=0, num_images=3)
+    manager = JobManager(settings, store)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for attempt in (1, 2):
+        assert store.claim_next("gone", socket.gethostname(), dead.pid)["attempts"] == attempt
+        manager._recover()
+    row = store.get(job_id)
+    assert row["state"] == "failed" and row["attempts"] == 2, row
+    assert row["error"] == "training stopped unexpectedly 2 times; last time its server stopped while it ran"
+
+
 # --- health, metrics, docs, page, CLI, Ray Serve -------------------------------------------------
 
 
@@ -511,7 +738,11 @@ def test_health_metrics_openapi_docs_and_page(shared_client):
     form = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert "image/png" in spec["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]
     assert form["schema"]
-    assert "swagger" in shared_client.get("/docs").text.lower()
+    docs = shared_client.get("/docs")  # our own page: nothing from a CDN, so it works offline
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert re.findall(r'(?:src|href)="([^"]*)"', docs.text) == ["/openapi.json", "/"]
+    assert "default-src 'self'" in docs.headers["content-security-policy"]
+    assert shared_client.get("/redoc").status_code == 404
     page = shared_client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
@@ -542,6 +773,14 @@ def test_cli_defaults_and_errors(monkeypatch, tmp_path, capsys):
     assert main(["serve", "--apprentice", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
     assert "not an apprentice folder" in capsys.readouterr().err
     assert main(["serve", "--max-concurrency", "0"]) == 2
+    args = build_parser().parse_args(["serve", "--max-queued-jobs", "3", "--max-job-attempts", "5", "--upload-retention-hours", "2", "--job-retention-days", "0", "--max-request-pixels", "1000"])
+    settings = settings_from_args(args)
+    assert (settings.max_queued_jobs, settings.max_job_attempts, settings.upload_retention_s, settings.job_retention_s, settings.max_request_pixels) == (3, 5, 7200.0, None, 1000)
+    assert settings_from_args(build_parser().parse_args(["serve"])).job_retention_s == 30 * 86400.0
+    assert main(["serve", "--max-queued-jobs", "0"]) == 2
+    assert "max-queued-jobs must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--upload-retention-hours", "-1"]) == 2
+    assert "--upload-retention-hours must be >= 0 (got -1.0)" in capsys.readouterr().err
 
 
 def test_ray_serve_deployment_constructs(tmp_path, apprentice_dir):
@@ -702,8 +941,11 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(live_server.url + "/")
             assert page.title() == "SuTI"
-            page.click("#generate")  # nothing chosen yet: a message, no request
-            assert "add at least one photo" in page.text_content("#status")
+            page.click("#generate")  # nothing chosen yet: a message next to the button, no request
+            assert "add at least one photo" in page.text_content("#generate-status")
+            page.click("#train")
+            assert "type the class noun" in page.text_content("#train-status")
+            assert page.text_content("#generate-status") == "add at least one photo first"
 
             page.set_input_files("#files", paths)
             assert page.text_content("#photo-count") == "3 photos"
@@ -714,7 +956,7 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             # page.evaluate, not wait_for_function: the page's CSP forbids the eval that the latter uses
             loaded = "() => [...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth === 32).length"
             wait_for(lambda: page.evaluate(loaded) == 2, 30, 0.2, "two decoded images")
-            assert "generated 2 images" in page.text_content("#status")
+            assert "generated 2 images" in page.text_content("#generate-status")
 
             page.fill("#class-noun", "star")
             page.fill("#train-steps", "10")
@@ -725,7 +967,44 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             job.query_selector(".expert-go").click()
             expert_image = "() => { const i = document.querySelector('.job .expert-results img'); return !!i && i.complete && i.naturalWidth === 32; }"
             wait_for(lambda: page.evaluate(expert_image), 60, 0.2, "the expert's image")
-            assert "the expert generated 1 image" in page.text_content("#status")
+            assert "the expert generated 1 image" in job.query_selector(".job-status").text_content()
+            job.query_selector(".delete").click()  # a finished expert can be deleted from the page
+            wait_for(lambda: page.query_selector(".job") is None, 10, 0.1, "the job to leave the list")
+            assert "deleted" in page.text_content("#train-status")
+
+            page.goto(live_server.url + "/docs")  # the API reference needs no network
+            page.wait_for_selector(".op[data-path='/v1/generate'][data-method='post']", timeout=10_000)
+            assert "multipart/form-data" in page.text_content(".op[data-path='/v1/generate']")
             assert errors == []
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_web_page_loads_jobs_when_the_api_key_is_typed(tmp_path, apprentice_dir, monkeypatch):
+    sync_playwright = _browser()
+    monkeypatch.setenv("SUTI_TEST_KEY", "s3cret")
+    server = LiveServer(tmp_path / "data", apprentice_dir, "--api-key-env", "SUTI_TEST_KEY")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(server.url + "/")
+                wait_for(lambda: "needs an API key" in page.text_content("#key-status"), 10, 0.1, "the key message")
+                page.fill("#api-key", "wrong")
+                wait_for(lambda: page.text_content("#key-status") == "wrong API key", 10, 0.1, "the wrong-key message")
+                job_id = httpx.post(server.url + "/v1/experts", files=files(3), data={"class_noun": "star", "steps": 2000}, headers={"X-API-Key": "s3cret"}, timeout=30).json()["id"]
+                page.fill("#api-key", "s3cret")  # no reload: the list appears
+                page.wait_for_selector(f"#job-{job_id}", timeout=10_000)
+                assert page.text_content("#key-status") == "key accepted"
+                page.click(f"#job-{job_id} .cancel")
+                wait_for(lambda: page.text_content(f"#job-{job_id} .job-status") == "cancelled", 10, 0.1, "the cancel message in the job's box")
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        server.stop()
