@@ -99,7 +99,7 @@ class Runtime:
         m.gauge("suti_generate_capacity", "Generation requests admitted at most (running + waiting).", lambda: self.generation.capacity)
         m.gauge("suti_jobs", "DreamBooth jobs by state.", lambda: self.store.counts(), label="state")
         m.gauge("suti_jobs_workers_running", "Job workers this server is running.", lambda: len(self.jobs.running_pids()) if self.jobs else 0)
-        m.gauge("suti_apprentice_loaded", "1 once the apprentice is loaded in this process.", lambda: int(apprentice_loaded(settings.apprentice, settings.device)))
+        m.gauge("suti_apprentice_loaded", "1 once the apprentice is loaded in this process.", lambda: int(apprentice_loaded(settings.apprentice, settings.device, settings.dtype)))
 
     def start(self) -> None:
         """Start the job dispatcher and preload the apprentice (idempotent)."""
@@ -132,7 +132,7 @@ class Runtime:
 
     def _preload(self) -> None:
         try:
-            get_apprentice(self.settings.apprentice, self.settings.device)
+            get_apprentice(self.settings.apprentice, self.settings.device, self.settings.dtype)
         except Exception as exc:  # noqa: BLE001 - reported by /healthz; requests will say why
             self.preload_error = f"{type(exc).__name__}: {exc}"
             log.error("could not load the apprentice %r: %s", self.settings.apprentice, exc)
@@ -350,7 +350,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "version": suti.__version__,
             "model": settings.model,
             "apprentice": settings.apprentice,
-            "apprentice_loaded": apprentice_loaded(settings.apprentice, settings.device),
+            "apprentice_loaded": apprentice_loaded(settings.apprentice, settings.device, settings.dtype),
             "apprentice_error": rt.preload_error,
             "jobs_backend": rt.jobs.backend if rt.jobs else None,
             "generation": {"running": rt.generation.running, "waiting": rt.generation.waiting, "capacity": rt.generation.capacity},
