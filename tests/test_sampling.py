@@ -284,3 +284,46 @@ def test_eval_validates_before_generating(tmp_path, capsys):
     assert "--sample-steps: 0 is out of range" in capsys.readouterr().err
     assert main(["eval", "--dataset", str(tmp_path / "none"), "--method", "base", "--output", str(tmp_path / "o"), "--guidance-scale", "inf"]) == 2
     assert "--guidance-scale: inf is not a finite number" in capsys.readouterr().err
+
+
+# --- demonstration keys/values shared across guidance branches ------------------------------------
+
+
+@pytest.mark.parametrize("method", ["attention", "reference"])
+def test_shared_demo_keys_values_match_the_repeated_ones_and_hold_less(method):
+    from apprentice import ApprenticePipeline, DemoContext
+    from suti.models import load_pipeline
+
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"), method=method)
+    with torch.no_grad():
+        for p in app.adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ctx = app.encode_demonstrations([Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)])
+    batch = 6  # 3 guidance branches x 2 images
+    shared = ctx.repeat(batch)
+    repeated = DemoContext(num_demos=ctx.num_demos, kv={k: (a.repeat(batch, 1, 1, 1), b.repeat(batch, 1, 1, 1)) for k, (a, b) in ctx.kv.items()})
+    mask = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # the no-demonstration branch
+    shared.mask, repeated.mask = mask, mask
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    emb = torch.randn(batch, 77, 32, generator=g)
+    with torch.no_grad():
+        new = app.unet(x, 500, emb, cross_attention_kwargs={"demo": shared}).sample
+        old = app.unet(x, 500, emb, cross_attention_kwargs={"demo": repeated}).sample
+        plain = app.unet(x, 500, emb, cross_attention_kwargs={"demo": None}).sample
+    torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(new[2:], plain[2:], atol=1e-4), "the demonstrations change the output"
+    torch.testing.assert_close(new[:2], plain[:2], atol=1e-5, rtol=1e-5)  # masked rows see no demos
+    assert shared.cache_bytes() == ctx.cache_bytes() > 0
+    assert repeated.cache_bytes() == batch * ctx.cache_bytes()
+
+
+def test_expert_training_refuses_a_validation_prompt_whose_cut_loses_the_identifier(instance_dir, tmp_path):
+    from experts.recipe import resolve_config
+    from experts.train import train_expert
+
+    config = resolve_config("dreambooth", dict(model="tiny", instance_dir=str(instance_dir), class_noun="dog", steps=1, prior_preservation=False,
+                                               validation_prompt=LONG_WITH_ID_AT_END, identifier="sks"))
+    with pytest.raises(PromptTruncatedError, match="--validation-prompt: .* cuts the identifier 'sks'"):
+        train_expert(config, tmp_path / "expert", progress=False)
+    assert not (tmp_path / "expert" / "expert.json").exists()
