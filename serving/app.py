@@ -238,8 +238,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         captions: Annotated[list[str] | None, Form(description="one caption per photo (optional; repeat the field)")] = None,
         num_images: Annotated[int, num_field] = 1,
         steps: Annotated[int | None, steps_field] = None,
-        guidance_scale: Annotated[float | None, Form(ge=0, le=50, description="text guidance")] = None,
-        demo_guidance_scale: Annotated[float | None, Form(ge=0, le=50, description="demonstration guidance")] = None,
+        guidance_scale: Annotated[float | None, Form(ge=0, le=50, allow_inf_nan=False, description="text guidance")] = None,
+        demo_guidance_scale: Annotated[float | None, Form(ge=0, le=50, allow_inf_nan=False, description="demonstration guidance")] = None,
         seed: Annotated[int | None, seed_field] = None,
     ):
         prompt = clean_text(prompt, "prompt", settings.max_prompt_chars)
@@ -324,7 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt: Annotated[str, Form(min_length=1, max_length=settings.max_prompt_chars, description='e.g. "a {V} {class} on the beach"')],
         num_images: Annotated[int, num_field] = 1,
         steps: Annotated[int | None, steps_field] = None,
-        guidance_scale: Annotated[float | None, Form(ge=0, le=50)] = None,
+        guidance_scale: Annotated[float | None, Form(ge=0, le=50, allow_inf_nan=False)] = None,
         seed: Annotated[int | None, seed_field] = None,
     ):
         prompt = clean_text(prompt, "prompt", settings.max_prompt_chars)

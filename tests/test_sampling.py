@@ -327,3 +327,21 @@ def test_expert_training_refuses_a_validation_prompt_whose_cut_loses_the_identif
     with pytest.raises(PromptTruncatedError, match="--validation-prompt: .* cuts the identifier 'sks'"):
         train_expert(config, tmp_path / "expert", progress=False)
     assert not (tmp_path / "expert" / "expert.json").exists()
+
+
+def test_http_refuses_non_finite_guidance_saying_so(tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from serving import Settings, create_app
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    with TestClient(create_app(Settings(data_dir=tmp_path, preload=False, device="cpu"))) as client:
+        for field in ("guidance_scale", "demo_guidance_scale"):
+            for value in ("nan", "inf", "-inf"):
+                r = client.post("/v1/generate", files=[("images", ("a.png", buf.getvalue(), "image/png"))], data={"prompt": "a cup", field: value})
+                assert r.status_code == 422 and r.json()["error"] == f"{field}: Input should be a finite number"
+        r = client.post("/v1/experts/" + "0" * 32 + "/generate", data={"prompt": "a {V}", "guidance_scale": "nan"})
+        assert r.status_code == 422 and "guidance_scale: Input should be a finite number" in r.json()["error"]
