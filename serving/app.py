@@ -213,6 +213,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def images_response(result: Result) -> Response:
         rt.metrics.inc("suti_generated_images_total", len(result.images), help="Images generated.")
         headers = {"X-Seed": str(result.seed), "X-Generation-Seconds": f"{result.seconds:.3f}"}
+        if result.prompt_truncated:  # the prompt was longer than the text encoder reads
+            headers["X-Prompt-Truncated"] = result.prompt_truncated
         if len(result.images) == 1:
             return Response(result.images[0], media_type="image/png", headers=headers)
         return JSONResponse({"images": result.b64(), "seed": result.seed}, headers=headers)

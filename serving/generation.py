@@ -59,15 +59,18 @@ def check_request(settings, *, steps: int, num_images: int, guidance_scale: floa
         raise ApiError(400, str(exc)) from None
 
 
-def _check_prompt(tokenizer, prompt: str, identifier: str | None = None) -> None:
-    """A prompt whose truncation cuts the identifier is a 400 (a shorter cut is logged)."""
+def _check_prompt(tokenizer, prompt: str, identifier: str | None = None) -> str | None:
+    """A prompt whose truncation cuts the identifier is a 400; another cut is logged and returned
+    as ``"N tokens, the text encoder reads M"`` (the ``X-Prompt-Truncated`` response header)."""
     from serving.limits import ApiError
     from suti.sampling import PromptTruncatedError, check_prompt
 
     try:
-        check_prompt(tokenizer, prompt, identifier=identifier)
+        n = check_prompt(tokenizer, prompt, identifier=identifier)
     except PromptTruncatedError as exc:
         raise ApiError(400, str(exc)) from None
+    limit = int(tokenizer.model_max_length)
+    return f"{n} tokens, the text encoder reads {limit}" if n > limit else None
 
 
 def _load(what: str, fn, *args):
@@ -189,6 +192,7 @@ class Result:
     images: list[bytes]  # PNG files
     seed: int
     seconds: float
+    prompt_truncated: str | None = None  # "N tokens, the text encoder reads M" when the prompt was cut
 
     def b64(self) -> list[str]:
         return [base64.b64encode(b).decode("ascii") for b in self.images]
@@ -282,7 +286,7 @@ class GenerationService:
             started = time.perf_counter()
             pipe = _load(f"the apprentice {settings.apprentice!r}", get_apprentice, settings.apprentice, settings.device, getattr(settings, "dtype", None))
             check()
-            _check_prompt(pipe.tokenizer, prompt)
+            truncated = _check_prompt(pipe.tokenizer, prompt)
             view = request_copy(pipe, check)
             ctx = view.encode_demonstrations(images, captions)  # once per request
             out = []
@@ -290,7 +294,7 @@ class GenerationService:
                 generator = torch.Generator().manual_seed(seed + i)
                 image = view(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator).images[0]
                 out.append(png_bytes(image))
-            return Result(out, seed, time.perf_counter() - started)
+            return Result(out, seed, time.perf_counter() - started, truncated)
 
         return work
 
@@ -307,13 +311,13 @@ class GenerationService:
             pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device, getattr(settings, "dtype", None))
             check()
             prompt = info.prompt(template)
-            _check_prompt(pipe.tokenizer, prompt, info.identifier)
+            truncated = _check_prompt(pipe.tokenizer, prompt, info.identifier)
             view = request_copy(pipe, check)
             out = []
             for i in range(num_images):
                 generator = torch.Generator().manual_seed(seed + i)
                 image = view(prompt, height=info.resolution, width=info.resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
                 out.append(png_bytes(image))
-            return Result(out, seed, time.perf_counter() - started)
+            return Result(out, seed, time.perf_counter() - started, truncated)
 
         return work

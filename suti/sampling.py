@@ -137,8 +137,15 @@ def check_prompt(tokenizer, prompt: str, *, identifier: str | None = None, what:
             raise PromptTruncatedError(
                 f"{what}: {n} tokens, more than the text encoder's {limit}; the truncation cuts the identifier "
                 f"{identifier!r} (lost: {lost!r}); shorten it or move the subject earlier")
-    log.warning("%s: %d tokens, more than the text encoder's %d; the end is ignored: %r", what, n, limit, lost)
+    if (what, prompt) not in _WARNED:  # once per prompt, not once per image or step
+        _WARNED[(what, prompt)] = None
+        while len(_WARNED) > 256:
+            _WARNED.pop(next(iter(_WARNED)))
+        log.warning("%s: %d tokens, more than the text encoder's %d; the end is ignored: %r", what, n, limit, lost)
     return n
+
+
+_WARNED: dict[tuple[str, str], None] = {}
 
 
 def resolve_dtype(name: str | None, device: str | None = None):

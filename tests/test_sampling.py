@@ -345,3 +345,18 @@ def test_http_refuses_non_finite_guidance_saying_so(tmp_path):
                 assert r.status_code == 422 and r.json()["error"] == f"{field}: Input should be a finite number"
         r = client.post("/v1/experts/" + "0" * 32 + "/generate", data={"prompt": "a {V}", "guidance_scale": "nan"})
         assert r.status_code == 422 and "guidance_scale: Input should be a finite number" in r.json()["error"]
+
+
+def test_http_reports_a_truncated_prompt_in_a_header(tmp_path, apprentice_dir, demo_png):
+    from fastapi.testclient import TestClient
+
+    from serving import Settings, create_app
+
+    prompt = "a cup" + ", a" * 80  # 245 characters (under the 300 limit), 164 tokens
+    settings = Settings(data_dir=tmp_path, apprentice=str(apprentice_dir), preload=False, device="cpu", default_steps=1)
+    with TestClient(create_app(settings)) as client:
+        photo = [("images", ("d.png", demo_png.read_bytes(), "image/png"))]
+        r = client.post("/v1/generate", files=photo, data={"prompt": prompt})
+        assert r.status_code == 200 and r.headers["X-Prompt-Truncated"] == "164 tokens, the text encoder reads 77"
+        r = client.post("/v1/generate", files=photo, data={"prompt": "a cup"})
+        assert r.status_code == 200 and "X-Prompt-Truncated" not in r.headers
