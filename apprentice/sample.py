@@ -38,7 +38,7 @@ def load_apprentice(name_or_path: str, *, device: str | None = None, dtype: str 
     _quiet_loading()
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True, torch_dtype=torch_dtype)
+    pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.trained_resolution = _trained_resolution(folder)
     return pipe.to(device)
