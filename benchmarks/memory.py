@@ -181,9 +181,20 @@ def _hwm() -> int:
     return 0
 
 
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so a case cannot reuse an earlier one's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cpu_peak(fn) -> tuple[int, float]:
     """Peak resident bytes above the current resident set while ``fn()`` runs (Linux), seconds."""
     gc.collect()
+    _malloc_trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _rss()
@@ -211,7 +222,8 @@ def measured_vae(size: int, n: int, chunk: int, device: str = "cpu") -> list[dic
     rows = []
     results = {}
     encode_in_chunks(vae, pixels[:1], 1)  # warm-up: one-time allocations are not counted
-    for label, bs in (("one call", None), (f"chunks of {chunk}", chunk)):
+    # chunks first: if memory freed by one case were reused by the next, it would favour one call
+    for label, bs in ((f"chunks of {chunk}", chunk), ("one call", None)):
         if device == "cuda":
             peak, seconds = cuda_peak(lambda: results.__setitem__(label, encode_in_chunks(vae, pixels, bs)))
         else:
@@ -263,7 +275,7 @@ def measured_demo_kv(latent: int, num_images: int, num_demos: int = 3, device: s
 
     with torch.no_grad():  # warm-up: one-time allocations are not counted
         unet(x[:1], 500, emb[:1], cross_attention_kwargs={"demo": ctx}).sample
-    for make in (repeated, shared):
+    for make in (shared, repeated):  # shared first: any reuse of freed memory favours the old path
         peak, seconds = (cuda_peak if device == "cuda" else cpu_peak)(step(make))
         rows.append({"case": f"apprentice sampling step, {num_demos} demos, {num_images} images x 3 branches, latents {latent}x{latent}, K/V {make.__name__}",
                      "peak_mib": peak / MIB, "kv_cache_mib": (ctx.cache_bytes() * (batch if make is repeated else 1)) / MIB, "seconds": round(seconds, 2)})
@@ -373,14 +385,15 @@ def main(argv=None) -> dict:
         _print(f"sd15-arch at {args.resolution} px, analytic (meta device, fp32, AdamW)", out["analytic"])
     vae_size, vae_n, kv_latent, kv_images = (args.vae_size, args.vae_images, args.kv_latent, args.kv_images) if not args.quick else (32, 4, 8, 2)
     vae = measured_vae(vae_size, vae_n, args.vae_chunk)
-    marginal = (vae[0]["peak_mib"] - vae[1]["peak_mib"]) / (vae_n - args.vae_chunk)  # MiB per extra image in one call
+    chunked_row, one_row = vae
+    marginal = (one_row["peak_mib"] - chunked_row["peak_mib"]) / (vae_n - args.vae_chunk)  # MiB per extra image in one call
     scale = (args.resolution / vae_size) ** 2
-    vae[0]["note"] = (f"marginal {marginal:.1f} MiB per image in one call; x{scale:.0f} pixels at {args.resolution} px: "
+    one_row["note"] = (f"marginal {marginal:.1f} MiB per image in one call; x{scale:.0f} pixels at {args.resolution} px: "
                       f"~{marginal * scale / 1024:.2f} GiB per image, ~{marginal * scale * 100 / 1024:.0f} GiB for 100 class images in one call")
     out["measured_cpu"] = vae + measured_demo_kv(kv_latent, kv_images)
     _print("measured on CPU (peak RSS above the start of each case)", out["measured_cpu"])
-    one, chunked = out["measured_cpu"][0]["peak_mib"], out["measured_cpu"][1]["peak_mib"]
-    rep, shared = out["measured_cpu"][2]["peak_mib"], out["measured_cpu"][3]["peak_mib"]
+    chunked, one = out["measured_cpu"][0]["peak_mib"], out["measured_cpu"][1]["peak_mib"]
+    shared, rep = out["measured_cpu"][2]["peak_mib"], out["measured_cpu"][3]["peak_mib"]
     print(f"\nchunked VAE encoding lowers the measured peak: {one:.0f} -> {chunked:.0f} MiB ({chunked / max(one, 1e-9):.2f}x)")
     print(f"shared demo keys/values lower the measured peak: {rep:.0f} -> {shared:.0f} MiB ({shared / max(rep, 1e-9):.2f}x)")
     if args.cuda or (args.cuda is None and torch.cuda.is_available() and not args.quick):
