@@ -35,8 +35,10 @@ class DemoContext:
             ``"use"`` (attend to cached keys/values) or ``"off"`` (plain base model).
         num_demos: demonstrations per generated image.
         features: layer name -> captured features, (B * num_demos, HW, C).
-        kv: layer name -> (keys, values), each (B, heads, num_demos * HW, head_dim); in reference
-            mode keys/values of the block's own projections.
+        kv: layer name -> (keys, values), each (B_kv, heads, num_demos * HW, head_dim); in reference
+            mode keys/values of the block's own projections. ``B_kv`` is the batch of the U-Net
+            call, or 1: one request's keys/values shared by every image and every
+            classifier-free-guidance branch (broadcast, never copied; see :meth:`repeat`).
         mask: (B,) float, 1 where the image sees its demonstrations, 0 where they are dropped
             (classifier-free guidance over demonstrations); ``None`` means all 1.
         scale: multiplier of the demonstration attention's output (1 = as trained).
@@ -50,16 +52,59 @@ class DemoContext:
     scale: float = 1.0
 
     def repeat(self, times: int) -> "DemoContext":
-        """The same context for a batch repeated ``times`` (e.g. the CFG branches)."""
-        kv = {k: (a.repeat(times, 1, 1, 1), b.repeat(times, 1, 1, 1)) for k, (a, b) in self.kv.items()}
+        """The same context for a batch repeated ``times`` (e.g. images x CFG branches).
+
+        Keys and values of a one-request context (batch 1) are shared, not copied: the
+        processors broadcast them over the batch. Only a context of several requests is tiled.
+        """
+        if all(a.shape[0] == 1 for a, _ in self.kv.values()):
+            kv = dict(self.kv)
+        else:
+            kv = {k: (a.repeat(times, 1, 1, 1), b.repeat(times, 1, 1, 1)) for k, (a, b) in self.kv.items()}
         mask = None if self.mask is None else self.mask.repeat(times)
         return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the cached keys and values (distinct storages counted once)."""
+        seen, total = set(), 0
+        for pair in self.kv.values():
+            for t in pair:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+        return total
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, C) -> (B, heads, N, C // heads)."""
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _batch(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Keys/values of batch 1 (shared) or ``b``, as batch ``b`` (a broadcast view, no copy)."""
+    if x.shape[0] == b:
+        return x
+    if x.shape[0] != 1:
+        raise ValueError(f"demonstration keys/values have batch {x.shape[0]}, the U-Net call {b}")
+    return x.expand(b, -1, -1, -1)
+
+
+def _shared_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` with keys/values of batch 1 shared by the whole batch.
+
+    query: (B, heads, L, d); keys, values: (B or 1, heads, M, d) -> (B, heads, L, d). Shared keys
+    and values are attended to by folding the batch into the query length (each query row is
+    independent), so they are neither repeated nor copied per image or guidance branch.
+    """
+    b, h, n, d = query.shape
+    if keys.shape[0] == b:
+        return F.scaled_dot_product_attention(query, keys, values)
+    _batch(keys, b)  # checks the batch
+    folded = query.transpose(0, 1).reshape(1, h, b * n, d)  # (1, heads, B * L, d)
+    out = F.scaled_dot_product_attention(folded, keys, values)
+    return out.reshape(h, b, n, d).transpose(0, 1)
 
 
 class DemoAttnProcessor:
@@ -88,7 +133,7 @@ class DemoAttnProcessor:
             return self._reference(attn, hidden_states, keys, values, demo)
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # (B, HW, C)
         query = _heads(self.layer.to_q(hidden_states), attn.heads)  # (B, heads, HW, d)
-        extra = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype))
+        extra = _shared_attention(query, keys.to(query.dtype), values.to(query.dtype))
         extra = self.layer.to_out(extra.transpose(1, 2).reshape(hidden_states.shape[0], -1, query.shape[1] * query.shape[3]))
         gate = demo.scale if demo.mask is None else demo.scale * demo.mask.to(extra.dtype).view(-1, 1, 1)
         return out + gate * extra
@@ -105,6 +150,8 @@ class DemoAttnProcessor:
             bias[:, :, :, keys.shape[2]:] = torch.where(demo.mask.view(-1, 1, 1, 1) > 0, 0.0, float("-inf")).to(query.dtype)
         else:
             bias = None
+        ref_keys = _batch(ref_keys, b)
+        ref_values = _batch(ref_values, b)
         keys = torch.cat([keys, ref_keys.to(keys.dtype)], dim=2)
         values = torch.cat([values, ref_values.to(values.dtype)], dim=2)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)

@@ -12,6 +12,7 @@ import sys
 def register(subparsers) -> None:
     """Add the ``apprentice`` command group."""
     from apprentice.train import build_arg_parser
+    from suti.sampling import add_sampler_flags
 
     group = subparsers.add_parser("apprentice", help="train and query the in-context apprentice")
     sub = group.add_subparsers(dest="apprentice_command", metavar="SUBCOMMAND")
@@ -39,6 +40,7 @@ def register(subparsers) -> None:
     sample.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance")
     sample.add_argument("--demo-guidance-scale", type=float, default=2.0, help="demonstration guidance")
     sample.add_argument("--seed", type=int, default=0)
+    add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true")
     sample.set_defaults(func=_sample)
 
@@ -77,6 +79,6 @@ def _pack_photos(args) -> int:
 def _sample(args) -> int:
     from apprentice.sample import sample_apprentice
 
-    paths = sample_apprentice(args.apprentice, args.demos, args.prompt, args.num_images, args.output, demo_captions=args.demo_captions, steps=args.steps, guidance_scale=args.guidance_scale, demo_guidance_scale=args.demo_guidance_scale, seed=args.seed, overwrite=args.overwrite)
+    paths = sample_apprentice(args.apprentice, args.demos, args.prompt, args.num_images, args.output, demo_captions=args.demo_captions, steps=args.steps, guidance_scale=args.guidance_scale, demo_guidance_scale=args.demo_guidance_scale, seed=args.seed, overwrite=args.overwrite, height=args.height, width=args.width, dtype=args.dtype)
     print(json.dumps({"images": [str(p) for p in paths]}))
     return 0

@@ -16,6 +16,7 @@ from PIL import Image
 
 from apprentice.adapter import DemoAttentionAdapter
 from suti.images import fit_square, to_pil, to_tensor
+from suti.sampling import check_prompt, check_sampler_args
 
 
 class ApprenticePipeline(DiffusionPipeline):
@@ -31,6 +32,7 @@ class ApprenticePipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, adapter=adapter)
         adapter.install(unet)
+        self.trained_resolution: int | None = None  # set by apprentice.sample.load_apprentice
 
     @classmethod
     def from_base(cls, base, **adapter_kwargs) -> "ApprenticePipeline":
@@ -40,8 +42,11 @@ class ApprenticePipeline(DiffusionPipeline):
 
     @property
     def resolution(self) -> int:
-        """Native image size in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        """Default image size in pixels: the resolution the apprentice was trained at (the
+        adapter config's ``resolution``, else ``training.json``'s, read by
+        :func:`apprentice.sample.load_apprentice`), else the U-Net's native size."""
+        trained = getattr(self.adapter.config, "resolution", None) or self.trained_resolution
+        return int(trained) if trained else self.unet.config.sample_size * self.vae_scale_factor
 
     @property
     def vae_scale_factor(self) -> int:
@@ -68,6 +73,8 @@ class ApprenticePipeline(DiffusionPipeline):
         captions = captions or [""] * len(demos)
         if len(captions) != len(demos):
             raise ValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
+        for i, caption in enumerate(captions):
+            check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
         latents = self.encode_images(demos)[None]  # (1, n, C, h, w)
         emb = self.encode_text(captions)[None]  # (1, n, L, D)
         return self.adapter.encode_demos(self.unet, latents, emb, scale=scale)
@@ -85,6 +92,8 @@ class ApprenticePipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         demo_context=None,
         output_type: str = "pil",
+        height: int | None = None,
+        width: int | None = None,
     ):
         """Generate ``num_images`` images of ``prompt`` in context of the demonstrations.
 
@@ -96,7 +105,17 @@ class ApprenticePipeline(DiffusionPipeline):
             demo_guidance_scale: demonstration guidance scale ``s_demo``; 1 skips the
                 no-demonstration branch (two U-Net branches per step, as the base model).
             demo_context: a context from :meth:`encode_demonstrations` to reuse across calls.
+            height, width: image size in pixels (default: :attr:`resolution`, the trained size).
+
+        Raises:
+            InputError: an argument out of range (:func:`suti.sampling.check_sampler_args`), or a
+                prompt too long for the text encoder (a shorter cut is logged as a warning).
         """
+        height = height or self.resolution
+        width = width or self.resolution
+        check_sampler_args(steps=num_inference_steps, num_images=num_images, guidance_scale=guidance_scale,
+                           demo_guidance_scale=demo_guidance_scale, height=height, width=width)
+        check_prompt(self.tokenizer, prompt)
         device = self.unet.device
         ctx = demo_context
         if ctx is None and demo_images:
@@ -111,11 +130,11 @@ class ApprenticePipeline(DiffusionPipeline):
         emb = torch.cat([null, null, text] if three else [null, text])
         batch_ctx = None
         if ctx is not None:
-            batch_ctx = ctx.repeat(branches * num_images)
+            batch_ctx = ctx.repeat(branches * num_images)  # keys/values shared, not copied
             mask = [torch.zeros(num_images)] if three else []
             batch_ctx.mask = torch.cat(mask + [torch.ones(2 * num_images)]).to(device)
-        size = self.unet.config.sample_size
-        latents = torch.randn((num_images, self.unet.config.in_channels, size, size), generator=generator).to(device, self.unet.dtype)
+        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):  # latents: (N, C, h, w)
@@ -128,7 +147,7 @@ class ApprenticePipeline(DiffusionPipeline):
                 e_none, e_text = eps.chunk(2)
                 eps = e_none + guidance_scale * (e_text - e_none)
             latents = self.scheduler.step(eps, t, latents).prev_sample
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (N, 3, H, W)
+        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample  # (N, 3, H, W)
         if output_type == "pt":  # diffusers' convention: [0, 1]
             return ImagePipelineOutput(images=(images / 2 + 0.5).clamp(0, 1))
         return ImagePipelineOutput(images=[to_pil(x) for x in images])

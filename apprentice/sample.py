@@ -9,15 +9,18 @@ import torch
 
 from suti.errors import InputError, ModelLoadError
 from suti.images import load_image
+from suti.sampling import check_prompt, check_sampler_args, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-def load_apprentice(name_or_path: str, *, device: str | None = None):
+def load_apprentice(name_or_path: str, *, device: str | None = None, dtype: str | None = None):
     """An :class:`~apprentice.pipeline.ApprenticePipeline` from a folder, or ``"toy"``.
 
     ``"toy"`` is the apprentice trained on the synthetic world (shipped with the toy weights or
-    built on first use and cached).
+    built on first use and cached). ``dtype`` is ``fp32``, ``fp16`` or ``bf16`` (``None``: fp16 on
+    CUDA, fp32 on CPU; :func:`suti.sampling.resolve_dtype`). The pipeline's default image size is
+    the resolution it was trained at (``training.json``), else the U-Net's native size.
     """
     from apprentice.pipeline import ApprenticePipeline
     from suti.models import default_device
@@ -33,34 +36,58 @@ def load_apprentice(name_or_path: str, *, device: str | None = None):
     from suti.models import _quiet_loading
 
     _quiet_loading()
-    pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True)
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device or default_device())
+    pipe.trained_resolution = _trained_resolution(folder)
+    return pipe.to(device)
 
 
-def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0, seed: int = 0, overwrite: bool = False) -> list[Path]:
+def _trained_resolution(folder: Path) -> int | None:
+    """``config.resolution`` of the folder's ``training.json`` (``None`` when absent)."""
+    import json
+
+    path = Path(folder) / "training.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("config", {}).get("resolution")
+    except (ValueError, AttributeError):
+        log.warning("%s: unreadable; rendering at the U-Net's native size", path)
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None) -> list[Path]:
     """Generate ``num_images`` PNGs of ``prompt`` in context of the demonstration photos.
 
-    Every photo is validated first (a bad one stops with its name); then the demonstrations are
-    encoded once and reused for every image and every denoising step.
+    Every argument and photo is validated first (a bad one stops with its name); then the
+    demonstrations are encoded once and reused for every image and every denoising step.
+    Images are ``height`` x ``width`` pixels (default: the apprentice's trained resolution).
+
+    Raises:
+        InputError: a bad argument (:func:`suti.sampling.check_sampler_args`), photo, or a prompt
+            or caption that does not fit the text encoder.
     """
     if not 1 <= len(demos) <= 8:
         raise InputError(f"give 1 to 8 demonstration photos (got {len(demos)})")
     if demo_captions and len(demo_captions) != len(demos):
         raise InputError(f"{len(demo_captions)} captions for {len(demos)} photos")
-    if num_images < 1:
-        raise InputError("--num-images must be at least 1")
+    check_sampler_args(steps=steps, num_images=num_images, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, seed=seed, height=height, width=width, flags=True)
+    resolve_dtype(dtype)
     images = [load_image(p) for p in demos]
     output = Path(output)
     paths = [output / f"image_{i:03d}.png" for i in range(num_images)]
     clash = [p for p in paths if p.exists()]
     if clash and not overwrite:
         raise InputError(f"{clash[0]}: already exists; pass --overwrite or choose another --output")
-    pipe = load_apprentice(apprentice)
+    pipe = load_apprentice(apprentice, dtype=dtype)
+    check_prompt(pipe.tokenizer, prompt, what="--prompt")
     ctx = pipe.encode_demonstrations(images, demo_captions)
     output.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(paths):
         generator = torch.Generator().manual_seed(seed + i)
-        image = pipe(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator).images[0]
+        image = pipe(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator, height=height, width=width).images[0]
         image.save(path)
     return paths

@@ -8,6 +8,8 @@ import json
 
 def register(subparsers) -> None:
     """Add the ``expert`` command group to the top-level parser."""
+    from suti.sampling import add_sampler_flags
+
     group = subparsers.add_parser("expert", help="train and sample per-subject DreamBooth experts")
     sub = group.add_subparsers(dest="expert_command", metavar="SUBCOMMAND")
     sub.required = True
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
     sample.add_argument("--steps", type=int, default=25, help="denoising steps")
     sample.add_argument("--guidance-scale", type=float, default=7.5)
     sample.add_argument("--seed", type=int, default=0)
+    add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true", help="replace existing image files")
     sample.set_defaults(func=_sample)
 
@@ -86,7 +89,7 @@ def _train(args) -> int:
 def _sample(args) -> int:
     from experts.sample import sample_expert
 
-    paths = sample_expert(args.expert, args.prompt, args.num_images, args.output, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, overwrite=args.overwrite)
+    paths = sample_expert(args.expert, args.prompt, args.num_images, args.output, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, overwrite=args.overwrite, height=args.height, width=args.width, dtype=args.dtype)
     print(json.dumps({"images": [str(p) for p in paths]}))
     return 0
 

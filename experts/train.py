@@ -52,6 +52,19 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.text_encoder(ids)[0]
 
 
+def _check_training_prompts(tokenizer, config, prompt: str, class_prompt: str) -> None:
+    """Prompts and sampler settings of training, checked as every sampler's (suti.sampling):
+    a truncated prompt is warned about, one whose cut loses the identifier is an InputError."""
+    from suti.sampling import check_prompt, check_sampler_args
+
+    check_sampler_args(steps=config.class_sample_steps, guidance_scale=config.guidance_scale, flags={"steps": "class_sample_steps"})
+    check_sampler_args(steps=config.sample_steps, flags={"steps": "sample_steps"})
+    check_prompt(tokenizer, prompt, identifier=config.identifier, what="instance prompt")
+    check_prompt(tokenizer, class_prompt, what="class prompt")
+    if config.validation_prompt:
+        check_prompt(tokenizer, fill_prompt(config.validation_prompt, config.identifier, config.class_noun), identifier=config.identifier, what="--validation-prompt")
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Prompts -> padded token ids (B, model_max_length)."""
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -122,6 +135,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     prompt = instance_prompt(config.identifier, config.class_noun, config.use_class_noun)
     class_prompt = fill_prompt(config.class_prompt, config.identifier, config.class_noun)
     log.info("expert: identifier %r, prompt %r, %d instance images at %d px on %s", config.identifier, prompt, len(instance_pixels), resolution, device)
+    _check_training_prompts(pipe.tokenizer, config, prompt, class_prompt)
 
     class_pixels = None
     if config.prior_preservation:

@@ -94,7 +94,9 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
         config = resolve_config(job["recipe"], overrides)
         expert_dir = keep_dir or workdir / "expert"
         info = train_expert(config, expert_dir, overwrite=True, progress=False)
-        pipe = load_expert(expert_dir, device=default_device())
+        from suti.sampling import PromptTruncatedError, check_prompt, resolve_dtype
+
+        pipe = load_expert(expert_dir, device=default_device(), torch_dtype=resolve_dtype(job.get("dtype"), default_device()))
         phrase = subject_phrase(info.identifier, info.class_noun, config.use_class_noun)
         scorer = get_scorer(job["scorer"])
         prompts = cluster["prompts"][: job.get("prompts_per_cluster") or None]
@@ -103,6 +105,11 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
         for pi, entry in enumerate(prompts):
             template = entry["prompt"] if isinstance(entry, dict) else entry
             text = template.replace("{S}", phrase)
+            try:
+                check_prompt(pipe.tokenizer, text, identifier=info.identifier, what=f"cluster {cid} prompt {pi}")
+            except PromptTruncatedError as exc:  # the image would lose its subject: skip the prompt
+                log.warning("%s; prompt skipped", exc)
+                continue
             for si in range(k):
                 generator = torch.Generator().manual_seed(seed + 1000 * pi + si)
                 image = pipe(text, height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generator).images[0]

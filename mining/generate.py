@@ -64,6 +64,15 @@ class GenerateConfig:
     max_retries: int = 2
     retry_failed: bool = False
     threads_per_expert: int = 1
+    dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
+
+    def __post_init__(self) -> None:
+        """Refuse bad sampler settings at once, as every sampler does (InputError naming the flag)."""
+        from suti.sampling import check_sampler_args, resolve_dtype
+
+        flags = {"steps": "--sample-steps", "num_images": "--samples-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed"}
+        check_sampler_args(steps=self.sample_steps, num_images=self.samples_per_prompt, guidance_scale=self.guidance_scale, seed=self.seed, flags=flags)
+        resolve_dtype(self.dtype)
 
     def job_dict(self) -> dict:
         """The settings a task needs (``lambda`` spelled as in the paper)."""

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts-per-cluster", type=int, default=4, help="unseen prompts sampled per cluster (0: all)")
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per sample")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the experts (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--scorer", default="toy-clip", help="CLIP used for delta-CLIP (toy-clip, openai-clip-vit-b-32)")
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--max-clusters", type=int, help="only the first n clusters")
@@ -49,7 +50,7 @@ def _run(args) -> int:
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
-        max_retries=args.max_retries, retry_failed=args.retry_failed,
+        max_retries=args.max_retries, retry_failed=args.retry_failed, dtype=args.dtype,
     )
     summary = run_generation(config)
     print(json.dumps(summary))

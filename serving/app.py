@@ -108,7 +108,7 @@ class Runtime:
         m.gauge("suti_generate_capacity", "Generation requests admitted at most (running + waiting).", lambda: self.generation.capacity)
         m.gauge("suti_jobs", "DreamBooth jobs by state.", lambda: self.store.counts(), label="state")
         m.gauge("suti_jobs_workers_running", "Job workers this server is running.", lambda: len(self.jobs.running_pids()) if self.jobs else 0)
-        m.gauge("suti_apprentice_loaded", "1 once the apprentice is loaded in this process.", lambda: int(apprentice_loaded(settings.apprentice, settings.device)))
+        m.gauge("suti_apprentice_loaded", "1 once the apprentice is loaded in this process.", lambda: int(apprentice_loaded(settings.apprentice, settings.device, settings.dtype)))
 
     def start(self) -> None:
         """Start the job dispatcher and preload the apprentice (idempotent)."""
@@ -161,7 +161,7 @@ class Runtime:
 
     def _preload(self) -> None:
         try:
-            get_apprentice(self.settings.apprentice, self.settings.device)
+            get_apprentice(self.settings.apprentice, self.settings.device, self.settings.dtype)
         except Exception as exc:  # noqa: BLE001 - reported by /healthz; requests will say why
             self.preload_error = f"{type(exc).__name__}: {exc}"
             log.error("could not load the apprentice %r: %s", self.settings.apprentice, exc)
@@ -272,6 +272,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def images_response(result: Result) -> Response:
         rt.metrics.inc("suti_generated_images_total", len(result.images), help="Images generated.")
         headers = {"X-Seed": str(result.seed), "X-Generation-Seconds": f"{result.seconds:.3f}"}
+        if result.prompt_truncated:  # the prompt was longer than the text encoder reads
+            headers["X-Prompt-Truncated"] = result.prompt_truncated
         if len(result.images) == 1:
             return Response(result.images[0], media_type="image/png", headers=headers)
         return JSONResponse({"images": result.b64(), "seed": result.seed}, headers=headers)
@@ -433,7 +435,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "version": suti.__version__,
             "model": settings.model,
             "apprentice": settings.apprentice,
-            "apprentice_loaded": apprentice_loaded(settings.apprentice, settings.device),
+            "apprentice_loaded": apprentice_loaded(settings.apprentice, settings.device, settings.dtype),
             "apprentice_error": rt.preload_error,
             "jobs_backend": rt.jobs.backend if rt.jobs else None,
             "generation": {"running": rt.generation.running, "waiting": rt.generation.waiting, "capacity": rt.generation.capacity},

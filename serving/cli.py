@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-image-pixels", type=int, default=36_000_000, help="largest image (width x height), read from its header before decoding")
     p.add_argument("--max-request-pixels", type=int, default=64_000_000, help="most pixels of all images of one request together (then 413)")
     p.add_argument("--threads", type=int, help="torch threads per process (server and job workers)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the apprentice and experts (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-preload", action="store_true", help="load the apprentice on the first request instead of at start-up")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
@@ -91,6 +92,7 @@ def settings_from_args(args):
         job_retention_s=args.job_retention_days * 86400.0 if args.job_retention_days else None,
         torch_threads=args.threads,
         preload=not args.no_preload,
+        dtype=args.dtype,
     )
     if args.data_dir:
         kwargs["data_dir"] = args.data_dir

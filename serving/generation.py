@@ -45,6 +45,34 @@ class ModelUnavailable(Exception):
     """The apprentice or an expert could not be loaded (HTTP 503)."""
 
 
+def check_request(settings, *, steps: int, num_images: int, guidance_scale: float, seed: int, demo_guidance_scale: float | None = None) -> None:
+    """The sampler checks every entry point shares (:func:`suti.sampling.check_sampler_args`),
+    within this server's limits; a bad value is an ``ApiError`` 400 naming the field."""
+    from serving.limits import ApiError
+    from suti.errors import InputError
+    from suti.sampling import check_sampler_args
+
+    try:
+        check_sampler_args(steps=steps, num_images=num_images, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale,
+                           seed=seed, max_steps=settings.max_steps, max_num_images=settings.max_num_images)
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _check_prompt(tokenizer, prompt: str, identifier: str | None = None) -> str | None:
+    """A prompt whose truncation cuts the identifier is a 400; another cut is logged and returned
+    as ``"N tokens, the text encoder reads M"`` (the ``X-Prompt-Truncated`` response header)."""
+    from serving.limits import ApiError
+    from suti.sampling import PromptTruncatedError, check_prompt
+
+    try:
+        n = check_prompt(tokenizer, prompt, identifier=identifier)
+    except PromptTruncatedError as exc:
+        raise ApiError(400, str(exc)) from None
+    limit = int(tokenizer.model_max_length)
+    return f"{n} tokens, the text encoder reads {limit}" if n > limit else None
+
+
 def _load(what: str, fn, *args):
     try:
         return fn(*args)
@@ -55,8 +83,8 @@ def _load(what: str, fn, *args):
 # --- per-process model cache -----------------------------------------------------------------
 
 _LOCK = threading.Lock()
-_APPRENTICES: dict[tuple[str, str | None], Any] = {}
-_EXPERTS: "collections.OrderedDict[tuple[str, str | None], Any]" = collections.OrderedDict()
+_APPRENTICES: dict[tuple, Any] = {}
+_EXPERTS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
 _KEY_LOCKS: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
 
 
@@ -65,9 +93,10 @@ def _key_lock(key: tuple) -> threading.Lock:
         return _KEY_LOCKS[key]
 
 
-def get_apprentice(name_or_path: str, device: str | None = None):
-    """The apprentice of this process (loaded on first use, then cached)."""
-    key = (name_or_path, device)
+def get_apprentice(name_or_path: str, device: str | None = None, dtype: str | None = None):
+    """The apprentice of this process (loaded on first use, then cached); ``dtype`` is
+    ``fp32``/``fp16``/``bf16`` (``None``: fp16 on CUDA, fp32 on CPU)."""
+    key = (name_or_path, device) if dtype is None else (name_or_path, device, dtype)
     pipe = _APPRENTICES.get(key)
     if pipe is not None:
         return pipe
@@ -76,20 +105,20 @@ def get_apprentice(name_or_path: str, device: str | None = None):
             from apprentice.sample import load_apprentice
 
             started = time.perf_counter()
-            _APPRENTICES[key] = load_apprentice(name_or_path, device=device)
+            _APPRENTICES[key] = load_apprentice(name_or_path, device=device, dtype=dtype)
             log.info("apprentice %s loaded in %.1f s", name_or_path, time.perf_counter() - started)
     return _APPRENTICES[key]
 
 
-def apprentice_loaded(name_or_path: str, device: str | None = None) -> bool:
-    return (name_or_path, device) in _APPRENTICES
+def apprentice_loaded(name_or_path: str, device: str | None = None, dtype: str | None = None) -> bool:
+    return ((name_or_path, device) if dtype is None else (name_or_path, device, dtype)) in _APPRENTICES
 
 
-def get_expert(folder: Path, capacity: int, device: str | None = None):
+def get_expert(folder: Path, capacity: int, device: str | None = None, dtype: str | None = None):
     """A trained expert's pipeline (LRU cache of ``capacity`` experts per process)."""
     from experts.expert import ExpertInfo
 
-    key = (str(folder), device)
+    key = (str(folder), device) if dtype is None else (str(folder), device, dtype)
     with _LOCK:
         if key in _EXPERTS:
             _EXPERTS.move_to_end(key)
@@ -100,9 +129,11 @@ def get_expert(folder: Path, capacity: int, device: str | None = None):
                 return _EXPERTS[key]
         from experts.expert import load_expert
         from suti.models import default_device
+        from suti.sampling import resolve_dtype
 
         info = ExpertInfo.read(folder)
-        pipe = load_expert(folder, device=device or default_device())
+        device = device or default_device()
+        pipe = load_expert(folder, device=device, torch_dtype=resolve_dtype(dtype, device))
         pipe.set_progress_bar_config(disable=True)
         entry = (pipe, info)
         with _LOCK:
@@ -168,6 +199,7 @@ class Result:
     images: list[bytes]  # PNG files
     seed: int
     seconds: float
+    prompt_truncated: str | None = None  # "N tokens, the text encoder reads M" when the prompt was cut
 
     def b64(self) -> list[str]:
         return [base64.b64encode(b).decode("ascii") for b in self.images]
@@ -274,14 +306,18 @@ class GenerationService:
     # --- the two kinds of work ----------------------------------------------------------------
 
     def apprentice_work(self, images: list[Image.Image], captions: list[str] | None, prompt: str, num_images: int, steps: int, guidance_scale: float, demo_guidance_scale: float, seed: int):
+        """The work of one apprentice request; its numbers are checked here, before queueing
+        (:func:`check_request`, ``ApiError`` 400)."""
         settings = self.settings
+        check_request(settings, steps=steps, num_images=num_images, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, seed=seed)
 
         def work(check) -> Result:
             import torch
 
             started = time.perf_counter()
-            pipe = _load(f"the apprentice {settings.apprentice!r}", get_apprentice, settings.apprentice, settings.device)
+            pipe = _load(f"the apprentice {settings.apprentice!r}", get_apprentice, settings.apprentice, settings.device, getattr(settings, "dtype", None))
             check()
+            truncated = _check_prompt(pipe.tokenizer, prompt)
             view = request_copy(pipe, check)
             ctx = view.encode_demonstrations(images, captions)  # once per request
             out = []
@@ -289,26 +325,30 @@ class GenerationService:
                 generator = torch.Generator().manual_seed(seed + i)
                 image = view(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator).images[0]
                 out.append(png_bytes(image))
-            return Result(out, seed, time.perf_counter() - started)
+            return Result(out, seed, time.perf_counter() - started, truncated)
 
         return work
 
     def expert_work(self, folder: Path, template: str, num_images: int, steps: int, guidance_scale: float, seed: int):
+        """The work of one expert request; numbers checked before queueing, the filled prompt
+        against the expert's tokenizer (a cut identifier: ``ApiError`` 400)."""
         settings = self.settings
+        check_request(settings, steps=steps, num_images=num_images, guidance_scale=guidance_scale, seed=seed)
 
         def work(check) -> Result:
             import torch
 
             started = time.perf_counter()
-            pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device)
+            pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device, getattr(settings, "dtype", None))
             check()
-            view = request_copy(pipe, check)
             prompt = info.prompt(template)
+            truncated = _check_prompt(pipe.tokenizer, prompt, info.identifier)
+            view = request_copy(pipe, check)
             out = []
             for i in range(num_images):
                 generator = torch.Generator().manual_seed(seed + i)
                 image = view(prompt, height=info.resolution, width=info.resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
                 out.append(png_bytes(image))
-            return Result(out, seed, time.perf_counter() - started)
+            return Result(out, seed, time.perf_counter() - started, truncated)
 
         return work

@@ -26,6 +26,7 @@ class Settings:
     model: str = "toy"  # base model of the DreamBooth experts (preset, folder or hub id)
     apprentice: str = "toy"  # apprentice folder or "toy"
     device: str | None = None  # None: cuda when visible, else cpu
+    dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on cuda, fp32 on cpu)
     torch_threads: int | None = None  # torch intra-op threads in the server and job workers
     preload: bool = True  # load the apprentice in the background at start-up
     expert_cache: int = 2  # trained experts kept loaded (LRU)
@@ -108,5 +109,9 @@ class Settings:
             raise InputError(f"timeout must be positive (got {self.request_timeout})")
         if not 1 <= self.min_expert_images <= self.max_expert_images:
             raise InputError("expert image limits must satisfy 1 <= min <= max")
+        if self.dtype is not None:
+            from suti.sampling import resolve_dtype
+
+            resolve_dtype(self.dtype)
         if not 1 <= self.max_demo_images <= 8:
             raise InputError("max-demo-images must be between 1 and 8 (the apprentice's limit)")

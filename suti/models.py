@@ -252,7 +252,7 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
         ModelLoadError: the model cannot be found or loaded; the message says what to do.
     """
     _quiet_loading()
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}  # diffusers >= 0.36 spelling of torch_dtype
     if model in list_presets():
         preset = load_preset(model)
         if preset.get("cache", True):

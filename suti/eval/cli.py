@@ -9,6 +9,8 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     """Add ``suti eval``."""
+    from suti.sampling import add_sampler_flags
+
     p = subparsers.add_parser("eval", help="DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV) of a method", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", required=True, help='DreamBench-layout folder, or "world:N" for N held-out subjects of the synthetic world')
     p.add_argument("--method", required=True, choices=["expert", "apprentice", "base", "real"])
@@ -25,6 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    add_sampler_flags(p)
     p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
     p.add_argument("--dino", default="auto", help="DINO backbone: auto (dino-vits16, else toy-identity), or a scorer name")
     p.set_defaults(func=_run)

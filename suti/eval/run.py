@@ -84,16 +84,26 @@ class Generator:
     def prepare(self, subject: EvalSubject):
         """Load or train what the subject needs; returns (callable(prompt, seed) -> image, identifier)."""
         from suti.models import default_device, default_resolution, load_pipeline
+        from suti.sampling import check_prompt, resolve_dtype
 
         steps, guidance = self.args.sample_steps, self.args.guidance_scale
+        dtype_name = getattr(self.args, "dtype", None)
+        device = default_device()
+        dtype = resolve_dtype(dtype_name, device)
         if self.method == "base":
-            self._base = self._base or load_pipeline(self.model, device=default_device())
+            self._base = self._base or load_pipeline(self.model, device=device, torch_dtype=dtype)
             res = default_resolution(self.model)
-            return (lambda p, s: self._base(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]), None
+            base = self._base
+
+            def make_base(p, s):
+                check_prompt(base.tokenizer, p)
+                return base(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]
+
+            return make_base, None
         if self.method == "apprentice":
             from apprentice.sample import load_apprentice
 
-            self._app = self._app or load_apprentice(self.apprentice)
+            self._app = self._app or load_apprentice(self.apprentice, device=device, dtype=dtype_name)
             demos = [load_image(p) for p in subject.images[: self.args.num_demos]]
             captions = [f"a {subject.class_noun}"] * len(demos)
             ctx = self._app.encode_demonstrations(demos, captions)
@@ -114,10 +124,15 @@ class Generator:
                     overrides["num_class_images"] = self.args.num_class_images
                 train_expert(resolve_config(self.args.recipe, overrides), folder, overwrite=True, progress=False)
             info = ExpertInfo.read(folder)
-            pipe = load_expert(folder, device=default_device())
+            pipe = load_expert(folder, device=device, torch_dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
             res = info.resolution
-            return (lambda p, s: pipe(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]), info.identifier
+
+            def make_expert(p, s):
+                check_prompt(pipe.tokenizer, p, identifier=info.identifier)
+                return pipe(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]
+
+            return make_expert, info.identifier
         raise InputError(f"unknown method {self.method!r}")
 
 
@@ -125,6 +140,11 @@ def run_eval(args) -> dict:
     """Run the protocol; writes the results folder and returns the overall row."""
     if args.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}")
+    from suti.sampling import check_sampler_args, resolve_dtype
+
+    check_sampler_args(steps=args.sample_steps, num_images=args.images_per_prompt, guidance_scale=args.guidance_scale, seed=args.seed,
+                       flags={"steps": "--sample-steps", "num_images": "--images-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed"})
+    resolve_dtype(getattr(args, "dtype", None))
     subjects = [s for s in args.subjects.split(",")] if args.subjects else None
     dataset = load_dataset(args.dataset, subjects)
     output = Path(args.output)
@@ -133,7 +153,7 @@ def run_eval(args) -> dict:
     settings = {
         "dataset": str(Path(args.dataset).resolve()), "method": args.method, "model": args.model, "apprentice": args.apprentice,
         "subjects": [s.name for s in dataset.subjects], "prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
-        "seed": args.seed, "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "backbones": backbones,
+        "seed": args.seed, "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "dtype": getattr(args, "dtype", None), "backbones": backbones,
         "metrics": {"CLIP-I": "mean cosine of CLIP image embeddings, generated vs each real photo", "CLIP-T": "cosine of CLIP image and prompt (identifier removed) embeddings", "DINO": "mean cosine of DINO embeddings, generated vs each real photo", "PRES": "mean DINO cosine of images generated for 'a [class]' to the real photos (expert only; lower is better)", "DIV": "1 - mean pairwise DINO cosine among images of the same prompt (embedding-based, not LPIPS)"},
     }
     (output / "settings.json").write_text(json.dumps(settings, indent=2))

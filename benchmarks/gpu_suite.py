@@ -1,0 +1,277 @@
+"""The performance rows that need a GPU, in one run (driven by ``benchmarks/gpu_suite.sh``).
+
+Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub download):
+
+1. expert, full fine-tuning: ``--expert-steps`` (500) steps at 512 px with prior preservation
+   (``--class-images`` class images, generated once and cached, outside the timed region);
+2. expert, LoRA rank 4: the same;
+3. apprentice time per image against the base model (same steps, demos cached, fp16);
+4. time to first image: apprentice (load demos, encode, first image) against expert (train +
+   load + first image, from rows 1-2);
+5. apprentice training: images/s of ``train_apprentice`` (DeepSpeed, frozen base, 3 demos) and
+   its MFU (model FLOPs per image counted with ``torch.utils.flop_counter`` / time / the GPU's
+   dense bf16 peak);
+6. experts per GPU-hour: 3600 / (expert training + sampling ``--prompts-per-expert`` images),
+   one expert at a time per GPU, for full and LoRA.
+
+``--dry-run`` runs every row on the CPU with the ``tiny`` preset and tiny sizes (CI).
+Every row is printed as ``ROW <name>: <values>``, and all rows as JSON at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362.1e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+ROWS: list[dict] = []
+
+
+def row(name: str, **values) -> None:
+    ROWS.append({"row": name, **values})
+    text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"ROW {name}: {text}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _photos(folder: Path, size: int, n: int = 4) -> Path:
+    from suti.world import export_subject, make_world
+
+    world = make_world(8, seed=123)
+    export_subject(world, world.heldout_subjects[0].subject_id, folder, n=n, size=size)
+    return folder
+
+
+def expert_rows(a, work: Path, photos: Path) -> dict:
+    """Rows 1-2: a full and a LoRA expert with prior preservation; returns their timings."""
+    from experts import load_expert, resolve_config
+    from experts.data import ensure_class_images
+    from experts.identifier import fill_prompt
+    from experts.train import train_expert
+    from suti.models import default_device, load_pipeline
+
+    device = default_device()
+    out = {}
+    for kind, rank in (("full", 0), ("lora", 4)):
+        config = resolve_config("dreambooth", dict(model=a.model, instance_dir=str(photos), class_noun="toy", steps=a.expert_steps, lora_rank=rank,
+                                                    resolution=a.resolution, num_class_images=a.class_images, prior_preservation=True,
+                                                    class_sample_steps=a.sample_steps))
+        if kind == "full":  # class images are cached on disk and shared by both experts: made once, untimed
+            started = time.perf_counter()
+            base = load_pipeline(a.model, device=device)
+            ensure_class_images(base, a.model, fill_prompt(config.class_prompt, "", "toy"), a.class_images, a.resolution, config.seed, config.class_sample_steps)
+            del base
+            row("class images (untimed in the expert rows)", images=a.class_images, seconds=round(time.perf_counter() - started, 2))
+        sync()
+        started = time.perf_counter()
+        info = train_expert(config, work / f"expert-{kind}", progress=False)
+        sync()
+        trained = time.perf_counter() - started
+        pipe = load_expert(work / f"expert-{kind}", device=device, torch_dtype=torch.float16 if device == "cuda" else None)
+        pipe.set_progress_bar_config(disable=True)
+        prompt = info.prompt("a {V} {class} on the beach")
+        first = time.perf_counter()
+        pipe(prompt, height=a.resolution, width=a.resolution, num_inference_steps=a.sample_steps, generator=torch.Generator().manual_seed(0))
+        sync()
+        to_first = time.perf_counter() - started
+        per_image = _time_images(lambda s: pipe(prompt, height=a.resolution, width=a.resolution, num_inference_steps=a.sample_steps, generator=torch.Generator().manual_seed(s)), a.timed_images)
+        out[kind] = {"train_s": trained, "time_to_first_image_s": to_first, "sample_s": per_image, "load_and_first_s": time.perf_counter() - first}
+        row(f"expert {kind} ({a.preset}, {a.resolution} px, {a.expert_steps} steps, prior preservation {a.class_images} class images)",
+            train_s=round(trained, 2), steps_per_s=round(a.expert_steps / max(info.train_seconds, 1e-9), 3), time_to_first_image_s=round(to_first, 2))
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def _time_images(fn, n: int) -> float:
+    fn(10_000)  # warm-up
+    sync()
+    started = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    sync()
+    return (time.perf_counter() - started) / n
+
+
+def apprentice_rows(a, work: Path, photos: Path, experts: dict) -> None:
+    """Rows 3-4: apprentice vs base time per image, and time to first image vs the experts."""
+    from PIL import Image
+
+    from apprentice import ApprenticePipeline
+    from suti.models import default_device, load_pipeline
+
+    device = default_device()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    folder = work / "apprentice"
+    ApprenticePipeline.from_base(load_pipeline(a.model)).save_pretrained(str(folder), safe_serialization=True)
+    base = load_pipeline(a.model, device=device, torch_dtype=dtype)
+    base.set_progress_bar_config(disable=True)
+    res, steps = a.resolution, a.sample_steps
+    t_base = _time_images(lambda s: base("a toy on the beach", height=res, width=res, num_inference_steps=steps, generator=torch.Generator().manual_seed(s)), a.timed_images)
+    del base
+    from apprentice.sample import load_apprentice
+
+    sync()
+    started = time.perf_counter()
+    app = load_apprentice(str(folder), device=device, dtype="fp16" if device == "cuda" else "fp32")
+    demos = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))[:3]]
+    ctx = app.encode_demonstrations(demos)
+    app("a toy on the beach", demo_context=ctx, num_inference_steps=steps, height=res, width=res, generator=torch.Generator().manual_seed(0))
+    sync()
+    app_first = time.perf_counter() - started
+    for scale, branches in ((2.0, 3), (1.0, 2)):
+        t_app = _time_images(lambda s: app("a toy on the beach", demo_context=ctx, num_inference_steps=steps, demo_guidance_scale=scale, height=res, width=res, generator=torch.Generator().manual_seed(s)), a.timed_images)
+        row(f"apprentice time per image vs base ({branches} guidance branches, {steps} steps, {res} px, {str(dtype).split('.')[-1]})",
+            apprentice_s=round(t_app, 3), base_s=round(t_base, 3), ratio=round(t_app / t_base, 3))
+    for kind, e in experts.items():
+        row(f"time to first image, apprentice vs expert {kind}", apprentice_s=round(app_first, 2), expert_s=round(e["time_to_first_image_s"], 2), speedup=round(e["time_to_first_image_s"] / app_first, 1))
+
+
+def _shards(folder: Path, size: int, n: int) -> Path:
+    import numpy as np
+
+    from mining.shards import ShardPacker, jpeg_bytes, sample_members
+    from suti.world import caption, make_world, render
+    from suti.world.render import Pose
+    from suti.world.spec import CONTEXTS
+
+    world = make_world(4, seed=0)
+    rng = np.random.default_rng(0)
+    packer = ShardPacker(folder, max(1, n // 2))
+    contexts = sorted(CONTEXTS)
+    for i in range(n):
+        s = world.subjects[i % len(world.subjects)]
+        demos = [render(s, contexts[(i + j) % len(contexts)], pose=Pose.random(rng), size=size, rng=rng) for j in range(3)]
+        ctx = contexts[(i + 5) % len(contexts)]
+        key = f"{s.subject_id}_p{i:02d}_s00"
+        meta = {"cluster_id": s.subject_id, "prompt": caption(s, ctx), "demo_captions": [caption(s, contexts[0])] * 3, "delta_clip": 0.1}
+        packer.add(key, sample_members(key, jpeg_bytes(render(s, ctx, pose=Pose.random(rng), size=size, rng=rng)), [jpeg_bytes(d) for d in demos], meta))
+    packer.flush()
+    return folder
+
+
+def model_folder(model: str, work: Path) -> str:
+    """A diffusers folder for ``model``: a preset built without caching (sd15-arch) is built once
+    and saved under ``work``, so that every stage loads it with ``from_pretrained`` in seconds."""
+    from suti.models import build_random_pipeline, list_presets, load_preset, preset_folder
+
+    if model not in list_presets():
+        return model
+    preset = load_preset(model)
+    if preset.get("cache", True):
+        return str(preset_folder(model))
+    folder = work / f"{model}-base"
+    started = time.perf_counter()
+    build_random_pipeline(preset).save_pretrained(str(folder), safe_serialization=True)
+    row(f"build {model} once (random weights, saved for from_pretrained; untimed elsewhere)", seconds=round(time.perf_counter() - started, 2))
+    return str(folder)
+
+
+def flops_per_image(folder: str, resolution: int, num_demos: int = 3) -> float:
+    """Model FLOPs of one apprentice training example (demo pass + target pass + backward, frozen
+    base), counted on the meta device with ``torch.utils.flop_counter.FlopCounterMode``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from apprentice.adapter import DemoAttentionAdapter
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(Path(folder) / "unet")))
+    unet.requires_grad_(False)
+    adapter = DemoAttentionAdapter.for_unet(unet, init_from_self_attention=False)
+    adapter.install(unet)
+    latent = resolution // 2 ** (len(AutoencoderKL.load_config(str(Path(folder) / "vae"))["block_out_channels"]) - 1)
+    dim = unet.config.cross_attention_dim
+    demos = torch.empty(1, num_demos, 4, latent, latent, device="meta")
+    emb = torch.empty(1, 77, dim, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        ctx = adapter.encode_demos(unet, demos, torch.empty(1, num_demos, 77, dim, device="meta"))
+        out = unet(torch.empty(1, 4, latent, latent, device="meta"), torch.tensor([500], device="meta"), emb, cross_attention_kwargs={"demo": ctx}).sample
+        out.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def apprentice_training_row(a, work: Path) -> None:
+    """Row 5: images/s of the real trainer (DeepSpeed, frozen base) and its MFU."""
+    from apprentice.train import ApprenticeTrainConfig, train_apprentice
+
+    shards = _shards(work / "shards", min(a.resolution, 256), max(8, a.train_batch * 2))
+    steps = a.train_steps
+    config = ApprenticeTrainConfig(shards=str(shards / "*.tar"), output=str(work / "app-train"), model=a.model, steps=steps, batch_size=a.train_batch,
+                                   freeze_base=True, num_demos=3, save_steps=0, resolution=a.resolution)
+    sync()
+    started = time.perf_counter()
+    train_apprentice(config, progress=False)
+    sync()
+    seconds = time.perf_counter() - started
+    info = json.loads((work / "app-train" / "training.json").read_text())
+    loop_s = float(info.get("seconds") or seconds)  # the training loop alone (train.py's clock)
+    images_s = steps * a.train_batch / loop_s
+    flops = flops_per_image(a.model, a.resolution)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if a.peak_tflops:
+        peak = a.peak_tflops * 1e12
+    mfu = images_s * flops / peak if peak else float("nan")
+    row(f"apprentice training ({a.preset}, {a.resolution} px, frozen base, 3 demos, batch {a.train_batch}, {steps} steps)",
+        images_per_s=round(images_s, 3), tflop_per_image=round(flops / 1e12, 4), mfu=round(mfu, 4) if peak else "n/a (unknown peak; pass --peak-tflops)",
+        device=name, wall_s=round(seconds, 2))
+
+
+def experts_per_hour_rows(a, experts: dict) -> None:
+    """Row 6: experts per GPU-hour, one expert at a time, with ``--prompts-per-expert`` samples."""
+    for kind, e in experts.items():
+        per_expert = e["train_s"] + a.prompts_per_expert * e["sample_s"]
+        row(f"experts per GPU-hour, {kind} ({a.expert_steps} steps + {a.prompts_per_expert} samples each)", experts_per_hour=round(3600 / per_expert, 2), seconds_per_expert=round(per_expert, 2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny preset and sizes on the CPU (every row, in seconds)")
+    p.add_argument("--model", default="sd15-arch")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--expert-steps", type=int, default=500)
+    p.add_argument("--class-images", type=int, default=20)
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--timed-images", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--prompts-per-expert", type=int, default=4)
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when not in the built-in table")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args(argv)
+    if a.dry_run:
+        a.model, a.resolution, a.expert_steps, a.class_images, a.sample_steps = "tiny", 32, 2, 2, 2
+        a.timed_images, a.train_steps, a.train_batch, a.prompts_per_expert = 1, 2, 2, 1
+    elif not torch.cuda.is_available():
+        print("warning: no CUDA device; the rows measure the CPU (use --dry-run for a quick check)", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="suti-gpu-suite-") as tmp:
+        work = Path(tmp)
+        photos = _photos(work / "photos", a.resolution)
+        a.preset, a.model = a.model, model_folder(a.model, work)
+        experts = expert_rows(a, work, photos)
+        apprentice_rows(a, work, photos, experts)
+        apprentice_training_row(a, work)
+        experts_per_hour_rows(a, experts)
+    print(f"suite finished in {time.perf_counter() - started:.1f} s")
+    print(json.dumps(ROWS))
+    if a.json:
+        Path(a.json).write_text(json.dumps(ROWS, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

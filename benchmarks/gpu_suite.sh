@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The performance rows that need a GPU, in one run (under 10 minutes on one H100); the rows are
+# described in benchmarks/gpu_suite.py. sd15-arch (SD 1.5's architecture, random weights): no hub
+# download.
+#
+#   bash benchmarks/gpu_suite.sh                  # GPU machine: installs what is missing, then runs
+#   bash benchmarks/gpu_suite.sh --dry-run        # CPU, tiny preset and sizes (CI): every row
+#   bash benchmarks/gpu_suite.sh --json rows.json # extra arguments go to benchmarks/gpu_suite.py
+#
+# Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
+# installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+DRY=0
+for arg in "$@"; do [ "$arg" = "--dry-run" ] && DRY=1; done
+
+need='import torch, diffusers, transformers, peft, deepspeed, webdataset, fsspec, open_clip, yaml, filelock'
+if ! "$PY" -c "$need" 2>/dev/null; then
+  if [ "$DRY" = 1 ]; then
+    echo "gpu_suite: packages missing for $PY; run scripts/setup.sh first" >&2
+    exit 2
+  fi
+  echo "gpu_suite: installing the missing packages from requirements/cpu.lock" >&2
+  if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    lock="${TMPDIR:-/tmp}/suti-gpu-suite.lock"  # keep the machine's CUDA build of torch
+    grep -vE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+)==' requirements/cpu.lock > "$lock"
+    "$PY" -m pip install -q -r "$lock"
+  else
+    "$PY" -m pip install -q -r requirements/cpu.lock
+  fi
+fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "$DRY" = 0 ]; then
+  "$PY" -c 'import torch; print("gpu_suite: device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)")'
+fi
+exec timeout "${SUTI_SUITE_TIMEOUT:-900}" "$PY" benchmarks/gpu_suite.py "$@"

@@ -1,0 +1,71 @@
+"""benchmarks/gpu_suite.sh runs every row on the CPU (--dry-run); benchmarks/memory.py's pieces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE_ROWS = [
+    "expert full (tiny, 32 px, 2 steps, prior preservation",
+    "expert lora (tiny, 32 px, 2 steps, prior preservation",
+    "apprentice time per image vs base (3 guidance branches",
+    "apprentice time per image vs base (2 guidance branches",
+    "time to first image, apprentice vs expert full",
+    "time to first image, apprentice vs expert lora",
+    "apprentice training (tiny, 32 px, frozen base, 3 demos",
+    "experts per GPU-hour, full",
+    "experts per GPU-hour, lora",
+]
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_prints_every_row(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "SUTI_SUITE_TIMEOUT": "600"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    for name in SUITE_ROWS:
+        assert any(line.startswith(f"ROW {name}") for line in rows), f"missing row {name!r}:\n" + "\n".join(rows)
+    import json
+
+    data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert data["experts per GPU-hour, lora"]["experts_per_hour"] > 0
+    assert data["apprentice training"]["images_per_s"] > 0 and data["apprentice training"]["tflop_per_image"] > 0
+
+
+def _memory():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import memory
+    finally:
+        sys.path.pop(0)
+    return memory
+
+
+def test_memory_analytic_rows_and_shared_kv_at_a_small_size():
+    memory = _memory()
+    rows = memory.analytic(resolution=64)
+    full, lora, apprentice, sampling = rows[0], rows[1], rows[2], rows[3]
+    assert full["case"].startswith("expert training, full") and lora["case"].startswith("expert training, LoRA")
+    assert full["adamw_gib"] == pytest.approx(2 * full["grads_gib"]) and lora["grads_gib"] < full["grads_gib"] / 100
+    assert full["weights_gib"] == pytest.approx(3.97, abs=0.01)  # U-Net 859.5M + VAE + CLIP text encoder, fp32
+    assert apprentice["case"].startswith("apprentice training, frozen base") and 0 < apprentice["grads_gib"] < 0.2
+    assert sampling["case"].startswith("apprentice sampling, 3 demos")
+    # sd15-arch at 64 px (8x8 latents), 3 demos: 1/64 of the 512-px cache (264 MiB fp32)
+    assert sampling["demo_kv_shared_gib"] * 1024 == pytest.approx(264.0 / 64, rel=0.05)
+    assert sampling["demo_kv_repeated_per_branch_gib"] == pytest.approx(3 * sampling["demo_kv_shared_gib"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_chunked_vae_encoding_lowers_the_measured_peak():
+    memory = _memory()
+    torch.manual_seed(0)
+    chunked, one = memory.measured_vae(size=64, n=4, chunk=1)
+    assert chunked["case"].endswith("chunks of 1") and one["case"].endswith("one call")
+    assert chunked["peak_mib"] < 0.7 * one["peak_mib"], (one, chunked)
