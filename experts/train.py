@@ -132,7 +132,8 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         return ExpertInfo.read(output)
 
     torch.manual_seed(config.seed)
-    pipe = load_pipeline(config.model, device=device)
+    with accelerator.main_process_first():  # a preset is built into the cache once, by the main process
+        pipe = load_pipeline(config.model, device=device)
     config.resolution = resolution
     if config.identifier is None:
         config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)
@@ -278,7 +279,8 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     info = None
     if main:
         info = save_expert(pipe, config, output, train_seconds=elapsed)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it would end a launcher's process group
+        tracker.finish()
     accelerator.wait_for_everyone()
     if info is None:
         info = ExpertInfo.read(output)

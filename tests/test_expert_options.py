@@ -5,6 +5,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,3 +328,28 @@ def test_import_a_diffusers_pipeline_folder_then_sample(tmp_path):
     info = json.loads((out / "expert.json").read_text())
     assert info["kind"] == "full" and info["resolution"] == 32 and (out / "pipeline" / "model_index.json").is_file()
     assert main(["expert", "sample", "--expert", str(out), "--prompt", "a {V} {class} on the beach", "--num-images", "1", "--steps", "2", "--output", str(tmp_path / "s")]) == 0
+
+
+@pytest.mark.slow
+def test_two_process_ddp_launch_then_resume_on_one(instance_dir, tmp_path):
+    """`torchrun --nproc-per-node 2` (what `accelerate launch --multi_gpu` runs) trains one expert
+    with DDP on CPU (gloo): each process draws its own data, the main process writes; the run
+    then resumes on a single process."""
+    import os
+    import subprocess
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    args = ["-m", "suti.cli", "expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "star toy", "--output", str(out),
+            "--no-prior-preservation", "--lora-rank", "4", "--checkpointing-steps", "2", "--report-to", "none"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, *args, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if not l.startswith("expert"))[:3000]
+    assert json.loads((out / "expert.json").read_text())["steps"] == 2
+    rng = torch.load(out / "checkpoints" / "step-000002" / "rng.pt", weights_only=True)
+    assert len(rng["rank_generators"]) == 2 and not torch.equal(*rng["rank_generators"]), "each process draws its own data"
+    (out / "expert.json").unlink()
+    done = subprocess.run([sys.executable, *args, "--steps", "3", "--resume", "latest"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if not l.startswith("expert"))[:3000]
+    assert json.loads((out / "expert.json").read_text())["steps"] == 3
+    assert (out / "checkpoints" / "step-000003").is_dir()
