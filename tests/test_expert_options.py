@@ -72,7 +72,7 @@ def test_default_instance_prompt_is_unchanged(instance_dir):
 
 def test_class_data_dir_is_topped_up_with_generated_images_and_validated(instance_dir, class_dir, tmp_path):
     calls = []
-    train_expert(config(instance_dir, prior_preservation=True, class_data_dir=str(class_dir), num_class_images=3, class_sample_steps=2, steps=1), tmp_path / "a", progress=False, progress_callback=lambda *a: calls.append(a))
+    train_expert(config(instance_dir, class_noun="green lamp", prior_preservation=True, class_data_dir=str(class_dir), num_class_images=3, class_sample_steps=2, steps=1), tmp_path / "a", progress=False, progress_callback=lambda *a: calls.append(a))
     assert [c[:3] for c in calls if c[0] == "class_images"] == [("class_images", 1, 1)], "2 real photos + 1 generated"
     (class_dir / "zz_bad.png").write_bytes(b"not an image")
     with pytest.raises(InputError, match="zz_bad.png"):
