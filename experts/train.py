@@ -106,6 +106,8 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     # validate everything before any write
     instance_pixels = load_training_pixels(list_image_files(config.instance_dir), resolution, config.center_crop)
     real_class = real_class_images(config.class_data_dir, config.num_class_images) if config.prior_preservation and config.class_data_dir else []
+    if config.class_data_dir and not config.prior_preservation:
+        log.warning("--class-data-dir %s is unused without prior preservation", config.class_data_dir)
     if config.optimizer == "adamw":
         adamw_class(config)
     log_with = check_tracker(config.report_to)
