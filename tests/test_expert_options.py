@@ -353,3 +353,13 @@ def test_two_process_ddp_launch_then_resume_on_one(instance_dir, tmp_path):
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if not l.startswith("expert"))[:3000]
     assert json.loads((out / "expert.json").read_text())["steps"] == 3
     assert (out / "checkpoints" / "step-000003").is_dir()
+
+
+def test_training_encodes_in_chunks_of_vae_encode_batch_size(instance_dir, tmp_path, monkeypatch):
+    import experts.loss
+
+    sizes = []
+    real = experts.loss.encode_images
+    monkeypatch.setattr(experts.loss, "encode_images", lambda vae, images: sizes.append(len(images)) or real(vae, images))
+    train_expert(config(instance_dir, vae_encode_batch_size=3, steps=1, random_flip=True), tmp_path / "e", progress=False)
+    assert sizes == [3, 1, 3, 1], "4 instance images, then their flips, at most 3 per VAE call"
