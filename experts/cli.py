@@ -145,7 +145,12 @@ def _loss(args) -> int:
     from suti.models import load_pipeline
 
     info = ExpertInfo.read(args.expert)
-    images = load_instance_images(args.instance_dir or info.config["instance_dir"], info.resolution)
+    folder = args.instance_dir or info.config.get("instance_dir")
+    if not folder:
+        from suti.errors import InputError
+
+        raise InputError(f"{args.expert}: expert.json names no training images (an imported expert); pass --instance-dir")
+    images = load_instance_images(folder, info.resolution)
     base = denoising_loss(load_pipeline(info.base_model), images, info.instance_prompt, seed=args.seed, draws=args.draws)
     expert = denoising_loss(load_expert(args.expert), images, info.instance_prompt, seed=args.seed, draws=args.draws)
     print(json.dumps({"prompt": info.instance_prompt, "base_loss": base, "expert_loss": expert, "ratio": expert / base}))

@@ -328,6 +328,7 @@ def test_import_a_diffusers_pipeline_folder_then_sample(tmp_path):
     info = json.loads((out / "expert.json").read_text())
     assert info["kind"] == "full" and info["resolution"] == 32 and (out / "pipeline" / "model_index.json").is_file()
     assert main(["expert", "sample", "--expert", str(out), "--prompt", "a {V} {class} on the beach", "--num-images", "1", "--steps", "2", "--output", str(tmp_path / "s")]) == 0
+    assert main(["expert", "loss", "--expert", str(out)]) == 2, "no training images recorded: a clear error"
 
 
 @pytest.mark.slow
@@ -363,3 +364,10 @@ def test_training_encodes_in_chunks_of_vae_encode_batch_size(instance_dir, tmp_p
     monkeypatch.setattr(experts.loss, "encode_images", lambda vae, images: sizes.append(len(images)) or real(vae, images))
     train_expert(config(instance_dir, vae_encode_batch_size=3, steps=1, random_flip=True), tmp_path / "e", progress=False)
     assert sizes == [3, 1, 3, 1], "4 instance images, then their flips, at most 3 per VAE call"
+
+
+def test_report_to_wandb_offline(instance_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train_expert(config(instance_dir, steps=2, report_to="wandb"), tmp_path / "w", progress=False)
+    assert list((tmp_path / "w" / "logs" / "wandb").glob("offline-run-*")), "an offline run is written under logs/wandb"
