@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to resume, plus the resolved config.
 
 ``OUTPUT/checkpoints/step-000100/`` holds ``trainable.safetensors`` (the trained parameters),
-``optimizer.pt`` (optimizer state), ``rng.pt`` (the data/noise generator state) and
-``config.json`` (the resolved :class:`ExpertConfig` and the step).
+``optimizer.pt`` (optimizer state), ``scheduler.pt`` (learning-rate scheduler state), ``rng.pt``
+(the data/noise generator state, one per process under accelerate) and ``config.json`` (the
+resolved :class:`ExpertConfig` and the step).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from suti.errors import InputError
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
@@ -30,8 +33,28 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, generator: torch.Generator, config: dict, keep: int) -> Path:
-    """Write a checkpoint atomically (temporary folder, then rename) and prune old ones."""
+def find_checkpoint(output: Path, resume: str) -> Path | None:
+    """The checkpoint ``--resume`` names: ``latest`` (``None`` if there is none yet), a bare name
+    under ``OUTPUT/checkpoints`` (``step-000004``), or a checkpoint folder path.
+
+    Raises:
+        InputError: the name or path is not a complete checkpoint (the message lists those there).
+    """
+    if resume == "latest":
+        return latest_checkpoint(output)
+    for candidate in (output / "checkpoints" / resume, Path(resume)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    names = ", ".join(p.name for p in checkpoint_dirs(output)) or "none"
+    raise InputError(f"--resume {resume}: not a checkpoint folder nor a checkpoint of {output} (checkpoints: {names}; or 'latest')")
+
+
+def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, generator: torch.Generator, config: dict, keep: int, *, lr_scheduler=None, rank_generators: list | None = None) -> Path:
+    """Write a checkpoint atomically (temporary folder, then rename) and prune old ones.
+
+    ``keep``: the newest checkpoints kept (``checkpoints_total_limit``; 0 keeps all).
+    ``rank_generators``: every process's data-generator state under accelerate (index = rank).
+    """
     root = output / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -41,7 +64,12 @@ def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Paramete
     tmp.mkdir()
     save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
+    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if rank_generators is not None:
+        rng["rank_generators"] = rank_generators
+    torch.save(rng, tmp / "rng.pt")
+    if lr_scheduler is not None:
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "config.json").write_text(json.dumps({"step": step, "config": config}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -52,8 +80,10 @@ def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Paramete
     return final
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, generator: torch.Generator) -> int:
-    """Restore parameters, optimizer and generator from ``path``; returns the saved step."""
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, generator: torch.Generator, *, lr_scheduler=None, rank: int = 0) -> int:
+    """Restore parameters, optimizer, scheduler and this process's generator from ``path``;
+    returns the saved step. A checkpoint without ``scheduler.pt`` (older runs) steps the
+    scheduler to the saved step instead."""
     state = load_file(str(path / "trainable.safetensors"))
     missing = sorted(set(params) - set(state))
     if missing:
@@ -63,9 +93,20 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
             param.copy_(state[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
-    generator.set_state(rng["generator"])
+    ranks = rng.get("rank_generators")
+    if ranks and rank < len(ranks):
+        generator.set_state(ranks[rank])
+    elif rank == 0:
+        generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
-    return checkpoint_step(path)
+    step = checkpoint_step(path)
+    if lr_scheduler is not None:
+        if (path / "scheduler.pt").is_file():
+            lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        else:
+            for _ in range(step):
+                lr_scheduler.step()
+    return step
 
 
 def checkpoint_config(path: Path) -> dict:

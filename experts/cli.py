@@ -1,9 +1,11 @@
-"""``suti expert train|sample|loss``: the command line of DreamBooth experts."""
+"""``suti expert train|sample|import|loss``: the command line of DreamBooth experts."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from experts.recipe import LR_SCHEDULERS, REPORT_TO
 
 
 def register(subparsers) -> None:
@@ -42,7 +44,28 @@ def register(subparsers) -> None:
     train.add_argument("--checkpointing-steps", type=int, help="save a resumable checkpoint every N steps")
     train.add_argument("--validation-steps", type=int, help="write a validation image every N steps")
     train.add_argument("--validation-prompt", help='validation prompt, e.g. "a {V} {class} on the beach"')
-    train.add_argument("--resume", help='"latest" or a checkpoint folder')
+    # diffusers train_dreambooth.py options (same names, dashes for underscores)
+    train.add_argument("--instance-prompt", help='instance prompt with {V} and {class}, e.g. "a photo of {V} {class}" (default "a {V} {class}")')
+    train.add_argument("--class-prompt", help='class prompt of the prior images, with {class} (default "a {class}")')
+    train.add_argument("--class-data-dir", help="folder of real class photos for the prior loss (validated; topped up with generated images if fewer than --num-class-images)")
+    train.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step (--steps counts optimizer steps)")
+    train.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, help="learning-rate schedule (diffusers.optimization.get_scheduler; default constant)")
+    train.add_argument("--lr-warmup-steps", type=int, help="linear warmup steps of the schedule")
+    train.add_argument("--lr-num-cycles", type=int, help="hard restarts of cosine_with_restarts")
+    train.add_argument("--lr-power", type=float, help="power of the polynomial schedule")
+    train.add_argument("--use-8bit-adam", action="store_true", default=None, help="bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
+    train.add_argument("--adam-beta1", type=float)
+    train.add_argument("--adam-beta2", type=float)
+    train.add_argument("--adam-weight-decay", type=float)
+    train.add_argument("--adam-epsilon", type=float)
+    train.add_argument("--max-grad-norm", type=float, help="gradient clipping norm")
+    train.add_argument("--checkpoints-total-limit", type=int, help="checkpoints kept (0: all)")
+    train.add_argument("--random-flip", action="store_true", default=None, help="flip images horizontally at random")
+    train.add_argument("--center-crop", action="store_true", default=None, help="centre-crop images to a square (the default)")
+    train.add_argument("--random-crop", dest="center_crop", action="store_false", help="a random square crop per step instead of the centre crop")
+    train.add_argument("--report-to", choices=REPORT_TO, help="experiment tracker (tensorboard default; wandb needs the wandb package, WANDB_MODE=offline works without an account)")
+    train.add_argument("--vae-encode-batch-size", type=int, help="images per VAE encode call when caching latents")
+    train.add_argument("--resume", help='"latest", a checkpoint name (step-000004) or a checkpoint folder')
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     train.set_defaults(func=_train)
 
@@ -58,6 +81,19 @@ def register(subparsers) -> None:
     sample.add_argument("--overwrite", action="store_true", help="replace existing image files")
     sample.set_defaults(func=_sample)
 
+    imp = sub.add_parser("import", help="wrap a diffusers DreamBooth output (LoRA file or pipeline folder) as an expert", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lora", help="LoRA .safetensors file (or a folder with pytorch_lora_weights.safetensors), e.g. from train_dreambooth_lora.py")
+    source.add_argument("--pipeline", help="diffusers pipeline folder, e.g. the output of train_dreambooth.py")
+    imp.add_argument("--identifier", required=True, help='the rare token the subject was trained with, e.g. "sks"')
+    imp.add_argument("--class-noun", required=True, help='class noun of the subject, e.g. "dog"')
+    imp.add_argument("--model", help="base model of the LoRA (required with --lora); with --pipeline the base for `suti expert loss`")
+    imp.add_argument("--instance-prompt", default="a {V} {class}", help="the training prompt")
+    imp.add_argument("--resolution", type=int, help="sampling resolution (default: the base's)")
+    imp.add_argument("--output", required=True, help="expert folder to create")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    imp.set_defaults(func=_import)
+
     loss = sub.add_parser("loss", help="denoising loss of an expert and its base model on the instance images")
     loss.add_argument("--expert", required=True, help="expert folder")
     loss.add_argument("--instance-dir", help="images to score (default: the training images)")
@@ -71,6 +107,9 @@ _OVERRIDES = (
     "identifier", "learning_rate", "learning_rate_scale", "optimizer", "batch_size", "resolution", "seed",
     "mixed_precision", "gradient_checkpointing", "snr_gamma", "offset_noise", "checkpointing_steps",
     "validation_steps", "validation_prompt",
+    "instance_prompt", "class_prompt", "class_data_dir", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
+    "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "max_grad_norm", "checkpoints_total_limit", "random_flip", "center_crop", "report_to", "vae_encode_batch_size",
 )
 
 
@@ -83,6 +122,14 @@ def _train(args) -> int:
     config = resolve_config(args.recipe, overrides)
     info = train_expert(config, args.output, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, "identifier": info.identifier, "instance_prompt": info.instance_prompt, "kind": info.kind, "steps": info.steps, "train_seconds": info.train_seconds}))
+    return 0
+
+
+def _import(args) -> int:
+    from experts.importer import import_expert
+
+    info = import_expert(args.output, identifier=args.identifier, class_noun=args.class_noun, lora=args.lora, pipeline=args.pipeline, model=args.model, instance_prompt=args.instance_prompt, resolution=args.resolution, overwrite=args.overwrite)
+    print(json.dumps({"output": args.output, "identifier": info.identifier, "instance_prompt": info.instance_prompt, "kind": info.kind, "base_model": info.base_model}))
     return 0
 
 
@@ -101,7 +148,12 @@ def _loss(args) -> int:
     from suti.models import load_pipeline
 
     info = ExpertInfo.read(args.expert)
-    images = load_instance_images(args.instance_dir or info.config["instance_dir"], info.resolution)
+    folder = args.instance_dir or info.config.get("instance_dir")
+    if not folder:
+        from suti.errors import InputError
+
+        raise InputError(f"{args.expert}: expert.json names no training images (an imported expert); pass --instance-dir")
+    images = load_instance_images(folder, info.resolution)
     base = denoising_loss(load_pipeline(info.base_model), images, info.instance_prompt, seed=args.seed, draws=args.draws)
     expert = denoising_loss(load_expert(args.expert), images, info.instance_prompt, seed=args.seed, draws=args.draws)
     print(json.dumps({"prompt": info.instance_prompt, "base_loss": base, "expert_loss": expert, "ratio": expert / base}))

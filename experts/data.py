@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from suti.images import fit_square, list_image_files, load_image, to_tensor
@@ -40,10 +41,16 @@ def model_fingerprint(model: str) -> str:
     return f"hub:{model}"
 
 
-def class_images_folder(model: str, prompt: str, num: int, resolution: int, seed: int, steps: int) -> Path:
-    """Cache folder of prior-preservation images, keyed by everything that determines them."""
+def class_images_folder(model: str, prompt: str, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5) -> Path:
+    """Cache folder of generated prior-preservation images.
+
+    Keyed by what determines the images (model, prompt, resolution and the sampler settings:
+    seed, steps, guidance scale), not by their count, so experts of the same class share one
+    folder and a larger count tops it up. ``seed`` is the class sampler's seed
+    (``ExpertConfig.class_seed``, the same for every expert), never an expert's own seed.
+    """
     key = json.dumps(
-        {"model": model_fingerprint(model), "prompt": prompt, "num": num, "resolution": resolution, "seed": seed, "steps": steps},
+        {"model": model_fingerprint(model), "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": float(guidance_scale)},
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -53,29 +60,52 @@ def class_images_folder(model: str, prompt: str, num: int, resolution: int, seed
 def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5, progress_callback=None) -> list[Path]:
     """Generate (or reuse) ``num`` images of ``prompt`` with the frozen base ``pipe``.
 
-    Images are written one by one (``class_000.png`` ...) under a folder keyed by model, prompt,
-    count, resolution, seed and sampler steps, so an interrupted run resumes and a second run with
-    the same key generates nothing. ``progress_callback("class_images", done, total, {})`` is
-    called after each image (see :func:`experts.train.train_expert`).
+    Image ``i`` is ``class_{i:04d}.png``, sampled with the seed ``seed * 100003 + i`` whatever
+    ``num`` is, under :func:`class_images_folder`. Only missing files are generated: an
+    interrupted run resumes, a second run with the same key generates nothing, and a larger
+    ``num`` keeps the existing files and adds the rest. Each file is written to a unique temporary
+    name and renamed (atomic; concurrent writers of the same image write the same bytes).
+    ``progress_callback("class_images", done, total, {})`` is called after each image (see
+    :func:`experts.train.train_expert`).
     """
-    folder = class_images_folder(model, prompt, num, resolution, seed, steps)
+    folder = class_images_folder(model, prompt, resolution, seed, steps, guidance_scale)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").write_text(json.dumps({"model": model, "prompt": prompt, "num": num, "resolution": resolution, "seed": seed, "steps": steps}, indent=2))
     paths = [folder / f"class_{i:04d}.png" for i in range(num)]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
         log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
+        meta = {"model": model, "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
+        _write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
     for k, i in enumerate(tqdm(missing, desc="class images", unit="img", disable=not missing)):
         generator = torch.Generator(device="cpu").manual_seed(seed * 100003 + i)
         image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
-        tmp = paths[i].with_suffix(".tmp.png")
+        tmp = paths[i].with_name(f".{paths[i].stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.png")
         image.save(tmp)
-        tmp.rename(paths[i])  # atomic: a crash leaves no half-written image
+        tmp.replace(paths[i])  # atomic: a crash leaves no half-written image
         if progress_callback is not None:
             progress_callback("class_images", k + 1, len(missing), {})
     return paths
 
 
+def real_class_images(folder: str | Path, num: int) -> list[Path]:
+    """The first ``num`` (sorted by name) of the user's class photos in ``folder``.
+
+    Every image of the folder is validated first (like instance images): the first bad file
+    raises :class:`InputError` naming it. Fewer than ``num`` photos is allowed; the caller tops
+    them up with generated images (see :func:`experts.train.train_expert`).
+    """
+    paths = list_image_files(folder)
+    for path in paths:
+        load_image(path)
+    return paths[:num]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def load_class_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """Cached class images as a (N, 3, R, R) tensor in [-1, 1]."""
-    return torch.stack([to_tensor(fit_square(Image.open(p).convert("RGB"), resolution, name=str(p))) for p in paths])
+    """Class images (generated or the user's) as a (N, 3, R, R) tensor in [-1, 1]."""
+    return torch.stack([to_tensor(fit_square(load_image(p), resolution, name=str(p))) for p in paths])

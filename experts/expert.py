@@ -68,7 +68,7 @@ class ExpertInfo:
 def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> ExpertInfo:
     """Save the trained weights (safetensors only) and ``expert.json``."""
     import suti
-    from experts.identifier import instance_prompt
+    from experts.identifier import fill_prompt
 
     if config.lora_rank > 0:
         from diffusers import StableDiffusionPipeline
@@ -93,7 +93,7 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> Exper
         steps=config.steps,
         seed=config.seed,
         resolution=config.resolution,
-        instance_prompt=instance_prompt(config.identifier, config.class_noun, config.use_class_noun),
+        instance_prompt=fill_prompt(config.instance_prompt_template, config.identifier, config.class_noun),
         weights=weights,
         config=config.to_dict(),
         train_seconds=round(train_seconds, 3),

@@ -14,6 +14,10 @@ from suti.errors import InputError
 from suti.models import config_dir
 
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
 @dataclass
 class ExpertConfig:
     """Everything that determines one expert's training run (the resolved config).
@@ -30,18 +34,33 @@ class ExpertConfig:
     # the recipe
     recipe: str = "dreambooth"
     use_class_noun: bool = True
+    instance_prompt: str | None = None  # with {V} and {class}; None: "a {V} {class}" ("a {V}" without use_class_noun)
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     class_prompt: str = "a {class}"
+    class_data_dir: str | None = None  # real class photos; topped up with generated ones if fewer
+    class_seed: int = 0  # sampler seed of generated class images (shared by all experts, not `seed`)
     optimizer: str = "adamw"  # adamw | adafactor
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit instead of torch's AdamW
     learning_rate: float = 5e-6  # full fine-tuning
     lora_learning_rate: float = 1e-4  # LoRA adapters (used when lora_rank > 0)
     learning_rate_scale: float = 1.0  # from the model preset (tiny models need larger steps)
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler name (LR_SCHEDULERS)
+    lr_warmup_steps: int = 0  # optimizer steps of linear warmup
+    lr_num_cycles: int = 1  # cosine_with_restarts: hard restarts
+    lr_power: float = 1.0  # polynomial: decay power
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    steps: int = 800
-    batch_size: int = 1
+    steps: int = 800  # optimizer steps (diffusers' max_train_steps)
+    batch_size: int = 1  # instance images per micro-batch and process (train_batch_size)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # augmentation (diffusers' --random_flip / --center_crop)
+    random_flip: bool = False  # flip each image horizontally with probability 1/2
+    center_crop: bool = True  # False: a random square crop per step (images resized shorter side first)
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None  # None: equal to the rank
     train_text_encoder: bool = False
@@ -60,7 +79,16 @@ class ExpertConfig:
     sample_steps: int = 25
     guidance_scale: float = 7.5
     class_sample_steps: int = 25
+    report_to: str = "tensorboard"  # tensorboard | wandb | none (accelerate trackers, logs/ of the expert)
+    vae_encode_batch_size: int = 8  # images per VAE encode call when caching latents
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def instance_prompt_template(self) -> str:
+        """The instance prompt with ``{V}``/``{class}`` placeholders (the default if unset)."""
+        if self.instance_prompt:
+            return self.instance_prompt
+        return "a {V} {class}" if self.use_class_noun else "a {V}"
 
     @property
     def effective_learning_rate(self) -> float:
@@ -101,6 +129,26 @@ class ExpertConfig:
             raise InputError("--class-noun must not be empty")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise InputError(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
+        if "{V}" not in self.instance_prompt_template:
+            raise InputError(f"--instance-prompt must contain the identifier placeholder {{V}} (got {self.instance_prompt_template!r})")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.gradient_accumulation_steps < 1:
+            raise InputError(f"--gradient-accumulation-steps must be at least 1 (got {self.gradient_accumulation_steps})")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise InputError(f"unknown --lr-scheduler {self.lr_scheduler!r} ({', '.join(LR_SCHEDULERS)})")
+        if self.lr_warmup_steps < 0:
+            raise InputError(f"--lr-warmup-steps must be >= 0 (got {self.lr_warmup_steps})")
+        if self.max_grad_norm <= 0:
+            raise InputError(f"--max-grad-norm must be > 0 (got {self.max_grad_norm})")
+        if self.checkpoints_total_limit < 0:
+            raise InputError(f"--checkpoints-total-limit must be >= 0 (0: keep all; got {self.checkpoints_total_limit})")
+        if self.report_to not in REPORT_TO:
+            raise InputError(f"unknown --report-to {self.report_to!r} ({', '.join(REPORT_TO)})")
+        if self.vae_encode_batch_size < 1:
+            raise InputError(f"vae_encode_batch_size must be at least 1 (got {self.vae_encode_batch_size})")
+        if self.use_8bit_adam and self.optimizer != "adamw":
+            raise InputError("--use-8bit-adam needs --optimizer adamw")
 
 
 def list_recipes() -> list[str]:
@@ -157,5 +205,6 @@ def resolve_config(recipe: str, overrides: dict[str, Any]) -> ExpertConfig:
     data.update(preset_expert_defaults(model, data["recipe"]))
     data.update(overrides)
     config = ExpertConfig.from_dict(data)
+    config.instance_prompt = config.instance_prompt_template  # recorded resolved in expert.json
     config.validate()
     return config

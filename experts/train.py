@@ -20,12 +20,16 @@ import torch
 from tqdm import tqdm
 
 from experts import checkpoint as ckpt
-from experts.data import ensure_class_images, load_class_images, load_instance_images
+from experts.data import ensure_class_images, real_class_images
 from experts.expert import EXPERT_FILE, ExpertInfo, save_expert
-from experts.identifier import fill_prompt, instance_prompt, sample_identifier
-from experts.loss import denoising_target, encode_images, per_sample_mse, sample_latents, snr_weights
+from experts.identifier import fill_prompt, sample_identifier
+from experts.latents import TrainingLatents, load_training_pixels
+from experts.loss import denoising_target, per_sample_mse, sample_latents, snr_weights
+from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
 from experts.recipe import ExpertConfig
+from experts.tracking import check_tracker, log_image, start_trackers
 from suti.errors import InputError
+from suti.images import list_image_files
 from suti.models import default_device, default_resolution, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -80,45 +84,61 @@ def add_lora(pipe, config: ExpertConfig) -> None:
         pipe.text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: ExpertConfig):
-    """AdamW or Adafactor (the SuTI expert recipe) at the effective learning rate."""
-    lr = config.effective_learning_rate
-    if config.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.adam_weight_decay)
-
-
 def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None) -> ExpertInfo:
     """Train one DreamBooth expert into ``output`` and return its :class:`ExpertInfo`.
+
+    ``config.steps`` counts optimizer steps; each takes ``gradient_accumulation_steps``
+    micro-batches of ``batch_size`` instance (and as many class) images per process. The data of
+    one optimizer step is drawn at once and then split, so accumulation of 4 at batch 1 computes
+    the same update as batch 4 (up to float rounding). Under ``accelerate launch`` (DDP) every
+    process draws its own data (seed ``seed + 1000003 * rank``), gradients are averaged, and the
+    main process writes checkpoints, logs and the expert.
 
     Args:
         config: the resolved configuration (see :func:`experts.recipe.resolve_config`).
         output: the expert folder; must be empty or absent unless ``resume``/``overwrite``.
-        resume: ``"latest"`` or a checkpoint folder to continue from.
+        resume: ``"latest"``, a checkpoint name (``step-000004``) or a checkpoint folder.
         overwrite: replace a non-empty ``output``.
         progress: show a progress bar with the loss.
         progress_callback: ``f(phase, done, total, metrics)``, called after every class image
-            (phase ``"class_images"``) and every training step (``"training"``, metrics
-            ``loss``, ``instance_loss``, ``prior_loss``); an exception it raises stops the run
-            (a serving job uses this to stop a cancelled job).
+            (phase ``"class_images"``) and every optimizer step (``"training"``, metrics
+            ``loss``, ``instance_loss``, ``prior_loss``, ``lr`` (the rate of that step) and
+            ``grad_norm`` (before clipping)); an exception it raises stops the run (a serving
+            job uses this to stop a cancelled job).
 
     Raises:
-        InputError: a bad instance image (named), a non-empty output, inconsistent settings.
+        InputError: a bad instance or class image (named), a non-empty output, an unknown
+            checkpoint, a missing optional package (bitsandbytes, wandb), inconsistent settings.
     """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, gather_object
+
     config.validate()
     output = Path(output)
     resolution = config.resolution or default_resolution(config.model)
-    instance_pixels = load_instance_images(config.instance_dir, resolution)  # validate before any write
-    prepare_output(output, resume, overwrite)
+    # validate everything before any write
+    instance_pixels = load_training_pixels(list_image_files(config.instance_dir), resolution, config.center_crop)
+    real_class = real_class_images(config.class_data_dir, config.num_class_images) if config.prior_preservation and config.class_data_dir else []
+    if config.class_data_dir and not config.prior_preservation:
+        log.warning("--class-data-dir %s is unused without prior preservation", config.class_data_dir)
+    if config.optimizer == "adamw":
+        adamw_class(config)
+    log_with = check_tracker(config.report_to)
+
+    device = default_device()
+    accelerator = Accelerator(mixed_precision="no", cpu=device == "cpu", log_with=log_with, project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")))
+    distributed = accelerator.num_processes > 1
+    if distributed:
+        device = str(accelerator.device)
+    main = accelerator.is_main_process
+    if main:
+        prepare_output(output, resume, overwrite)
+    accelerator.wait_for_everyone()
     start_ckpt = None
     if resume:
-        start_ckpt = ckpt.latest_checkpoint(output) if resume == "latest" else Path(resume)
+        start_ckpt = ckpt.find_checkpoint(output, resume)
         if start_ckpt is None:
             log.info("no checkpoint in %s; starting from step 0", output)
-        elif not (start_ckpt / "config.json").is_file():
-            raise InputError(f"{start_ckpt}: not a checkpoint folder")
         else:
             saved = ckpt.checkpoint_config(start_ckpt)
             config.identifier = saved["identifier"]  # the identifier must not change mid-run
@@ -126,21 +146,25 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         log.info("%s is already trained to %d steps", output, config.steps)
         return ExpertInfo.read(output)
 
-    device = default_device()
     torch.manual_seed(config.seed)
-    pipe = load_pipeline(config.model, device=device)
+    with accelerator.main_process_first():  # a preset is built into the cache once, by the main process
+        pipe = load_pipeline(config.model, device=device)
     config.resolution = resolution
     if config.identifier is None:
         config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)
-    prompt = instance_prompt(config.identifier, config.class_noun, config.use_class_noun)
+    prompt = fill_prompt(config.instance_prompt_template, config.identifier, config.class_noun)
     class_prompt = fill_prompt(config.class_prompt, config.identifier, config.class_noun)
     log.info("expert: identifier %r, prompt %r, %d instance images at %d px on %s", config.identifier, prompt, len(instance_pixels), resolution, device)
     _check_training_prompts(pipe.tokenizer, config, prompt, class_prompt)
 
-    class_pixels = None
-    if config.prior_preservation:
-        paths = ensure_class_images(pipe, config.model, class_prompt, config.num_class_images, resolution, config.seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback)
-        class_pixels = load_class_images(paths, resolution)
+    class_paths = list(real_class)
+    if config.prior_preservation and len(class_paths) < config.num_class_images:
+        missing = config.num_class_images - len(class_paths)
+        if real_class:
+            log.info("%s has %d class images; generating %d more", config.class_data_dir, len(real_class), missing)
+        with accelerator.main_process_first():  # the main process generates, the others reuse
+            class_paths += ensure_class_images(pipe, config.model, class_prompt, missing, resolution, config.class_seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback)
+    class_pixels = load_training_pixels(class_paths, resolution, config.center_crop) if class_paths else None
 
     output.mkdir(parents=True, exist_ok=True)
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
@@ -161,9 +185,9 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         p.data = p.data.float()
 
     # Cached latents (the VAE is always frozen) and, with a frozen text encoder, cached embeddings.
-    with torch.no_grad():
-        inst_mean, inst_std = encode_images(vae, instance_pixels)
-        cls_mean, cls_std = encode_images(vae, class_pixels) if class_pixels is not None else (None, None)
+    aug = dict(random_flip=config.random_flip, center_crop=config.center_crop, batch_size=config.vae_encode_batch_size)
+    inst = TrainingLatents(vae, instance_pixels, resolution, **aug)
+    cls = TrainingLatents(vae, list(class_pixels), resolution, **aug) if class_pixels is not None else None
     ids_inst, ids_cls = tokenize(pipe.tokenizer, [prompt]), tokenize(pipe.tokenizer, [class_prompt])
     emb_inst = emb_cls = None
     if not config.train_text_encoder:
@@ -173,33 +197,41 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = make_optimizer(list(params.values()), config)
-    generator = torch.Generator().manual_seed(config.seed)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+    # DDP wraps only what trains; pipe.unet / pipe.text_encoder stay the plain modules
+    train_unet = accelerator.prepare(unet)
+    train_text = accelerator.prepare(text_encoder) if config.train_text_encoder else text_encoder
+    generator = torch.Generator().manual_seed(config.seed + 1000003 * accelerator.process_index)
     step = 0
     if start_ckpt is not None:
-        step = ckpt.load_checkpoint(start_ckpt, params, optimizer, generator)
+        step = ckpt.load_checkpoint(start_ckpt, params, optimizer, generator, lr_scheduler=lr_scheduler, rank=accelerator.process_index)
         log.info("resumed from %s at step %d", start_ckpt, step)
 
-    use_amp = device == "cuda" and config.mixed_precision != "no"
+    def save(step: int) -> None:
+        states = gather_object([generator.get_state()]) if distributed else None
+        if main:
+            ckpt.save_checkpoint(output, step, params, optimizer, generator, config.to_dict(), config.checkpoints_total_limit, lr_scheduler=lr_scheduler, rank_generators=states)
+
+    use_amp = device.startswith("cuda") and config.mixed_precision != "no"
     amp_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    writer = _tensorboard(output / "logs")
+    start_trackers(accelerator, config.report_to, output, config.to_dict())
     scale = vae.config.scaling_factor
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    b, accum = config.batch_size, config.gradient_accumulation_steps
+    n = b * accum  # instance images per optimizer step and process
     unet.train()
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="expert", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, initial=step, desc="expert", unit="step", disable=not progress or not main)
     while step < config.steps:
-        b = config.batch_size
-        idx = torch.randint(0, len(inst_mean), (b,), generator=generator)
-        mean, std = inst_mean[idx], inst_std[idx]
-        emb = _repeat(emb_inst, b) if emb_inst is not None else None
-        ids = ids_inst.repeat(b, 1)
-        if cls_mean is not None:
-            cidx = torch.randint(0, len(cls_mean), (b,), generator=generator)
-            mean, std = torch.cat([mean, cls_mean[cidx]]), torch.cat([std, cls_std[cidx]])
-            emb = torch.cat([emb, _repeat(emb_cls, b)]) if emb is not None else None
-            ids = torch.cat([ids, ids_cls.repeat(b, 1)])
-        latents = sample_latents(mean.cpu(), std.cpu(), scale, generator).to(device)  # (B', C, h, w)
+        # the whole optimizer step's data, drawn at once (rows: n instance, then n class)
+        idx = torch.randint(0, len(inst), (n,), generator=generator)
+        mean, std = inst.latents(idx, *inst.draw_augmentation(n, generator))
+        if cls is not None:
+            cidx = torch.randint(0, len(cls), (n,), generator=generator)
+            c_mean, c_std = cls.latents(cidx, *cls.draw_augmentation(n, generator))
+            mean, std = torch.cat([mean, c_mean]), torch.cat([std, c_std])
+        latents = sample_latents(mean.cpu(), std.cpu(), scale, generator).to(device)  # (n or 2n, C, h, w)
         noise = torch.randn(latents.shape, generator=generator)
         if config.offset_noise:
             noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
@@ -207,63 +239,86 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = denoising_target(noise_scheduler, latents, noise, timesteps)
-        autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-        with autocast:
-            if emb is None:
-                emb = text_encoder(ids.to(device))[0]
-            pred = unet(noisy, timesteps, emb.to(device)).sample
-        losses = per_sample_mse(pred, target)  # (B',)
-        if config.snr_gamma:
-            losses = losses * snr_weights(noise_scheduler, timesteps, config.snr_gamma)
-        loss_inst = losses[:b].mean()
-        loss_prior = losses[b:].mean() if cls_mean is not None else torch.zeros((), device=device)
-        loss = loss_inst + config.prior_loss_weight * loss_prior
+
+        lr = lr_scheduler.get_last_lr()[0]
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss_inst = loss_prior = 0.0
+        for k in range(accum):
+            rows = torch.arange(k * b, (k + 1) * b)
+            if cls is not None:
+                rows = torch.cat([rows, rows + n])
+            ids = torch.cat([ids_inst.repeat(b, 1), ids_cls.repeat(b, 1)]) if cls is not None else ids_inst.repeat(b, 1)
+            emb = None
+            if emb_inst is not None:
+                emb = torch.cat([_repeat(emb_inst, b), _repeat(emb_cls, b)]) if cls is not None else _repeat(emb_inst, b)
+            sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(accelerator, train_unet, train_text if config.train_text_encoder else None)
+            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    if emb is None:
+                        emb = train_text(ids.to(device))[0]
+                    pred = train_unet(noisy[rows], timesteps[rows], emb.to(device)).sample
+                losses = per_sample_mse(pred, target[rows])  # (b or 2b,)
+                if config.snr_gamma:
+                    losses = losses * snr_weights(noise_scheduler, timesteps[rows], config.snr_gamma)
+                micro_inst = losses[:b].mean()
+                micro_prior = losses[b:].mean() if cls is not None else torch.zeros((), device=device)
+                scaler.scale((micro_inst + config.prior_loss_weight * micro_prior) / accum).backward()
+            loss_inst = loss_inst + micro_inst.detach() / accum
+            loss_prior = loss_prior + micro_prior.detach() / accum
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        lr_scheduler.step()
         step += 1
+        if distributed:  # report the mean over processes
+            loss_inst, loss_prior = accelerator.reduce(torch.stack([loss_inst, loss_prior]).to(accelerator.device), "mean").tolist()
+        else:
+            loss_inst, loss_prior = float(loss_inst), float(loss_prior)
+        loss = loss_inst + config.prior_loss_weight * loss_prior
+        metrics = {"loss": loss, "instance_loss": loss_inst, "prior_loss": loss_prior, "lr": lr, "grad_norm": float(grad_norm)}
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", inst=f"{loss_inst.item():.4f}", prior=f"{loss_prior.item():.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", inst=f"{loss_inst:.4f}", prior=f"{loss_prior:.4f}")
         if progress_callback is not None:
-            progress_callback("training", step, config.steps, {"loss": loss.item(), "instance_loss": loss_inst.item(), "prior_loss": loss_prior.item()})
-        if writer:
-            writer.add_scalar("loss/total", loss.item(), step)
-            writer.add_scalar("loss/instance", loss_inst.item(), step)
-            writer.add_scalar("loss/prior", loss_prior.item(), step)
+            progress_callback("training", step, config.steps, metrics)
+        accelerator.log({"loss/total": loss, "loss/instance": loss_inst, "loss/prior": loss_prior, "lr": lr, "grad_norm": metrics["grad_norm"]}, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < config.steps:
-            ckpt.save_checkpoint(output, step, params, optimizer, generator, config.to_dict(), config.checkpoints_total_limit)
-        if config.validation_steps and step % config.validation_steps == 0:
-            _validate(pipe, config, output, step, writer)
+            save(step)
+        if config.validation_steps and step % config.validation_steps == 0 and main:
+            _validate(pipe, config, output, step, accelerator)
     bar.close()
     elapsed = time.perf_counter() - started
     unet.eval()
     if config.checkpointing_steps:  # the final state, so that --resume can extend the run
-        ckpt.save_checkpoint(output, step, params, optimizer, generator, config.to_dict(), config.checkpoints_total_limit)
-    info = save_expert(pipe, config, output, train_seconds=elapsed)
-    if writer:
-        writer.close()
+        save(step)
+    info = None
+    if main:
+        info = save_expert(pipe, config, output, train_seconds=elapsed)
+    for tracker in accelerator.trackers:  # not end_training(): it would end a launcher's process group
+        tracker.finish()
+    accelerator.wait_for_everyone()
+    if info is None:
+        info = ExpertInfo.read(output)
     log.info("expert written to %s (%d steps, %.1f s)", output, step, elapsed)
     return info
+
+
+def _no_sync(accelerator, *models):
+    """No gradient all-reduce for the models (DDP) on a micro-batch that is not the last."""
+    stack = contextlib.ExitStack()
+    for model in models:
+        if model is not None:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
 
 
 def _repeat(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.expand(b, *x.shape[1:])
 
 
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a declared dependency, but do not fail training on it
-        log.warning("tensorboard is not installed; no training logs")
-        return None
-    return SummaryWriter(str(folder))
-
-
 @torch.no_grad()
-def _validate(pipe, config: ExpertConfig, output: Path, step: int, writer) -> None:
+def _validate(pipe, config: ExpertConfig, output: Path, step: int, accelerator) -> None:
     """Sample the validation prompt with the weights being trained."""
     pipe.unet.eval()
     prompt = fill_prompt(config.validation_prompt, config.identifier, config.class_noun)
@@ -273,8 +328,5 @@ def _validate(pipe, config: ExpertConfig, output: Path, step: int, writer) -> No
     folder.mkdir(exist_ok=True)
     image.save(folder / f"step-{step:06d}.png")
     (folder / "prompts.json").write_text(json.dumps({"prompt": prompt}))
-    if writer:
-        import numpy as np
-
-        writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
+    log_image(accelerator, "validation", image, step)
     pipe.unet.train()

@@ -119,7 +119,7 @@ def test_progress_callback_sees_every_phase_and_can_stop_training(instance_dir, 
     phases = [c[0] for c in calls]
     assert phases == ["class_images"] * 2 + ["training"] * 4
     assert [c[1:3] for c in calls if c[0] == "training"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert set(calls[-1][3]) == {"loss", "instance_loss", "prior_loss"}
+    assert set(calls[-1][3]) == {"loss", "instance_loss", "prior_loss", "lr", "grad_norm"}
 
     class Stop(Exception):
         pass

@@ -1,0 +1,111 @@
+"""``suti expert import``: wrap a diffusers DreamBooth output as a suti expert folder.
+
+diffusers' ``train_dreambooth_lora.py`` writes ``pytorch_lora_weights.safetensors``
+(``StableDiffusionPipeline.save_lora_weights``); ``train_dreambooth.py`` writes a pipeline folder
+(``save_pretrained``). Neither records the identifier or the class noun, which ``suti expert
+sample`` needs to fill ``{V}`` and ``{class}``; this writes them into ``expert.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from experts.expert import LORA_FILE, ExpertInfo
+from suti.errors import InputError
+
+
+def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora: str | None = None, pipeline: str | None = None, model: str | None = None, instance_prompt: str = "a {V} {class}", resolution: int | None = None, overwrite: bool = False) -> ExpertInfo:
+    """Copy a diffusers LoRA file or pipeline folder into ``output`` and write ``expert.json``.
+
+    Args:
+        output: the expert folder to create (must be empty or absent unless ``overwrite``).
+        identifier: the rare token the subject was trained with (e.g. ``"sks"``).
+        class_noun: the subject's class noun (e.g. ``"dog"``).
+        lora: a LoRA ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors``;
+            it must load into ``model`` with diffusers' ``load_lora_weights`` (checked here).
+        pipeline: a diffusers pipeline folder (``model_index.json``); copied to ``output/pipeline``.
+        model: the base model (preset, folder or hub id); required with ``lora``; with
+            ``pipeline`` it is the base that ``suti expert loss`` compares with (default: the
+            pipeline itself).
+        instance_prompt: the training prompt with ``{V}``/``{class}``.
+        resolution: sampling resolution (default: the base's native one).
+
+    Raises:
+        InputError: not exactly one of ``lora``/``pipeline``, a missing or unloadable file, a
+            non-empty output.
+    """
+    from experts.identifier import fill_prompt
+    from experts.train import prepare_output
+    from suti.models import default_resolution, load_pipeline
+
+    if (lora is None) == (pipeline is None):
+        raise InputError("give exactly one of --lora FILE and --pipeline DIR")
+    if not identifier.strip() or not class_noun.strip():
+        raise InputError("--identifier and --class-noun must not be empty")
+    if "{V}" not in instance_prompt:
+        raise InputError(f"--instance-prompt must contain {{V}} (got {instance_prompt!r})")
+    output = Path(output)
+    if lora is not None:
+        if model is None:
+            raise InputError("--lora needs --model, the base model the LoRA was trained on")
+        source = Path(lora)
+        if source.is_dir():
+            source = source / LORA_FILE
+        if not source.is_file():
+            raise InputError(f"{lora}: no such LoRA file (a .safetensors file or a folder with {LORA_FILE})")
+        pipe = load_pipeline(model)
+        try:
+            pipe.load_lora_weights(str(source.parent), weight_name=source.name)
+        except Exception as exc:  # diffusers raises ValueError/KeyError/OSError for foreign files
+            raise InputError(f"{source}: not a diffusers LoRA for {model} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        prepare_output(output, None, overwrite)
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, output / LORA_FILE)
+        kind, weights, base = "lora", LORA_FILE, model
+        resolution = resolution or default_resolution(model)
+    else:
+        source = Path(pipeline)
+        if not (source / "model_index.json").is_file():
+            raise InputError(f"{pipeline}: not a diffusers pipeline folder (no model_index.json)")
+        try:
+            load_pipeline(str(source))
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{source}: the pipeline does not load ({type(exc).__name__})") from None
+        prepare_output(output, None, overwrite)
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, output / "pipeline", dirs_exist_ok=True)
+        kind, weights, base = "full", "pipeline", model or str(source.resolve())
+        resolution = resolution or _pipeline_resolution(source)
+    import suti
+
+    config = {"model": base, "identifier": identifier, "class_noun": class_noun, "instance_prompt": instance_prompt, "resolution": resolution, "imported_from": str(Path(lora or pipeline).resolve())}
+    info = ExpertInfo(
+        identifier=identifier,
+        class_noun=class_noun,
+        base_model=base,
+        recipe="imported",
+        kind=kind,
+        steps=0,
+        seed=0,
+        resolution=resolution,
+        instance_prompt=fill_prompt(instance_prompt, identifier, class_noun),
+        weights=weights,
+        config=config,
+        suti_version=suti.__version__,
+    )
+    info.write(output)
+    return info
+
+
+def _pipeline_resolution(folder: Path) -> int:
+    """Native resolution of a pipeline folder: U-Net sample size x the VAE's downsampling."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, ValueError, TypeError):
+        return 512
