@@ -20,7 +20,7 @@ def denoising_loss(pipe, images: torch.Tensor, prompt: str | list[str], *, seed:
     """
     from diffusers import DDPMScheduler
 
-    from experts.train import encode_prompts
+    from suti.conditioning import encode_prompt
 
     device = pipe.unet.device
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -28,7 +28,7 @@ def denoising_loss(pipe, images: torch.Tensor, prompt: str | list[str], *, seed:
     mean, std = encode_images(pipe.vae, images)
     n = len(images)
     prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-    emb = encode_prompts(pipe, prompts)  # (N, 77, D)
+    cond = encode_prompt(pipe, prompts)  # (N, 77, D) hidden states (+ SDXL pooled embeds, time ids)
     total = []
     for d in range(draws):
         eps = torch.randn(mean.shape, generator=generator).to(device)
@@ -39,6 +39,6 @@ def denoising_loss(pipe, images: torch.Tensor, prompt: str | list[str], *, seed:
         else:
             t = torch.full((n,), timesteps[d % len(timesteps)], dtype=torch.long, device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(noisy, t, emb).sample
+        pred = pipe.unet(noisy, t, **cond.unet_kwargs()).sample
         total.append(per_sample_mse(pred, denoising_target(scheduler, latents, noise, t)))
     return torch.cat(total).mean().item()

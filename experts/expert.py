@@ -71,15 +71,21 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> Exper
     from experts.identifier import fill_prompt
 
     if config.lora_rank > 0:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
+
+        from suti.models import is_sdxl
 
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         text_layers = None
         if config.train_text_encoder:
             text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
-        StableDiffusionPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+        if is_sdxl(pipe):  # the layout StableDiffusionXLPipeline.load_lora_weights reads
+            text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2)) if config.train_text_encoder else None
+            StableDiffusionXLPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True)
+        else:
+            StableDiffusionPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
         kind, weights = "lora", LORA_FILE
     else:
         pipe.save_pretrained(str(output / "pipeline"), safe_serialization=True)

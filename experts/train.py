@@ -28,9 +28,10 @@ from experts.loss import denoising_target, per_sample_mse, sample_latents, snr_w
 from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
 from experts.recipe import ExpertConfig
 from experts.tracking import check_tracker, log_image, start_trackers
+from suti.conditioning import Conditioning, encode_prompt
 from suti.errors import InputError
 from suti.images import list_image_files
-from suti.models import default_device, default_resolution, load_pipeline
+from suti.models import default_device, default_resolution, is_sdxl, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> text-encoder hidden states (B, 77, D)."""
-    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+    """Prompts -> text-encoder hidden states (B, 77, D) (SDXL: both encoders' penultimate states,
+    concatenated; the pooled embeddings come with :func:`suti.conditioning.encode_prompt`)."""
+    return encode_prompt(pipe, prompts).encoder_hidden_states
 
 
 def _check_training_prompts(tokenizer, config, prompt: str, class_prompt: str) -> None:
@@ -74,14 +75,22 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders: ``[text_encoder]``, or ``[text_encoder, text_encoder_2]`` for SDXL."""
+    second = getattr(pipe, "text_encoder_2", None)
+    return [pipe.text_encoder] if second is None else [pipe.text_encoder, second]
+
+
 def add_lora(pipe, config: ExpertConfig) -> None:
-    """Attach peft LoRA adapters to the U-Net attention projections (and the text encoder)."""
+    """Attach peft LoRA adapters to the U-Net attention projections (and the text encoders: both
+    of SDXL's, as diffusers' ``train_dreambooth_lora_sdxl.py`` does)."""
     from peft import LoraConfig
 
     alpha = config.lora_alpha or config.lora_rank
     pipe.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_UNET))
     if config.train_text_encoder:
-        pipe.text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT))
+        for encoder in text_encoders(pipe):
+            encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT))
 
 
 def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None) -> ExpertInfo:
@@ -167,20 +176,25 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     class_pixels = load_training_pixels(class_paths, resolution, config.center_crop) if class_paths else None
 
     output.mkdir(parents=True, exist_ok=True)
-    vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+    vae, unet = pipe.vae, pipe.unet
+    encoders = text_encoders(pipe)  # SDXL: both text encoders train together
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for encoder in encoders:
+        encoder.requires_grad_(False)
     unet.requires_grad_(config.lora_rank == 0)
     if config.lora_rank > 0:
         add_lora(pipe, config)
     elif config.train_text_encoder:
-        text_encoder.requires_grad_(True)
+        for encoder in encoders:
+            encoder.requires_grad_(True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for encoder in encoders:
+                encoder.gradient_checkpointing_enable()
     params = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        params.update({f"{name}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
     for p in params.values():
         p.data = p.data.float()
 
@@ -188,10 +202,11 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     aug = dict(random_flip=config.random_flip, center_crop=config.center_crop, batch_size=config.vae_encode_batch_size)
     inst = TrainingLatents(vae, instance_pixels, resolution, **aug)
     cls = TrainingLatents(vae, list(class_pixels), resolution, **aug) if class_pixels is not None else None
-    ids_inst, ids_cls = tokenize(pipe.tokenizer, [prompt]), tokenize(pipe.tokenizer, [class_prompt])
-    emb_inst = emb_cls = None
+    # Text conditioning (suti.conditioning: SD hidden states; SDXL adds pooled embeds and time ids)
+    cond_inst = cond_cls = None
     if not config.train_text_encoder:
-        emb_inst, emb_cls = encode_prompts(pipe, [prompt]), encode_prompts(pipe, [class_prompt])
+        with torch.no_grad():
+            cond_inst, cond_cls = encode_prompt(pipe, [prompt], resolution=resolution), encode_prompt(pipe, [class_prompt], resolution=resolution)
 
     from diffusers import DDPMScheduler
 
@@ -200,7 +215,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     lr_scheduler = make_lr_scheduler(optimizer, config)
     # DDP wraps only what trains; pipe.unet / pipe.text_encoder stay the plain modules
     train_unet = accelerator.prepare(unet)
-    train_text = accelerator.prepare(text_encoder) if config.train_text_encoder else text_encoder
+    train_texts = [accelerator.prepare(e) for e in encoders] if config.train_text_encoder else encoders
     generator = torch.Generator().manual_seed(config.seed + 1000003 * accelerator.process_index)
     step = 0
     if start_ckpt is not None:
@@ -247,17 +262,17 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             rows = torch.arange(k * b, (k + 1) * b)
             if cls is not None:
                 rows = torch.cat([rows, rows + n])
-            ids = torch.cat([ids_inst.repeat(b, 1), ids_cls.repeat(b, 1)]) if cls is not None else ids_inst.repeat(b, 1)
-            emb = None
-            if emb_inst is not None:
-                emb = torch.cat([_repeat(emb_inst, b), _repeat(emb_cls, b)]) if cls is not None else _repeat(emb_inst, b)
-            sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(accelerator, train_unet, train_text if config.train_text_encoder else None)
+            row_prompts = [prompt] * b + ([class_prompt] * b if cls is not None else [])
+            cond = None
+            if cond_inst is not None:
+                cond = Conditioning.cat([cond_inst] * b + ([cond_cls] * b if cls is not None else []))
+            sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(accelerator, train_unet, *(train_texts if config.train_text_encoder else []))
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    if emb is None:
-                        emb = train_text(ids.to(device))[0]
-                    pred = train_unet(noisy[rows], timesteps[rows], emb.to(device)).sample
+                    if cond is None:
+                        cond = encode_prompt(pipe, row_prompts, resolution=resolution, text_encoder=train_texts[0], text_encoder_2=train_texts[1] if len(train_texts) > 1 else None)
+                    pred = train_unet(noisy[rows], timesteps[rows], **cond.to(device).unet_kwargs()).sample
                 losses = per_sample_mse(pred, target[rows])  # (b or 2b,)
                 if config.snr_gamma:
                     losses = losses * snr_weights(noise_scheduler, timesteps[rows], config.snr_gamma)
@@ -311,10 +326,6 @@ def _no_sync(accelerator, *models):
         if model is not None:
             stack.enter_context(accelerator.no_sync(model))
     return stack
-
-
-def _repeat(x: torch.Tensor, b: int) -> torch.Tensor:
-    return x.expand(b, *x.shape[1:])
 
 
 @torch.no_grad()

@@ -43,11 +43,11 @@ def class_dir(tmp_path):
 def test_acceptance_free_prompts_accumulation_cosine_class_dir_flip_recorded(instance_dir, class_dir, tmp_path, monkeypatch):
     """Issue 18, acceptance 3: every setting reaches training and expert.json; the free-text
     prompts (with {V}) reach the tokenizer; real class photos replace generated ones."""
-    import experts.train as train_mod
+    import suti.conditioning as conditioning
 
     seen = []
-    real_tokenize = train_mod.tokenize
-    monkeypatch.setattr(train_mod, "tokenize", lambda tok, prompts: seen.extend(prompts) or real_tokenize(tok, prompts))
+    real_tokenize = conditioning.tokenize
+    monkeypatch.setattr(conditioning, "tokenize", lambda tok, prompts: seen.extend(prompts) or real_tokenize(tok, prompts))
     out = tmp_path / "e"
     code = train_cli(instance_dir, out, "--identifier", "zwx", "--instance-prompt", "a photo of {V} {class}", "--class-prompt", "a photo of a {class}",
                      "--gradient-accumulation-steps", "2", "--lr-scheduler", "cosine", "--lr-warmup-steps", "5", "--class-data-dir", str(class_dir),

@@ -115,7 +115,8 @@ def test_resume_continues_from_the_saved_step(instance_dir, tmp_path):
 
 def test_progress_callback_sees_every_phase_and_can_stop_training(instance_dir, tmp_path):
     calls = []
-    train_expert(config(instance_dir, steps=4, num_class_images=2, class_sample_steps=2, seed=11), tmp_path / "a", progress=False, progress_callback=lambda *a: calls.append(a))
+    # a class noun no other test uses: class images are shared across experts (and tests)
+    train_expert(config(instance_dir, steps=4, num_class_images=2, class_sample_steps=2, seed=11, class_noun="callback toy"), tmp_path / "a", progress=False, progress_callback=lambda *a: calls.append(a))
     phases = [c[0] for c in calls]
     assert phases == ["class_images"] * 2 + ["training"] * 4
     assert [c[1:3] for c in calls if c[0] == "training"] == [(1, 4), (2, 4), (3, 4), (4, 4)]

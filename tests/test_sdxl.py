@@ -1,0 +1,55 @@
+"""SDXL (tiny-sdxl): DreamBooth experts, full and LoRA, through the same factory and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from experts import load_expert, load_pipeline, resolve_config
+from experts.data import load_instance_images
+from experts.evaluate import denoising_loss
+from experts.train import train_expert
+from suti.cli import main
+
+
+def sdxl_config(instance_dir, **overrides):
+    base = dict(model="tiny-sdxl", instance_dir=str(instance_dir), class_noun="star toy", steps=30, num_class_images=2, prior_preservation=True)
+    base.update(overrides)
+    return resolve_config("dreambooth", base)
+
+
+def test_sdxl_lora_expert_with_both_text_encoders_loads_in_plain_diffusers(instance_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from suti.models import preset_folder
+
+    out = tmp_path / "lora"
+    info = train_expert(sdxl_config(instance_dir, lora_rank=4, steps=40, train_text_encoder=True), out, progress=False)
+    assert info.kind == "lora" and info.base_model == "tiny-sdxl"
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    plain = StableDiffusionXLPipeline.from_pretrained(str(preset_folder("tiny-sdxl")))
+    plain.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    images = load_instance_images(instance_dir, 32)
+    base_loss = denoising_loss(load_pipeline("tiny-sdxl"), images, info.instance_prompt, seed=2)
+    ours = denoising_loss(load_expert(out), images, info.instance_prompt, seed=2)
+    theirs = denoising_loss(plain, images, info.instance_prompt, seed=2)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours < base_loss
+
+
+def test_sdxl_full_expert_trains_and_samples_from_the_cli(instance_dir, tmp_path):
+    out = tmp_path / "full"
+    code = main(["expert", "train", "--model", "tiny-sdxl", "--instance-dir", str(instance_dir), "--class-noun", "star toy", "--output", str(out), "--no-prior-preservation", "--steps", "30"])
+    assert code == 0
+    info = json.loads((out / "expert.json").read_text())
+    assert info["kind"] == "full" and json.loads((out / "pipeline" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    images = load_instance_images(instance_dir, 32)
+    base = denoising_loss(load_pipeline("tiny-sdxl"), images, info["instance_prompt"], seed=1)
+    expert = denoising_loss(load_expert(out), images, info["instance_prompt"], seed=1)
+    assert expert < 0.9 * base
+    samples = tmp_path / "samples"
+    assert main(["expert", "sample", "--expert", str(out), "--prompt", "a {V} {class} on the beach", "--num-images", "2", "--output", str(samples), "--steps", "3"]) == 0
+    assert len(list(samples.glob("*.png"))) == 2
