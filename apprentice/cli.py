@@ -7,28 +7,29 @@ import json
 import os
 import subprocess
 import sys
+from suti.cli_format import HelpFormatter
 
 
 def register(subparsers) -> None:
     """Add the ``apprentice`` command group."""
-    from apprentice.train import build_arg_parser
+    from apprentice.train_config import build_arg_parser
 
     group = subparsers.add_parser("apprentice", help="train and query the in-context apprentice")
     sub = group.add_subparsers(dest="apprentice_command", metavar="SUBCOMMAND")
     sub.required = True
-    train = sub.add_parser("train", help="train the apprentice with DeepSpeed on generation shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="train the apprentice with DeepSpeed on generation shards", formatter_class=HelpFormatter)
     build_arg_parser(train)
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine (launched with torchrun)")
     train.set_defaults(func=_train)
 
-    pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=HelpFormatter)
     pack.add_argument("--clusters", required=True, help="clusters.jsonl of `suti mine`")
     pack.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
     pack.add_argument("--output", required=True, help="folder for shard-*.tar (a rerun adds only missing clusters)")
     pack.add_argument("--samples-per-shard", type=int, default=256)
     pack.set_defaults(func=_pack_photos)
 
-    sample = sub.add_parser("sample", help="generate a subject in context from 1-8 demonstration photos", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample = sub.add_parser("sample", help="generate a subject in context from 1-8 demonstration photos", formatter_class=HelpFormatter)
     sample.add_argument("--apprentice", default="toy", help='apprentice folder, or "toy" for the embedded default')
     sample.add_argument("--demos", nargs="+", required=True, help="1-8 photos of the subject")
     sample.add_argument("--demo-captions", nargs="+", help="one caption per photo")

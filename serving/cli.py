@@ -7,6 +7,7 @@ import logging
 import os
 
 from suti.errors import InputError
+from suti.cli_format import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve the apprentice and DreamBooth experts over HTTP (API, metrics, web page)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Serve POST /v1/generate (apprentice), /v1/experts (DreamBooth jobs), /healthz, /metrics, "
         "the OpenAPI docs at /docs and a web page at /. With no arguments: the toy model and toy apprentice on "
         "http://127.0.0.1:8000.",
