@@ -21,6 +21,7 @@ import webdataset as wds
 from apprentice.photos import PHOTO_KIND
 from suti.errors import InputError
 from suti.images import fit_square, to_tensor
+from suti.tar_members import tarfile_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed)]
     if split_shards:
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=log_and_continue)]
+    stages += [tarfile_to_samples(handler=log_and_continue)]  # keys split from the end of the name
     if not split_shards:
         stages += [_split_samples(rank, world)]
     stages += [
