@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 
 from apprentice.photos import PHOTO_KIND
-from suti.errors import InputError
+from suti.errors import InputError, InvalidValueError
 from suti.images import fit_square, to_tensor
 from suti.tar_members import tarfile_to_samples
 
@@ -82,7 +82,7 @@ class ToExample:
     def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5):
         for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise InvalidValueError(f"{name} (--{name.replace('_', '-')}) must be in [0, 1], got {value}")
         self.resolution = resolution
         self.num_demos = num_demos
         self.self_target = self_target

@@ -32,8 +32,12 @@ def load_apprentice(name_or_path: str, *, device: str | None = None):
             raise ModelLoadError(f"{folder}: not an apprentice folder (no model_index.json)")
     from suti.models import _quiet_loading
 
+    from suti.weights import check_weight_folder, loading
+
     _quiet_loading()
-    pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True)
+    check_weight_folder(folder)
+    with loading(folder):
+        pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 

@@ -136,9 +136,14 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     step = 0
     if resume:
         tag = None if resume == "latest" else Path(resume).name
+        if tag and not (ckpt_dir / tag).is_dir():
+            raise InputError(f"{ckpt_dir / tag}: no such checkpoint (resume with \"latest\" or a folder in {ckpt_dir})")
         if (ckpt_dir / "latest").is_file() or tag:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            step = int(client["step"])
+            from suti.weights import loading
+
+            with loading(f"{ckpt_dir / (tag or (ckpt_dir / 'latest').read_text().strip())} (DeepSpeed checkpoint)"):
+                _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+                step = int(client["step"])
             log.info("resumed from %s at step %d", ckpt_dir, step)
     ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None
     if ema and resume and (ckpt_dir / f"ema-step-{step}.safetensors").is_file():
@@ -241,7 +246,10 @@ class _Ema:
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        self.shadow.update(load_file(str(path)))
+        from suti.weights import check_safetensors, loading
+
+        with loading(check_safetensors(path)):
+            self.shadow.update(load_file(str(path)))
 
 
 def _writer(folder: Path):
@@ -256,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m apprentice.train`` (for torchrun / deepspeed launchers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(argv)
-    try:
+    from suti.cli import report_errors
+
+    def run() -> int:
         train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
-    except InputError as exc:
-        print(f"suti: error: {exc}", file=__import__("sys").stderr)
-        return 2
-    return 0
+        return 0
+
+    return report_errors(run, prog="apprentice.train")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suti.errors import InputError
+from suti.errors import InputError, ModelLoadError
 
 EXPERT_FILE = "expert.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -108,16 +108,41 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
 
     Full fine-tuning loads the saved pipeline folder; LoRA loads the base model named in
     ``expert.json`` and applies the adapter with ``load_lora_weights``.
+
+    Raises:
+        InputError: ``expert.json`` is missing or malformed.
+        ModelLoadError: one line naming the file: ``FILE: not a complete safetensors file``
+            (an interrupted copy), ``FILE: trained for base X, its shapes do not fit base Y``
+            (``expert.json`` names another base), or the library's first error line.
     """
     from suti.models import load_pipeline
+    from suti.weights import check_safetensors, check_weight_folder, describe_load_error, is_shape_mismatch, loading, quiet_library_errors
 
     folder = Path(folder)
     info = ExpertInfo.read(folder)
+    weights = folder / info.weights
     if info.kind == "lora":
+        check_safetensors(weights)
         pipe = load_pipeline(info.base_model, torch_dtype=torch_dtype)
-        pipe.load_lora_weights(str(folder), weight_name=info.weights)
+        try:
+            with quiet_library_errors():
+                pipe.load_lora_weights(str(folder), weight_name=info.weights)
+        except Exception as exc:  # diffusers/peft raise RuntimeError, ValueError, KeyError ...
+            if is_shape_mismatch(exc):
+                trained = (info.config or {}).get("model")
+                trained = trained if trained and trained != info.base_model else "another model"
+                raise ModelLoadError(f"{weights}: trained for base {trained}, its shapes do not fit base "
+                                     f"{info.base_model} (named in {folder / EXPERT_FILE})") from None
+            raise ModelLoadError(f"{weights}: could not apply the LoRA weights to base "
+                                 f"{info.base_model} ({describe_load_error(exc)})") from None
+    elif info.kind == "full":
+        if not weights.is_dir():
+            raise ModelLoadError(f"{weights}: the expert's pipeline folder is missing")
+        check_weight_folder(weights)
+        with loading(weights):
+            pipe = load_pipeline(str(weights), torch_dtype=torch_dtype)
     else:
-        pipe = load_pipeline(str(folder / info.weights), torch_dtype=torch_dtype)
+        raise InputError(f"{folder / EXPERT_FILE}: unknown expert kind {info.kind!r} (full or lora)")
     if device is not None:
         pipe = pipe.to(device)
     return pipe

@@ -108,6 +108,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             raise InputError(f"{start_ckpt}: not a checkpoint folder")
         else:
             saved = ckpt.checkpoint_config(start_ckpt)
+            ckpt.check_resumable(start_ckpt, saved, config.to_dict())  # e.g. a full fine-tune resumed as LoRA
             config.identifier = saved["identifier"]  # the identifier must not change mid-run
     if (output / EXPERT_FILE).is_file() and start_ckpt is not None and ckpt.checkpoint_step(start_ckpt) >= config.steps:
         log.info("%s is already trained to %d steps", output, config.steps)

@@ -212,7 +212,12 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
     if model in list_presets():
         preset = load_preset(model)
         if preset.get("cache", True):
-            pipe = _from_folder(preset_folder(model), **kwargs)
+            from suti.weights import check_weight_folder, loading
+
+            folder = preset_folder(model)
+            with loading(f"{folder} (the cached preset {model!r}; delete the folder to rebuild it)"):
+                check_weight_folder(folder)
+                pipe = _from_folder(folder, **kwargs)
         else:
             pipe = build_random_pipeline(preset)
             if torch_dtype is not None:
@@ -221,10 +226,14 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
         folder = Path(model).expanduser()
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        from suti.weights import check_weight_folder, describe_load_error, quiet_library_errors
+
+        check_weight_folder(folder)
         try:
-            pipe = _from_folder(folder, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ModelLoadError(f"{folder}: could not load the pipeline ({exc})") from None
+            with quiet_library_errors():
+                pipe = _from_folder(folder, **kwargs)
+        except Exception as exc:  # diffusers/transformers raise many types for a bad folder
+            raise ModelLoadError(f"{folder}: could not load the pipeline ({describe_load_error(exc)})") from None
     else:
         try:  # the local hub cache first, then the network unless HF_HUB_OFFLINE is set
             pipe = _from_folder(model, local_files_only=True, **kwargs)

@@ -486,10 +486,14 @@ def nn_retrieval(emb, owner) -> float:
 def _load_from(folder: Path) -> Probe:
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "probe.json").read_text())
-    net = _build_net(meta["config"])
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in load_file(str(folder / "probe.safetensors")).items()}
+    from suti.weights import check_safetensors, loading, read_json_file
+
+    meta = read_json_file(folder / "probe.json")
+    check_safetensors(folder / "probe.safetensors")
+    with loading(folder / "probe.safetensors"):
+        net = _build_net(meta["config"])
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in load_file(str(folder / "probe.safetensors")).items()}
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
@@ -561,4 +565,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from suti.cli import report_errors
+
+    raise SystemExit(report_errors(main))

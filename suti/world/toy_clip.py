@@ -524,10 +524,14 @@ def unpack_state(state: dict, model) -> dict:
 def _load_from(folder: Path):
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "toy_clip.json").read_text())
-    model = build_toy_clip(meta["model_cfg"])
-    state = unpack_state(load_file(str(folder / "toy_clip.safetensors")), model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    from suti.weights import check_safetensors, loading, read_json_file
+
+    meta = read_json_file(folder / "toy_clip.json")
+    check_safetensors(folder / "toy_clip.safetensors")
+    with loading(folder / "toy_clip.safetensors"):
+        model = build_toy_clip(meta["model_cfg"])
+        state = unpack_state(load_file(str(folder / "toy_clip.safetensors")), model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     if [k for k in missing if k != "attn_mask"] or unexpected:
         raise ModelLoadError(f"{folder}/toy_clip.safetensors does not match toy_clip.json "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -600,4 +604,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from suti.cli import report_errors
+
+    raise SystemExit(report_errors(main))

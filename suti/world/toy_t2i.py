@@ -386,13 +386,16 @@ def train_unet(vae, scaling_factor: float, stream: SceneStream, *, steps: int | 
     history, step, shown, run_loss = [], 0, 0, None
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            for e, v in zip(ema, state["ema"]):
-                e.copy_(v)
+        from suti.weights import loading
+
+        with loading(f"{ckpt} (a resumable checkpoint; delete it to start over)"):
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            unet.load_state_dict(state["unet"])
+            text_encoder.load_state_dict(state["text_encoder"])
+            opt.load_state_dict(state["optimizer"])
+            with torch.no_grad():
+                for e, v in zip(ema, state["ema"]):
+                    e.copy_(v)
         gen.set_state(state["generator"])
         stream.rng.bit_generator.state = state["stream_rng"]
         step, run_loss, history = state["step"], state["run_loss"], state["history"]
@@ -483,9 +486,12 @@ def _vae_stage(vae_file: Path, vae, stream: SceneStream, train):
     import torch
 
     if vae_file.exists():
-        state = torch.load(vae_file, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["vae"])
-        stream.rng.bit_generator.state = state["stream_rng"]
+        from suti.weights import loading
+
+        with loading(f"{vae_file} (a resumable checkpoint; delete it to start over)"):
+            state = torch.load(vae_file, map_location="cpu", weights_only=False)
+            vae.load_state_dict(state["vae"])
+            stream.rng.bit_generator.state = state["stream_rng"]
         log.info("toy vae: resumed from %s", vae_file)
         return vae, state["stats"]
     vae, stats = train()
@@ -723,10 +729,14 @@ def _load_components(folder: Path, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    from suti.weights import check_weight_folder, loading
+
+    check_weight_folder(folder)
+    with loading(folder):
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     return vae, unet, text_encoder, scheduler
 
 
