@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from suti.errors import InputError, ModelLoadError
-from suti.images import load_image
+from suti.images import load_image, save_image_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,5 +66,5 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
     for i, path in enumerate(paths):
         generator = torch.Generator().manual_seed(seed + i)
         image = pipe(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator).images[0]
-        image.save(path)
+        save_image_atomic(image, path)
     return paths

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from apprentice.train_config import ApprenticeTrainConfig, build_arg_parser, config_from_args
+from suti import storage
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,8 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         if ema:
             ema.copy_to(module)
         pipe = ApprenticePipeline(unet, vae, text_encoder, base.tokenizer, base.scheduler, adapter)
-        pipe.save_pretrained(str(output), safe_serialization=True)
-        (output / "training.json").write_text(json.dumps({"config": asdict(config), "steps": step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": loss.item()}, indent=2))
+        storage.save_pretrained_atomic(pipe, output, safe_serialization=True)
+        storage.write_text(output / "training.json", json.dumps({"config": asdict(config), "steps": step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": loss.item()}, indent=2))
         if writer:
             writer.close()
         log.info("apprentice written to %s (%d steps, %.1f s)", output, step, elapsed)
@@ -241,7 +242,8 @@ class _Ema:
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
+        with storage.atomic_local_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(tmp))
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file

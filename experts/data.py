@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from suti import storage
 from suti.images import fit_square, list_image_files, load_image, to_tensor
 from suti.models import cache_dir, list_presets, load_preset, preset_fingerprint
 
@@ -60,7 +61,7 @@ def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int
     """
     folder = class_images_folder(model, prompt, num, resolution, seed, steps)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").write_text(json.dumps({"model": model, "prompt": prompt, "num": num, "resolution": resolution, "seed": seed, "steps": steps}, indent=2))
+    storage.write_text(folder / "meta.json", json.dumps({"model": model, "prompt": prompt, "num": num, "resolution": resolution, "seed": seed, "steps": steps}, indent=2))
     paths = [folder / f"class_{i:04d}.png" for i in range(num)]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:

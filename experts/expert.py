@@ -12,10 +12,13 @@ Layout of an expert folder::
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from suti import storage
 from suti.errors import InputError, ModelLoadError
 
 EXPERT_FILE = "expert.json"
@@ -79,10 +82,12 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> Exper
         text_layers = None
         if config.train_text_encoder:
             text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
-        StableDiffusionPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+        with tempfile.TemporaryDirectory(prefix=".lora-", dir=output) as tmp:  # then renamed: atomic
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+            os.replace(Path(tmp) / LORA_FILE, output / LORA_FILE)
         kind, weights = "lora", LORA_FILE
     else:
-        pipe.save_pretrained(str(output / "pipeline"), safe_serialization=True)
+        storage.save_pretrained_atomic(pipe, output / "pipeline", safe_serialization=True)
         kind, weights = "full", "pipeline"
     info = ExpertInfo(
         identifier=config.identifier,

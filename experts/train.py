@@ -25,7 +25,9 @@ from experts.expert import EXPERT_FILE, ExpertInfo, save_expert
 from experts.identifier import fill_prompt, instance_prompt, sample_identifier
 from experts.loss import denoising_target, encode_images, per_sample_mse, sample_latents, snr_weights
 from experts.recipe import ExpertConfig
+from suti import storage
 from suti.errors import InputError
+from suti.images import save_image_atomic
 from suti.models import default_device, default_resolution, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -258,8 +260,8 @@ def _validate(pipe, config: ExpertConfig, output: Path, step: int, writer) -> No
     image = pipe(prompt, height=config.resolution, width=config.resolution, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale, generator=generator).images[0]
     folder = output / "validation"
     folder.mkdir(exist_ok=True)
-    image.save(folder / f"step-{step:06d}.png")
-    (folder / "prompts.json").write_text(json.dumps({"prompt": prompt}))
+    save_image_atomic(image, folder / f"step-{step:06d}.png")
+    storage.write_text(folder / "prompts.json", json.dumps({"prompt": prompt}))
     if writer:
         import numpy as np
 

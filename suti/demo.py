@@ -27,7 +27,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from suti import storage
 from suti.errors import SutiError
+from suti.images import save_image_atomic
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,10 @@ def query(args, apprentice_dir: Path) -> dict:
     for i, r in enumerate(results):
         rows += [r.demos, r.images["apprentice"], r.images["expert"], r.images["base"]]
         labels += [f"demos {i}", "apprentice", "expert", "base"]
-    _grid(rows, labels).save(Path(args.output) / "grid.png")
+    save_image_atomic(_grid(rows, labels), Path(args.output) / "grid.png")
     summary = mean_metrics(results)
     summary["speedup_time_to_first_image"] = summary["expert_first_image_s"] / summary["apprentice_first_image_s"]
-    (Path(args.output) / "results.json").write_text(json.dumps({"per_subject": [r.row() for r in results], "mean": summary}, indent=2))
+    storage.write_text(Path(args.output) / "results.json", json.dumps({"per_subject": [r.row() for r in results], "mean": summary}, indent=2))
     return summary
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from suti import storage
 from suti.errors import InputError, ModelLoadError
 from suti.world.toy_clip import (
     IMAGE_SIZE,
@@ -390,7 +391,8 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
         log.info("probe done: %d steps in %.0fs; held-out %s", step, elapsed, metrics)
     state = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v
              for k, v in net.state_dict().items()}
-    save_file(state, str(out / "probe.safetensors"))
+    with storage.atomic_local_path(out / "probe.safetensors") as tmp:
+        save_file(state, str(tmp))
     meta = {
         "config": cfg, "heads": {h: head_labels()[h] for h in heads},
         "training": {"seed": seed, "steps": step, "batch_size": 2 * pairs, "lr": lr,
@@ -406,7 +408,7 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
         "parameters": probe.parameter_count(),
         "metrics": metrics,
     }
-    (out / "probe.json").write_text(json.dumps(meta, indent=1) + "\n")
+    storage.write_text(out / "probe.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 

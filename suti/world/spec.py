@@ -246,7 +246,9 @@ class World:
 
     def save(self, path: str | Path) -> None:
         """Write ``world.json`` (sorted keys, so identical worlds give identical bytes)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        from suti import storage
+
+        storage.write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
 
 
 def load_world(path: str | Path) -> World:

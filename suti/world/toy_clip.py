@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from suti import storage
 from suti.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -460,7 +461,8 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
         log.info("toy clip done: %d steps in %.0fs; held-out retrieval %s", step, elapsed,
                  metrics["heldout_retrieval_64"])
     state = pack_state(model, torch.nonzero(seen).flatten())
-    save_file(state, str(out / "toy_clip.safetensors"))
+    with storage.atomic_local_path(out / "toy_clip.safetensors") as tmp:
+        save_file(state, str(tmp))
     meta = {
         "model_name": MODEL_NAME, "model_cfg": cfg, "image_size": IMAGE_SIZE,
         "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
@@ -477,7 +479,7 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
         "token_embedding": {"rows_stored": int(seen.sum()), "other_rows": "zero (never trained)"},
         "metrics": metrics,
     }
-    (out / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
+    storage.write_text(out / "toy_clip.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 

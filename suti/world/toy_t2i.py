@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from suti import storage
 from suti.errors import InputError, MissingInputError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -535,8 +536,7 @@ def _train_unet_and_write(out: Path, partial: Path, started: float, *, vae, scal
                                             text_encoder=text_encoder,
                                             checkpoint=partial / "unet.pt", **train)
     pipe = make_pipeline(vae, unet, text_encoder)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    storage.save_pretrained_atomic(pipe, out, safe_serialization=True)
     summary = {
         "weights_version": WEIGHTS_VERSION, **header,
         "threads": torch.get_num_threads(),
@@ -549,7 +549,7 @@ def _train_unet_and_write(out: Path, partial: Path, started: float, *, vae, scal
         earlier_steps = continued_from.get("total_unet_steps", continued_from.get("unet_steps", 0))
         summary["total_unet_steps"] = int(earlier_steps) + ustats["unet_steps"]
         summary["continued_from"] = {k: v for k, v in continued_from.items() if k != "history"}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    storage.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
     log.info("toy model %s %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
              "(ratio %.3f)", "continued into" if continued_from is not None else "written to",
