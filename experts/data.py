@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from suti import storage
-from suti.images import fit_square, list_image_files, load_image, to_tensor
+from suti.images import fit_square, list_image_files, load_cached_image, load_image, save_image_atomic, to_tensor
 from suti.models import cache_dir, list_presets, load_preset, preset_fingerprint
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,13 @@ def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int
     folder.mkdir(parents=True, exist_ok=True)
     storage.write_text(folder / "meta.json", json.dumps({"model": model, "prompt": prompt, "num": num, "resolution": resolution, "seed": seed, "steps": steps}, indent=2))
     paths = [folder / f"class_{i:04d}.png" for i in range(num)]
-    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    missing = [i for i, p in enumerate(paths) if load_cached_image(p) is None]  # a cut file: warned, regenerated
     if missing:
         log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
     for k, i in enumerate(tqdm(missing, desc="class images", unit="img", disable=not missing)):
         generator = torch.Generator(device="cpu").manual_seed(seed * 100003 + i)
         image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
-        tmp = paths[i].with_suffix(".tmp.png")
-        image.save(tmp)
-        tmp.rename(paths[i])  # atomic: a crash leaves no half-written image
+        save_image_atomic(image, paths[i])  # a crash leaves no half-written image
         if progress_callback is not None:
             progress_callback("class_images", k + 1, len(missing), {})
     return paths

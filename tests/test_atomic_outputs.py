@@ -101,3 +101,18 @@ def test_no_direct_writes_to_final_names():
                     continue
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_a_cut_cached_class_image_is_regenerated(caplog):
+    from experts.data import ensure_class_images, load_class_images
+    from suti.models import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    paths = ensure_class_images(pipe, "tiny", "a cut cup", 2, 32, 0, 2)
+    good = paths[1].read_bytes()
+    paths[1].write_bytes(good[:50])
+    with caplog.at_level(logging.WARNING):
+        again = ensure_class_images(pipe, "tiny", "a cut cup", 2, 32, 0, 2)
+    assert f"{paths[1]}: cached output does not decode" in caplog.text
+    assert again[1].read_bytes() == good
+    assert load_class_images(again, 32).shape == (2, 3, 32, 32)
