@@ -160,3 +160,11 @@ def test_apprentice_train_entry_point_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("apprentice.train: error: no shards match")
     assert "Traceback" not in out.stderr
+
+
+def test_world_library_value_errors_exit_2(tmp_path, capsys):
+    assert main(["world", "make", "--output", str(tmp_path / "w"), "--subjects", "2", "--shard-size", "0"]) == 0
+    capsys.readouterr()
+    code = main(["world", "export-subject", "--world", str(tmp_path / "w"), "--subject", "subject_0000",
+                 "--output", str(tmp_path / "e"), "--size", "4"])
+    assert (code, capsys.readouterr().err.strip()) == (2, "suti: error: image size must be >= 16 px, got 4")

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from suti import storage
-from suti.errors import InputError, MissingInputError, OutputExistsError
+from suti.errors import InputError, InvalidValueError, MissingInputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class _Clock:
 
     def __init__(self, steps: int | None, seconds: float | None):
         if steps is None and seconds is None:
-            raise ValueError("give steps or a time budget")
+            raise InvalidValueError("give steps or a time budget")
         self.steps, self.seconds, self.start = steps, seconds, time.perf_counter()
 
     def elapsed(self) -> float:
@@ -511,7 +511,7 @@ def _start_run(out_dir: str | Path, *, minutes: float | None, steps: int | None,
     import torch
 
     if minutes is None and steps is None:
-        raise ValueError("give minutes, steps or both")
+        raise InvalidValueError("give minutes, steps or both")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out}: output folder is not empty")
