@@ -62,14 +62,19 @@ def register(subparsers) -> None:
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> float:
-    from suti.cli import main
+    from suti.cli import build_parser
 
     if done:
         print(f"[{name}] already done; skipping")
         return 0.0
     print(f"[{name}] suti {' '.join(argv)}")
     started = time.perf_counter()
-    code = main(argv)
+    stage_args = build_parser().parse_args(argv)
+    try:
+        code = int(stage_args.func(stage_args) or 0)
+    except SutiError as exc:  # one line for the whole demo: the stage and what went wrong
+        exc.args = (f"stage {name}: {exc}",)
+        raise
     if code != 0:
         raise SutiError(f"stage {name} failed with exit code {code}")
     return time.perf_counter() - started

@@ -71,3 +71,12 @@ def test_serving_ray_runner_raises_the_one_line_error(failing_ray):
 
     with pytest.raises(RayStartError, match="could not start a local Ray cluster"):
         RayRunner(Settings(model="tiny", ray_address="local"))
+
+
+def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys):
+    from suti.demo import _stage
+    from suti.errors import SutiError
+
+    with pytest.raises(SutiError) as info:
+        _stage("generate", False, ["generate", "--clusters", "nothere.jsonl", "--crawl", "w", "--output", "o"])
+    assert str(info.value) == "stage generate: nothere.jsonl: no such clusters file"
