@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
 from suti.cli_format import HelpFormatter
+from suti.errors import InputError, InvalidValueError, SutiError
 
 
 def register(subparsers) -> None:
@@ -45,8 +48,14 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from apprentice.train import config_from_args, train_apprentice
+    from apprentice.train import check_inputs, config_from_args, train_apprentice
 
+    if args.nproc < 1:
+        raise InvalidValueError(f"--nproc must be >= 1, got {args.nproc}")
+    check_inputs(config_from_args(args))  # bad options exit 2 here, not in every worker
+    output = Path(args.output)
+    if output.is_dir() and any(output.iterdir()) and not args.resume and not args.overwrite:
+        raise InputError(f"{output}: output folder is not empty; pass --resume latest or --overwrite")
     if args.nproc > 1 and "RANK" not in os.environ:
         argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
         drop = {"--nproc"}
@@ -62,7 +71,11 @@ def _train(args) -> int:
                 continue
             cleaned.append(a)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "apprentice.train", *cleaned]
-        return subprocess.call(cmd)
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise SutiError(f"apprentice training failed in a torchrun worker (exit code {code}); its error is above")
+        print(json.dumps({"output": args.output}))
+        return 0
     train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"output": args.output}))
     return 0

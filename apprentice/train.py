@@ -92,6 +92,19 @@ def _optimizer(params, config: ApprenticeTrainConfig):
     raise InputError(f"unknown optimizer {config.optimizer!r} (adamw or adafactor)")
 
 
+def check_inputs(config: ApprenticeTrainConfig) -> None:
+    """Every check that needs no model: option ranges, the shard pattern, the DeepSpeed config
+    (``InputError`` naming the option, pattern or file). Run by the launching process too, so a
+    bad option never reaches torchrun's workers."""
+    from apprentice.data import expand_shards
+    from suti.models import config_path
+
+    config.validate()
+    expand_shards(config.shards)
+    if not config_path("deepspeed", config.deepspeed_config, ".json").is_file():
+        raise InputError(f"{config.deepspeed_config}: no such DeepSpeed config")
+
+
 def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Train an apprentice; rank 0 writes ``OUTPUT`` as an ``ApprenticePipeline`` folder.
 
@@ -102,12 +115,12 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     from diffusers import DDPMScheduler
 
     from apprentice.adapter import DemoAttentionAdapter
-    from apprentice.data import collate, expand_shards, make_pipeline
+    from apprentice.data import collate, make_pipeline
     from apprentice.pipeline import ApprenticePipeline
     from suti.models import default_resolution, load_pipeline
 
     output = Path(config.output)
-    expand_shards(config.shards)  # fail early on a bad pattern
+    check_inputs(config)  # fail early, before any process group or model
     rank, world, device = init_distributed()
     if rank == 0:
         if output.is_dir() and any(output.iterdir()) and not resume and not overwrite:

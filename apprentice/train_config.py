@@ -39,6 +39,26 @@ class ApprenticeTrainConfig:
     caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
     extra: dict = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Raise :class:`~suti.errors.InvalidValueError` naming the first out-of-range option."""
+        from suti.errors import InvalidValueError
+
+        def need(ok: bool, option: str, rule: str, value) -> None:
+            if not ok:
+                raise InvalidValueError(f"{option} must be {rule}, got {value}")
+
+        need(self.steps >= 1, "--steps", ">= 1", self.steps)
+        need(self.batch_size >= 1, "--batch-size", ">= 1", self.batch_size)
+        need(self.learning_rate > 0 and self.learning_rate == self.learning_rate, "--learning-rate", "> 0", self.learning_rate)
+        need(1 <= self.num_demos <= 8, "--num-demos", "in 1..8", self.num_demos)
+        need(self.save_steps >= 1, "--save-steps", ">= 1", self.save_steps)
+        need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)
+        for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt),
+                              ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
+            need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
+        if self.resolution is not None:
+            need(self.resolution >= 8 and self.resolution % 8 == 0, "--resolution", "a positive multiple of 8", self.resolution)
+
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""

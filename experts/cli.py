@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+
 from suti.cli_format import HelpFormatter
 
 

@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 
-from suti.errors import InputError
 from suti.cli_format import HelpFormatter
+from suti.errors import InputError
 
 log = logging.getLogger(__name__)
 

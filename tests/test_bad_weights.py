@@ -168,3 +168,21 @@ def test_world_library_value_errors_exit_2(tmp_path, capsys):
     code = main(["world", "export-subject", "--world", str(tmp_path / "w"), "--subject", "subject_0000",
                  "--output", str(tmp_path / "e"), "--size", "4"])
     assert (code, capsys.readouterr().err.strip()) == (2, "suti: error: image size must be >= 16 px, got 4")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--self-target", "2", "--self-target must be in [0, 1], got 2.0"),
+    ("--num-demos", "0", "--num-demos must be in 1..8, got 0"),
+    ("--steps", "0", "--steps must be >= 1, got 0"),
+    ("--nproc", "0", "--nproc must be >= 1, got 0"),
+    ("--deepspeed-config", "zero9", "zero9: no such DeepSpeed config"),
+])
+def test_apprentice_train_options_exit_2_before_any_worker(tmp_path, capsys, option, value, message):
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-000000.tar", "w"):
+        pass
+    code = main(["apprentice", "train", "--shards", str(tmp_path / "shard-*.tar"), "--output", str(tmp_path / "o"),
+                 "--nproc", "2", option, value])
+    assert (code, capsys.readouterr().err.strip()) == (2, f"suti: error: {message}")
+    assert not (tmp_path / "o").exists()
