@@ -186,3 +186,32 @@ def test_apprentice_train_options_exit_2_before_any_worker(tmp_path, capsys, opt
                  "--nproc", "2", option, value])
     assert (code, capsys.readouterr().err.strip()) == (2, f"suti: error: {message}")
     assert not (tmp_path / "o").exists()
+
+
+def test_apprentice_and_world_weights_name_a_cut_file(tmp_path, capsys):
+    import torch
+
+    from apprentice.sample import load_apprentice
+    from suti.world.toy_clip import _load_from
+
+    folder = tmp_path / "app"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    weights = folder / "adapter" / "diffusion_pytorch_model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(weights))
+    _truncate(weights)
+    with pytest.raises(ModelLoadError, match=f"{weights}: not a complete safetensors file"):
+        load_apprentice(str(folder), device="cpu")
+    code, err = _cli(capsys, "apprentice", "sample", "--apprentice", folder, "--demos", weights, "--prompt", "x",
+                     "--output", tmp_path / "o")
+    assert code == 2 and len(err.splitlines()) == 1
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "toy_clip.json").write_text('{"model_cfg": {}}')
+    (clip / "toy_clip.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ModelLoadError, match="toy_clip.safetensors: not a complete safetensors file"):
+        _load_from(clip)
+    (clip / "toy_clip.json").write_text("{cut")
+    with pytest.raises(ModelLoadError, match="toy_clip.json: not a readable JSON file"):
+        _load_from(clip)
