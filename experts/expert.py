@@ -135,9 +135,12 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
         except Exception as exc:  # diffusers/peft raise RuntimeError, ValueError, KeyError ...
             if is_shape_mismatch(exc):
                 trained = (info.config or {}).get("model")
-                trained = trained if trained and trained != info.base_model else "another model"
-                raise ModelLoadError(f"{weights}: trained for base {trained}, its shapes do not fit base "
-                                     f"{info.base_model} (named in {folder / EXPERT_FILE})") from None
+                if trained and trained != info.base_model:
+                    raise ModelLoadError(f"{weights}: trained for base {trained}, its shapes do not fit base "
+                                         f"{info.base_model} (named in {folder / EXPERT_FILE})") from None
+                raise ModelLoadError(f"{weights}: trained for another base, its shapes do not fit base "
+                                     f"{info.base_model} (named in {folder / EXPERT_FILE}; "
+                                     f"{describe_load_error(exc)})") from None
             raise ModelLoadError(f"{weights}: could not apply the LoRA weights to base "
                                  f"{info.base_model} ({describe_load_error(exc)})") from None
     elif info.kind == "full":
