@@ -187,6 +187,25 @@ def _from_folder(folder: str | Path, **kwargs):
     )
 
 
+def _load_cached_preset(model: str, kwargs: dict):
+    """Load a preset from its cache folder; a cache left broken (a cut weight file from a killed
+    build or a full disk) is rebuilt once, with a warning naming it."""
+    from suti.weights import check_weight_folder, loading
+
+    folder = preset_folder(model)
+    try:
+        with loading(folder):
+            check_weight_folder(folder)
+            return _from_folder(folder, **kwargs)
+    except ModelLoadError as exc:
+        log.warning("%s: the cached preset %r does not load (%s); rebuilding it", folder, model, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+    folder = preset_folder(model)
+    with loading(f"{folder} (the rebuilt preset {model!r})"):
+        check_weight_folder(folder)
+        return _from_folder(folder, **kwargs)
+
+
 def _hub_help(model: str) -> str:
     return (
         f"could not load model {model!r}: it is neither a preset ({', '.join(list_presets())}) nor a "
@@ -212,12 +231,7 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
     if model in list_presets():
         preset = load_preset(model)
         if preset.get("cache", True):
-            from suti.weights import check_weight_folder, loading
-
-            folder = preset_folder(model)
-            with loading(f"{folder} (the cached preset {model!r}; delete the folder to rebuild it)"):
-                check_weight_folder(folder)
-                pipe = _from_folder(folder, **kwargs)
+            pipe = _load_cached_preset(model, kwargs)
         else:
             pipe = build_random_pipeline(preset)
             if torch_dtype is not None:

@@ -116,3 +116,15 @@ def test_a_cut_cached_class_image_is_regenerated(caplog):
     assert f"{paths[1]}: cached output does not decode" in caplog.text
     assert again[1].read_bytes() == good
     assert load_class_images(again, 32).shape == (2, 3, 32, 32)
+
+
+def test_a_broken_preset_cache_is_rebuilt_with_a_warning(caplog):
+    from suti.models import load_pipeline, preset_folder
+
+    load_pipeline("tiny")
+    unet = next((preset_folder("tiny") / "unet").glob("*.safetensors"))
+    unet.write_bytes(unet.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        pipe = load_pipeline("tiny")
+    assert "the cached preset 'tiny' does not load" in caplog.text and str(unet) in caplog.text
+    assert pipe.unet is not None and unet.stat().st_size > 1000
