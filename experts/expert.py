@@ -121,13 +121,13 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
             (``expert.json`` names another base), or the library's first error line.
     """
     from suti.models import load_pipeline
-    from suti.weights import check_safetensors, check_weight_folder, describe_load_error, is_shape_mismatch, loading, quiet_library_errors
+    from suti.weights import check_weight_folder, describe_load_error, is_shape_mismatch, loading, quiet_library_errors, safetensors_header
 
     folder = Path(folder)
     info = ExpertInfo.read(folder)
     weights = folder / info.weights
     if info.kind == "lora":
-        check_safetensors(weights)
+        header = safetensors_header(weights)
         pipe = load_pipeline(info.base_model, torch_dtype=torch_dtype)
         try:
             with quiet_library_errors():
@@ -143,6 +143,12 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
                                      f"{describe_load_error(exc)})") from None
             raise ModelLoadError(f"{weights}: could not apply the LoRA weights to base "
                                  f"{info.base_model} ({describe_load_error(exc)})") from None
+        for part in ("unet", "text_encoder"):  # diffusers skips unmatched keys with a warning only
+            wanted = any(k.startswith(f"{part}.") for k in header)
+            module = getattr(pipe, part, None)
+            if wanted and module is not None and not any("lora_" in n for n, _ in module.named_parameters()):
+                raise ModelLoadError(f"{weights}: no {part} layer of base {info.base_model} matches its LoRA "
+                                     f"weights (trained for another base?)")
     elif info.kind == "full":
         if not weights.is_dir():
             raise ModelLoadError(f"{weights}: the expert's pipeline folder is missing")

@@ -215,3 +215,16 @@ def test_apprentice_and_world_weights_name_a_cut_file(tmp_path, capsys):
     (clip / "toy_clip.json").write_text("{cut")
     with pytest.raises(ModelLoadError, match="toy_clip.json: not a readable JSON file"):
         _load_from(clip)
+
+
+def test_lora_whose_keys_match_no_layer_of_the_base_is_one_line(lora_expert, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(lora_expert, copy)
+    weights = copy / "pytorch_lora_weights.safetensors"
+    state = load_file(str(weights))
+    save_file({k.replace("unet.", "unet.other_").replace("text_encoder.", "text_encoder.other_"): v
+               for k, v in state.items()}, str(weights))
+    with pytest.raises(ModelLoadError) as info:
+        load_expert(copy)
+    msg = str(info.value)
+    assert msg.startswith(f"{weights}: ") and "base tiny" in msg and "\n" not in msg
