@@ -198,12 +198,12 @@ def _iter_shards(paths: list[str], counts: Counter) -> Iterator[Record]:
                 for m in tar:
                     if not m.isfile():
                         continue
-                    reason = drop_reason(m.name)
+                    reason = drop_reason(m.name, compound=False)
                     if reason:  # not part of any sample: counted, never silently lost
                         counts[f"member:{reason}"] += 1
                         log.debug("%s: member %s skipped (%s)", path, m.name, reason)
                         continue
-                    base, ext = split_member(m.name)  # keys may contain dots (img2dataset)
+                    base, ext = split_member(m.name, compound=False)  # keys may contain dots (img2dataset)
                     if base != key:
                         rec = finish(key, members, path) if key is not None else None
                         if rec:

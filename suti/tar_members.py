@@ -26,10 +26,12 @@ KNOWN_FIELDS = IMAGE_FIELDS + ("txt", "json", "cls", "npy")
 COMPOUND_FIELD = re.compile(r"^(target|demo_\d+)$")
 
 
-def split_member(name: str) -> tuple[str | None, str | None]:
+def split_member(name: str, compound: bool = True) -> tuple[str | None, str | None]:
     """``(key, field)`` of a tar member name; ``(None, None)`` when it has no extension.
 
-    The field is lower-cased. A folder part of the name stays in the key.
+    The field is lower-cased. A folder part of the name stays in the key. With ``compound``
+    (suti's own shards) ``K.target.jpg`` and ``K.demo_<i>.png`` give key ``K``; without it (a web
+    crawl, where any key is possible) only the last extension is the field.
     """
     folder, _, fname = name.rpartition("/")
     stem, dot, ext = fname.rpartition(".")
@@ -37,15 +39,15 @@ def split_member(name: str) -> tuple[str | None, str | None]:
         return None, None
     field = ext.lower()
     head, dot2, last = stem.rpartition(".")
-    if dot2 and head and COMPOUND_FIELD.match(last):
+    if compound and dot2 and head and COMPOUND_FIELD.match(last):
         stem, field = head, f"{last}.{field}"
     key = f"{folder}/{stem}" if folder else stem
     return key, field
 
 
-def drop_reason(name: str) -> str | None:
+def drop_reason(name: str, compound: bool = True) -> str | None:
     """Why a member is not part of any sample (``no_extension``, ``unknown_field``), or ``None``."""
-    key, field = split_member(name)
+    key, field = split_member(name, compound)
     if key is None:
         return "no_extension"
     if field.rsplit(".", 1)[-1] not in KNOWN_FIELDS:

@@ -25,6 +25,11 @@ def test_split_member_takes_the_field_from_the_end(name, want):
     assert split_member(name) == want
 
 
+def test_crawl_keys_are_split_at_the_last_dot_only():
+    assert split_member("photo.target.jpg", compound=False) == ("photo.target", "jpg")
+    assert split_member("img.demo_1.png", compound=False) == ("img.demo_1", "png")
+
+
 def test_drop_reasons():
     assert drop_reason("README") == "no_extension"
     assert drop_reason("k.2024.xyz") == "unknown_field"
