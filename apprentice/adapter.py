@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from apprentice.attention import DemoAttnProcessor, DemoContext, PassthroughProcessor, _heads
+from suti.errors import InvalidValueError
 
 MAX_DEMOS = 8
 
@@ -65,7 +66,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
     def __init__(self, layer_names: list[str], dims: list[int], heads: list[int], demo_timestep: int = 1, method: str = "attention"):
         super().__init__()
         if method not in ("attention", "reference"):
-            raise ValueError(f"unknown demonstration method {method!r}")
+            raise InvalidValueError(f"unknown demonstration method {method!r}")
         self.layers = nn.ModuleDict({_key(n): DemoAttention(d) for n, d in zip(layer_names, dims)})
 
     @classmethod
@@ -109,7 +110,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         """
         b, n = demo_latents.shape[:2]
         if not 1 <= n <= MAX_DEMOS:
-            raise ValueError(f"between 1 and {MAX_DEMOS} demonstrations are supported (got {n})")
+            raise InvalidValueError(f"between 1 and {MAX_DEMOS} demonstrations are supported (got {n})")
         ctx = DemoContext(mode="capture", num_demos=n)
         t = torch.full((b * n,), self.config.demo_timestep, device=demo_latents.device, dtype=torch.long)
         unet(demo_latents.flatten(0, 1), t, demo_embeddings.flatten(0, 1).to(unet.dtype), cross_attention_kwargs={"demo": ctx})

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from suti.errors import InvalidValueError
+
 #: Query prompts; ``{S}`` is the subject phrase ("star toy" or "[V] star toy").
 QUERY_PROMPTS = ("a {S} on the beach", "a {S} in the snow", "a {S} wearing a hat")
 METHODS = ("apprentice", "expert", "base")
@@ -44,7 +46,7 @@ def heldout_subjects(n: int):
 
     world = pretrain_world()
     if not 1 <= n <= len(world.heldout_subjects):
-        raise ValueError(f"num_subjects must be in 1..{len(world.heldout_subjects)}, got {n}")
+        raise InvalidValueError(f"num_subjects must be in 1..{len(world.heldout_subjects)}, got {n}")
     return world, world.heldout_subjects[:n]
 
 
@@ -78,7 +80,7 @@ def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: in
 
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        raise InvalidValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     work = Path(work_dir)
     res = default_resolution(model)
     world, subjects = heldout_subjects(num_subjects)

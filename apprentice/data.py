@@ -19,8 +19,9 @@ import torch
 import webdataset as wds
 
 from apprentice.photos import PHOTO_KIND
-from suti.errors import InputError
+from suti.errors import InputError, InvalidValueError
 from suti.images import fit_square, to_tensor
+from suti.tar_members import tarfile_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class ToExample:
     def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5):
         for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise InvalidValueError(f"{name} (--{name.replace('_', '-')}) must be in [0, 1], got {value}")
         self.resolution = resolution
         self.num_demos = num_demos
         self.self_target = self_target
@@ -152,7 +153,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed)]
     if split_shards:
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=log_and_continue)]
+    stages += [tarfile_to_samples(handler=log_and_continue)]  # keys split from the end of the name
     if not split_shards:
         stages += [_split_samples(rank, world)]
     stages += [

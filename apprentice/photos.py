@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from suti import storage
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,6 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
     packer.flush()
     summary = {"clusters": len(rows), "written": written, "already_present": already, "skipped_too_few_photos": skipped,
                "samples": len(packer.written), "shards": len(list(out.glob("shard-*.tar")))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
     log.info("photo shards: %s", summary)
     return summary

@@ -15,6 +15,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from apprentice.adapter import DemoAttentionAdapter
+from suti.errors import InvalidValueError
 from suti.images import fit_square, to_pil, to_tensor
 from suti.sampling import check_prompt, check_sampler_args
 
@@ -69,10 +70,10 @@ class ApprenticePipeline(DiffusionPipeline):
     def encode_demonstrations(self, demos: list[Image.Image], captions: list[str] | None = None, scale: float = 1.0):
         """Encode one request's demonstrations once (cached keys/values for every step)."""
         if not 1 <= len(demos) <= 8:
-            raise ValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
+            raise InvalidValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
         captions = captions or [""] * len(demos)
         if len(captions) != len(demos):
-            raise ValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
+            raise InvalidValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
         for i, caption in enumerate(captions):
             check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
         latents = self.encode_images(demos)[None]  # (1, n, C, h, w)

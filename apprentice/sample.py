@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from suti.errors import InputError, ModelLoadError
-from suti.images import load_image
+from suti.images import load_image, save_image_atomic
 from suti.sampling import check_prompt, check_sampler_args, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,14 @@ def load_apprentice(name_or_path: str, *, device: str | None = None, dtype: str 
             raise ModelLoadError(f"{folder}: not an apprentice folder (no model_index.json)")
     from suti.models import _quiet_loading
 
+    from suti.weights import check_weight_folder, loading
+
     _quiet_loading()
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
+    check_weight_folder(folder)
+    with loading(folder):
+        pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.trained_resolution = _trained_resolution(folder)
     return pipe.to(device)
@@ -89,5 +93,5 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
     for i, path in enumerate(paths):
         generator = torch.Generator().manual_seed(seed + i)
         image = pipe(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator, height=height, width=width).images[0]
-        image.save(path)
+        save_image_atomic(image, path)
     return paths

@@ -60,7 +60,10 @@ def assemble(adapter_dir: Path, out: Path) -> Path:
     from suti.models import load_pipeline
 
     base = load_pipeline("toy")
-    adapter = DemoAttentionAdapter.from_pretrained(str(adapter_dir))
+    from suti.weights import check_weight_folder, loading
+
+    with loading(check_weight_folder(adapter_dir)):
+        adapter = DemoAttentionAdapter.from_pretrained(str(adapter_dir))
     pipe = ApprenticePipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, adapter)
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out
@@ -70,7 +73,10 @@ def ship(apprentice_dir: Path, dest: Path = WEIGHTS) -> Path:
     """Copy a trained (frozen-base) apprentice's adapter into the shipped weights."""
     from apprentice.adapter import DemoAttentionAdapter
 
-    adapter = DemoAttentionAdapter.from_pretrained(str(Path(apprentice_dir) / "adapter"))
+    from suti.weights import check_weight_folder, loading
+
+    with loading(check_weight_folder(Path(apprentice_dir) / "adapter")):
+        adapter = DemoAttentionAdapter.from_pretrained(str(Path(apprentice_dir) / "adapter"))
     shutil.rmtree(dest, ignore_errors=True)
     adapter.save_pretrained(str(dest), safe_serialization=True)
     return dest

@@ -13,52 +13,23 @@ gloo backend is used; on GPU NCCL and bf16.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from apprentice.train_config import ApprenticeTrainConfig, build_arg_parser, config_from_args
+from suti import storage
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ApprenticeTrainConfig:
-    """Everything that determines an apprentice training run (saved in every checkpoint)."""
-
-    shards: str | list[str]
-    output: str
-    model: str = "toy"
-    steps: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 1e-4
-    optimizer: str = "adamw"  # adamw | adafactor (paper)
-    freeze_base: bool = False
-    num_demos: int = 3
-    drop_text: float = 0.1
-    drop_demos: float = 0.1
-    drop_both: float = 0.05
-    demo_timestep: int = 1
-    method: str = "attention"
-    ema_decay: float = 0.0  # 0: no EMA
-    deepspeed_config: str = "zero2"
-    save_steps: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    resolution: int | None = None
-    min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
-    self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
-    caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
-    extra: dict = field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -121,6 +92,19 @@ def _optimizer(params, config: ApprenticeTrainConfig):
     raise InputError(f"unknown optimizer {config.optimizer!r} (adamw or adafactor)")
 
 
+def check_inputs(config: ApprenticeTrainConfig) -> None:
+    """Every check that needs no model: option ranges, the shard pattern, the DeepSpeed config
+    (``InputError`` naming the option, pattern or file). Run by the launching process too, so a
+    bad option never reaches torchrun's workers."""
+    from apprentice.data import expand_shards
+    from suti.models import config_path
+
+    config.validate()
+    expand_shards(config.shards)
+    if not config_path("deepspeed", config.deepspeed_config, ".json").is_file():
+        raise InputError(f"{config.deepspeed_config}: no such DeepSpeed config")
+
+
 def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Train an apprentice; rank 0 writes ``OUTPUT`` as an ``ApprenticePipeline`` folder.
 
@@ -131,12 +115,12 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     from diffusers import DDPMScheduler
 
     from apprentice.adapter import DemoAttentionAdapter
-    from apprentice.data import collate, expand_shards, make_pipeline
+    from apprentice.data import collate, make_pipeline
     from apprentice.pipeline import ApprenticePipeline
     from suti.models import default_resolution, load_pipeline
 
     output = Path(config.output)
-    expand_shards(config.shards)  # fail early on a bad pattern
+    check_inputs(config)  # fail early, before any process group or model
     rank, world, device = init_distributed()
     if rank == 0:
         if output.is_dir() and any(output.iterdir()) and not resume and not overwrite:
@@ -166,9 +150,14 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     step = 0
     if resume:
         tag = None if resume == "latest" else Path(resume).name
+        if tag and not (ckpt_dir / tag).is_dir():
+            raise InputError(f"{ckpt_dir / tag}: no such checkpoint (resume with \"latest\" or a folder in {ckpt_dir})")
         if (ckpt_dir / "latest").is_file() or tag:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            step = int(client["step"])
+            from suti.weights import loading
+
+            with loading(f"{ckpt_dir / (tag or (ckpt_dir / 'latest').read_text().strip())} (DeepSpeed checkpoint)"):
+                _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+                step = int(client["step"])
             log.info("resumed from %s at step %d", ckpt_dir, step)
     ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None
     if ema and resume and (ckpt_dir / f"ema-step-{step}.safetensors").is_file():
@@ -218,8 +207,8 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         if ema:
             ema.copy_to(module)
         pipe = ApprenticePipeline(unet, vae, text_encoder, base.tokenizer, base.scheduler, adapter)
-        pipe.save_pretrained(str(output), safe_serialization=True)
-        (output / "training.json").write_text(json.dumps({"config": asdict(config), "steps": step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": loss.item()}, indent=2))
+        storage.save_pretrained_atomic(pipe, output, safe_serialization=True)
+        storage.write_text(output / "training.json", json.dumps({"config": asdict(config), "steps": step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": loss.item()}, indent=2))
         if writer:
             writer.close()
         log.info("apprentice written to %s (%d steps, %.1f s)", output, step, elapsed)
@@ -266,12 +255,16 @@ class _Ema:
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
+        with storage.atomic_local_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(tmp))
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        self.shadow.update(load_file(str(path)))
+        from suti.weights import check_safetensors, loading
+
+        with loading(check_safetensors(path)):
+            self.shadow.update(load_file(str(path)))
 
 
 def _writer(folder: Path):
@@ -282,51 +275,17 @@ def _writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
-    p = parser or argparse.ArgumentParser(prog="apprentice.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`, e.g. "SH/*.tar" "PH/*.tar"')
-    p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
-    p.add_argument("--output", required=True, help="apprentice folder to write")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
-    p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
-    p.add_argument("--num-demos", type=int, default=3)
-    p.add_argument("--method", choices=["attention", "reference"], default="attention")
-    p.add_argument("--ema-decay", type=float, default=0.0)
-    p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
-    p.add_argument("--save-steps", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
-    p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
-    p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
-    p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def config_from_args(args) -> ApprenticeTrainConfig:
-    """Namespace -> config."""
-    return ApprenticeTrainConfig(
-        shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
-        method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
-        min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m apprentice.train`` (for torchrun / deepspeed launchers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(argv)
-    try:
+    from suti.cli import report_errors
+
+    def run() -> int:
         train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
-    except InputError as exc:
-        print(f"suti: error: {exc}", file=__import__("sys").stderr)
-        return 2
-    return 0
+        return 0
+
+    return report_errors(run, prog="apprentice.train")
 
 
 if __name__ == "__main__":

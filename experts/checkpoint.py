@@ -83,37 +83,90 @@ def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Paramete
 def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, generator: torch.Generator, *, lr_scheduler=None, rank: int = 0) -> int:
     """Restore parameters, optimizer, scheduler and this process's generator from ``path``;
     returns the saved step. A checkpoint without ``scheduler.pt`` (older runs) steps the
-    scheduler to the saved step instead."""
-    state = load_file(str(path / "trainable.safetensors"))
+    scheduler to the saved step instead.
+
+    Raises:
+        InputError: the checkpoint was saved by a run with other trainable tensors (another
+            ``--lora-rank``, ``--train-text-encoder`` or base model), naming both sides.
+        ModelLoadError: a checkpoint file is incomplete or unreadable (named).
+    """
+    from suti.weights import check_safetensors, loading
+
+    weights = check_safetensors(path / "trainable.safetensors")
+    with loading(weights):
+        state = load_file(str(weights))
     missing = sorted(set(params) - set(state))
-    if missing:
-        raise RuntimeError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    ranks = rng.get("rank_generators")
-    if ranks and rank < len(ranks):
-        generator.set_state(ranks[rank])
-    elif rank == 0:
-        generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise InputError(f"{path}: checkpoint does not fit this run ({len(missing)} trainable tensors "
+                         f"missing, e.g. {(missing or ['-'])[0]}; {len(unexpected)} unexpected, e.g. "
+                         f"{(unexpected or ['-'])[0]}); resume with the settings it was saved with")
+    with loading(weights):
+        with torch.no_grad():
+            for name, param in params.items():
+                if state[name].shape != param.shape:
+                    raise InputError(f"{weights}: {name} is {list(state[name].shape)} in the checkpoint, "
+                                     f"{list(param.shape)} in this run; resume with the base model it was saved with")
+                param.copy_(state[name].to(param.device, param.dtype))
+    with loading(path / "optimizer.pt"):
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    with loading(path / "rng.pt"):
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        ranks = rng.get("rank_generators")
+        if ranks and rank < len(ranks):
+            generator.set_state(ranks[rank])
+        elif rank == 0:
+            generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
     step = checkpoint_step(path)
     if lr_scheduler is not None:
         if (path / "scheduler.pt").is_file():
-            lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            with loading(path / "scheduler.pt"):
+                lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         else:
             for _ in range(step):
                 lr_scheduler.step()
     return step
 
 
+#: Settings a resumed run must share with its checkpoint (they decide what is trained).
+RESUME_KEYS = ("model", "lora_rank", "train_text_encoder")
+
+
+def check_resumable(path: Path, saved: dict, config: dict) -> None:
+    """Raise :class:`InputError` when ``config`` trains other tensors than the checkpoint's run.
+
+    For example resuming a full fine-tune (``lora_rank 0``) with ``--lora-rank 4``.
+    """
+    def say(key, value):
+        if key == "lora_rank":
+            return "a full fine-tune (--lora-rank 0)" if not value else f"LoRA (--lora-rank {value})"
+        if key == "train_text_encoder":
+            return "with the text encoder trained" if value else "with the text encoder frozen"
+        return f"on base {value}"
+
+    for key in RESUME_KEYS:
+        if key in saved and saved.get(key) != config.get(key):
+            raise InputError(f"{path}: saved by {say(key, saved[key])}, cannot resume as "
+                             f"{say(key, config.get(key))}; resume with the same settings or "
+                             f"train into a new --output")
+
+
 def checkpoint_config(path: Path) -> dict:
     """The resolved config saved with a checkpoint."""
-    return json.loads((path / "config.json").read_text())["config"]
+    return _checkpoint_json(path)["config"]
 
 
 def checkpoint_step(path: Path) -> int:
     """The training step a checkpoint was saved at."""
-    return int(json.loads((path / "config.json").read_text())["step"])
+    return int(_checkpoint_json(path)["step"])
+
+
+def _checkpoint_json(path: Path) -> dict:
+    """``config.json`` of a checkpoint, checked (``InputError`` naming it when malformed)."""
+    from suti.weights import read_json_file
+
+    data = read_json_file(Path(path) / "config.json")
+    if not isinstance(data.get("config"), dict) or not isinstance(data.get("step"), int):
+        raise InputError(f"{Path(path) / 'config.json'}: not a checkpoint config (needs 'step' and 'config')")
+    return data

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from experts.recipe import LR_SCHEDULERS, REPORT_TO
+from suti.cli_format import HelpFormatter
 
 
 def register(subparsers) -> None:
@@ -16,33 +17,33 @@ def register(subparsers) -> None:
     sub = group.add_subparsers(dest="expert_command", metavar="SUBCOMMAND")
     sub.required = True
 
-    train = sub.add_parser("train", help="fine-tune an expert on 3-5 photos of a subject", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="fine-tune an expert on 3-5 photos of a subject", formatter_class=HelpFormatter, epilog=recipe_defaults_epilog())
     train.add_argument("--model", default="tiny", help="model preset (tiny, toy, sd15-arch), local diffusers folder or hub id")
     train.add_argument("--instance-dir", required=True, help="folder with the subject's photos")
     train.add_argument("--class-noun", required=True, help='class noun of the subject, e.g. "dog"')
     train.add_argument("--output", required=True, help="expert folder to create")
     train.add_argument("--recipe", default="dreambooth", help="recipe name in configs/recipes or a YAML path")
-    train.add_argument("--steps", type=int, help="training steps (overrides the recipe)")
-    train.add_argument("--prior-preservation", action="store_true", default=None, help="use the class-specific prior-preservation loss")
-    train.add_argument("--no-prior-preservation", dest="prior_preservation", action="store_false", help="disable prior preservation")
-    train.add_argument("--num-class-images", type=int, help="class images the frozen base generates for the prior loss")
-    train.add_argument("--prior-loss-weight", type=float, help="lambda of the prior term")
-    train.add_argument("--lora-rank", type=int, help="LoRA rank (0: full fine-tuning)")
-    train.add_argument("--train-text-encoder", action="store_true", default=None, help="also fine-tune the text encoder (default: the recipe's, or the model preset's)")
-    train.add_argument("--no-train-text-encoder", dest="train_text_encoder", action="store_false", help="keep the text encoder frozen")
+    train.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    train.add_argument("--prior-preservation", action="store_true", default=None, help="use the class-specific prior-preservation loss (default: the recipe's, see below)")
+    train.add_argument("--no-prior-preservation", dest="prior_preservation", action="store_false", help="disable prior preservation (the suti-expert recipe's choice)")
+    train.add_argument("--num-class-images", type=int, help="class images the frozen base generates for the prior loss (default: the recipe's)")
+    train.add_argument("--prior-loss-weight", type=float, help="lambda of the prior term (default: the recipe's)")
+    train.add_argument("--lora-rank", type=int, help="LoRA rank, 0: full fine-tuning (default: the recipe's)")
+    train.add_argument("--train-text-encoder", action="store_true", default=None, help="also fine-tune the text encoder (default: the model preset's for the recipe, else the recipe's; see below)")
+    train.add_argument("--no-train-text-encoder", dest="train_text_encoder", action="store_false", help="keep the text encoder frozen even where the recipe or preset trains it")
     train.add_argument("--identifier", help="use this identifier instead of a sampled rare token")
     train.add_argument("--learning-rate", type=float, help="learning rate (overrides the recipe; the preset's scale still applies)")
     train.add_argument("--learning-rate-scale", type=float, help="multiplier of the learning rate (default: the preset's)")
-    train.add_argument("--optimizer", choices=["adamw", "adafactor"], help="optimizer (overrides the recipe)")
-    train.add_argument("--batch-size", type=int, help="instance images per step")
+    train.add_argument("--optimizer", choices=["adamw", "adafactor"], help="optimizer (default: the recipe's)")
+    train.add_argument("--batch-size", type=int, help="instance images per step (default: the recipe's)")
     train.add_argument("--resolution", type=int, help="training resolution (default: the model's)")
     train.add_argument("--seed", type=int, default=0, help="seed of the identifier, data order and noise")
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast dtype on CUDA")
-    train.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    train.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting")
-    train.add_argument("--offset-noise", type=float, help="offset noise strength")
-    train.add_argument("--checkpointing-steps", type=int, help="save a resumable checkpoint every N steps")
-    train.add_argument("--validation-steps", type=int, help="write a validation image every N steps")
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast dtype on CUDA (default: bf16)")
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory (default: off)")
+    train.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (default: off)")
+    train.add_argument("--offset-noise", type=float, help="offset noise strength (default: 0)")
+    train.add_argument("--checkpointing-steps", type=int, help="save a resumable checkpoint every N steps (default: only at the end)")
+    train.add_argument("--validation-steps", type=int, help="write a validation image every N steps (default: none)")
     train.add_argument("--validation-prompt", help='validation prompt, e.g. "a {V} {class} on the beach"')
     # diffusers train_dreambooth.py options (same names, dashes for underscores)
     train.add_argument("--instance-prompt", help='instance prompt with {V} and {class}, e.g. "a photo of {V} {class}" (default "a {V} {class}")')
@@ -69,7 +70,7 @@ def register(subparsers) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="generate images from a trained expert", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample = sub.add_parser("sample", help="generate images from a trained expert", formatter_class=HelpFormatter)
     sample.add_argument("--expert", required=True, help="expert folder")
     sample.add_argument("--prompt", required=True, help='prompt with {V} and {class}, e.g. "a {V} {class} on the beach"')
     sample.add_argument("--num-images", type=int, default=4)
@@ -100,6 +101,39 @@ def register(subparsers) -> None:
     loss.add_argument("--draws", type=int, default=8, help="noise draws per image")
     loss.add_argument("--seed", type=int, default=0)
     loss.set_defaults(func=_loss)
+
+
+def recipe_defaults_epilog() -> str:
+    """The effective defaults of the recipe-decided options, per recipe and model preset.
+
+    Read from ``configs/recipes/*.yaml`` and the presets' ``expert_defaults`` (cheap: YAML only),
+    so ``--help`` shows what training will actually use. Empty if the configs cannot be read.
+    """
+    from experts.recipe import list_recipes, load_recipe, preset_expert_defaults
+    from suti.errors import SutiError
+    from suti.models import list_presets
+
+    def onoff(value) -> str:
+        return "on" if value else "off"
+
+    lines = ["effective defaults (recipe < model preset < command line):"]
+    try:
+        for name in list_recipes():
+            recipe = load_recipe(name)
+            rank = int(recipe.get("lora_rank", 0))
+            rate = recipe.get("lora_learning_rate" if rank else "learning_rate")
+            lines.append(f"  --recipe {name}: steps {recipe.get('steps')}, prior preservation "
+                         f"{onoff(recipe.get('prior_preservation'))}, lora rank {rank}, text encoder "
+                         f"{'trained' if recipe.get('train_text_encoder') else 'frozen'}, optimizer "
+                         f"{recipe.get('optimizer')}, learning rate {rate}")
+            for model in list_presets():
+                extra = {k: v for k, v in preset_expert_defaults(model, name).items() if k != "learning_rate_scale"}
+                if extra:
+                    said = ", ".join(f"{k.replace('_', ' ')} {onoff(v) if isinstance(v, bool) else v}" for k, v in sorted(extra.items()))
+                    lines.append(f"      with --model {model}: {said}")
+    except (SutiError, OSError, ValueError):
+        return ""
+    return "\n".join(lines)
 
 
 _OVERRIDES = (

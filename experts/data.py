@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from suti.images import fit_square, list_image_files, load_image, to_tensor
+from suti import storage
+from suti.images import fit_square, list_image_files, load_cached_image, load_image, save_image_atomic, to_tensor
 from suti.models import cache_dir, list_presets, load_preset, preset_fingerprint
 
 log = logging.getLogger(__name__)
@@ -71,17 +70,15 @@ def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int
     folder = class_images_folder(model, prompt, resolution, seed, steps, guidance_scale)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"class_{i:04d}.png" for i in range(num)]
-    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    missing = [i for i, p in enumerate(paths) if load_cached_image(p) is None]  # a cut file: warned, regenerated
     if missing:
         log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
         meta = {"model": model, "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
-        _write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
+        storage.write_bytes(folder / "meta.json", json.dumps(meta, indent=2).encode())
     for k, i in enumerate(tqdm(missing, desc="class images", unit="img", disable=not missing)):
         generator = torch.Generator(device="cpu").manual_seed(seed * 100003 + i)
         image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
-        tmp = paths[i].with_name(f".{paths[i].stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.png")
-        image.save(tmp)
-        tmp.replace(paths[i])  # atomic: a crash leaves no half-written image
+        save_image_atomic(image, paths[i])  # a crash leaves no half-written image
         if progress_callback is not None:
             progress_callback("class_images", k + 1, len(missing), {})
     return paths
@@ -98,12 +95,6 @@ def real_class_images(folder: str | Path, num: int) -> list[Path]:
     for path in paths:
         load_image(path)
     return paths[:num]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def load_class_images(paths: list[Path], resolution: int) -> torch.Tensor:

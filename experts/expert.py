@@ -12,11 +12,14 @@ Layout of an expert folder::
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suti.errors import InputError
+from suti import storage
+from suti.errors import InputError, ModelLoadError
 
 EXPERT_FILE = "expert.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -81,14 +84,16 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> Exper
         text_layers = None
         if config.train_text_encoder:
             text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
-        if is_sdxl(pipe):  # the layout StableDiffusionXLPipeline.load_lora_weights reads
-            text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2)) if config.train_text_encoder else None
-            StableDiffusionXLPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True)
-        else:
-            StableDiffusionPipeline.save_lora_weights(str(output), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+        with tempfile.TemporaryDirectory(prefix=".lora-", dir=output) as tmp:  # then renamed: atomic
+            if is_sdxl(pipe):  # the layout StableDiffusionXLPipeline.load_lora_weights reads
+                text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2)) if config.train_text_encoder else None
+                StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True)
+            else:
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+            os.replace(Path(tmp) / LORA_FILE, output / LORA_FILE)
         kind, weights = "lora", LORA_FILE
     else:
-        pipe.save_pretrained(str(output / "pipeline"), safe_serialization=True)
+        storage.save_pretrained_atomic(pipe, output / "pipeline", safe_serialization=True)
         kind, weights = "full", "pipeline"
     info = ExpertInfo(
         identifier=config.identifier,
@@ -114,16 +119,50 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
 
     Full fine-tuning loads the saved pipeline folder; LoRA loads the base model named in
     ``expert.json`` and applies the adapter with ``load_lora_weights``.
+
+    Raises:
+        InputError: ``expert.json`` is missing or malformed.
+        ModelLoadError: one line naming the file: ``FILE: not a complete safetensors file``
+            (an interrupted copy), ``FILE: trained for base X, its shapes do not fit base Y``
+            (``expert.json`` names another base), or the library's first error line.
     """
     from suti.models import load_pipeline
+    from suti.weights import check_weight_folder, describe_load_error, is_shape_mismatch, loading, quiet_library_errors, safetensors_header
 
     folder = Path(folder)
     info = ExpertInfo.read(folder)
+    weights = folder / info.weights
     if info.kind == "lora":
+        header = safetensors_header(weights)
         pipe = load_pipeline(info.base_model, torch_dtype=torch_dtype)
-        pipe.load_lora_weights(str(folder), weight_name=info.weights)
+        try:
+            with quiet_library_errors():
+                pipe.load_lora_weights(str(folder), weight_name=info.weights)
+        except Exception as exc:  # diffusers/peft raise RuntimeError, ValueError, KeyError ...
+            if is_shape_mismatch(exc):
+                trained = (info.config or {}).get("model")
+                if trained and trained != info.base_model:
+                    raise ModelLoadError(f"{weights}: trained for base {trained}, its shapes do not fit base "
+                                         f"{info.base_model} (named in {folder / EXPERT_FILE})") from None
+                raise ModelLoadError(f"{weights}: trained for another base, its shapes do not fit base "
+                                     f"{info.base_model} (named in {folder / EXPERT_FILE}; "
+                                     f"{describe_load_error(exc)})") from None
+            raise ModelLoadError(f"{weights}: could not apply the LoRA weights to base "
+                                 f"{info.base_model} ({describe_load_error(exc)})") from None
+        for part in ("unet", "text_encoder"):  # diffusers skips unmatched keys with a warning only
+            wanted = any(k.startswith(f"{part}.") for k in header)
+            module = getattr(pipe, part, None)
+            if wanted and module is not None and not any("lora_" in n for n, _ in module.named_parameters()):
+                raise ModelLoadError(f"{weights}: no {part} layer of base {info.base_model} matches its LoRA "
+                                     f"weights (trained for another base?)")
+    elif info.kind == "full":
+        if not weights.is_dir():
+            raise ModelLoadError(f"{weights}: the expert's pipeline folder is missing")
+        check_weight_folder(weights)
+        with loading(weights):
+            pipe = load_pipeline(str(weights), torch_dtype=torch_dtype)
     else:
-        pipe = load_pipeline(str(folder / info.weights), torch_dtype=torch_dtype)
+        raise InputError(f"{folder / EXPERT_FILE}: unknown expert kind {info.kind!r} (full or lora)")
     if device is not None:
         pipe = pipe.to(device)
     return pipe

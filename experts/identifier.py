@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 
+from suti.errors import ModelLoadError
+
 # CLIP BPE ids: 0-511 are single bytes, merges follow in frequency order, 49406/49407 are special.
 RARE_ID_RANGE = (40000, 49405)
 _VOWELS = set("aeiouy")
@@ -41,7 +43,7 @@ def sample_identifier(tokenizer, seed: int = 0, num_tokens: int = 1) -> str:
     """Sample a rare identifier of ``num_tokens`` tokens, deterministically for ``seed``."""
     candidates = [w for w in rare_token_candidates(tokenizer) if token_count(tokenizer, w) == 1]
     if len(candidates) < num_tokens:
-        raise RuntimeError("the tokenizer has too few rare short tokens for an identifier")
+        raise ModelLoadError("the model's tokenizer has too few rare short tokens for an identifier; pass --identifier")
     rng = random.Random(seed)
     return " ".join(rng.sample(candidates, num_tokens))  # one word per token
 

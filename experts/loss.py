@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from suti.errors import ModelLoadError
+
 
 def encode_images(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] -> latent distribution (mean, std), each (B, C, h, w)."""
@@ -25,7 +27,7 @@ def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {kind!r}")
+    raise ModelLoadError(f"the scheduler's prediction type {kind!r} is not supported (epsilon or v_prediction)")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from experts.expert import ExpertInfo, load_expert
 from suti.errors import InputError
+from suti.images import save_image_atomic
 from suti.models import default_device
 from suti.sampling import check_prompt, check_sampler_args, resolve_dtype
 
@@ -46,5 +47,5 @@ def sample_expert(expert: str | Path, prompt: str, num_images: int, output: str 
     for i, path in enumerate(tqdm(paths, desc="sample", unit="img")):
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         image = pipe(text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
-        image.save(path)
+        save_image_atomic(image, path)
     return paths

@@ -28,10 +28,11 @@ from experts.loss import denoising_target, per_sample_mse, sample_latents, snr_w
 from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
 from experts.recipe import ExpertConfig
 from experts.tracking import check_tracker, log_image, start_trackers
+from suti import storage
 from suti.conditioning import Conditioning, encode_prompt
 from suti.errors import InputError
-from suti.images import list_image_files
-from suti.models import default_device, default_resolution, is_sdxl, load_pipeline
+from suti.images import list_image_files, save_image_atomic
+from suti.models import default_device, default_resolution, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             log.info("no checkpoint in %s; starting from step 0", output)
         else:
             saved = ckpt.checkpoint_config(start_ckpt)
+            ckpt.check_resumable(start_ckpt, saved, config.to_dict())  # e.g. a full fine-tune resumed as LoRA
             config.identifier = saved["identifier"]  # the identifier must not change mid-run
     if (output / EXPERT_FILE).is_file() and start_ckpt is not None and ckpt.checkpoint_step(start_ckpt) >= config.steps:
         log.info("%s is already trained to %d steps", output, config.steps)
@@ -337,7 +339,7 @@ def _validate(pipe, config: ExpertConfig, output: Path, step: int, accelerator) 
     image = pipe(prompt, height=config.resolution, width=config.resolution, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale, generator=generator).images[0]
     folder = output / "validation"
     folder.mkdir(exist_ok=True)
-    image.save(folder / f"step-{step:06d}.png")
-    (folder / "prompts.json").write_text(json.dumps({"prompt": prompt}))
+    save_image_atomic(image, folder / f"step-{step:06d}.png")
+    storage.write_text(folder / "prompts.json", json.dumps({"prompt": prompt}))
     log_image(accelerator, "validation", image, step)
     pipe.unet.train()

@@ -75,8 +75,13 @@ def run_mine(args: argparse.Namespace) -> dict:
     fmt = args.crawl_format if args.crawl_format != "auto" else detect_format(args.crawl)[0]
     sample_skips: Counter = Counter()
     records = list(iter_records(args.crawl, sample_skips, fmt=fmt, on_bad_line=args.on_bad_line))
+    member_skips = Counter({k.split(":", 1)[1]: v for k, v in sample_skips.items() if k.startswith("member:")})
+    sample_skips = Counter({k: v for k, v in sample_skips.items() if not k.startswith("member:")})
+    if member_skips or sample_skips:
+        log.info("skipped: %s", ", ".join(f"{k} {v}" for k, v in sorted((sample_skips + Counter({f"{k} tar members": v for k, v in member_skips.items()})).items())))
     if not records:
-        raise InputError(f"{args.crawl}: the crawl has no image with a page URL")
+        why = ", ".join(f"{k} {v}" for k, v in sorted(sample_skips.items())) or "no samples read"
+        raise InputError(f"{args.crawl}: the crawl has no image with a page URL (skipped: {why})")
     log.info("%d images on %d pages in %s (%s)", len(records),
              len({r.page_url for r in records}), args.crawl, fmt)
     use_ray = bool(args.ray or args.ray_address or len(records) > args.ray_threshold)
@@ -109,6 +114,7 @@ def run_mine(args: argparse.Namespace) -> dict:
         "usable_images": len(emb.records),
         "skipped_images": dict(sorted(emb.skipped_counts.items())),
         "skipped_samples": dict(sorted(sample_skips.items())),
+        "skipped_tar_members": dict(sorted(member_skips.items())),
         "kept_clusters": len(kept), "kept_images": sum(len(c.keys) for c in kept),
         "dropped_clusters": dict(sorted(Counter(c.reason for c in dropped).items())),
         "duplicates_removed": sum(len(c.duplicates) for c in kept + dropped),

@@ -5,7 +5,8 @@
 * ``shards``: img2dataset-style webdataset tar shards - a folder of ``*.tar`` files, a glob
   (``crawl/*.tar``) or a brace pattern (``crawl-{00000..00009}.tar``); each sample has the
   members ``key.jpg`` (or ``.png``/``.webp``...), ``key.txt`` (alt text) and ``key.json``
-  (``url``, ``page_url``, optionally ``caption``);
+  (``url``, ``page_url``, optionally ``caption``); keys may contain dots (the field is taken
+  from the end of the member name, unlike webdataset's first-dot split);
 * ``folder``: the same three files per key loose in a folder (img2dataset's ``files`` layout,
   e.g. ``suti world make``'s ``images/``);
 * ``jsonl``: a manifest, one JSON object per line with ``key``, ``path`` (relative to the
@@ -37,6 +38,7 @@ from PIL import Image
 
 from suti.errors import InputError
 from suti.images import IMAGE_EXTENSIONS, decode_image
+from suti.tar_members import drop_reason, split_member
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +196,14 @@ def _iter_shards(paths: list[str], counts: Counter) -> Iterator[Record]:
         with tar:
             try:
                 for m in tar:
-                    folder, _, fname = m.name.rpartition("/")
-                    if not m.isfile() or "." not in fname:
+                    if not m.isfile():
                         continue
-                    stem, ext = fname.split(".", 1)
-                    base = f"{folder}/{stem}" if folder else stem
-                    ext = ext.lower()
+                    reason = drop_reason(m.name, compound=False)
+                    if reason:  # not part of any sample: counted, never silently lost
+                        counts[f"member:{reason}"] += 1
+                        log.debug("%s: member %s skipped (%s)", path, m.name, reason)
+                        continue
+                    base, ext = split_member(m.name, compound=False)  # keys may contain dots (img2dataset)
                     if base != key:
                         rec = finish(key, members, path) if key is not None else None
                         if rec:
@@ -211,6 +215,8 @@ def _iter_shards(paths: list[str], counts: Counter) -> Iterator[Record]:
                                         m.size if seekable else None, data)
                     elif ext in ("txt", "json"):
                         members[ext] = tar.extractfile(m).read()
+                    else:
+                        counts["member:unused_field"] += 1
             except (tarfile.TarError, OSError, EOFError) as exc:
                 log.warning("%s: truncated or corrupt shard, read up to the error (%s)", path, exc)
                 counts["corrupt_shard"] += 1
@@ -316,7 +322,11 @@ def iter_records(crawl: str | Path, counts: Counter | None = None, *, fmt: str =
             manifest, or a ``suti world make`` output folder.
         counts: a Counter that receives skipped-sample reasons (``no_page_url``,
             ``bad_metadata``, ``no_image_member``, ``duplicate_key``,
-            ``malformed_manifest_line``, ``corrupt_shard``).
+            ``malformed_manifest_line``, ``corrupt_shard``) and, for shards, skipped tar
+            members as ``member:<reason>`` (``no_extension``, ``unknown_field``,
+            ``unused_field``). Shard members are grouped into samples by the extension at the
+            *end* of their name (:func:`suti.tar_members.split_member`), so img2dataset keys
+            with dots (``img.2024.05_ab12.png``) read like the folder layout.
         fmt: one of :data:`FORMATS` (``auto`` detects it).
         on_bad_line: ``"error"`` (InputError with the line number) or ``"skip"`` (count, warn).
 

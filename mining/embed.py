@@ -180,8 +180,9 @@ def embed_records_ray(records: list[Record], scorer_factory, *,
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    from suti.raytools import init_ray
+
+    init_ray(address, include_dashboard=False)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     actors = actors or (gpus if gpus else max(1, min(4, int(resources.get("CPU", 1)) - 1)))

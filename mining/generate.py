@@ -247,11 +247,12 @@ def _run_tasks(config, todo, staging, output, packer, done, progress, run_cluste
 
     from suti.models import default_device
 
-    if not ray.is_initialized():
-        if config.ray_address:
-            ray.init(address=config.ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), num_gpus=None, include_dashboard=False, log_to_driver=False)
+    from suti.raytools import init_ray
+
+    if config.ray_address:
+        init_ray(config.ray_address)
+    else:
+        init_ray(None, num_cpus=os.cpu_count(), num_gpus=None)
     gpus = config.gpus_per_expert if config.gpus_per_expert else (1 if default_device() == "cuda" and not config.ray_address else 0)
     transient = _transient_errors()
     task = ray.remote(run_cluster).options(

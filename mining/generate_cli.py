@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from suti.cli_format import HelpFormatter
 
 
 def register(subparsers) -> None:
     """Add ``suti generate``."""
-    p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=HelpFormatter)
     p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine`")
     p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
     p.add_argument("--output", required=True, help="folder for the shards, manifest and staging")

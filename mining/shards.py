@@ -18,6 +18,8 @@ from typing import Iterable
 
 from PIL import Image
 
+from suti.tar_members import split_member
+
 SHARD_GLOB = "shard-*.tar"
 
 
@@ -72,16 +74,17 @@ def group_samples(members: list[tuple[str, bytes]]) -> dict[str, dict[str, bytes
     """Members -> {sample key: {field: bytes}} (fields like ``target.jpg``, ``json``)."""
     out: dict[str, dict[str, bytes]] = {}
     for name, data in members:
-        key, _, field = name.partition(".")
-        out.setdefault(key, {})[field] = data
+        key, field = split_member(name)  # from the end of the name, as every suti reader does
+        if key is not None:
+            out.setdefault(key, {})[field] = data
     return out
 
 
 def shard_keys(path: Path) -> list[str]:
     """Sample keys stored in one shard (from member names; no payload is read)."""
     with tarfile.open(path) as tar:
-        keys = {m.name.partition(".")[0] for m in tar.getmembers()}
-    return sorted(keys)
+        keys = {split_member(m.name)[0] for m in tar.getmembers() if m.isfile()}
+    return sorted(k for k in keys if k is not None)
 
 
 def existing_shards(folder: Path) -> list[Path]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
+from suti.cli_format import HelpFormatter
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve the apprentice and DreamBooth experts over HTTP (API, metrics, web page)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Serve POST /v1/generate (apprentice), /v1/experts (DreamBooth jobs), /healthz, /metrics, "
         "the API reference at /docs (from /openapi.json, works offline) and a web page at /. With no arguments: the toy model and toy apprentice on "
         "http://127.0.0.1:8000.",

@@ -150,15 +150,11 @@ class RayRunner:
     def __init__(self, settings: Settings):
         import ray
 
-        if not ray.is_initialized():
-            runtime_env = {"env_vars": {k: os.environ[k] for k in ("SUTI_CACHE", "SUTI_CONFIG_DIR") if k in os.environ}}
-            if settings.ray_address in ("local", ""):  # a private single-node cluster
-                ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-            else:
-                ray.init(address=settings.ray_address, log_to_driver=False, runtime_env=runtime_env)
-            self.connected_here = True
-        else:  # e.g. inside a Ray Serve replica
-            self.connected_here = False
+        from suti.raytools import init_ray
+
+        runtime_env = {"env_vars": {k: os.environ[k] for k in ("SUTI_CACHE", "SUTI_CONFIG_DIR") if k in os.environ}}
+        # "local"/"": a private single-node cluster; False when already inside Ray (a Serve replica)
+        self.connected_here = init_ray(settings.ray_address, runtime_env=runtime_env)
         self.ray = ray
         self.remote = ray.remote(_ray_run_job).options(num_cpus=1, num_gpus=settings.ray_job_gpus, max_retries=0)
 
@@ -296,8 +292,13 @@ class JobManager:
             if self.runner is None:
                 try:
                     self.runner = self._make_runner()
-                except Exception:  # noqa: BLE001 - e.g. the Ray cluster is not reachable yet
-                    log.exception("could not start the %s job runner; retrying in 10 s", self.backend)
+                except Exception as exc:  # noqa: BLE001 - e.g. the Ray cluster is not reachable yet
+                    from suti.errors import SutiError
+
+                    if isinstance(exc, SutiError):  # a RayStartError: one line, no traceback
+                        log.error("could not start the %s job runner (%s); retrying in 10 s", self.backend, exc)
+                    else:
+                        log.exception("could not start the %s job runner; retrying in 10 s", self.backend)
                     self._stop.wait(10)
                     continue
             try:

@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
+    """Run ``func(*args, **kwargs)`` as a command: a :class:`SutiError` becomes one line on
+    stderr and its exit code (2), Ctrl-C exit code 130; otherwise ``func``'s return value.
+
+    Every entry point uses it: ``suti ...`` and the modules run with ``python -m`` (the
+    launcher targets ``apprentice.train``, the world model scripts, ``mining.evaluate``).
+    """
+    try:
+        return int(func(*args, **kwargs) or 0)
+    except SutiError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -59,14 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except SutiError as exc:
-        print(f"suti: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("suti: interrupted", file=sys.stderr)
-        return 130
+    return report_errors(args.func, args)
 
 
 if __name__ == "__main__":

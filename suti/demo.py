@@ -27,7 +27,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from suti import storage
 from suti.errors import SutiError
+from suti.images import save_image_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +62,19 @@ def register(subparsers) -> None:
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> float:
-    from suti.cli import main
+    from suti.cli import build_parser
 
     if done:
         print(f"[{name}] already done; skipping")
         return 0.0
     print(f"[{name}] suti {' '.join(argv)}")
     started = time.perf_counter()
-    code = main(argv)
+    stage_args = build_parser().parse_args(argv)
+    try:
+        code = int(stage_args.func(stage_args) or 0)
+    except SutiError as exc:  # one line for the whole demo: the stage and what went wrong
+        exc.args = (f"stage {name}: {exc}",)
+        raise
     if code != 0:
         raise SutiError(f"stage {name} failed with exit code {code}")
     return time.perf_counter() - started
@@ -113,10 +120,10 @@ def query(args, apprentice_dir: Path) -> dict:
     for i, r in enumerate(results):
         rows += [r.demos, r.images["apprentice"], r.images["expert"], r.images["base"]]
         labels += [f"demos {i}", "apprentice", "expert", "base"]
-    _grid(rows, labels).save(Path(args.output) / "grid.png")
+    save_image_atomic(_grid(rows, labels), Path(args.output) / "grid.png")
     summary = mean_metrics(results)
     summary["speedup_time_to_first_image"] = summary["expert_first_image_s"] / summary["apprentice_first_image_s"]
-    (Path(args.output) / "results.json").write_text(json.dumps({"per_subject": [r.row() for r in results], "mean": summary}, indent=2))
+    storage.write_text(Path(args.output) / "results.json", json.dumps({"per_subject": [r.row() for r in results], "mean": summary}, indent=2))
     return summary
 
 

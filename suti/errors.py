@@ -25,3 +25,8 @@ class OutputExistsError(InputError, FileExistsError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named is missing or is not what it should be."""
+
+
+class InvalidValueError(InputError, ValueError):
+    """A value the user gave (an option, an argument of a library call) is out of range or
+    unknown; also a ``ValueError`` for Python callers."""

@@ -137,3 +137,39 @@ def to_pil(x) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB."""
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, mode="RGB")
+
+
+def image_bytes(image: Image.Image, format: str = "PNG", **params) -> bytes:
+    """Encode ``image`` (``PNG``, ``JPEG``, ``WEBP``...) to bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format=format, **params)
+    return buf.getvalue()
+
+
+def save_image_atomic(image: Image.Image, path: str | Path, format: str | None = None, **params) -> Path:
+    """Write ``image`` to ``path`` atomically: encode in memory, then a temporary file and a
+    rename (:func:`suti.storage.write_bytes`), so a killed run or a full disk never leaves a
+    cut-short image under the final name. ``format`` defaults to the one of the extension.
+    ``path`` may be an object-store URI. Returns ``path``.
+    """
+    from suti import storage
+
+    fmt = format or Image.registered_extensions().get(Path(str(path)).suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: unknown image file extension (use .png, .jpg or .webp)")
+    storage.write_bytes(path, image_bytes(image, fmt, **params))
+    return Path(path) if "://" not in str(path) else path
+
+
+def load_cached_image(path: str | Path) -> Image.Image | None:
+    """A previously generated output image, or ``None`` (with a warning naming it) when it is
+    missing or does not decode: a cut-short file from an older, non-atomic run, a full disk or
+    a killed process. The caller regenerates ``None``s."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return decode_image(path.read_bytes(), str(path))
+    except (InputError, OSError) as exc:
+        log.warning("%s: cached output does not decode (%s); regenerating it", path, exc)
+        return None

@@ -229,6 +229,25 @@ def _from_folder(folder: str | Path, **kwargs):
     )
 
 
+def _load_cached_preset(model: str, kwargs: dict):
+    """Load a preset from its cache folder; a cache left broken (a cut weight file from a killed
+    build or a full disk) is rebuilt once, with a warning naming it."""
+    from suti.weights import check_weight_folder, loading
+
+    folder = preset_folder(model)
+    try:
+        with loading(folder):
+            check_weight_folder(folder)
+            return _from_folder(folder, **kwargs)
+    except ModelLoadError as exc:
+        log.warning("%s: the cached preset %r does not load (%s); rebuilding it", folder, model, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+    folder = preset_folder(model)
+    with loading(f"{folder} (the rebuilt preset {model!r})"):
+        check_weight_folder(folder)
+        return _from_folder(folder, **kwargs)
+
+
 def _hub_help(model: str) -> str:
     return (
         f"could not load model {model!r}: it is neither a preset ({', '.join(list_presets())}) nor a "
@@ -256,7 +275,7 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
     if model in list_presets():
         preset = load_preset(model)
         if preset.get("cache", True):
-            pipe = _from_folder(preset_folder(model), **kwargs)
+            pipe = _load_cached_preset(model, kwargs)
         else:
             pipe = build_random_pipeline(preset)
             if torch_dtype is not None:
@@ -265,10 +284,14 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
         folder = Path(model).expanduser()
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        from suti.weights import check_weight_folder, describe_load_error, quiet_library_errors
+
+        check_weight_folder(folder)
         try:
-            pipe = _from_folder(folder, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ModelLoadError(f"{folder}: could not load the pipeline ({exc})") from None
+            with quiet_library_errors():
+                pipe = _from_folder(folder, **kwargs)
+        except Exception as exc:  # diffusers/transformers raise many types for a bad folder
+            raise ModelLoadError(f"{folder}: could not load the pipeline ({describe_load_error(exc)})") from None
     else:
         try:  # the local hub cache first, then the network unless HF_HUB_OFFLINE is set
             pipe = _from_folder(model, local_files_only=True, **kwargs)

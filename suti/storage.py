@@ -177,6 +177,50 @@ def write_text(uri: str | os.PathLike, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def save_pretrained_atomic(model, folder: str | os.PathLike, *, last: tuple[str, ...] = ("model_index.json", "config.json"), **kwargs) -> Path:
+    """``model.save_pretrained`` into a hidden temporary folder beside the files of ``folder``,
+    then each entry renamed into ``folder``, the loading entry points (``last``) after the rest,
+    so a killed save never leaves a folder that loads half-written weights. Other entries of
+    ``folder`` (checkpoints, logs) are kept. Returns ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
+    try:
+        model.save_pretrained(str(tmp), **kwargs)
+        entries = sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name))
+        for entry in entries:
+            dest = folder / entry.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_local_path(path: str | os.PathLike):
+    """For writers that need a file name (``torch.save``, ``safetensors.save_file``,
+    ``tarfile``): yields a hidden temporary path beside ``path``; when the block ends without an
+    error the file is fsynced and renamed to ``path`` (``os.replace``), else removed.
+
+    >>> with atomic_local_path("out/model.safetensors") as tmp:  # doctest: +SKIP
+    ...     save_file(state, str(tmp))
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
     """Delete a file (object)."""
     fs, path = filesystem(uri)

@@ -421,3 +421,56 @@ def test_llm_prompt_generator_with_a_tiny_local_model(tmp_path):
     for p in prompts:
         assert p["prompt"].count("{S}") == 1 and 1 <= p["level"] <= 3
         assert set(p["skill"].split("+")) <= set(SKILLS)
+
+
+def _dotted_crawl(tmp_path: Path) -> tuple[Path, Path]:
+    """4 pages x 7 images with img2dataset-style dotted keys, as one tar and as a folder."""
+    import tarfile
+
+    folder, tar_path = tmp_path / "folder", tmp_path / "tar" / "crawl-00000.tar"
+    folder.mkdir()
+    tar_path.parent.mkdir()
+    rng = np.random.default_rng(0)
+    with tarfile.open(tar_path, "w") as tar:
+        for page in range(4):
+            colour = [int(c) for c in rng.integers(0, 255, 3)]
+            for i in range(7):
+                key = f"img.2024.05_{page:02d}{i:02d}"
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (40, 40, 3)), 0, 255)
+                buf = io.BytesIO()
+                Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+                meta = {"key": key, "url": f"https://example.com/{key}.png",
+                        "page_url": f"https://example.com/page/{page}"}
+                for ext, data in (("png", buf.getvalue()), ("txt", f"a red toy {i}".encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    (folder / f"{key}.{ext}").write_bytes(data)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            # a stray member without a known field is counted, never silently lost
+        info = tarfile.TarInfo("README")
+        tar.addfile(info, io.BytesIO(b""))
+    return tar_path, folder
+
+
+def test_dotted_img2dataset_keys_read_like_the_folder_layout(tmp_path):
+    tar_path, folder = _dotted_crawl(tmp_path)
+    counts = Counter()
+    from_tar = [(r.key, r.caption, r.page_url) for r in iter_records(tar_path, counts)]
+    from_folder = [(r.key, r.caption, r.page_url) for r in iter_records(folder)]
+    assert len(from_tar) == 28 and from_tar == from_folder
+    assert from_tar[0] == ("img.2024.05_0000", "a red toy 0", "https://example.com/page/0")
+    assert counts == {"member:no_extension": 1}
+    images = load_crawl_images(tar_path, [k for k, *_ in from_tar[:3]])
+    assert [im.size for im in images.values()] == [(40, 40)] * 3
+
+
+def test_mine_reads_every_dotted_key(tmp_path):
+    tar_path, folder = _dotted_crawl(tmp_path)
+    res = {name: _mine(path, tmp_path / name, "--min-images", "3")
+           for name, path in (("tar", tar_path.parent), ("folder", folder))}
+    for r in res.values():
+        assert r["stats"]["images"] == 28 and r["stats"]["pages"] == 4
+        assert r["stats"]["skipped_samples"] == {} and r["stats"]["skipped_images"] == {}
+    assert res["tar"]["stats"]["skipped_tar_members"] == {"no_extension": 1}
+    assert [r["keys"] for r in res["tar"]["kept"]] == [r["keys"] for r in res["folder"]["kept"]]

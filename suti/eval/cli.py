@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from suti.cli_format import HelpFormatter
 
 
 def register(subparsers) -> None:
     """Add ``suti eval``."""
     from suti.sampling import add_sampler_flags
 
-    p = subparsers.add_parser("eval", help="DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV) of a method", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("eval", help="DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV) of a method", formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True, help='DreamBench-layout folder, or "world:N" for N held-out subjects of the synthetic world')
     p.add_argument("--method", required=True, choices=["expert", "apprentice", "base", "real"])
     p.add_argument("--model", default="toy", help="base model (expert, base)")

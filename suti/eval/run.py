@@ -14,6 +14,7 @@ Layout of a results folder::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ from tqdm import tqdm
 from suti.errors import InputError, ModelLoadError
 from suti.eval.dataset import EvalDataset, EvalSubject, load_dataset
 from suti.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
-from suti.images import load_image
+from suti import storage
+from suti.images import load_cached_image, load_image, save_image_atomic
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class Generator:
                 instance = self.output / "experts" / f"{subject.name}-photos"
                 instance.mkdir(parents=True, exist_ok=True)
                 for p in subject.images:
-                    (instance / p.name).write_bytes(p.read_bytes())
+                    storage.write_bytes(instance / p.name, p.read_bytes())
                 overrides = dict(model=self.model, instance_dir=str(instance), class_noun=subject.class_noun, steps=self.args.expert_steps, seed=self.args.seed)
                 if self.args.num_class_images is not None:
                     overrides["num_class_images"] = self.args.num_class_images
@@ -156,7 +158,7 @@ def run_eval(args) -> dict:
         "seed": args.seed, "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "dtype": getattr(args, "dtype", None), "backbones": backbones,
         "metrics": {"CLIP-I": "mean cosine of CLIP image embeddings, generated vs each real photo", "CLIP-T": "cosine of CLIP image and prompt (identifier removed) embeddings", "DINO": "mean cosine of DINO embeddings, generated vs each real photo", "PRES": "mean DINO cosine of images generated for 'a [class]' to the real photos (expert only; lower is better)", "DIV": "1 - mean pairwise DINO cosine among images of the same prompt (embedding-based, not LPIPS)"},
     }
-    (output / "settings.json").write_text(json.dumps(settings, indent=2))
+    storage.write_text(output / "settings.json", json.dumps(settings, indent=2))
 
     rows, per_subject = [], []
     generated = 0
@@ -172,23 +174,27 @@ def run_eval(args) -> dict:
             templates = dataset.prompts_for(subject)[: args.prompts or None]
             folder = output / "images" / subject.name
             folder.mkdir(parents=True, exist_ok=True)
-            todo = [(pi, k) for pi in range(len(templates)) for k in range(args.images_per_prompt) if not (folder / f"p{pi:02d}_{k}.png").is_file()]
+            # cached outputs are reused; a missing one or one that does not decode (a killed
+            # run, a full disk) is regenerated, with a warning naming it
+            cache = {f"p{pi:02d}_{k}.png": load_cached_image(folder / f"p{pi:02d}_{k}.png") for pi in range(len(templates)) for k in range(args.images_per_prompt)}
+            todo = [(pi, k) for pi in range(len(templates)) for k in range(args.images_per_prompt) if cache[f"p{pi:02d}_{k}.png"] is None]
             make, identifier = (None, None)
             if todo:
                 make, identifier = gen.prepare(subject)
             for pi, k in tqdm(todo, desc=f"{subject.name} ({si + 1}/{len(dataset.subjects)})", unit="img", disable=not todo):
                 image = make(_prompt_for(templates[pi], identifier, subject.class_noun), args.seed + 1000 * pi + k)
-                image.save(folder / f"p{pi:02d}_{k}.png")
+                save_image_atomic(image, folder / f"p{pi:02d}_{k}.png")
+                cache[f"p{pi:02d}_{k}.png"] = image.convert("RGB")
                 generated += 1
             if args.method == "expert":  # PRES: the expert on the bare class prompt
-                pres_todo = [k for k in range(args.images_per_prompt) if not (folder / f"pres_{k}.png").is_file()]
+                pres_todo = [k for k in range(args.images_per_prompt) if load_cached_image(folder / f"pres_{k}.png") is None]
                 if pres_todo and make is None:
                     make, identifier = gen.prepare(subject)
                 for k in pres_todo:
-                    make(f"a {subject.class_noun}", args.seed + 999_000 + k).save(folder / f"pres_{k}.png")
+                    save_image_atomic(make(f"a {subject.class_noun}", args.seed + 999_000 + k), folder / f"pres_{k}.png")
                     generated += 1
             entries = [(pi, k, f"p{pi:02d}_{k}.png") for pi in range(len(templates)) for k in range(args.images_per_prompt)]
-            images = [Image.open(folder / name).convert("RGB") for _, _, name in entries]
+            images = [cache[name] for _, _, name in entries]
             prompts = [_prompt_for(templates[pi], None, subject.class_noun) for pi, _, _ in entries]
         gen_clip, gen_dino = clip.embed_images(images), dino.embed_images(images)
         text = clip.embed_texts(prompts)
@@ -210,7 +216,7 @@ def run_eval(args) -> dict:
             divs = [diversity(torch.stack(v)) for v in by_prompt.values() if len(v) > 1]
             summary["DIV"] = sum(divs) / len(divs) if divs else float("nan")
         if args.method == "expert":
-            pres = [Image.open(p).convert("RGB") for p in sorted((output / "images" / subject.name).glob("pres_*.png"))]
+            pres = [im for im in (load_cached_image(p) for p in sorted((output / "images" / subject.name).glob("pres_*.png"))) if im is not None]
             summary["PRES"] = float(mean_cosine_to_set(dino.embed_images(pres), real_dino).mean()) if pres else float("nan")
         per_subject.append(summary)
     overall = {"method": args.method, "subjects": len(per_subject), "images": len(rows), **_means(per_subject, keys=[k for k in per_subject[0] if k not in ("subject", "class", "images")])}
@@ -234,14 +240,15 @@ def _means(rows: list[dict], keys: list[str] | None = None) -> dict:
 
 
 def _write_table(stem: Path, rows: list[dict]) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    storage.write_text(stem.with_suffix(".json"), json.dumps(rows, indent=2))
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(stem.with_suffix(".csv"), buf.getvalue())
 
 
 def _grids(dataset: EvalDataset, output: Path, args) -> None:
@@ -255,14 +262,16 @@ def _grids(dataset: EvalDataset, output: Path, args) -> None:
         if gen_dir.is_dir():
             by_prompt: dict = {}
             for p in sorted(gen_dir.glob("p[0-9]*_*.png")):
-                by_prompt.setdefault(p.name.split("_")[0], []).append(Image.open(p).convert("RGB"))
+                image = load_cached_image(p)
+                if image is not None:
+                    by_prompt.setdefault(p.name.split("_")[0], []).append(image)
             rows += [by_prompt[k] for k in sorted(by_prompt)]
         width = max(len(r) for r in rows)
         grid = Image.new("RGB", (width * cell, len(rows) * cell), "white")
         for y, row in enumerate(rows):
             for x, img in enumerate(row):
                 grid.paste(img.resize((cell, cell)), (x * cell, y * cell))
-        grid.save(folder / f"{subject.name}.png")
+        save_image_atomic(grid, folder / f"{subject.name}.png")
 
 
 def _world_probe(dataset: EvalDataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from suti import storage
 from suti.errors import InputError
 
 WORLD_PROMPTS = [
@@ -42,6 +43,6 @@ def world_dataset(spec: str, folder: Path, *, photos: int = 5, seed: int = 0) ->
     rows += [f"'{t.replace('{V}', '{0}').replace('{class}', '{1}')}'.format(unique_token, class_token)," for t in WORLD_PROMPTS] + ["]", ""]
     for s in subjects:
         export_subject(world, s.subject_id, folder / s.subject_id, n=photos, seed=seed, size=size)
-    (folder / "prompts_and_classes.txt").write_text("\n".join(rows) + "\n")
-    (folder / "world_subjects.json").write_text(json.dumps({s.subject_id: s.to_dict() for s in subjects}, indent=2))
+    storage.write_text(folder / "prompts_and_classes.txt", "\n".join(rows) + "\n")
+    storage.write_text(folder / "world_subjects.json", json.dumps({s.subject_id: s.to_dict() for s in subjects}, indent=2))
     return folder

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from suti.errors import InvalidValueError
 from suti.world.spec import CONTEXTS
 
 #: Distinct renderings (layouts of waves, trees, buildings...) per context.
@@ -184,7 +185,7 @@ assert set(DRAW) == set(CONTEXTS)
 def background(context: str, variant: int, size: int) -> Image.Image:
     """Variant ``variant`` of ``context`` at ``size`` px (cached; callers must copy)."""
     if context not in DRAW:
-        raise ValueError(f"unknown context {context!r}; known: {', '.join(DRAW)}")
+        raise InvalidValueError(f"unknown context {context!r}; known: {', '.join(DRAW)}")
     rng = np.random.default_rng([zlib.crc32(context.encode()), int(variant)])
     big = DRAW[context](4 * size, rng)
     return big.resize((size, size), Image.LANCZOS)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from suti import storage
 from suti.errors import InputError
 from suti.world.render import caption, render_background, sample_scene
 from suti.world.spec import CONTEXTS, Subject, make_world
@@ -144,6 +146,13 @@ def _check_args(output_dir: Path, num_subjects: int, noise_pages_fraction: float
         raise InputError(f"output folder {output_dir} exists and is not empty")
 
 
+def _close_shard(tar: tarfile.TarFile) -> None:
+    """Finish a shard written under a temporary name and rename it to its final name."""
+    tmp = Path(tar.name)
+    tar.close()
+    os.replace(tmp, tar.final_path)
+
+
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -212,14 +221,16 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
             files = {f"{key}.{image_format}": buf.getvalue(), f"{key}.txt": alt.encode(),
                      f"{key}.json": sidecar.encode()}
             for name, data in files.items():
-                (out / "images" / name).write_bytes(data)
+                storage.write_bytes(out / "images" / name, data)
             if shard_size > 0:
                 if shard is None or len(rows) % shard_size == 0:
                     if shard is not None:
-                        shard.close()
+                        _close_shard(shard)
                     (out / "shards").mkdir(exist_ok=True)
-                    shard = tarfile.open(out / "shards" / f"crawl-{shard_idx:05d}.tar", "w",
+                    final = out / "shards" / f"crawl-{shard_idx:05d}.tar"
+                    shard = tarfile.open(final.with_name(f".{final.name}.tmp"), "w",
                                          format=tarfile.GNU_FORMAT)
+                    shard.final_path = final  # renamed there when complete (_close_shard)
                     shard_idx += 1
                 for name, data in files.items():
                     _tar_add(shard, name, data)
@@ -228,8 +239,8 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
             truth_images[key] = subject.subject_id if subject else None
             image_meta[key] = meta
     if shard is not None:
-        shard.close()
-    (out / "crawl.jsonl").write_text("".join(_dumps(r) + "\n" for r in rows))
+        _close_shard(shard)
+    storage.write_text(out / "crawl.jsonl", "".join(_dumps(r) + "\n" for r in rows))
     subjects = {s.subject_id: dict(s.to_dict(), split=world.splits[s.subject_id],
                                    description=s.description()) for s in world.subjects}
     truth = {"seed": seed, "noise_pages_fraction": noise_pages_fraction, "size": size,
@@ -237,7 +248,7 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
              "images": truth_images, "pages": truth_pages, "page_kinds": page_kinds,
              "image_meta": image_meta, "subjects": subjects,
              "splits": {k: [s.subject_id for s in world.split(k)] for k in ("train", "heldout")}}
-    (out / "ground_truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
+    storage.write_text(out / "ground_truth.json", json.dumps(truth, indent=1, sort_keys=True) + "\n")
     n_clean = sum(1 for k, _ in plan if k == "clean")
     return {"output_dir": str(out), "pages": len(plan), "clean_pages": n_clean,
             "noise_pages": len(plan) - n_clean, "images": len(rows),

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from suti.errors import InputError
+from suti.images import save_image_atomic
 from suti.world.render import EDIT_KINDS, sample_scene
 from suti.world.spec import World
 
@@ -71,6 +72,6 @@ def export_subject(world: World, subject_id: str, out_dir: str | Path, n: int = 
     paths = []
     for i, img in enumerate(images):
         path = out / f"{subject_id}_{i:02d}.png"
-        img.save(path, format="PNG")
+        save_image_atomic(img, path, "PNG")
         paths.append(path)
     return paths

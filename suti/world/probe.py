@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from suti import storage
 from suti.errors import InputError, ModelLoadError
 from suti.world.toy_clip import (
     IMAGE_SIZE,
@@ -390,7 +391,8 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
         log.info("probe done: %d steps in %.0fs; held-out %s", step, elapsed, metrics)
     state = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v
              for k, v in net.state_dict().items()}
-    save_file(state, str(out / "probe.safetensors"))
+    with storage.atomic_local_path(out / "probe.safetensors") as tmp:
+        save_file(state, str(tmp))
     meta = {
         "config": cfg, "heads": {h: head_labels()[h] for h in heads},
         "training": {"seed": seed, "steps": step, "batch_size": 2 * pairs, "lr": lr,
@@ -406,7 +408,7 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
         "parameters": probe.parameter_count(),
         "metrics": metrics,
     }
-    (out / "probe.json").write_text(json.dumps(meta, indent=1) + "\n")
+    storage.write_text(out / "probe.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -486,10 +488,14 @@ def nn_retrieval(emb, owner) -> float:
 def _load_from(folder: Path) -> Probe:
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "probe.json").read_text())
-    net = _build_net(meta["config"])
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in load_file(str(folder / "probe.safetensors")).items()}
+    from suti.weights import check_safetensors, loading, read_json_file
+
+    meta = read_json_file(folder / "probe.json")
+    check_safetensors(folder / "probe.safetensors")
+    with loading(folder / "probe.safetensors"):
+        net = _build_net(meta["config"])
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in load_file(str(folder / "probe.safetensors")).items()}
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
@@ -561,4 +567,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from suti.cli import report_errors
+
+    raise SystemExit(report_errors(main))

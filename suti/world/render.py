@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from suti.errors import InvalidValueError
 from suti.world.backgrounds import VARIANTS, background
 from suti.world.shapes import sprite_2x
 from suti.world.spec import ACCESSORIES, COLORS, CONTEXTS, STYLES, Context, Subject
@@ -51,17 +52,17 @@ class Pose:
 def _context(context: str | Context) -> Context:
     name = context.name if isinstance(context, Context) else context
     if name not in CONTEXTS:
-        raise ValueError(f"unknown context {name!r}; known: {', '.join(CONTEXTS)}")
+        raise InvalidValueError(f"unknown context {name!r}; known: {', '.join(CONTEXTS)}")
     return CONTEXTS[name]
 
 
 def _check_edit(color_override, accessory, style) -> None:
     if color_override is not None and color_override not in COLORS:
-        raise ValueError(f"unknown colour {color_override!r}; known: {', '.join(COLORS)}")
+        raise InvalidValueError(f"unknown colour {color_override!r}; known: {', '.join(COLORS)}")
     if accessory is not None and accessory not in ACCESSORIES:
-        raise ValueError(f"unknown accessory {accessory!r}; known: {', '.join(ACCESSORIES)}")
+        raise InvalidValueError(f"unknown accessory {accessory!r}; known: {', '.join(ACCESSORIES)}")
     if style is not None and style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+        raise InvalidValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
 
 
 @lru_cache(maxsize=8)
@@ -106,7 +107,7 @@ def apply_style(img: Image.Image, style: str | None,
         small = punchy.resize((cells, cells), Image.BOX).quantize(
             12, method=Image.Quantize.MEDIANCUT)
         return small.convert("RGB").resize(img.size, Image.NEAREST)
-    raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    raise InvalidValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
 
 
 def render_background(context: str | Context, rng: np.random.Generator | None = None,
@@ -134,7 +135,7 @@ def render(subject: Subject, context: str | Context, *, pose: Pose | None = None
         rng: randomness for the background variant and the pose (default: seed 0).
     """
     if size < 16:
-        raise ValueError("size must be >= 16")
+        raise InvalidValueError(f"image size must be >= 16 px, got {size}")
     _check_edit(color_override, accessory, style)
     ctx = _context(context)
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -205,7 +206,7 @@ def sample_scene(subject: Subject, rng: np.random.Generator, *, size: int = 64,
         elif edit == "style":
             style = list(STYLES)[int(rng.integers(len(STYLES)))]
         else:
-            raise ValueError(f"unknown edit kind {edit!r}; known: {', '.join(EDIT_KINDS)}")
+            raise InvalidValueError(f"unknown edit kind {edit!r}; known: {', '.join(EDIT_KINDS)}")
     pose = Pose.random(rng)
     img = render(subject, ctx, pose=pose, color_override=color, accessory=accessory,
                  style=style, size=size, rng=rng)

@@ -19,6 +19,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from suti.errors import InvalidValueError
 from suti.world.spec import ASPECTS, COLORS
 
 OUTLINE = (28, 28, 32)
@@ -333,7 +334,7 @@ def _accessory(d: ImageDraw.ImageDraw, name: str, anchors: dict, body: str, c: i
         d.ellipse((x - 0.4 * s, y - 0.4 * s, x + 0.4 * s, y + 0.4 * s), fill=col, outline=OUTLINE,
                   width=lw)
     else:
-        raise ValueError(f"unknown accessory {name!r}")
+        raise InvalidValueError(f"unknown accessory {name!r}")
 
 
 def _dilate(mask: Image.Image, r: int) -> Image.Image:

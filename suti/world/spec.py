@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from suti.errors import InvalidValueError
+
 WORLD_FORMAT = 1
 
 #: Named colours: name -> RGB. Names are the words used in captions.
@@ -202,7 +204,7 @@ class World:
         if name == "all":
             return list(self.subjects)
         if name not in ("train", "heldout"):
-            raise ValueError(f"unknown split {name!r} (train, heldout or all)")
+            raise InvalidValueError(f"unknown split {name!r} (train, heldout or all)")
         return [s for s in self.subjects if self.splits[s.subject_id] == name]
 
     @property
@@ -246,7 +248,9 @@ class World:
 
     def save(self, path: str | Path) -> None:
         """Write ``world.json`` (sorted keys, so identical worlds give identical bytes)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        from suti import storage
+
+        storage.write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
 
 
 def load_world(path: str | Path) -> World:
@@ -290,9 +294,9 @@ def make_world(num_subjects: int, seed: int, heldout_fraction: float = 0.25) -> 
     non-empty.
     """
     if num_subjects < 0:
-        raise ValueError("num_subjects must be >= 0")
+        raise InvalidValueError("num_subjects must be >= 0")
     if not 0.0 <= heldout_fraction <= 1.0:
-        raise ValueError("heldout_fraction must be in [0, 1]")
+        raise InvalidValueError("heldout_fraction must be in [0, 1]")
     order = list(CLASSES)
     np.random.default_rng([seed, 0]).shuffle(order)
     max_short = len(COLORS) * len(PATTERNS)
@@ -308,7 +312,7 @@ def make_world(num_subjects: int, seed: int, heldout_fraction: float = 0.25) -> 
                 continue
             break
         else:  # pragma: no cover - only for absurdly large worlds
-            raise ValueError(f"cannot make {num_subjects} distinct subjects")
+            raise InvalidValueError(f"cannot make {num_subjects} distinct subjects")
         used_full.add(ident)
         used_short.add(ident[:3])
         subjects.append(Subject(f"subject_{i:04d}", class_name, CLASSES[class_name].class_noun,

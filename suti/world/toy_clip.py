@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from suti import storage
 from suti.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -460,7 +461,8 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
         log.info("toy clip done: %d steps in %.0fs; held-out retrieval %s", step, elapsed,
                  metrics["heldout_retrieval_64"])
     state = pack_state(model, torch.nonzero(seen).flatten())
-    save_file(state, str(out / "toy_clip.safetensors"))
+    with storage.atomic_local_path(out / "toy_clip.safetensors") as tmp:
+        save_file(state, str(tmp))
     meta = {
         "model_name": MODEL_NAME, "model_cfg": cfg, "image_size": IMAGE_SIZE,
         "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
@@ -477,7 +479,7 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
         "token_embedding": {"rows_stored": int(seen.sum()), "other_rows": "zero (never trained)"},
         "metrics": metrics,
     }
-    (out / "toy_clip.json").write_text(json.dumps(meta, indent=1) + "\n")
+    storage.write_text(out / "toy_clip.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -524,10 +526,14 @@ def unpack_state(state: dict, model) -> dict:
 def _load_from(folder: Path):
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "toy_clip.json").read_text())
-    model = build_toy_clip(meta["model_cfg"])
-    state = unpack_state(load_file(str(folder / "toy_clip.safetensors")), model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    from suti.weights import check_safetensors, loading, read_json_file
+
+    meta = read_json_file(folder / "toy_clip.json")
+    check_safetensors(folder / "toy_clip.safetensors")
+    with loading(folder / "toy_clip.safetensors"):
+        model = build_toy_clip(meta["model_cfg"])
+        state = unpack_state(load_file(str(folder / "toy_clip.safetensors")), model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     if [k for k in missing if k != "attn_mask"] or unexpected:
         raise ModelLoadError(f"{folder}/toy_clip.safetensors does not match toy_clip.json "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -600,4 +606,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from suti.cli import report_errors
+
+    raise SystemExit(report_errors(main))

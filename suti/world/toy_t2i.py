@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from suti.errors import InputError, MissingInputError, OutputExistsError
+from suti import storage
+from suti.errors import InputError, InvalidValueError, MissingInputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class _Clock:
 
     def __init__(self, steps: int | None, seconds: float | None):
         if steps is None and seconds is None:
-            raise ValueError("give steps or a time budget")
+            raise InvalidValueError("give steps or a time budget")
         self.steps, self.seconds, self.start = steps, seconds, time.perf_counter()
 
     def elapsed(self) -> float:
@@ -386,13 +387,16 @@ def train_unet(vae, scaling_factor: float, stream: SceneStream, *, steps: int | 
     history, step, shown, run_loss = [], 0, 0, None
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            for e, v in zip(ema, state["ema"]):
-                e.copy_(v)
+        from suti.weights import loading
+
+        with loading(f"{ckpt} (a resumable checkpoint; delete it to start over)"):
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            unet.load_state_dict(state["unet"])
+            text_encoder.load_state_dict(state["text_encoder"])
+            opt.load_state_dict(state["optimizer"])
+            with torch.no_grad():
+                for e, v in zip(ema, state["ema"]):
+                    e.copy_(v)
         gen.set_state(state["generator"])
         stream.rng.bit_generator.state = state["stream_rng"]
         step, run_loss, history = state["step"], state["run_loss"], state["history"]
@@ -483,9 +487,12 @@ def _vae_stage(vae_file: Path, vae, stream: SceneStream, train):
     import torch
 
     if vae_file.exists():
-        state = torch.load(vae_file, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["vae"])
-        stream.rng.bit_generator.state = state["stream_rng"]
+        from suti.weights import loading
+
+        with loading(f"{vae_file} (a resumable checkpoint; delete it to start over)"):
+            state = torch.load(vae_file, map_location="cpu", weights_only=False)
+            vae.load_state_dict(state["vae"])
+            stream.rng.bit_generator.state = state["stream_rng"]
         log.info("toy vae: resumed from %s", vae_file)
         return vae, state["stats"]
     vae, stats = train()
@@ -504,7 +511,7 @@ def _start_run(out_dir: str | Path, *, minutes: float | None, steps: int | None,
     import torch
 
     if minutes is None and steps is None:
-        raise ValueError("give minutes, steps or both")
+        raise InvalidValueError("give minutes, steps or both")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out}: output folder is not empty")
@@ -529,8 +536,7 @@ def _train_unet_and_write(out: Path, partial: Path, started: float, *, vae, scal
                                             text_encoder=text_encoder,
                                             checkpoint=partial / "unet.pt", **train)
     pipe = make_pipeline(vae, unet, text_encoder)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    storage.save_pretrained_atomic(pipe, out, safe_serialization=True)
     summary = {
         "weights_version": WEIGHTS_VERSION, **header,
         "threads": torch.get_num_threads(),
@@ -543,7 +549,7 @@ def _train_unet_and_write(out: Path, partial: Path, started: float, *, vae, scal
         earlier_steps = continued_from.get("total_unet_steps", continued_from.get("unet_steps", 0))
         summary["total_unet_steps"] = int(earlier_steps) + ustats["unet_steps"]
         summary["continued_from"] = {k: v for k, v in continued_from.items() if k != "history"}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    storage.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
     log.info("toy model %s %s in %.1f min: held-out MSE %.4f, shuffled captions %.4f "
              "(ratio %.3f)", "continued into" if continued_from is not None else "written to",
@@ -723,10 +729,14 @@ def _load_components(folder: Path, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    from suti.weights import check_weight_folder, loading
+
+    check_weight_folder(folder)
+    with loading(folder):
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     return vae, unet, text_encoder, scheduler
 
 

@@ -1,0 +1,103 @@
+"""Configuration and command-line arguments of apprentice training (no torch import here).
+
+:class:`ApprenticeTrainConfig` is saved in every checkpoint; :func:`build_arg_parser` serves both
+``suti apprentice train`` and ``python -m apprentice.train`` (see :mod:`apprentice.train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ApprenticeTrainConfig:
+    """Everything that determines an apprentice training run (saved in every checkpoint)."""
+
+    shards: str | list[str]
+    output: str
+    model: str = "toy"
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"  # adamw | adafactor (paper)
+    freeze_base: bool = False
+    num_demos: int = 3
+    drop_text: float = 0.1
+    drop_demos: float = 0.1
+    drop_both: float = 0.05
+    demo_timestep: int = 1
+    method: str = "attention"
+    ema_decay: float = 0.0  # 0: no EMA
+    deepspeed_config: str = "zero2"
+    save_steps: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    resolution: int | None = None
+    min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
+    self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
+    caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise :class:`~suti.errors.InvalidValueError` naming the first out-of-range option."""
+        from suti.errors import InvalidValueError
+
+        def need(ok: bool, option: str, rule: str, value) -> None:
+            if not ok:
+                raise InvalidValueError(f"{option} must be {rule}, got {value}")
+
+        need(self.steps >= 1, "--steps", ">= 1", self.steps)
+        need(self.batch_size >= 1, "--batch-size", ">= 1", self.batch_size)
+        need(self.learning_rate > 0 and self.learning_rate == self.learning_rate, "--learning-rate", "> 0", self.learning_rate)
+        need(1 <= self.num_demos <= 8, "--num-demos", "in 1..8", self.num_demos)
+        need(self.save_steps >= 1, "--save-steps", ">= 1", self.save_steps)
+        need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)
+        for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt),
+                              ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
+            need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
+        if self.resolution is not None:
+            need(self.resolution >= 8 and self.resolution % 8 == 0, "--resolution", "a positive multiple of 8", self.resolution)
+
+
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
+    p = parser or argparse.ArgumentParser(prog="apprentice.train", description=_train_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`, e.g. "SH/*.tar" "PH/*.tar"')
+    p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
+    p.add_argument("--output", required=True, help="apprentice folder to write")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
+    p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
+    p.add_argument("--num-demos", type=int, default=3)
+    p.add_argument("--method", choices=["attention", "reference"], default="attention")
+    p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
+    p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
+    p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
+    p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
+    p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def config_from_args(args) -> ApprenticeTrainConfig:
+    """Namespace -> config."""
+    return ApprenticeTrainConfig(
+        shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
+        method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
+        min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
+    )
+
+
+def _train_doc() -> str:
+    """The docstring of :mod:`apprentice.train` without importing it (it imports torch)."""
+    import ast
+    from pathlib import Path
+
+    return ast.get_docstring(ast.parse((Path(__file__).parent / "train.py").read_text())) or ""

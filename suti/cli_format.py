@@ -1,0 +1,26 @@
+"""The help formatter of every ``suti`` command: defaults shown only where they are true.
+
+``argparse.ArgumentDefaultsHelpFormatter`` appends ``(default: X)`` to every option, which
+misleads for on/off flag pairs (``--no-prior-preservation ... (default: True)`` while the recipe
+decides) and for options whose default is resolved later (``None``: a recipe, a preset or the
+model decides). :class:`HelpFormatter` appends the default only when it is a real value of an
+option that takes one; flags and late-resolved options say their default in their own help.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show ``(default: X)`` only for value-taking options with a concrete default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or "%(default)" in text:
+            return text
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
+            return text
+        if action.nargs == 0:  # store_true / store_false / store_const: a flag has no value to default to
+            return text
+        return text + " (default: %(default)s)"

@@ -1,0 +1,67 @@
+"""Starting or joining a Ray cluster with one clear error when that fails.
+
+Every command that uses Ray (``suti mine --ray``, ``suti generate``, ``suti serve
+--ray-address``, ``suti demo``) connects through :func:`init_ray`. A local cluster that does not
+come up (``ray.init`` times out under load: the raylet or GCS did not start in time) or an
+address that cannot be reached becomes one :class:`RayStartError` line with a hint - retry, or
+pass ``--ray-address`` - instead of Ray's 30-line traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from suti.errors import SutiError
+
+log = logging.getLogger(__name__)
+
+
+class RayStartError(SutiError):
+    """Ray could not be started or joined (the CLI prints one line, exit code 2)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwargs) -> bool:
+    """``ray.init(address=address, **kwargs)`` unless Ray is initialised already.
+
+    Args:
+        address: a cluster address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``), or
+            ``None``/``"local"``/``""`` to start a private local cluster.
+        option: the command-line option that sets ``address``, named in the hint.
+        kwargs: passed to ``ray.init`` (``num_cpus``, ``runtime_env``, ``log_to_driver`` ...).
+
+    Returns:
+        True when this call connected (the caller may ``ray.shutdown()`` later), False when Ray
+        was initialised already (e.g. inside a Ray Serve replica).
+
+    Raises:
+        RayStartError: the local cluster did not start, or ``address`` could not be joined.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    local = address in (None, "", "local")
+    kwargs.setdefault("log_to_driver", False)
+    if local:
+        kwargs.setdefault("include_dashboard", False)
+    try:
+        ray.init(address=None if local else address, **kwargs)
+    except Exception as exc:  # Ray raises ConnectionError, TimeoutError, RuntimeError, ValueError ...
+        try:
+            ray.shutdown()  # whatever half-started
+        except Exception:  # noqa: BLE001 - nothing more to clean up
+            pass
+        if local:
+            raise RayStartError(f"could not start a local Ray cluster ({_first_line(exc)}); retry (a busy "
+                                f"machine can make start-up time out), or pass {option} to join a running "
+                                f"cluster") from None
+        raise RayStartError(f"could not join the Ray cluster at {address!r} ({_first_line(exc)}); check that "
+                            f"it is running and reachable and retry, or leave out {option} to start a "
+                            f"local one") from None
+    return True

@@ -1,0 +1,82 @@
+"""Issue 16, failure 8: a Ray cluster that does not start gives one line with a hint, in every
+command that starts Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from suti.cli import main  # noqa: E402
+from suti.raytools import RayStartError, init_ray  # noqa: E402
+
+
+@pytest.fixture()
+def failing_ray(monkeypatch):
+    calls = []
+
+    def init(*args, **kwargs):
+        calls.append(kwargs)
+        raise TimeoutError("Timed out after 30 seconds waiting for the GCS to start.\n  File ...\n  more")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    return calls
+
+
+def test_local_start_failure_is_one_line_with_a_hint(failing_ray):
+    with pytest.raises(RayStartError) as info:
+        init_ray(None, num_cpus=2)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("could not start a local Ray cluster (TimeoutError: Timed out after 30 seconds")
+    assert "retry" in msg and "--ray-address" in msg
+    assert failing_ray == [{"address": None, "num_cpus": 2, "log_to_driver": False, "include_dashboard": False}]
+
+
+def test_unreachable_address_names_it(failing_ray):
+    with pytest.raises(RayStartError, match=r"could not join the Ray cluster at 'ray://nowhere:10001'"):
+        init_ray("ray://nowhere:10001")
+
+
+def test_already_initialised_is_left_alone(monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init must not be called"))
+    assert init_ray("auto") is False
+
+
+def test_mine_with_ray_exits_2_with_one_line(failing_ray, tmp_path, capsys):
+    from suti.world import make_crawl
+
+    make_crawl(tmp_path / "w", 3, 0.0, seed=1, shard_size=0)
+    code = main(["mine", "--crawl", str(tmp_path / "w"), "--output", str(tmp_path / "m"), "--ray",
+                 "--model", "toy-clip"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("suti: error: could not start a local Ray cluster") and "--ray-address" in err
+
+
+def test_generate_exits_2_with_one_line(failing_ray, tmp_path, capsys, monkeypatch):
+    import mining.generate as generate
+
+    with pytest.raises(RayStartError):
+        generate._run_tasks(generate.GenerateConfig(clusters="c", crawl="w", output=str(tmp_path)), [], None, None,
+                            None, None, False, None, None)
+
+
+def test_serving_ray_runner_raises_the_one_line_error(failing_ray):
+    from serving.jobs import RayRunner
+    from serving.settings import Settings
+
+    with pytest.raises(RayStartError, match="could not start a local Ray cluster"):
+        RayRunner(Settings(model="tiny", ray_address="local"))
+
+
+def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys):
+    from suti.demo import _stage
+    from suti.errors import SutiError
+
+    with pytest.raises(SutiError) as info:
+        _stage("generate", False, ["generate", "--clusters", "nothere.jsonl", "--crawl", "w", "--output", "o"])
+    assert str(info.value) == "stage generate: nothere.jsonl: no such clusters file"
