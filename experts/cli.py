@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from experts.recipe import LR_SCHEDULERS, REPORT_TO
@@ -82,7 +81,7 @@ def register(subparsers) -> None:
     sample.add_argument("--overwrite", action="store_true", help="replace existing image files")
     sample.set_defaults(func=_sample)
 
-    imp = sub.add_parser("import", help="wrap a diffusers DreamBooth output (LoRA file or pipeline folder) as an expert", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    imp = sub.add_parser("import", help="wrap a diffusers DreamBooth output (LoRA file or pipeline folder) as an expert", formatter_class=HelpFormatter)
     source = imp.add_mutually_exclusive_group(required=True)
     source.add_argument("--lora", help="LoRA .safetensors file (or a folder with pytorch_lora_weights.safetensors), e.g. from train_dreambooth_lora.py")
     source.add_argument("--pipeline", help="diffusers pipeline folder, e.g. the output of train_dreambooth.py")
