@@ -1,14 +1,21 @@
 """Apprentice training with DeepSpeed on the generation job's shards.
 
 Objective (SuTI): the apprentice denoises the expert's output ``y`` given the target prompt and
-3 demonstrations of the subject, || eps - eps_theta(z_t, t, p, demos) ||^2, with text, demos and
-both dropped at small rates for classifier-free guidance. The base U-Net is trainable (paper) or
-frozen (``--freeze-base``: only the demonstration-attention layers train).
+3 demonstrations of the subject, || target - f_theta(z_t, t, p, demos) ||^2, where the target
+follows the base scheduler's ``prediction_type`` (the noise for ``epsilon``, the velocity
+``scheduler.get_velocity`` for ``v_prediction``, the clean latents for ``sample``), with text,
+demos and both dropped at small rates for classifier-free guidance. The base U-Net is trainable
+(paper) or frozen (``--freeze-base``: only the demonstration-attention layers train).
 
 Launch: one process directly (``suti apprentice train``), or N with any standard launcher:
-``torchrun --nproc_per_node 2 -m apprentice.train ...``, ``deepspeed --num_gpus 8 -m
-apprentice.train ...`` (``suti apprentice train --nproc N`` runs torchrun for you). On CPU the
-gloo backend is used; on GPU NCCL and bf16.
+``torchrun --nproc_per_node 2 -m apprentice.train ...``, ``torchrun --nnodes 2 --node-rank R
+--master-addr HOST --master-port P --nproc-per-node 8 -m apprentice.train ...``, ``deepspeed
+--hostfile H --module apprentice.train ...`` (which passes ``--local_rank``). ``suti apprentice
+train --nproc/--nnodes/--node-rank/--master-addr/--hostfile`` runs these for you. On CPU the gloo
+backend is used; on GPU NCCL and the DeepSpeed config's bf16/fp16.
+
+Checkpoints (:mod:`apprentice.checkpoint`): only what trains, consolidated, on the output URI (may
+be ``s3://``), resumable by any number of processes on any nodes with ``--resume latest``.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import socket
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from apprentice.checkpoint import CorruptCheckpointError, config_differences, gather_trainable, read_tensors, scatter_trainable, select_checkpoint, write_checkpoint
+from suti import storage
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,9 @@ class ApprenticeTrainConfig:
     min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
     self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
     caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
+    shard_weights: list[float] | None = None  # one per --shards pattern (e.g. expert 3 : photo 1)
+    gradient_checkpointing: bool = False
+    num_workers: int = 0  # data-loader workers per process
     extra: dict = field(default_factory=dict)
 
 
@@ -71,7 +84,7 @@ def init_distributed() -> tuple[int, int, str]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU); single process if unlaunched."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # run directly: a world of one
+    if "RANK" not in os.environ:  # run directly (or one-process deepspeed launch without env): a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.distributed.is_initialized():
@@ -108,7 +121,36 @@ def _ds_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = device == "cuda" and torch.cuda.is_bf16_supported()
+    fp16 = ds.get("fp16")
+    if fp16 is not None and fp16.get("enabled") == "auto":
+        fp16["enabled"] = device == "cuda" and not bf16["enabled"]
+    if fp16 and fp16.get("enabled") and int(ds.get("zero_optimization", {}).get("stage", 0)) == 0:
+        raise InputError(f"{path}: fp16 needs ZeRO stage 1 or 2 (its checkpoints are gathered per parameter)")
     return ds
+
+
+def module_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed gave the wrapped module (fp32, or bf16/fp16 by the config); inputs are cast to it."""
+    return next(engine.module.parameters()).dtype
+
+
+def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The apprentice's training loss on one batch (a scalar, fp32).
+
+    Args:
+        model: :class:`ApprenticeModule` or the DeepSpeed engine wrapping it.
+        scheduler: the base model's noise scheduler; its ``config.prediction_type`` picks the
+            target (``experts.loss.denoising_target``: noise, ``get_velocity``, or the latents).
+        latents: (B, C, h, w) scaled clean latents; noise: the same shape; timesteps: (B,).
+        text_emb: (B, L, D); demo_latents: (B, n, C, h, w); demo_emb: (B, n, L, D); demo_mask: (B,).
+        dtype: the module's dtype; every input is cast to it (fp16/bf16 DeepSpeed configs).
+    """
+    from experts.loss import denoising_target
+
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype))
+    target = denoising_target(scheduler, latents, noise, timesteps)
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
 def _optimizer(params, config: ApprenticeTrainConfig):
@@ -121,66 +163,137 @@ def _optimizer(params, config: ApprenticeTrainConfig):
     raise InputError(f"unknown optimizer {config.optimizer!r} (adamw or adafactor)")
 
 
-def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train an apprentice; rank 0 writes ``OUTPUT`` as an ``ApprenticePipeline`` folder.
-
-    Checkpoints (``OUTPUT/checkpoints/step-N``, DeepSpeed format with the resolved config as client
-    state) allow ``resume="latest"``.
-    """
+def build_engine(config: ApprenticeTrainConfig, device: str):
+    """Base pipeline, :class:`ApprenticeModule`, DeepSpeed engine, trainable ``(name, param)`` list, module dtype."""
     import deepspeed
-    from diffusers import DDPMScheduler
 
     from apprentice.adapter import DemoAttentionAdapter
-    from apprentice.data import collate, expand_shards, make_pipeline
-    from apprentice.pipeline import ApprenticePipeline
-    from suti.models import default_resolution, load_pipeline
-
-    output = Path(config.output)
-    expand_shards(config.shards)  # fail early on a bad pattern
-    rank, world, device = init_distributed()
-    if rank == 0:
-        if output.is_dir() and any(output.iterdir()) and not resume and not overwrite:
-            raise InputError(f"{output}: output folder is not empty; pass --resume latest or --overwrite")
-        if overwrite and not resume and output.exists():
-            shutil.rmtree(output)
-        output.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    torch.manual_seed(config.seed + rank)
+    from suti.models import load_pipeline
 
     base = load_pipeline(config.model, device=device)
-    resolution = config.resolution or default_resolution(config.model)
-    config.resolution = resolution
-    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    unet = base.unet
+    base.vae.requires_grad_(False)
+    base.text_encoder.requires_grad_(False)
     unet.requires_grad_(not config.freeze_base)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method)
     adapter.install(unet)
     module = ApprenticeModule(unet, adapter)
     params = [p for p in module.parameters() if p.requires_grad]
     ds_config = _ds_config(config.deepspeed_config, config, device)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(params, config), config=ds_config)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    return base, module, engine, trainable, module_dtype(engine)
 
-    ckpt_dir = output / "checkpoints"
+
+def _prepare_output(config: ApprenticeTrainConfig, resume: str | None, overwrite: bool) -> dict:
+    """Rank 0: check or clear the output, pick the checkpoint to resume from; a dict for every rank."""
+    output = config.output
+    ckpt_uri = storage.join(output, "checkpoints")
+    entries = storage.listdir(output)
+    if entries and not resume and not overwrite:
+        raise InputError(f"{output}: output folder is not empty; pass --resume latest or --overwrite")
+    if overwrite and not resume and entries:
+        fs, path = storage.filesystem(output)
+        fs.rm(path, recursive=True)
+    storage.makedirs(output)
+    if not resume:
+        return {}
+    chosen = select_checkpoint(ckpt_uri, resume)
+    if chosen is None:
+        log.info("%s holds no checkpoint; starting at step 0", ckpt_uri)
+        return {}
+    tag, state = chosen
+    diff = config_differences(state["config"], asdict(config))
+    if diff:
+        raise InputError(f"{storage.join(ckpt_uri, tag)} was trained with other settings: {', '.join(diff)}; resume with the same settings, or pass --overwrite to start again")
+    finished = int(state["step"]) >= config.steps and storage.isfile(storage.join(output, "model_index.json"))
+    return {"tag": tag, "state": state, "finished": finished}
+
+
+def _broadcast(obj):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> str:
+    """Train an apprentice; rank 0 writes ``OUTPUT`` (a path or URI) as an ``ApprenticePipeline`` folder.
+
+    Every ``save_steps`` (and at the end) a checkpoint holding only the trainable parameters,
+    their optimizer state, the step, the data position and the resolved config goes to
+    ``OUTPUT/checkpoints/step-N`` (:mod:`apprentice.checkpoint`). ``resume="latest"`` continues
+    from the newest intact one, at any world size.
+
+    Returns:
+        The output URI.
+
+    Raises:
+        InputError: bad shards or DeepSpeed config, a non-empty output without resume/overwrite,
+            checkpoints of which none is intact, or a checkpoint trained with other settings
+            (:data:`apprentice.checkpoint.TRAINABLE_KEYS`).
+    """
+    from diffusers import DDPMScheduler
+
+    from apprentice.data import collate, expand_shards, make_pipeline
+    from apprentice.pipeline import ApprenticePipeline
+    from suti.models import default_resolution
+
+    config.output = output = storage.resolve(config.output)
+    config.resolution = config.resolution or default_resolution(config.model)
+    expand_shards(config.shards)  # fail early on a bad pattern
+    rank, world, device = init_distributed()
+    decision: dict = {}
+    if rank == 0:
+        try:
+            decision = _prepare_output(config, resume, overwrite)
+        except InputError as exc:
+            decision = {"error": str(exc)}
+    decision = _broadcast(decision)
+    if "error" in decision:
+        raise InputError(decision["error"])
+    if decision.get("finished"):
+        msg = f"{output}: this run already finished at step {decision['state']['step']} (--steps {config.steps}); nothing to do (raise --steps to train on)"
+        log.warning(msg)
+        if rank == 0:
+            print(f"suti: {msg}", file=sys.stderr)
+        return output
+    torch.manual_seed(config.seed + rank)
+
+    base, module, engine, trainable, dtype = build_engine(config, device)
+    unet, vae, text_encoder, adapter = base.unet, base.vae, base.text_encoder, module.adapter
+    resolution = config.resolution
+
+    ckpt_uri = storage.join(output, "checkpoints")
     step = 0
-    if resume:
-        tag = None if resume == "latest" else Path(resume).name
-        if (ckpt_dir / "latest").is_file() or tag:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            step = int(client["step"])
-            log.info("resumed from %s at step %d", ckpt_dir, step)
     ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None
-    if ema and resume and (ckpt_dir / f"ema-step-{step}.safetensors").is_file():
-        ema.load(ckpt_dir / f"ema-step-{step}.safetensors")
+    if decision.get("tag"):
+        tag_uri = storage.join(ckpt_uri, decision["tag"])
+        state = decision["state"]
+        try:
+            weights = read_tensors(tag_uri, state, "trainable.safetensors")
+            optim = read_tensors(tag_uri, state, "optimizer.safetensors")
+            ema_state = read_tensors(tag_uri, state, "ema.safetensors") if ema and "ema.safetensors" in state["files"] else None
+        except CorruptCheckpointError as exc:
+            raise InputError(f"cannot resume: {exc}") from None
+        scatter_trainable(engine, trainable, weights, optim, state.get("scalars", {}))
+        if ema_state:
+            ema.shadow.update(ema_state)
+        step = int(state["step"])
+        log.info("resumed from %s at step %d (saved by %d processes, now %d)", tag_uri, step, state.get("world_size", 0), world)
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
-    data = iter(torch.utils.data.DataLoader(make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=config.seed + 1000 * step, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt), batch_size=config.batch_size, collate_fn=collate, num_workers=0))
-    writer = _writer(output / "logs") if rank == 0 else None
+    data_seed = config.seed + 1000 * step
+    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, weights=config.shard_weights)
+    data = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers))
+    log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
+    writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
     null_emb = _encode(base, [""], device)
     bar = tqdm(total=config.steps, initial=step, desc="apprentice", unit="step", disable=not progress or rank != 0)
     started = time.perf_counter()
+    start_step, loss = step, None
     while step < config.steps:
         batch = next(data)
         b, n = batch["demos"].shape[:2]
@@ -198,9 +311,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         mask = (~drop_demo).float().to(device)
         noise = torch.randn(target.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        noisy = scheduler.add_noise(target, noise, t)
-        pred = engine(noisy.to(dtype), t, text.to(dtype), demos.to(dtype), demo_emb.to(dtype), mask.to(dtype))
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss = denoising_loss(engine, scheduler, target, noise, t, text, demos, demo_emb, mask, dtype)
         engine.backward(loss)
         engine.step()
         if ema:
@@ -211,20 +322,34 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         if writer:
             writer.add_scalar("loss/train", loss.item(), step)
         if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
-            _save_checkpoint(engine, ckpt_dir, step, config, ema, rank)
+            _save_checkpoint(engine, trainable, ckpt_uri, step, config, ema, rank, world, data_seed)
     bar.close()
     elapsed = time.perf_counter() - started
     if rank == 0:
         if ema:
             ema.copy_to(module)
         pipe = ApprenticePipeline(unet, vae, text_encoder, base.tokenizer, base.scheduler, adapter)
-        pipe.save_pretrained(str(output), safe_serialization=True)
-        (output / "training.json").write_text(json.dumps({"config": asdict(config), "steps": step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": loss.item()}, indent=2))
+        _save_pipeline(pipe, output)
+        info = {"config": asdict(config), "resolution": resolution, "prediction_type": scheduler.config.prediction_type, "steps": step, "steps_this_run": step - start_step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": None if loss is None else loss.item()}
+        storage.write_text(storage.join(output, "training.json"), json.dumps(info, indent=2))
         if writer:
             writer.close()
+            if storage.local_path(output) is None:
+                storage.upload(log_dir, storage.join(output, "logs"))
         log.info("apprentice written to %s (%d steps, %.1f s)", output, step, elapsed)
     torch.distributed.barrier()
     return output
+
+
+def _save_pipeline(pipe, output: str) -> None:
+    """``save_pretrained`` into ``output`` (through a local folder and an upload for object stores)."""
+    local = storage.local_path(output)
+    if local is not None:
+        pipe.save_pretrained(str(local), safe_serialization=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="suti-apprentice-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        storage.upload(tmp, output)
 
 
 def _encode(base, prompts: list[str], device: str) -> torch.Tensor:
@@ -233,15 +358,16 @@ def _encode(base, prompts: list[str], device: str) -> torch.Tensor:
         return base.text_encoder(ids.to(device))[0]
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, config, ema, rank: int) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state={"step": step, "config": asdict(config)})
+def _save_checkpoint(engine, trainable, ckpt_uri: str, step: int, config, ema, rank: int, world: int, data_seed: int) -> None:
+    """Gather the trainable state on every rank; rank 0 writes it (see :mod:`apprentice.checkpoint`)."""
+    params, optim, scalars = gather_trainable(engine, trainable)
     if rank == 0:
+        tensors = {"trainable.safetensors": params, "optimizer.safetensors": optim}
         if ema:
-            ema.save(ckpt_dir / f"ema-step-{step}.safetensors")
-        tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in tags[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-            (ckpt_dir / f"ema-{old.name}.safetensors").unlink(missing_ok=True)
+            tensors["ema.safetensors"] = ema.shadow
+        data = {"seed": data_seed, "samples_seen": step * config.batch_size * world}
+        write_checkpoint(ckpt_uri, step, tensors, {"config": asdict(config), "world_size": world, "scalars": scalars, "data": data}, config.keep_checkpoints)
+    torch.distributed.barrier()
 
 
 class _Ema:
@@ -263,16 +389,6 @@ class _Ema:
             if n in self.shadow:
                 p.copy_(self.shadow[n].to(p.dtype))
 
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
-
-    def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.shadow.update(load_file(str(path)))
-
 
 def _writer(folder: Path):
     try:
@@ -285,9 +401,10 @@ def _writer(folder: Path):
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
     p = parser or argparse.ArgumentParser(prog="apprentice.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`, e.g. "SH/*.tar" "PH/*.tar"')
+    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`: folders, globs, brace ranges or single shards, local or any fsspec URI (s3://...), e.g. "SH/*.tar" "PH/*.tar"')
+    p.add_argument("--shard-weights", type=float, nargs="+", help="one weight per --shards pattern: the share of examples drawn from each (e.g. 3 1 for expert shards 3 : 1 photo shards); default: all patterns read as one list")
     p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
-    p.add_argument("--output", required=True, help="apprentice folder to write")
+    p.add_argument("--output", required=True, help="apprentice folder or URI (s3://...) to write; checkpoints go to OUTPUT/checkpoints")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
     p.add_argument("--learning-rate", type=float, default=1e-4)
@@ -297,13 +414,19 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
+    p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute U-Net activations in the backward pass (less memory, ~30%% slower)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per training process")
     p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
     p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
     p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
-    p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
+    p.add_argument("--resume", help='"latest" (the newest intact checkpoint) or a checkpoint tag (step-N)')
     p.add_argument("--overwrite", action="store_true")
+    # the deepspeed launcher passes --local_rank=N to every process (torchrun sets LOCAL_RANK instead)
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -314,13 +437,22 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
         min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
+        shard_weights=args.shard_weights, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
+        num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
     )
+
+
+def apply_local_rank(args) -> None:
+    """Honour a launcher's ``--local_rank`` (DeepSpeed's) when ``LOCAL_RANK`` is not already set."""
+    if getattr(args, "local_rank", None) is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m apprentice.train`` (for torchrun / deepspeed launchers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(argv)
+    apply_local_rank(args)
     try:
         train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except InputError as exc:

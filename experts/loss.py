@@ -19,12 +19,18 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
 
 
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The U-Net's regression target for the scheduler's prediction type."""
+    """The U-Net's regression target for the scheduler's prediction type.
+
+    ``epsilon``: the noise; ``v_prediction``: ``scheduler.get_velocity`` (Salimans & Ho 2022);
+    ``sample``: the clean latents. Same shape as ``latents``.
+    """
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 

@@ -141,3 +141,194 @@ def test_bad_json_is_skipped_by_every_stage_naming_shard_and_key(tmp_path, caplo
     for key in ("nojson", "listjson", "badjson"):
         lines = [r.getMessage() for r in caplog.records if repr(key) in r.getMessage()]
         assert lines and all("shard-000000.tar" in m for m in lines), key
+
+
+# ---------------------------------------------------------------- loss target and dtypes
+
+
+def _tiny_module():
+    from apprentice import DemoAttentionAdapter
+    from apprentice.train import ApprenticeModule
+    from suti.models import load_pipeline
+
+    base = load_pipeline("tiny")
+    adapter = DemoAttentionAdapter.for_unet(base.unet)
+    adapter.install(base.unet)
+    with torch.no_grad():  # a trained-looking adapter, so demonstrations matter
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return base, ApprenticeModule(base.unet, adapter)
+
+
+def _fixed_batch(b: int = 2):
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(b, 4, 16, 16, generator=gen)
+    noise = torch.randn(b, 4, 16, 16, generator=gen)
+    t = torch.tensor([10, 700])[:b]
+    text = torch.randn(b, 77, 32, generator=gen)
+    demos = torch.randn(b, 3, 4, 16, 16, generator=gen)
+    demo_emb = torch.randn(b, 3, 77, 32, generator=gen)
+    return latents, noise, t, text, demos, demo_emb, torch.ones(b)
+
+
+@torch.no_grad()
+def test_v_prediction_base_trains_on_the_velocity():
+    from diffusers import DDPMScheduler
+
+    from apprentice.train import denoising_loss
+
+    base, module = _tiny_module()
+    latents, noise, t, text, demos, demo_emb, mask = _fixed_batch()
+    losses = {}
+    for kind in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDPMScheduler.from_config(base.scheduler.config, prediction_type=kind)
+        losses[kind] = denoising_loss(module, scheduler, latents, noise, t, text, demos, demo_emb, mask).item()
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    pred = module(noisy, t, text, demos, demo_emb, mask)
+    by_hand = {
+        "epsilon": (pred - noise).pow(2).mean().item(),
+        "v_prediction": (pred - (a.sqrt() * noise - (1 - a).sqrt() * latents)).pow(2).mean().item(),
+        "sample": (pred - latents).pow(2).mean().item(),
+    }
+    for kind in losses:
+        assert losses[kind] == pytest.approx(by_hand[kind], rel=1e-5), kind
+    assert abs(losses["v_prediction"] - losses["epsilon"]) > 1e-3
+
+
+def _ds_json(tmp_path: Path, **extra) -> str:
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}, "steps_per_print": 10**6, **extra}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_bf16_config_feeds_bf16_inputs_and_keeps_fp32_checkpoints(tmp_path):
+    from apprentice.checkpoint import gather_trainable
+    from apprentice.train import ApprenticeTrainConfig, build_engine, denoising_loss, init_distributed
+    from diffusers import DDPMScheduler
+
+    _, _, device = init_distributed()
+    config = ApprenticeTrainConfig(shards="x", output=str(tmp_path / "o"), model="tiny", batch_size=2, freeze_base=True, deepspeed_config=_ds_json(tmp_path, bf16={"enabled": True}))
+    base, module, engine, trainable, dtype = build_engine(config, device)
+    assert dtype == torch.bfloat16 and module.unet.dtype == torch.bfloat16
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    loss = denoising_loss(engine, scheduler, *_fixed_batch(), dtype=dtype)  # fp32 batch, cast to bf16
+    engine.backward(loss)
+    engine.step()
+    params, optim, scalars = gather_trainable(engine, trainable)
+    assert all(v.dtype == torch.float32 for v in params.values()) and scalars["step"] == 1
+    assert set(params) == {n for n, _ in module.named_parameters() if n.startswith("adapter.")}
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def test_launcher_commands():
+    from apprentice.cli import launch_command, train_argv
+    from suti.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse("apprentice train --shards a/*.tar b/*.tar --shard-weights 3 1 --output s3://b/run --steps 5 --freeze-base --resolution 64 --nproc 8 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29400".split())
+    argv = train_argv(args)
+    assert argv == ["--shards", "a/*.tar", "b/*.tar", "--shard-weights", "3.0", "1.0", "--output", "s3://b/run", "--steps", "5", "--freeze-base", "--resolution", "64"]
+    env = os.environ.pop("RANK", None)
+    try:
+        cmd = launch_command(args, argv)
+        assert cmd[1:] == ["-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29400", "--nproc-per-node=8", "-m", "apprentice.train", *argv]
+        assert launch_command(parse("apprentice train --shards a --output o --nproc 2".split()), [])[3] == "--standalone"
+        assert launch_command(parse("apprentice train --shards a --output o".split()), []) is None
+        hosts = Path(__file__)  # any existing file stands for a hostfile here
+        cmd = launch_command(parse(f"apprentice train --shards a --output o --hostfile {hosts} --nnodes 2".split()), ["--steps", "3"])
+        assert cmd[1:4] == ["-m", "deepspeed.launcher.runner", "--hostfile"] and cmd[-3:] == ["apprentice.train", "--steps", "3"] and "--num_nodes" in cmd
+        from suti.errors import InputError
+
+        with pytest.raises(InputError, match="--master-addr"):
+            launch_command(parse("apprentice train --shards a --output o --nnodes 2".split()), [])
+    finally:
+        if env is not None:
+            os.environ["RANK"] = env
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_passes_local_rank_and_it_runs(tmp_path):
+    import base64
+
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": [0]}).encode()).decode()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--module", "apprentice.train",
+           "--shards", str(shards / "*.tar"), "--model", "tiny", "--output", str(tmp_path / "app"), "--steps", "2", "--batch-size", "2", "--freeze-base"]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "--local_rank=0" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "app" / "training.json").read_text())["steps"] == 2
+
+
+# ---------------------------------------------------------------- multi-node, S3, elastic resume
+
+
+def _adapter_bytes(freeze_base: bool = True) -> int:
+    from apprentice import DemoAttentionAdapter
+    from suti.models import load_pipeline
+
+    unet = load_pipeline("tiny").unet
+    return sum(p.numel() * 4 for p in DemoAttentionAdapter.for_unet(unet).parameters())
+
+
+@pytest.mark.slow
+def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
+    from apprentice.checkpoint import gather_trainable, read_state, read_tensors, scatter_trainable
+    from apprentice.train import ApprenticeTrainConfig, build_engine, init_distributed
+    from suti import storage
+
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
+    out = "s3://suti/two-nodes"
+    common = ["--shards", str(shards / "*.tar"), "--model", "tiny", "--output", out, "--batch-size", "2", "--freeze-base", "--save-steps", "2"]
+
+    def nodes(steps: int, *extra: str) -> list[str]:
+        port = str(_free_port())
+        procs = []
+        for r in range(2):
+            private = tmp_path / f"node{r}"  # each node's own disk: its working folder and TMPDIR
+            private.mkdir(exist_ok=True)
+            cmd = [sys.executable, "-m", "suti.cli", "apprentice", "train", *common, "--steps", str(steps), *extra, "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port]
+            procs.append(subprocess.Popen(cmd, cwd=private, env=_env(**s3, TMPDIR=str(private)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+        for p, log in zip(procs, logs):
+            assert p.returncode == 0, log[-4000:]
+        return logs
+
+    nodes(4)
+    assert storage.listdir(f"{out}/checkpoints") == ["latest", "step-2", "step-4"]
+    assert not any((tmp_path / f"node{r}").glob("**/*.safetensors")), "nothing checkpoints to a node's own disk"
+    logs = nodes(6, "--resume", "latest")
+    for log in logs:  # each node's process continues at the same step
+        assert "at step 4 (saved by 2 processes, now 2)" in log, log[-3000:]
+    # kill both, resume with one process
+    one = subprocess.run([sys.executable, "-m", "suti.cli", "apprentice", "train", *common, "--steps", "8", "--resume", "latest"], cwd=tmp_path, env=_env(**s3), capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "at step 6 (saved by 2 processes, now 1)" in one.stderr
+    info = json.loads(storage.read_text(f"{out}/training.json"))
+    assert info["steps"] == 8 and info["steps_this_run"] == 2 and info["world_size"] == 1 and info["resolution"] == 32
+    # lean: the checkpoint holds the adapter and its Adam state, not the frozen U-Net
+    tag = f"{out}/checkpoints/step-8"
+    state = read_state(tag)
+    size = sum(f["bytes"] for f in state["files"].values())
+    adapter = _adapter_bytes()
+    assert size <= 1.5 * (adapter + 2 * adapter), (size, adapter)
+    # the weights and Adam moments of a 2-process checkpoint load whole into 1 process
+    tag6 = f"{out}/checkpoints/step-6"
+    st6 = read_state(tag6)
+    weights, optim = read_tensors(tag6, st6, "trainable.safetensors"), read_tensors(tag6, st6, "optimizer.safetensors")
+    _, _, device = init_distributed()
+    config = ApprenticeTrainConfig(shards="x", output="o", model="tiny", batch_size=2, freeze_base=True)
+    _, _, engine, trainable, _ = build_engine(config, device)
+    scatter_trainable(engine, trainable, weights, optim, st6["scalars"])
+    params, moments, scalars = gather_trainable(engine, trainable)
+    assert scalars["step"] == 6
+    assert all(torch.equal(params[k], weights[k]) for k in weights) and all(torch.equal(moments[k], optim[k]) for k in optim)
