@@ -286,6 +286,7 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
     from apprentice.train import ApprenticeTrainConfig, build_engine, init_distributed
     from suti import storage
 
+    adapter = _adapter_bytes()  # also builds the tiny preset once, before two processes would race to
     shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
     out = "s3://suti/two-nodes"
     common = ["--shards", str(shards / "*.tar"), "--model", "tiny", "--output", out, "--batch-size", "2", "--freeze-base", "--save-steps", "2"]
@@ -305,7 +306,7 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
 
     nodes(4)
     assert storage.listdir(f"{out}/checkpoints") == ["latest", "step-2", "step-4"]
-    assert not any((tmp_path / f"node{r}").glob("**/*.safetensors")), "nothing checkpoints to a node's own disk"
+    assert not any(p for r in range(2) for p in (tmp_path / f"node{r}").glob("**/*.safetensors")), "nothing checkpoints to a node's own disk"
     logs = nodes(6, "--resume", "latest")
     for log in logs:  # each node's process continues at the same step
         assert "at step 4 (saved by 2 processes, now 2)" in log, log[-3000:]
@@ -319,7 +320,6 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
     tag = f"{out}/checkpoints/step-8"
     state = read_state(tag)
     size = sum(f["bytes"] for f in state["files"].values())
-    adapter = _adapter_bytes()
     assert size <= 1.5 * (adapter + 2 * adapter), (size, adapter)
     # the weights and Adam moments of a 2-process checkpoint load whole into 1 process
     tag6 = f"{out}/checkpoints/step-6"
@@ -332,3 +332,98 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
     params, moments, scalars = gather_trainable(engine, trainable)
     assert scalars["step"] == 6
     assert all(torch.equal(params[k], weights[k]) for k in weights) and all(torch.equal(moments[k], optim[k]) for k in optim)
+
+
+# ---------------------------------------------------------------- resume faults (one process, in-process CLI)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 4-step frozen-base run with checkpoints step-2 and step-4, plus its CLI arguments."""
+    from suti.cli import main
+
+    root = tmp_path_factory.mktemp("faults")
+    shards = world_shards(root / "sh", num_subjects=2, per_subject=2)
+    args = ["apprentice", "train", "--shards", str(shards / "*.tar"), "--model", "tiny", "--batch-size", "2", "--freeze-base", "--save-steps", "2"]
+    assert main([*args, "--output", str(root / "run"), "--steps", "4"]) == 0
+    return root / "run", args
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    import shutil
+
+    folder, args = trained
+    shutil.copytree(folder, tmp_path / "run")
+    return tmp_path / "run", [*args, "--output", str(tmp_path / "run")]
+
+
+def _sizes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_missing_latest_resumes_from_the_newest_intact_checkpoint(run, caplog):
+    from suti.cli import main
+
+    folder, args = run
+    (folder / "checkpoints" / "latest").unlink()
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--steps", "6", "--resume", "latest"]) == 0
+    assert "checkpoints/latest is missing" in caplog.text
+    assert "step-4 at step 4" in caplog.text
+    info = json.loads((folder / "training.json").read_text())
+    assert info["steps"] == 6 and info["steps_this_run"] == 2
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "no-state"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run, caplog, damage):
+    from suti.cli import main
+
+    folder, args = run
+    bad = folder / "checkpoints" / "step-4" / ("state.json" if damage == "no-state" else "optimizer.safetensors")
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:
+        bad.unlink()
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--steps", "6", "--resume", "latest"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "not intact" in r.getMessage())
+    assert "step-4" in warning and bad.name in warning
+    assert "step-2 at step 2" in caplog.text
+    assert json.loads((folder / "training.json").read_text())["steps_this_run"] == 4
+
+
+def test_no_intact_checkpoint_is_an_error_and_nothing_is_overwritten(run, capsys):
+    from suti.cli import main
+
+    folder, args = run
+    for tag in ("step-2", "step-4"):
+        (folder / "checkpoints" / tag / "trainable.safetensors").write_bytes(b"")
+    (folder / "checkpoints" / "latest").unlink()
+    before = _sizes(folder)
+    assert main([*args, "--steps", "6", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err and "step-2" in err and "step-4" in err and "Traceback" not in err
+    assert _sizes(folder) == before
+
+
+def test_resuming_a_finished_run_says_so_and_exits_0(run, capsys):
+    from suti.cli import main
+
+    folder, args = run
+    before = _sizes(folder)
+    assert main([*args, "--steps", "4", "--resume", "latest"]) == 0
+    assert "already finished at step 4" in capsys.readouterr().err
+    assert _sizes(folder) == before
+
+
+def test_resuming_with_another_trainable_set_exits_2_naming_the_keys(run, capsys):
+    from suti.cli import main
+
+    folder, args = run
+    unfrozen = [a for a in args if a != "--freeze-base"]
+    assert main([*unfrozen, "--steps", "6", "--resume", "latest", "--optimizer", "adafactor"]) == 2
+    err = capsys.readouterr().err
+    assert "freeze_base (checkpoint True, now False)" in err and "optimizer ('adamw'" in err and "Traceback" not in err
