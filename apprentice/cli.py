@@ -117,7 +117,7 @@ def _train(args) -> int:
         return subprocess.call(cmd)
     apply_local_rank(args)
     output = train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({"output": output}))
+    print(json.dumps({"output": str(output)}))
     return 0
 
 

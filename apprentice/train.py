@@ -218,7 +218,7 @@ def _broadcast(obj):
     return box[0]
 
 
-def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> str:
+def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | str:
     """Train an apprentice; rank 0 writes ``OUTPUT`` (a path or URI) as an ``ApprenticePipeline`` folder.
 
     Every ``save_steps`` (and at the end) a checkpoint holding only the trainable parameters,
@@ -227,7 +227,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     from the newest intact one, at any world size.
 
     Returns:
-        The output URI.
+        The output: a :class:`Path` when local, else the URI.
 
     Raises:
         InputError: bad shards or DeepSpeed config, a non-empty output without resume/overwrite,
@@ -258,7 +258,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         log.warning(msg)
         if rank == 0:
             print(f"suti: {msg}", file=sys.stderr)
-        return output
+        return storage.local_path(output) or output
     torch.manual_seed(config.seed + rank)
 
     base, module, engine, trainable, dtype = build_engine(config, device)
@@ -338,7 +338,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
                 storage.upload(log_dir, storage.join(output, "logs"))
         log.info("apprentice written to %s (%d steps, %.1f s)", output, step, elapsed)
     torch.distributed.barrier()
-    return output
+    return storage.local_path(output) or output
 
 
 def _save_pipeline(pipe, output: str) -> None:
