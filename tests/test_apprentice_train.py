@@ -426,4 +426,4 @@ def test_resuming_with_another_trainable_set_exits_2_naming_the_keys(run, capsys
     unfrozen = [a for a in args if a != "--freeze-base"]
     assert main([*unfrozen, "--steps", "6", "--resume", "latest", "--optimizer", "adafactor"]) == 2
     err = capsys.readouterr().err
-    assert "freeze_base (checkpoint True, now False)" in err and "optimizer ('adamw'" in err and "Traceback" not in err
+    assert "freeze_base (checkpoint True, now False)" in err and "optimizer (checkpoint 'adamw', now 'adafactor')" in err and "Traceback" not in err
