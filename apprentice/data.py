@@ -311,7 +311,7 @@ def _split_samples(rank: int, world: int):
     def stage(samples):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slots, slot = world * workers, rank * workers + worker
+        slots, slot = world * workers, worker * world + rank  # i % world == rank: ranks' shares differ by at most one
         for i, s in enumerate(samples):
             if i % slots == slot:
                 yield s

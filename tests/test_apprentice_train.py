@@ -82,6 +82,16 @@ def test_ranks_get_equal_shares_of_unequal_shards(tmp_path):
     assert len(set(per_rank[0]) | set(per_rank[1])) == 10
 
 
+def test_data_loader_workers_split_each_ranks_share(tmp_path):
+    shards = _unequal_shards(tmp_path / "sh")
+    per_rank = []
+    for r in range(2):
+        loader = torch.utils.data.DataLoader(make_pipeline(str(shards / "*.tar"), resolution=32, repeat=False, rank=r, world=2), batch_size=None, num_workers=2)
+        per_rank.append([e["key"] for e in loader])
+    assert sorted(len(k) for k in per_rank) == [5, 5]
+    assert len(set(per_rank[0]) | set(per_rank[1])) == 10
+
+
 def test_a_single_shard_url_without_braces(tmp_path):
     shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
     one = sorted(shards.glob("*.tar"))[0]
@@ -194,6 +204,28 @@ def test_v_prediction_base_trains_on_the_velocity():
     for kind in losses:
         assert losses[kind] == pytest.approx(by_hand[kind], rel=1e-5), kind
     assert abs(losses["v_prediction"] - losses["epsilon"]) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_adapter_the_same_gradients():
+    from diffusers import DDPMScheduler
+
+    from apprentice.train import denoising_loss
+
+    base, module = _tiny_module()
+    module.unet.requires_grad_(False)
+    module.unet.train()
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            module.unet.enable_gradient_checkpointing()
+        module.zero_grad()
+        denoising_loss(module, scheduler, *_fixed_batch()).backward()
+        grads.append({n: p.grad.clone() for n, p in module.adapter.named_parameters() if p.grad is not None})
+    assert module.unet.is_gradient_checkpointing
+    assert grads[0].keys() == grads[1].keys() and any(g.abs().sum() > 0 for g in grads[1].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
 
 
 def _ds_json(tmp_path: Path, **extra) -> str:
@@ -344,7 +376,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("faults")
     shards = world_shards(root / "sh", num_subjects=2, per_subject=2)
-    args = ["apprentice", "train", "--shards", str(shards / "*.tar"), "--model", "tiny", "--batch-size", "2", "--freeze-base", "--save-steps", "2"]
+    args = ["apprentice", "train", "--shards", str(shards / "*.tar"), "--model", "tiny", "--batch-size", "2", "--freeze-base", "--save-steps", "2", "--resolution", "32", "--gradient-checkpointing", "--num-workers", "1"]
     assert main([*args, "--output", str(root / "run"), "--steps", "4"]) == 0
     return root / "run", args
 
@@ -373,6 +405,7 @@ def test_missing_latest_resumes_from_the_newest_intact_checkpoint(run, caplog):
     assert "step-4 at step 4" in caplog.text
     info = json.loads((folder / "training.json").read_text())
     assert info["steps"] == 6 and info["steps_this_run"] == 2
+    assert info["resolution"] == 32 and info["config"]["gradient_checkpointing"] is True and info["config"]["num_workers"] == 1
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "no-state"])
