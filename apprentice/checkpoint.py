@@ -5,7 +5,7 @@ Layout (written by rank 0 through :mod:`suti.storage`, so ``OUTPUT`` may be ``s3
     OUTPUT/checkpoints/step-N/trainable.safetensors   # fp32 master value of every trainable parameter
     OUTPUT/checkpoints/step-N/optimizer.safetensors   # its optimizer state, "<state key>/<parameter>"
     OUTPUT/checkpoints/step-N/ema.safetensors         # EMA shadow (only with --ema-decay)
-    OUTPUT/checkpoints/step-N/state.json              # step, data position, resolved config, file sizes + sha256
+    OUTPUT/checkpoints/step-N/state.json              # step, data position, resolved config, Adam's step, file sizes + sha256
     OUTPUT/checkpoints/latest                         # "step-N" (a hint; the newest intact tag wins)
 
 Only what trains is stored: with ``--freeze-base`` the adapter and its optimizer state, never the
@@ -14,6 +14,10 @@ frozen U-Net. Every tensor is *whole* (not a ZeRO partition): DeepSpeed's tensor
 ``safe_set_*`` counterparts) gathers and scatters each parameter's fp32 value and optimizer state
 across the data-parallel ranks, so a checkpoint written by N processes loads into M processes on
 any nodes, none of which needs a shared filesystem: every rank reads the tag from ``OUTPUT``.
+
+The data position is the step (``data.samples_seen`` = step x batch x world, ``data.seed``): a
+resumed run draws a fresh seeded shuffle (``seed + 1000 x step``) of the shards rather than
+replaying the stream, since the world size may have changed.
 
 ``state.json`` is written after the tensor files and lists their sizes and sha256, so a tag whose
 ``state.json`` is missing, empty or unparsable, or whose files are missing, truncated or empty, is

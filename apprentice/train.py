@@ -267,21 +267,22 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
 
     ckpt_uri = storage.join(output, "checkpoints")
     step = 0
-    ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None
+    ema_state = None
     if decision.get("tag"):
         tag_uri = storage.join(ckpt_uri, decision["tag"])
         state = decision["state"]
         try:
             weights = read_tensors(tag_uri, state, "trainable.safetensors")
             optim = read_tensors(tag_uri, state, "optimizer.safetensors")
-            ema_state = read_tensors(tag_uri, state, "ema.safetensors") if ema and "ema.safetensors" in state["files"] else None
+            ema_state = read_tensors(tag_uri, state, "ema.safetensors") if config.ema_decay > 0 and "ema.safetensors" in state["files"] else None
         except CorruptCheckpointError as exc:
             raise InputError(f"cannot resume: {exc}") from None
         scatter_trainable(engine, trainable, weights, optim, state.get("scalars", {}))
-        if ema_state:
-            ema.shadow.update(ema_state)
         step = int(state["step"])
         log.info("resumed from %s at step %d (saved by %d processes, now %d)", tag_uri, step, state.get("world_size", 0), world)
+    ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None  # after resuming: starts from the resumed weights
+    if ema and ema_state:
+        ema.shadow.update(ema_state)
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     data_seed = config.seed + 1000 * step
