@@ -8,6 +8,9 @@ shard list logs a bad sample, naming its shard and key, and continues.
 Balance: every process (rank x data-loader worker) reads the same seeded shard order and keeps
 every ``world``-th sample, so with shards of any sizes each process gets an equal share of an
 epoch's samples (within one), at the price of each process reading (not decoding) all shards.
+At scale (many shards, many processes) ``resampled=True`` reads less: each process draws its own
+shards with replacement (webdataset's ``ResampledShards``, seeded per rank and worker), equal in
+expectation, and every training step still takes one micro-batch per process.
 Several patterns with ``weights`` are mixed by a seeded weighted draw, e.g. expert shards 3 : 1
 photo shards.
 """
@@ -193,7 +196,7 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, weights: list[float] | None = None, rank: int | None = None, world: int | None = None):
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, weights: list[float] | None = None, rank: int | None = None, world: int | None = None, resampled: bool = False):
     """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
 
     Args:
@@ -206,6 +209,8 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
             lambda ablation on shards generated with ``suti generate --no-filter``).
         self_target, caption_prompt: see :class:`ToExample`.
         rank, world: this process's data-parallel rank and world size (default: torch.distributed's).
+        resampled: draw shards with replacement per process instead of splitting samples (an
+            "epoch" is ``len(shards)`` draws).
 
     Raises:
         InputError: a pattern matches nothing, or ``weights`` does not fit ``shards``.
@@ -213,7 +218,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if rank is None or world is None:
         rank, world = _dist()
-    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, rank=rank, world=world)
+    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, rank=rank, world=world, resampled=resampled)
     if weights is None:
         pipeline = _one_pipeline(expand_shards(patterns), seed=seed, **kw)
         return _Epochs(pipeline) if repeat else pipeline
@@ -225,14 +230,17 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     return _WeightedMix(streams, [w for w in weights if w > 0], seed=seed * 31 + rank)
 
 
-def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, rank, world) -> wds.DataPipeline:
+def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, rank, world, resampled) -> wds.DataPipeline:
+    if resampled:
+        shards = [wds.ResampledShards(urls, nshards=len(urls), seed=seed, worker_seed=_worker_seed(rank), deterministic=True)]
+    else:
+        shards = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed)]
     stages = [
-        wds.SimpleShardList(urls),
-        wds.detshuffle(bufsize=len(urls), seed=seed),
+        *shards,
         _open_shards,
         wds.filters.pipelinefilter(wds.tariterators.tar_file_expander)(handler=log_and_continue),
         wds.filters.pipelinefilter(wds.tariterators.group_by_keys)(handler=log_and_continue),
-        _split_samples(rank, world),
+        *([] if resampled else [_split_samples(rank, world)]),
         wds.shuffle(shuffle_buffer, rng=random.Random(seed + rank)),
         per_sample("decode", wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])),
     ]
@@ -240,6 +248,14 @@ def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffe
         stages.append(per_sample("--min-delta-clip filter", _DeltaClipFilter(min_delta_clip)))
     stages.append(per_sample("to example", ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt)))
     return wds.DataPipeline(*stages)
+
+
+def _worker_seed(rank: int):
+    def seed() -> int:
+        info = torch.utils.data.get_worker_info()
+        return rank * 1000 + (info.id if info else 0)
+
+    return seed
 
 
 def _open_shards(sources):

@@ -69,6 +69,7 @@ class ApprenticeTrainConfig:
     self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
     caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
     shard_weights: list[float] | None = None  # one per --shards pattern (e.g. expert 3 : photo 1)
+    resampled_shards: bool = False  # each process draws shards with replacement instead of an equal share of samples
     gradient_checkpointing: bool = False
     num_workers: int = 0  # data-loader workers per process
     extra: dict = field(default_factory=dict)
@@ -286,7 +287,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     data_seed = config.seed + 1000 * step
-    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, weights=config.shard_weights)
+    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, weights=config.shard_weights, resampled=config.resampled_shards)
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers))
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None
@@ -404,6 +405,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p = parser or argparse.ArgumentParser(prog="apprentice.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`: folders, globs, brace ranges or single shards, local or any fsspec URI (s3://...), e.g. "SH/*.tar" "PH/*.tar"')
     p.add_argument("--shard-weights", type=float, nargs="+", help="one weight per --shards pattern: the share of examples drawn from each (e.g. 3 1 for expert shards 3 : 1 photo shards); default: all patterns read as one list")
+    p.add_argument("--resampled-shards", action="store_true", help="each process draws shards with replacement (reads only those; for many shards and processes) instead of reading all shards for an equal share of samples")
     p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
     p.add_argument("--output", required=True, help="apprentice folder or URI (s3://...) to write; checkpoints go to OUTPUT/checkpoints")
     p.add_argument("--steps", type=int, default=1000)
@@ -438,7 +440,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
         min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
-        shard_weights=args.shard_weights, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
+        shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
     )
 

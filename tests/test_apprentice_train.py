@@ -92,6 +92,17 @@ def test_data_loader_workers_split_each_ranks_share(tmp_path):
     assert len(set(per_rank[0]) | set(per_rank[1])) == 10
 
 
+def test_resampled_shards_give_each_rank_its_own_draws(tmp_path):
+    shards = _unequal_shards(tmp_path / "sh")
+    draws = []
+    for r in (0, 1, 0):
+        stream = iter(make_pipeline(str(shards / "*.tar"), resolution=32, rank=r, world=2, resampled=True, seed=3))
+        draws.append([next(stream)["key"] for _ in range(12)])
+    assert draws[0] == draws[2], "seeded per rank: reproducible"
+    assert draws[0] != draws[1]
+    assert all(len(set(d)) > 1 for d in draws)
+
+
 def test_a_single_shard_url_without_braces(tmp_path):
     shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
     one = sorted(shards.glob("*.tar"))[0]
