@@ -293,8 +293,13 @@ def test_launcher_commands():
             os.environ["RANK"] = env
 
 
+#: What an in-process run (init_distributed) leaves in os.environ; a launched job must not inherit it.
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env(**extra) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
 
 
 @pytest.mark.slow
@@ -305,8 +310,7 @@ def test_deepspeed_launcher_passes_local_rank_and_it_runs(tmp_path):
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": [0]}).encode()).decode()
     cmd = [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--module", "apprentice.train",
            "--shards", str(shards / "*.tar"), "--model", "tiny", "--output", str(tmp_path / "app"), "--steps", "2", "--batch-size", "2", "--freeze-base"]
-    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "--local_rank=0" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "app" / "training.json").read_text())["steps"] == 2
