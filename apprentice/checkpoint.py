@@ -13,7 +13,8 @@ frozen U-Net. Every tensor is *whole* (not a ZeRO partition): DeepSpeed's tensor
 (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, and the
 ``safe_set_*`` counterparts) gathers and scatters each parameter's fp32 value and optimizer state
 across the data-parallel ranks, so a checkpoint written by N processes loads into M processes on
-any nodes, none of which needs a shared filesystem: every rank reads the tag from ``OUTPUT``.
+any nodes, none of which needs a shared filesystem: rank 0 reads the tag from ``OUTPUT`` and
+broadcasts each tensor (``apprentice.train``), so other nodes need not even reach ``OUTPUT``.
 
 The data position is the step (``data.samples_seen`` = step x batch x world, ``data.seed``): a
 resumed run draws a fresh seeded shuffle (``seed + 1000 x step``) of the shards rather than

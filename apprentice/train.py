@@ -213,6 +213,44 @@ def _prepare_output(config: ApprenticeTrainConfig, resume: str | None, overwrite
     return {"tag": tag, "state": state, "finished": finished}
 
 
+def _read_and_share(tag_uri: str, state: dict, rank: int, world: int, device: str, names: list[str], *, want_ema: bool):
+    """Rank 0 reads a checkpoint's tensors and broadcasts them, so no other node needs to see the output.
+
+    Returns ``(weights, optimizer, ema or None)`` on every rank (CPU fp32 tensors).
+
+    Raises:
+        InputError: a file fails its sha256 or safetensors check, or the checkpoint trains other
+            parameters than this run.
+    """
+    files: dict = {}
+    meta: dict = {}
+    if rank == 0:
+        try:
+            files["weights"] = read_tensors(tag_uri, state, "trainable.safetensors")
+            files["optim"] = read_tensors(tag_uri, state, "optimizer.safetensors")
+            if want_ema and "ema.safetensors" in state["files"]:
+                files["ema"] = read_tensors(tag_uri, state, "ema.safetensors")
+            if set(files["weights"]) != set(names):
+                missing, extra = sorted(set(names) - set(files["weights"])), sorted(set(files["weights"]) - set(names))
+                raise InputError(f"{tag_uri} trains other parameters than this run ({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})")
+            meta = {part: {k: list(t.shape) for k, t in d.items()} for part, d in files.items()}
+        except (CorruptCheckpointError, InputError) as exc:
+            meta = {"error": f"cannot resume: {exc}"}
+    if world > 1:
+        meta = _broadcast(meta)
+    if "error" in meta:
+        raise InputError(meta["error"])
+    if world > 1:
+        for part, shapes in meta.items():
+            received = {}
+            for key, shape in shapes.items():  # one tensor at a time: peak memory of one tensor on the device
+                t = files[part][key].to(device) if rank == 0 else torch.empty(shape, dtype=torch.float32, device=device)
+                torch.distributed.broadcast(t, src=0)
+                received[key] = t.cpu()
+            files[part] = received
+    return files["weights"], files["optim"], files.get("ema")
+
+
 def _broadcast(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -272,12 +310,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     if decision.get("tag"):
         tag_uri = storage.join(ckpt_uri, decision["tag"])
         state = decision["state"]
-        try:
-            weights = read_tensors(tag_uri, state, "trainable.safetensors")
-            optim = read_tensors(tag_uri, state, "optimizer.safetensors")
-            ema_state = read_tensors(tag_uri, state, "ema.safetensors") if config.ema_decay > 0 and "ema.safetensors" in state["files"] else None
-        except CorruptCheckpointError as exc:
-            raise InputError(f"cannot resume: {exc}") from None
+        weights, optim, ema_state = _read_and_share(tag_uri, state, rank, world, device, [n for n, _ in trainable], want_ema=config.ema_decay > 0)
         scatter_trainable(engine, trainable, weights, optim, state.get("scalars", {}))
         step = int(state["step"])
         log.info("resumed from %s at step %d (saved by %d processes, now %d)", tag_uri, step, state.get("world_size", 0), world)
