@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from suti.cli_format import HelpFormatter
-from suti.errors import InputError, InvalidValueError, SutiError
+from suti.errors import InvalidValueError, SutiError
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,13 @@ def register(subparsers) -> None:
     sub.required = True
     train = sub.add_parser("train", help="train the apprentice with DeepSpeed on generation shards", formatter_class=HelpFormatter)
     build_arg_parser(train)
-    train.add_argument("--nproc", type=int, default=1, help="processes on this machine (launched with torchrun)")
+    launch = train.add_argument_group("launch (torchrun, or the deepspeed launcher with --hostfile)")
+    launch.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs per node)")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes; run the same command on each node with its --node-rank")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
+    launch.add_argument("--master-addr", help="address of node 0, reachable from every node (multi-node)")
+    launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 for the rendezvous")
+    launch.add_argument("--hostfile", help="a DeepSpeed hostfile (\"host slots=N\" lines): launch on all its hosts over ssh with the deepspeed launcher, from one node")
     train.set_defaults(func=_train)
 
     pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=HelpFormatter)
@@ -48,37 +54,83 @@ def register(subparsers) -> None:
     sample.set_defaults(func=_sample)
 
 
-def _train(args) -> int:
-    from apprentice.train import check_inputs, config_from_args, train_apprentice
+def launch_command(args, train_argv: list[str]) -> list[str] | None:
+    """The launcher command line for ``suti apprentice train`` (``None``: train in this process).
 
-    if args.nproc < 1:
-        raise InvalidValueError(f"--nproc must be >= 1, got {args.nproc}")
+    ``--hostfile``: ``deepspeed --hostfile H --module apprentice.train`` (ssh to every host;
+    each process gets ``--local_rank``). ``--nnodes > 1``: ``torchrun --nnodes --node-rank
+    --master-addr --master-port`` (static rendezvous; run once per node). ``--nproc > 1`` alone:
+    ``torchrun --standalone``.
+
+    Raises:
+        InputError: a multi-node launch without ``--master-addr``, or a bad ``--node-rank``.
+    """
+    from suti.errors import InputError
+
+    if "RANK" in os.environ:  # already inside a launched process
+        return None
+    if args.hostfile:
+        if not os.path.isfile(args.hostfile):
+            raise InputError(f"--hostfile {args.hostfile}: no such file")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", args.hostfile, "--master_port", str(args.master_port)]
+        if args.master_addr:
+            cmd += ["--master_addr", args.master_addr]
+        if args.nnodes > 1:
+            cmd += ["--num_nodes", str(args.nnodes)]
+        if args.nproc > 1:
+            cmd += ["--num_gpus", str(args.nproc)]
+        return cmd + ["--module", "apprentice.train", *train_argv]
+    if args.nnodes > 1:
+        if not args.master_addr:
+            raise InputError("--nnodes > 1 needs --master-addr (the address of node 0)")
+        if not 0 <= args.node_rank < args.nnodes:
+            raise InputError(f"--node-rank {args.node_rank} is not in 0..{args.nnodes - 1}")
+        rdzv = ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank), "--master-addr", args.master_addr, "--master-port", str(args.master_port)]
+    elif args.nproc > 1:
+        rdzv = ["--standalone"]
+    else:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={args.nproc}", "-m", "apprentice.train", *train_argv]
+
+
+def train_argv(args) -> list[str]:
+    """``python -m apprentice.train`` arguments that reproduce ``args`` (the launched processes' command line)."""
+    from apprentice.train_config import build_arg_parser
+
+    out: list[str] = []
+    for action in build_arg_parser()._actions:
+        if not action.option_strings or action.dest in ("help", "local_rank"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or (value == action.default and not action.required):
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _train(args) -> int:
+    from apprentice.train import check_inputs, train_apprentice
+    from apprentice.train_config import apply_local_rank, config_from_args
+
+    if args.nproc < 1 or args.nnodes < 1:
+        raise InvalidValueError(f"--nproc and --nnodes must be >= 1, got {args.nproc} and {args.nnodes}")
     check_inputs(config_from_args(args))  # bad options exit 2 here, not in every worker
-    output = Path(args.output)
-    if output.is_dir() and any(output.iterdir()) and not args.resume and not args.overwrite:
-        raise InputError(f"{output}: output folder is not empty; pass --resume latest or --overwrite")
-    if args.nproc > 1 and "RANK" not in os.environ:
-        argv = [a for a in sys.argv[sys.argv.index("train") + 1:]]
-        drop = {"--nproc"}
-        cleaned, skip = [], False
-        for a in argv:
-            if skip:
-                skip = False
-                continue
-            if a in drop:
-                skip = True
-                continue
-            if a.startswith("--nproc="):
-                continue
-            cleaned.append(a)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "apprentice.train", *cleaned]
+    cmd = launch_command(args, train_argv(args))
+    if cmd is not None:
         code = subprocess.call(cmd)
         if code != 0:
-            raise SutiError(f"apprentice training failed in a torchrun worker (exit code {code}); its error is above")
+            raise SutiError(f"apprentice training failed in a launched worker (exit code {code}); its error is above")
         print(json.dumps({"output": args.output}))
         return 0
-    train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({"output": args.output}))
+    apply_local_rank(args)
+    output = train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({"output": str(output)}))
     return 0
 
 

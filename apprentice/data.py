@@ -1,27 +1,35 @@
 """The apprentice's training data: the generation job's shards as an explicit webdataset pipeline.
 
-Stages: shard list -> seeded shard shuffle -> split by node -> split by worker -> tar to samples
--> seeded sample shuffle -> decode -> to training example; every stage after the shard list
-logs a bad sample and continues. When there are fewer shards than (nodes x workers), shards are
-not split; samples are split by index instead, so every process still gets distinct data.
+Stages: shard list -> seeded shard shuffle -> open (fsspec: any URI it reads, ``s3://``,
+``gs://``, ``file://``, local paths) -> tar to samples -> this process's share of the samples
+-> seeded sample shuffle -> decode -> delta-CLIP filter -> training example. Every stage after the
+shard list logs a bad sample, naming its shard and key, and continues.
+
+Balance: every process (rank x data-loader worker) reads the same seeded shard order and keeps
+every ``world``-th sample, so with shards of any sizes each process gets an equal share of an
+epoch's samples (within one), at the price of each process reading (not decoding) all shards.
+At scale (many shards, many processes) ``resampled=True`` reads less: each process draws its own
+shards with replacement (webdataset's ``ResampledShards``, seeded per rank and worker), equal in
+expectation, and every training step still takes one micro-batch per process.
+Several patterns with ``weights`` are mixed by a seeded weighted draw, e.g. expert shards 3 : 1
+photo shards.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import random
 import re
-from pathlib import Path
 
 import torch
 import webdataset as wds
 
 from apprentice.photos import PHOTO_KIND
+from suti import storage
 from suti.errors import InputError, InvalidValueError
 from suti.images import fit_square, to_tensor
-from suti.tar_members import tarfile_to_samples
+from suti.tar_members import tar_streams_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +40,74 @@ DEMO_FIELD = re.compile(r"demo_(\d+)\.(?:jpg|png)")
 
 
 def log_and_continue(exn: Exception) -> bool:
-    """webdataset handler: log the bad sample and keep going."""
+    """webdataset handler: log the bad sample (webdataset appends the shard URL to ``args``) and keep going."""
     log.warning("skipping a bad training sample: %s: %s", type(exn).__name__, exn)
     return True
 
 
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__', '?')!r} of shard {sample.get('__url__', '?')}"
+
+
+def per_sample(stage_name: str, fn):
+    """A pipeline stage applying ``fn`` to each sample; ``fn`` returning ``None`` drops the sample.
+
+    An exception drops the sample with a warning naming the stage, the shard and the key (the
+    log-and-continue rule for every stage after decoding).
+    """
+
+    def stage(samples):
+        for sample in samples:
+            try:
+                out = fn(sample)
+            except Exception as exn:  # noqa: BLE001 - a bad sample must never stop training
+                log.warning("skipping a bad training sample at %s: %s: %s: %s", stage_name, _where(sample), type(exn).__name__, exn)
+                continue
+            if out is not None:
+                yield out
+
+    return stage
+
+
+def sample_meta(sample: dict) -> dict:
+    """A sample's ``.json`` member as a dict.
+
+    Raises:
+        ValueError: the member is missing or is not a JSON object.
+    """
+    if "json" not in sample:
+        raise ValueError("no .json member")
+    meta = sample["json"]
+    if isinstance(meta, (bytes, str)):
+        meta = json.loads(meta)
+    if not isinstance(meta, dict):
+        raise ValueError(f".json is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _has_pattern(uri: str) -> bool:
+    return any(c in uri for c in "*?[{")
+
+
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """A glob, a brace pattern (``shard-{000000..000009}.tar``), a folder or a list -> shard paths."""
+    """Shard URIs of a pattern or a list of them.
+
+    Each entry may be a folder (its ``*.tar``), a glob, a webdataset brace range
+    (``shard-{000000..000009}.tar``), or a single shard, local or any fsspec URI (``s3://b/x.tar``).
+
+    Raises:
+        InputError: nothing matches, or a single shard named without a pattern does not exist.
+    """
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for s in specs:
-        if Path(s).is_dir():
-            out += sorted(str(p) for p in Path(s).glob("*.tar"))
-        elif "{" in s:
-            import braceexpand
-
-            out += list(braceexpand.braceexpand(s))
-        else:
-            out += sorted(glob.glob(s))
+        if not _has_pattern(s) and storage.isdir(s):
+            out += storage.glob(storage.join(s, "*.tar"))
+            continue
+        found = storage.expand(s)
+        if not _has_pattern(s) and not storage.exists(s):
+            raise InputError(f"{s}: no such shard")
+        out += found
     if not out:
         raise InputError(f"no shards match {spec!r}")
     return out
@@ -97,7 +155,7 @@ class ToExample:
         return f"a {noun}"
 
     def __call__(self, sample: dict) -> dict:
-        meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
+        meta = sample_meta(sample)
         index = {k: int(m.group(1)) for k in sample if (m := DEMO_FIELD.fullmatch(k))}  # field -> demo number
         demo_fields = sorted(index, key=index.get)
         if not demo_fields:
@@ -138,34 +196,94 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5) -> wds.DataPipeline:
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, weights: list[float] | None = None, rank: int | None = None, world: int | None = None, resampled: bool = False):
     """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
 
-    ``min_delta_clip`` keeps only samples whose recorded delta-CLIP exceeds it (the paper's
-    lambda ablation on shards generated with ``suti generate --no-filter``); ``self_target``: see
-    :class:`ToExample`.
-    Expert shards (``suti generate``) and photo shards (``suti apprentice pack-photos``) mix
-    freely in ``shards``.
+    Args:
+        shards: a pattern or a list of patterns (see :func:`expand_shards`); expert shards
+            (``suti generate``) and photo shards (``suti apprentice pack-photos``) mix freely.
+        weights: one weight per pattern of ``shards``: each example is drawn from pattern ``i``
+            with probability ``weights[i] / sum(weights)`` (e.g. ``[3, 1]`` for expert shards 3 :
+            1 photo shards); ``None`` reads all patterns as one shard list. Needs ``repeat``.
+        min_delta_clip: keep only expert samples whose recorded delta-CLIP exceeds it (the paper's
+            lambda ablation on shards generated with ``suti generate --no-filter``).
+        self_target, caption_prompt: see :class:`ToExample`.
+        rank, world: this process's data-parallel rank and world size (default: torch.distributed's).
+        resampled: draw shards with replacement per process instead of splitting samples (an
+            "epoch" is ``len(shards)`` draws).
+
+    Raises:
+        InputError: a pattern matches nothing, or ``weights`` does not fit ``shards``.
     """
-    urls = expand_shards(shards)
-    rank, world = _dist()
-    split_shards = len(urls) >= world * max(1, num_workers)
-    stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed)]
-    if split_shards:
-        stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [tarfile_to_samples(handler=log_and_continue)]  # keys split from the end of the name
-    if not split_shards:
-        stages += [_split_samples(rank, world)]
-    stages += [
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    if rank is None or world is None:
+        rank, world = _dist()
+    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, rank=rank, world=world, resampled=resampled)
+    if weights is None:
+        pipeline = _one_pipeline(expand_shards(patterns), seed=seed, **kw)
+        return _Epochs(pipeline) if repeat else pipeline
+    if len(weights) != len(patterns) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(f"--shard-weights: give one non-negative weight per --shards pattern ({len(patterns)}), not all 0; got {list(weights)}")
+    if not repeat:
+        raise ValueError("weighted mixing needs repeat=True (an infinite stream)")
+    streams = [_Epochs(_one_pipeline(expand_shards(p), seed=seed + 7 * i, **kw)) for i, (p, w) in enumerate(zip(patterns, weights)) if w > 0]
+    return _WeightedMix(streams, [w for w in weights if w > 0], seed=seed * 31 + rank)
+
+
+def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, rank, world, resampled) -> wds.DataPipeline:
+    if resampled:
+        shards = [wds.ResampledShards(urls, nshards=len(urls), seed=seed, worker_seed=_worker_seed(rank), deterministic=True)]
+    else:
+        shards = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), seed=seed)]
+    stages = [
+        *shards,
+        _open_shards,
+        tar_streams_to_samples(handler=log_and_continue),  # keys split at the field at the end of the name
+        *([] if resampled else [_split_samples(rank, world)]),
         wds.shuffle(shuffle_buffer, rng=random.Random(seed + rank)),
-        wds.decode("pil", handler=log_and_continue),
+        per_sample("decode", wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])),
     ]
     if min_delta_clip is not None:
-        # the lambda filter applies to expert samples; photo samples hold real photos only
-        stages.append(wds.select(lambda s: s["json"].get("kind") == PHOTO_KIND or float(s["json"].get("delta_clip", float("-inf"))) > min_delta_clip))
-    stages.append(wds.map(ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt), handler=log_and_continue))
-    pipeline = wds.DataPipeline(*stages)
-    return _Epochs(pipeline) if repeat else pipeline
+        stages.append(per_sample("--min-delta-clip filter", _DeltaClipFilter(min_delta_clip)))
+    stages.append(per_sample("to example", ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt)))
+    return wds.DataPipeline(*stages)
+
+
+def _worker_seed(rank: int):
+    def seed() -> int:
+        info = torch.utils.data.get_worker_info()
+        return rank * 1000 + (info.id if info else 0)
+
+    return seed
+
+
+def _open_shards(sources):
+    """``{"url": u}`` -> ``{"url": u, "stream": file}``, opened with fsspec (:func:`suti.storage.open_uri`)."""
+    for source in sources:
+        url = source["url"]
+        try:
+            fs, path = storage.filesystem(url)
+            stream = fs.open(path, "rb")
+        except Exception as exn:  # noqa: BLE001
+            log.warning("skipping shard %s: %s: %s", url, type(exn).__name__, exn)
+            continue
+        try:
+            yield dict(source, stream=stream)
+        finally:
+            stream.close()
+
+
+class _DeltaClipFilter:
+    """Keep photo samples and expert samples whose recorded ``delta_clip`` exceeds ``threshold``."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, sample: dict) -> dict | None:
+        meta = sample_meta(sample)
+        if meta.get("kind") == PHOTO_KIND:  # photo samples hold real photos only
+            return sample
+        return sample if float(meta.get("delta_clip", float("-inf"))) > self.threshold else None
 
 
 class _Epochs(torch.utils.data.IterableDataset):
@@ -184,10 +302,33 @@ class _Epochs(torch.utils.data.IterableDataset):
                 raise InputError("the shards yield no usable training sample (all bad, or all filtered out by --min-delta-clip)")
 
 
+class _WeightedMix(torch.utils.data.IterableDataset):
+    """Draw each example from stream ``i`` with probability ``weights[i] / sum(weights)``.
+
+    webdataset's ``RandomMix`` does the same with the global ``random`` state; this one is seeded
+    per rank so a run is reproducible.
+    """
+
+    def __init__(self, streams, weights: list[float], seed: int):
+        self.streams, self.weights, self.seed = streams, weights, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1009 + (info.id if info else 0))
+        iters = [iter(s) for s in self.streams]
+        while True:
+            yield next(rng.choices(iters, weights=self.weights)[0])
+
+
 def _split_samples(rank: int, world: int):
+    """Keep every ``world x workers``-th sample: this rank's and data-loader worker's equal share."""
+
     def stage(samples):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = world * workers, worker * world + rank  # i % world == rank: ranks' shares differ by at most one
         for i, s in enumerate(samples):
-            if i % world == rank:
+            if i % slots == slot:
                 yield s
 
     return stage

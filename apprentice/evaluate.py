@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from experts.loss import per_sample_mse
+from experts.loss import denoising_target, per_sample_mse
 
 
 @torch.no_grad()
@@ -14,7 +14,8 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
 
     With ``demos=None`` the demonstration attention is off (the base model's prediction when
     the apprentice is untrained). The same ``seed`` gives the same noise and timesteps, so
-    "with demos" and "without demos" are compared on identical inputs.
+    "with demos" and "without demos" are compared on identical inputs. The target follows the
+    scheduler's ``prediction_type`` (as in training).
     """
     from diffusers import DDPMScheduler
 
@@ -33,7 +34,7 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
             t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
             noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
             pred = pipe.unet(noisy, t, text[i : i + 1], cross_attention_kwargs={"demo": ctx}).sample
-            losses.append(per_sample_mse(pred, noise))
+            losses.append(per_sample_mse(pred, denoising_target(scheduler, latents[i : i + 1], noise, t)))
     return torch.cat(losses).mean().item()
 
 

@@ -1,14 +1,21 @@
 """Apprentice training with DeepSpeed on the generation job's shards.
 
 Objective (SuTI): the apprentice denoises the expert's output ``y`` given the target prompt and
-3 demonstrations of the subject, || eps - eps_theta(z_t, t, p, demos) ||^2, with text, demos and
-both dropped at small rates for classifier-free guidance. The base U-Net is trainable (paper) or
-frozen (``--freeze-base``: only the demonstration-attention layers train).
+3 demonstrations of the subject, || target - f_theta(z_t, t, p, demos) ||^2, where the target
+follows the base scheduler's ``prediction_type`` (the noise for ``epsilon``, the velocity
+``scheduler.get_velocity`` for ``v_prediction``, the clean latents for ``sample``), with text,
+demos and both dropped at small rates for classifier-free guidance. The base U-Net is trainable
+(paper) or frozen (``--freeze-base``: only the demonstration-attention layers train).
 
 Launch: one process directly (``suti apprentice train``), or N with any standard launcher:
-``torchrun --nproc_per_node 2 -m apprentice.train ...``, ``deepspeed --num_gpus 8 -m
-apprentice.train ...`` (``suti apprentice train --nproc N`` runs torchrun for you). On CPU the
-gloo backend is used; on GPU NCCL and bf16.
+``torchrun --nproc_per_node 2 -m apprentice.train ...``, ``torchrun --nnodes 2 --node-rank R
+--master-addr HOST --master-port P --nproc-per-node 8 -m apprentice.train ...``, ``deepspeed
+--hostfile H --module apprentice.train ...`` (which passes ``--local_rank``). ``suti apprentice
+train --nproc/--nnodes/--node-rank/--master-addr/--hostfile`` runs these for you. On CPU the gloo
+backend is used; on GPU NCCL and the DeepSpeed config's bf16/fp16.
+
+Checkpoints (:mod:`apprentice.checkpoint`): only what trains, consolidated, on the output URI (may
+be ``s3://``), resumable by any number of processes on any nodes with ``--resume latest``.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
+import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from apprentice.train_config import ApprenticeTrainConfig, build_arg_parser, config_from_args
+from apprentice.train_config import ApprenticeTrainConfig, apply_local_rank, build_arg_parser, config_from_args  # noqa: F401 (re-exported)
+from apprentice.checkpoint import CorruptCheckpointError, config_differences, gather_trainable, read_tensors, scatter_trainable, select_checkpoint, write_checkpoint
 from suti import storage
 from suti.errors import InputError
 
@@ -42,7 +51,7 @@ def init_distributed() -> tuple[int, int, str]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU); single process if unlaunched."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # run directly: a world of one
+    if "RANK" not in os.environ:  # run directly (or one-process deepspeed launch without env): a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.distributed.is_initialized():
@@ -79,7 +88,36 @@ def _ds_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = device == "cuda" and torch.cuda.is_bf16_supported()
+    fp16 = ds.get("fp16")
+    if fp16 is not None and fp16.get("enabled") == "auto":
+        fp16["enabled"] = device == "cuda" and not bf16["enabled"]
+    if fp16 and fp16.get("enabled") and int(ds.get("zero_optimization", {}).get("stage", 0)) == 0:
+        raise InputError(f"{path}: fp16 needs ZeRO stage 1 or 2 (its checkpoints are gathered per parameter)")
     return ds
+
+
+def module_dtype(engine) -> torch.dtype:
+    """The dtype DeepSpeed gave the wrapped module (fp32, or bf16/fp16 by the config); inputs are cast to it."""
+    return next(engine.module.parameters()).dtype
+
+
+def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The apprentice's training loss on one batch (a scalar, fp32).
+
+    Args:
+        model: :class:`ApprenticeModule` or the DeepSpeed engine wrapping it.
+        scheduler: the base model's noise scheduler; its ``config.prediction_type`` picks the
+            target (``experts.loss.denoising_target``: noise, ``get_velocity``, or the latents).
+        latents: (B, C, h, w) scaled clean latents; noise: the same shape; timesteps: (B,).
+        text_emb: (B, L, D); demo_latents: (B, n, C, h, w); demo_emb: (B, n, L, D); demo_mask: (B,).
+        dtype: the module's dtype; every input is cast to it (fp16/bf16 DeepSpeed configs).
+    """
+    from experts.loss import denoising_target
+
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype))
+    target = denoising_target(scheduler, latents, noise, timesteps)
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
 def _optimizer(params, config: ApprenticeTrainConfig):
@@ -92,8 +130,101 @@ def _optimizer(params, config: ApprenticeTrainConfig):
     raise InputError(f"unknown optimizer {config.optimizer!r} (adamw or adafactor)")
 
 
+def build_engine(config: ApprenticeTrainConfig, device: str):
+    """Base pipeline, :class:`ApprenticeModule`, DeepSpeed engine, trainable ``(name, param)`` list, module dtype."""
+    import deepspeed
+
+    from apprentice.adapter import DemoAttentionAdapter
+    from suti.models import load_pipeline
+
+    base = load_pipeline(config.model, device=device)
+    unet = base.unet
+    base.vae.requires_grad_(False)
+    base.text_encoder.requires_grad_(False)
+    unet.requires_grad_(not config.freeze_base)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method)
+    adapter.install(unet)
+    module = ApprenticeModule(unet, adapter)
+    params = [p for p in module.parameters() if p.requires_grad]
+    ds_config = _ds_config(config.deepspeed_config, config, device)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(params, config), config=ds_config)
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    return base, module, engine, trainable, module_dtype(engine)
+
+
+def _prepare_output(config: ApprenticeTrainConfig, resume: str | None, overwrite: bool) -> dict:
+    """Rank 0: check or clear the output, pick the checkpoint to resume from; a dict for every rank."""
+    output = config.output
+    ckpt_uri = storage.join(output, "checkpoints")
+    entries = storage.listdir(output)
+    if entries and not resume and not overwrite:
+        raise InputError(f"{output}: output folder is not empty; pass --resume latest or --overwrite")
+    if overwrite and not resume and entries:
+        fs, path = storage.filesystem(output)
+        fs.rm(path, recursive=True)
+    storage.makedirs(output)
+    if not resume:
+        return {}
+    chosen = select_checkpoint(ckpt_uri, resume)
+    if chosen is None:
+        log.info("%s holds no checkpoint; starting at step 0", ckpt_uri)
+        return {}
+    tag, state = chosen
+    diff = config_differences(state["config"], asdict(config))
+    if diff:
+        raise InputError(f"{storage.join(ckpt_uri, tag)} was trained with other settings: {', '.join(diff)}; resume with the same settings, or pass --overwrite to start again")
+    finished = int(state["step"]) >= config.steps and storage.isfile(storage.join(output, "model_index.json"))
+    return {"tag": tag, "state": state, "finished": finished}
+
+
+def _read_and_share(tag_uri: str, state: dict, rank: int, world: int, device: str, names: list[str], *, want_ema: bool):
+    """Rank 0 reads a checkpoint's tensors and broadcasts them, so no other node needs to see the output.
+
+    Returns ``(weights, optimizer, ema or None)`` on every rank (CPU fp32 tensors).
+
+    Raises:
+        InputError: a file fails its sha256 or safetensors check, or the checkpoint trains other
+            parameters than this run.
+    """
+    files: dict = {}
+    meta: dict = {}
+    if rank == 0:
+        try:
+            files["weights"] = read_tensors(tag_uri, state, "trainable.safetensors")
+            files["optim"] = read_tensors(tag_uri, state, "optimizer.safetensors")
+            if want_ema and "ema.safetensors" in state["files"]:
+                files["ema"] = read_tensors(tag_uri, state, "ema.safetensors")
+            if set(files["weights"]) != set(names):
+                missing, extra = sorted(set(names) - set(files["weights"])), sorted(set(files["weights"]) - set(names))
+                raise InputError(f"{tag_uri} trains other parameters than this run ({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})")
+            meta = {part: {k: list(t.shape) for k, t in d.items()} for part, d in files.items()}
+        except (CorruptCheckpointError, InputError) as exc:
+            meta = {"error": f"cannot resume: {exc}"}
+    if world > 1:
+        meta = _broadcast(meta)
+    if "error" in meta:
+        raise InputError(meta["error"])
+    if world > 1:
+        for part, shapes in meta.items():
+            received = {}
+            for key, shape in shapes.items():  # one tensor at a time: peak memory of one tensor on the device
+                t = files[part][key].to(device) if rank == 0 else torch.empty(shape, dtype=torch.float32, device=device)
+                torch.distributed.broadcast(t, src=0)
+                received[key] = t.cpu()
+            files[part] = received
+    return files["weights"], files["optim"], files.get("ema")
+
+
+def _broadcast(obj):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def check_inputs(config: ApprenticeTrainConfig) -> None:
-    """Every check that needs no model: option ranges, the shard pattern, the DeepSpeed config
+    """Every check that needs no model: option ranges, the shard patterns, the DeepSpeed config
     (``InputError`` naming the option, pattern or file). Run by the launching process too, so a
     bad option never reaches torchrun's workers."""
     from apprentice.data import expand_shards
@@ -105,71 +236,78 @@ def check_inputs(config: ApprenticeTrainConfig) -> None:
         raise InputError(f"{config.deepspeed_config}: no such DeepSpeed config")
 
 
-def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train an apprentice; rank 0 writes ``OUTPUT`` as an ``ApprenticePipeline`` folder.
+def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | str:
+    """Train an apprentice; rank 0 writes ``OUTPUT`` (a path or URI) as an ``ApprenticePipeline`` folder.
 
-    Checkpoints (``OUTPUT/checkpoints/step-N``, DeepSpeed format with the resolved config as client
-    state) allow ``resume="latest"``.
+    Every ``save_steps`` (and at the end) a checkpoint holding only the trainable parameters,
+    their optimizer state, the step, the data position and the resolved config goes to
+    ``OUTPUT/checkpoints/step-N`` (:mod:`apprentice.checkpoint`). ``resume="latest"`` continues
+    from the newest intact one, at any world size.
+
+    Returns:
+        The output: a :class:`Path` when local, else the URI.
+
+    Raises:
+        InputError: bad shards or DeepSpeed config, a non-empty output without resume/overwrite,
+            checkpoints of which none is intact, or a checkpoint trained with other settings
+            (:data:`apprentice.checkpoint.TRAINABLE_KEYS`).
     """
-    import deepspeed
     from diffusers import DDPMScheduler
 
-    from apprentice.adapter import DemoAttentionAdapter
     from apprentice.data import collate, make_pipeline
     from apprentice.pipeline import ApprenticePipeline
-    from suti.models import default_resolution, load_pipeline
+    from suti.models import default_resolution
 
-    output = Path(config.output)
-    check_inputs(config)  # fail early, before any process group or model
+    config.output = output = storage.resolve(config.output)
+    config.resolution = config.resolution or default_resolution(config.model)
+    check_inputs(config)  # fail early (bad options, shard patterns), before any process group or model
     rank, world, device = init_distributed()
+    decision: dict = {}
     if rank == 0:
-        if output.is_dir() and any(output.iterdir()) and not resume and not overwrite:
-            raise InputError(f"{output}: output folder is not empty; pass --resume latest or --overwrite")
-        if overwrite and not resume and output.exists():
-            shutil.rmtree(output)
-        output.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
+        try:
+            decision = _prepare_output(config, resume, overwrite)
+        except InputError as exc:
+            decision = {"error": str(exc)}
+    decision = _broadcast(decision)
+    if "error" in decision:
+        raise InputError(decision["error"])
+    if decision.get("finished"):
+        msg = f"{output}: this run already finished at step {decision['state']['step']} (--steps {config.steps}); nothing to do (raise --steps to train on)"
+        log.warning(msg)
+        if rank == 0:
+            print(f"suti: {msg}", file=sys.stderr)
+        return storage.local_path(output) or output
     torch.manual_seed(config.seed + rank)
 
-    base = load_pipeline(config.model, device=device)
-    resolution = config.resolution or default_resolution(config.model)
-    config.resolution = resolution
-    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.requires_grad_(not config.freeze_base)
-    adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method)
-    adapter.install(unet)
-    module = ApprenticeModule(unet, adapter)
-    params = [p for p in module.parameters() if p.requires_grad]
-    ds_config = _ds_config(config.deepspeed_config, config, device)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(params, config), config=ds_config)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    base, module, engine, trainable, dtype = build_engine(config, device)
+    unet, vae, text_encoder, adapter = base.unet, base.vae, base.text_encoder, module.adapter
+    resolution = config.resolution
 
-    ckpt_dir = output / "checkpoints"
+    ckpt_uri = storage.join(output, "checkpoints")
     step = 0
-    if resume:
-        tag = None if resume == "latest" else Path(resume).name
-        if tag and not (ckpt_dir / tag).is_dir():
-            raise InputError(f"{ckpt_dir / tag}: no such checkpoint (resume with \"latest\" or a folder in {ckpt_dir})")
-        if (ckpt_dir / "latest").is_file() or tag:
-            from suti.weights import loading
-
-            with loading(f"{ckpt_dir / (tag or (ckpt_dir / 'latest').read_text().strip())} (DeepSpeed checkpoint)"):
-                _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-                step = int(client["step"])
-            log.info("resumed from %s at step %d", ckpt_dir, step)
-    ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None
-    if ema and resume and (ckpt_dir / f"ema-step-{step}.safetensors").is_file():
-        ema.load(ckpt_dir / f"ema-step-{step}.safetensors")
+    ema_state = None
+    if decision.get("tag"):
+        tag_uri = storage.join(ckpt_uri, decision["tag"])
+        state = decision["state"]
+        weights, optim, ema_state = _read_and_share(tag_uri, state, rank, world, device, [n for n, _ in trainable], want_ema=config.ema_decay > 0)
+        scatter_trainable(engine, trainable, weights, optim, state.get("scalars", {}))
+        step = int(state["step"])
+        log.info("resumed from %s at step %d (saved by %d processes, now %d)", tag_uri, step, state.get("world_size", 0), world)
+    ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None  # after resuming: starts from the resumed weights
+    if ema and ema_state:
+        ema.shadow.update(ema_state)
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
-    data = iter(torch.utils.data.DataLoader(make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=config.seed + 1000 * step, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt), batch_size=config.batch_size, collate_fn=collate, num_workers=0))
-    writer = _writer(output / "logs") if rank == 0 else None
+    data_seed = config.seed + 1000 * step
+    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, weights=config.shard_weights, resampled=config.resampled_shards)
+    data = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers))
+    log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
+    writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
     null_emb = _encode(base, [""], device)
     bar = tqdm(total=config.steps, initial=step, desc="apprentice", unit="step", disable=not progress or rank != 0)
     started = time.perf_counter()
+    start_step, loss = step, None
     while step < config.steps:
         batch = next(data)
         b, n = batch["demos"].shape[:2]
@@ -187,9 +325,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         mask = (~drop_demo).float().to(device)
         noise = torch.randn(target.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        noisy = scheduler.add_noise(target, noise, t)
-        pred = engine(noisy.to(dtype), t, text.to(dtype), demos.to(dtype), demo_emb.to(dtype), mask.to(dtype))
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss = denoising_loss(engine, scheduler, target, noise, t, text, demos, demo_emb, mask, dtype)
         engine.backward(loss)
         engine.step()
         if ema:
@@ -200,20 +336,34 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
         if writer:
             writer.add_scalar("loss/train", loss.item(), step)
         if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
-            _save_checkpoint(engine, ckpt_dir, step, config, ema, rank)
+            _save_checkpoint(engine, trainable, ckpt_uri, step, config, ema, rank, world, data_seed)
     bar.close()
     elapsed = time.perf_counter() - started
     if rank == 0:
         if ema:
             ema.copy_to(module)
         pipe = ApprenticePipeline(unet, vae, text_encoder, base.tokenizer, base.scheduler, adapter)
-        storage.save_pretrained_atomic(pipe, output, safe_serialization=True)
-        storage.write_text(output / "training.json", json.dumps({"config": asdict(config), "steps": step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": loss.item()}, indent=2))
+        _save_pipeline(pipe, output)
+        info = {"config": asdict(config), "resolution": resolution, "prediction_type": scheduler.config.prediction_type, "steps": step, "steps_this_run": step - start_step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": None if loss is None else loss.item()}
+        storage.write_text(storage.join(output, "training.json"), json.dumps(info, indent=2))
         if writer:
             writer.close()
+            if storage.local_path(output) is None:
+                storage.upload(log_dir, storage.join(output, "logs"))
         log.info("apprentice written to %s (%d steps, %.1f s)", output, step, elapsed)
     torch.distributed.barrier()
-    return output
+    return storage.local_path(output) or output
+
+
+def _save_pipeline(pipe, output: str) -> None:
+    """``save_pretrained`` into ``output`` (through a local folder and an upload for object stores)."""
+    local = storage.local_path(output)
+    if local is not None:
+        storage.save_pretrained_atomic(pipe, local, safe_serialization=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="suti-apprentice-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        storage.upload(tmp, output)
 
 
 def _encode(base, prompts: list[str], device: str) -> torch.Tensor:
@@ -222,15 +372,16 @@ def _encode(base, prompts: list[str], device: str) -> torch.Tensor:
         return base.text_encoder(ids.to(device))[0]
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, config, ema, rank: int) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state={"step": step, "config": asdict(config)})
+def _save_checkpoint(engine, trainable, ckpt_uri: str, step: int, config, ema, rank: int, world: int, data_seed: int) -> None:
+    """Gather the trainable state on every rank; rank 0 writes it (see :mod:`apprentice.checkpoint`)."""
+    params, optim, scalars = gather_trainable(engine, trainable)
     if rank == 0:
+        tensors = {"trainable.safetensors": params, "optimizer.safetensors": optim}
         if ema:
-            ema.save(ckpt_dir / f"ema-step-{step}.safetensors")
-        tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in tags[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-            (ckpt_dir / f"ema-{old.name}.safetensors").unlink(missing_ok=True)
+            tensors["ema.safetensors"] = ema.shadow
+        data = {"seed": data_seed, "samples_seen": step * config.batch_size * world}
+        write_checkpoint(ckpt_uri, step, tensors, {"config": asdict(config), "world_size": world, "scalars": scalars, "data": data}, config.keep_checkpoints)
+    torch.distributed.barrier()
 
 
 class _Ema:
@@ -252,20 +403,6 @@ class _Ema:
             if n in self.shadow:
                 p.copy_(self.shadow[n].to(p.dtype))
 
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        with storage.atomic_local_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(tmp))
-
-    def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        from suti.weights import check_safetensors, loading
-
-        with loading(check_safetensors(path)):
-            self.shadow.update(load_file(str(path)))
-
 
 def _writer(folder: Path):
     try:
@@ -279,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m apprentice.train`` (for torchrun / deepspeed launchers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(argv)
+    apply_local_rank(args)
     from suti.cli import report_errors
 
     def run() -> int:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 
 
@@ -37,6 +38,10 @@ class ApprenticeTrainConfig:
     min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
     self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
     caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
+    shard_weights: list[float] | None = None  # one per --shards pattern (e.g. expert 3 : photo 1)
+    resampled_shards: bool = False  # each process draws shards with replacement instead of an equal share of samples
+    gradient_checkpointing: bool = False
+    num_workers: int = 0  # data-loader workers per process
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -52,6 +57,8 @@ class ApprenticeTrainConfig:
         need(self.learning_rate > 0 and self.learning_rate == self.learning_rate, "--learning-rate", "> 0", self.learning_rate)
         need(1 <= self.num_demos <= 8, "--num-demos", "in 1..8", self.num_demos)
         need(self.save_steps >= 1, "--save-steps", ">= 1", self.save_steps)
+        need(self.keep_checkpoints >= 1, "--keep-checkpoints", ">= 1", self.keep_checkpoints)
+        need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
         need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)
         for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt),
                               ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
@@ -63,9 +70,11 @@ class ApprenticeTrainConfig:
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
     p = parser or argparse.ArgumentParser(prog="apprentice.train", description=_train_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`, e.g. "SH/*.tar" "PH/*.tar"')
+    p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`: folders, globs, brace ranges or single shards, local or any fsspec URI (s3://...), e.g. "SH/*.tar" "PH/*.tar"')
+    p.add_argument("--shard-weights", type=float, nargs="+", help="one weight per --shards pattern: the share of examples drawn from each (e.g. 3 1 for expert shards 3 : 1 photo shards); default: all patterns read as one list")
+    p.add_argument("--resampled-shards", action="store_true", help="each process draws shards with replacement (reads only those; for many shards and processes) instead of reading all shards for an equal share of samples")
     p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
-    p.add_argument("--output", required=True, help="apprentice folder to write")
+    p.add_argument("--output", required=True, help="apprentice folder or URI (s3://...) to write; checkpoints go to OUTPUT/checkpoints")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
     p.add_argument("--learning-rate", type=float, default=1e-4)
@@ -75,13 +84,19 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
+    p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute U-Net activations in the backward pass (less memory, ~30%% slower)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per training process")
     p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
     p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
     p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
-    p.add_argument("--resume", help='"latest" or a checkpoint tag folder')
+    p.add_argument("--resume", help='"latest" (the newest intact checkpoint) or a checkpoint tag (step-N)')
     p.add_argument("--overwrite", action="store_true")
+    # the deepspeed launcher passes --local_rank=N to every process (torchrun sets LOCAL_RANK instead)
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -92,7 +107,15 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
         min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
+        shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
+        num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
     )
+
+
+def apply_local_rank(args) -> None:
+    """Honour a launcher's ``--local_rank`` (DeepSpeed's) when ``LOCAL_RANK`` is not already set."""
+    if getattr(args, "local_rank", None) is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
 
 def _train_doc() -> str:

@@ -21,13 +21,19 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
 
 
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The U-Net's regression target for the scheduler's prediction type."""
+    """The U-Net's regression target for the scheduler's prediction type.
+
+    ``epsilon``: the noise; ``v_prediction``: ``scheduler.get_velocity`` (Salimans & Ho 2022);
+    ``sample``: the clean latents. Same shape as ``latents``.
+    """
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ModelLoadError(f"the scheduler's prediction type {kind!r} is not supported (epsilon or v_prediction)")
+    if kind == "sample":
+        return latents
+    raise ModelLoadError(f"the scheduler's prediction type {kind!r} is not supported (epsilon, v_prediction or sample)")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

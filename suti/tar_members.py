@@ -69,3 +69,15 @@ def tarfile_to_samples(handler):
         return tariterators.group_by_keys(files, keys=split_member, handler=handler)
 
     return filters.pipelinefilter(samples)()
+
+
+def tar_streams_to_samples(handler):
+    """A webdataset pipeline stage: opened shards (``{"url", "stream"}``, e.g. from fsspec) ->
+    samples grouped by :func:`split_member` (``tar_file_expander`` -> ``group_by_keys``)."""
+    from webdataset import filters, tariterators
+
+    def samples(src):
+        files = tariterators.tar_file_expander(src, handler=handler)
+        return tariterators.group_by_keys(files, keys=split_member, handler=handler)
+
+    return filters.pipelinefilter(samples)()
