@@ -95,7 +95,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
                 processors[name] = PassthroughProcessor()
         unet.set_attn_processor(processors)
 
-    def encode_demos(self, unet, demo_latents: torch.Tensor, demo_embeddings: torch.Tensor, scale: float = 1.0) -> DemoContext:
+    def encode_demos(self, unet, demo_latents: torch.Tensor, demo_embeddings: torch.Tensor, scale: float = 1.0, added_cond_kwargs: dict | None = None) -> DemoContext:
         """Encode demonstrations once per request; returns the context for every step.
 
         Args:
@@ -103,6 +103,8 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             demo_latents: (B, n, C, h, w) scaled latents of n demonstrations per image.
             demo_embeddings: (B, n, L, D) text-encoder states of the demonstrations' captions.
             scale: demonstration-attention output scale at sampling time.
+            added_cond_kwargs: SDXL only: the demonstrations' ``text_embeds`` (B * n, P) and
+                ``time_ids`` (B * n, 6) (:mod:`suti.conditioning`), flattened like the latents.
 
         Returns:
             A :class:`DemoContext` in ``"use"`` mode with keys/values per layer,
@@ -113,7 +115,8 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             raise InvalidValueError(f"between 1 and {MAX_DEMOS} demonstrations are supported (got {n})")
         ctx = DemoContext(mode="capture", num_demos=n)
         t = torch.full((b * n,), self.config.demo_timestep, device=demo_latents.device, dtype=torch.long)
-        unet(demo_latents.flatten(0, 1), t, demo_embeddings.flatten(0, 1).to(unet.dtype), cross_attention_kwargs={"demo": ctx})
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": {k: v.to(unet.dtype) for k, v in added_cond_kwargs.items()}}
+        unet(demo_latents.flatten(0, 1), t, demo_embeddings.flatten(0, 1).to(unet.dtype), cross_attention_kwargs={"demo": ctx}, **extra)
         heads = dict(zip(self.config.layer_names, self.config.heads))
         kv = {}
         for name in self.config.layer_names:

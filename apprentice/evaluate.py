@@ -23,7 +23,7 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(seed)
     latents = pipe.encode_images(targets)  # (N, C, h, w)
-    text = pipe.encode_text(prompts)  # (N, L, D)
+    text = pipe.encode_conditioning(prompts)  # (N, L, D) (+ SDXL pooled embeddings, time ids)
     losses = []
     for i in range(len(targets)):
         ctx = None
@@ -33,7 +33,7 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
             noise = torch.randn(latents[i : i + 1].shape, generator=gen).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
             noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
-            pred = pipe.unet(noisy, t, text[i : i + 1], cross_attention_kwargs={"demo": ctx}).sample
+            pred = pipe.unet(noisy, t, **text[i : i + 1].unet_kwargs(), cross_attention_kwargs={"demo": ctx}).sample
             losses.append(per_sample_mse(pred, denoising_target(scheduler, latents[i : i + 1], noise, t)))
     return torch.cat(losses).mean().item()
 

@@ -15,6 +15,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from apprentice.adapter import DemoAttentionAdapter
+from suti.conditioning import Conditioning, encode_prompt
 from suti.errors import InvalidValueError
 from suti.images import fit_square, to_pil, to_tensor
 from suti.sampling import check_prompt, check_sampler_args
@@ -24,14 +25,17 @@ class ApprenticePipeline(DiffusionPipeline):
     """The SuTI apprentice: base U-Net + demonstration attention, tuning-free.
 
     Components: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (the base
-    model's) and ``adapter`` (:class:`DemoAttentionAdapter`).
+    model's) and ``adapter`` (:class:`DemoAttentionAdapter`); on an SDXL base also
+    ``text_encoder_2`` and ``tokenizer_2``, and the demonstrations and the target get SDXL's
+    pooled text embeddings and time ids (:mod:`suti.conditioning`).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, adapter: DemoAttentionAdapter):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, adapter: DemoAttentionAdapter, text_encoder_2=None, tokenizer_2=None):
         super().__init__()
-        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, adapter=adapter)
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, adapter=adapter, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         adapter.install(unet)
         self.trained_resolution: int | None = None  # set by apprentice.sample.load_apprentice
 
@@ -39,7 +43,8 @@ class ApprenticePipeline(DiffusionPipeline):
     def from_base(cls, base, **adapter_kwargs) -> "ApprenticePipeline":
         """An untrained apprentice on a base ``StableDiffusionPipeline`` (equals the base)."""
         adapter = DemoAttentionAdapter.for_unet(base.unet, **adapter_kwargs)
-        return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, adapter)
+        return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, adapter,
+                   text_encoder_2=getattr(base, "text_encoder_2", None), tokenizer_2=getattr(base, "tokenizer_2", None))
 
     @property
     def resolution(self) -> int:
@@ -55,9 +60,15 @@ class ApprenticePipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> (B, L, D) text-encoder states."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        """Prompts -> (B, L, D) text-encoder states (SDXL: both encoders'; see :meth:`encode_conditioning`)."""
+        return self.encode_conditioning(prompts).encoder_hidden_states
+
+    @torch.no_grad()
+    def encode_conditioning(self, prompts: list[str], resolution: int | tuple[int, int] | None = None) -> Conditioning:
+        """Prompts -> the U-Net's text conditioning (:func:`suti.conditioning.encode_prompt`):
+        hidden states (B, L, D), plus SDXL's pooled embeddings and time ids for ``resolution``
+        (pixels; default :attr:`resolution`)."""
+        return encode_prompt(self, prompts, resolution=resolution or self.resolution)
 
     def encode_images(self, images: list[Image.Image], sample: bool = False, generator=None) -> torch.Tensor:
         """PIL images -> (N, C, h, w) scaled latents (the distribution's mean unless ``sample``)."""
@@ -77,8 +88,8 @@ class ApprenticePipeline(DiffusionPipeline):
         for i, caption in enumerate(captions):
             check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
         latents = self.encode_images(demos)[None]  # (1, n, C, h, w)
-        emb = self.encode_text(captions)[None]  # (1, n, L, D)
-        return self.adapter.encode_demos(self.unet, latents, emb, scale=scale)
+        cond = self.encode_conditioning(captions)  # (n, L, D) (+ SDXL: (n, P), (n, 6))
+        return self.adapter.encode_demos(self.unet, latents, cond.encoder_hidden_states[None], scale=scale, added_cond_kwargs=cond.added_cond_kwargs)
 
     @torch.no_grad()
     def __call__(
@@ -121,14 +132,14 @@ class ApprenticePipeline(DiffusionPipeline):
         ctx = demo_context
         if ctx is None and demo_images:
             ctx = self.encode_demonstrations(demo_images, demo_captions)
-        text = self.encode_text([prompt]).expand(num_images, -1, -1)
-        null = self.encode_text([""]).expand(num_images, -1, -1)
+        text = Conditioning.cat([self.encode_conditioning([prompt], (height, width))] * num_images)
+        null = Conditioning.cat([self.encode_conditioning([""], (height, width))] * num_images)
         # branches of classifier-free guidance, batched in one U-Net call per step:
         # demos: (no demos, no text), (demos, no text), (demos, text); with demo_guidance_scale
         # 1 the first drops out (eps = e_demo + s_text (e_full - e_demo)): 2 branches, as the base.
         three = ctx is not None and demo_guidance_scale != 1.0
         branches = 3 if three else 2
-        emb = torch.cat([null, null, text] if three else [null, text])
+        emb = Conditioning.cat([null, null, text] if three else [null, text]).to(device, self.unet.dtype)
         batch_ctx = None
         if ctx is not None:
             batch_ctx = ctx.repeat(branches * num_images)  # keys/values shared, not copied
@@ -140,7 +151,7 @@ class ApprenticePipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):  # latents: (N, C, h, w)
             model_in = self.scheduler.scale_model_input(torch.cat([latents] * branches), t)
-            eps = self.unet(model_in, t, emb, cross_attention_kwargs={"demo": batch_ctx}).sample
+            eps = self.unet(model_in, t, **emb.unet_kwargs(), cross_attention_kwargs={"demo": batch_ctx}).sample
             if three:
                 e_none, e_demo, e_full = eps.chunk(3)
                 eps = e_none + demo_guidance_scale * (e_demo - e_none) + guidance_scale * (e_full - e_demo)

@@ -69,11 +69,14 @@ class ApprenticeModule(torch.nn.Module):
         self.unet = unet
         self.adapter = adapter
 
-    def forward(self, noisy, timesteps, text_emb, demo_latents, demo_emb, demo_mask):
-        """noisy (B, C, h, w), text_emb (B, L, D), demo_latents (B, n, C, h, w), demo_emb (B, n, L, D), demo_mask (B,)."""
-        ctx = self.adapter.encode_demos(self.unet, demo_latents, demo_emb)
+    def forward(self, noisy, timesteps, text_emb, demo_latents, demo_emb, demo_mask, text_added=None, demo_added=None):
+        """noisy (B, C, h, w), text_emb (B, L, D), demo_latents (B, n, C, h, w), demo_emb (B, n, L, D),
+        demo_mask (B,); SDXL: ``text_added`` = {text_embeds (B, P), time_ids (B, 6)} and
+        ``demo_added`` the same for the B * n demonstrations (:mod:`suti.conditioning`)."""
+        ctx = self.adapter.encode_demos(self.unet, demo_latents, demo_emb, added_cond_kwargs=demo_added)
         ctx.mask = demo_mask
-        return self.unet(noisy, timesteps, text_emb, cross_attention_kwargs={"demo": ctx}).sample
+        extra = {} if text_added is None else {"added_cond_kwargs": text_added}
+        return self.unet(noisy, timesteps, text_emb, cross_attention_kwargs={"demo": ctx}, **extra).sample
 
 
 def _ds_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
@@ -101,7 +104,7 @@ def module_dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None) -> torch.Tensor:
     """The apprentice's training loss on one batch (a scalar, fp32).
 
     Args:
@@ -111,11 +114,14 @@ def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor,
         latents: (B, C, h, w) scaled clean latents; noise: the same shape; timesteps: (B,).
         text_emb: (B, L, D); demo_latents: (B, n, C, h, w); demo_emb: (B, n, L, D); demo_mask: (B,).
         dtype: the module's dtype; every input is cast to it (fp16/bf16 DeepSpeed configs).
+        text_added, demo_added: SDXL's added conditioning of the targets and the demonstrations
+            (see :class:`ApprenticeModule`); ``None`` for SD 1.x/2.x.
     """
     from experts.loss import denoising_target
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype))
+    cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
+    pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype), cast(text_added), cast(demo_added))
     target = denoising_target(scheduler, latents, noise, timesteps)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
@@ -141,6 +147,8 @@ def build_engine(config: ApprenticeTrainConfig, device: str):
     unet = base.unet
     base.vae.requires_grad_(False)
     base.text_encoder.requires_grad_(False)
+    if getattr(base, "text_encoder_2", None) is not None:  # SDXL
+        base.text_encoder_2.requires_grad_(False)
     unet.requires_grad_(not config.freeze_base)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -304,7 +312,7 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
-    null_emb = _encode(base, [""], device)
+    null_cond = _encode(base, [""], device, resolution)
     bar = tqdm(total=config.steps, initial=step, desc="apprentice", unit="step", disable=not progress or rank != 0)
     started = time.perf_counter()
     start_step, loss = step, None
@@ -315,17 +323,18 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
             target = vae.encode(batch["target"].to(device)).latent_dist.sample(gen if device == "cpu" else None) * vae.config.scaling_factor
             demos = vae.encode(batch["demos"].flatten(0, 1).to(device)).latent_dist.mean * vae.config.scaling_factor
             demos = demos.view(b, n, *demos.shape[1:])  # (B, n, C, h, w)
-            text = _encode(base, batch["prompt"], device)  # (B, L, D)
-            demo_emb = _encode(base, [c for caps in batch["demo_captions"] for c in caps], device).view(b, n, *text.shape[1:])
+            text_cond = _encode(base, batch["prompt"], device, resolution)  # (B, L, D) (+ SDXL pooled, time ids)
+            demo_cond = _encode(base, [c for caps in batch["demo_captions"] for c in caps], device, resolution)  # B * n
+            demo_emb = demo_cond.encoder_hidden_states.view(b, n, *demo_cond.encoder_hidden_states.shape[1:])
         u = torch.rand(b, generator=gen)
         drop_both = u < config.drop_both
         drop_text = drop_both | ((u >= config.drop_both) & (u < config.drop_both + config.drop_text))
         drop_demo = drop_both | ((u >= config.drop_both + config.drop_text) & (u < config.drop_both + config.drop_text + config.drop_demos))
-        text = torch.where(drop_text.view(-1, 1, 1).to(device), null_emb.expand_as(text), text)
+        text_cond = text_cond.where(drop_text, null_cond)  # dropped text: the empty prompt's conditioning
         mask = (~drop_demo).float().to(device)
         noise = torch.randn(target.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        loss = denoising_loss(engine, scheduler, target, noise, t, text, demos, demo_emb, mask, dtype)
+        loss = denoising_loss(engine, scheduler, target, noise, t, text_cond.encoder_hidden_states, demos, demo_emb, mask, dtype, text_cond.added_cond_kwargs, demo_cond.added_cond_kwargs)
         engine.backward(loss)
         engine.step()
         if ema:
@@ -342,7 +351,8 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
     if rank == 0:
         if ema:
             ema.copy_to(module)
-        pipe = ApprenticePipeline(unet, vae, text_encoder, base.tokenizer, base.scheduler, adapter)
+        pipe = ApprenticePipeline(unet, vae, text_encoder, base.tokenizer, base.scheduler, adapter,
+                                  text_encoder_2=getattr(base, "text_encoder_2", None), tokenizer_2=getattr(base, "tokenizer_2", None))
         _save_pipeline(pipe, output)
         info = {"config": asdict(config), "resolution": resolution, "prediction_type": scheduler.config.prediction_type, "steps": step, "steps_this_run": step - start_step, "world_size": world, "seconds": round(elapsed, 1), "final_loss": None if loss is None else loss.item()}
         storage.write_text(storage.join(output, "training.json"), json.dumps(info, indent=2))
@@ -366,10 +376,12 @@ def _save_pipeline(pipe, output: str) -> None:
         storage.upload(tmp, output)
 
 
-def _encode(base, prompts: list[str], device: str) -> torch.Tensor:
-    ids = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+def _encode(base, prompts: list[str], device: str, resolution: int):
+    """Frozen text conditioning of ``prompts`` (:class:`suti.conditioning.Conditioning`, on ``device``)."""
+    from suti.conditioning import encode_prompt
+
     with torch.no_grad():
-        return base.text_encoder(ids.to(device))[0]
+        return encode_prompt(base, prompts, resolution=resolution).to(device)
 
 
 def _save_checkpoint(engine, trainable, ckpt_uri: str, step: int, config, ema, rank: int, world: int, data_seed: int) -> None:

@@ -45,6 +45,18 @@ class Conditioning:
         added = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.encoder_hidden_states[index], added)
 
+    def where(self, condition: torch.Tensor, other: "Conditioning") -> "Conditioning":
+        """Row-wise ``other`` where ``condition`` (B,) is true, else ``self`` (e.g. text dropout
+        with the empty prompt's conditioning, batch 1 or B, as ``other``)."""
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            mask = condition.to(a.device).view(-1, *([1] * (a.dim() - 1)))
+            return torch.where(mask, b.expand_as(a), a)
+
+        hidden = pick(self.encoder_hidden_states, other.encoder_hidden_states)
+        if self.added_cond_kwargs is None:
+            return Conditioning(hidden)
+        return Conditioning(hidden, {k: pick(v, other.added_cond_kwargs[k]) for k, v in self.added_cond_kwargs.items()})
+
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         """Concatenate batches along the batch axis."""

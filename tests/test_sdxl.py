@@ -53,3 +53,43 @@ def test_sdxl_full_expert_trains_and_samples_from_the_cli(instance_dir, tmp_path
     samples = tmp_path / "samples"
     assert main(["expert", "sample", "--expert", str(out), "--prompt", "a {V} {class} on the beach", "--num-images", "2", "--output", str(samples), "--steps", "3"]) == 0
     assert len(list(samples.glob("*.png"))) == 2
+
+
+def _demos(n: int):
+    from PIL import Image
+
+    return [Image.new("RGB", (32, 32), (40 * i, 200 - 20 * i, 90)) for i in range(n)]
+
+
+def test_untrained_sdxl_apprentice_equals_the_sdxl_base():
+    import torch
+
+    from apprentice import ApprenticePipeline
+
+    base = load_pipeline("tiny-sdxl")
+    ref = base("a red cup", negative_prompt="", height=32, width=32, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    app = ApprenticePipeline.from_base(load_pipeline("tiny-sdxl"))
+    app.set_progress_bar_config(disable=True)
+    assert app.text_encoder_2 is not None and app.tokenizer_2 is not None
+    out = app("a red cup", demo_images=_demos(3), num_inference_steps=4, guidance_scale=5.0, demo_guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(out, ref)
+
+
+def test_sdxl_apprentice_trains_with_deepspeed_and_samples_from_the_cli(tmp_path):
+    from apprentice import ApprenticePipeline
+    from apprentice.train import ApprenticeTrainConfig, train_apprentice
+    from shard_util import world_shards
+
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
+    config = ApprenticeTrainConfig(shards=str(shards / "*.tar"), output=str(tmp_path / "app"), model="tiny-sdxl", steps=3, batch_size=2, learning_rate=2e-3, save_steps=3, freeze_base=True)
+    out = train_apprentice(config, progress=False)
+    pipe = ApprenticePipeline.from_pretrained(str(out))
+    assert pipe.text_encoder_2 is not None, "the SDXL components round-trip through save_pretrained"
+    moved = [p for n, p in pipe.adapter.named_parameters() if n.endswith("to_out.weight") and p.abs().sum() > 0]
+    assert moved, "a DeepSpeed step changed the zero-initialised demo layers"
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    for i, img in enumerate(_demos(3)):
+        img.save(demos / f"d{i}.png")
+    code = main(["apprentice", "sample", "--apprentice", str(out), "--demos", *map(str, sorted(demos.glob("*.png"))), "--prompt", "a cup in the snow", "--num-images", "2", "--output", str(tmp_path / "samples"), "--steps", "3"])
+    assert code == 0 and len(list((tmp_path / "samples").glob("*.png"))) == 2
