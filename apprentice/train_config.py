@@ -56,7 +56,7 @@ class ApprenticeTrainConfig:
         need(self.batch_size >= 1, "--batch-size", ">= 1", self.batch_size)
         need(self.learning_rate > 0 and self.learning_rate == self.learning_rate, "--learning-rate", "> 0", self.learning_rate)
         need(1 <= self.num_demos <= 8, "--num-demos", "in 1..8", self.num_demos)
-        need(self.save_steps >= 1, "--save-steps", ">= 1", self.save_steps)
+        need(self.save_steps >= 0, "--save-steps", ">= 0 (0: a checkpoint only at the end)", self.save_steps)
         need(self.keep_checkpoints >= 1, "--keep-checkpoints", ">= 1", self.keep_checkpoints)
         need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
         need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)

@@ -15,6 +15,8 @@ Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub
    one expert at a time per GPU, for full and LoRA.
 
 ``--dry-run`` runs every row on the CPU with the ``tiny`` preset and tiny sizes (CI).
+``--sdxl`` adds the same rows for ``sdxl-arch`` (SDXL base's architecture) at 1024 px with
+``--sdxl-expert-steps`` (100) expert steps (``tiny-sdxl`` under ``--dry-run``).
 Every row is printed as ``ROW <name>: <values>``, and all rows as JSON at the end.
 """
 
@@ -133,10 +135,10 @@ def apprentice_rows(a, work: Path, photos: Path, experts: dict) -> None:
     app_first = time.perf_counter() - started
     for scale, branches in ((2.0, 3), (1.0, 2)):
         t_app = _time_images(lambda s: app("a toy on the beach", demo_context=ctx, num_inference_steps=steps, demo_guidance_scale=scale, height=res, width=res, generator=torch.Generator().manual_seed(s)), a.timed_images)
-        row(f"apprentice time per image vs base ({branches} guidance branches, {steps} steps, {res} px, {str(dtype).split('.')[-1]})",
+        row(f"apprentice time per image vs base ({a.preset}, {branches} guidance branches, {steps} steps, {res} px, {str(dtype).split('.')[-1]})",
             apprentice_s=round(t_app, 3), base_s=round(t_base, 3), ratio=round(t_app / t_base, 3))
     for kind, e in experts.items():
-        row(f"time to first image, apprentice vs expert {kind}", apprentice_s=round(app_first, 2), expert_s=round(e["time_to_first_image_s"], 2), speedup=round(e["time_to_first_image_s"] / app_first, 1))
+        row(f"time to first image, apprentice vs expert {kind} ({a.preset})", apprentice_s=round(app_first, 2), expert_s=round(e["time_to_first_image_s"], 2), speedup=round(e["time_to_first_image_s"] / app_first, 1))
 
 
 def _shards(folder: Path, size: int, n: int) -> Path:
@@ -196,9 +198,17 @@ def flops_per_image(folder: str, resolution: int, num_demos: int = 3) -> float:
     dim = unet.config.cross_attention_dim
     demos = torch.empty(1, num_demos, 4, latent, latent, device="meta")
     emb = torch.empty(1, 77, dim, device="meta")
+
+    def added(batch: int):  # SDXL's text_time add_embeds: pooled text embeddings + 6 time ids
+        if unet.config.addition_embed_type != "text_time":
+            return None
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        return {"text_embeds": torch.empty(batch, pooled, device="meta"), "time_ids": torch.empty(batch, 6, device="meta")}
+
+    extra = {} if added(1) is None else {"added_cond_kwargs": added(1)}
     with FlopCounterMode(display=False) as counter:
-        ctx = adapter.encode_demos(unet, demos, torch.empty(1, num_demos, 77, dim, device="meta"))
-        out = unet(torch.empty(1, 4, latent, latent, device="meta"), torch.tensor([500], device="meta"), emb, cross_attention_kwargs={"demo": ctx}).sample
+        ctx = adapter.encode_demos(unet, demos, torch.empty(1, num_demos, 77, dim, device="meta"), added_cond_kwargs=added(num_demos))
+        out = unet(torch.empty(1, 4, latent, latent, device="meta"), torch.tensor([500], device="meta"), emb, cross_attention_kwargs={"demo": ctx}, **extra).sample
         out.float().pow(2).mean().backward()
     return float(counter.get_total_flops())
 
@@ -234,7 +244,7 @@ def experts_per_hour_rows(a, experts: dict) -> None:
     """Row 6: experts per GPU-hour, one expert at a time, with ``--prompts-per-expert`` samples."""
     for kind, e in experts.items():
         per_expert = e["train_s"] + a.prompts_per_expert * e["sample_s"]
-        row(f"experts per GPU-hour, {kind} ({a.expert_steps} steps + {a.prompts_per_expert} samples each)", experts_per_hour=round(3600 / per_expert, 2), seconds_per_expert=round(per_expert, 2))
+        row(f"experts per GPU-hour, {kind} ({a.preset}, {a.expert_steps} steps + {a.prompts_per_expert} samples each)", experts_per_hour=round(3600 / per_expert, 2), seconds_per_expert=round(per_expert, 2))
 
 
 def main(argv=None) -> int:
@@ -250,6 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--prompts-per-expert", type=int, default=4)
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when not in the built-in table")
+    p.add_argument("--sdxl", action="store_true", help="also run every row for sdxl-arch at 1024 px (tiny-sdxl with --dry-run)")
+    p.add_argument("--sdxl-expert-steps", type=int, default=100)
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
     if a.dry_run:
@@ -258,14 +270,22 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("warning: no CUDA device; the rows measure the CPU (use --dry-run for a quick check)", flush=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="suti-gpu-suite-") as tmp:
-        work = Path(tmp)
-        photos = _photos(work / "photos", a.resolution)
-        a.preset, a.model = a.model, model_folder(a.model, work)
-        experts = expert_rows(a, work, photos)
-        apprentice_rows(a, work, photos, experts)
-        apprentice_training_row(a, work)
-        experts_per_hour_rows(a, experts)
+    runs = [a]
+    if a.sdxl:
+        sdxl = argparse.Namespace(**vars(a))
+        sdxl.model = "tiny-sdxl" if a.dry_run else "sdxl-arch"
+        if not a.dry_run:
+            sdxl.resolution, sdxl.expert_steps, sdxl.train_batch = 1024, a.sdxl_expert_steps, 1
+        runs.append(sdxl)
+    for run in runs:
+        with tempfile.TemporaryDirectory(prefix="suti-gpu-suite-") as tmp:
+            work = Path(tmp)
+            photos = _photos(work / "photos", run.resolution)
+            run.preset, run.model = run.model, model_folder(run.model, work)
+            experts = expert_rows(run, work, photos)
+            apprentice_rows(run, work, photos, experts)
+            apprentice_training_row(run, work)
+            experts_per_hour_rows(run, experts)
     print(f"suite finished in {time.perf_counter() - started:.1f} s")
     print(json.dumps(ROWS))
     if a.json:

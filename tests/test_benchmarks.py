@@ -12,29 +12,31 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE_ROWS = [
-    "expert full (tiny, 32 px, 2 steps, prior preservation",
-    "expert lora (tiny, 32 px, 2 steps, prior preservation",
-    "apprentice time per image vs base (3 guidance branches",
-    "apprentice time per image vs base (2 guidance branches",
-    "time to first image, apprentice vs expert full",
-    "time to first image, apprentice vs expert lora",
-    "apprentice training (tiny, 32 px, frozen base, 3 demos",
-    "experts per GPU-hour, full",
-    "experts per GPU-hour, lora",
+    "expert full ({m}, 32 px, 2 steps, prior preservation",
+    "expert lora ({m}, 32 px, 2 steps, prior preservation",
+    "apprentice time per image vs base ({m}, 3 guidance branches",
+    "apprentice time per image vs base ({m}, 2 guidance branches",
+    "time to first image, apprentice vs expert full ({m})",
+    "time to first image, apprentice vs expert lora ({m})",
+    "apprentice training ({m}, 32 px, frozen base, 3 demos",
+    "experts per GPU-hour, full ({m}",
+    "experts per GPU-hour, lora ({m}",
 ]
 
 
 @pytest.mark.slow
 def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "SUTI_SUITE_TIMEOUT": "600"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--sdxl", "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    for name in SUITE_ROWS:
-        assert any(line.startswith(f"ROW {name}") for line in rows), f"missing row {name!r}:\n" + "\n".join(rows)
+    for model in ("tiny", "tiny-sdxl"):  # the sd15-arch rows and the sdxl-arch rows, at dry-run sizes
+        for name in SUITE_ROWS:
+            name = name.format(m=model)
+            assert any(line.startswith(f"ROW {name}") for line in rows), f"missing row {name!r}:\n" + "\n".join(rows)
     import json
 
-    data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text()) if "tiny-sdxl" not in r["row"]}
     assert data["experts per GPU-hour, lora"]["experts_per_hour"] > 0
     assert data["apprentice training"]["images_per_s"] > 0 and data["apprentice training"]["tflop_per_image"] > 0
 
