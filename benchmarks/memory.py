@@ -38,24 +38,39 @@ GIB = 2**30
 MIB = 2**20
 
 
-def _preset():
+def _preset(model: str = "sd15-arch"):
     from suti.models import load_preset
 
-    return load_preset("sd15-arch")
+    return load_preset(model)
 
 
-def _models(device: str = "meta"):
+def _added(unet, batch: int, device: str = "meta"):
+    """SDXL's ``added_cond_kwargs`` (pooled text embeddings, 6 time ids) for ``batch``; ``None`` for SD."""
+    if unet.config.addition_embed_type != "text_time":
+        return None
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    return {"text_embeds": torch.empty(batch, pooled, device=device), "time_ids": torch.empty(batch, 6, device=device)}
+
+
+def _unet_kw(unet, batch: int) -> dict:
+    added = _added(unet, batch)
+    return {} if added is None else {"added_cond_kwargs": added}
+
+
+def _models(device: str = "meta", model: str = "sd15-arch"):
     """sd15-arch's U-Net, VAE and text encoder; on ``meta`` shapes only. Elsewhere only the U-Net
     is materialised (uninitialised memory filled with small random values: weights do not change
     memory), the VAE and text encoder stay on ``meta``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    preset = _preset()
+    preset = _preset(model)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**preset["unet"])
         vae = AutoencoderKL(**preset["vae"])
         text = CLIPTextModel(CLIPTextConfig(**preset["text_encoder"]))
+        if "text_encoder_2" in preset:  # SDXL: both text encoders count as frozen weights
+            text = torch.nn.ModuleList([text, CLIPTextModelWithProjection(CLIPTextConfig(**preset["text_encoder_2"]))])
     if device != "meta":
         _materialise(unet, device)
     return unet, vae, text
@@ -114,27 +129,28 @@ def _lora(unet, rank: int):
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def analytic(resolution: int = 512, num_demos: int = 3, lora_rank: int = 4) -> list[dict]:
-    """The four cases at ``resolution`` on the meta device (fp32 weights and activations)."""
+def analytic(resolution: int = 512, num_demos: int = 3, lora_rank: int = 4, model: str = "sd15-arch") -> list[dict]:
+    """The four cases at ``resolution`` on the meta device (fp32 weights and activations), for
+    ``model`` (``sd15-arch``, or ``sdxl-arch`` with its second text encoder and add_embeds)."""
     from apprentice.adapter import DemoAttentionAdapter
 
     latent = resolution // 8
     rows = []
-    unet, vae, text = _models("meta")
+    unet, vae, text = _models("meta", model)
     frozen = _nbytes(vae.parameters()) + _nbytes(text.parameters())
     t = torch.full((2,), 500, device="meta")
     x = torch.empty(2, 4, latent, latent, device="meta")
-    emb = torch.empty(2, 77, 768, device="meta")
+    emb = torch.empty(2, 77, unet.config.cross_attention_dim, device="meta")
     # expert, full fine-tuning: instance + class image per step (prior preservation, batch 1 + 1)
     with _saved_tensors(unet.parameters()) as saved:
-        unet(x, t, emb).sample
+        unet(x, t, emb, **_unet_kw(unet, 2)).sample
     rows.append(_row("expert training, full (U-Net; batch 1 + 1 class image)", _nbytes(unet.parameters()) + frozen, _nbytes(unet.parameters()),
                      saved["activations"], saved["attention_probs"], note="AdamW fp32; VAE encode of the class images: see the VAE rows"))
     # expert, LoRA
-    unet_l, _, _ = _models("meta")
+    unet_l, _, _ = _models("meta", model)
     trainable = _lora(unet_l, lora_rank)
     with _saved_tensors(unet_l.parameters()) as saved:
-        unet_l(x, t, emb).sample
+        unet_l(x, t, emb, **_unet_kw(unet_l, 2)).sample
     rows.append(_row(f"expert training, LoRA rank {lora_rank} (batch 1 + 1)", _nbytes(unet_l.parameters()) + frozen, _nbytes(trainable),
                      saved["activations"], saved["attention_probs"], note=f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable"))
     del unet_l
@@ -143,10 +159,10 @@ def analytic(resolution: int = 512, num_demos: int = 3, lora_rank: int = 4) -> l
     adapter = DemoAttentionAdapter.for_unet(unet, init_from_self_attention=False)
     adapter.install(unet)
     demos = torch.empty(1, num_demos, 4, latent, latent, device="meta")
-    demo_emb = torch.empty(1, num_demos, 77, 768, device="meta")
+    demo_emb = torch.empty(1, num_demos, 77, unet.config.cross_attention_dim, device="meta")
     with _saved_tensors(list(unet.parameters()) + list(adapter.parameters())) as saved:
-        ctx = adapter.encode_demos(unet, demos, demo_emb)
-        unet(x[:1], t[:1], emb[:1], cross_attention_kwargs={"demo": ctx}).sample
+        ctx = adapter.encode_demos(unet, demos, demo_emb, added_cond_kwargs=_added(unet, num_demos))
+        unet(x[:1], t[:1], emb[:1], cross_attention_kwargs={"demo": ctx}, **_unet_kw(unet, 1)).sample
     kv = sum(a.numel() * 4 + b.numel() * 4 for a, b in ctx.kv.values())  # fp32, one request
     rows.append(_row(f"apprentice training, frozen base ({num_demos} demos, batch 1)", _nbytes(unet.parameters()) + frozen + _nbytes(adapter.parameters()),
                      _nbytes(adapter.parameters()), saved["activations"], saved["attention_probs"],
@@ -376,6 +392,7 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-latent", type=int, default=8, help="latent size of the CPU sampling measurement (sd15-arch U-Net)")
     p.add_argument("--kv-images", type=int, default=4)
     p.add_argument("--cuda", action="store_true", default=None, help="also measure on CUDA (default: when available)")
+    p.add_argument("--sdxl-resolution", type=int, default=1024, help="resolution of the sdxl-arch rows (0: none)")
     p.add_argument("--json", help="write all rows here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -383,6 +400,9 @@ def main(argv=None) -> dict:
     if not args.quick:
         out["analytic"] = analytic(args.resolution)
         _print(f"sd15-arch at {args.resolution} px, analytic (meta device, fp32, AdamW)", out["analytic"])
+        if args.sdxl_resolution:
+            out["analytic_sdxl"] = analytic(args.sdxl_resolution, model="sdxl-arch")
+            _print(f"sdxl-arch at {args.sdxl_resolution} px, analytic (meta device, fp32, AdamW)", out["analytic_sdxl"])
     vae_size, vae_n, kv_latent, kv_images = (args.vae_size, args.vae_images, args.kv_latent, args.kv_images) if not args.quick else (32, 4, 8, 2)
     vae = measured_vae(vae_size, vae_n, args.vae_chunk)
     chunked_row, one_row = vae

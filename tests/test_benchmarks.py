@@ -71,3 +71,13 @@ def test_chunked_vae_encoding_lowers_the_measured_peak():
     chunked, one = memory.measured_vae(size=64, n=4, chunk=1)
     assert chunked["case"].endswith("chunks of 1") and one["case"].endswith("one call")
     assert chunked["peak_mib"] < 0.7 * one["peak_mib"], (one, chunked)
+
+
+def test_memory_analytic_sdxl_arch_rows():
+    memory = _memory()
+    rows = memory.analytic(resolution=64, model="sdxl-arch")
+    full, lora = rows[0], rows[1]
+    # U-Net 2567.5M + VAE 83.7M + CLIP ViT-L 123.1M + OpenCLIP bigG text 694.7M parameters, fp32
+    assert full["weights_gib"] == pytest.approx((2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840) * 4 / 2**30, rel=1e-3)
+    assert full["grads_gib"] == pytest.approx(2_567_463_684 * 4 / 2**30, rel=1e-6)
+    assert 0 < lora["grads_gib"] < full["grads_gib"] / 100
