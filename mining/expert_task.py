@@ -1,9 +1,9 @@
-"""One cluster's expert: fine-tune, sample the unseen prompts, filter by delta-CLIP, stage.
+"""One cluster's expert: fine-tune, sample the unseen prompts, filter by delta-CLIP.
 
-This is the body of the Ray task of the generation job (:mod:`mining.generate`). It is
-idempotent: its outputs are named by cluster id and written atomically, and a finished cluster
-(``staging/<cluster_id>.json`` present) returns its saved summary without doing any work, so a
-retried or duplicated task is harmless.
+This is the body of the Ray task of the generation job (:mod:`mining.generate`). It is a pure
+function of (cluster, demo images, job settings): it writes nothing the driver needs, and returns
+the kept samples' tar members through the Ray object store, so a retried or duplicated task is
+harmless and no worker's disk is ever read by the driver.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from mining.shards import jpeg_bytes, sample_members, write_tar_atomic
+from mining.shards import jpeg_bytes, sample_members
 
 log = logging.getLogger(__name__)
 
@@ -49,40 +49,40 @@ def _maybe_crash_for_tests(cluster_id: str) -> None:
             os._exit(1)  # like a kill -9 of the worker
 
 
-def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
-    """Train, sample and filter one cluster; write ``staging/<cid>.tar`` and ``.json``.
+def run_cluster(cluster: dict, demos: list, job: dict) -> dict:
+    """Train, sample and filter one cluster; return its summary *and* its accepted samples.
+
+    Nothing is written to the worker's disk except a temporary training folder (removed), so the
+    driver never depends on a worker's disk: the samples travel back through the Ray object store
+    (they are small: a few JPEGs per sample).
 
     Args:
         cluster: a row of ``clusters.jsonl`` (cluster_id, keys, captions, prompts, class_noun).
-        crawl: the crawl the cluster's keys refer to.
-        job: the resolved job settings (see :class:`mining.generate.GenerateConfig`).
-        staging: the job's staging folder.
+        demos: the cluster's images (PIL, one per ``cluster["keys"]``), loaded by the driver.
+        job: the resolved job settings (:meth:`mining.generate.GenerateConfig.job_dict`, with
+            ``device``: ``"cuda"`` when the task holds a GPU, else ``"cpu"``).
 
     Returns:
         The cluster's summary: status ``accepted`` (at least one sample kept) or ``rejected``,
-        candidate and kept counts, the delta-CLIP of every candidate, timings.
+        ``kept`` sample keys, candidate count, the delta-CLIP of every candidate, timings, and
+        ``members``: the webdataset tar members ``[(name, bytes)]`` of the kept samples.
     """
+    device = job.get("device") or "cpu"
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a task without a GPU must not pile onto cuda:0
     import torch
 
     cid = cluster["cluster_id"]
-    staging_dir = Path(staging)
-    summary_path = staging_dir / f"{cid}.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
     torch.set_num_threads(int(job.get("threads_per_expert", 1)))
     _maybe_crash_for_tests(cid)
     started = time.perf_counter()
 
     from experts import load_expert, resolve_config
     from experts.train import train_expert
-    from mining.crawl import load_crawl_images
-    from suti.models import default_device
+    from suti import storage
     from suti.scoring import get_scorer
 
-    images = load_crawl_images(crawl, cluster["keys"], sources=cluster.get("sources"))
-    demos = [images[k] for k in cluster["keys"]]
     seed = cluster_seed(cid, int(job["seed"]))
-    keep_dir = Path(job["output"]) / "experts" / cid if job.get("keep_experts") else None
     workdir = Path(tempfile.mkdtemp(prefix=f"suti-expert-{cid}-"))
     try:
         instance_dir = workdir / "instance"
@@ -92,9 +92,11 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
         overrides = dict(model=job["model"], instance_dir=str(instance_dir), class_noun=cluster.get("class_noun") or "object", steps=job.get("steps"), seed=seed)
         overrides.update(job.get("recipe_overrides") or {})
         config = resolve_config(job["recipe"], overrides)
-        expert_dir = keep_dir or workdir / "expert"
+        expert_dir = workdir / "expert"
         info = train_expert(config, expert_dir, overwrite=True, progress=False)
-        pipe = load_expert(expert_dir, device=default_device())
+        if job.get("keep_experts"):
+            storage.upload(expert_dir, storage.join(job["output"], "experts", cid))
+        pipe = load_expert(expert_dir, device=device)
         phrase = subject_phrase(info.identifier, info.class_noun, config.use_class_noun)
         scorer = get_scorer(job["scorer"])
         prompts = cluster["prompts"][: job.get("prompts_per_cluster") or None]
@@ -130,18 +132,14 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
                 }
                 members += sample_members(key, jpeg_bytes(image), demo_bytes, meta)
                 kept.append(key)
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        if members:
-            write_tar_atomic(staging_dir / f"{cid}.tar", members)
-        summary = {
+        if os.environ.get("SUTI_TEST_DROP_SAMPLES"):
+            members = []  # test hook: a worker that "kept" its samples on its own disk
+        return {
             "cluster_id": cid, "status": "accepted" if kept else "rejected", "kept": kept,
             "num_candidates": len(candidates), "delta_clip": [round(float(d), 5) for d in deltas],
             "train_seconds": info.train_seconds, "seconds": round(time.perf_counter() - started, 2),
+            "node": os.uname().nodename, "members": members,
         }
-        tmp = summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary))
-        os.replace(tmp, summary_path)  # the cluster is done once this file exists
-        return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -9,10 +9,10 @@ import json
 def register(subparsers) -> None:
     """Add ``suti generate``."""
     p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine`")
-    p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
-    p.add_argument("--output", required=True, help="folder for the shards, manifest and staging")
-    p.add_argument("--model", default="toy", help="base model of the experts")
+    p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine` (a local path or a storage URI: s3://, gs://, file://)")
+    p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from (local path or URI; only the driver reads it)")
+    p.add_argument("--output", required=True, help="folder or object-store prefix for the shards, manifest and staging (local path or URI)")
+    p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, sd15-arch), a diffusers folder or a hub id")
     p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
     p.add_argument("--steps", type=int, help="expert steps (overrides the recipe)")
     p.add_argument("--lora-rank", type=int, help="train LoRA experts of this rank")
@@ -22,13 +22,13 @@ def register(subparsers) -> None:
     p.add_argument("--prompts-per-cluster", type=int, default=4, help="unseen prompts sampled per cluster (0: all)")
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per sample")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
-    p.add_argument("--scorer", default="toy-clip", help="CLIP used for delta-CLIP (toy-clip, openai-clip-vit-b-32)")
+    p.add_argument("--scorer", help="CLIP used for delta-CLIP (default: the model's own: toy-clip for the world presets tiny/toy, openai-clip-vit-b-32 otherwise)")
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--max-clusters", type=int, help="only the first n clusters")
     p.add_argument("--keep-experts", action="store_true", help="keep expert weights under OUTPUT/experts/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--gpus-per-expert", type=float, default=0.0, help="GPUs per expert task (fractions pack LoRA experts; 0: 1 if CUDA locally)")
+    p.add_argument("--gpus-per-expert", type=float, help="GPUs per expert task (default: 1 on a Ray cluster with GPUs, else 0; fractions such as 0.25 pack LoRA experts)")
     p.add_argument("--cpus-per-expert", type=float, default=1.0)
     p.add_argument("--max-workers", type=int, help="experts in flight at once (default: as resources allow)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a cluster whose worker died or hit a transient error")
@@ -54,5 +54,5 @@ def _run(args) -> int:
     summary = run_generation(config)
     print(json.dumps(summary))
     if summary["failed"]:
-        print(f"warning: {summary['failed']} cluster(s) failed; see manifest.jsonl (rerun with --retry-failed)")
+        print(f"warning: {summary['failed']} cluster(s) failed; see {args.output}/manifest/ (rerun with --retry-failed)")
     return 0

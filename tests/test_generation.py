@@ -39,7 +39,9 @@ def _samples(out: Path) -> list[dict]:
 
 
 def _manifest(out: Path) -> dict:
-    return {json.loads(line)["cluster_id"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+    from mining.generate import read_manifest
+
+    return read_manifest(str(out))
 
 
 def _digest(out: Path) -> dict:
@@ -86,7 +88,7 @@ def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
-        if (out / "manifest.jsonl").is_file() and (out / "manifest.jsonl").read_text().count("\n") >= 1:
+        if len(list((out / "manifest").glob("*.json"))) >= 1:
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
