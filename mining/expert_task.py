@@ -138,10 +138,20 @@ def run_cluster(cluster: dict, demos: list, job: dict) -> dict:
             "cluster_id": cid, "status": "accepted" if kept else "rejected", "kept": kept,
             "num_candidates": len(candidates), "delta_clip": [round(float(d), 5) for d in deltas],
             "train_seconds": info.train_seconds, "seconds": round(time.perf_counter() - started, 2),
-            "node": os.uname().nodename, "members": members,
+            "node_id": _ray_node_id(), "members": members,
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node that ran the expert (recorded in the manifest; ``None`` outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return None
 
 
 def delta_clip_scores(scorer, images: list, prompts: list[str], demos: list) -> list[float]:
