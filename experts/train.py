@@ -77,7 +77,7 @@ def make_optimizer(params: list[torch.nn.Parameter], config: ExpertConfig):
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.adam_weight_decay)
 
 
-def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None) -> ExpertInfo:
+def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None, pipeline=None, save: bool = True) -> ExpertInfo:
     """Train one DreamBooth expert into ``output`` and return its :class:`ExpertInfo`.
 
     Args:
@@ -90,6 +90,12 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             (phase ``"class_images"``) and every training step (``"training"``, metrics
             ``loss``, ``instance_loss``, ``prior_loss``); an exception it raises stops the run
             (a serving job uses this to stop a cancelled job).
+        pipeline: an already loaded base pipeline of ``config.model`` to train in place (a
+            resident expert worker, :class:`mining.expert_task.ResidentExpertWorker`): LoRA adds
+            the adapter ``default`` to it, full fine-tuning changes its weights; the caller
+            restores it. ``None``: load the model.
+        save: write the expert to ``output`` (``False``: only the returned info; the trained
+            weights stay in ``pipeline``).
 
     Raises:
         InputError: a bad instance image (named), a non-empty output, inconsistent settings.
@@ -115,7 +121,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
 
     device = default_device()
     torch.manual_seed(config.seed)
-    pipe = load_pipeline(config.model, device=device)
+    pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device)
     config.resolution = resolution
     if config.identifier is None:
         config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)
@@ -228,7 +234,10 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     unet.eval()
     if config.checkpointing_steps:  # the final state, so that --resume can extend the run
         ckpt.save_checkpoint(output, step, params, optimizer, generator, config.to_dict(), config.checkpoints_total_limit)
-    info = save_expert(pipe, config, output, train_seconds=elapsed)
+    if save:
+        info = save_expert(pipe, config, output, train_seconds=elapsed)
+    else:
+        info = ExpertInfo(identifier=config.identifier, class_noun=config.class_noun, base_model=config.model, recipe=config.recipe, kind="lora" if config.lora_rank > 0 else "full", steps=config.steps, seed=config.seed, resolution=config.resolution, instance_prompt=prompt, weights="", config=config.to_dict(), train_seconds=elapsed)
     if writer:
         writer.close()
     log.info("expert written to %s (%d steps, %.1f s)", output, step, elapsed)

@@ -49,7 +49,7 @@ def _maybe_crash_for_tests(cluster_id: str) -> None:
             os._exit(1)  # like a kill -9 of the worker
 
 
-def run_cluster(cluster: dict, demos: list, job: dict) -> dict:
+def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpertWorker | None" = None) -> dict:
     """Train, sample and filter one cluster; return its summary *and* its accepted samples.
 
     Nothing is written to the worker's disk except a temporary training folder (removed), so the
@@ -61,6 +61,9 @@ def run_cluster(cluster: dict, demos: list, job: dict) -> dict:
         demos: the cluster's images (PIL, one per ``cluster["keys"]``), loaded by the driver.
         job: the resolved job settings (:meth:`mining.generate.GenerateConfig.job_dict`, with
             ``device``: ``"cuda"`` when the task holds a GPU, else ``"cpu"``).
+        resident: a resident worker whose loaded base pipeline and scorer are used (the expert
+            is trained in place and sampled from memory); ``None``: load them, save the expert
+            and load it back (a plain Ray task).
 
     Returns:
         The cluster's summary: status ``accepted`` (at least one sample kept) or ``rejected``,
@@ -93,12 +96,18 @@ def run_cluster(cluster: dict, demos: list, job: dict) -> dict:
         overrides.update(job.get("recipe_overrides") or {})
         config = resolve_config(job["recipe"], overrides)
         expert_dir = workdir / "expert"
-        info = train_expert(config, expert_dir, overwrite=True, progress=False)
-        if job.get("keep_experts"):
+        keep = bool(job.get("keep_experts"))
+        if resident is not None:
+            info = train_expert(config, expert_dir, overwrite=True, progress=False, pipeline=resident.pipe, save=keep)
+            pipe, scorer = resident.pipe, resident.scorer
+            pipe.unet.eval()
+            pipe.text_encoder.eval()
+        else:
+            info = train_expert(config, expert_dir, overwrite=True, progress=False)
+            pipe, scorer = load_expert(expert_dir, device=device), get_scorer(job["scorer"])
+        if keep:
             storage.upload(expert_dir, storage.join(job["output"], "experts", cid))
-        pipe = load_expert(expert_dir, device=device)
         phrase = subject_phrase(info.identifier, info.class_noun, config.use_class_noun)
-        scorer = get_scorer(job["scorer"])
         prompts = cluster["prompts"][: job.get("prompts_per_cluster") or None]
         k = int(job["samples_per_prompt"])
         candidates = []  # (prompt_index, sample_index, prompt entry, image)
@@ -142,6 +151,62 @@ def run_cluster(cluster: dict, demos: list, job: dict) -> dict:
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class ResidentExpertWorker:
+    """A resident expert worker (run as a Ray actor, one per GPU slot or CPU slot).
+
+    Loads the base model and the scorer once, then trains experts back to back
+    (:meth:`run`): a LoRA expert is the adapter ``default``, added, trained, sampled from memory
+    and deleted; a full expert changes the weights, which are then restored from an in-memory
+    copy of the base. Nothing is saved unless the job keeps experts. Samples are the same, byte
+    for byte, as a plain task's (:func:`run_cluster` without ``resident``).
+    """
+
+    def __init__(self, job: dict):
+        device = job.get("device") or "cpu"
+        if device == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        import torch
+
+        from suti.models import load_pipeline
+        from suti.scoring import get_scorer
+
+        torch.set_num_threads(int(job.get("threads_per_expert", 1)))
+        self.job = job
+        self.pipe = load_pipeline(job["model"], device=device)
+        self.scorer = get_scorer(job["scorer"])
+        self.base = {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+        self.experts = 0
+
+    def run(self, cluster: dict, demos: list) -> dict:
+        """:func:`run_cluster` on the resident pipeline; the base is restored afterwards."""
+        try:
+            return run_cluster(cluster, demos, self.job, resident=self)
+        finally:
+            self.restore()
+            self.experts += 1
+
+    def restore(self) -> None:
+        """Back to the base model: delete LoRA adapters, or load the base weights back."""
+        for name in ("unet", "text_encoder"):
+            module = getattr(self.pipe, name)
+            adapters = list(getattr(module, "peft_config", None) or {})
+            if adapters:
+                if hasattr(module, "delete_adapters"):
+                    module.delete_adapters(adapters)
+                else:
+                    for a in adapters:
+                        module.delete_adapter(a)
+            else:
+                module.load_state_dict(self.base[name])
+            if getattr(module, "is_gradient_checkpointing", False):
+                if hasattr(module, "disable_gradient_checkpointing"):
+                    module.disable_gradient_checkpointing()
+                else:
+                    module.gradient_checkpointing_disable()
+            module.requires_grad_(False)
+            module.eval()
 
 
 def _ray_node_id() -> str | None:

@@ -92,6 +92,7 @@ class GenerateConfig:
     max_retries: int = 2
     retry_failed: bool = False
     threads_per_expert: int = 1
+    resident_workers: bool = False
 
     def job_dict(self) -> dict:
         """The settings a task needs (``lambda`` spelled as in the paper)."""
@@ -293,8 +294,9 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     todo = [row for row in clusters if row["cluster_id"] not in done]
     total = len(clusters)
     log.info("generation: %d clusters, %d finished earlier, %d to run", total, total - len(todo), len(todo))
-    if todo:
-        _run_tasks(config, todo, packer, done, progress)
+    expert_started = time.perf_counter()
+    unfinished = _run_tasks(config, todo, packer, done, progress) if todo else []
+    expert_seconds = time.perf_counter() - expert_started
     packer.flush()
     _cleanup_staging(output, packer, done)
 
@@ -308,9 +310,13 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
         "samples": len(packer.written),
         "shards": len(existing_shards(output)),
         "ran_now": len(todo),
+        "unfinished": len(unfinished),
+        "expert_seconds": round(expert_seconds, 2),
     }
     storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2))
     print(f"generation: {summary['accepted']} accepted, {summary['rejected']} rejected, {summary['failed']} failed of {total} clusters; {summary['samples']} samples in {summary['shards']} shards")
+    if unfinished:
+        print(f"{len(unfinished)} cluster(s) unfinished: their workers kept dying; run the same command again")
     print(f"delta-CLIP of all candidates (lambda = {config.lambda_}):\n{_histogram(deltas)}")
     return summary
 
@@ -374,7 +380,61 @@ def _load_demos(config: GenerateConfig, rows: list[dict]) -> dict[str, list | st
     return out
 
 
-def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, done: dict[str, dict], progress: bool) -> None:
+class _Tasks:
+    """One Ray task per expert (loads the model, saves the expert and loads it back)."""
+
+    def __init__(self, task, job: dict):
+        self.task, self.job = task, job
+
+    def __call__(self, row: dict, images: list):
+        return self.task.remote(row, images, self.job)
+
+    def release(self, ref, lost: bool) -> None:
+        pass
+
+
+class _ActorPool:
+    """Resident expert workers (:class:`mining.expert_task.ResidentExpertWorker` actors), one
+    expert at a time each; grown when the cluster can run more, and a dead actor is replaced
+    (its cluster is run again by the caller)."""
+
+    def __init__(self, config: GenerateConfig, gpus: float, job: dict):
+        import ray
+
+        from mining.expert_task import ResidentExpertWorker
+
+        self.cls = ray.remote(ResidentExpertWorker).options(num_cpus=config.cpus_per_expert, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": worker_env()})
+        self.job = job
+        self.idle: list = []
+        self.busy: dict = {}
+
+    def __call__(self, row: dict, images: list):
+        actor = self.idle.pop() if self.idle else self.cls.remote(self.job)
+        ref = actor.run.remote(row, images)
+        self.busy[ref] = actor
+        return ref
+
+    def release(self, ref, lost: bool) -> None:
+        import ray
+
+        actor = self.busy.pop(ref)
+        if lost:  # dead: a fresh actor replaces it on the next submission
+            with __import__("contextlib").suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        else:
+            self.idle.append(actor)
+
+
+def _lost_work_errors() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean the work was lost with a worker or node, not that the expert failed."""
+    import ray.exceptions as rex
+
+    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError", "ActorDiedError", "ActorUnavailableError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, done: dict[str, dict], progress: bool) -> list[str]:
+    """Run the clusters of ``todo``; returns the ids left unfinished (their workers kept dying)."""
     import ray
 
     from mining.expert_task import failure_summary, run_cluster
@@ -383,15 +443,20 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
     gpus = gpus_per_expert(config, ray.cluster_resources().get("GPU", 0))
     job = config.job_dict()
     job["device"] = "cuda" if gpus > 0 else "cpu"
-    task = ray.remote(run_cluster).options(
-        num_cpus=config.cpus_per_expert, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=_transient_errors(),
-        runtime_env={"env_vars": worker_env()},
-    )
+    if config.resident_workers:
+        submit = _ActorPool(config, gpus, job)
+    else:
+        task = ray.remote(run_cluster).options(
+            num_cpus=config.cpus_per_expert, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=_transient_errors(),
+            runtime_env={"env_vars": worker_env()},
+        )
+        submit = _Tasks(task, job)
     output = config.output
     pending = collections.deque(todo)
     demos: dict[str, list | str] = {}
     attempts: collections.Counter = collections.Counter()
     in_flight: dict = {}
+    unfinished: list[str] = []
     started = time.perf_counter()
     finished = accepted = 0
     bar = tqdm(total=len(todo), desc="experts", unit="cluster", disable=not progress)
@@ -421,7 +486,7 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
             if isinstance(images, str):
                 record(row, {"cluster_id": cid, "status": "failed", "error": images, "attempts": 0})
                 continue
-            in_flight[task.remote(row, images, job)] = (row, images)
+            in_flight[submit(row, images)] = (row, images)
         if not in_flight:
             continue
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=10.0)
@@ -429,8 +494,15 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
             row, images = in_flight.pop(ref)
             cid = row["cluster_id"]
             attempts[cid] += 1
+            lost = False
             try:
-                summary = ray.get(ref)
+                try:
+                    summary = ray.get(ref)
+                except _lost_work_errors():
+                    lost = True
+                    raise
+                finally:
+                    submit.release(ref, lost)
                 samples = check_samples(summary)
                 summary.pop("members", None)
                 if samples:
@@ -438,10 +510,18 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
             except SamplesMissingError as exc:
                 if attempts[cid] <= config.max_retries:
                     log.warning("%s; running it again (attempt %d)", exc, attempts[cid] + 1)
-                    in_flight[task.remote(row, images, job)] = (row, images)
+                    in_flight[submit(row, images)] = (row, images)
                     continue
                 summary = failure_summary(cid, exc, attempts[cid])
                 log.warning("cluster %s failed: %s", cid, summary["error"])
+            except _lost_work_errors() as exc:  # a worker or node died: not the cluster's fault
+                if attempts[cid] <= config.max_retries:
+                    log.warning("cluster %s: its worker was lost (%s); running it again", cid, type(exc).__name__)
+                    in_flight[submit(row, images)] = (row, images)
+                else:  # left unrecorded: the same command runs it again
+                    unfinished.append(cid)
+                    log.warning("cluster %s: its workers kept dying (%s); left for a rerun", cid, exc)
+                continue
             except Exception as exc:  # Ray's retries exhausted: record the failure, keep going
                 cause = getattr(exc, "cause", None) or exc
                 summary = failure_summary(cid, cause, config.max_retries + 1)
@@ -450,6 +530,7 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
             if summary["status"] == "accepted":
                 _pack(packer, samples)
     bar.close()
+    return unfinished
 
 
 def _transient_errors() -> list[type[BaseException]]:

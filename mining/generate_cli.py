@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-workers", type=int, help="experts in flight at once (default: as resources allow)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a cluster whose worker died or hit a transient error")
     p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
+    p.add_argument("--resident-workers", action="store_true", help="resident expert workers: one Ray actor per GPU (or CPU) slot loads the base model and scorer once and trains experts back to back, sampling from memory")
     p.set_defaults(func=_run)
 
 
@@ -49,10 +50,10 @@ def _run(args) -> int:
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
-        max_retries=args.max_retries, retry_failed=args.retry_failed,
+        max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers,
     )
     summary = run_generation(config)
     print(json.dumps(summary))
     if summary["failed"]:
         print(f"warning: {summary['failed']} cluster(s) failed; see {args.output}/manifest/ (rerun with --retry-failed)")
-    return 0
+    return 1 if summary.get("unfinished") else 0

@@ -347,3 +347,17 @@ def test_wheel_install_finds_presets_recipes_and_deepspeed_configs(tmp_path):
     assert {"tiny", "toy", "sd15-arch"} <= set(info["presets"])
     assert {"dreambooth", "dreambooth-lora", "suti-expert"} <= set(info["recipes"])
     assert info["zero2"]
+
+
+def test_pack_photos_from_s3_into_s3_exactly_once(mined_s3):
+    from mining.shards import existing_shards, shard_keys
+
+    out = f"s3://{BUCKET}/photos"
+    args = ["apprentice", "pack-photos", "--clusters", mined_s3["clusters"], "--crawl", mined_s3["crawl"], "--output", out, "--samples-per-shard", "2"]
+    assert main(args) == 0
+    shards = existing_shards(out)
+    keys = [k for s in shards for k in shard_keys(s)]
+    assert sorted(keys) == sorted(f"{r['cluster_id']}_photos" for r in mined_s3["rows"])
+    before = {s: _s3fs().info(s.removeprefix("s3://"))["ETag"] for s in shards}
+    assert main(args) == 0
+    assert {s: _s3fs().info(s.removeprefix("s3://"))["ETag"] for s in existing_shards(out)} == before, "a rerun writes nothing"

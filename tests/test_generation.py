@@ -109,3 +109,15 @@ def test_malformed_clusters_file_names_the_line(tmp_path, capsys):
     bad.write_text('{"cluster_id": "a", "keys": [], "prompts": []}\nnot json\n')
     assert main(["generate", "--clusters", str(bad), "--crawl", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "clusters.jsonl:2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_resident_workers_write_the_same_shards_byte_for_byte(mined, tmp_path, extra):
+    per_task = _generate(mined, tmp_path / "task", "--max-clusters", "3", "--lambda", "-1", "--max-workers", "1", *extra)
+    assert per_task.returncode == 0, per_task.stderr[-3000:]
+    resident = _generate(mined, tmp_path / "resident", "--max-clusters", "3", "--lambda", "-1", "--max-workers", "1", "--resident-workers", *extra)
+    assert resident.returncode == 0, resident.stderr[-3000:]
+    assert _digest(tmp_path / "task") and _digest(tmp_path / "resident") == _digest(tmp_path / "task")
+    manifest = _manifest(tmp_path / "resident")
+    assert len(manifest) == 3 and all(r["status"] == "accepted" for r in manifest.values())
