@@ -185,7 +185,10 @@ def embed_records_ray(records: list[Record], scorer_factory, *,
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        from mining.generate import worker_env
+
+        # the workers get the driver's model-cache settings and object-store credentials
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     actors = actors or (gpus if gpus else max(1, min(4, int(resources.get("CPU", 1)) - 1)))

@@ -140,11 +140,12 @@ def mined_s3(s3, tmp_path_factory):
     return {"clusters": f"s3://{BUCKET}/mined/clusters.jsonl", "crawl": f"s3://{BUCKET}/crawl", "rows": rows}
 
 
-def _generate(cluster, mined, output, *extra, cwd=ROOT, wait=True):
+def _generate(cluster, mined, output, *extra, cwd=ROOT, wait=True, log=None):
     cmd = [sys.executable, "-m", "suti.cli", "generate", "--clusters", mined["clusters"], "--crawl", mined["crawl"], "--output", output, "--ray-address", cluster["address"], *FAST, *extra]
     env = {**cluster["env"], **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}}
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(log, "w") as f:
+            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -209,23 +210,25 @@ def test_relative_output_with_an_external_cluster_loses_nothing(ray_cluster, min
 
 
 @pytest.mark.slow
-def test_kill_driver_then_worker_node_then_rerun_loses_and_duplicates_nothing(ray_cluster, mined_s3):
+def test_kill_driver_then_worker_node_then_rerun_loses_and_duplicates_nothing(ray_cluster, mined_s3, tmp_path):
     from mining.generate import read_manifest
 
     output = f"s3://{BUCKET}/job-kill"
     n = len(mined_s3["rows"])
-    driver = _generate(ray_cluster, mined_s3, output, "--max-workers", "1", wait=False)
+    driver = _generate(ray_cluster, mined_s3, output, "--max-workers", "1", wait=False, log=tmp_path / "d1.log")
     deadline = time.time() + 600
-    while time.time() < deadline and not read_manifest(output):
+    while time.time() < deadline and not read_manifest(output) and driver.poll() is None:
         time.sleep(1)
+    assert driver.poll() is None, (tmp_path / "d1.log").read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert 1 <= len(read_manifest(output)) < n, "the driver was killed midway"
     # second run: kill -9 the worker node (its whole process tree) while the job runs
-    driver = _generate(ray_cluster, mined_s3, output, wait=False)
+    driver = _generate(ray_cluster, mined_s3, output, wait=False, log=tmp_path / "d2.log")
     done_before = len(read_manifest(output))
-    while time.time() < deadline and len(read_manifest(output)) == done_before:
+    while time.time() < deadline and len(read_manifest(output)) == done_before and driver.poll() is None:
         time.sleep(0.5)
+    assert driver.poll() is None, (tmp_path / "d2.log").read_text()[-3000:]
     _kill_tree([], [ray_cluster["worker"].pid])
     try:
         driver.wait(timeout=600)
@@ -361,3 +364,15 @@ def test_pack_photos_from_s3_into_s3_exactly_once(mined_s3):
     before = {s: _s3fs().info(s.removeprefix("s3://"))["ETag"] for s in shards}
     assert main(args) == 0
     assert {s: _s3fs().info(s.removeprefix("s3://"))["ETag"] for s in existing_shards(out)} == before, "a rerun writes nothing"
+
+
+@pytest.mark.slow
+def test_mine_on_the_cluster_reads_the_s3_crawl_like_in_process_mining(ray_cluster, mined_s3):
+    env = {**ray_cluster["env"], **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+    cmd = [sys.executable, "-m", "suti.cli", "mine", "--crawl", mined_s3["crawl"], "--output", f"s3://{BUCKET}/mined-ray", "--model", "tiny", "--ray-address", ray_cluster["address"]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in _s3fs().cat_file(f"{BUCKET}/mined-ray/clusters.jsonl").decode().splitlines()]
+    assert [(r["cluster_id"], r["keys"]) for r in rows] == [(r["cluster_id"], r["keys"]) for r in mined_s3["rows"]]
+    stats = json.loads(_s3fs().cat_file(f"{BUCKET}/mined-ray/stats.json"))
+    assert stats["embedding"] == "ray" and not stats["skipped_images"]

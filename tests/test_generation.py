@@ -121,3 +121,18 @@ def test_resident_workers_write_the_same_shards_byte_for_byte(mined, tmp_path, e
     assert _digest(tmp_path / "task") and _digest(tmp_path / "resident") == _digest(tmp_path / "task")
     manifest = _manifest(tmp_path / "resident")
     assert len(manifest) == 3 and all(r["status"] == "accepted" for r in manifest.values())
+
+
+@pytest.mark.slow
+def test_accepted_cluster_whose_samples_do_not_arrive_is_retried_then_failed_never_done(mined, tmp_path):
+    out = tmp_path / "sh"
+    proc = _generate(mined, out, "--max-clusters", "1", "--lambda", "-1", "--max-retries", "1", env={"SUTI_TEST_DROP_SAMPLES": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = _manifest(out).values()
+    assert row["status"] == "failed" and "did not reach the driver" in row["error"] and row["attempts"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accepted"] == 0 and summary["failed"] == 1 and summary["samples"] == 0
+    again = _generate(mined, out, "--max-clusters", "1", "--lambda", "-1", "--retry-failed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    (row,) = _manifest(out).values()
+    assert row["status"] == "accepted" and len(_samples(out)) == len(row["kept"]) == 2
