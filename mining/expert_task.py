@@ -116,7 +116,8 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
             text = template.replace("{S}", phrase)
             for si in range(k):
                 generator = torch.Generator().manual_seed(seed + 1000 * pi + si)
-                image = pipe(text, height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generator).images[0]
+                with _sampling_precision(device):
+                    image = pipe(text, height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generator).images[0]
                 candidates.append((pi, si, entry, image))
         # delta-CLIP = CLIP(y, p) - max_x CLIP(x, p), the prompt with {S} -> the class noun
         score_texts = [_score_prompt(e, info.class_noun) for _, _, e, _ in candidates]
@@ -207,6 +208,18 @@ class ResidentExpertWorker:
                     module.gradient_checkpointing_disable()
             module.requires_grad_(False)
             module.eval()
+
+
+def _sampling_precision(device: str):
+    """bf16 autocast for sampling on a GPU that has it (fp16 otherwise); full precision on CPU."""
+    import contextlib
+
+    import torch
+
+    if device != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def _ray_node_id() -> str | None:

@@ -8,7 +8,11 @@ its kept samples through the Ray object store; only the driver writes under ``OU
 Exactly once, whatever crashes:
 
 * each cluster runs as one Ray task, retried by Ray when its worker or node dies
-  (``max_retries``) and on the named transient errors only (``retry_exceptions``);
+  (``max_retries``) and on the named transient errors only (``retry_exceptions``); or, with
+  ``resident_workers``, on a pool of :class:`mining.expert_task.ResidentExpertWorker` actors
+  (one per GPU or CPU slot) that keep the base model and scorer loaded; a dead actor is replaced
+  and its cluster run again. Work lost with a worker or node is never recorded as failed: it is
+  retried, or left for the next run;
 * the driver checks an accepted cluster's samples (every kept key has its members), stages them
   as one object ``OUTPUT/staging/<cluster_id>.tar``, reads the staged keys back, and only then
   records the cluster in ``OUTPUT/manifest/<cluster_id>.json`` (one object per finished cluster:
