@@ -30,6 +30,7 @@ Exactly once, whatever crashes:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -359,14 +360,18 @@ def gpus_per_expert(config: GenerateConfig, cluster_gpus: float) -> float:
 
 
 def experts_in_flight(config: GenerateConfig, gpus: float, resources: dict) -> int:
-    """How many expert tasks to keep submitted, from the cluster's *current* resources (read
-    every loop, so it grows when an autoscaler adds nodes): the experts that fit, plus one queued
-    so that an autoscaler sees demand; ``--max-workers`` caps it."""
+    """How many experts to keep submitted, from the cluster's *current* resources (read every
+    loop, so it grows when an autoscaler adds nodes): the experts that fit, plus (for tasks) one
+    queued so that an autoscaler sees demand; ``--max-workers`` caps it. Resident workers hold
+    their resources while they live, so their pool is only as large as what fits (at least one,
+    which an autoscaler sees as demand when nothing fits yet)."""
     fit = int(resources.get("CPU", 0) // config.cpus_per_expert)
     if gpus > 0:
         fit = min(fit, int(resources.get("GPU", 0) / gpus + 1e-9))
     if config.max_workers:
         return max(1, min(fit, config.max_workers)) if fit else 1
+    if config.resident_workers:
+        return max(1, fit)
     return max(1, fit) + 1
 
 
@@ -396,11 +401,25 @@ class _Tasks:
     def release(self, ref, lost: bool) -> None:
         pass
 
+    def grow(self, limit: int) -> None:
+        pass
+
+    def available(self) -> bool:
+        return True
+
+    def starting_refs(self) -> list:
+        return []
+
+    def started(self, ref) -> bool:
+        return False
+
 
 class _ActorPool:
     """Resident expert workers (:class:`mining.expert_task.ResidentExpertWorker` actors), one
-    expert at a time each; grown when the cluster can run more, and a dead actor is replaced
-    (its cluster is run again by the caller)."""
+    expert at a time each. Actors are started up to the current limit and get work only once
+    ready (an actor that cannot be placed never holds a cluster); a dead actor is dropped, and a
+    new one is started in its place when the cluster has room (the caller runs its cluster again).
+    """
 
     def __init__(self, config: GenerateConfig, gpus: float, job: dict):
         import ray
@@ -411,9 +430,50 @@ class _ActorPool:
         self.job = job
         self.idle: list = []
         self.busy: dict = {}
+        self.starting: dict = {}
+        self.start_failures = 0
+        self.max_start_failures = config.max_retries + 1
+
+    def grow(self, limit: int) -> None:
+        """Start actors up to ``limit``; drop never-started ones above it (the cluster shrank)."""
+        import ray
+
+        while len(self.idle) + len(self.busy) + len(self.starting) < limit:
+            actor = self.cls.remote(self.job)
+            self.starting[actor.__ray_ready__.remote()] = actor
+        while self.starting and len(self.idle) + len(self.busy) + len(self.starting) > limit:
+            _, actor = self.starting.popitem()
+            ray.kill(actor, no_restart=True)
+
+    def available(self) -> bool:
+        return bool(self.idle)
+
+    def starting_refs(self) -> list:
+        return list(self.starting)
+
+    def started(self, ref) -> bool:
+        """Handle a starting actor's readiness; ``False`` if ``ref`` is not one."""
+        import ray
+
+        if ref not in self.starting:
+            return False
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as exc:
+            self.start_failures += 1
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            if self.start_failures >= self.max_start_failures:
+                raise RuntimeError(f"resident expert workers keep failing to start: {exc}") from exc
+            log.warning("a resident expert worker failed to start (%s); starting another", exc)
+            return True
+        self.start_failures = 0
+        self.idle.append(actor)
+        return True
 
     def __call__(self, row: dict, images: list):
-        actor = self.idle.pop() if self.idle else self.cls.remote(self.job)
+        actor = self.idle.pop()
         ref = actor.run.remote(row, images)
         self.busy[ref] = actor
         return ref
@@ -422,8 +482,8 @@ class _ActorPool:
         import ray
 
         actor = self.busy.pop(ref)
-        if lost:  # dead: a fresh actor replaces it on the next submission
-            with __import__("contextlib").suppress(Exception):
+        if lost:  # dead: grow() starts another when the cluster has room
+            with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
         else:
             self.idle.append(actor)
@@ -480,7 +540,9 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
 
     while pending or in_flight:
         limit = experts_in_flight(config, gpus, ray.cluster_resources())
-        while pending and len(in_flight) < limit:
+        if pending:
+            submit.grow(limit)
+        while pending and len(in_flight) < limit and submit.available():
             row = pending.popleft()
             cid = row["cluster_id"]
             if cid not in demos:  # read the crawl for the next few clusters at once
@@ -491,10 +553,13 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
                 record(row, {"cluster_id": cid, "status": "failed", "error": images, "attempts": 0})
                 continue
             in_flight[submit(row, images)] = (row, images)
-        if not in_flight:
+        waitables = list(in_flight) + submit.starting_refs()
+        if not waitables:
             continue
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=10.0)
+        ready, _ = ray.wait(waitables, num_returns=1, timeout=10.0)
         for ref in ready:
+            if submit.started(ref):  # a resident worker is ready (or failed to start)
+                continue
             row, images = in_flight.pop(ref)
             cid = row["cluster_id"]
             attempts[cid] += 1
@@ -514,14 +579,16 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
             except SamplesMissingError as exc:
                 if attempts[cid] <= config.max_retries:
                     log.warning("%s; running it again (attempt %d)", exc, attempts[cid] + 1)
-                    in_flight[submit(row, images)] = (row, images)
+                    demos[cid] = images
+                    pending.appendleft(row)  # resubmitted within the current limit
                     continue
                 summary = failure_summary(cid, exc, attempts[cid])
                 log.warning("cluster %s failed: %s", cid, summary["error"])
             except _lost_work_errors() as exc:  # a worker or node died: not the cluster's fault
                 if attempts[cid] <= config.max_retries:
                     log.warning("cluster %s: its worker was lost (%s); running it again", cid, type(exc).__name__)
-                    in_flight[submit(row, images)] = (row, images)
+                    demos[cid] = images
+                    pending.appendleft(row)  # resubmitted within the current (maybe smaller) limit
                 else:  # left unrecorded: the same command runs it again
                     unfinished.append(cid)
                     log.warning("cluster %s: its workers kept dying (%s); left for a rerun", cid, exc)

@@ -180,7 +180,6 @@ def _check_exactly_once(output: str, num_clusters: int) -> dict:
     return digests
 
 
-@pytest.mark.slow
 def test_two_nodes_no_shared_tmp_to_s3_exactly_once_and_rerun_does_nothing(ray_cluster, mined_s3):
     output = f"s3://{BUCKET}/job1"
     proc = _generate(ray_cluster, mined_s3, output)
@@ -286,6 +285,10 @@ def test_gpus_and_experts_in_flight_follow_the_cluster():
     assert experts_in_flight(cfg, 1.0, {"CPU": 32, "GPU": 4}) == 5
     assert experts_in_flight(frac, 0.25, {"CPU": 16, "GPU": 2}) == 9
     assert experts_in_flight(cfg, 0.0, {"CPU": 4}) == 5
+    # resident actors hold their slot while they live: no queued extra one (it would never start)
+    resident = GenerateConfig(clusters="c", crawl="w", output="o", resident_workers=True)
+    assert experts_in_flight(resident, 1.0, {"CPU": 16, "GPU": 2}) == 2
+    assert experts_in_flight(resident, 1.0, {"CPU": 16, "GPU": 0}) == 1
     capped = GenerateConfig(clusters="c", crawl="w", output="o", max_workers=2)
     assert experts_in_flight(capped, 0.0, {"CPU": 4}) == 2
 
@@ -376,3 +379,27 @@ def test_mine_on_the_cluster_reads_the_s3_crawl_like_in_process_mining(ray_clust
     assert [(r["cluster_id"], r["keys"]) for r in rows] == [(r["cluster_id"], r["keys"]) for r in mined_s3["rows"]]
     stats = json.loads(_s3fs().cat_file(f"{BUCKET}/mined-ray/stats.json"))
     assert stats["embedding"] == "ray" and not stats["skipped_images"]
+
+
+@pytest.mark.slow
+def test_resident_workers_on_two_nodes_survive_a_dead_node(ray_cluster, mined_s3, tmp_path):
+    """Resident actors on both nodes; the worker node is killed mid-job: its actor's cluster runs
+    again on the other node, and the job finishes with every sample exactly once. (Kills the
+    worker node: keep this test last.)"""
+    from mining.generate import read_manifest
+
+    output = f"s3://{BUCKET}/job-resident"
+    n = len(mined_s3["rows"])
+    driver = _generate(ray_cluster, mined_s3, output, "--resident-workers", wait=False, log=tmp_path / "d.log")
+    deadline = time.time() + 600
+    while time.time() < deadline and not read_manifest(output) and driver.poll() is None:
+        time.sleep(0.5)
+    if ray_cluster["worker"].poll() is None:
+        _kill_tree([], [ray_cluster["worker"].pid])
+    try:
+        code = driver.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        pytest.fail("the job hung after its worker node died: " + (tmp_path / "d.log").read_text()[-3000:])
+    assert code == 0, (tmp_path / "d.log").read_text()[-3000:]
+    _check_exactly_once(output, n)
