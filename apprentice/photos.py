@@ -59,24 +59,28 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
                 min_photos: int = 2, progress: bool = True) -> dict:
     """Write one photo sample per cluster of ``clusters`` into ``output/shard-*.tar``.
 
+    ``clusters``, ``crawl`` and ``output`` are local paths or storage URIs (``s3://``, ``gs://``;
+    :mod:`suti.storage`); shards are written atomically (see :class:`mining.shards.ShardPacker`).
+
     Clusters with fewer than ``min_photos`` usable photos are skipped (a reconstruction example
     needs a target and at least one demonstration). Idempotent: clusters already in ``output``'s
     shards are not written again. Returns counts, also written to ``output/summary.json``.
 
     Raises:
-        InputError: ``crawl`` does not exist, or ``clusters`` is missing or malformed (names the
-            file and line).
+        InputError: ``crawl`` does not exist, ``clusters`` is missing or malformed (names the
+            file and line), or a URI's filesystem package is not installed (names the extra).
     """
     from mining.crawl import load_crawl_images
     from mining.generate import read_clusters
-    from mining.shards import ShardPacker
+    from mining.shards import ShardPacker, existing_shards
 
-    if not Path(crawl).exists():
+    crawl, out = storage.resolve(crawl), storage.resolve(output)
+    storage.filesystem(out)  # a missing filesystem package fails here, before any work
+    if not any(c in crawl for c in "*?[{") and not storage.exists(crawl):
         raise InputError(f"{crawl}: no such crawl (give the folder or manifest `suti mine` read)")
     if min_photos < 2:
         raise InputError(f"min_photos must be at least 2 (a target and a demonstration), got {min_photos}")
     rows = read_clusters(clusters)
-    out = Path(output)
     packer = ShardPacker(out, samples_per_shard)
     written = skipped = 0
     already = len(packer.written)
@@ -102,7 +106,7 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
     bar.close()
     packer.flush()
     summary = {"clusters": len(rows), "written": written, "already_present": already, "skipped_too_few_photos": skipped,
-               "samples": len(packer.written), "shards": len(list(out.glob("shard-*.tar")))}
-    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+               "samples": len(packer.written), "shards": len(existing_shards(out))}
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
     log.info("photo shards: %s", summary)
     return summary

@@ -94,7 +94,7 @@ def add_lora(pipe, config: ExpertConfig) -> None:
             encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT))
 
 
-def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None) -> ExpertInfo:
+def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None, pipeline=None, save: bool = True) -> ExpertInfo:
     """Train one DreamBooth expert into ``output`` and return its :class:`ExpertInfo`.
 
     ``config.steps`` counts optimizer steps; each takes ``gradient_accumulation_steps``
@@ -115,6 +115,12 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             ``loss``, ``instance_loss``, ``prior_loss``, ``lr`` (the rate of that step) and
             ``grad_norm`` (before clipping)); an exception it raises stops the run (a serving
             job uses this to stop a cancelled job).
+        pipeline: an already loaded base pipeline of ``config.model`` to train in place (a
+            resident expert worker, :class:`mining.expert_task.ResidentExpertWorker`): LoRA adds
+            the adapter ``default`` to it, full fine-tuning changes its weights; the caller
+            restores it. ``None``: load the model.
+        save: write the expert to ``output`` (``False``: only the returned info; the trained
+            weights stay in ``pipeline``).
 
     Raises:
         InputError: a bad instance or class image (named), a non-empty output, an unknown
@@ -123,6 +129,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object
 
+    save_weights = save  # the name ``save`` is the checkpoint closure below
     config.validate()
     output = Path(output)
     resolution = config.resolution or default_resolution(config.model)
@@ -159,7 +166,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
 
     torch.manual_seed(config.seed)
     with accelerator.main_process_first():  # a preset is built into the cache once, by the main process
-        pipe = load_pipeline(config.model, device=device)
+        pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device)
     config.resolution = resolution
     if config.identifier is None:
         config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)
@@ -310,8 +317,10 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     if config.checkpointing_steps:  # the final state, so that --resume can extend the run
         save(step)
     info = None
-    if main:
+    if main and save_weights:
         info = save_expert(pipe, config, output, train_seconds=elapsed)
+    elif main:
+        info = ExpertInfo(identifier=config.identifier, class_noun=config.class_noun, base_model=config.model, recipe=config.recipe, kind="lora" if config.lora_rank > 0 else "full", steps=config.steps, seed=config.seed, resolution=config.resolution, instance_prompt=prompt, weights="", config=config.to_dict(), train_seconds=elapsed)
     for tracker in accelerator.trackers:  # not end_training(): it would end a launcher's process group
         tracker.finish()
     accelerator.wait_for_everyone()

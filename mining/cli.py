@@ -18,22 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from suti import storage
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` (a local path or storage URI) atomically
+    (:func:`suti.storage.write_text`)."""
+    storage.write_text(path, text)
 
 
 def _jsonl(rows) -> str:
@@ -53,14 +52,15 @@ def _prompts(args, cluster, class_noun: str) -> list[dict]:
 def run_mine(args: argparse.Namespace) -> dict:
     """Run the whole mining job of ``args`` (see :func:`register`); returns ``stats``."""
     from mining.cluster import default_thresholds, mine_clusters
-    from mining.crawl import detect_format, iter_records
+    from mining.crawl import detect_format, iter_records, local_crawl
     from mining.embed import embed_crawl
 
     start = time.time()
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
+    # absolute (or URIs) on the driver, before any path reaches a Ray worker
+    out, crawl = storage.resolve(args.output), storage.resolve(args.crawl)
+    if storage.isfile(out):
         raise InputError(f"{out}: exists and is not a folder")
-    if (out / "clusters.jsonl").exists() and not args.overwrite:
+    if storage.exists(storage.join(out, "clusters.jsonl")) and not args.overwrite:
         raise InputError(f"{out}: already holds clusters.jsonl (use --overwrite to replace it)")
     if args.prompt_generator == "llm" and not (args.llm_model and Path(args.llm_model).exists()):
         raise InputError(f"--llm-model {args.llm_model!r}: no such local model folder "
@@ -72,23 +72,30 @@ def run_mine(args: argparse.Namespace) -> dict:
                             min_image_sim=args.min_image_sim, min_pair_sim=args.min_pair_sim,
                             min_text_sim=args.min_text_sim, min_noun_support=args.min_noun_support,
                             dedup=args.dedup_threshold, outlier=args.outlier_threshold)
-    fmt = args.crawl_format if args.crawl_format != "auto" else detect_format(args.crawl)[0]
     sample_skips: Counter = Counter()
-    records = list(iter_records(args.crawl, sample_skips, fmt=fmt, on_bad_line=args.on_bad_line))
-    member_skips = Counter({k.split(":", 1)[1]: v for k, v in sample_skips.items() if k.startswith("member:")})
-    sample_skips = Counter({k: v for k, v in sample_skips.items() if not k.startswith("member:")})
-    if member_skips or sample_skips:
-        log.info("skipped: %s", ", ".join(f"{k} {v}" for k, v in sorted((sample_skips + Counter({f"{k} tar members": v for k, v in member_skips.items()})).items())))
-    if not records:
-        why = ", ".join(f"{k} {v}" for k, v in sorted(sample_skips.items())) or "no samples read"
-        raise InputError(f"{args.crawl}: the crawl has no image with a page URL (skipped: {why})")
-    log.info("%d images on %d pages in %s (%s)", len(records),
-             len({r.page_url for r in records}), args.crawl, fmt)
-    use_ray = bool(args.ray or args.ray_address or len(records) > args.ray_threshold)
-    emb = embed_crawl(records, args.model, args.pretrained, use_ray=use_ray,
-                      ray_threshold=args.ray_threshold, ray_address=args.ray_address,
-                      batch_size=args.batch_size, min_side=args.min_side, progress=True)
-    kept, dropped = mine_clusters(emb, th)
+    use_ray = False
+    with local_crawl(crawl) as (local, to_uri):
+        fmt = args.crawl_format if args.crawl_format != "auto" else detect_format(local)[0]
+        records = list(iter_records(local, sample_skips, fmt=fmt, on_bad_line=args.on_bad_line))
+        member_skips = Counter({k.split(":", 1)[1]: v for k, v in sample_skips.items() if k.startswith("member:")})
+        sample_skips = Counter({k: v for k, v in sample_skips.items() if not k.startswith("member:")})
+        if member_skips or sample_skips:
+            log.info("skipped: %s", ", ".join(f"{k} {v}" for k, v in sorted((sample_skips + Counter({f"{k} tar members": v for k, v in member_skips.items()})).items())))
+        if not records:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(sample_skips.items())) or "no samples read"
+            raise InputError(f"{crawl}: the crawl has no image with a page URL (skipped: {why})")
+        log.info("%d images on %d pages in %s (%s)", len(records),
+                 len({r.page_url for r in records}), crawl, fmt)
+        use_ray = bool(args.ray or args.ray_address or len(records) > args.ray_threshold)
+        if use_ray:  # Ray workers on other nodes read the crawl itself, not the driver's copy
+            for r in records:
+                r.path = to_uri(r.path) if r.path else r.path
+        emb = embed_crawl(records, args.model, args.pretrained, use_ray=use_ray,
+                          ray_threshold=args.ray_threshold, ray_address=args.ray_address,
+                          batch_size=args.batch_size, min_side=args.min_side, progress=True)
+        kept, dropped = mine_clusters(emb, th)
+        for c in kept:  # sources name the crawl's own files (URIs), not the temporary copy
+            c.sources = [dict(s, path=to_uri(s["path"])) if s else s for s in c.sources]
     rows = []
     for c in kept:
         rows.append({"cluster_id": c.cluster_id, "page_url": c.page_url, "keys": c.keys,
@@ -96,8 +103,7 @@ def run_mine(args: argparse.Namespace) -> dict:
                      "class_noun": c.class_noun, "noun_support": c.noun_support,
                      "image_similarity": c.image_similarity,
                      "min_pair_similarity": c.min_pair_similarity,
-                     "text_similarity": c.text_similarity, "class_noun": c.class_noun,
-                  "noun_support": c.noun_support, "duplicates": c.duplicates,
+                     "text_similarity": c.text_similarity, "duplicates": c.duplicates,
                      "outliers": c.outliers, "skipped": c.skipped, "sources": c.sources})
     drop_rows = [{"cluster_id": c.cluster_id, "page_url": c.page_url, "keys": c.page_keys,
                   "reason": c.reason, "n_images": len(c.page_keys), "filtered_keys": c.keys,
@@ -108,7 +114,7 @@ def run_mine(args: argparse.Namespace) -> dict:
                   "duplicates": c.duplicates, "outliers": c.outliers, "skipped": c.skipped}
                  for c in dropped]
     stats = {
-        "crawl": str(args.crawl), "crawl_format": fmt, "model": args.model,
+        "crawl": crawl, "crawl_format": fmt, "model": args.model,
         "pretrained": args.pretrained, "embedding": "ray" if use_ray else "in-process",
         "pages": len(kept) + len(dropped), "images": len(records),
         "usable_images": len(emb.records),
@@ -123,10 +129,10 @@ def run_mine(args: argparse.Namespace) -> dict:
         "prompt_generator": args.prompt_generator, "prompts_per_cluster":
         args.prompts_per_cluster, "seconds": round(time.time() - start, 1),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "clusters.jsonl", _jsonl(rows))
-    write_atomic(out / "dropped.jsonl", _jsonl(drop_rows))
-    write_atomic(out / "stats.json", json.dumps(stats, indent=1) + "\n")
+    storage.makedirs(out)
+    write_atomic(storage.join(out, "clusters.jsonl"), _jsonl(rows))
+    write_atomic(storage.join(out, "dropped.jsonl"), _jsonl(drop_rows))
+    write_atomic(storage.join(out, "stats.json"), json.dumps(stats, indent=1) + "\n")
     return stats
 
 
@@ -137,7 +143,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     print(f"kept {stats['kept_clusters']} of {stats['pages']} pages as subject clusters "
           f"({stats['kept_images']} images; dropped: "
           f"{', '.join(f'{k} {v}' for k, v in stats['dropped_clusters'].items()) or 'none'}; "
-          f"{skipped} images skipped) -> {Path(args.output) / 'clusters.jsonl'}")
+          f"{skipped} images skipped) -> {storage.join(args.output, 'clusters.jsonl')}")
     return 0
 
 
@@ -149,13 +155,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--crawl", required=True, help="webdataset shards (folder, .tar, glob or "
                    "brace pattern), an image folder, a .jsonl or .parquet manifest, or a "
-                   "`suti world make` folder")
+                   "`suti world make` folder; a local path or a storage URI (s3://, gs://)")
     p.add_argument("--output", required=True, help="folder for clusters.jsonl, dropped.jsonl, "
-                   "stats.json")
+                   "stats.json (a local path or a storage URI)")
     p.add_argument("--crawl-format", choices=FORMATS, default="auto",
                    help="crawl layout (auto: detect it)")
-    p.add_argument("--model", default="toy-clip", help="embedding model: toy-clip, a "
-                   "suti.scoring name, or an open_clip architecture (ViT-B-32) with --pretrained")
+    p.add_argument("--model", default="toy-clip", help="embedding model: a model preset (toy, "
+                   "tiny, sd15-arch: the preset's own CLIP), toy-clip, a suti.scoring name, or an "
+                   "open_clip architecture (ViT-B-32) with --pretrained")
     p.add_argument("--pretrained", help="open_clip pretrained tag for --model, e.g. openai")
     p.add_argument("--min-images", type=int, help="fewest images of a cluster (model default: 3)")
     p.add_argument("--max-images", type=int, help="most images of a cluster (model default: 10)")

@@ -83,8 +83,13 @@ def default_thresholds(model: str, **overrides) -> Thresholds:
     (a folder of toy CLIP weights counts as ``toy-clip``)."""
     from pathlib import Path
 
+    from suti.models import list_presets
+    from suti.scoring import model_scorer
+
     if (Path(model) / "toy_clip.json").is_file():  # a toy CLIP weights folder
         model = "toy-clip"
+    elif model in list_presets():  # a model preset: its own CLIP
+        model = model_scorer(model)
     base = DEFAULT_THRESHOLDS.get(model, DEFAULT_THRESHOLDS["default"])
     return replace(base, **{k: v for k, v in overrides.items() if v is not None}).check()
 

@@ -25,17 +25,21 @@ run with an :class:`~suti.errors.InputError` naming the file and line number, or
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
+import os
 import tarfile
+import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from suti import storage
 from suti.errors import InputError
 from suti.images import IMAGE_EXTENSIONS, decode_image
 from suti.tar_members import drop_reason, split_member
@@ -85,12 +89,19 @@ class Record:
         ``{"path", "offset", "size"}`` with an absolute path, or ``None`` for inline bytes."""
         if self.data is not None or not self.path:
             return None
-        return {"path": str(Path(self.path).resolve()), "offset": self.offset, "size": self.size}
+        path = self.path if _is_uri(self.path) else str(Path(self.path).resolve())
+        return {"path": path, "offset": self.offset, "size": self.size}
 
     def read_bytes(self) -> bytes:
-        """The encoded image bytes (raises ``OSError`` if the file is gone)."""
+        """The encoded image bytes (raises ``OSError`` if the file is gone). ``path`` may be a
+        storage URI (``s3://...``): then the file or byte range is read through fsspec."""
         if self.data is not None:
             return self.data
+        if _is_uri(self.path):
+            fs, path = storage.filesystem(self.path)
+            if self.offset is None:
+                return fs.cat_file(path)
+            return fs.cat_file(path, start=self.offset, end=self.offset + self.size)
         if self.offset is None:
             return Path(self.path).read_bytes()
         with open(self.path, "rb") as f:
@@ -113,6 +124,62 @@ def decode_record(record: Record, min_side: int = DEFAULT_MIN_SIDE) -> Image.Ima
         raise SkipImage("too_small", f"{record.name}: {img.width}x{img.height} is below "
                                      f"{min_side} px")
     return img
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _is_uri(path) -> bool:
+    """Whether ``path`` is an object-store URI (not a local path or ``file://``)."""
+    return bool(path) and "://" in str(path) and not storage.is_local(path)
+
+
+@contextlib.contextmanager
+def local_crawl(crawl: str | os.PathLike) -> Iterator[tuple[str, Callable[[str], str]]]:
+    """``(local, to_uri)``: a local path to read the crawl ``crawl`` from, and a function that maps
+    a file path under ``local`` back to its URI (for records and ``sources`` other nodes read).
+
+    A local crawl (path or ``file://``) is used in place, made absolute (``to_uri`` is the
+    identity). An object-store crawl (``s3://bucket/crawl``: a folder, a file, or a glob/brace
+    pattern of shards) is copied to a temporary folder, removed afterwards.
+
+    Raises:
+        InputError: the protocol's filesystem package is missing (names the extra), or there is
+            no crawl at ``crawl``.
+    """
+    uri = storage.resolve(crawl)
+    if not _is_uri(uri):
+        yield uri, lambda path: path
+        return
+    fs, _ = storage.filesystem(uri)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="suti-crawl-"))
+        roots: list[tuple[str, str]] = []
+        if any(c in uri for c in "*?[{"):
+            files = [u for u in storage.expand(uri) if storage.isfile(u)]
+            if not files:
+                raise InputError(f"{uri}: the shard pattern matches no file")
+            for u in files:
+                dest = os.path.join(tmp, os.path.basename(u.rstrip("/")))
+                fs.get_file(storage.filesystem(u)[1], dest)
+                roots.append((dest, u))
+            local = tmp
+        else:
+            if not storage.exists(uri):
+                raise InputError(f"{uri}: no such crawl file or folder")
+            local = str(stack.enter_context(storage.local_copy(uri)))
+            roots.append((local, uri))
+
+        def to_uri(path: str) -> str:
+            full = os.path.abspath(path)
+            for root, remote in roots:
+                if full == root:
+                    return remote
+                if full.startswith(root + os.sep):
+                    return storage.join(remote, *os.path.relpath(full, root).split(os.sep))
+            return path
+
+        yield local, to_uri
 
 
 # --------------------------------------------------------------------------- layouts
@@ -366,6 +433,7 @@ def load_crawl_images(crawl: str | Path, keys, *, sources=None,
     ``clusters.jsonl`` row: :meth:`Record.source` dicts or ``None``) images are read straight
     from their file or shard byte range; the others are found by reading the crawl once, which
     stops as soon as every key was found (a whole job's keys can be asked for at once).
+    ``crawl`` and the sources' paths may be storage URIs (``s3://...``; see :func:`local_crawl`).
 
     Raises:
         InputError: with ``strict``, when a key is not in the crawl or its image is unusable
@@ -374,20 +442,22 @@ def load_crawl_images(crawl: str | Path, keys, *, sources=None,
     keys = [str(k) for k in keys]
     wanted, out, bad = set(keys), {}, {}
     for key, src in zip(keys, sources or []):
-        if src and Path(src["path"]).is_file():
+        if src and (_is_uri(src["path"]) or Path(src["path"]).is_file()):
             try:
                 out[key] = decode_record(Record(key, "", "", "", **src), min_side)
             except SkipImage as exc:
-                bad[key] = str(exc)
+                if not _is_uri(src["path"]):
+                    bad[key] = str(exc)  # a moved object-store crawl: look for the key below
     if len(out) + len(bad) < len(wanted):
-        for rec in iter_records(crawl, on_bad_line="skip"):
-            if rec.key in wanted and rec.key not in out and rec.key not in bad:
-                try:
-                    out[rec.key] = decode_record(rec, min_side)
-                except SkipImage as exc:
-                    bad[rec.key] = str(exc)
-                if len(out) + len(bad) == len(wanted):
-                    break
+        with local_crawl(crawl) as (local, _):
+            for rec in iter_records(local, on_bad_line="skip"):
+                if rec.key in wanted and rec.key not in out and rec.key not in bad:
+                    try:
+                        out[rec.key] = decode_record(rec, min_side)
+                    except SkipImage as exc:
+                        bad[rec.key] = str(exc)
+                    if len(out) + len(bad) == len(wanted):
+                        break
     missing = sorted(wanted - set(out) - set(bad))
     if missing or bad:
         msg = (f"{crawl}: {len(missing)} key(s) not in the crawl ({', '.join(missing[:5])}) and "

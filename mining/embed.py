@@ -53,7 +53,8 @@ class CrawlEmbeddings:
 def load_scorer(model: str, pretrained: str | None = None):
     """The text-capable scorer for ``--model``.
 
-    ``model`` is a :func:`suti.scoring.get_scorer` name (``toy-clip``,
+    ``model`` is a model preset (``toy``, ``tiny``, ``sd15-arch``: its own CLIP, see
+    :func:`suti.scoring.model_scorer`), a :func:`suti.scoring.get_scorer` name (``toy-clip``,
     ``openai-clip-vit-b-32``), a folder with toy CLIP weights (``toy_clip.json`` +
     ``toy_clip.safetensors``), or an open_clip architecture (``ViT-B-32``, ``ViT-L-14``...)
     loaded with the ``pretrained`` tag or checkpoint file (default ``openai``).
@@ -62,8 +63,11 @@ def load_scorer(model: str, pretrained: str | None = None):
         InputError: the scorer cannot embed texts.
         ModelLoadError: the model cannot be loaded.
     """
-    from suti.scoring import SCORERS, OpenClipScorer, get_scorer
+    from suti.models import list_presets
+    from suti.scoring import SCORERS, OpenClipScorer, get_scorer, model_scorer
 
+    if model in list_presets():
+        model = model_scorer(model)
     if model in SCORERS:
         scorer = get_scorer(model)
     elif (Path(model) / "toy_clip.json").is_file():
@@ -180,9 +184,12 @@ def embed_records_ray(records: list[Record], scorer_factory, *,
     """
     import ray
 
-    from suti.raytools import init_ray
+    if not ray.is_initialized():
+        from mining.generate import worker_env
+        from suti.raytools import init_ray
 
-    init_ray(address, include_dashboard=False)
+        # the workers get the driver's model-cache settings and object-store credentials
+        init_ray(address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     actors = actors or (gpus if gpus else max(1, min(4, int(resources.get("CPU", 1)) - 1)))

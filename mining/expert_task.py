@@ -1,15 +1,14 @@
-"""One cluster's expert: fine-tune, sample the unseen prompts, filter by delta-CLIP, stage.
+"""One cluster's expert: fine-tune, sample the unseen prompts, filter by delta-CLIP.
 
-This is the body of the Ray task of the generation job (:mod:`mining.generate`). It is
-idempotent: its outputs are named by cluster id and written atomically, and a finished cluster
-(``staging/<cluster_id>.json`` present) returns its saved summary without doing any work, so a
-retried or duplicated task is harmless.
+This is the body of the Ray task of the generation job (:mod:`mining.generate`). It is a pure
+function of (cluster, demo images, job settings): it writes nothing the driver needs, and returns
+the kept samples' tar members through the Ray object store, so a retried or duplicated task is
+harmless and no worker's disk is ever read by the driver.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from mining.shards import jpeg_bytes, sample_members, write_tar_atomic
+from mining.shards import jpeg_bytes, sample_members
 
 log = logging.getLogger(__name__)
 
@@ -49,40 +48,43 @@ def _maybe_crash_for_tests(cluster_id: str) -> None:
             os._exit(1)  # like a kill -9 of the worker
 
 
-def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
-    """Train, sample and filter one cluster; write ``staging/<cid>.tar`` and ``.json``.
+def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpertWorker | None" = None) -> dict:
+    """Train, sample and filter one cluster; return its summary *and* its accepted samples.
+
+    Nothing is written to the worker's disk except a temporary training folder (removed), so the
+    driver never depends on a worker's disk: the samples travel back through the Ray object store
+    (they are small: a few JPEGs per sample).
 
     Args:
         cluster: a row of ``clusters.jsonl`` (cluster_id, keys, captions, prompts, class_noun).
-        crawl: the crawl the cluster's keys refer to.
-        job: the resolved job settings (see :class:`mining.generate.GenerateConfig`).
-        staging: the job's staging folder.
+        demos: the cluster's images (PIL, one per ``cluster["keys"]``), loaded by the driver.
+        job: the resolved job settings (:meth:`mining.generate.GenerateConfig.job_dict`, with
+            ``device``: ``"cuda"`` when the task holds a GPU, else ``"cpu"``).
+        resident: a resident worker whose loaded base pipeline and scorer are used (the expert
+            is trained in place and sampled from memory); ``None``: load them, save the expert
+            and load it back (a plain Ray task).
 
     Returns:
         The cluster's summary: status ``accepted`` (at least one sample kept) or ``rejected``,
-        candidate and kept counts, the delta-CLIP of every candidate, timings.
+        ``kept`` sample keys, candidate count, the delta-CLIP of every candidate, timings, and
+        ``members``: the webdataset tar members ``[(name, bytes)]`` of the kept samples.
     """
+    device = job.get("device") or "cpu"
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a task without a GPU must not pile onto cuda:0
     import torch
 
     cid = cluster["cluster_id"]
-    staging_dir = Path(staging)
-    summary_path = staging_dir / f"{cid}.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
     torch.set_num_threads(int(job.get("threads_per_expert", 1)))
     _maybe_crash_for_tests(cid)
     started = time.perf_counter()
 
     from experts import load_expert, resolve_config
     from experts.train import train_expert
-    from mining.crawl import load_crawl_images
-    from suti.models import default_device
+    from suti import storage
     from suti.scoring import get_scorer
 
-    images = load_crawl_images(crawl, cluster["keys"], sources=cluster.get("sources"))
-    demos = [images[k] for k in cluster["keys"]]
     seed = cluster_seed(cid, int(job["seed"]))
-    keep_dir = Path(job["output"]) / "experts" / cid if job.get("keep_experts") else None
     workdir = Path(tempfile.mkdtemp(prefix=f"suti-expert-{cid}-"))
     try:
         instance_dir = workdir / "instance"
@@ -92,13 +94,21 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
         overrides = dict(model=job["model"], instance_dir=str(instance_dir), class_noun=cluster.get("class_noun") or "object", steps=job.get("steps"), seed=seed)
         overrides.update(job.get("recipe_overrides") or {})
         config = resolve_config(job["recipe"], overrides)
-        expert_dir = keep_dir or workdir / "expert"
-        info = train_expert(config, expert_dir, overwrite=True, progress=False)
         from suti.sampling import PromptTruncatedError, check_prompt, resolve_dtype
 
-        pipe = load_expert(expert_dir, device=default_device(), torch_dtype=resolve_dtype(job.get("dtype"), default_device()))
+        expert_dir = workdir / "expert"
+        keep = bool(job.get("keep_experts"))
+        if resident is not None:
+            info = train_expert(config, expert_dir, overwrite=True, progress=False, pipeline=resident.pipe, save=keep)
+            pipe, scorer = resident.pipe, resident.scorer
+            pipe.unet.eval()
+            pipe.text_encoder.eval()
+        else:
+            info = train_expert(config, expert_dir, overwrite=True, progress=False)
+            pipe, scorer = load_expert(expert_dir, device=device, torch_dtype=resolve_dtype(job.get("dtype"), device)), get_scorer(job["scorer"])
+        if keep:
+            storage.upload(expert_dir, storage.join(job["output"], "experts", cid))
         phrase = subject_phrase(info.identifier, info.class_noun, config.use_class_noun)
-        scorer = get_scorer(job["scorer"])
         prompts = cluster["prompts"][: job.get("prompts_per_cluster") or None]
         k = int(job["samples_per_prompt"])
         candidates = []  # (prompt_index, sample_index, prompt entry, image)
@@ -112,7 +122,8 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
                 continue
             for si in range(k):
                 generator = torch.Generator().manual_seed(seed + 1000 * pi + si)
-                image = pipe(text, height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generator).images[0]
+                with _sampling_precision(device):
+                    image = pipe(text, height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generator).images[0]
                 candidates.append((pi, si, entry, image))
         # delta-CLIP = CLIP(y, p) - max_x CLIP(x, p), the prompt with {S} -> the class noun
         score_texts = [_score_prompt(e, info.class_noun) for _, _, e, _ in candidates]
@@ -137,20 +148,94 @@ def run_cluster(cluster: dict, crawl: str, job: dict, staging: str) -> dict:
                 }
                 members += sample_members(key, jpeg_bytes(image), demo_bytes, meta)
                 kept.append(key)
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        if members:
-            write_tar_atomic(staging_dir / f"{cid}.tar", members)
-        summary = {
+        if os.environ.get("SUTI_TEST_DROP_SAMPLES"):
+            members = []  # test hook: a worker that "kept" its samples on its own disk
+        return {
             "cluster_id": cid, "status": "accepted" if kept else "rejected", "kept": kept,
             "num_candidates": len(candidates), "delta_clip": [round(float(d), 5) for d in deltas],
             "train_seconds": info.train_seconds, "seconds": round(time.perf_counter() - started, 2),
+            "node_id": _ray_node_id(), "members": members,
         }
-        tmp = summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary))
-        os.replace(tmp, summary_path)  # the cluster is done once this file exists
-        return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class ResidentExpertWorker:
+    """A resident expert worker (run as a Ray actor, one per GPU slot or CPU slot).
+
+    Loads the base model and the scorer once, then trains experts back to back
+    (:meth:`run`): a LoRA expert is the adapter ``default``, added, trained, sampled from memory
+    and deleted; a full expert changes the weights, which are then restored from an in-memory
+    copy of the base. Nothing is saved unless the job keeps experts. Samples are the same, byte
+    for byte, as a plain task's (:func:`run_cluster` without ``resident``).
+    """
+
+    def __init__(self, job: dict):
+        device = job.get("device") or "cpu"
+        if device == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        import torch
+
+        from suti.models import load_pipeline
+        from suti.scoring import get_scorer
+
+        torch.set_num_threads(int(job.get("threads_per_expert", 1)))
+        self.job = job
+        self.pipe = load_pipeline(job["model"], device=device)
+        self.scorer = get_scorer(job["scorer"])
+        self.base = {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+        self.experts = 0
+
+    def run(self, cluster: dict, demos: list) -> dict:
+        """:func:`run_cluster` on the resident pipeline; the base is restored afterwards."""
+        try:
+            return run_cluster(cluster, demos, self.job, resident=self)
+        finally:
+            self.restore()
+            self.experts += 1
+
+    def restore(self) -> None:
+        """Back to the base model: delete LoRA adapters, or load the base weights back."""
+        for name in ("unet", "text_encoder"):
+            module = getattr(self.pipe, name)
+            adapters = list(getattr(module, "peft_config", None) or {})
+            if adapters:
+                if hasattr(module, "delete_adapters"):
+                    module.delete_adapters(adapters)
+                else:
+                    for a in adapters:
+                        module.delete_adapter(a)
+            else:
+                module.load_state_dict(self.base[name])
+            if getattr(module, "is_gradient_checkpointing", False):
+                if hasattr(module, "disable_gradient_checkpointing"):
+                    module.disable_gradient_checkpointing()
+                else:
+                    module.gradient_checkpointing_disable()
+            module.requires_grad_(False)
+            module.eval()
+
+
+def _sampling_precision(device: str):
+    """bf16 autocast for sampling on a GPU that has it (fp16 otherwise); full precision on CPU."""
+    import contextlib
+
+    import torch
+
+    if device != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node that ran the expert (recorded in the manifest; ``None`` outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return None
 
 
 def delta_clip_scores(scorer, images: list, prompts: list[str], demos: list) -> list[float]:

@@ -1,43 +1,76 @@
 """The expert generation job (SuTI Algorithm 1) on Ray: one expert per cluster -> shards.
 
+Nothing assumes a shared filesystem. Paths are local paths or storage URIs (``s3://``, ``gs://``,
+``file://``; :mod:`suti.storage`), made absolute on the driver. The driver reads the crawl and
+hands each task its cluster's images; the task (:func:`mining.expert_task.run_cluster`) returns
+its kept samples through the Ray object store; only the driver writes under ``OUTPUT``.
+
 Exactly once, whatever crashes:
 
-* each cluster runs as one Ray task (:func:`mining.expert_task.run_cluster`), retried by Ray
-  when its worker dies (``max_retries``) and on the named transient errors only
-  (``retry_exceptions``); the task is idempotent and stages its result under
-  ``OUTPUT/staging/<cluster_id>.{tar,json}`` atomically;
-* the driver appends each finished cluster (accepted, rejected or failed) to
-  ``OUTPUT/manifest.jsonl`` and packs staged samples into ``shard-NNNNNN.tar`` with a fixed number
-  of samples per shard (:class:`mining.shards.ShardPacker`); shards are written atomically and
-  the keys already in shards are read back from them at start;
-* a rerun of the same command skips the clusters in the manifest, adopts clusters a killed
-  driver left staged, re-packs staged samples not yet in a shard, and otherwise does nothing.
+* each cluster runs as one Ray task, retried by Ray when its worker or node dies
+  (``max_retries``) and on the named transient errors only (``retry_exceptions``); or, with
+  ``resident_workers``, on a pool of :class:`mining.expert_task.ResidentExpertWorker` actors
+  (one per GPU or CPU slot) that keep the base model and scorer loaded; a dead actor is replaced
+  and its cluster run again. Work lost with a worker or node is never recorded as failed: it is
+  retried, or left for the next run;
+* the driver checks an accepted cluster's samples (every kept key has its members), stages them
+  as one object ``OUTPUT/staging/<cluster_id>.tar``, reads the staged keys back, and only then
+  records the cluster in ``OUTPUT/manifest/<cluster_id>.json`` (one object per finished cluster:
+  object stores have no append). An accepted cluster whose samples are missing is run again
+  (up to ``max_retries`` times), then recorded as ``failed`` with the reason - never as done
+  with 0 samples;
+* samples are packed into ``shard-NNNNNN.tar`` with a fixed number per shard
+  (:class:`mining.shards.ShardPacker`); a shard is written as a whole object and never
+  rewritten, and the keys already in shards are read back from them at start;
+* a rerun of the same command skips the recorded clusters, re-packs staged samples not yet in
+  a shard, runs again an accepted cluster whose samples are neither in shards nor staged, and
+  otherwise does nothing. An older job's ``manifest.jsonl`` is still read.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
-from mining.shards import ShardPacker, group_samples, read_tar
-from suti.errors import InputError
+from mining.shards import ShardPacker, existing_shards, group_samples, read_tar, shard_keys, write_tar_atomic
+from suti import storage
+from suti.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
+#: One JSON object per finished cluster: ``OUTPUT/manifest/<cluster_id>.json``.
+MANIFEST_DIR = "manifest"
+#: The manifest of earlier versions (one line per cluster, local appends); still read.
+LEGACY_MANIFEST = "manifest.jsonl"
+STAGING_DIR = "staging"
 JOB_FILE = "job.json"
+SUMMARY_FILE = "summary.json"
+#: Environment variables passed to every Ray worker (``runtime_env``), by prefix.
+WORKER_ENV_PREFIXES = ("SUTI_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "AWS_", "GOOGLE_", "TOKENIZERS_", "OMP_NUM_THREADS")
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class SamplesMissingError(RuntimeError):
+    """An accepted cluster's samples did not reach the driver or could not be read back."""
 
 
 @dataclass
 class GenerateConfig:
-    """Settings of one generation job (recorded in ``OUTPUT/job.json``)."""
+    """Settings of one generation job (the identity part is recorded in ``OUTPUT/job.json``).
+
+    ``clusters``, ``crawl`` and ``output`` are local paths or storage URIs. ``scorer`` ``None``
+    follows the model (:func:`suti.scoring.model_scorer`). ``gpus_per_expert`` ``None``: 1 on a
+    cluster with GPUs, else 0 (fractions pack several experts on one GPU).
+    """
 
     clusters: str
     crawl: str
@@ -51,19 +84,20 @@ class GenerateConfig:
     prompts_per_cluster: int | None = 4
     sample_steps: int = 25
     guidance_scale: float = 7.5
-    scorer: str = "toy-clip"
+    scorer: str | None = None
     samples_per_shard: int = 64
     max_clusters: int | None = None
     keep_experts: bool = False
     no_filter: bool = False
     seed: int = 0
     ray_address: str | None = None
-    gpus_per_expert: float = 0.0
+    gpus_per_expert: float | None = None
     cpus_per_expert: float = 1.0
     max_workers: int | None = None
     max_retries: int = 2
     retry_failed: bool = False
     threads_per_expert: int = 1
+    resident_workers: bool = False
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
 
     def __post_init__(self) -> None:
@@ -80,14 +114,34 @@ class GenerateConfig:
         d["lambda"] = d.pop("lambda_")
         return d
 
+    def resolved(self) -> "GenerateConfig":
+        """A copy with absolute paths/URIs and the scorer chosen and checked.
 
-def read_clusters(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Rows of ``clusters.jsonl`` (a malformed line is an error naming its line number)."""
-    path = Path(path)
-    if not path.is_file():
+        Raises:
+            InputError: a toy scorer with a real model, an unknown scorer, a negative GPU count,
+                or a URI whose filesystem package is missing.
+        """
+        from suti.scoring import check_scorer_for_model, model_scorer
+
+        if self.gpus_per_expert is not None and self.gpus_per_expert < 0:
+            raise InputError(f"--gpus-per-expert must be >= 0, got {self.gpus_per_expert}")
+        if self.cpus_per_expert <= 0:
+            raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
+        scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
+        out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer)
+        for uri in (out.clusters, out.crawl, out.output):
+            storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
+        return out
+
+
+def read_clusters(path: str, limit: int | None = None) -> list[dict]:
+    """Rows of ``clusters.jsonl`` (a local path or URI; a malformed line is an error naming its
+    line number; a cluster id must be letters, digits, ``_`` or ``-``: it names files)."""
+    path = storage.resolve(path)
+    if not storage.isfile(path):
         raise InputError(f"{path}: no such clusters file")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -97,6 +151,8 @@ def read_clusters(path: str | Path, limit: int | None = None) -> list[dict]:
         missing = [k for k in ("cluster_id", "keys", "prompts") if k not in row]
         if missing:
             raise InputError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        if not _CLUSTER_ID.match(str(row["cluster_id"])):
+            raise InputError(f"{path}:{n}: cluster_id {row['cluster_id']!r} must be letters, digits, '_' or '-'")
         rows.append(row)
     ids = [r["cluster_id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -104,40 +160,39 @@ def read_clusters(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def read_manifest(output: Path) -> dict[str, dict]:
-    """Finished clusters by id; a torn last line (killed driver) is ignored."""
-    path = output / MANIFEST
+def read_manifest(output: str) -> dict[str, dict]:
+    """Finished clusters by id: ``OUTPUT/manifest/*.json``, plus an older job's
+    ``manifest.jsonl`` (a torn last line of a killed driver is ignored)."""
+    output = storage.resolve(output)
     done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: ignoring a torn line (interrupted write)", path)
-            continue
-        done[row["cluster_id"]] = row
+    legacy = storage.join(output, LEGACY_MANIFEST)
+    if storage.isfile(legacy):
+        for line in storage.read_text(legacy).splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: ignoring a torn line (interrupted write)", legacy)
+                continue
+            done[row["cluster_id"]] = row
+    folder = storage.join(output, MANIFEST_DIR)
+    names = [n for n in storage.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
+    if names:
+        fs, _ = storage.filesystem(folder)
+        paths = [storage.filesystem(storage.join(folder, n))[1] for n in names]
+        for data in fs.cat(paths).values():  # concurrent GETs on object stores
+            row = json.loads(data)
+            done[row["cluster_id"]] = row
     return done
 
 
-def _append_manifest(output: Path, row: dict) -> None:
-    with open(output / MANIFEST, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def write_manifest_row(output: str, row: dict) -> None:
+    """Record a finished cluster: one object ``OUTPUT/manifest/<cluster_id>.json``, written
+    atomically (an object store has no append)."""
+    storage.write_text(storage.join(output, MANIFEST_DIR, f"{row['cluster_id']}.json"), json.dumps(row))
 
 
-def _pack_staged(packer: ShardPacker, staging: Path, cluster_id: str) -> list[Path]:
-    """Feed a cluster's staged samples to the packer; remove the staging tar once all are packed."""
-    tar = staging / f"{cluster_id}.tar"
-    if not tar.is_file():
-        return []
-    written = []
-    samples = group_samples(read_tar(tar))
-    for key in sorted(samples):
-        members = [(f"{key}.{f}", data) for f, data in sorted(samples[key].items(), key=lambda x: _field_order(x[0]))]
-        written += packer.add(key, members)
-    return written
+def _staged(output: str, cluster_id: str) -> str:
+    return storage.join(output, STAGING_DIR, f"{cluster_id}.tar")
 
 
 def _field_order(field_name: str) -> tuple:
@@ -148,27 +203,56 @@ def _field_order(field_name: str) -> tuple:
     return (2, 0)
 
 
-def _cleanup_packed(packer: ShardPacker, staging: Path, done: dict[str, dict]) -> None:
-    for cid, row in done.items():
-        tar = staging / f"{cid}.tar"
-        if tar.is_file() and all(k in packer.written for k in row.get("kept", [])):
-            tar.unlink()
+def _pack(packer: ShardPacker, samples: dict[str, dict[str, bytes]]) -> None:
+    for key in sorted(samples):
+        packer.add(key, [(f"{key}.{f}", data) for f, data in sorted(samples[key].items(), key=lambda x: _field_order(x[0]))])
 
 
-def _check_job(output: Path, config: GenerateConfig) -> None:
+def check_samples(summary: dict) -> dict[str, dict[str, bytes]]:
+    """The samples of an accepted task result, checked: ``{key: {field: bytes}}``.
+
+    Raises:
+        SamplesMissingError: an accepted cluster with no kept key, or a kept key without its
+            ``target.jpg`` and ``json`` members (the samples did not come back).
+    """
+    samples = group_samples(summary.get("members") or [])
+    if summary["status"] != "accepted":
+        return {}
+    kept = summary.get("kept") or []
+    if not kept:
+        raise SamplesMissingError(f"cluster {summary['cluster_id']}: accepted with no kept sample")
+    missing = [k for k in kept if not {"target.jpg", "json"} <= set(samples.get(k, {}))]
+    if missing:
+        raise SamplesMissingError(f"cluster {summary['cluster_id']}: accepted, but {len(missing)} of its {len(kept)} samples did not reach the driver ({', '.join(missing[:3])})")
+    return {k: samples[k] for k in kept}
+
+
+def _stage(output: str, summary: dict, samples: dict) -> None:
+    """Write an accepted cluster's samples as one object and read their keys back."""
+    uri = _staged(output, summary["cluster_id"])
+    write_tar_atomic(uri, [(f"{k}.{f}", d) for k in sorted(samples) for f, d in sorted(samples[k].items(), key=lambda x: _field_order(x[0]))])
+    if shard_keys(uri) != sorted(summary["kept"]):
+        raise SamplesMissingError(f"cluster {summary['cluster_id']}: the staged samples at {uri} cannot be read back")
+
+
+def _cleanup_staging(output: str, packer: ShardPacker, done: dict[str, dict]) -> None:
+    staged = {n[: -len(".tar")] for n in storage.listdir(storage.join(output, STAGING_DIR)) if n.endswith(".tar")}
+    for cid in sorted(staged & set(done)):
+        if all(k in packer.written for k in done[cid].get("kept", [])):
+            storage.remove(_staged(output, cid))
+
+
+def _check_job(output: str, config: GenerateConfig) -> None:
     """A rerun must use the same settings as the job it continues."""
-    path = output / JOB_FILE
+    path = storage.join(output, JOB_FILE)
     current = {k: v for k, v in config.job_dict().items() if k in _IDENTITY_KEYS}
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    if storage.isfile(path):
+        saved = json.loads(storage.read_text(path))
         diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if diff:
             raise InputError(f"{output}: an earlier job with other settings wrote here ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); use another --output")
     else:
-        output.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(current, indent=2))
-        os.replace(tmp, path)
+        storage.write_text(path, json.dumps(current, indent=2))
 
 
 _IDENTITY_KEYS = ("model", "recipe", "steps", "recipe_overrides", "lambda", "samples_per_prompt", "prompts_per_cluster", "sample_steps", "guidance_scale", "scorer", "samples_per_shard", "seed", "no_filter")
@@ -187,43 +271,48 @@ def _histogram(values: list[float], bins: int = 10) -> str:
 
 
 def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
-    """Run (or continue) a generation job; returns the final summary.
+    """Run (or continue) a generation job; returns the final summary (also ``OUTPUT/summary.json``).
 
     Raises:
-        InputError: malformed clusters file, or an output folder of another job.
+        InputError: malformed clusters file, an output folder of another job, a scorer that does
+            not fit the model, or a URI whose filesystem package is missing.
     """
-    import ray
-
-    from mining.expert_task import failure_summary, run_cluster
-
-    output = Path(config.output)
+    config = config.resolved()
+    output = config.output
     clusters = read_clusters(config.clusters, config.max_clusters)
     _check_job(output, config)
-    staging = output / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
     packer = ShardPacker(output, config.samples_per_shard)
     done = read_manifest(output)
     if config.retry_failed:
         done = {cid: row for cid, row in done.items() if row["status"] != "failed"}
 
-    # Adopt clusters a killed driver left staged but unrecorded, then re-pack staged samples.
-    for row in clusters:
-        cid = row["cluster_id"]
-        summary_path = staging / f"{cid}.json"
-        if cid not in done and summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            _append_manifest(output, summary)
-            done[cid] = summary
+    # Re-pack staged samples a killed driver left unpacked; an accepted cluster whose samples are
+    # neither in shards nor staged (lost by an older version) is not done: it runs again.
     for cid in sorted(done):
-        _pack_staged(packer, staging, cid)
+        row = done[cid]
+        if row["status"] != "accepted":
+            continue
+        missing = [k for k in row.get("kept", []) if k not in packer.written]
+        if row.get("kept") and not missing:
+            continue
+        try:
+            samples = group_samples(read_tar(_staged(output, cid)))
+        except MissingInputError:
+            samples = {}
+        if not row.get("kept") or set(missing) - set(samples):
+            log.warning("cluster %s: recorded as accepted but its samples are lost; running it again", cid)
+            del done[cid]
+            continue
+        _pack(packer, {k: samples[k] for k in missing})
 
     todo = [row for row in clusters if row["cluster_id"] not in done]
     total = len(clusters)
     log.info("generation: %d clusters, %d finished earlier, %d to run", total, total - len(todo), len(todo))
-    if todo:
-        _run_tasks(config, todo, staging, output, packer, done, progress, run_cluster, failure_summary)
+    expert_started = time.perf_counter()
+    unfinished = _run_tasks(config, todo, packer, done, progress) if todo else []
+    expert_seconds = time.perf_counter() - expert_started
     packer.flush()
-    _cleanup_packed(packer, staging, done)
+    _cleanup_staging(output, packer, done)
 
     statuses = [done[r["cluster_id"]]["status"] for r in clusters if r["cluster_id"] in done]
     deltas = [d for r in clusters if r["cluster_id"] in done for d in done[r["cluster_id"]].get("delta_clip", [])]
@@ -233,63 +322,293 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
         "rejected": statuses.count("rejected"),
         "failed": statuses.count("failed"),
         "samples": len(packer.written),
-        "shards": len(list(output.glob("shard-*.tar"))),
+        "shards": len(existing_shards(output)),
         "ran_now": len(todo),
+        "unfinished": len(unfinished),
+        "expert_seconds": round(expert_seconds, 2),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2))
     print(f"generation: {summary['accepted']} accepted, {summary['rejected']} rejected, {summary['failed']} failed of {total} clusters; {summary['samples']} samples in {summary['shards']} shards")
+    if unfinished:
+        print(f"{len(unfinished)} cluster(s) unfinished: their workers kept dying; run the same command again")
     print(f"delta-CLIP of all candidates (lambda = {config.lambda_}):\n{_histogram(deltas)}")
     return summary
 
 
-def _run_tasks(config, todo, staging, output, packer, done, progress, run_cluster, failure_summary) -> None:
+def worker_env() -> dict[str, str]:
+    """The driver's environment the workers need (``runtime_env["env_vars"]``): model caches and
+    hub settings (``SUTI_*``, ``HF_*``), object-store credentials (``AWS_*``, ``GOOGLE_*``), and
+    ``PYTHONPATH`` with absolute entries."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
+    return env
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or start a local Ray) with :func:`worker_env` as the job's
+    ``runtime_env``; a no-op when Ray is already initialised."""
+    from suti.raytools import init_ray as connect  # a failed start is one line with a hint
+
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        connect(address, log_to_driver=False, runtime_env=runtime_env)
+    else:
+        connect(None, num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+
+
+def gpus_per_expert(config: GenerateConfig, cluster_gpus: float) -> float:
+    """GPUs each expert task requests: ``--gpus-per-expert``, else 1 on a cluster with GPUs, else 0."""
+    if config.gpus_per_expert is None:
+        return 1.0 if cluster_gpus > 0 else 0.0
+    if config.gpus_per_expert == 0 and cluster_gpus > 0:
+        log.warning("--gpus-per-expert 0 on a cluster with %g GPUs: experts train on CPU", cluster_gpus)
+    return float(config.gpus_per_expert)
+
+
+def experts_in_flight(config: GenerateConfig, gpus: float, resources: dict) -> int:
+    """How many experts to keep submitted, from the cluster's *current* resources (read every
+    loop, so it grows when an autoscaler adds nodes): the experts that fit, plus (for tasks) one
+    queued so that an autoscaler sees demand; ``--max-workers`` caps it. Resident workers hold
+    their resources while they live, so their pool is only as large as what fits (at least one,
+    which an autoscaler sees as demand when nothing fits yet)."""
+    fit = int(resources.get("CPU", 0) // config.cpus_per_expert)
+    if gpus > 0:
+        fit = min(fit, int(resources.get("GPU", 0) / gpus + 1e-9))
+    if config.max_workers:
+        return max(1, min(fit, config.max_workers)) if fit else 1
+    if config.resident_workers:
+        return max(1, fit)
+    return max(1, fit) + 1
+
+
+def _load_demos(config: GenerateConfig, rows: list[dict]) -> dict[str, list | str]:
+    """Cluster id -> its images (PIL), or the reason they cannot be loaded."""
+    from mining.crawl import load_crawl_images
+
+    keys = [k for row in rows for k in row["keys"]]
+    sources = [s for row in rows for s in (row.get("sources") or [None] * len(row["keys"]))]
+    images = load_crawl_images(config.crawl, keys, sources=sources, strict=False)
+    out: dict[str, list | str] = {}
+    for row in rows:
+        missing = [k for k in row["keys"] if k not in images]
+        out[row["cluster_id"]] = [images[k] for k in row["keys"]] if not missing else f"InputError: {config.crawl}: {len(missing)} of the cluster's images are missing or unusable ({', '.join(missing[:3])})"
+    return out
+
+
+class _Tasks:
+    """One Ray task per expert (loads the model, saves the expert and loads it back)."""
+
+    def __init__(self, task, job: dict):
+        self.task, self.job = task, job
+
+    def __call__(self, row: dict, images: list):
+        return self.task.remote(row, images, self.job)
+
+    def release(self, ref, lost: bool) -> None:
+        pass
+
+    def grow(self, limit: int) -> None:
+        pass
+
+    def available(self) -> bool:
+        return True
+
+    def starting_refs(self) -> list:
+        return []
+
+    def started(self, ref) -> bool:
+        return False
+
+
+class _ActorPool:
+    """Resident expert workers (:class:`mining.expert_task.ResidentExpertWorker` actors), one
+    expert at a time each. Actors are started up to the current limit and get work only once
+    ready (an actor that cannot be placed never holds a cluster); a dead actor is dropped, and a
+    new one is started in its place when the cluster has room (the caller runs its cluster again).
+    """
+
+    def __init__(self, config: GenerateConfig, gpus: float, job: dict):
+        import ray
+
+        from mining.expert_task import ResidentExpertWorker
+
+        self.cls = ray.remote(ResidentExpertWorker).options(num_cpus=config.cpus_per_expert, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": worker_env()})
+        self.job = job
+        self.idle: list = []
+        self.busy: dict = {}
+        self.starting: dict = {}
+        self.start_failures = 0
+        self.max_start_failures = config.max_retries + 1
+
+    def grow(self, limit: int) -> None:
+        """Start actors up to ``limit``; drop never-started ones above it (the cluster shrank)."""
+        import ray
+
+        while len(self.idle) + len(self.busy) + len(self.starting) < limit:
+            actor = self.cls.remote(self.job)
+            self.starting[actor.__ray_ready__.remote()] = actor
+        while self.starting and len(self.idle) + len(self.busy) + len(self.starting) > limit:
+            _, actor = self.starting.popitem()
+            ray.kill(actor, no_restart=True)
+
+    def available(self) -> bool:
+        return bool(self.idle)
+
+    def starting_refs(self) -> list:
+        return list(self.starting)
+
+    def started(self, ref) -> bool:
+        """Handle a starting actor's readiness; ``False`` if ``ref`` is not one."""
+        import ray
+
+        if ref not in self.starting:
+            return False
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as exc:
+            self.start_failures += 1
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            if self.start_failures >= self.max_start_failures:
+                raise RuntimeError(f"resident expert workers keep failing to start: {exc}") from exc
+            log.warning("a resident expert worker failed to start (%s); starting another", exc)
+            return True
+        self.start_failures = 0
+        self.idle.append(actor)
+        return True
+
+    def __call__(self, row: dict, images: list):
+        actor = self.idle.pop()
+        ref = actor.run.remote(row, images)
+        self.busy[ref] = actor
+        return ref
+
+    def release(self, ref, lost: bool) -> None:
+        import ray
+
+        actor = self.busy.pop(ref)
+        if lost:  # dead: grow() starts another when the cluster has room
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        else:
+            self.idle.append(actor)
+
+
+def _lost_work_errors() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean the work was lost with a worker or node, not that the expert failed."""
+    import ray.exceptions as rex
+
+    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError", "ActorDiedError", "ActorUnavailableError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, done: dict[str, dict], progress: bool) -> list[str]:
+    """Run the clusters of ``todo``; returns the ids left unfinished (their workers kept dying)."""
     import ray
 
-    from suti.models import default_device
+    from mining.expert_task import failure_summary, run_cluster
 
-    from suti.raytools import init_ray
-
-    if config.ray_address:
-        init_ray(config.ray_address)
-    else:
-        init_ray(None, num_cpus=os.cpu_count(), num_gpus=None)
-    gpus = config.gpus_per_expert if config.gpus_per_expert else (1 if default_device() == "cuda" and not config.ray_address else 0)
-    transient = _transient_errors()
-    task = ray.remote(run_cluster).options(
-        num_cpus=config.cpus_per_expert, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=transient,
-    )
+    init_ray(config.ray_address)
+    gpus = gpus_per_expert(config, ray.cluster_resources().get("GPU", 0))
     job = config.job_dict()
-    max_in_flight = config.max_workers or max(1, int(ray.available_resources().get("CPU", 1) // max(config.cpus_per_expert, 1e-3)))
-    pending = list(todo)
+    job["device"] = "cuda" if gpus > 0 else "cpu"
+    if config.resident_workers:
+        submit = _ActorPool(config, gpus, job)
+    else:
+        task = ray.remote(run_cluster).options(
+            num_cpus=config.cpus_per_expert, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=_transient_errors(),
+            runtime_env={"env_vars": worker_env()},
+        )
+        submit = _Tasks(task, job)
+    output = config.output
+    pending = collections.deque(todo)
+    demos: dict[str, list | str] = {}
+    attempts: collections.Counter = collections.Counter()
     in_flight: dict = {}
+    unfinished: list[str] = []
     started = time.perf_counter()
     finished = accepted = 0
     bar = tqdm(total=len(todo), desc="experts", unit="cluster", disable=not progress)
+
+    def record(row: dict, summary: dict) -> None:
+        nonlocal finished, accepted
+        write_manifest_row(output, summary)
+        done[row["cluster_id"]] = summary
+        finished += 1
+        accepted += summary["status"] == "accepted"
+        elapsed = time.perf_counter() - started
+        rate = finished / elapsed * 3600
+        eta = (len(todo) - finished) / (finished / elapsed)
+        bar.update(1)
+        bar.set_postfix(accept=f"{accepted / finished:.0%}", experts_per_h=f"{rate:.0f}", eta=f"{eta:.0f}s")
+        log.info("cluster %s: %s (%d/%d, acceptance %.0f%%, %.0f experts/hour, ETA %.0f s)", row["cluster_id"], summary["status"], finished, len(todo), 100 * accepted / finished, rate, eta)
+
     while pending or in_flight:
-        while pending and len(in_flight) < max_in_flight:
-            row = pending.pop(0)
-            in_flight[task.remote(row, config.crawl, job, str(staging))] = row
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        limit = experts_in_flight(config, gpus, ray.cluster_resources())
+        if pending:
+            submit.grow(limit)
+        while pending and len(in_flight) < limit and submit.available():
+            row = pending.popleft()
+            cid = row["cluster_id"]
+            if cid not in demos:  # read the crawl for the next few clusters at once
+                chunk = [row] + [r for r in list(pending)[: max(limit, 16)] if r["cluster_id"] not in demos]
+                demos.update(_load_demos(config, chunk))
+            images = demos.pop(cid)
+            if isinstance(images, str):
+                record(row, {"cluster_id": cid, "status": "failed", "error": images, "attempts": 0})
+                continue
+            in_flight[submit(row, images)] = (row, images)
+        waitables = list(in_flight) + submit.starting_refs()
+        if not waitables:
+            continue
+        ready, _ = ray.wait(waitables, num_returns=1, timeout=10.0)
         for ref in ready:
-            row = in_flight.pop(ref)
+            if submit.started(ref):  # a resident worker is ready (or failed to start)
+                continue
+            row, images = in_flight.pop(ref)
+            cid = row["cluster_id"]
+            attempts[cid] += 1
+            lost = False
             try:
-                summary = ray.get(ref)
-            except Exception as exc:  # retries exhausted: record the failure, keep going
+                try:
+                    summary = ray.get(ref)
+                except _lost_work_errors():
+                    lost = True
+                    raise
+                finally:
+                    submit.release(ref, lost)
+                samples = check_samples(summary)
+                summary.pop("members", None)
+                if samples:
+                    _stage(output, summary, samples)
+            except SamplesMissingError as exc:
+                if attempts[cid] <= config.max_retries:
+                    log.warning("%s; running it again (attempt %d)", exc, attempts[cid] + 1)
+                    demos[cid] = images
+                    pending.appendleft(row)  # resubmitted within the current limit
+                    continue
+                summary = failure_summary(cid, exc, attempts[cid])
+                log.warning("cluster %s failed: %s", cid, summary["error"])
+            except _lost_work_errors() as exc:  # a worker or node died: not the cluster's fault
+                if attempts[cid] <= config.max_retries:
+                    log.warning("cluster %s: its worker was lost (%s); running it again", cid, type(exc).__name__)
+                    demos[cid] = images
+                    pending.appendleft(row)  # resubmitted within the current (maybe smaller) limit
+                else:  # left unrecorded: the same command runs it again
+                    unfinished.append(cid)
+                    log.warning("cluster %s: its workers kept dying (%s); left for a rerun", cid, exc)
+                continue
+            except Exception as exc:  # Ray's retries exhausted: record the failure, keep going
                 cause = getattr(exc, "cause", None) or exc
-                summary = failure_summary(row["cluster_id"], cause, config.max_retries + 1)
-                log.warning("cluster %s failed: %s", row["cluster_id"], summary["error"])
-            _append_manifest(output, summary)
-            done[row["cluster_id"]] = summary
-            _pack_staged(packer, staging, row["cluster_id"])
-            finished += 1
-            accepted += summary["status"] == "accepted"
-            elapsed = time.perf_counter() - started
-            rate = finished / elapsed * 3600
-            eta = (len(todo) - finished) / (finished / elapsed) if finished else float("nan")
-            bar.update(1)
-            bar.set_postfix(accept=f"{accepted / finished:.0%}", experts_per_h=f"{rate:.0f}", eta=f"{eta:.0f}s")
-            log.info("cluster %s: %s (%d/%d, acceptance %.0f%%, %.0f experts/hour, ETA %.0f s)", row["cluster_id"], summary["status"], finished, len(todo), 100 * accepted / finished, rate, eta)
+                summary = failure_summary(cid, cause, config.max_retries + 1)
+                log.warning("cluster %s failed: %s", cid, summary["error"])
+            record(row, summary)
+            if summary["status"] == "accepted":
+                _pack(packer, samples)
     bar.close()
+    return unfinished
 
 
 def _transient_errors() -> list[type[BaseException]]:

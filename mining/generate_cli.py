@@ -10,10 +10,10 @@ from suti.cli_format import HelpFormatter
 def register(subparsers) -> None:
     """Add ``suti generate``."""
     p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=HelpFormatter)
-    p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine`")
-    p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
-    p.add_argument("--output", required=True, help="folder for the shards, manifest and staging")
-    p.add_argument("--model", default="toy", help="base model of the experts")
+    p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine` (a local path or a storage URI: s3://, gs://, file://)")
+    p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from (local path or URI; only the driver reads it)")
+    p.add_argument("--output", required=True, help="folder or object-store prefix for the shards, manifest and staging (local path or URI)")
+    p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, tiny-sdxl, sd15-arch, sdxl-arch), a diffusers folder or a hub id")
     p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
     p.add_argument("--steps", type=int, help="expert steps (overrides the recipe)")
     p.add_argument("--lora-rank", type=int, help="train LoRA experts of this rank")
@@ -24,17 +24,18 @@ def register(subparsers) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per sample")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the experts (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--scorer", default="toy-clip", help="CLIP used for delta-CLIP (toy-clip, openai-clip-vit-b-32)")
+    p.add_argument("--scorer", help="CLIP used for delta-CLIP (default: the model's own: toy-clip for the world presets tiny/toy, openai-clip-vit-b-32 otherwise)")
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--max-clusters", type=int, help="only the first n clusters")
     p.add_argument("--keep-experts", action="store_true", help="keep expert weights under OUTPUT/experts/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--gpus-per-expert", type=float, default=0.0, help="GPUs per expert task (fractions pack LoRA experts; 0: 1 if CUDA locally)")
+    p.add_argument("--gpus-per-expert", type=float, help="GPUs per expert task (default: 1 on a Ray cluster with GPUs, else 0; fractions such as 0.25 pack LoRA experts)")
     p.add_argument("--cpus-per-expert", type=float, default=1.0)
     p.add_argument("--max-workers", type=int, help="experts in flight at once (default: as resources allow)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a cluster whose worker died or hit a transient error")
     p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
+    p.add_argument("--resident-workers", action="store_true", help="resident expert workers: one Ray actor per GPU (or CPU) slot loads the base model and scorer once and trains experts back to back, sampling from memory")
     p.set_defaults(func=_run)
 
 
@@ -51,10 +52,10 @@ def _run(args) -> int:
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
-        max_retries=args.max_retries, retry_failed=args.retry_failed, dtype=args.dtype,
+        max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers, dtype=args.dtype,
     )
     summary = run_generation(config)
     print(json.dumps(summary))
     if summary["failed"]:
-        print(f"warning: {summary['failed']} cluster(s) failed; see manifest.jsonl (rerun with --retry-failed)")
-    return 0
+        print(f"warning: {summary['failed']} cluster(s) failed; see {args.output}/manifest/ (rerun with --retry-failed)")
+    return 1 if summary.get("unfinished") else 0

@@ -2,8 +2,9 @@
 
 A sample with key ``K`` is stored as tar members ``K.target.jpg``, ``K.demo_0.jpg`` ...
 ``K.demo_{n-1}.jpg`` and ``K.json``; plain ``webdataset.WebDataset`` reads them. Shards are
-``shard-000000.tar`` ...; each is written under a temporary name and renamed, so a shard that
-exists is complete. The set of sample keys already in shards is read back from the shards
+``shard-000000.tar`` ...; each is written under a temporary name and renamed (on an object store:
+uploaded as one object), so a shard that exists is complete, and it is never rewritten. Folders are
+local paths or storage URIs (:mod:`suti.storage`: ``s3://``, ``gs://``, ``file://`` ...). The set of sample keys already in shards is read back from the shards
 themselves (the ground truth after a crash), never from a separate ledger.
 """
 
@@ -12,12 +13,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import tarfile
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterable
 
 from PIL import Image
 
+from suti import storage
 from suti.tar_members import split_member
 
 SHARD_GLOB = "shard-*.tar"
@@ -49,24 +54,59 @@ def sample_members(key: str, target: bytes | None, demos: list[bytes], meta: dic
     return members
 
 
-def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
-    """Write a tar of (name, bytes) members to ``path`` via a temporary file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tarfile.open(tmp, "w") as tar:
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of (name, bytes) members, in memory (fixed mtime/mode: deterministic)."""
+    buf = io.BytesIO()
+    _write_tar(buf, members)
+    return buf.getvalue()
+
+
+def _write_tar(fileobj, members: Iterable[tuple[str, bytes]]) -> None:
+    with tarfile.open(fileobj=fileobj, mode="w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def read_tar(path: Path) -> list[tuple[str, bytes]]:
-    """All (name, bytes) members of a tar."""
-    with tarfile.open(path) as tar:
+def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write a tar of (name, bytes) members to ``path`` (a local path or any storage URI) so that
+    it appears whole or not at all.
+
+    Local: a hidden temporary file in the same folder, fsync, rename. Object store: the tar is
+    written to a local temporary file and uploaded as one object (a PUT, or a multipart upload
+    that the store commits only when complete), so a listed shard is always complete.
+    """
+    target = storage.local_path(path)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                _write_tar(f, members)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return
+    with tempfile.TemporaryDirectory(prefix="suti-tar-") as tmp:
+        local = Path(tmp) / "part.tar"
+        with open(local, "wb") as f:
+            _write_tar(f, members)
+        storage.upload(local, path)
+
+
+def read_tar(path: str | os.PathLike) -> list[tuple[str, bytes]]:
+    """All (name, bytes) members of a tar (a local path or a storage URI).
+
+    Raises:
+        MissingInputError: there is no such file.
+    """
+    with storage.open_uri(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
 
 
@@ -80,16 +120,21 @@ def group_samples(members: list[tuple[str, bytes]]) -> dict[str, dict[str, bytes
     return out
 
 
-def shard_keys(path: Path) -> list[str]:
-    """Sample keys stored in one shard (from member names; no payload is read)."""
-    with tarfile.open(path) as tar:
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    """Sample keys stored in one shard (a local path or a storage URI), from the member headers
+    (keys split at the field at the end of the name, :func:`suti.tar_members.split_member`)."""
+    with storage.open_uri(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         keys = {split_member(m.name)[0] for m in tar.getmembers() if m.isfile()}
     return sorted(k for k in keys if k is not None)
 
 
-def existing_shards(folder: Path) -> list[Path]:
-    """Complete shards in ``folder``, in order."""
-    return sorted(folder.glob(SHARD_GLOB))
+def existing_shards(folder: str | os.PathLike) -> list:
+    """Complete shards in ``folder`` (a local folder: :class:`Path` objects; an object-store
+    prefix: URIs), in order. Temporary files of unfinished writes are hidden names, not listed."""
+    local = storage.local_path(folder)
+    if local is not None:
+        return sorted(local.glob(SHARD_GLOB))
+    return storage.glob(storage.join(folder, SHARD_GLOB))
 
 
 class ShardPacker:
@@ -100,20 +145,23 @@ class ShardPacker:
     ignored, so feeding the same sample twice (a re-run task, a restarted driver) writes it once.
     """
 
-    def __init__(self, folder: Path, samples_per_shard: int):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".shard-*.tar.tmp-*"):
-            stale.unlink()  # a half-written shard from a killed driver
+    def __init__(self, folder: str | os.PathLike, samples_per_shard: int):
+        self.uri = storage.resolve(folder)
+        local = storage.local_path(self.uri)
+        self.folder = local if local is not None else self.uri
+        if local is not None:
+            local.mkdir(parents=True, exist_ok=True)
+            for stale in local.glob(".shard-*.tar.tmp-*"):
+                stale.unlink()  # a half-written shard from a killed driver
         self.samples_per_shard = samples_per_shard
         shards = existing_shards(self.folder)
         self.written: set[str] = set()
         for shard in shards:
             self.written.update(shard_keys(shard))
-        self.next_index = (int(shards[-1].stem.split("-")[1]) + 1) if shards else 0
+        self.next_index = (int(posixpath.basename(str(shards[-1])).split(".")[0].split("-")[1]) + 1) if shards else 0
         self.buffer: dict[str, list[tuple[str, bytes]]] = {}
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> list[Path]:
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> list:
         """Buffer one sample; returns the shards written as a result (possibly none)."""
         if key in self.written or key in self.buffer:
             return []
@@ -123,13 +171,16 @@ class ShardPacker:
             written.append(self._write(sorted(self.buffer)[: self.samples_per_shard]))
         return written
 
-    def flush(self) -> list[Path]:
+    def flush(self) -> list:
         """Write all buffered samples (the last shard may be smaller)."""
         return [self._write(sorted(self.buffer))] if self.buffer else []
 
-    def _write(self, keys: list[str]) -> Path:
-        path = self.folder / f"shard-{self.next_index:06d}.tar"
+    def _write(self, keys: list[str]):
+        name = f"shard-{self.next_index:06d}.tar"
+        path = self.folder / name if isinstance(self.folder, Path) else storage.join(self.uri, name)
         write_tar_atomic(path, [m for k in keys for m in self.buffer[k]])
+        if shard_keys(path) != sorted(keys):  # read back: a listed shard must hold what we wrote
+            raise OSError(f"{path}: the shard read back does not hold the {len(keys)} samples written")
         for k in keys:
             self.written.add(k)
             del self.buffer[k]

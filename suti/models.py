@@ -91,7 +91,7 @@ def load_preset(name: str) -> dict[str, Any]:
 
 #: Preset keys that advise how to fine-tune the model and do not change its weights: editing them
 #: does not rebuild the cached pipeline (nor invalidate class images or the toy apprentice).
-TRAINING_KEYS = ("description", "learning_rate_scale", "expert_defaults")
+TRAINING_KEYS = ("description", "learning_rate_scale", "expert_defaults", "scorer")
 
 
 def preset_fingerprint(preset: dict[str, Any]) -> str:

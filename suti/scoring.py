@@ -317,6 +317,37 @@ SCORERS = {
 }
 
 
+#: Scorers trained on the synthetic world only: meaningless on real images.
+TOY_SCORERS = ("toy-clip", "toy-identity")
+#: The delta-CLIP scorer of a real model (a hub id or diffusers folder, not a preset).
+REAL_MODEL_SCORER = "openai-clip-vit-b-32"
+
+
+def model_scorer(model: str) -> str:
+    """The :func:`get_scorer` name that goes with a text-to-image ``model``: a preset's ``scorer``
+    field (``toy-clip`` for the world presets ``tiny``/``toy``; ``openai-clip-vit-b-32`` for
+    ``sd15-arch``), else (a checkpoint folder or hub id) :data:`REAL_MODEL_SCORER`."""
+    from suti.models import list_presets, load_preset
+
+    if model in list_presets():
+        return str(load_preset(model).get("scorer") or REAL_MODEL_SCORER)
+    return REAL_MODEL_SCORER
+
+
+def check_scorer_for_model(scorer: str, model: str) -> str:
+    """``scorer``, checked against ``model``: a toy scorer (world-only) with a real model is refused.
+
+    Raises:
+        InputError: ``scorer`` is unknown, or is a toy scorer while ``model`` is not a world preset.
+    """
+    if scorer not in SCORERS:
+        raise InputError(f"--scorer {scorer!r}: unknown scorer; known: {', '.join(SCORERS)}")
+    if scorer in TOY_SCORERS and model_scorer(model) not in TOY_SCORERS:
+        raise InputError(f"--scorer {scorer} is the synthetic world's model and cannot judge samples of "
+                         f"--model {model}; use --scorer {model_scorer(model)} (the default for this model)")
+    return scorer
+
+
 def get_scorer(name: str, **kwargs) -> Scorer:
     """Build a scorer by name: ``toy-clip``, ``toy-identity`` (offline world models),
     ``openai-clip-vit-b-32``, ``dino-vits16`` (real checkpoints; need their weights cached).

@@ -232,8 +232,10 @@ def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
 
 
 def listdir(uri: str | os.PathLike) -> list[str]:
-    """Names (not paths) of the entries directly under a folder, sorted; ``[]`` if it is absent."""
+    """Names (not paths) of the entries directly under a folder, sorted; ``[]`` if it is absent.
+    Always a fresh listing (fsspec's listing cache is dropped first)."""
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # another process may have written since (s3fs caches listings)
     try:
         entries = fs.ls(path, detail=False)
     except FileNotFoundError:
@@ -244,6 +246,7 @@ def listdir(uri: str | os.PathLike) -> list[str]:
 def glob(pattern: str | os.PathLike) -> list[str]:
     """URIs matching a glob pattern (``*``, ``?``, ``[..]``), sorted, with the pattern's protocol."""
     fs, path = filesystem(pattern)
+    fs.invalidate_cache()  # another process may have written since (s3fs caches listings)
     found = sorted(fs.glob(path))
     if is_local(pattern):
         return found

@@ -39,7 +39,9 @@ def _samples(out: Path) -> list[dict]:
 
 
 def _manifest(out: Path) -> dict:
-    return {json.loads(line)["cluster_id"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+    from mining.generate import read_manifest
+
+    return read_manifest(str(out))
 
 
 def _digest(out: Path) -> dict:
@@ -86,7 +88,7 @@ def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
-        if (out / "manifest.jsonl").is_file() and (out / "manifest.jsonl").read_text().count("\n") >= 1:
+        if len(list((out / "manifest").glob("*.json"))) >= 1:
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -107,3 +109,30 @@ def test_malformed_clusters_file_names_the_line(tmp_path, capsys):
     bad.write_text('{"cluster_id": "a", "keys": [], "prompts": []}\nnot json\n')
     assert main(["generate", "--clusters", str(bad), "--crawl", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "clusters.jsonl:2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_resident_workers_write_the_same_shards_byte_for_byte(mined, tmp_path, extra):
+    per_task = _generate(mined, tmp_path / "task", "--max-clusters", "3", "--lambda", "-1", "--max-workers", "1", *extra)
+    assert per_task.returncode == 0, per_task.stderr[-3000:]
+    resident = _generate(mined, tmp_path / "resident", "--max-clusters", "3", "--lambda", "-1", "--max-workers", "1", "--resident-workers", *extra)
+    assert resident.returncode == 0, resident.stderr[-3000:]
+    assert _digest(tmp_path / "task") and _digest(tmp_path / "resident") == _digest(tmp_path / "task")
+    manifest = _manifest(tmp_path / "resident")
+    assert len(manifest) == 3 and all(r["status"] == "accepted" for r in manifest.values())
+
+
+@pytest.mark.slow
+def test_accepted_cluster_whose_samples_do_not_arrive_is_retried_then_failed_never_done(mined, tmp_path):
+    out = tmp_path / "sh"
+    proc = _generate(mined, out, "--max-clusters", "1", "--lambda", "-1", "--max-retries", "1", env={"SUTI_TEST_DROP_SAMPLES": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = _manifest(out).values()
+    assert row["status"] == "failed" and "did not reach the driver" in row["error"] and row["attempts"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accepted"] == 0 and summary["failed"] == 1 and summary["samples"] == 0
+    again = _generate(mined, out, "--max-clusters", "1", "--lambda", "-1", "--retry-failed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    (row,) = _manifest(out).values()
+    assert row["status"] == "accepted" and len(_samples(out)) == len(row["kept"]) == 2

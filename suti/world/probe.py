@@ -475,7 +475,6 @@ def evaluate_probe(probe: Probe, subjects, *, n_subjects: int = 64, per_subject:
 def nn_retrieval(emb, owner) -> float:
     """Leave-one-out nearest-neighbour accuracy: fraction of rows of ``emb`` (N, D, normalised)
     whose most similar other row has the same ``owner`` (N,) label."""
-    import torch
 
     sim = emb @ emb.T
     sim.fill_diagonal_(-float("inf"))
