@@ -60,9 +60,8 @@ def test_mine_with_ray_exits_2_with_one_line(failing_ray, tmp_path, capsys):
 def test_generate_exits_2_with_one_line(failing_ray, tmp_path, capsys, monkeypatch):
     import mining.generate as generate
 
-    with pytest.raises(RayStartError):
-        generate._run_tasks(generate.GenerateConfig(clusters="c", crawl="w", output=str(tmp_path)), [], None, None,
-                            None, None, False, None, None)
+    with pytest.raises(RayStartError, match="--ray-address"):
+        generate.init_ray(None)  # how the generation job starts Ray (with the workers' runtime_env)
 
 
 def test_serving_ray_runner_raises_the_one_line_error(failing_ray):
