@@ -3,6 +3,8 @@ command that starts Ray."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -78,4 +80,4 @@ def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys):
 
     with pytest.raises(SutiError) as info:
         _stage("generate", False, ["generate", "--clusters", "nothere.jsonl", "--crawl", "w", "--output", "o"])
-    assert str(info.value) == "stage generate: nothere.jsonl: no such clusters file"
+    assert str(info.value) == f"stage generate: {os.path.abspath('nothere.jsonl')}: no such clusters file"  # paths are made absolute
