@@ -167,6 +167,9 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     torch.manual_seed(config.seed)
     with accelerator.main_process_first():  # a preset is built into the cache once, by the main process
         pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device)
+    # loading may draw from the global RNG (first loads of some models do): re-seed, so the LoRA
+    # initialisation is the same for a fresh and a resident (already loaded) pipeline
+    torch.manual_seed(config.seed)
     config.resolution = resolution
     if config.identifier is None:
         config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)

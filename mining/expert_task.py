@@ -101,8 +101,8 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
         if resident is not None:
             info = train_expert(config, expert_dir, overwrite=True, progress=False, pipeline=resident.pipe, save=keep)
             pipe, scorer = resident.pipe, resident.scorer
-            pipe.unet.eval()
-            pipe.text_encoder.eval()
+            for name in resident.trained:
+                getattr(pipe, name).eval()
         else:
             info = train_expert(config, expert_dir, overwrite=True, progress=False)
             pipe, scorer = load_expert(expert_dir, device=device, torch_dtype=resolve_dtype(job.get("dtype"), device)), get_scorer(job["scorer"])
@@ -183,7 +183,9 @@ class ResidentExpertWorker:
         self.job = job
         self.pipe = load_pipeline(job["model"], device=device)
         self.scorer = get_scorer(job["scorer"])
-        self.base = {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+        # the modules an expert may change (SDXL: also the second text encoder)
+        self.trained = [n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
+        self.base = {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in self.trained}
         self.experts = 0
 
     def run(self, cluster: dict, demos: list) -> dict:
@@ -196,7 +198,7 @@ class ResidentExpertWorker:
 
     def restore(self) -> None:
         """Back to the base model: delete LoRA adapters, or load the base weights back."""
-        for name in ("unet", "text_encoder"):
+        for name in self.trained:
             module = getattr(self.pipe, name)
             adapters = list(getattr(module, "peft_config", None) or {})
             if adapters:

@@ -136,3 +136,16 @@ def test_accepted_cluster_whose_samples_do_not_arrive_is_retried_then_failed_nev
     assert again.returncode == 0, again.stderr[-3000:]
     (row,) = _manifest(out).values()
     assert row["status"] == "accepted" and len(_samples(out)) == len(row["kept"]) == 2
+
+
+@pytest.mark.slow
+def test_generation_job_on_an_sdxl_base_resident_equals_per_task(mined, tmp_path):
+    """Issue 18: the generation job accepts an SDXL model (both text encoders restored between experts)."""
+    extra = ["--model", "tiny-sdxl", "--max-clusters", "2", "--lambda", "-1", "--max-workers", "1", "--lora-rank", "4"]
+    per_task = _generate(mined, tmp_path / "task", *extra)
+    assert per_task.returncode == 0, per_task.stderr[-3000:]
+    resident = _generate(mined, tmp_path / "resident", *extra, "--resident-workers")
+    assert resident.returncode == 0, resident.stderr[-3000:]
+    assert _digest(tmp_path / "task") and _digest(tmp_path / "resident") == _digest(tmp_path / "task")
+    samples = _samples(tmp_path / "resident")
+    assert samples and all(s["json"]["expert"]["model"] == "tiny-sdxl" for s in samples)

@@ -93,3 +93,23 @@ def test_sdxl_apprentice_trains_with_deepspeed_and_samples_from_the_cli(tmp_path
         img.save(demos / f"d{i}.png")
     code = main(["apprentice", "sample", "--apprentice", str(out), "--demos", *map(str, sorted(demos.glob("*.png"))), "--prompt", "a cup in the snow", "--num-images", "2", "--output", str(tmp_path / "samples"), "--steps", "3"])
     assert code == 0 and len(list((tmp_path / "samples").glob("*.png"))) == 2
+
+
+def test_serving_generates_with_an_sdxl_apprentice(tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from apprentice import ApprenticePipeline
+    from serving import Settings, create_app
+
+    folder = tmp_path / "sdxl-apprentice"
+    ApprenticePipeline.from_base(load_pipeline("tiny-sdxl")).save_pretrained(str(folder), safe_serialization=True)
+    settings = Settings(model="tiny-sdxl", apprentice=str(folder), data_dir=tmp_path / "data", torch_threads=1, preload=False, default_steps=2)
+    buf = io.BytesIO()
+    _demos(1)[0].save(buf, format="PNG")
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/generate", files=[("images", (f"d{i}.png", buf.getvalue(), "image/png")) for i in range(3)], data={"prompt": "a cup on the beach", "seed": 1, "steps": 2})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (32, 32)
