@@ -72,6 +72,16 @@ class FixedEvalConfig:
     seed: int = 0  # photo export and expert training seed
     methods: tuple[str, ...] = METHODS
 
+    def validate(self) -> None:
+        """Raise :class:`InputError` on unknown methods, a subject count outside the held-out
+        set or fewer than one seed / sampler step."""
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise InputError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if self.seeds < 1 or self.sample_steps < 1 or self.expert_steps < 1:
+            raise InputError("--seeds, --sample-steps and --expert-steps must be at least 1")
+        fixed_subjects(self.num_subjects)
+
 
 def fixed_subjects(n: int = 24):
     """``(world, subjects)``: ``n`` held-out subjects of the toy model's pretraining world, taken
@@ -310,9 +320,7 @@ def run_fixed_eval(apprentice, base, work_dir: str | Path, config: FixedEvalConf
     from suti.scoring import get_scorer
     from suti.world.probe import load_probe
 
-    unknown = set(config.methods) - set(METHODS)
-    if unknown:
-        raise InputError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    config.validate()
     work = Path(work_dir)
     world, subjects = fixed_subjects(config.num_subjects)
     probe, clip = load_probe(), get_scorer("toy-clip")

@@ -109,6 +109,7 @@ def fixed(args) -> int:
     config = FixedEvalConfig(num_subjects=args.subjects or 24, seeds=args.seeds, model=args.model,
                              expert_steps=args.expert_steps or 800, num_class_images=args.class_images,
                              sample_steps=args.steps, seed=args.seed, methods=methods)
+    config.validate()
     work = Path(args.work_dir or "runs/fixed-eval")
     started = time.perf_counter()
     app = load_apprentice(args.apprentice) if any(m.startswith("apprentice") for m in methods) else None
@@ -177,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.subjects is not None and args.subjects < 1:
             p.error("--subjects must be at least 1")
         args.seed = 0 if args.seed is None else args.seed
-        return fixed(args)
+        from suti.errors import InputError
+
+        try:
+            return fixed(args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args.seed = 7 if args.seed is None else args.seed
     args.subjects = args.subjects or 3
     args.expert_steps = args.expert_steps or 200

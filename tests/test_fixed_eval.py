@@ -207,3 +207,17 @@ def test_benchmark_prints_the_fixed_table_and_writes_every_number(tmp_path, caps
     assert bench.main(args) == 0  # the rerun reuses the experts and the cached images
     again = json.loads(out.read_text())["fixed"]["stats"]
     assert again["expert"] == {"cached": 8} and again["base"] == {"cached": 8} and again["reference"] == {"cached": 8}
+
+
+def test_benchmark_refuses_bad_fixed_settings_in_one_line(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "in_context.py"
+    spec = importlib.util.spec_from_file_location("in_context", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--eval", "fixed", "--subjects", "59", "--methods", "base"]) == 2
+    assert bench.main(["--eval", "fixed", "--subjects", "1", "--methods", "base,oracle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: --subjects must be in 1..58") and "unknown methods ['oracle']" in err[1]
