@@ -169,7 +169,13 @@ def expert_key(config: FixedEvalConfig) -> dict:
 
 
 def ensure_expert(subject, photos: list[Path], work: Path, config: FixedEvalConfig) -> tuple[Path, bool]:
-    """Train (or reuse) the subject's DreamBooth expert: ``(folder, trained_now)``."""
+    """Train (or reuse) the subject's DreamBooth expert: ``(folder, trained_now)``.
+
+    Training writes into a folder of its own (``<folder>.tmp-<pid>``) that is renamed into place
+    when complete, so an interrupted run or a second process never leaves a half-written expert
+    under the cached name (a leftover incomplete folder is replaced)."""
+    import os
+
     from experts import resolve_config
     from experts.expert import EXPERT_FILE
     from experts.train import train_expert
@@ -180,7 +186,13 @@ def ensure_expert(subject, photos: list[Path], work: Path, config: FixedEvalConf
     overrides = dict(model=config.model, instance_dir=str(photos[0].parent.parent / "instance"),
                      class_noun=subject.class_noun, steps=config.expert_steps, seed=config.seed,
                      num_class_images=config.num_class_images)
-    train_expert(resolve_config("dreambooth", overrides), folder, overwrite=True, progress=False)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    train_expert(resolve_config("dreambooth", overrides), tmp, overwrite=True, progress=False)
+    if (folder / EXPERT_FILE).is_file():  # another process finished it meanwhile
+        shutil.rmtree(tmp)
+        return folder, False
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
     return folder, True
 
 

@@ -160,6 +160,8 @@ def test_second_run_reuses_cached_images_and_experts(tmp_path, monkeypatch):
     first = run_fixed_eval(None, base, tmp_path, config, progress=lambda line: None)
     assert first["stats"]["expert"] == {"experts_trained": 1, "generated": 4}
     assert first["stats"]["base"] == {"generated": 4} and first["stats"]["reference"] == {"generated": 4}
+    experts_dir = tmp_path / "experts"
+    assert [p.name for p in experts_dir.iterdir()] == [p.name for p in experts_dir.glob("subject_*-*") if ".tmp" not in p.name]
     g = first["gap_closed"]["expert"]["attributes"]["point"]
     assert g == 1.0 or math.isnan(g)  # the expert closes its own gap (nan: no gap on 1 subject)
 
