@@ -25,8 +25,9 @@ Cache (``work_dir``): ``photos/<subject>/`` (5 renders; the first 3 are the demo
 expert's instance images), ``experts/<subject>-<key>/`` (complete when ``expert.json`` exists) and
 ``images/<method>-<key>/<subject>/<prompt hash>-s<seed>.png`` where ``<key>`` hashes every setting
 that determines the images (model fingerprint, sampler steps, guidance, expert recipe and steps,
-seed). Base, expert and reference images are reused across runs; apprentice images are always
-regenerated (the apprentice is what changes).
+seed; for the apprentice a hash of its weights). Base, expert and reference images are reused
+across runs, and so are an unchanged apprentice's: a new or retrained apprentice costs only its
+own images (``cache_apprentice=False`` regenerates them, e.g. to time them).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class FixedEvalConfig:
     demo_guidance_scale: float = 2.0
     seed: int = 0  # photo export and expert training seed
     methods: tuple[str, ...] = METHODS
+    cache_apprentice: bool = True  # False: regenerate the apprentice's images (to time them)
 
     def validate(self) -> None:
         """Raise :class:`InputError` on unknown methods, a subject count outside the held-out
@@ -196,12 +198,28 @@ def ensure_expert(subject, photos: list[Path], work: Path, config: FixedEvalConf
     return folder, True
 
 
-def _image_key(method: str, config: FixedEvalConfig) -> str:
-    """Cache folder name of a cached method's images: ``<method>-<hash of its settings>``."""
+def apprentice_fingerprint(pipe) -> str:
+    """Content hash of an apprentice's weights (U-Net, adapter, text encoder, VAE), so cached
+    apprentice images are reused only for the very same apprentice."""
+    h = hashlib.sha256()
+    for part in ("unet", "adapter", "text_encoder", "vae"):
+        for name, tensor in sorted(getattr(pipe, part).state_dict().items()):
+            h.update(f"{part}.{name}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _image_key(method: str, config: FixedEvalConfig, apprentice=None) -> str:
+    """Cache folder name of a method's images: ``<method>-<hash of its settings>``."""
     from experts.data import model_fingerprint
 
     settings = {"model": model_fingerprint(config.model), "sample_steps": config.sample_steps,
                 "guidance_scale": config.guidance_scale, "resolution": 32}
+    if method.startswith("apprentice-"):
+        if not hasattr(apprentice, "_fixed_eval_fingerprint"):
+            apprentice._fixed_eval_fingerprint = apprentice_fingerprint(apprentice)
+        settings.update(apprentice=apprentice._fixed_eval_fingerprint, demo_guidance_scale=config.demo_guidance_scale,
+                        demo_captions="a {class}", photo_seed=config.seed)
     if method == "expert":
         settings["expert"] = expert_key(config)
     if method == "reference":
@@ -222,23 +240,21 @@ def method_images(method: str, subject, demos: list[Image.Image], photos: list[P
                   work: Path, config: FixedEvalConfig, stats: dict) -> list[Image.Image]:
     """The images of one method for one subject (``len(prompts) * seeds``, prompt-major).
 
-    Base, expert and reference images are read from the cache when present (the expert is
-    trained or loaded only if an image is missing); apprentice images are generated now.
+    Images are read from the cache when present (the expert is trained or loaded only if an
+    image is missing); apprentice images are keyed by the apprentice's weights
+    (:func:`apprentice_fingerprint`) and regenerated when ``config.cache_apprentice`` is false.
     ``stats`` counts ``generated``/``cached`` images and ``experts_trained``.
     """
     kw = dict(num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale)
-    if method.startswith("apprentice-"):
-        k = int(method.split("-")[1])
-        ctx = apprentice.encode_demonstrations(demos[:k], [f"a {subject.class_noun}"] * k)
-        images = [apprentice(text, demo_context=ctx, demo_guidance_scale=config.demo_guidance_scale,
-                             generator=torch.Generator().manual_seed(s), **kw).images[0]
-                  for text, s in image_jobs(subject, config, subject.class_noun)]
-        stats["generated"] = stats.get("generated", 0) + len(images)
-        return images
-    folder = work / "images" / _image_key(method, config) / subject.subject_id
+    folder = work / "images" / _image_key(method, config, apprentice) / subject.subject_id
+    use_cache = config.cache_apprentice or not method.startswith("apprentice-")
     state: dict = {}
 
     def generator_fn():  # built lazily: a fully cached method loads nothing
+        if method.startswith("apprentice-"):
+            k = int(method.split("-")[1])
+            ctx = apprentice.encode_demonstrations(demos[:k], [f"a {subject.class_noun}"] * k)
+            return subject.class_noun, lambda text, s: apprentice(text, demo_context=ctx, demo_guidance_scale=config.demo_guidance_scale, generator=torch.Generator().manual_seed(s), **kw).images[0]
         if method == "base":
             return subject.class_noun, lambda text, s: base(text, height=32, width=32, generator=torch.Generator().manual_seed(s), **kw).images[0]
         if method == "reference":
@@ -260,7 +276,7 @@ def method_images(method: str, subject, demos: list[Image.Image], photos: list[P
     # cached files are named by the class-noun prompt (the expert's identifier is a setting)
     for (text, s) in image_jobs(subject, config, subject.class_noun):
         path = _image_path(folder, text, s)
-        if path.is_file():
+        if use_cache and path.is_file():
             images.append(Image.open(path).convert("RGB"))
             stats["cached"] = stats.get("cached", 0) + 1
             continue

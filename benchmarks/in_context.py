@@ -108,7 +108,8 @@ def fixed(args) -> int:
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     config = FixedEvalConfig(num_subjects=args.subjects or 24, seeds=args.seeds, model=args.model,
                              expert_steps=args.expert_steps or 800, num_class_images=args.class_images,
-                             sample_steps=args.steps, seed=args.seed, methods=methods)
+                             sample_steps=args.steps, seed=args.seed, methods=methods,
+                             cache_apprentice=not args.no_apprentice_cache)
     config.validate()
     work = Path(args.work_dir or "runs/fixed-eval")
     started = time.perf_counter()
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-images", type=int, default=8, help="fixed: prior-preservation images of each expert")
     p.add_argument("--methods", default=None, help="fixed: comma-separated subset of apprentice-3,base,expert,reference,apprentice-1,apprentice-5")
     p.add_argument("--no-loss", action="store_true", help="fixed: skip the class-only held-out loss")
+    p.add_argument("--no-apprentice-cache", action="store_true", help="fixed: regenerate the apprentice's images even when cached for the same weights (to time them)")
     p.add_argument("--repeats", type=int, default=5, help="timed images per method for (c)")
     p.add_argument("--seed", type=int, default=None, help="photo/expert seed (query: 7, fixed: 0)")
     p.add_argument("--work-dir", help="folder for photos, experts, cached images and ablation apprentices (query: a temp folder; fixed: runs/fixed-eval)")

@@ -208,7 +208,11 @@ def test_benchmark_prints_the_fixed_table_and_writes_every_number(tmp_path, caps
     assert report["loss_class_prompts"]["ratio"] > 0
     assert bench.main(args) == 0  # the rerun reuses the experts and the cached images
     again = json.loads(out.read_text())["fixed"]["stats"]
-    assert again["expert"] == {"cached": 8} and again["base"] == {"cached": 8} and again["reference"] == {"cached": 8}
+    assert all(again[m] == {"cached": 8} for m in ("expert", "base", "reference", "apprentice-3", "apprentice-1", "apprentice-5"))
+    assert bench.main(args + ["--no-apprentice-cache", "--no-loss"]) == 0
+    third = json.loads(out.read_text())["fixed"]
+    assert third["stats"]["apprentice-3"] == {"generated": 8} and third["stats"]["base"] == {"cached": 8}
+    assert third["mean"]["apprentice-3"] == fixed["mean"]["apprentice-3"]  # same seeds, same images
 
 
 def test_benchmark_refuses_bad_fixed_settings_in_one_line(capsys):
