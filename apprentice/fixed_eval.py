@@ -342,7 +342,8 @@ def run_fixed_eval(apprentice, base, work_dir: str | Path, config: FixedEvalConf
     Returns:
         ``{"subjects": [{"subject", "class_name", "description", "prompts", <method>: {metric:
         value}}], "mean": {method: {metric: mean}}, "gap_closed": {method: {metric: {"point",
-        "low", "high", "n_valid"}}}, "seconds": {method: s}, "stats": {method: {...}}}``.
+        "low", "high", "n_valid"}}}, "seconds": {method: wall s}, "cpu_seconds": {method: this
+        process's CPU s}, "stats": {method: {...}}}``.
     """
     from apprentice.compare import gap_closed
     from suti.scoring import get_scorer
@@ -353,6 +354,7 @@ def run_fixed_eval(apprentice, base, work_dir: str | Path, config: FixedEvalConf
     world, subjects = fixed_subjects(config.num_subjects)
     probe, clip = load_probe(), get_scorer("toy-clip")
     seconds = {m: 0.0 for m in config.methods}
+    cpu_seconds = {m: 0.0 for m in config.methods}  # this process's CPU time: the cost on an unshared core
     stats: dict = {m: {} for m in config.methods}
     rows = []
     for i, subject in enumerate(subjects):
@@ -362,10 +364,11 @@ def run_fixed_eval(apprentice, base, work_dir: str | Path, config: FixedEvalConf
         row = {"subject": subject.subject_id, "class_name": subject.class_name, "description": subject.description(),
                "prompts": [p["template"] for p in fixed_prompts(subject)]}
         for method in config.methods:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             images = method_images(method, subject, demos, photos, apprentice=apprentice, base=base, work=work, config=config, stats=stats[method])
             row[method] = score_images(images, subject, config, probe=probe, clip=clip, demo_emb=demo_emb)
             seconds[method] += time.perf_counter() - t0
+            cpu_seconds[method] += time.process_time() - c0
         rows.append(row)
         line = f"[{i + 1}/{len(subjects)}] {subject.subject_id} ({subject.description()}): " + ", ".join(
             f"{m} {row[m]['attributes']:.2f}/{row[m]['clip_i']:.3f}" for m in config.methods) + " (attributes/CLIP-I)"
@@ -378,4 +381,5 @@ def run_fixed_eval(apprentice, base, work_dir: str | Path, config: FixedEvalConf
             gaps[m] = {k: gap_closed([r[m][k] for r in rows], [r["base"][k] for r in rows], [r["expert"][k] for r in rows])
                        for k in metrics}
     return {"config": asdict(config), "subjects": rows, "mean": mean, "gap_closed": gaps,
-            "seconds": {m: round(s, 2) for m, s in seconds.items()}, "stats": stats}
+            "seconds": {m: round(s, 2) for m, s in seconds.items()},
+            "cpu_seconds": {m: round(s, 2) for m, s in cpu_seconds.items()}, "stats": stats}
