@@ -136,3 +136,41 @@ def mean_metrics(results: list[SubjectResult]) -> dict[str, float]:
     """Mean of every metric over subjects."""
     keys = results[0].metrics.keys()
     return {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
+
+
+def gap_closed(method, base, expert, *, n_boot: int = 2000, seed: int = 0, min_gap: float = 1e-9) -> dict:
+    """Share of the base->expert gap a method closes, with a paired bootstrap 95% interval.
+
+    ``(mean(method) - mean(base)) / (mean(expert) - mean(base))`` over subjects (1 = as good as
+    the expert, 0 = no better than the base). The interval resamples *subjects* with replacement
+    (``n_boot`` times, the same subjects for the three methods: paired) and recomputes the ratio
+    of means; its 2.5th and 97.5th percentiles (Efron & Tibshirani, *An Introduction to the
+    Bootstrap*, ch. 13, percentile interval).
+
+    Args:
+        method, base, expert: per-subject values of one metric, each of length ``n >= 1``, in the
+            same subject order.
+        min_gap: a gap of at most this size (absolute) is degenerate: no ratio.
+
+    Returns:
+        ``{"point", "low", "high", "n_valid"}``: ``point`` is ``nan`` when the gap over all
+        subjects is degenerate; ``low``/``high`` are ``nan`` then or when fewer than half the
+        resamples have a non-degenerate gap (``n_valid`` counts those that do; degenerate ones
+        are left out of the percentiles).
+
+    Raises:
+        ValueError: the three lists differ in length or are empty.
+    """
+    m, b, e = (np.asarray(x, dtype=float) for x in (method, base, expert))
+    if not (m.shape == b.shape == e.shape) or m.ndim != 1 or len(m) == 0:
+        raise ValueError(f"gap_closed needs three equally long, non-empty lists (got {m.shape}, {b.shape}, {e.shape})")
+    gap = e.mean() - b.mean()
+    point = float((m.mean() - b.mean()) / gap) if abs(gap) > min_gap else float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(m), size=(n_boot, len(m)))  # (n_boot, n)
+    gaps = e[idx].mean(1) - b[idx].mean(1)
+    valid = np.abs(gaps) > min_gap
+    ratios = (m[idx].mean(1)[valid] - b[idx].mean(1)[valid]) / gaps[valid]
+    low = high = float("nan")
+    if point == point and valid.sum() >= n_boot / 2:
+        low, high = (float(v) for v in np.percentile(ratios, [2.5, 97.5]))
+    return {"point": point, "low": low, "high": high, "n_valid": int(valid.sum())}

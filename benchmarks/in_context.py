@@ -15,10 +15,21 @@ One run measures, on the same held-out subjects, prompts and seeds (:mod:`appren
     delta-CLIP ablation of SuTI section 5.3: apprentices trained on the same shards filtered at
     lambda = none, 0 and 0.02 for ``--ablation-steps`` each, then (a) for the apprentice only.
 
+``--eval fixed`` runs the fixed evaluation instead (:mod:`apprentice.fixed_eval`): 24 held-out
+subjects (all six classes) x 4 class-only prompts (re-contextualisation, accessory, colour edit,
+style) x 2 seeds, for the apprentice with 3 demos, the base (class noun), an 800-step DreamBooth
+expert, training-free reference attention (:mod:`apprentice.reference`) and the apprentice with
+1 and 5 demos; per method the probe's identity-attribute score, exact identity and per-attribute
+accuracy, CLIP-I to the demos and CLIP-T to the prompt, the share of the base->expert gap closed
+with a paired bootstrap 95% interval over subjects, and the held-out denoising loss with and
+without 3 demos under class-only prompts. Base, expert and reference images (and the experts)
+are cached in ``--work-dir`` (default ``runs/fixed-eval``), so a rerun costs only the apprentice.
+
 Usage::
 
     python benchmarks/in_context.py [--apprentice toy] [--subjects 3] [--expert-steps 200]
     python benchmarks/in_context.py --ablation-shards runs/ablation/shards --ablation-steps 600
+    python benchmarks/in_context.py --eval fixed [--subjects 24] [--json runs/fixed-eval/fixed.json]
 """
 
 from __future__ import annotations
@@ -78,22 +89,108 @@ def ablation(shards: str, steps: int, args, base) -> list[dict]:
     return rows
 
 
+def _interval(g: dict) -> str:
+    """``0.42 [0.10, 0.70]`` (``n/a`` for a degenerate gap)."""
+    if g["point"] != g["point"]:
+        return "n/a (no gap)"
+    ci = "[n/a]" if g["low"] != g["low"] else f"[{g['low']:.2f}, {g['high']:.2f}]"
+    return f"{g['point']:.2f} {ci}"
+
+
+def fixed(args) -> int:
+    """``--eval fixed``: the fixed evaluation table (see the module docstring)."""
+    from apprentice.evaluate import heldout_demo_loss
+    from apprentice.fixed_eval import METHODS, TABLE_METRICS, FixedEvalConfig, fixed_subjects, run_fixed_eval
+    from apprentice.sample import load_apprentice
+    from experts import load_pipeline
+    from suti.world.probe import IDENTITY_ATTRS
+
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    config = FixedEvalConfig(num_subjects=args.subjects or 24, seeds=args.seeds, model=args.model,
+                             expert_steps=args.expert_steps or 800, num_class_images=args.class_images,
+                             sample_steps=args.steps, seed=args.seed, methods=methods,
+                             cache_apprentice=not args.no_apprentice_cache)
+    config.validate()
+    work = Path(args.work_dir or "runs/fixed-eval")
+    started = time.perf_counter()
+    app = load_apprentice(args.apprentice) if any(m.startswith("apprentice") for m in methods) else None
+    base = load_pipeline(args.model)
+    base.set_progress_bar_config(disable=True)
+    result = run_fixed_eval(app, base, work, config, progress=lambda line: print(line, flush=True))
+    n = len(result["subjects"])
+    print(f"\nfixed evaluation: {n} held-out subjects ({len({r['class_name'] for r in result['subjects']})} classes) x 4 class-only prompts x {config.seeds} seeds; "
+          f"expert: dreambooth {config.expert_steps} steps ({config.num_class_images} class images); {config.sample_steps} sampler steps, guidance {config.guidance_scale:g}, demo guidance {config.demo_guidance_scale:g}")
+    print(f"    {'method':13s} {'attributes':>10s} {'identity':>9s} {'CLIP-I':>7s} {'CLIP-T':>7s} {'prompt':>7s} {'wall s':>8s} {'CPU s':>8s} {'images new/cached':>18s}")
+    for m in methods:
+        a, st = result["mean"][m], result["stats"][m]
+        print(f"    {m:13s} {a['attributes']:10.3f} {a['identity']:9.3f} {a['clip_i']:7.3f} {a['clip_t']:7.3f} {a['prompt']:7.3f} {result['seconds'][m]:8.1f} {result['cpu_seconds'][m]:8.1f} {st.get('generated', 0):>9d}/{st.get('cached', 0):<8d}")
+    if result["gap_closed"]:
+        print(f"  share of the base->expert gap closed, paired bootstrap 95% interval over {n} subjects")
+        print(f"    {'method':13s} " + " ".join(f"{k:>20s}" for k in TABLE_METRICS))
+        for m in methods:
+            if m not in ("base", "expert"):
+                print(f"    {m:13s} " + " ".join(f"{_interval(result['gap_closed'][m][k]):>20s}" for k in TABLE_METRICS))
+    print("  probe per attribute: " + ", ".join(IDENTITY_ATTRS))
+    for m in methods:
+        print(f"    {m:13s} " + " ".join(f"{result['mean'][m]['attr_' + a]:6.3f}" for a in IDENTITY_ATTRS))
+    report = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "fixed": result}
+    loss_s = loss_cpu = 0.0
+    if app is not None and not args.no_loss:
+        t0, c0 = time.perf_counter(), time.process_time()
+        _, subjects = fixed_subjects(config.num_subjects)
+        with_demos, without = heldout_demo_loss(app, subjects=subjects, seed=args.seed, prompt_mode="class")
+        loss_s, loss_cpu = time.perf_counter() - t0, time.process_time() - c0
+        report["loss_class_prompts"] = {"with_demos": with_demos, "without_demos": without, "ratio": with_demos / without, "seconds": round(loss_s, 1), "cpu_seconds": round(loss_cpu, 1)}
+        print(f"  held-out denoising loss, class-only prompts ({n} subjects x 4 other photos x 4 draws): with 3 demos {with_demos:.4f}, "
+              f"without {without:.4f}, ratio {with_demos / without:.3f} ({loss_s:.1f} s)")
+    app_s = sum(result["seconds"][m] for m in methods if m.startswith("apprentice")) + loss_s
+    app_cpu = sum(result["cpu_seconds"][m] for m in methods if m.startswith("apprentice")) + loss_cpu
+    report["apprentice_seconds"], report["apprentice_cpu_seconds"] = round(app_s, 1), round(app_cpu, 1)
+    scale = f" (-> {app_s / n * 24 / 60:.1f} / {app_cpu / n * 24 / 60:.1f} min for 24)" if n != 24 else ""
+    print(f"  apprentice rows (all apprentice methods + the loss): {app_s:.0f} s wall, {app_cpu:.0f} s CPU for {n} subjects{scale}; "
+          f"whole run {time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval", choices=("query", "fixed"), default="query", help="query: the 3-subject comparison (a)-(e); fixed: the fixed evaluation")
     p.add_argument("--apprentice", default="toy", help='apprentice folder or "toy"')
     p.add_argument("--model", default="toy", help="base model preset of the apprentice and the experts")
-    p.add_argument("--subjects", type=int, default=3, help="held-out world subjects")
+    p.add_argument("--subjects", type=int, default=None, help="held-out world subjects (query: 3, fixed: 24)")
     p.add_argument("--loss-subjects", type=int, default=12, help="held-out world subjects of (d) (4 target photos each)")
-    p.add_argument("--expert-steps", type=int, default=200, help="DreamBooth steps of each expert")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps of every sampler")
+    p.add_argument("--expert-steps", type=int, default=None, help="DreamBooth steps of each expert (query: 200, fixed: 800, the recipe's)")
+    p.add_argument("--steps", "--sample-steps", type=int, default=25, help="denoising steps of every sampler")
+    p.add_argument("--seeds", type=int, default=2, help="fixed: seeds per prompt")
+    p.add_argument("--class-images", type=int, default=8, help="fixed: prior-preservation images of each expert")
+    p.add_argument("--methods", default=None, help="fixed: comma-separated subset of apprentice-3,base,expert,reference,apprentice-1,apprentice-5")
+    p.add_argument("--no-loss", action="store_true", help="fixed: skip the class-only held-out loss")
+    p.add_argument("--no-apprentice-cache", action="store_true", help="fixed: regenerate the apprentice's images even when cached for the same weights (to time them)")
     p.add_argument("--repeats", type=int, default=5, help="timed images per method for (c)")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--work-dir", help="folder for photos, experts and ablation apprentices (default: a temp folder)")
+    p.add_argument("--seed", type=int, default=None, help="photo/expert seed (query: 7, fixed: 0)")
+    p.add_argument("--work-dir", help="folder for photos, experts, cached images and ablation apprentices (query: a temp folder; fixed: runs/fixed-eval)")
     p.add_argument("--ablation-shards", help="shards from `suti generate --no-filter` for the lambda ablation")
     p.add_argument("--ablation-steps", type=int, default=600)
     p.add_argument("--self-target", type=float, default=0.5, help="--self-target of the ablation apprentices")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args(argv)
+    if args.eval == "fixed":
+        if args.subjects is not None and args.subjects < 1:
+            p.error("--subjects must be at least 1")
+        args.seed = 0 if args.seed is None else args.seed
+        from suti.errors import InputError
+
+        try:
+            return fixed(args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    args.seed = 7 if args.seed is None else args.seed
+    args.subjects = args.subjects or 3
+    args.expert_steps = args.expert_steps or 200
 
     from apprentice.compare import compare_on_world, mean_metrics
     from apprentice.evaluate import heldout_demo_loss
