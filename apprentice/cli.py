@@ -118,8 +118,9 @@ def _train(args) -> int:
     from apprentice.train import check_inputs, train_apprentice
     from apprentice.train_config import apply_local_rank, config_from_args
 
-    if args.nproc < 1 or args.nnodes < 1:
-        raise InvalidValueError(f"--nproc and --nnodes must be >= 1, got {args.nproc} and {args.nnodes}")
+    for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
+        if value < 1:
+            raise InvalidValueError(f"{flag} must be >= 1, got {value}")
     check_inputs(config_from_args(args))  # bad options exit 2 here, not in every worker
     cmd = launch_command(args, train_argv(args))
     if cmd is not None:
