@@ -15,8 +15,6 @@ import json
 import os
 import posixpath
 import tarfile
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -79,25 +77,8 @@ def write_tar_atomic(path: str | os.PathLike, members: Iterable[tuple[str, bytes
     written to a local temporary file and uploaded as one object (a PUT, or a multipart upload
     that the store commits only when complete), so a listed shard is always complete.
     """
-    target = storage.local_path(path)
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                _write_tar(f, members)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return
-    with tempfile.TemporaryDirectory(prefix="suti-tar-") as tmp:
-        local = Path(tmp) / "part.tar"
-        with open(local, "wb") as f:
-            _write_tar(f, members)
-        storage.upload(local, path)
+    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _write_tar(f, members)
 
 
 def read_tar(path: str | os.PathLike) -> list[tuple[str, bytes]]:

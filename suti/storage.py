@@ -156,17 +156,8 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """
     target = local_path(uri)
     if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_local_path(target) as tmp:
+            tmp.write_bytes(data)
         return
     fs, path = filesystem(uri)
     fs.pipe_file(path, data)
@@ -219,6 +210,22 @@ def atomic_local_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(uri: str | os.PathLike):
+    """:func:`atomic_local_path` for any URI: yields a local temporary path to write; when the
+    block ends without an error it becomes ``uri`` whole (locally by rename; on an object store
+    by one upload, which the store makes visible only when complete)."""
+    target = local_path(uri)
+    if target is not None:
+        with atomic_local_path(target) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="suti-upload-") as tmp:
+        local = Path(tmp) / posixpath.basename(resolve(uri))
+        yield local
+        upload(local, uri)
 
 
 def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
