@@ -47,6 +47,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The variables :func:`init_distributed` sets for an unlaunched run (a world of one).
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed() -> tuple[int, int, str]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU); single process if unlaunched."""
     import deepspeed
@@ -260,6 +264,16 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
             checkpoints of which none is intact, or a checkpoint trained with other settings
             (:data:`apprentice.checkpoint.TRAINABLE_KEYS`).
     """
+    owned = "RANK" not in os.environ  # not launched: this call sets up a world of one
+    try:
+        return _train_apprentice(config, resume=resume, overwrite=overwrite, progress=progress)
+    finally:
+        if owned:  # leave no RANK/MASTER_PORT to the caller's later subprocesses (the process
+            for key in DIST_ENV:  # group stays: DeepSpeed keeps references to its groups)
+                os.environ.pop(key, None)
+
+
+def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, overwrite: bool, progress: bool) -> Path | str:
     from diffusers import DDPMScheduler
 
     from apprentice.data import collate, make_pipeline

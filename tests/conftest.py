@@ -25,6 +25,21 @@ def suti_cache(tmp_path_factory):
         os.environ["SUTI_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_distributed_state():
+    """A test that initialises torch.distributed in-process (``init_distributed``) must not leave
+    RANK/MASTER_PORT to later tests and the subprocesses they launch (the process group itself
+    stays: DeepSpeed keeps references to its groups, and later in-process runs reuse it)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def draw_subject(seed: int, size: int = 48) -> Image.Image:
     """A red-and-yellow striped star on a random pastel background, in a random pose."""
     rng = np.random.default_rng(seed)
