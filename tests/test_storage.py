@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import uuid
 
 import pytest
 
@@ -47,8 +48,14 @@ def test_memory_filesystem_round_trip():
 
 
 def test_missing_protocol_package_names_the_extra(monkeypatch, tmp_path):
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # (fsspec.registry is also a mapping's name)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed ...
+    for proto in ("s3", "s3a"):  # ... and not imported by an earlier test either
+        if proto in registry._registry:
+            monkeypatch.delitem(registry._registry, proto)
     with pytest.raises(InputError, match=r"s3fs.*suti\[s3\]"):
         storage.write_text("s3://bucket/job/x.json", "{}")
     assert not (tmp_path / "s3:").exists()
@@ -73,8 +80,9 @@ def s3_server(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
-    fs.mkdir("suti-test")
-    yield "s3://suti-test"
+    bucket = f"suti-test-{uuid.uuid4().hex[:8]}"  # moto's backend is shared by every server in this process
+    fs.mkdir(bucket)
+    yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
