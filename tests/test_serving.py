@@ -31,6 +31,15 @@ from serving.store import JobStore, new_job_id, pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _new_page(browser):
+    """A page of ``browser`` and the list its JavaScript errors are collected in."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page, errors
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -932,13 +941,10 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
         path = tmp_path / f"photo_{i}.png"
         path.write_bytes(photo(i))
         paths.append(str(path))
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page, errors = _new_page(browser)
             page.goto(live_server.url + "/")
             assert page.title() == "SuTI"
             page.click("#generate")  # nothing chosen yet: a message next to the button, no request
@@ -985,14 +991,11 @@ def test_web_page_loads_jobs_when_the_api_key_is_typed(tmp_path, apprentice_dir,
     sync_playwright = _browser()
     monkeypatch.setenv("SUTI_TEST_KEY", "s3cret")
     server = LiveServer(tmp_path / "data", apprentice_dir, "--api-key-env", "SUTI_TEST_KEY")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page()
-                errors = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page, errors = _new_page(browser)
                 page.goto(server.url + "/")
                 wait_for(lambda: "needs an API key" in page.text_content("#key-status"), 10, 0.1, "the key message")
                 page.fill("#api-key", "wrong")
