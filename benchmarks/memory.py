@@ -181,20 +181,21 @@ def analytic(resolution: int = 512, num_demos: int = 3, lora_rank: int = 4, mode
 # --- measured on CPU ------------------------------------------------------------------------------
 
 
-def _rss() -> int:
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: its peak), bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _rss() -> int:
+    return _proc_status_bytes("VmRSS")
 
 
 def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_status_bytes("VmHWM")
 
 
 def _malloc_trim() -> None:

@@ -51,13 +51,6 @@ def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
         shutil.rmtree(output)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> text-encoder hidden states (B, 77, D) (SDXL: both encoders' penultimate states,
-    concatenated; the pooled embeddings come with :func:`suti.conditioning.encode_prompt`)."""
-    return encode_prompt(pipe, prompts).encoder_hidden_states
-
-
 def _check_training_prompts(tokenizer, config, prompt: str, class_prompt: str) -> None:
     """Prompts and sampler settings of training, checked as every sampler's (suti.sampling):
     a truncated prompt is warned about, one whose cut loses the identifier is an InputError."""
@@ -69,11 +62,6 @@ def _check_training_prompts(tokenizer, config, prompt: str, class_prompt: str) -
     check_prompt(tokenizer, class_prompt, what="class prompt")
     if config.validation_prompt:
         check_prompt(tokenizer, fill_prompt(config.validation_prompt, config.identifier, config.class_noun), identifier=config.identifier, what="--validation-prompt")
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> padded token ids (B, model_max_length)."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def text_encoders(pipe) -> list:

@@ -72,11 +72,6 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def is_sdxl_components(text_encoder_2) -> bool:
-    """Whether a second text encoder is present (SDXL)."""
-    return text_encoder_2 is not None
-
-
 def time_ids(height: int, width: int, batch: int, device=None) -> torch.Tensor:
     """SDXL micro-conditioning ``(batch, 6)``: original size = target size = ``(height, width)``,
     no crop (pixels)."""

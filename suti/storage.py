@@ -328,11 +328,3 @@ def upload(local: str | os.PathLike, uri: str | os.PathLike) -> None:
         fs.put(str(local).rstrip("/") + "/", path, recursive=True)
     else:
         fs.put_file(str(local), path)
-
-
-def unstrip(like: str | os.PathLike, path: str) -> str:
-    """Put ``like``'s protocol back on a path that fsspec returned without it."""
-    if is_local(like):
-        return path
-    fs, _ = filesystem(like)
-    return fs.unstrip_protocol(path)
