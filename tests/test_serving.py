@@ -584,6 +584,7 @@ def _finished_job(store: JobStore, settings, state: str = "done", finished_at: f
     job_id = new_job_id()
     store.create(job_id, class_noun="dog", recipe="suti-expert", model="tiny", steps=5, seed=0, num_images=3)
     job = store.claim_next("someone", "host", 1)
+    assert job is not None and job["id"] == job_id, "a dispatcher claimed the row first: stop rt.jobs before calling"
     if state == "done":
         assert store.finish(job_id, job["run_token"], "done")
     elif state == "failed":
@@ -601,6 +602,8 @@ def _finished_job(store: JobStore, settings, state: str = "done", finished_at: f
 def test_delete_a_finished_job_frees_its_disk(tmp_path, apprentice_dir):
     with TestClient(create_app(settings_for(tmp_path, apprentice_dir, upload_retention_s=3600))) as c:
         rt = runtime(c)
+        rt.jobs.stop()  # no dispatcher: it would race _finished_job for the queued row
+        rt.jobs = None
         settings = rt.settings
         for state in ("done", "failed"):
             job_id = _finished_job(rt.store, settings, state)
