@@ -309,7 +309,7 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     total = len(clusters)
     log.info("generation: %d clusters, %d finished earlier, %d to run", total, total - len(todo), len(todo))
     expert_started = time.perf_counter()
-    unfinished = _run_tasks(config, todo, packer, done, progress) if todo else []
+    unfinished, finish_times, slots = _run_tasks(config, todo, packer, done, progress) if todo else ([], [], 0)
     expert_seconds = time.perf_counter() - expert_started
     packer.flush()
     _cleanup_staging(output, packer, done)
@@ -326,6 +326,7 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
         "ran_now": len(todo),
         "unfinished": len(unfinished),
         "expert_seconds": round(expert_seconds, 2),
+        "steady_experts_per_hour": steady_rate(finish_times, slots),
     }
     storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2))
     print(f"generation: {summary['accepted']} accepted, {summary['rejected']} rejected, {summary['failed']} failed of {total} clusters; {summary['samples']} samples in {summary['shards']} shards")
@@ -504,8 +505,24 @@ def _lost_work_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
-def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, done: dict[str, dict], progress: bool) -> list[str]:
-    """Run the clusters of ``todo``; returns the ids left unfinished (their workers kept dying)."""
+def steady_rate(finish_times: list[float], slots: int) -> float | None:
+    """Experts per hour once every slot has finished its first expert: with ``k = slots``
+    (capped at ``n - 1``) and ``t`` the sorted finish times (seconds), ``(n - k) / (t[n-1] - t[k-1])
+    * 3600``. Ray start-up, imports, model loading and the first expert of each worker are left
+    out, which a long job amortises; ``None`` with fewer than two finished experts."""
+    t = sorted(finish_times)
+    n = len(t)
+    if n < 2:
+        return None
+    k = max(1, min(slots, n - 1))
+    span = t[-1] - t[k - 1]
+    return round((n - k) / span * 3600, 1) if span > 0 else None
+
+
+def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, done: dict[str, dict], progress: bool) -> tuple[list[str], list[float], int]:
+    """Run the clusters of ``todo``; returns the ids left unfinished (their workers kept dying),
+    the finish time of each recorded cluster (``time.perf_counter()``) and the most experts that
+    were in flight at once."""
     import ray
 
     from mining.expert_task import failure_summary, run_cluster
@@ -530,12 +547,15 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
     unfinished: list[str] = []
     started = time.perf_counter()
     finished = accepted = 0
+    finish_times: list[float] = []
+    slots = 0
     bar = tqdm(total=len(todo), desc="experts", unit="cluster", disable=not progress)
 
     def record(row: dict, summary: dict) -> None:
         nonlocal finished, accepted
         write_manifest_row(output, summary)
         done[row["cluster_id"]] = summary
+        finish_times.append(time.perf_counter())
         finished += 1
         accepted += summary["status"] == "accepted"
         elapsed = time.perf_counter() - started
@@ -560,6 +580,7 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
                 record(row, {"cluster_id": cid, "status": "failed", "error": images, "attempts": 0})
                 continue
             in_flight[submit(row, images)] = (row, images)
+            slots = max(slots, len(in_flight))
         waitables = list(in_flight) + submit.starting_refs()
         if not waitables:
             continue
@@ -608,7 +629,7 @@ def _run_tasks(config: GenerateConfig, todo: list[dict], packer: ShardPacker, do
             if summary["status"] == "accepted":
                 _pack(packer, samples)
     bar.close()
-    return unfinished
+    return unfinished, finish_times, slots
 
 
 def _transient_errors() -> list[type[BaseException]]:

@@ -64,11 +64,25 @@ def test_end_to_end_lambda_filter_and_rerun(mined, tmp_path):
         assert {"recipe", "steps", "seed"} <= set(meta["expert"])
         assert "target.jpg" in s and "demo_0.jpg" in s
         assert sum(k.startswith("demo_") for k in s) == len(meta["demo_keys"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steady_experts_per_hour"] > 0 and summary["expert_seconds"] > 0
     before = _digest(out)
     again = _generate(mined, out, "--max-clusters", "3", "--lambda", "-0.05")
     assert again.returncode == 0
     assert '"ran_now": 0' in again.stdout
     assert _digest(out) == before
+
+
+def test_steady_rate_leaves_out_each_slots_first_expert():
+    from mining.generate import steady_rate
+
+    # one slot: the first finish (start-up + first expert) at 100 s, then one every 10 s
+    assert steady_rate([100.0, 110.0, 120.0, 130.0], 1) == pytest.approx(3 / 30 * 3600)
+    # two slots: both first experts (at 100 and 101 s) are left out; finish order does not matter
+    assert steady_rate([121.0, 101.0, 100.0, 111.0, 120.0], 2) == pytest.approx(3 / 20 * 3600)
+    # more slots than experts: only the first is left out; fewer than 2 experts: no rate
+    assert steady_rate([10.0, 20.0], 4) == pytest.approx(3600 / 10)
+    assert steady_rate([10.0], 1) is None and steady_rate([], 1) is None
 
 
 def test_killed_worker_is_retried(mined, tmp_path):
