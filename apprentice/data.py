@@ -135,16 +135,22 @@ class ToExample:
     the class noun (a descriptive caption, not "image" or "untitled"), so the apprentice also
     learns to add the demonstrations to a prompt that already describes the subject and its
     context. Without a class noun the alt text is used.
+
+    The demonstrations keep their own alt texts as captions with probability ``demo_caption``
+    (per example); otherwise each is captioned ``"a <class noun>"``, as a class-only query encodes
+    them (:meth:`apprentice.pipeline.ApprenticePipeline.encode_demonstrations` in the fixed
+    evaluation), so the identity has to come from the demonstrations' pixels, not their captions.
     """
 
-    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5):
-        for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt)):
+    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0):
+        for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt), ("demo_caption", demo_caption)):
             if not 0.0 <= value <= 1.0:
                 raise InvalidValueError(f"{name} (--{name.replace('_', '-')}) must be in [0, 1], got {value}")
         self.resolution = resolution
         self.num_demos = num_demos
         self.self_target = self_target
         self.caption_prompt = caption_prompt
+        self.demo_caption = demo_caption
         self.rng = random.Random(seed)
 
     def _reconstruction_prompt(self, noun: str | None, alt_text: str) -> str:
@@ -176,11 +182,15 @@ class ToExample:
         else:
             target, prompt = sample["target.jpg"], meta["prompt"]
         picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
+        demo_captions = [caption(f) for f in picks]
+        noun = meta.get("class_noun")
+        if noun and self.demo_caption < 1.0 and (self.demo_caption == 0.0 or self.rng.random() >= self.demo_caption):  # 0 and 1 draw nothing
+            demo_captions = [f"a {noun}"] * len(picks)
         return {
             "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)
             "demos": torch.stack([to_tensor(fit_square(sample[f], self.resolution)) for f in picks]),  # (n, 3, R, R)
             "prompt": prompt,
-            "demo_captions": [caption(f) for f in picks],
+            "demo_captions": demo_captions,
             "key": sample["__key__"],
         }
 
@@ -196,7 +206,7 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, weights: list[float] | None = None, rank: int | None = None, world: int | None = None, resampled: bool = False):
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0, weights: list[float] | None = None, rank: int | None = None, world: int | None = None, resampled: bool = False):
     """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
 
     Args:
@@ -207,7 +217,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
             1 photo shards); ``None`` reads all patterns as one shard list. Needs ``repeat``.
         min_delta_clip: keep only expert samples whose recorded delta-CLIP exceeds it (the paper's
             lambda ablation on shards generated with ``suti generate --no-filter``).
-        self_target, caption_prompt: see :class:`ToExample`.
+        self_target, caption_prompt, demo_caption: see :class:`ToExample`.
         rank, world: this process's data-parallel rank and world size (default: torch.distributed's).
         resampled: draw shards with replacement per process instead of splitting samples (an
             "epoch" is ``len(shards)`` draws).
@@ -218,7 +228,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if rank is None or world is None:
         rank, world = _dist()
-    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, rank=rank, world=world, resampled=resampled)
+    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, demo_caption=demo_caption, rank=rank, world=world, resampled=resampled)
     if weights is None:
         pipeline = _one_pipeline(expand_shards(patterns), seed=seed, **kw)
         return _Epochs(pipeline) if repeat else pipeline
@@ -230,7 +240,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     return _WeightedMix(streams, [w for w in weights if w > 0], seed=seed * 31 + rank)
 
 
-def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, rank, world, resampled) -> wds.DataPipeline:
+def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, demo_caption, rank, world, resampled) -> wds.DataPipeline:
     if resampled:
         shards = [wds.ResampledShards(urls, nshards=len(urls), seed=seed, worker_seed=_worker_seed(rank), deterministic=True)]
     else:
@@ -245,7 +255,7 @@ def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffe
     ]
     if min_delta_clip is not None:
         stages.append(per_sample("--min-delta-clip filter", _DeltaClipFilter(min_delta_clip)))
-    stages.append(per_sample("to example", ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt)))
+    stages.append(per_sample("to example", ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt, demo_caption)))
     return wds.DataPipeline(*stages)
 
 

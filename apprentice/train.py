@@ -321,7 +321,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     data_seed = config.seed + 1000 * step
-    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, weights=config.shard_weights, resampled=config.resampled_shards)
+    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, demo_caption=config.demo_caption, weights=config.shard_weights, resampled=config.resampled_shards)
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers))
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None

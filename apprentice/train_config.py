@@ -38,6 +38,7 @@ class ApprenticeTrainConfig:
     min_delta_clip: float | None = None  # train only on samples with delta-CLIP above this
     self_target: float = 0.0  # share of expert examples whose target is a held-out cluster photo (0: SuTI)
     caption_prompt: float = 0.5  # share of reconstruction examples prompted with the photo's alt text
+    demo_caption: float = 1.0  # share of examples whose demos keep their alt texts as captions (else "a <class noun>")
     shard_weights: list[float] | None = None  # one per --shards pattern (e.g. expert 3 : photo 1)
     resampled_shards: bool = False  # each process draws shards with replacement instead of an equal share of samples
     gradient_checkpointing: bool = False
@@ -60,7 +61,7 @@ class ApprenticeTrainConfig:
         need(self.keep_checkpoints >= 1, "--keep-checkpoints", ">= 1", self.keep_checkpoints)
         need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
         need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)
-        for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt),
+        for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt), ("--demo-caption", self.demo_caption),
                               ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
             need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
         if self.resolution is not None:
@@ -93,6 +94,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
     p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
     p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
+    p.add_argument("--demo-caption", type=float, default=1.0, help="share of examples whose demonstrations are encoded with their own alt texts; the rest get 'a <class noun>', as a class-only query does")
     p.add_argument("--resume", help='"latest" (the newest intact checkpoint) or a checkpoint tag (step-N)')
     p.add_argument("--overwrite", action="store_true")
     # the deepspeed launcher passes --local_rank=N to every process (torchrun sets LOCAL_RANK instead)
@@ -106,7 +108,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
-        min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt,
+        min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt, demo_caption=args.demo_caption,
         shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
     )

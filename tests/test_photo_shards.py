@@ -60,6 +60,13 @@ def test_photo_samples_become_reconstruction_examples(mined, tmp_path):
     assert prompts == {True, False}, "both the class-noun prompt and the alt text occur at caption_prompt=0.5"
     only_noun = list(make_pipeline(str(out / "*.tar"), resolution=32, repeat=False, caption_prompt=0.0))
     assert all(e["prompt"] == f"a {rows[e['key']]['class_noun']}" for e in only_noun)
+    # demonstrations keep their alt texts by default; --demo-caption 0 captions them with the class only
+    assert all(set(e["demo_captions"]) <= set(rows[e["key"]]["captions"]) for e in only_noun)
+    class_demos = list(make_pipeline(str(out / "*.tar"), resolution=32, repeat=False, caption_prompt=0.0, demo_caption=0.0))
+    assert all(e["demo_captions"] == [f"a {rows[e['key']]['class_noun']}"] * 3 for e in class_demos)
+    assert [e["target"].tolist() for e in class_demos] == [e["target"].tolist() for e in only_noun], "the same examples otherwise"
+    half = list(make_pipeline(str(out / "*.tar"), resolution=32, repeat=False, demo_caption=0.5, seed=3))
+    assert any(e["demo_captions"] == [f"a {rows[e['key']]['class_noun']}"] * 3 for e in half)
 
 
 def test_photo_and_expert_shards_mix_and_the_lambda_filter_keeps_photos(mined, tmp_path):
