@@ -42,13 +42,13 @@ class DemoAttention(nn.Module):
 
 class SubjectAttention(nn.Module):
     """The subject channel's keys/values of one ``attn2`` layer (cross_attention_dim -> dim) and
-    its gate (a scalar, 0 at init: an untrained channel leaves the base model unchanged)."""
+    its gate (a scalar, shape (1,), 0 at init: an untrained channel leaves the base model unchanged)."""
 
     def __init__(self, cross_attention_dim: int, dim: int):
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, dim, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, dim, bias=False)
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-d parameters
 
 
 def self_attention_layers(unet) -> list[tuple[str, int, int]]:

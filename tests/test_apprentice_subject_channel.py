@@ -171,7 +171,7 @@ def test_config_cli_and_resume_keys():
     assert config_differences(old, {**now, "subject_tokens": 4, "image_encoder": "toy-clip"})
 
 
-def test_training_with_a_subject_channel_saves_a_pipeline_that_samples(tmp_path):
+def test_training_with_a_subject_channel_saves_a_pipeline_that_samples_and_resumes(tmp_path):
     shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
     config = ApprenticeTrainConfig(shards=str(shards / "*.tar"), output=str(tmp_path / "app"), model="tiny", steps=2, batch_size=2, learning_rate=1e-2,
                                    freeze_base=True, subject_tokens=4, resolution=32, save_steps=2, deepspeed_config="configs/deepspeed/zero2.json")
@@ -188,3 +188,6 @@ def test_training_with_a_subject_channel_saves_a_pipeline_that_samples(tmp_path)
     assert any(float(layer.gate.detach()) != 0.0 for layer in pipe.adapter.subject.values()), "the gates trained"
     image = pipe("a cup", demo_images=_demos(3), num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+    config.steps = 3  # resume: the channel's weights and optimizer state come back from the checkpoint
+    train_apprentice(config, resume="latest", progress=False)
+    assert json.loads((out / "training.json").read_text())["steps"] == 3
