@@ -6,6 +6,12 @@ self-attention layer of the U-Net; ``install(unet)`` puts :class:`DemoAttnProces
 U-Net's own layers once over the demonstrations (clean latents at a fixed low timestep, their
 caption embeddings as context), captures every layer's features and turns them into cached
 keys and values, so each denoising step costs one extra attention per layer.
+
+Optionally (``subject_tokens > 0``) the adapter also holds a global *subject channel*
+(IP-Adapter, Ye et al. 2023, arXiv 2308.06721, sec. 3.2): the mean of the demonstrations' image
+embeddings (a :mod:`suti.scoring` scorer, ``image_encoder``) projected by diffusers'
+``ImageProjection`` into ``subject_tokens`` tokens, attended to by every cross-attention
+(``attn2``) beside the text through :class:`SubjectCrossAttnProcessor`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from apprentice.attention import DemoAttnProcessor, DemoContext, PassthroughProcessor, _heads
+from apprentice.attention import DemoAttnProcessor, DemoContext, PassthroughProcessor, SubjectCrossAttnProcessor, _heads
 from suti.errors import InvalidValueError
 
 MAX_DEMOS = 8
@@ -34,14 +40,35 @@ class DemoAttention(nn.Module):
         nn.init.zeros_(self.to_out.bias)
 
 
+class SubjectAttention(nn.Module):
+    """The subject channel's keys/values of one ``attn2`` layer (cross_attention_dim -> dim) and
+    its gate (a scalar, shape (1,), 0 at init: an untrained channel leaves the base model unchanged)."""
+
+    def __init__(self, cross_attention_dim: int, dim: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, dim, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-d parameters
+
+
 def self_attention_layers(unet) -> list[tuple[str, int, int]]:
     """(processor name, channels, heads) of every transformer self-attention of a U-Net."""
-    out = []
-    for name, module in unet.attn_processors.items():
-        if name.endswith("attn1.processor"):
-            attn = unet.get_submodule(name[: -len(".processor")])
-            out.append((name, attn.to_q.in_features, attn.heads))
-    return out
+    return _attention_layers(unet, "attn1")
+
+
+def cross_attention_layers(unet) -> list[tuple[str, int, int]]:
+    """(processor name, inner dim of its keys, context dim) of every cross-attention of a U-Net."""
+    return [(name, attn.to_k.out_features, attn.to_k.in_features) for name, attn in _modules(unet, "attn2")]
+
+
+def _modules(unet, kind: str):
+    for name in unet.attn_processors:
+        if name.endswith(f"{kind}.processor"):
+            yield name, unet.get_submodule(name[: -len(".processor")])
+
+
+def _attention_layers(unet, kind: str) -> list[tuple[str, int, int]]:
+    return [(name, attn.to_q.in_features, attn.heads) for name, attn in _modules(unet, kind)]
 
 
 def _key(name: str) -> str:
@@ -57,45 +84,95 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         heads: attention heads of each layer.
         demo_timestep: the timestep at which demonstrations are encoded.
         method: ``"attention"`` (trained demo attention) or ``"reference"`` (DreamTuner-style
-            training-free reference self-attention; the layers' weights are unused).
+            training-free reference self-attention; the layers' weights are unused, and so is
+            the subject channel).
+        subject_tokens: tokens of the global subject channel (0: no channel, as before).
+        image_encoder: the :func:`suti.scoring.get_scorer` name that embeds the demonstrations
+            for the channel (``"toy-clip"``, ``"openai-clip-vit-b-32"``...).
+        image_embed_dim: size D of those embeddings.
+        cross_attention_dim: size of the U-Net's cross-attention context (the tokens' size).
+        subject_layer_names: processor names of the ``attn2`` layers that get the channel.
+        subject_dims: inner (key/value) dim of each of those layers.
     """
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, layer_names: list[str], dims: list[int], heads: list[int], demo_timestep: int = 1, method: str = "attention"):
+    def __init__(self, layer_names: list[str], dims: list[int], heads: list[int], demo_timestep: int = 1, method: str = "attention",
+                 subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, cross_attention_dim: int | None = None,
+                 subject_layer_names: list[str] | None = None, subject_dims: list[int] | None = None):
         super().__init__()
         if method not in ("attention", "reference"):
             raise InvalidValueError(f"unknown demonstration method {method!r}")
         self.layers = nn.ModuleDict({_key(n): DemoAttention(d) for n, d in zip(layer_names, dims)})
+        if subject_tokens < 0:
+            raise InvalidValueError(f"subject_tokens must be >= 0, got {subject_tokens}")
+        if subject_tokens:
+            if not (image_embed_dim and cross_attention_dim and subject_layer_names and subject_dims):
+                raise InvalidValueError("a subject channel needs image_embed_dim, cross_attention_dim, subject_layer_names and subject_dims")
+            from diffusers.models.embeddings import ImageProjection
+
+            self.image_proj = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim, num_image_text_embeds=subject_tokens)
+            self.subject = nn.ModuleDict({_key(n): SubjectAttention(cross_attention_dim, d) for n, d in zip(subject_layer_names, subject_dims)})
+
+    @property
+    def has_subject_channel(self) -> bool:
+        """Whether the subject channel is in use (it is ignored in ``"reference"`` mode)."""
+        return self.config.subject_tokens > 0 and self.config.method == "attention"
 
     @classmethod
-    def for_unet(cls, unet, *, demo_timestep: int = 1, method: str = "attention", init_from_self_attention: bool = True) -> "DemoAttentionAdapter":
-        """An adapter matching ``unet``; q/k/v start as copies of each layer's self-attention."""
+    def for_unet(cls, unet, *, demo_timestep: int = 1, method: str = "attention", init_from_self_attention: bool = True,
+                 subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None) -> "DemoAttentionAdapter":
+        """An adapter matching ``unet``; q/k/v start as copies of each layer's self-attention.
+
+        With ``subject_tokens > 0`` the subject channel's ``to_k_ip``/``to_v_ip`` start as copies
+        of each cross-attention's ``to_k``/``to_v`` (as IP-Adapter), its gates at 0.
+        ``image_embed_dim`` defaults to the size of ``image_encoder``'s embeddings (measured).
+        """
         layers = self_attention_layers(unet)
-        adapter = cls([n for n, _, _ in layers], [d for _, d, _ in layers], [h for _, _, h in layers], demo_timestep, method)
-        if init_from_self_attention:
-            with torch.no_grad():
+        subject: dict = {}
+        cross = cross_attention_layers(unet) if subject_tokens else []
+        if subject_tokens:
+            if image_embed_dim is None:
+                if image_encoder is None:
+                    raise InvalidValueError("a subject channel needs image_encoder or image_embed_dim")
+                image_embed_dim = image_embedding_size(image_encoder)
+            context_dims = {c for _, _, c in cross}
+            if len(context_dims) != 1:
+                raise InvalidValueError(f"the U-Net's cross-attentions have context sizes {sorted(context_dims)}; one is needed for a subject channel")
+            subject = dict(subject_tokens=subject_tokens, image_encoder=image_encoder, image_embed_dim=image_embed_dim, cross_attention_dim=context_dims.pop(),
+                           subject_layer_names=[n for n, _, _ in cross], subject_dims=[d for _, d, _ in cross])
+        adapter = cls([n for n, _, _ in layers], [d for _, d, _ in layers], [h for _, _, h in layers], demo_timestep, method, **subject)
+        with torch.no_grad():
+            if init_from_self_attention:
                 for name, _, _ in layers:
                     attn = unet.get_submodule(name[: -len(".processor")])
                     layer = adapter.layers[_key(name)]
                     layer.to_q.weight.copy_(attn.to_q.weight)
                     layer.to_k.weight.copy_(attn.to_k.weight)
                     layer.to_v.weight.copy_(attn.to_v.weight)
+            for name, _, _ in cross:
+                attn = unet.get_submodule(name[: -len(".processor")])
+                adapter.subject[_key(name)].to_k_ip.weight.copy_(attn.to_k.weight)
+                adapter.subject[_key(name)].to_v_ip.weight.copy_(attn.to_v.weight)
         return adapter.to(unet.device)
 
     def install(self, unet) -> None:
         """Set the demonstration processors on ``unet`` (``set_attn_processor``)."""
         names = set(self.config.layer_names)
+        subject = set(self.config.subject_layer_names or []) if self.has_subject_channel else set()
         processors = {}
         for name in unet.attn_processors:
             if name in names:
                 processors[name] = DemoAttnProcessor(name, self.layers[_key(name)], self.config.method)
+            elif name in subject:
+                processors[name] = SubjectCrossAttnProcessor(name, self.subject[_key(name)])
             else:
                 processors[name] = PassthroughProcessor()
         unet.set_attn_processor(processors)
 
-    def encode_demos(self, unet, demo_latents: torch.Tensor, demo_embeddings: torch.Tensor, scale: float = 1.0, added_cond_kwargs: dict | None = None) -> DemoContext:
+    def encode_demos(self, unet, demo_latents: torch.Tensor, demo_embeddings: torch.Tensor, scale: float = 1.0, added_cond_kwargs: dict | None = None,
+                     image_embeds: torch.Tensor | None = None) -> DemoContext:
         """Encode demonstrations once per request; returns the context for every step.
 
         Args:
@@ -105,14 +182,22 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             scale: demonstration-attention output scale at sampling time.
             added_cond_kwargs: SDXL only: the demonstrations' ``text_embeds`` (B * n, P) and
                 ``time_ids`` (B * n, 6) (:mod:`suti.conditioning`), flattened like the latents.
+            image_embeds: (B, n, D) unit-norm image embeddings of the demonstrations (the
+                ``image_encoder`` scorer's); needed when the subject channel is on, else unused.
 
         Returns:
             A :class:`DemoContext` in ``"use"`` mode with keys/values per layer,
-            (B, heads, n * hw, d).
+            (B, heads, n * hw, d), and with the channel on the subject tokens
+            ``image_proj(mean_n image_embeds)``, (B, subject_tokens, cross_attention_dim).
+
+        Raises:
+            InvalidValueError: n outside 1..8, or the channel is on and ``image_embeds`` is
+                missing or not (B, n, image_embed_dim).
         """
         b, n = demo_latents.shape[:2]
         if not 1 <= n <= MAX_DEMOS:
             raise InvalidValueError(f"between 1 and {MAX_DEMOS} demonstrations are supported (got {n})")
+        subject = self.project_subject(image_embeds, b, n) if self.has_subject_channel else None
         ctx = DemoContext(mode="capture", num_demos=n)
         t = torch.full((b * n,), self.config.demo_timestep, device=demo_latents.device, dtype=torch.long)
         extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": {k: v.to(unet.dtype) for k, v in added_cond_kwargs.items()}}
@@ -129,4 +214,24 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
                 layer = self.layers[_key(name)]
                 k, v = layer.to_k(feats), layer.to_v(feats)
             kv[name] = (_heads(k, heads[name]), _heads(v, heads[name]))
-        return DemoContext(mode="use", num_demos=n, kv=kv, scale=scale)
+        return DemoContext(mode="use", num_demos=n, kv=kv, scale=scale, subject=subject)
+
+    def project_subject(self, image_embeds: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
+        """(B, n, D) demonstration embeddings -> (B, subject_tokens, cross_attention_dim) tokens."""
+        want = (b, n, self.config.image_embed_dim)
+        if image_embeds is None:
+            raise InvalidValueError(f"this adapter has a subject channel ({self.config.subject_tokens} tokens): encode_demos needs image_embeds {want} "
+                                    f"of the demonstrations (scorer {self.config.image_encoder!r})")
+        if tuple(image_embeds.shape) != want:
+            raise InvalidValueError(f"image_embeds must be (B, n, D) = {want}, got {tuple(image_embeds.shape)}")
+        proj = self.image_proj.image_embeds.weight
+        return self.image_proj(image_embeds.to(proj.device, proj.dtype).mean(dim=1))
+
+
+def image_embedding_size(image_encoder: str) -> int:
+    """Size of ``image_encoder``'s (a :func:`suti.scoring.get_scorer` name) image embeddings."""
+    from PIL import Image
+
+    from suti.scoring import get_scorer
+
+    return int(get_scorer(image_encoder).embed_images([Image.new("RGB", (32, 32))]).shape[1])

@@ -14,7 +14,15 @@ starts at zero, so an untrained apprentice equals the base model. In ``"referenc
 (DreamTuner's training-free reference self-attention) the demonstrations' keys and values from the
 block's own projections are concatenated to the self-attention's keys and values instead.
 
-Cross-attention layers (``attn2``) get a :class:`PassthroughProcessor` that ignores ``demo``.
+Cross-attention layers (``attn2``) get a :class:`PassthroughProcessor` that ignores ``demo``, or,
+with the adapter's global *subject channel* on (``subject_tokens > 0``), a
+:class:`SubjectCrossAttnProcessor`: IP-Adapter's decoupled cross-attention (Ye et al. 2023,
+arXiv 2308.06721, sec. 3.2), text and a few subject tokens attended to separately with the same query:
+
+    out = W_o · (Attn(W_q h, W_k c, W_v c) + g · Attn(W_q h, K_ip s, V_ip s))
+
+with ``c`` the text states, ``s`` the subject tokens (a projection of the demonstrations' image
+embeddings) and ``g`` a learnable per-layer gate that starts at 0.
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ class DemoContext:
             classifier-free-guidance branch (broadcast, never copied; see :meth:`repeat`).
         mask: (B,) float, 1 where the image sees its demonstrations, 0 where they are dropped
             (classifier-free guidance over demonstrations); ``None`` means all 1.
-        scale: multiplier of the demonstration attention's output (1 = as trained).
+        scale: multiplier of the demonstration attention's output (1 = as trained); also
+            scales the subject channel.
+        subject: the subject channel's tokens, (B_kv or 1, T, cross_attention_dim) (shared like
+            ``kv``), or ``None`` when the adapter has no subject channel.
     """
 
     mode: str = "use"
@@ -50,6 +61,7 @@ class DemoContext:
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     mask: torch.Tensor | None = None
     scale: float = 1.0
+    subject: torch.Tensor | None = None
 
     def repeat(self, times: int) -> "DemoContext":
         """The same context for a batch repeated ``times`` (e.g. images x CFG branches).
@@ -62,12 +74,15 @@ class DemoContext:
         else:
             kv = {k: (a.repeat(times, 1, 1, 1), b.repeat(times, 1, 1, 1)) for k, (a, b) in self.kv.items()}
         mask = None if self.mask is None else self.mask.repeat(times)
-        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale)
+        subject = self.subject
+        if subject is not None and subject.shape[0] != 1:
+            subject = subject.repeat(times, 1, 1)
+        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject)
 
     def cache_bytes(self) -> int:
         """Bytes held by the cached keys and values (distinct storages counted once)."""
         seen, total = set(), 0
-        for pair in self.kv.values():
+        for pair in [*self.kv.values(), () if self.subject is None else (self.subject,)]:
             for t in pair:
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in seen:
@@ -164,3 +179,40 @@ class PassthroughProcessor(AttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, demo: DemoContext | None = None, **kwargs):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class SubjectCrossAttnProcessor(PassthroughProcessor):
+    """Text cross-attention plus the subject channel for one ``attn2`` layer (IP-Adapter's
+    decoupled cross-attention, Ye et al. 2023, arXiv 2308.06721, sec. 3.2).
+
+    ``layer`` (in :class:`apprentice.adapter.DemoAttentionAdapter`) holds ``to_k_ip``, ``to_v_ip``
+    (cross_attention_dim -> inner dim) and the scalar ``gate`` (0 at init: the base model). The
+    query is the layer's own ``to_q(h)`` and the channel's output goes through the layer's own
+    ``to_out`` (its weight only: ``W_o (a + g b) + bias = [W_o a + bias] + g W_o b``, so the base
+    output stays bit-identical). The channel is off without ``demo.subject``, outside ``"use"``
+    mode, and for rows with ``demo.mask`` 0; ``demo.scale`` multiplies it.
+    """
+
+    def __init__(self, name: str, layer: torch.nn.Module):
+        super().__init__()
+        self.name = name
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, demo: DemoContext | None = None, **kwargs):
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # (B, N, C)
+        if demo is None or demo.mode != "use" or demo.subject is None:
+            return out
+        b = hidden_states.shape[0]
+        tokens = demo.subject.to(hidden_states.dtype)  # (B or 1, T, cross_attention_dim)
+        query = _heads(attn.to_q(hidden_states), attn.heads)  # (B, heads, N, d)
+        keys = _heads(self.layer.to_k_ip(tokens), attn.heads)  # (B or 1, heads, T, d)
+        values = _heads(self.layer.to_v_ip(tokens), attn.heads)
+        if attn.norm_q is not None:
+            query, keys = attn.norm_q(query), attn.norm_k(keys)
+        extra = _shared_attention(query, keys, values)  # (B, heads, N, d)
+        extra = extra.transpose(1, 2).reshape(b, -1, query.shape[1] * query.shape[3])
+        extra = attn.to_out[1](F.linear(extra, attn.to_out[0].weight)) / attn.rescale_output_factor
+        gate = self.layer.gate.to(extra.dtype) * demo.scale
+        if demo.mask is not None:
+            gate = gate * demo.mask.to(extra.dtype).view(-1, 1, 1)
+        return out + gate * extra

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 FORMAT = "suti-apprentice-checkpoint/1"
 TAG = re.compile(r"step-(\d+)")
 #: Saved-config keys that decide which parameters train and how; resuming with any other value is refused.
-TRAINABLE_KEYS = ("model", "freeze_base", "method", "optimizer", "demo_timestep")
+TRAINABLE_KEYS = ("model", "freeze_base", "method", "optimizer", "demo_timestep", "subject_tokens", "image_encoder")
+#: Values of :data:`TRAINABLE_KEYS` that checkpoints written before those keys existed had.
+LEGACY_DEFAULTS = {"subject_tokens": 0, "image_encoder": None}
 
 
 class CorruptCheckpointError(Exception):
@@ -143,6 +145,7 @@ def select_checkpoint(ckpt_uri: str, resume: str) -> tuple[str, dict] | None:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``"key (checkpoint A, now B)"`` for each of :data:`TRAINABLE_KEYS` that differs."""
+    saved = {**LEGACY_DEFAULTS, **saved}
     return [f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in TRAINABLE_KEYS if saved.get(k) != current.get(k)]
 
 

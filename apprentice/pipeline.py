@@ -5,6 +5,10 @@ A ``DiffusionPipeline`` of the base model's components plus the demonstration-at
 Sampling uses classifier-free guidance over text and demonstrations (as in InstructPix2Pix):
 
     eps = eps(∅, ∅) + s_demo · (eps(demos, ∅) - eps(∅, ∅)) + s_text · (eps(demos, text) - eps(demos, ∅))
+
+"demos" there means both the demonstration attention and, when the adapter has one, its global
+subject channel (IP-Adapter-style; :class:`~apprentice.adapter.DemoAttentionAdapter`): the
+no-demonstration branch has neither.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class ApprenticePipeline(DiffusionPipeline):
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, adapter=adapter, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         adapter.install(unet)
         self.trained_resolution: int | None = None  # set by apprentice.sample.load_apprentice
+        self._image_scorers: dict = {}  # image_encoder name -> scorer (shared by shallow per-request copies)
 
     @classmethod
     def from_base(cls, base, **adapter_kwargs) -> "ApprenticePipeline":
@@ -77,9 +82,29 @@ class ApprenticePipeline(DiffusionPipeline):
         latents = dist.sample(generator) if sample else dist.mean
         return latents * self.vae.config.scaling_factor
 
+    def image_scorer(self):
+        """The adapter's ``image_encoder`` scorer (:func:`suti.scoring.get_scorer`), built once per pipeline.
+
+        Raises:
+            InvalidValueError: the adapter has a subject channel but names no image encoder.
+        """
+        from suti.scoring import get_scorer
+
+        name = self.adapter.config.image_encoder
+        if name is None:
+            raise InvalidValueError("the adapter's subject channel names no image_encoder; pass image_embeds to encode_demonstrations")
+        scorers = self.__dict__.setdefault("_image_scorers", {})
+        if name not in scorers:
+            scorers[name] = get_scorer(name)
+        return scorers[name]
+
     @torch.no_grad()
-    def encode_demonstrations(self, demos: list[Image.Image], captions: list[str] | None = None, scale: float = 1.0):
-        """Encode one request's demonstrations once (cached keys/values for every step)."""
+    def encode_demonstrations(self, demos: list[Image.Image], captions: list[str] | None = None, scale: float = 1.0, image_embeds: torch.Tensor | None = None):
+        """Encode one request's demonstrations once (cached keys/values for every step).
+
+        With a subject channel the demonstrations are also embedded by the adapter's
+        ``image_encoder`` (or ``image_embeds``, (n, D), is used) for the subject tokens.
+        """
         if not 1 <= len(demos) <= 8:
             raise InvalidValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
         captions = captions or [""] * len(demos)
@@ -89,7 +114,11 @@ class ApprenticePipeline(DiffusionPipeline):
             check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
         latents = self.encode_images(demos)[None]  # (1, n, C, h, w)
         cond = self.encode_conditioning(captions)  # (n, L, D) (+ SDXL: (n, P), (n, 6))
-        return self.adapter.encode_demos(self.unet, latents, cond.encoder_hidden_states[None], scale=scale, added_cond_kwargs=cond.added_cond_kwargs)
+        if self.adapter.has_subject_channel and image_embeds is None:
+            image_embeds = self.image_scorer().embed_images(demos)  # (n, D), unit-norm
+        if image_embeds is not None:
+            image_embeds = image_embeds.reshape(1, len(demos), -1).to(self.unet.device)  # (1, n, D)
+        return self.adapter.encode_demos(self.unet, latents, cond.encoder_hidden_states[None], scale=scale, added_cond_kwargs=cond.added_cond_kwargs, image_embeds=image_embeds)
 
     @torch.no_grad()
     def __call__(

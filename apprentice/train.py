@@ -5,7 +5,10 @@ Objective (SuTI): the apprentice denoises the expert's output ``y`` given the ta
 follows the base scheduler's ``prediction_type`` (the noise for ``epsilon``, the velocity
 ``scheduler.get_velocity`` for ``v_prediction``, the clean latents for ``sample``), with text,
 demos and both dropped at small rates for classifier-free guidance. The base U-Net is trainable
-(paper) or frozen (``--freeze-base``: only the demonstration-attention layers train).
+(paper) or frozen (``--freeze-base``: only the demonstration-attention layers train). With
+``--subject-tokens N`` the adapter also gets a global subject channel (IP-Adapter-style, see
+:mod:`apprentice.adapter`): each batch's demos are embedded by ``--image-encoder`` (no grad) and
+its projection, keys/values and gates train with the adapter.
 
 Launch: one process directly (``suti apprentice train``), or N with any standard launcher:
 ``torchrun --nproc_per_node 2 -m apprentice.train ...``, ``torchrun --nnodes 2 --node-rank R
@@ -73,11 +76,12 @@ class ApprenticeModule(torch.nn.Module):
         self.unet = unet
         self.adapter = adapter
 
-    def forward(self, noisy, timesteps, text_emb, demo_latents, demo_emb, demo_mask, text_added=None, demo_added=None):
+    def forward(self, noisy, timesteps, text_emb, demo_latents, demo_emb, demo_mask, text_added=None, demo_added=None, image_embeds=None):
         """noisy (B, C, h, w), text_emb (B, L, D), demo_latents (B, n, C, h, w), demo_emb (B, n, L, D),
         demo_mask (B,); SDXL: ``text_added`` = {text_embeds (B, P), time_ids (B, 6)} and
-        ``demo_added`` the same for the B * n demonstrations (:mod:`suti.conditioning`)."""
-        ctx = self.adapter.encode_demos(self.unet, demo_latents, demo_emb, added_cond_kwargs=demo_added)
+        ``demo_added`` the same for the B * n demonstrations (:mod:`suti.conditioning`);
+        ``image_embeds`` (B, n, D): the demos' image embeddings for the subject channel (or ``None``)."""
+        ctx = self.adapter.encode_demos(self.unet, demo_latents, demo_emb, added_cond_kwargs=demo_added, image_embeds=image_embeds)
         ctx.mask = demo_mask
         extra = {} if text_added is None else {"added_cond_kwargs": text_added}
         return self.unet(noisy, timesteps, text_emb, cross_attention_kwargs={"demo": ctx}, **extra).sample
@@ -108,7 +112,7 @@ def module_dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None) -> torch.Tensor:
+def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """The apprentice's training loss on one batch (a scalar, fp32).
 
     Args:
@@ -120,12 +124,13 @@ def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor,
         dtype: the module's dtype; every input is cast to it (fp16/bf16 DeepSpeed configs).
         text_added, demo_added: SDXL's added conditioning of the targets and the demonstrations
             (see :class:`ApprenticeModule`); ``None`` for SD 1.x/2.x.
+        image_embeds: (B, n, D) image embeddings of the demos, for the subject channel (or ``None``).
     """
     from experts.loss import denoising_target
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
-    pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype), cast(text_added), cast(demo_added))
+    pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype), cast(text_added), cast(demo_added), None if image_embeds is None else image_embeds.to(dtype))
     target = denoising_target(scheduler, latents, noise, timesteps)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
@@ -156,7 +161,8 @@ def build_engine(config: ApprenticeTrainConfig, device: str):
     unet.requires_grad_(not config.freeze_base)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method)
+    adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method,
+                                            subject_tokens=config.subject_tokens, image_encoder=config.image_encoder)
     adapter.install(unet)
     module = ApprenticeModule(unet, adapter)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -282,6 +288,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
 
     config.output = output = storage.resolve(config.output)
     config.resolution = config.resolution or default_resolution(config.model)
+    config.image_encoder = image_encoder_for(config)
     check_inputs(config)  # fail early (bad options, shard patterns), before any process group or model
     rank, world, device = init_distributed()
     decision: dict = {}
@@ -327,6 +334,11 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
     writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
     null_cond = _encode(base, [""], device, resolution)
+    scorer = None
+    if config.subject_tokens:
+        from suti.scoring import get_scorer
+
+        scorer = get_scorer(config.image_encoder)
     bar = tqdm(total=config.steps, initial=step, desc="apprentice", unit="step", disable=not progress or rank != 0)
     started = time.perf_counter()
     start_step, loss = step, None
@@ -340,6 +352,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
             text_cond = _encode(base, batch["prompt"], device, resolution)  # (B, L, D) (+ SDXL pooled, time ids)
             demo_cond = _encode(base, [c for caps in batch["demo_captions"] for c in caps], device, resolution)  # B * n
             demo_emb = demo_cond.encoder_hidden_states.view(b, n, *demo_cond.encoder_hidden_states.shape[1:])
+            image_embeds = None if scorer is None else embed_demos(scorer, batch["demos"]).to(device)  # (B, n, D)
         u = torch.rand(b, generator=gen)
         drop_both = u < config.drop_both
         drop_text = drop_both | ((u >= config.drop_both) & (u < config.drop_both + config.drop_text))
@@ -348,7 +361,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         mask = (~drop_demo).float().to(device)
         noise = torch.randn(target.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        loss = denoising_loss(engine, scheduler, target, noise, t, text_cond.encoder_hidden_states, demos, demo_emb, mask, dtype, text_cond.added_cond_kwargs, demo_cond.added_cond_kwargs)
+        loss = denoising_loss(engine, scheduler, target, noise, t, text_cond.encoder_hidden_states, demos, demo_emb, mask, dtype, text_cond.added_cond_kwargs, demo_cond.added_cond_kwargs, image_embeds)
         engine.backward(loss)
         engine.step()
         if ema:
@@ -377,6 +390,27 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         log.info("apprentice written to %s (%d steps, %.1f s)", output, step, elapsed)
     torch.distributed.barrier()
     return storage.local_path(output) or output
+
+
+def image_encoder_for(config: ApprenticeTrainConfig) -> str | None:
+    """The scorer that embeds the demos for the subject channel: ``--image-encoder``, else the
+    model's scorer (:func:`suti.scoring.model_scorer`: a preset's ``scorer``, ``toy-clip`` for the
+    world presets); ``None`` without a channel (so it never decides a resume)."""
+    if not config.subject_tokens:
+        return None
+    from suti.scoring import model_scorer
+
+    return config.image_encoder or model_scorer(config.model)
+
+
+def embed_demos(scorer, demos: torch.Tensor) -> torch.Tensor:
+    """(B, n, 3, R, R) demos in [-1, 1] -> (B, n, D) unit-norm image embeddings (``scorer``'s, no grad)."""
+    from suti.images import to_pil
+
+    b, n = demos.shape[:2]
+    with torch.no_grad():
+        emb = scorer.embed_images([to_pil(x) for x in demos.flatten(0, 1)])  # (B * n, D)
+    return emb.view(b, n, -1)
 
 
 def _save_pipeline(pipe, output: str) -> None:

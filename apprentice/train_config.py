@@ -43,6 +43,8 @@ class ApprenticeTrainConfig:
     resampled_shards: bool = False  # each process draws shards with replacement instead of an equal share of samples
     gradient_checkpointing: bool = False
     num_workers: int = 0  # data-loader workers per process
+    subject_tokens: int = 0  # tokens of the adapter's global subject channel (IP-Adapter-style); 0: none
+    image_encoder: str | None = None  # scorer embedding the demos for that channel (None: the model's scorer)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -64,6 +66,12 @@ class ApprenticeTrainConfig:
         for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt), ("--demo-caption", self.demo_caption),
                               ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
             need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
+        need(self.subject_tokens >= 0, "--subject-tokens", ">= 0", self.subject_tokens)
+        need(self.subject_tokens == 0 or self.method == "attention", "--subject-tokens", "0 with --method reference", self.subject_tokens)
+        if self.subject_tokens and self.image_encoder is not None:
+            from suti.scoring import check_scorer_for_model
+
+            check_scorer_for_model(self.image_encoder, self.model)
         if self.resolution is not None:
             need(self.resolution >= 8 and self.resolution % 8 == 0, "--resolution", "a positive multiple of 8", self.resolution)
 
@@ -83,6 +91,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
     p.add_argument("--num-demos", type=int, default=3)
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
+    p.add_argument("--subject-tokens", type=int, default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
+    p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer)")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
@@ -111,6 +121,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt, demo_caption=args.demo_caption,
         shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
+        subject_tokens=args.subject_tokens, image_encoder=args.image_encoder,
     )
 
 
