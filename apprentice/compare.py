@@ -174,3 +174,23 @@ def gap_closed(method, base, expert, *, n_boot: int = 2000, seed: int = 0, min_g
     if point == point and valid.sum() >= n_boot / 2:
         low, high = (float(v) for v in np.percentile(ratios, [2.5, 97.5]))
     return {"point": point, "low": low, "high": high, "n_valid": int(valid.sum())}
+
+
+def bootstrap_mean(values, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean over subjects with a bootstrap 95% percentile interval (subjects resampled with
+    replacement ``n_boot`` times; the same resamples as :func:`gap_closed` for the same ``seed``
+    and length, so rows of one table are paired).
+
+    Returns:
+        ``{"point", "low", "high"}``; nan entries of ``values`` are left out.
+
+    Raises:
+        ValueError: no finite value.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        raise ValueError("bootstrap_mean needs at least one finite value")
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    low, high = np.percentile(v[idx].mean(1), [2.5, 97.5])
+    return {"point": float(v.mean()), "low": float(low), "high": float(high)}

@@ -24,12 +24,18 @@ accuracy, CLIP-I to the demos and CLIP-T to the prompt, the share of the base->e
 with a paired bootstrap 95% interval over subjects, and the held-out denoising loss with and
 without 3 demos under class-only prompts. Base, expert and reference images (and the experts)
 are cached in ``--work-dir`` (default ``runs/fixed-eval``), so a rerun costs only the apprentice.
+With ``--ablation-shards`` it also runs the delta-CLIP ablation on the fixed evaluation: one
+apprentice per lambda in (none, 0, 0.01, 0.02, 0.03) trained on the same shards
+(``--ablation-steps``, class-only prompts and demonstration captions), each scored by its
+apprentice-3 rows (mean with a bootstrap 95% interval over subjects, and the share of the
+base->expert gap closed).
 
 Usage::
 
     python benchmarks/in_context.py [--apprentice toy] [--subjects 3] [--expert-steps 200]
     python benchmarks/in_context.py --ablation-shards runs/ablation/shards --ablation-steps 600
     python benchmarks/in_context.py --eval fixed [--subjects 24] [--json runs/fixed-eval/fixed.json]
+    python benchmarks/in_context.py --eval fixed --methods base,expert --ablation-shards "runs/ablation/shards/shard-*.tar" --self-target 0
 """
 
 from __future__ import annotations
@@ -89,12 +95,53 @@ def ablation(shards: str, steps: int, args, base) -> list[dict]:
     return rows
 
 
-def _interval(g: dict) -> str:
+FIXED_LAMBDAS = (None, 0.0, 0.01, 0.02, 0.03)
+
+
+def fixed_ablation(args, base, config) -> list[dict]:
+    """The delta-CLIP ablation on the fixed evaluation: per lambda of :data:`FIXED_LAMBDAS`, an
+    apprentice trained on ``--ablation-shards`` filtered at that lambda (cached in
+    ``WORK/ablation/lambda-<name>``), scored by its apprentice-3 rows; base and expert rows come
+    from the fixed evaluation's cache. Returns one row per lambda: training samples kept, mean
+    attributes and CLIP-I with bootstrap 95% intervals, and the gap closed with its interval."""
+    import dataclasses
+
+    from apprentice.compare import bootstrap_mean
+    from apprentice.data import make_pipeline
+    from apprentice.fixed_eval import run_fixed_eval
+    from apprentice.sample import load_apprentice
+    from apprentice.train import ApprenticeTrainConfig, train_apprentice
+
+    work = Path(args.work_dir or "runs/fixed-eval")
+    methods = tuple(m for m in ("apprentice-3", "base", "expert") if m in config.methods or m == "apprentice-3")
+    rows = []
+    for lam in FIXED_LAMBDAS:
+        name = "none" if lam is None else f"{lam:g}"
+        out = work / "ablation" / f"lambda-{name}"
+        kept = sum(1 for _ in make_pipeline(args.ablation_shards, resolution=32, repeat=False, min_delta_clip=lam))
+        if not (out / "model_index.json").is_file():
+            train = ApprenticeTrainConfig(shards=args.ablation_shards, output=str(out), model=args.model, steps=args.ablation_steps, batch_size=8, learning_rate=1e-3,
+                                          freeze_base=True, min_delta_clip=lam, self_target=args.self_target, caption_prompt=0.0, demo_caption=0.0,
+                                          save_steps=args.ablation_steps, seed=args.seed)
+            train_apprentice(train, overwrite=True, progress=False)
+        result = run_fixed_eval(load_apprentice(str(out)), base, work, dataclasses.replace(config, methods=methods), progress=lambda line: None)
+        per = [r["apprentice-3"] for r in result["subjects"]]
+        row = {"lambda": name, "samples": kept, "steps": args.ablation_steps,
+               "attributes": bootstrap_mean([p["attributes"] for p in per]), "clip_i": bootstrap_mean([p["clip_i"] for p in per])}
+        if result["gap_closed"]:
+            row["gap_closed"] = {k: result["gap_closed"]["apprentice-3"][k] for k in ("attributes", "clip_i")}
+        rows.append(row)
+        print(f"    lambda {name:5s}: {kept:4d} samples, attributes {_interval(row['attributes'])}, CLIP-I {_interval(row['clip_i'], 3)}"
+              + (f", gap closed {_interval(row['gap_closed']['attributes'])} / {_interval(row['gap_closed']['clip_i'])}" if "gap_closed" in row else ""), flush=True)
+    return rows
+
+
+def _interval(g: dict, digits: int = 2) -> str:
     """``0.42 [0.10, 0.70]`` (``n/a`` for a degenerate gap)."""
     if g["point"] != g["point"]:
         return "n/a (no gap)"
-    ci = "[n/a]" if g["low"] != g["low"] else f"[{g['low']:.2f}, {g['high']:.2f}]"
-    return f"{g['point']:.2f} {ci}"
+    ci = "[n/a]" if g["low"] != g["low"] else f"[{g['low']:.{digits}f}, {g['high']:.{digits}f}]"
+    return f"{g['point']:.{digits}f} {ci}"
 
 
 def fixed(args) -> int:
@@ -143,6 +190,10 @@ def fixed(args) -> int:
         report["loss_class_prompts"] = {"with_demos": with_demos, "without_demos": without, "ratio": with_demos / without, "seconds": round(loss_s, 1), "cpu_seconds": round(loss_cpu, 1)}
         print(f"  held-out denoising loss, class-only prompts ({n} subjects x 4 other photos x 4 draws): with 3 demos {with_demos:.4f}, "
               f"without {without:.4f}, ratio {with_demos / without:.3f} ({loss_s:.1f} s)")
+    if args.ablation_shards:
+        print(f"  delta-CLIP ablation on the fixed evaluation ({args.ablation_steps} steps each, --self-target {args.self_target:g}): apprentice-3 rows, "
+              "mean [bootstrap 95% interval over subjects]")
+        report["ablation"] = fixed_ablation(args, base, config)
     app_s = sum(result["seconds"][m] for m in methods if m.startswith("apprentice")) + loss_s
     app_cpu = sum(result["cpu_seconds"][m] for m in methods if m.startswith("apprentice")) + loss_cpu
     report["apprentice_seconds"], report["apprentice_cpu_seconds"] = round(app_s, 1), round(app_cpu, 1)

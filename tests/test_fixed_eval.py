@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from apprentice.compare import gap_closed
+from apprentice.compare import bootstrap_mean, gap_closed
 from apprentice.fixed_eval import FixedEvalConfig, fixed_prompts, fixed_subjects, run_fixed_eval
 from suti.errors import InputError
 from suti.models import load_pipeline
@@ -38,6 +38,16 @@ def test_gap_closed_constant_differences_give_a_zero_width_interval():
     g = gap_closed(method, base, expert)
     assert g["point"] == pytest.approx(0.75) and g["low"] == pytest.approx(0.75) and g["high"] == pytest.approx(0.75)
     assert gap_closed(base, base, expert)["point"] == 0.0 and gap_closed(expert, base, expert)["point"] == 1.0
+
+
+def test_bootstrap_mean_interval_brackets_the_mean_and_skips_nan():
+    values = [0.2, 0.4, 0.9, 0.1, 0.5, 0.3, float("nan")]
+    m = bootstrap_mean(values, n_boot=4000, seed=2)
+    assert m["point"] == pytest.approx(2.4 / 6)
+    assert 0.1 < m["low"] < m["point"] < m["high"] < 0.9
+    assert bootstrap_mean([0.3, 0.3, 0.3]) == {"point": pytest.approx(0.3), "low": pytest.approx(0.3), "high": pytest.approx(0.3)}
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_mean([float("nan")])
 
 
 def test_gap_closed_degenerate_gap_gives_nan_not_a_division_error():
