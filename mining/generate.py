@@ -332,7 +332,8 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     print(f"generation: {summary['accepted']} accepted, {summary['rejected']} rejected, {summary['failed']} failed of {total} clusters; {summary['samples']} samples in {summary['shards']} shards")
     if unfinished:
         print(f"{len(unfinished)} cluster(s) unfinished: their workers kept dying; run the same command again")
-    print(f"delta-CLIP of all candidates (lambda = {config.lambda_}):\n{_histogram(deltas)}")
+    rule = "--no-filter: every candidate kept" if config.no_filter else f"lambda = {config.lambda_}"
+    print(f"delta-CLIP of all candidates ({rule}):\n{_histogram(deltas)}")
     return summary
 
 
