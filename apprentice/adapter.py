@@ -228,10 +228,12 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         return self.image_proj(image_embeds.to(proj.device, proj.dtype).mean(dim=1))
 
 
-def image_embedding_size(image_encoder: str) -> int:
-    """Size of ``image_encoder``'s (a :func:`suti.scoring.get_scorer` name) image embeddings."""
+def image_embedding_size(image_encoder) -> int:
+    """Size of the image embeddings of ``image_encoder``: a :func:`suti.scoring.get_scorer` name
+    (built here) or an already built scorer."""
     from PIL import Image
 
     from suti.scoring import get_scorer
 
-    return int(get_scorer(image_encoder).embed_images([Image.new("RGB", (32, 32))]).shape[1])
+    scorer = get_scorer(image_encoder) if isinstance(image_encoder, str) else image_encoder
+    return int(scorer.embed_images([Image.new("RGB", (32, 32))]).shape[1])

@@ -145,11 +145,14 @@ def _optimizer(params, config: ApprenticeTrainConfig):
     raise InputError(f"unknown optimizer {config.optimizer!r} (adamw or adafactor)")
 
 
-def build_engine(config: ApprenticeTrainConfig, device: str):
-    """Base pipeline, :class:`ApprenticeModule`, DeepSpeed engine, trainable ``(name, param)`` list, module dtype."""
+def build_engine(config: ApprenticeTrainConfig, device: str, scorer=None):
+    """Base pipeline, :class:`ApprenticeModule`, DeepSpeed engine, trainable ``(name, param)`` list, module dtype.
+
+    ``scorer``: the built ``config.image_encoder`` scorer, whose embedding size sizes the subject
+    channel (``None``: for_unet builds one to measure it)."""
     import deepspeed
 
-    from apprentice.adapter import DemoAttentionAdapter
+    from apprentice.adapter import DemoAttentionAdapter, image_embedding_size
     from suti.models import load_pipeline
 
     base = load_pipeline(config.model, device=device)
@@ -161,8 +164,9 @@ def build_engine(config: ApprenticeTrainConfig, device: str):
     unet.requires_grad_(not config.freeze_base)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    embed_dim = None if scorer is None else image_embedding_size(scorer)  # measured on the training loop's scorer: built once
     adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method,
-                                            subject_tokens=config.subject_tokens, image_encoder=config.image_encoder)
+                                            subject_tokens=config.subject_tokens, image_encoder=config.image_encoder, image_embed_dim=embed_dim)
     adapter.install(unet)
     module = ApprenticeModule(unet, adapter)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -308,7 +312,12 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         return storage.local_path(output) or output
     torch.manual_seed(config.seed + rank)
 
-    base, module, engine, trainable, dtype = build_engine(config, device)
+    scorer = None  # embeds the demos for the subject channel
+    if config.subject_tokens:
+        from suti.scoring import get_scorer
+
+        scorer = get_scorer(config.image_encoder)
+    base, module, engine, trainable, dtype = build_engine(config, device, scorer)
     unet, vae, text_encoder, adapter = base.unet, base.vae, base.text_encoder, module.adapter
     resolution = config.resolution
 
@@ -334,11 +343,6 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
     writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
     null_cond = _encode(base, [""], device, resolution)
-    scorer = None
-    if config.subject_tokens:
-        from suti.scoring import get_scorer
-
-        scorer = get_scorer(config.image_encoder)
     bar = tqdm(total=config.steps, initial=step, desc="apprentice", unit="step", disable=not progress or rank != 0)
     started = time.perf_counter()
     start_step, loss = step, None

@@ -113,7 +113,7 @@ def fixed_ablation(args, base, config) -> list[dict]:
     from apprentice.train import ApprenticeTrainConfig, train_apprentice
 
     work = Path(args.work_dir or "runs/fixed-eval")
-    methods = tuple(m for m in ("apprentice-3", "base", "expert") if m in config.methods or m == "apprentice-3")
+    methods = ("apprentice-3",) + tuple(m for m in ("base", "expert") if m in config.methods)
     rows = []
     for lam in FIXED_LAMBDAS:
         name = "none" if lam is None else f"{lam:g}"
