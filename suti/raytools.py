@@ -10,6 +10,7 @@ pass ``--ray-address`` - instead of Ray's 30-line traceback.
 from __future__ import annotations
 
 import logging
+import os
 
 from suti.errors import SutiError
 
@@ -31,7 +32,10 @@ def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwa
 
     Args:
         address: a cluster address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``), or
-            ``None``/``"local"``/``""`` to start a private local cluster.
+            ``None``/``"local"``/``""``: the cluster in ``RAY_ADDRESS`` when that is set (as
+            ``ray job submit`` sets it for its entrypoint), else a private local cluster, started
+            with ``ray.init(address="local")`` even when a ``ray start`` cluster runs on this
+            machine (a plain ``ray.init()`` would join that one and refuse ``num_cpus``).
         option: the command-line option that sets ``address``, named in the hint.
         kwargs: passed to ``ray.init`` (``num_cpus``, ``runtime_env``, ``log_to_driver`` ...).
 
@@ -46,12 +50,16 @@ def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwa
 
     if ray.is_initialized():
         return False
+    if address in (None, "") and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
     local = address in (None, "", "local")
     kwargs.setdefault("log_to_driver", False)
     if local:
         kwargs.setdefault("include_dashboard", False)
     try:
-        ray.init(address=None if local else address, **kwargs)
+        if not local:  # resources belong to the cluster, not to this driver
+            kwargs.pop("num_cpus", None), kwargs.pop("num_gpus", None)
+        ray.init(address="local" if local else address, **kwargs)
     except Exception as exc:  # Ray raises ConnectionError, TimeoutError, RuntimeError, ValueError ...
         try:
             ray.shutdown()  # whatever half-started

@@ -34,7 +34,22 @@ def test_local_start_failure_is_one_line_with_a_hint(failing_ray):
     assert "\n" not in msg
     assert msg.startswith("could not start a local Ray cluster (TimeoutError: Timed out after 30 seconds")
     assert "retry" in msg and "--ray-address" in msg
-    assert failing_ray == [{"address": None, "num_cpus": 2, "log_to_driver": False, "include_dashboard": False}]
+    assert failing_ray == [{"address": "local", "num_cpus": 2, "log_to_driver": False, "include_dashboard": False}]
+
+
+def test_no_address_starts_a_private_cluster_unless_ray_address_is_set(failing_ray, monkeypatch):
+    # a `ray start` cluster on this machine is not joined by accident (a plain ray.init() would
+    # join it and refuse num_cpus); RAY_ADDRESS, as `ray job submit` sets it, is followed
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RayStartError, match="could not start a local Ray cluster"):
+        init_ray(None, num_cpus=1)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(RayStartError, match="could not join the Ray cluster at '10.0.0.5:6379'"):
+        init_ray(None, num_cpus=1)
+    with pytest.raises(RayStartError, match="could not start a local Ray cluster"):
+        init_ray("local", num_cpus=1)  # an explicit local start wins over RAY_ADDRESS
+    assert [c["address"] for c in failing_ray] == ["local", "10.0.0.5:6379", "local"]
+    assert "num_cpus" not in failing_ray[1]  # a running cluster's resources are its own
 
 
 def test_unreachable_address_names_it(failing_ray):
