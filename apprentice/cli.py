@@ -145,6 +145,6 @@ def _pack_photos(args) -> int:
 def _sample(args) -> int:
     from apprentice.sample import sample_apprentice
 
-    paths = sample_apprentice(args.apprentice, args.demos, args.prompt, args.num_images, args.output, demo_captions=args.demo_captions, steps=args.steps, guidance_scale=args.guidance_scale, demo_guidance_scale=args.demo_guidance_scale, seed=args.seed, overwrite=args.overwrite, height=args.height, width=args.width, dtype=args.dtype)
+    paths = sample_apprentice(args.apprentice, args.demos, args.prompt, args.num_images, args.output, demo_captions=args.demo_captions, steps=args.steps, guidance_scale=args.guidance_scale, demo_guidance_scale=args.demo_guidance_scale, seed=args.seed, overwrite=args.overwrite, height=args.height, width=args.width, dtype=args.dtype, sample_batch_size=args.sample_batch_size)
     print(json.dumps({"images": [str(p) for p in paths]}))
     return 0

@@ -20,7 +20,7 @@ from PIL import Image
 
 from apprentice.adapter import DemoAttentionAdapter
 from suti.conditioning import Conditioning, encode_prompt
-from suti.errors import InvalidValueError
+from suti.errors import InputError, InvalidValueError
 from suti.images import fit_square, to_pil, to_tensor
 from suti.sampling import check_prompt, check_sampler_args
 
@@ -130,7 +130,7 @@ class ApprenticePipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         demo_guidance_scale: float = 2.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         demo_context=None,
         output_type: str = "pil",
         height: int | None = None,
@@ -145,6 +145,9 @@ class ApprenticePipeline(DiffusionPipeline):
             guidance_scale: text guidance scale ``s_text``.
             demo_guidance_scale: demonstration guidance scale ``s_demo``; 1 skips the
                 no-demonstration branch (two U-Net branches per step, as the base model).
+            generator: one generator for the whole batch, or a list of ``num_images`` (image ``i``
+                draws its initial noise from ``generator[i]`` alone, as in diffusers, so a batch
+                of seeded generators gives the images of one call per seed).
             demo_context: a context from :meth:`encode_demonstrations` to reuse across calls.
             height, width: image size in pixels (default: :attr:`resolution`, the trained size).
 
@@ -175,7 +178,12 @@ class ApprenticePipeline(DiffusionPipeline):
             mask = [torch.zeros(num_images)] if three else []
             batch_ctx.mask = torch.cat(mask + [torch.ones(2 * num_images)]).to(device)
         shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype)
+        if isinstance(generator, list):
+            if len(generator) != num_images:
+                raise InputError(f"{len(generator)} generators for {num_images} images")
+            latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator]).to(device, self.unet.dtype)
+        else:
+            latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):  # latents: (N, C, h, w)

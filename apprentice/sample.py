@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 
 from suti.errors import InputError, ModelLoadError
 from suti.images import load_image, save_image_atomic
-from suti.sampling import check_prompt, check_sampler_args, resolve_dtype
+from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, check_prompt, check_sampler_args, resolve_dtype, seeded_generators
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,13 @@ def _trained_resolution(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None) -> list[Path]:
+def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
     """Generate ``num_images`` PNGs of ``prompt`` in context of the demonstration photos.
 
     Every argument and photo is validated first (a bad one stops with its name); then the
     demonstrations are encoded once and reused for every image and every denoising step.
-    Images are ``height`` x ``width`` pixels (default: the apprentice's trained resolution).
+    Images are ``height`` x ``width`` pixels (default: the apprentice's trained resolution),
+    ``sample_batch_size`` per call; image ``i`` uses the seed ``seed + i`` whatever the batch.
 
     Raises:
         InputError: a bad argument (:func:`suti.sampling.check_sampler_args`), photo, or a prompt
@@ -78,7 +78,7 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
         raise InputError(f"give 1 to 8 demonstration photos (got {len(demos)})")
     if demo_captions and len(demo_captions) != len(demos):
         raise InputError(f"{len(demo_captions)} captions for {len(demos)} photos")
-    check_sampler_args(steps=steps, num_images=num_images, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, seed=seed, height=height, width=width, flags=True)
+    check_sampler_args(steps=steps, num_images=num_images, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, seed=seed, height=height, width=width, sample_batch_size=sample_batch_size, flags=True)
     resolve_dtype(dtype)
     images = [load_image(p) for p in demos]
     output = Path(output)
@@ -90,8 +90,8 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
     check_prompt(pipe.tokenizer, prompt, what="--prompt")
     ctx = pipe.encode_demonstrations(images, demo_captions)
     output.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(paths):
-        generator = torch.Generator().manual_seed(seed + i)
-        image = pipe(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator, height=height, width=width).images[0]
-        save_image_atomic(image, path)
+    for chunk in batches(list(range(num_images)), sample_batch_size):
+        images = pipe(prompt, num_images=len(chunk), demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=seeded_generators([seed + i for i in chunk]), height=height, width=width).images
+        for i, image in zip(chunk, images):
+            save_image_atomic(image, paths[i])
     return paths

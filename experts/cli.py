@@ -65,6 +65,7 @@ def register(subparsers) -> None:
     train.add_argument("--random-crop", dest="center_crop", action="store_false", help="a random square crop per step instead of the centre crop")
     train.add_argument("--report-to", choices=REPORT_TO, help="experiment tracker (tensorboard default; wandb needs the wandb package, WANDB_MODE=offline works without an account)")
     train.add_argument("--vae-encode-batch-size", type=int, help="images per VAE encode call when caching latents")
+    train.add_argument("--sample-batch-size", type=int, help="class images generated per pipeline call (default 4; the images do not depend on it)")
     train.add_argument("--resume", help='"latest", a checkpoint name (step-000004) or a checkpoint folder')
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     train.set_defaults(func=_train)
@@ -143,6 +144,7 @@ _OVERRIDES = (
     "instance_prompt", "class_prompt", "class_data_dir", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "checkpoints_total_limit", "random_flip", "center_crop", "report_to", "vae_encode_batch_size",
+    "sample_batch_size",
 )
 
 
@@ -169,7 +171,7 @@ def _import(args) -> int:
 def _sample(args) -> int:
     from experts.sample import sample_expert
 
-    paths = sample_expert(args.expert, args.prompt, args.num_images, args.output, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, overwrite=args.overwrite, height=args.height, width=args.width, dtype=args.dtype)
+    paths = sample_expert(args.expert, args.prompt, args.num_images, args.output, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, overwrite=args.overwrite, height=args.height, width=args.width, dtype=args.dtype, sample_batch_size=args.sample_batch_size)
     print(json.dumps({"images": [str(p) for p in paths]}))
     return 0
 

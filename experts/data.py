@@ -56,17 +56,20 @@ def class_images_folder(model: str, prompt: str, resolution: int, seed: int, ste
     return cache_dir() / "class_images" / digest
 
 
-def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5, progress_callback=None) -> list[Path]:
+def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5, progress_callback=None, sample_batch_size: int = 4) -> list[Path]:
     """Generate (or reuse) ``num`` images of ``prompt`` with the frozen base ``pipe``.
 
     Image ``i`` is ``class_{i:04d}.png``, sampled with the seed ``seed * 100003 + i`` whatever
-    ``num`` is, under :func:`class_images_folder`. Only missing files are generated: an
-    interrupted run resumes, a second run with the same key generates nothing, and a larger
-    ``num`` keeps the existing files and adds the rest. Each file is written to a unique temporary
-    name and renamed (atomic; concurrent writers of the same image write the same bytes).
-    ``progress_callback("class_images", done, total, {})`` is called after each image (see
-    :func:`experts.train.train_expert`).
+    ``num`` is, under :func:`class_images_folder`. Only missing files are generated, up to
+    ``sample_batch_size`` per pipeline call, each from its own seed (:func:`suti.sampling.seeded_generators`:
+    the image of a call of its own, up to float rounding). An interrupted run resumes, a second run with the same
+    key generates nothing, and a larger ``num`` keeps the existing files and adds the rest. Each
+    file is written to a unique temporary name and renamed (atomic; concurrent writers of the
+    same image write the same image). ``progress_callback("class_images", done, total, {})`` is
+    called after each image (see :func:`experts.train.train_expert`).
     """
+    from suti.sampling import batches, seeded_generators
+
     folder = class_images_folder(model, prompt, resolution, seed, steps, guidance_scale)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"class_{i:04d}.png" for i in range(num)]
@@ -75,12 +78,17 @@ def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int
         log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
         meta = {"model": model, "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
         storage.write_bytes(folder / "meta.json", json.dumps(meta, indent=2).encode())
-    for k, i in enumerate(tqdm(missing, desc="class images", unit="img", disable=not missing)):
-        generator = torch.Generator(device="cpu").manual_seed(seed * 100003 + i)
-        image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
-        save_image_atomic(image, paths[i])  # a crash leaves no half-written image
-        if progress_callback is not None:
-            progress_callback("class_images", k + 1, len(missing), {})
+    done = 0
+    with tqdm(total=len(missing), desc="class images", unit="img", disable=not missing) as bar:
+        for chunk in batches(missing, sample_batch_size):
+            generators = seeded_generators([seed * 100003 + i for i in chunk])
+            images = pipe([prompt] * len(chunk), height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+            for i, image in zip(chunk, images):
+                save_image_atomic(image, paths[i])  # a crash leaves no half-written image
+                done += 1
+                bar.update(1)
+                if progress_callback is not None:
+                    progress_callback("class_images", done, len(missing), {})
     return paths
 
 

@@ -79,6 +79,7 @@ class ExpertConfig:
     sample_steps: int = 25
     guidance_scale: float = 7.5
     class_sample_steps: int = 25
+    sample_batch_size: int = 4  # class images per pipeline call (diffusers' --sample_batch_size; images do not depend on it)
     report_to: str = "tensorboard"  # tensorboard | wandb | none (accelerate trackers, logs/ of the expert)
     vae_encode_batch_size: int = 8  # images per VAE encode call when caching latents
     extra: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +148,9 @@ class ExpertConfig:
             raise InputError(f"unknown --report-to {self.report_to!r} ({', '.join(REPORT_TO)})")
         if self.vae_encode_batch_size < 1:
             raise InputError(f"vae_encode_batch_size must be at least 1 (got {self.vae_encode_batch_size})")
+        from suti.sampling import check_sampler_args
+
+        check_sampler_args(sample_batch_size=self.sample_batch_size, flags=True)
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise InputError("--use-8bit-adam needs --optimizer adamw")
 

@@ -172,7 +172,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         if real_class:
             log.info("%s has %d class images; generating %d more", config.class_data_dir, len(real_class), missing)
         with accelerator.main_process_first():  # the main process generates, the others reuse
-            class_paths += ensure_class_images(pipe, config.model, class_prompt, missing, resolution, config.class_seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback)
+            class_paths += ensure_class_images(pipe, config.model, class_prompt, missing, resolution, config.class_seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback, sample_batch_size=config.sample_batch_size)
     class_pixels = load_training_pixels(class_paths, resolution, config.center_crop) if class_paths else None
 
     output.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
         overrides = dict(model=job["model"], instance_dir=str(instance_dir), class_noun=cluster.get("class_noun") or "object", steps=job.get("steps"), seed=seed)
         overrides.update(job.get("recipe_overrides") or {})
         config = resolve_config(job["recipe"], overrides)
-        from suti.sampling import PromptTruncatedError, check_prompt, resolve_dtype
+        from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, PromptTruncatedError, batches, check_prompt, resolve_dtype, seeded_generators
 
         expert_dir = workdir / "expert"
         keep = bool(job.get("keep_experts"))
@@ -111,7 +111,7 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
         phrase = subject_phrase(info.identifier, info.class_noun, config.use_class_noun)
         prompts = cluster["prompts"][: job.get("prompts_per_cluster") or None]
         k = int(job["samples_per_prompt"])
-        candidates = []  # (prompt_index, sample_index, prompt entry, image)
+        todo = []  # (prompt_index, sample_index, prompt entry, text)
         for pi, entry in enumerate(prompts):
             template = entry["prompt"] if isinstance(entry, dict) else entry
             text = template.replace("{S}", phrase)
@@ -120,11 +120,14 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
             except PromptTruncatedError as exc:  # the image would lose its subject: skip the prompt
                 log.warning("%s; prompt skipped", exc)
                 continue
-            for si in range(k):
-                generator = torch.Generator().manual_seed(seed + 1000 * pi + si)
-                with _sampling_precision(device):
-                    image = pipe(text, height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generator).images[0]
-                candidates.append((pi, si, entry, image))
+            todo += [(pi, si, entry, text) for si in range(k)]
+        candidates = []  # (prompt_index, sample_index, prompt entry, image)
+        # sample_batch_size candidates per call, each from its own seed (suti.sampling.batches: the images of one call per seed, up to rounding)
+        for chunk in batches(todo, int(job.get("sample_batch_size") or DEFAULT_SAMPLE_BATCH_SIZE)):
+            generators = seeded_generators([seed + 1000 * pi + si for pi, si, _, _ in chunk])
+            with _sampling_precision(device):
+                images = pipe([text for *_, text in chunk], height=info.resolution, width=info.resolution, num_inference_steps=int(job["sample_steps"]), guidance_scale=float(job["guidance_scale"]), generator=generators).images
+            candidates += [(pi, si, entry, image) for (pi, si, entry, _), image in zip(chunk, images)]
         # delta-CLIP = CLIP(y, p) - max_x CLIP(x, p), the prompt with {S} -> the class noun
         score_texts = [_score_prompt(e, info.class_noun) for _, _, e, _ in candidates]
         deltas = delta_clip_scores(scorer, [c[3] for c in candidates], score_texts, demos) if candidates else []

@@ -84,6 +84,7 @@ class GenerateConfig:
     prompts_per_cluster: int | None = 4
     sample_steps: int = 25
     guidance_scale: float = 7.5
+    sample_batch_size: int = 4  # candidates per pipeline call (not part of the job's identity: images do not depend on it)
     scorer: str | None = None
     samples_per_shard: int = 64
     max_clusters: int | None = None
@@ -104,8 +105,8 @@ class GenerateConfig:
         """Refuse bad sampler settings at once, as every sampler does (InputError naming the flag)."""
         from suti.sampling import check_sampler_args, resolve_dtype
 
-        flags = {"steps": "--sample-steps", "num_images": "--samples-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed"}
-        check_sampler_args(steps=self.sample_steps, num_images=self.samples_per_prompt, guidance_scale=self.guidance_scale, seed=self.seed, flags=flags)
+        flags = {"steps": "--sample-steps", "num_images": "--samples-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"}
+        check_sampler_args(steps=self.sample_steps, num_images=self.samples_per_prompt, guidance_scale=self.guidance_scale, seed=self.seed, sample_batch_size=self.sample_batch_size, flags=flags)
         resolve_dtype(self.dtype)
 
     def job_dict(self) -> dict:

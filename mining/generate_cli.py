@@ -9,6 +9,8 @@ from suti.cli_format import HelpFormatter
 
 def register(subparsers) -> None:
     """Add ``suti generate``."""
+    from suti.sampling import add_sample_batch_flag
+
     p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=HelpFormatter)
     p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine` (a local path or a storage URI: s3://, gs://, file://)")
     p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from (local path or URI; only the driver reads it)")
@@ -23,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts-per-cluster", type=int, default=4, help="unseen prompts sampled per cluster (0: all)")
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per sample")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
+    add_sample_batch_flag(p, "candidate images")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the experts (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--scorer", help="CLIP used for delta-CLIP (default: the model's own: toy-clip for the world presets tiny/toy, openai-clip-vit-b-32 otherwise)")
     p.add_argument("--samples-per-shard", type=int, default=64)
@@ -48,7 +51,7 @@ def _run(args) -> int:
     config = GenerateConfig(
         clusters=args.clusters, crawl=args.crawl, output=args.output, model=args.model, recipe=args.recipe,
         steps=args.steps, recipe_overrides=overrides, lambda_=args.lambda_, samples_per_prompt=args.samples_per_prompt,
-        prompts_per_cluster=args.prompts_per_cluster or None, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+        prompts_per_cluster=args.prompts_per_cluster or None, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, sample_batch_size=args.sample_batch_size,
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,

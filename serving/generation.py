@@ -312,7 +312,7 @@ class GenerationService:
         check_request(settings, steps=steps, num_images=num_images, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, seed=seed)
 
         def work(check) -> Result:
-            import torch
+            from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, seeded_generators
 
             started = time.perf_counter()
             pipe = _load(f"the apprentice {settings.apprentice!r}", get_apprentice, settings.apprentice, settings.device, getattr(settings, "dtype", None))
@@ -321,10 +321,9 @@ class GenerationService:
             view = request_copy(pipe, check)
             ctx = view.encode_demonstrations(images, captions)  # once per request
             out = []
-            for i in range(num_images):
-                generator = torch.Generator().manual_seed(seed + i)
-                image = view(prompt, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=generator).images[0]
-                out.append(png_bytes(image))
+            for chunk in batches(list(range(num_images)), DEFAULT_SAMPLE_BATCH_SIZE):  # image i: seed + i, whatever the batch
+                made = view(prompt, num_images=len(chunk), demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=seeded_generators([seed + i for i in chunk])).images
+                out += [png_bytes(image) for image in made]
             return Result(out, seed, time.perf_counter() - started, truncated)
 
         return work
@@ -336,7 +335,7 @@ class GenerationService:
         check_request(settings, steps=steps, num_images=num_images, guidance_scale=guidance_scale, seed=seed)
 
         def work(check) -> Result:
-            import torch
+            from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, seeded_generators
 
             started = time.perf_counter()
             pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device, getattr(settings, "dtype", None))
@@ -345,10 +344,9 @@ class GenerationService:
             truncated = _check_prompt(pipe.tokenizer, prompt, info.identifier)
             view = request_copy(pipe, check)
             out = []
-            for i in range(num_images):
-                generator = torch.Generator().manual_seed(seed + i)
-                image = view(prompt, height=info.resolution, width=info.resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
-                out.append(png_bytes(image))
+            for chunk in batches(list(range(num_images)), DEFAULT_SAMPLE_BATCH_SIZE):
+                images = view([prompt] * len(chunk), height=info.resolution, width=info.resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=seeded_generators([seed + i for i in chunk])).images
+                out += [png_bytes(image) for image in images]
             return Result(out, seed, time.perf_counter() - started, truncated)
 
         return work

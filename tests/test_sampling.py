@@ -39,6 +39,8 @@ BAD = [
     (dict(height=30), "height: 30 is not a multiple of 8"),
     (dict(width=0), "width: 0 is out of range"),
     (dict(width=8192), "width: 8192 is out of range"),
+    (dict(sample_batch_size=0), "sample_batch_size: 0 is out of range"),
+    (dict(sample_batch_size=1.5), "sample_batch_size: 1.5 is not an integer"),
 ]
 
 
@@ -139,6 +141,7 @@ def demo_png(tmp_path) -> Path:
     ("--seed", "-1", "--seed: -1 is out of range"),
     ("--num-images", "0", "--num-images: 0 is out of range"),
     ("--height", "20", "--height: 20 is not a multiple of 8"),
+    ("--sample-batch-size", "0", "--sample-batch-size: 0 is out of range"),
 ])
 def test_cli_samplers_refuse_bad_numbers_with_one_line(flag, value, message, tmp_path, demo_png, capsys):
     # checked before anything is loaded: the expert and apprentice folders need not exist
@@ -360,3 +363,129 @@ def test_http_reports_a_truncated_prompt_in_a_header(tmp_path, apprentice_dir, d
         assert r.status_code == 200 and r.headers["X-Prompt-Truncated"] == "164 tokens, the text encoder reads 77"
         r = client.post("/v1/generate", files=photo, data={"prompt": "a cup"})
         assert r.status_code == 200 and "X-Prompt-Truncated" not in r.headers
+
+
+# --- batches: sample_batch_size images per pipeline call, each from its own seed ------------------
+# A batch gives image i the initial noise of its own seed, so it is the image of one call per seed
+# up to the float rounding of batched kernels (a latent differs by ~1e-5: a pixel by at most one
+# level here and there). Different seeds differ by far more than that.
+
+
+def _pixels(data) -> "torch.Tensor":
+    import io
+
+    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
+    return torch.tensor(list(image.getdata()), dtype=torch.int32)
+
+
+def _same_image(a, b, levels: int = 1) -> bool:
+    return int((_pixels(a) - _pixels(b)).abs().max()) <= levels
+
+
+def _folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.png"))}
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _same_folders(a: dict, b: dict, levels: int = 1) -> bool:
+    return a.keys() == b.keys() and all(_same_image(a[k], b[k], levels) for k in a)
+
+
+def test_expert_and_apprentice_sample_give_the_same_images_whatever_the_batch(expert_dir, apprentice_dir, demo_png, tmp_path):
+    from apprentice.sample import load_apprentice
+    from experts.expert import load_expert
+
+    common = ["--num-images", "3", "--steps", "2", "--seed", "5"]
+    for batch in ("1", "2", "3"):
+        assert main(["expert", "sample", "--expert", str(expert_dir), "--prompt", "a {V} {class}", *common, "--sample-batch-size", batch, "--output", str(tmp_path / f"e{batch}")]) == 0
+        assert main(["apprentice", "sample", "--apprentice", str(apprentice_dir), "--demos", str(demo_png), "--prompt", "a cup", *common, "--sample-batch-size", batch, "--output", str(tmp_path / f"a{batch}")]) == 0
+    expert, app = _folder(tmp_path / "e1"), _folder(tmp_path / "a1")
+    assert len(expert) == 3 and not _same_image(expert["image_000.png"], expert["image_001.png"], levels=20)
+    assert not _same_image(app["image_000.png"], app["image_001.png"], levels=20)
+    assert _same_folders(_folder(tmp_path / "e2"), expert) and _same_folders(_folder(tmp_path / "e3"), expert)
+    assert _same_folders(_folder(tmp_path / "a2"), app) and _same_folders(_folder(tmp_path / "a3"), app)
+    # image i is the image of one call with the seed 5 + i, as before batching
+    pipe = load_expert(expert_dir, device="cpu")
+    alone = pipe("a sks dog", height=32, width=32, num_inference_steps=2, guidance_scale=7.5, generator=torch.Generator().manual_seed(7)).images[0]
+    assert _png(alone) == expert["image_002.png"]  # batch 1: the very same call
+    assert _same_image(_png(alone), _folder(tmp_path / "e3")["image_002.png"])
+    ap = load_apprentice(str(apprentice_dir), device="cpu")
+    alone = ap("a cup", demo_images=[Image.open(demo_png).convert("RGB")], num_inference_steps=2, generator=torch.Generator().manual_seed(6)).images[0]
+    assert _same_image(_png(alone), _folder(tmp_path / "a3")["image_001.png"])
+    with pytest.raises(InputError, match="2 generators for 3 images"):
+        ap("a cup", num_images=3, num_inference_steps=1, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_class_images_are_made_in_batches_and_do_not_depend_on_them(suti_cache):
+    import shutil
+
+    from experts.data import class_images_folder, ensure_class_images
+    from suti.models import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    made = {}
+    for batch in (1, 3):
+        shutil.rmtree(class_images_folder("tiny", "a batched cup", 32, 0, 2), ignore_errors=True)
+        calls = []
+        real = pipe.__class__.__call__
+        pipe.__class__.__call__ = lambda self, prompt, **kw: calls.append(len(prompt)) or real(self, prompt, **kw)
+        try:
+            paths = ensure_class_images(pipe, "tiny", "a batched cup", 4, 32, 0, 2, sample_batch_size=batch)
+        finally:
+            pipe.__class__.__call__ = real
+        made[batch] = [p.read_bytes() for p in paths]
+        assert calls == ([1, 1, 1, 1] if batch == 1 else [3, 1])
+    assert all(_same_image(a, b) for a, b in zip(made[1], made[3]))
+    assert not _same_image(made[1][0], made[1][1], levels=20)
+
+
+def test_generation_candidates_are_made_in_batches_and_do_not_depend_on_them(tmp_path, monkeypatch):
+    from mining import expert_task
+
+    demos = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
+    cluster = {"cluster_id": "c0", "keys": ["k0", "k1", "k2"], "captions": [], "class_noun": "cup",
+               "prompts": [{"prompt": "a {S} in a city"}, {"prompt": "a {S} on the moon"}]}
+    job = {"model": "tiny", "recipe": "suti-expert", "steps": 1, "seed": 0, "samples_per_prompt": 2, "prompts_per_cluster": None, "sample_steps": 2,
+           "guidance_scale": 7.5, "scorer": "toy-clip", "lambda": -10.0, "output": str(tmp_path / "o"), "device": "cpu"}
+    from suti import sampling
+
+    calls, original = [], sampling.seeded_generators
+
+    def spy(seeds):
+        calls.append(list(seeds))
+        return original(seeds)
+
+    monkeypatch.setattr(sampling, "seeded_generators", spy)
+    out = {b: expert_task.run_cluster(cluster, demos, {**job, "sample_batch_size": b}) for b in (1, 3)}
+    seed = expert_task.cluster_seed("c0", 0)
+    assert calls == [[seed], [seed + 1], [seed + 1000], [seed + 1001], [seed, seed + 1, seed + 1000], [seed + 1001]]
+    assert out[1]["num_candidates"] == 4 and out[1]["kept"] == out[3]["kept"]
+    images = {b: {name: data for name, data in out[b]["members"] if name.endswith(".target.jpg")} for b in out}
+    assert len(images[1]) == 4 and images[1].keys() == images[3].keys()
+    def mean_diff(x, y):
+        return float((_pixels(x) - _pixels(y)).abs().float().mean())
+
+    # JPEG turns a one-level change into a few levels at a few pixels: compare the mean difference
+    assert all(mean_diff(images[1][k], images[3][k]) < 0.5 for k in images[1])
+    first, *others = images[1].values()
+    assert all(mean_diff(first, o) > 5 for o in others)
+    assert out[1]["delta_clip"] == pytest.approx(out[3]["delta_clip"], abs=1e-3)
+
+
+def test_eval_images_do_not_depend_on_the_batch(tmp_path):
+    args = ["eval", "--dataset", "world:1", "--method", "base", "--model", "tiny", "--clip", "toy-clip", "--dino", "toy-identity", "--prompts", "2", "--images-per-prompt", "3", "--sample-steps", "2"]
+    for batch in ("1", "2"):
+        assert main([*args, "--output", str(tmp_path / batch), "--sample-batch-size", batch]) == 0
+    one = {str(p.relative_to(tmp_path / "1")): p.read_bytes() for p in (tmp_path / "1" / "images").rglob("*.png")}
+    two = {str(p.relative_to(tmp_path / "2")): p.read_bytes() for p in (tmp_path / "2" / "images").rglob("*.png")}
+    assert len(one) == 6 and _same_folders(one, two)
+    assert not (tmp_path / "3").exists()
+    assert main([*args, "--output", str(tmp_path / "3"), "--sample-batch-size", "0"]) == 2
+    assert not (tmp_path / "3").exists()

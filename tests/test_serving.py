@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -133,6 +134,12 @@ def test_generate_several_images_as_json_with_captions(shared_client):
     images = [base64.b64decode(b) for b in body["images"]]
     assert all(decode_png(b).size == (32, 32) for b in images)
     assert len(set(images)) == 3, "image i uses seed + i"
+    # made in one batch, image i is still the image of seed + i alone (up to float rounding)
+    alone = shared_client.post("/v1/generate", files=files(2), data={"prompt": "a toy", "num_images": 1, "seed": body["seed"] + 2, "captions": ["a red star", "a star"], "guidance_scale": 3.0, "demo_guidance_scale": 1.5})
+    assert alone.status_code == 200, alone.text
+    diff = (np.asarray(decode_png(alone.content), dtype=int) - np.asarray(decode_png(images[2]), dtype=int))
+    assert np.abs(diff).max() <= 1
+    assert np.abs(np.asarray(decode_png(images[0]), dtype=int) - np.asarray(decode_png(images[2]), dtype=int)).max() > 20
 
 
 def test_concurrent_requests_match_serial_ones(client):

@@ -83,9 +83,14 @@ class Generator:
         self._base = self._app = None
 
     def prepare(self, subject: EvalSubject):
-        """Load or train what the subject needs; returns (callable(prompt, seed) -> image, identifier)."""
+        """Load or train what the subject needs; returns (callable(prompt, seeds) -> images, identifier).
+
+        The callable makes one image per seed in one pipeline call (image ``i`` from its own
+        generator, :func:`suti.sampling.seeded_generators`: the images of one call per seed, up to
+        float rounding).
+        """
         from suti.models import default_device, default_resolution, load_pipeline
-        from suti.sampling import check_prompt, resolve_dtype
+        from suti.sampling import check_prompt, resolve_dtype, seeded_generators
 
         steps, guidance = self.args.sample_steps, self.args.guidance_scale
         dtype_name = getattr(self.args, "dtype", None)
@@ -96,9 +101,9 @@ class Generator:
             res = default_resolution(self.model)
             base = self._base
 
-            def make_base(p, s):
+            def make_base(p, seeds):
                 check_prompt(base.tokenizer, p)
-                return base(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]
+                return base([p] * len(seeds), height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=seeded_generators(seeds)).images
 
             return make_base, None
         if self.method == "apprentice":
@@ -108,7 +113,7 @@ class Generator:
             demos = [load_image(p) for p in subject.images[: self.args.num_demos]]
             captions = [f"a {subject.class_noun}"] * len(demos)
             ctx = self._app.encode_demonstrations(demos, captions)
-            return (lambda p, s: self._app(p, demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]), None
+            return (lambda p, seeds: self._app(p, num_images=len(seeds), demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance, generator=seeded_generators(seeds)).images), None
         if self.method == "expert":
             from experts import load_expert, resolve_config
             from experts.expert import ExpertInfo
@@ -129,9 +134,9 @@ class Generator:
             pipe.set_progress_bar_config(disable=True)
             res = info.resolution
 
-            def make_expert(p, s):
+            def make_expert(p, seeds):
                 check_prompt(pipe.tokenizer, p, identifier=info.identifier)
-                return pipe(p, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(s)).images[0]
+                return pipe([p] * len(seeds), height=res, width=res, num_inference_steps=steps, guidance_scale=guidance, generator=seeded_generators(seeds)).images
 
             return make_expert, info.identifier
         raise InputError(f"unknown method {self.method!r}")
@@ -141,10 +146,10 @@ def run_eval(args) -> dict:
     """Run the protocol; writes the results folder and returns the overall row."""
     if args.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}")
-    from suti.sampling import check_sampler_args, resolve_dtype
+    from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, check_sampler_args, resolve_dtype
 
-    check_sampler_args(steps=args.sample_steps, num_images=args.images_per_prompt, guidance_scale=args.guidance_scale, seed=args.seed,
-                       flags={"steps": "--sample-steps", "num_images": "--images-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed"})
+    check_sampler_args(steps=args.sample_steps, num_images=args.images_per_prompt, guidance_scale=args.guidance_scale, seed=args.seed, sample_batch_size=getattr(args, "sample_batch_size", None),
+                       flags={"steps": "--sample-steps", "num_images": "--images-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"})
     resolve_dtype(getattr(args, "dtype", None))
     subjects = [s for s in args.subjects.split(",")] if args.subjects else None
     dataset = load_dataset(args.dataset, subjects)
@@ -180,18 +185,26 @@ def run_eval(args) -> dict:
             make, identifier = (None, None)
             if todo:
                 make, identifier = gen.prepare(subject)
-            for pi, k in tqdm(todo, desc=f"{subject.name} ({si + 1}/{len(dataset.subjects)})", unit="img", disable=not todo):
-                image = make(_prompt_for(templates[pi], identifier, subject.class_noun), args.seed + 1000 * pi + k)
-                save_image_atomic(image, folder / f"p{pi:02d}_{k}.png")
-                cache[f"p{pi:02d}_{k}.png"] = image.convert("RGB")
-                generated += 1
+            # one pipeline call per prompt and up to --sample-batch-size of its images
+            batch = getattr(args, "sample_batch_size", None) or DEFAULT_SAMPLE_BATCH_SIZE
+            chunks = [c for pi in sorted({pi for pi, _ in todo}) for c in batches([t for t in todo if t[0] == pi], batch)]
+            with tqdm(total=len(todo), desc=f"{subject.name} ({si + 1}/{len(dataset.subjects)})", unit="img", disable=not todo) as bar:
+                for chunk in chunks:
+                    pi = chunk[0][0]
+                    images = make(_prompt_for(templates[pi], identifier, subject.class_noun), [args.seed + 1000 * pi + k for _, k in chunk])
+                    for (_, k), image in zip(chunk, images):
+                        save_image_atomic(image, folder / f"p{pi:02d}_{k}.png")
+                        cache[f"p{pi:02d}_{k}.png"] = image.convert("RGB")
+                        generated += 1
+                        bar.update(1)
             if args.method == "expert":  # PRES: the expert on the bare class prompt
                 pres_todo = [k for k in range(args.images_per_prompt) if load_cached_image(folder / f"pres_{k}.png") is None]
                 if pres_todo and make is None:
                     make, identifier = gen.prepare(subject)
-                for k in pres_todo:
-                    save_image_atomic(make(f"a {subject.class_noun}", args.seed + 999_000 + k), folder / f"pres_{k}.png")
-                    generated += 1
+                for chunk in batches(pres_todo, getattr(args, "sample_batch_size", None) or DEFAULT_SAMPLE_BATCH_SIZE):
+                    for k, image in zip(chunk, make(f"a {subject.class_noun}", [args.seed + 999_000 + k for k in chunk])):
+                        save_image_atomic(image, folder / f"pres_{k}.png")
+                        generated += 1
             entries = [(pi, k, f"p{pi:02d}_{k}.png") for pi in range(len(templates)) for k in range(args.images_per_prompt)]
             images = [cache[name] for _, _, name in entries]
             prompts = [_prompt_for(templates[pi], None, subject.class_noun) for pi, _, _ in entries]
