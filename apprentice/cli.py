@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     sample.add_argument("--seed", type=int, default=0)
     add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true")
-    sample.set_defaults(func=_sample)
+    sample.set_defaults(func=_sample, local_paths=("apprentice", "demos", "output"))
 
 
 def launch_command(args, train_argv: list[str]) -> list[str] | None:

@@ -250,9 +250,10 @@ def check_inputs(config: ApprenticeTrainConfig) -> None:
     (``InputError`` naming the option, pattern or file). Run by the launching process too, so a
     bad option never reaches torchrun's workers."""
     from apprentice.data import expand_shards
-    from suti.models import config_path
+    from suti.models import check_model, config_path
 
     config.validate()
+    check_model(config.model)
     expand_shards(config.shards)
     if not config_path("deepspeed", config.deepspeed_config, ".json").is_file():
         raise InputError(f"{config.deepspeed_config}: no such DeepSpeed config")

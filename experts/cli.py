@@ -10,6 +10,7 @@ from suti.cli_format import HelpFormatter
 
 def register(subparsers) -> None:
     """Add the ``expert`` command group to the top-level parser."""
+    from suti.models import list_presets
     from suti.sampling import add_sampler_flags
 
     group = subparsers.add_parser("expert", help="train and sample per-subject DreamBooth experts")
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
     sub.required = True
 
     train = sub.add_parser("train", help="fine-tune an expert on 3-5 photos of a subject", formatter_class=HelpFormatter, epilog=recipe_defaults_epilog())
-    train.add_argument("--model", default="tiny", help="model preset (tiny, toy, sd15-arch), local diffusers folder or hub id")
+    train.add_argument("--model", default="tiny", help=f"model preset ({', '.join(list_presets())}), local diffusers folder or hub id")
     train.add_argument("--instance-dir", required=True, help="folder with the subject's photos")
     train.add_argument("--class-noun", required=True, help='class noun of the subject, e.g. "dog"')
     train.add_argument("--output", required=True, help="expert folder to create")
@@ -68,7 +69,7 @@ def register(subparsers) -> None:
     train.add_argument("--sample-batch-size", type=int, help="class images generated per pipeline call (default 4; the images do not depend on it)")
     train.add_argument("--resume", help='"latest", a checkpoint name (step-000004) or a checkpoint folder')
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, local_paths=("output", "instance_dir", "class_data_dir"))
 
     sample = sub.add_parser("sample", help="generate images from a trained expert", formatter_class=HelpFormatter)
     sample.add_argument("--expert", required=True, help="expert folder")
@@ -80,7 +81,7 @@ def register(subparsers) -> None:
     sample.add_argument("--seed", type=int, default=0)
     add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true", help="replace existing image files")
-    sample.set_defaults(func=_sample)
+    sample.set_defaults(func=_sample, local_paths=("expert", "output"))
 
     imp = sub.add_parser("import", help="wrap a diffusers DreamBooth output (LoRA file or pipeline folder) as an expert", formatter_class=HelpFormatter)
     source = imp.add_mutually_exclusive_group(required=True)
@@ -93,14 +94,14 @@ def register(subparsers) -> None:
     imp.add_argument("--resolution", type=int, help="sampling resolution (default: the base's)")
     imp.add_argument("--output", required=True, help="expert folder to create")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    imp.set_defaults(func=_import)
+    imp.set_defaults(func=_import, local_paths=("lora", "pipeline", "output"))
 
     loss = sub.add_parser("loss", help="denoising loss of an expert and its base model on the instance images")
     loss.add_argument("--expert", required=True, help="expert folder")
     loss.add_argument("--instance-dir", help="images to score (default: the training images)")
     loss.add_argument("--draws", type=int, default=8, help="noise draws per image")
     loss.add_argument("--seed", type=int, default=0)
-    loss.set_defaults(func=_loss)
+    loss.set_defaults(func=_loss, local_paths=("expert", "instance_dir"))
 
 
 def recipe_defaults_epilog() -> str:

@@ -32,7 +32,7 @@ from suti import storage
 from suti.conditioning import Conditioning, encode_prompt
 from suti.errors import InputError
 from suti.images import list_image_files, save_image_atomic
-from suti.models import default_device, default_resolution, load_pipeline
+from suti.models import check_model, default_device, default_resolution, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
 
     save_weights = save  # the name ``save`` is the checkpoint closure below
     config.validate()
+    if pipeline is None:
+        check_model(config.model)  # a misspelt model before any write (not after minutes of hub retries)
     output = Path(output)
     resolution = config.resolution or default_resolution(config.model)
     # validate everything before any write

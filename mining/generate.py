@@ -119,8 +119,10 @@ class GenerateConfig:
         """A copy with absolute paths/URIs and the scorer chosen and checked.
 
         Raises:
-            InputError: a toy scorer with a real model, an unknown scorer, a negative GPU count,
-                or a URI whose filesystem package is missing.
+            InputError: a model that cannot be loaded (:func:`suti.models.check_model`), expert
+                settings the recipe refuses (``--steps 0``), a toy scorer with a real model, an
+                unknown scorer, a negative GPU count, a missing crawl, or a URI whose
+                filesystem package is missing.
         """
         from suti.scoring import check_scorer_for_model, model_scorer
 
@@ -128,10 +130,19 @@ class GenerateConfig:
             raise InputError(f"--gpus-per-expert must be >= 0, got {self.gpus_per_expert}")
         if self.cpus_per_expert <= 0:
             raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
+        from experts import resolve_config
+        from suti.errors import MissingInputError
+        from suti.models import check_model
+
+        check_model(self.model)  # on the driver: not a job whose every expert fails to load it
+        # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
+        resolve_config(self.recipe, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
         scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
         out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer)
         for uri in (out.clusters, out.crawl, out.output):
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
+        if not storage.isdir(out.crawl):
+            raise MissingInputError(f"{out.crawl}: no such crawl (--crawl)")
         return out
 
 

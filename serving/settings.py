@@ -109,6 +109,9 @@ class Settings:
             raise InputError(f"timeout must be positive (got {self.request_timeout})")
         if not 1 <= self.min_expert_images <= self.max_expert_images:
             raise InputError("expert image limits must satisfy 1 <= min <= max")
+        from suti.models import check_model
+
+        check_model(self.model)  # a misspelt model: exit 2 at start-up, not a healthy server whose jobs all fail
         if self.dtype is not None:
             from suti.sampling import resolve_dtype
 

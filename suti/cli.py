@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from suti.errors import SutiError
+from suti.errors import InputError, SutiError
 
 # Modules that contribute subcommands, imported lazily so `suti --help` stays fast.
 COMMAND_MODULES = (
@@ -65,6 +65,29 @@ def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
         return 130
 
 
+def check_local_paths(args) -> None:
+    """Refuse an object-store URI in an option its command reads or writes as a local file
+    (the options named by the command's ``set_defaults(local_paths=...)``): an ``s3://``
+    ``--output`` must never become a local folder named ``s3:``.
+
+    Raises:
+        InputError: naming the option and the value.
+    """
+    from suti.storage import is_local
+
+    for name in getattr(args, "local_paths", ()):
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not is_local(str(item)):
+                raise InputError(f"--{name.replace('_', '-')} {item}: this command reads and writes local files only; give a local path "
+                                 f"(and copy to or from object storage with your storage tools, e.g. `aws s3 sync`)")
+
+
+def _run_command(args) -> int:
+    check_local_paths(args)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -76,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return report_errors(args.func, args)
+    return report_errors(_run_command, args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from functools import lru_cache
@@ -255,6 +256,38 @@ def _hub_help(model: str) -> str:
         f"Download it on a machine with network access (`huggingface-cli download {model} "
         f"--local-dir DIR`, or `pipe.save_pretrained(DIR)`), copy DIR here and pass `--model DIR`"
     )
+
+
+#: A Hugging Face hub repository id: ``namespace/name`` (huggingface_hub's rule, without revisions).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_model(model: str, flag: str = "--model") -> None:
+    """Refuse at once a ``model`` that :func:`load_pipeline` could never load, before a command
+    writes or starts anything (instead of minutes of hub retries, or a job whose every expert
+    fails): it must be a preset, an existing diffusers folder (with ``model_index.json``), or a
+    hub id ``namespace/name`` (with ``HF_HUB_OFFLINE`` set: one in the local hub cache).
+
+    Raises:
+        InputError: naming ``flag``, the value and what it could have been.
+    """
+    from suti.errors import InputError
+
+    if model in list_presets():
+        return
+    path = Path(str(model)).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
+        return
+    what = f"{flag} {model!r}: not a preset ({', '.join(list_presets())}), an existing diffusers folder or a hub id (namespace/name)"
+    if "://" in str(model) or not _HUB_ID.match(str(model)):
+        raise InputError(what)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise InputError(f"{flag} {model!r}: not a preset or a folder, and not in the local hub cache (HF_HUB_OFFLINE is set). {_hub_help(model).split('. ', 1)[1]}")
 
 
 def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):

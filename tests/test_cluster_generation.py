@@ -260,7 +260,7 @@ def test_s3_without_s3fs_exits_2_naming_the_extra_and_writes_no_s3_folder(tmp_pa
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
 
 
-def test_toy_scorer_with_a_real_model_is_refused(tmp_path, capsys):
+def test_toy_scorer_with_a_real_model_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "c.jsonl").write_text('{"cluster_id": "a", "keys": ["k"], "prompts": ["{S}"]}\n')
     code = main(["generate", "--clusters", str(tmp_path / "c.jsonl"), "--crawl", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "sd15-arch", "--scorer", "toy-clip"])
     assert code == 2
@@ -268,9 +268,11 @@ def test_toy_scorer_with_a_real_model_is_refused(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     from mining.generate import GenerateConfig
 
-    assert GenerateConfig(clusters="c", crawl="w", output="o", model="sd15-arch").resolved().scorer == "openai-clip-vit-b-32"
-    assert GenerateConfig(clusters="c", crawl="w", output="o", model="toy").resolved().scorer == "toy-clip"
-    assert GenerateConfig(clusters="c", crawl="w", output="o", model="some/hub-id").resolved().scorer == "openai-clip-vit-b-32"
+    crawl = str(tmp_path)
+    assert GenerateConfig(clusters="c", crawl=crawl, output="o", model="sd15-arch").resolved().scorer == "openai-clip-vit-b-32"
+    assert GenerateConfig(clusters="c", crawl=crawl, output="o", model="toy").resolved().scorer == "toy-clip"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub id the driver cannot check offline
+    assert GenerateConfig(clusters="c", crawl=crawl, output="o", model="some/hub-id").resolved().scorer == "openai-clip-vit-b-32"
 
 
 def test_gpus_and_experts_in_flight_follow_the_cluster():

@@ -31,12 +31,13 @@ def register(subparsers) -> None:
     add_sampler_flags(p)
     p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
     p.add_argument("--dino", default="auto", help="DINO backbone: auto (dino-vits16, else toy-identity), or a scorer name")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, local_paths=("output", "dataset"))
 
 
 def _run(args) -> int:
-    from suti.eval.run import run_eval
+    from suti.eval.run import check_args, run_eval
 
+    check_args(args)  # before the world dataset is written
     if args.dataset.startswith("world"):
         from suti.eval.worldbench import world_dataset
 

@@ -142,15 +142,31 @@ class Generator:
         raise InputError(f"unknown method {self.method!r}")
 
 
-def run_eval(args) -> dict:
-    """Run the protocol; writes the results folder and returns the overall row."""
+def check_args(args) -> None:
+    """Every check of the command line that needs no data, before anything is written.
+
+    Raises:
+        InputError: an unknown method, a sampler number out of range, an unknown dtype, or a
+            model that cannot be loaded (:func:`suti.models.check_model`).
+    """
     if args.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}")
-    from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, check_sampler_args, resolve_dtype
+    from suti.sampling import check_sampler_args, resolve_dtype
 
     check_sampler_args(steps=args.sample_steps, num_images=args.images_per_prompt, guidance_scale=args.guidance_scale, seed=args.seed, sample_batch_size=getattr(args, "sample_batch_size", None),
                        flags={"steps": "--sample-steps", "num_images": "--images-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"})
     resolve_dtype(getattr(args, "dtype", None))
+    if args.method in ("base", "expert"):
+        from suti.models import check_model
+
+        check_model(args.model)
+
+
+def run_eval(args) -> dict:
+    """Run the protocol; writes the results folder and returns the overall row."""
+    from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches
+
+    check_args(args)
     subjects = [s for s in args.subjects.split(",")] if args.subjects else None
     dataset = load_dataset(args.dataset, subjects)
     output = Path(args.output)

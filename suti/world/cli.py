@@ -138,7 +138,7 @@ def register(subparsers) -> None:
                       help="jpg (quality 90, like crawled photos) or png (lossless) (jpg)")
     make.add_argument("--shard-size", type=int, default=1000,
                       help="images per webdataset tar shard; 0: no shards (1000)")
-    make.set_defaults(func=cmd_make)
+    make.set_defaults(func=cmd_make, local_paths=("output",))
 
     show = sub.add_parser("show", help="list the subjects of a world")
     show.add_argument("--world", required=True, help="world folder or world.json")
@@ -152,7 +152,7 @@ def register(subparsers) -> None:
     export.add_argument("--n", type=int, default=4, help="number of photos (4)")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--size", type=int, default=64)
-    export.set_defaults(func=cmd_export_subject)
+    export.set_defaults(func=cmd_export_subject, local_paths=("output",))
 
     pretrain = sub.add_parser("pretrain", help="pretrain the world models (toy t2i, CLIP, probe)")
     pretrain.add_argument("--output", required=True,
@@ -173,4 +173,4 @@ def register(subparsers) -> None:
     pretrain.add_argument("--subjects", type=int, default=2000,
                           help="with --continue-from: train on the train split of the seed-0 "
                                "world of this many subjects (2000)")
-    pretrain.set_defaults(func=cmd_pretrain)
+    pretrain.set_defaults(func=cmd_pretrain, local_paths=("output",))

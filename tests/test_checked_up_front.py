@@ -1,0 +1,100 @@
+"""Bad input refused before anything is written or started: a misspelt --model in every command
+that loads one, expert settings and a missing crawl in `suti generate`, and an object-store URI
+given to a command that only writes local files (never a local folder named ``s3:``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from suti.cli import main
+from suti.errors import InputError
+from suti.models import check_model
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_check_model_knows_presets_folders_and_hub_ids(tmp_path, monkeypatch):
+    for preset in ("tiny", "toy", "sd15-arch", "tiny-sdxl"):
+        check_model(preset)
+    with pytest.raises(InputError, match=r"--model 'tyni': not a preset \(.*toy.*\), an existing diffusers folder or a hub id"):
+        check_model("tyni")
+    with pytest.raises(InputError, match="not a preset"):
+        check_model("s3://bucket/sd15")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a diffusers pipeline folder"):
+        check_model(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="not in the local hub cache"):
+        check_model("someone/not-cached")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_model("someone/not-cached")  # online: the load itself will tell
+
+
+@pytest.fixture()
+def job_inputs(tmp_path) -> tuple[Path, Path]:
+    crawl = tmp_path / "crawl"
+    (crawl / "images").mkdir(parents=True)
+    clusters = tmp_path / "clusters.jsonl"
+    clusters.write_text(json.dumps({"cluster_id": "c0", "keys": ["k0"], "prompts": ["a {S}"], "class_noun": "cup"}) + "\n")
+    return clusters, crawl
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "tyni"], "--model 'tyni': not a preset"),
+    (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["--steps", "-3"], "--steps must be at least 1 (got -3)"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--sample-batch-size", "0"], "--sample-batch-size: 0 is out of range"),
+    (["--crawl", "NOWHERE"], "no such crawl (--crawl)"),
+])
+def test_generate_refuses_before_writing_or_starting_ray(job_inputs, tmp_path, capsys, monkeypatch, extra, message):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start"))
+    clusters, crawl = job_inputs
+    argv = ["generate", "--clusters", str(clusters), "--crawl", str(crawl), "--output", str(tmp_path / "job")]
+    if extra[0] == "--crawl":
+        argv[4] = str(tmp_path / extra[1])
+        extra = []
+    assert main(argv + extra) == 2
+    assert message in one_line(capsys)
+    assert not (tmp_path / "job").exists()
+
+
+def test_every_model_flag_refuses_a_misspelt_model_at_once(tmp_path, capsys, instance_dir):
+    runs = [
+        ["expert", "train", "--model", "tyni", "--instance-dir", str(instance_dir), "--class-noun", "cup", "--output", str(tmp_path / "e")],
+        ["eval", "--dataset", "world:1", "--method", "base", "--model", "tyni", "--output", str(tmp_path / "v"), "--clip", "toy-clip", "--dino", "toy-identity"],
+        ["apprentice", "train", "--shards", str(tmp_path / "none-*.tar"), "--model", "tyni", "--output", str(tmp_path / "a")],
+        ["serve", "--model", "tyni", "--port", "18765", "--data-dir", str(tmp_path / "s")],
+    ]
+    for argv in runs:
+        started = time.perf_counter()
+        assert main(argv) == 2, argv
+        err = one_line(capsys)
+        assert "'tyni'" in err and "not a preset" in err, err
+        assert time.perf_counter() - started < 30, "no hub retries"
+    assert not any((tmp_path / d).exists() for d in ("e", "v", "a", "s"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["world", "make", "--output", "s3://bucket/crawl", "--subjects", "2"],
+    ["expert", "sample", "--expert", "e", "--prompt", "a {V}", "--output", "s3://bucket/images"],
+    ["expert", "train", "--instance-dir", "gs://bucket/photos", "--class-noun", "cup", "--output", "e"],
+    ["apprentice", "sample", "--apprentice", "a", "--demos", "s3://bucket/d.png", "--prompt", "a cup", "--output", "o"],
+    ["eval", "--dataset", "world:1", "--method", "real", "--output", "s3://bucket/eval"],
+])
+def test_local_only_commands_refuse_object_store_uris(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = one_line(capsys)
+    assert "://" in err and "local files only" in err
+    assert not any(tmp_path.iterdir()), "nothing written, no folder named s3: or gs:"
