@@ -60,7 +60,7 @@ def load_scorer(model: str, pretrained: str | None = None):
     loaded with the ``pretrained`` tag or checkpoint file (default ``openai``).
 
     Raises:
-        InputError: the scorer cannot embed texts.
+        InputError: the scorer cannot embed texts, or ``model`` is none of the above.
         ModelLoadError: the model cannot be loaded.
     """
     from suti.models import list_presets
@@ -73,6 +73,11 @@ def load_scorer(model: str, pretrained: str | None = None):
     elif (Path(model) / "toy_clip.json").is_file():
         scorer = get_scorer("toy-clip", weights_dir=model)
     else:
+        import open_clip
+
+        if model not in open_clip.list_models():
+            raise InputError(f"--model {model!r}: not a model preset ({', '.join(list_presets())}), a scorer ({', '.join(SCORERS)}), "
+                             f"a folder of toy CLIP weights or an open_clip architecture (e.g. ViT-B-32; open_clip.list_models())")
         scorer = OpenClipScorer(model, pretrained or "openai")
     if not getattr(scorer, "supports_text", True):
         raise InputError(f"--model {model}: mining needs a CLIP-like scorer that embeds texts")

@@ -70,19 +70,23 @@ def test_generate_refuses_before_writing_or_starting_ray(job_inputs, tmp_path, c
 
 
 def test_every_model_flag_refuses_a_misspelt_model_at_once(tmp_path, capsys, instance_dir):
+    from suti.world import make_crawl
+
+    make_crawl(tmp_path / "w", 2, 0.0, seed=1, shard_size=0)
     runs = [
         ["expert", "train", "--model", "tyni", "--instance-dir", str(instance_dir), "--class-noun", "cup", "--output", str(tmp_path / "e")],
         ["eval", "--dataset", "world:1", "--method", "base", "--model", "tyni", "--output", str(tmp_path / "v"), "--clip", "toy-clip", "--dino", "toy-identity"],
         ["apprentice", "train", "--shards", str(tmp_path / "none-*.tar"), "--model", "tyni", "--output", str(tmp_path / "a")],
         ["serve", "--model", "tyni", "--port", "18765", "--data-dir", str(tmp_path / "s")],
+        ["mine", "--crawl", str(tmp_path / "w"), "--output", str(tmp_path / "m"), "--model", "tyni"],
     ]
     for argv in runs:
         started = time.perf_counter()
         assert main(argv) == 2, argv
         err = one_line(capsys)
-        assert "'tyni'" in err and "not a preset" in err, err
+        assert "'tyni'" in err and ("not a preset" in err or "not a model preset (sd15-arch" in err), err
         assert time.perf_counter() - started < 30, "no hub retries"
-    assert not any((tmp_path / d).exists() for d in ("e", "v", "a", "s"))
+    assert not any((tmp_path / d).exists() for d in ("e", "v", "a", "s", "m"))
 
 
 @pytest.mark.parametrize("argv", [
