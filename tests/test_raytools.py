@@ -89,10 +89,10 @@ def test_serving_ray_runner_raises_the_one_line_error(failing_ray):
         RayRunner(Settings(model="tiny", ray_address="local"))
 
 
-def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys):
+def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys, tmp_path):
     from suti.demo import _stage
     from suti.errors import SutiError
 
     with pytest.raises(SutiError) as info:
-        _stage("generate", False, ["generate", "--clusters", "nothere.jsonl", "--crawl", "w", "--output", "o"])
+        _stage("generate", False, ["generate", "--clusters", "nothere.jsonl", "--crawl", str(tmp_path), "--output", "o"])
     assert str(info.value) == f"stage generate: {os.path.abspath('nothere.jsonl')}: no such clusters file"  # paths are made absolute

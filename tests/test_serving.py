@@ -561,11 +561,14 @@ def test_shutdown_requeues_and_next_start_finishes_the_job(tmp_path, apprentice_
 
 
 def test_a_failing_job_reports_its_error(tmp_path, apprentice_dir):
-    settings = settings_for(tmp_path, apprentice_dir, model=str(tmp_path / "no-such-model"))
+    broken = tmp_path / "broken-model"  # passes the start-up check (a folder with model_index.json), fails to load
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{")
+    settings = settings_for(tmp_path, apprentice_dir, model=str(broken))
     with TestClient(create_app(settings)) as c:
         job_id = c.post("/v1/experts", files=files(3), data={"class_noun": "star", "steps": 5}).json()["id"]
         job = wait_job(c, job_id)
-        assert job["status"] == "failed" and "no-such-model" in job["error"], job
+        assert job["status"] == "failed" and "broken-model" in job["error"], job
         assert not (settings.experts_dir / job_id).exists()
         assert c.get("/v1/experts", params={"status": "failed"}).json()["jobs"][0]["id"] == job_id
 
