@@ -132,13 +132,14 @@ class GenerateConfig:
             raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
         from experts import resolve_config
         from suti.errors import MissingInputError
-        from suti.models import check_model
+        from suti.models import check_model, portable_model
 
         check_model(self.model)  # on the driver: not a job whose every expert fails to load it
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
         resolve_config(self.recipe, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
         scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
-        out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer)
+        out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer,
+                                  model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe))  # workers have other working directories
         for uri in (out.clusters, out.crawl, out.output):
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
         if not storage.isdir(out.crawl):

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
 def settings_from_args(args):
     """The :class:`serving.settings.Settings` of parsed ``suti serve`` arguments."""
     from serving.settings import MIB, Settings
+    from suti.models import portable_model
+    from suti.storage import absolute_if_local
 
     api_key = None
     if args.api_key_env:
@@ -68,8 +70,8 @@ def settings_from_args(args):
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535 (got {args.port})")
     kwargs = dict(
-        model=args.model,
-        apprentice=args.apprentice,
+        model=portable_model(args.model),  # Ray job workers have other working directories
+        apprentice=args.apprentice if args.apprentice == "toy" else absolute_if_local(args.apprentice),
         db_path=args.db,
         api_key=api_key,
         max_concurrency=args.max_concurrency,

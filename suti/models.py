@@ -258,6 +258,15 @@ def _hub_help(model: str) -> str:
     )
 
 
+def portable_model(model: str) -> str:
+    """``model`` as another process finds it: a preset name unchanged (even if a folder of that
+    name exists here, the preset wins, as in :func:`load_pipeline`), an existing local folder made
+    absolute (Ray workers have other working directories), anything else unchanged."""
+    from suti.storage import absolute_if_local
+
+    return model if model in list_presets() else absolute_if_local(model)
+
+
 #: A Hugging Face hub repository id: ``namespace/name`` (huggingface_hub's rule, without revisions).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

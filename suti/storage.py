@@ -72,6 +72,15 @@ def resolve(uri: str | os.PathLike) -> str:
     return text.rstrip("/")
 
 
+def absolute_if_local(value: str | None) -> str | None:
+    """``value`` made absolute when it names an existing local file or folder (a model folder, a
+    recipe YAML, a checkpoint), so that a Ray worker with another working directory finds it;
+    any other value (a preset or scorer name, a hub id, a URI, ``None``) is returned unchanged."""
+    if value is None or "://" in str(value) or not os.path.exists(os.path.expanduser(str(value))):
+        return value
+    return os.path.abspath(os.path.expanduser(str(value)))
+
+
 def local_path(uri: str | os.PathLike) -> Path | None:
     """The :class:`Path` of a local URI, or ``None`` for an object-store URI."""
     return Path(resolve(uri)) if is_local(uri) else None

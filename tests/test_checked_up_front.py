@@ -102,3 +102,31 @@ def test_local_only_commands_refuse_object_store_uris(argv, tmp_path, capsys, mo
     err = one_line(capsys)
     assert "://" in err and "local files only" in err
     assert not any(tmp_path.iterdir()), "nothing written, no folder named s3: or gs:"
+
+
+def test_local_model_and_recipe_paths_reach_workers_absolute(tmp_path, monkeypatch):
+    """Ray workers have other working directories: a relative model folder or recipe file is made
+    absolute on the driver; a preset name stays a name even beside a folder of that name."""
+    from mining.generate import GenerateConfig
+    from suti.models import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    load_pipeline("tiny").save_pretrained("my-model")
+    (tmp_path / "toy").mkdir()  # a folder named like a preset
+    (tmp_path / "recipe.yaml").write_text("name: mine\nsteps: 3\nprior_preservation: false\nuse_class_noun: false\n")
+    (tmp_path / "crawl").mkdir()
+    config = GenerateConfig(clusters="c.jsonl", crawl="crawl", output="out", model="my-model", recipe="recipe.yaml").resolved()
+    assert config.model == str(tmp_path / "my-model") and config.recipe == str(tmp_path / "recipe.yaml")
+    assert config.crawl == str(tmp_path / "crawl") and config.output == str(tmp_path / "out")
+    assert GenerateConfig(clusters="c.jsonl", crawl="crawl", output="out", model="toy").resolved().model == "toy"
+    from serving.cli import settings_from_args
+    from suti.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "my-model", "--apprentice", "toy"])
+    settings = settings_from_args(args)
+    assert settings.model == str(tmp_path / "my-model") and settings.apprentice == "toy"
+    from suti.storage import absolute_if_local
+
+    assert absolute_if_local("s3://bucket/model") == "s3://bucket/model"
+    assert absolute_if_local("org/not-here") == "org/not-here" and absolute_if_local(None) is None
+    assert absolute_if_local("recipe.yaml") == str(tmp_path / "recipe.yaml")
