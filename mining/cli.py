@@ -53,7 +53,7 @@ def run_mine(args: argparse.Namespace) -> dict:
     """Run the whole mining job of ``args`` (see :func:`register`); returns ``stats``."""
     from mining.cluster import default_thresholds, mine_clusters
     from mining.crawl import detect_format, iter_records, local_crawl
-    from mining.embed import embed_crawl
+    from mining.embed import check_embedder, embed_crawl
 
     start = time.time()
     # absolute (or URIs) on the driver, before any path reaches a Ray worker
@@ -72,6 +72,7 @@ def run_mine(args: argparse.Namespace) -> dict:
                             min_image_sim=args.min_image_sim, min_pair_sim=args.min_pair_sim,
                             min_text_sim=args.min_text_sim, min_noun_support=args.min_noun_support,
                             dedup=args.dedup_threshold, outlier=args.outlier_threshold)
+    check_embedder(args.model)  # before the crawl is read
     sample_skips: Counter = Counter()
     use_ray = False
     with local_crawl(crawl) as (local, to_uri):

@@ -50,6 +50,26 @@ class CrawlEmbeddings:
         return Counter(reason for _, reason in self.skipped)
 
 
+def check_embedder(model: str) -> None:
+    """Refuse at once a ``--model`` that :func:`load_scorer` could not resolve (before the crawl
+    is read): not a model preset, a scorer name, a folder of toy CLIP weights or an open_clip
+    architecture.
+
+    Raises:
+        InputError: naming the value and what it could have been.
+    """
+    from suti.models import list_presets
+    from suti.scoring import SCORERS
+
+    if model in list_presets() or model in SCORERS or (Path(model) / "toy_clip.json").is_file():
+        return
+    import open_clip
+
+    if model not in open_clip.list_models():
+        raise InputError(f"--model {model!r}: not a model preset ({', '.join(list_presets())}), a scorer ({', '.join(SCORERS)}), "
+                         f"a folder of toy CLIP weights or an open_clip architecture (e.g. ViT-B-32; open_clip.list_models())")
+
+
 def load_scorer(model: str, pretrained: str | None = None):
     """The text-capable scorer for ``--model``.
 
@@ -73,11 +93,7 @@ def load_scorer(model: str, pretrained: str | None = None):
     elif (Path(model) / "toy_clip.json").is_file():
         scorer = get_scorer("toy-clip", weights_dir=model)
     else:
-        import open_clip
-
-        if model not in open_clip.list_models():
-            raise InputError(f"--model {model!r}: not a model preset ({', '.join(list_presets())}), a scorer ({', '.join(SCORERS)}), "
-                             f"a folder of toy CLIP weights or an open_clip architecture (e.g. ViT-B-32; open_clip.list_models())")
+        check_embedder(model)
         scorer = OpenClipScorer(model, pretrained or "openai")
     if not getattr(scorer, "supports_text", True):
         raise InputError(f"--model {model}: mining needs a CLIP-like scorer that embeds texts")

@@ -144,6 +144,10 @@ class GenerateConfig:
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
         if not storage.isdir(out.crawl):
             raise MissingInputError(f"{out.crawl}: no such crawl (--crawl)")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") and not scorer.startswith("toy-"):
+            from suti.scoring import get_scorer
+
+            get_scorer(scorer)  # offline, weights that are not cached fail here (exit 2), not in every task minutes later
         return out
 
 

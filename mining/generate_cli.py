@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from suti.cli_format import HelpFormatter
 
@@ -59,6 +60,13 @@ def _run(args) -> int:
     )
     summary = run_generation(config)
     print(json.dumps(summary))
+    if summary["failed"] and not summary["accepted"] and not summary["rejected"]:
+        from mining.generate import read_manifest
+        from suti import storage
+
+        first = next((row.get("error") for row in read_manifest(storage.resolve(args.output)).values() if row.get("status") == "failed"), "")
+        print(f"suti: error: every cluster failed (first: {first}); see {args.output}/manifest/ (rerun with --retry-failed)", file=sys.stderr)
+        return 1
     if summary["failed"]:
         print(f"warning: {summary['failed']} cluster(s) failed; see {args.output}/manifest/ (rerun with --retry-failed)")
     return 1 if summary.get("unfinished") else 0

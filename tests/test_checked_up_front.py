@@ -111,6 +111,7 @@ def test_local_model_and_recipe_paths_reach_workers_absolute(tmp_path, monkeypat
     from suti.models import load_pipeline
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a folder model's real scorer is then fetched by the workers, not loaded here
     load_pipeline("tiny").save_pretrained("my-model")
     (tmp_path / "toy").mkdir()  # a folder named like a preset
     (tmp_path / "recipe.yaml").write_text("name: mine\nsteps: 3\nprior_preservation: false\nuse_class_noun: false\n")
@@ -130,3 +131,13 @@ def test_local_model_and_recipe_paths_reach_workers_absolute(tmp_path, monkeypat
     assert absolute_if_local("s3://bucket/model") == "s3://bucket/model"
     assert absolute_if_local("org/not-here") == "org/not-here" and absolute_if_local(None) is None
     assert absolute_if_local("recipe.yaml") == str(tmp_path / "recipe.yaml")
+
+
+def test_mine_checks_its_model_before_reading_the_crawl(tmp_path, capsys, monkeypatch):
+    import mining.crawl
+
+    monkeypatch.setattr(mining.crawl, "iter_records", lambda *a, **k: pytest.fail("the crawl must not be read"))
+    (tmp_path / "w").mkdir()
+    assert main(["mine", "--crawl", str(tmp_path / "w"), "--output", str(tmp_path / "m"), "--model", "tyni"]) == 2
+    assert "--model 'tyni': not a model preset" in one_line(capsys)
+    assert not (tmp_path / "m").exists()

@@ -269,10 +269,17 @@ def test_toy_scorer_with_a_real_model_is_refused(tmp_path, capsys, monkeypatch):
     from mining.generate import GenerateConfig
 
     crawl = str(tmp_path)
+    import suti.scoring
+
+    loaded = []
+    monkeypatch.setattr(suti.scoring, "get_scorer", lambda name, **kw: loaded.append(name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, a real scorer is loaded on the driver (its missing weights: exit 2 at once)
     assert GenerateConfig(clusters="c", crawl=crawl, output="o", model="sd15-arch").resolved().scorer == "openai-clip-vit-b-32"
+    assert loaded == ["openai-clip-vit-b-32"]
     assert GenerateConfig(clusters="c", crawl=crawl, output="o", model="toy").resolved().scorer == "toy-clip"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub id the driver cannot check offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub id the driver cannot check offline; online the workers fetch the scorer
     assert GenerateConfig(clusters="c", crawl=crawl, output="o", model="some/hub-id").resolved().scorer == "openai-clip-vit-b-32"
+    assert loaded == ["openai-clip-vit-b-32"]
 
 
 def test_gpus_and_experts_in_flight_follow_the_cluster():

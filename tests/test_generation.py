@@ -141,7 +141,8 @@ def test_resident_workers_write_the_same_shards_byte_for_byte(mined, tmp_path, e
 def test_accepted_cluster_whose_samples_do_not_arrive_is_retried_then_failed_never_done(mined, tmp_path):
     out = tmp_path / "sh"
     proc = _generate(mined, out, "--max-clusters", "1", "--lambda", "-1", "--max-retries", "1", env={"SUTI_TEST_DROP_SAMPLES": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # every cluster of the job failed: exit 1 with one line naming the first error
+    assert proc.returncode == 1 and "suti: error: every cluster failed (first: " in proc.stderr, proc.stderr[-3000:]
     (row,) = _manifest(out).values()
     assert row["status"] == "failed" and "did not reach the driver" in row["error"] and row["attempts"] == 2
     summary = json.loads((out / "summary.json").read_text())
