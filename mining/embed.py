@@ -256,14 +256,13 @@ def embed_crawl(records: list[Record], model: str = "toy-clip", pretrained: str 
     """Embed a crawl with ``model``: in-process, or with Ray when ``use_ray`` is True, or when
     it is ``None`` and there are more than ``ray_threshold`` images (or ``ray_address`` is set).
     """
+    from suti.models import portable_model
+    from suti.scoring import SCORERS
     from suti.storage import absolute_if_local
 
     # a local weights folder or checkpoint, absolute: Ray workers have other working directories
-    from suti.models import list_presets
-    from suti.scoring import SCORERS
-
-    named = model in list_presets() or model in SCORERS  # a name wins over a folder of that name, as in load_scorer
-    factory = functools.partial(load_scorer, model if named else absolute_if_local(model), absolute_if_local(pretrained))
+    # (a preset or scorer name stays a name even beside a folder of that name, as in load_scorer)
+    factory = functools.partial(load_scorer, model if model in SCORERS else portable_model(model), absolute_if_local(pretrained))
     if use_ray is None:
         use_ray = len(records) > ray_threshold or ray_address is not None
     if use_ray:

@@ -132,7 +132,7 @@ class GenerateConfig:
             raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
         from experts import resolve_config
         from suti.errors import MissingInputError
-        from suti.models import check_model, portable_model
+        from suti.models import check_model, hub_offline, portable_model
 
         check_model(self.model)  # on the driver: not a job whose every expert fails to load it
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
@@ -144,7 +144,7 @@ class GenerateConfig:
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
         if not storage.isdir(out.crawl):
             raise MissingInputError(f"{out.crawl}: no such crawl (--crawl)")
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") and not scorer.startswith("toy-"):
+        if hub_offline() and not scorer.startswith("toy-"):
             from suti.scoring import get_scorer
 
             get_scorer(scorer)  # offline, weights that are not cached fail here (exit 2), not in every task minutes later

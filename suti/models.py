@@ -258,6 +258,11 @@ def _hub_help(model: str) -> str:
     )
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) forbids the network."""
+    return os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "0")).lower() not in ("0", "", "false", "no")
+
+
 def portable_model(model: str) -> str:
     """``model`` as another process finds it: a preset name unchanged (even if a folder of that
     name exists here, the preset wins, as in :func:`load_pipeline`), an existing local folder made
@@ -292,7 +297,7 @@ def check_model(model: str, flag: str = "--model") -> None:
     what = f"{flag} {model!r}: not a preset ({', '.join(list_presets())}), an existing diffusers folder or a hub id (namespace/name)"
     if "://" in str(model) or not _HUB_ID.match(str(model)):
         raise InputError(what)
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
@@ -338,7 +343,7 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
         try:  # the local hub cache first, then the network unless HF_HUB_OFFLINE is set
             pipe = _from_folder(model, local_files_only=True, **kwargs)
         except Exception:
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            if hub_offline():
                 raise ModelLoadError(_hub_help(model)) from None
             try:
                 pipe = _from_folder(model, **kwargs)

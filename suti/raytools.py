@@ -58,7 +58,8 @@ def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwa
         kwargs.setdefault("include_dashboard", False)
     try:
         if not local:  # resources belong to the cluster, not to this driver
-            kwargs.pop("num_cpus", None), kwargs.pop("num_gpus", None)
+            for key in ("num_cpus", "num_gpus"):
+                kwargs.pop(key, None)
         ray.init(address="local" if local else address, **kwargs)
     except Exception as exc:  # Ray raises ConnectionError, TimeoutError, RuntimeError, ValueError ...
         try:

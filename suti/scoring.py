@@ -61,8 +61,9 @@ def _rgb(images) -> list:
 
 
 def _offline_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "0")).lower() \
-        not in ("0", "", "false", "no")
+    from suti.models import hub_offline
+
+    return hub_offline()
 
 
 @contextlib.contextmanager

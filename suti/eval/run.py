@@ -182,6 +182,7 @@ def run_eval(args) -> dict:
 
     rows, per_subject = [], []
     generated = 0
+    batch = getattr(args, "sample_batch_size", None) or DEFAULT_SAMPLE_BATCH_SIZE  # images per pipeline call
     started = time.perf_counter()
     gen = Generator(args.method, args.model, args.apprentice, output, args) if args.method != "real" else None
     probe_world = _world_probe(dataset)
@@ -202,7 +203,6 @@ def run_eval(args) -> dict:
             if todo:
                 make, identifier = gen.prepare(subject)
             # one pipeline call per prompt and up to --sample-batch-size of its images
-            batch = getattr(args, "sample_batch_size", None) or DEFAULT_SAMPLE_BATCH_SIZE
             chunks = [c for pi in sorted({pi for pi, _ in todo}) for c in batches([t for t in todo if t[0] == pi], batch)]
             with tqdm(total=len(todo), desc=f"{subject.name} ({si + 1}/{len(dataset.subjects)})", unit="img", disable=not todo) as bar:
                 for chunk in chunks:
@@ -217,7 +217,7 @@ def run_eval(args) -> dict:
                 pres_todo = [k for k in range(args.images_per_prompt) if load_cached_image(folder / f"pres_{k}.png") is None]
                 if pres_todo and make is None:
                     make, identifier = gen.prepare(subject)
-                for chunk in batches(pres_todo, getattr(args, "sample_batch_size", None) or DEFAULT_SAMPLE_BATCH_SIZE):
+                for chunk in batches(pres_todo, batch):
                     for k, image in zip(chunk, make(f"a {subject.class_noun}", [args.seed + 999_000 + k for k in chunk])):
                         save_image_atomic(image, folder / f"pres_{k}.png")
                         generated += 1
