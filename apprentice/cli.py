@@ -10,6 +10,7 @@ import sys
 
 from suti.cli_format import HelpFormatter
 from suti.errors import InvalidValueError, SutiError
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
 
 
 def register(subparsers) -> None:
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
     sample.add_argument("--output", required=True, help="folder for the PNG files")
     sample.add_argument("--steps", type=int, default=25)
     sample.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance")
-    sample.add_argument("--demo-guidance-scale", type=float, default=2.0, help="demonstration guidance")
+    sample.add_argument("--demo-guidance-scale", type=float, default=DEFAULT_DEMO_GUIDANCE_SCALE, help="demonstration guidance s_demo: higher carries more of the subject, less of the prompt (default: %(default)s)")
     sample.add_argument("--seed", type=int, default=0)
     add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true")

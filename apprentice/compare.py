@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from suti.errors import InvalidValueError
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
 
 #: Query prompts; ``{S}`` is the subject phrase ("star toy" or "[V] star toy").
 QUERY_PROMPTS = ("a {S} on the beach", "a {S} in the snow", "a {S} wearing a hat")
@@ -53,7 +54,7 @@ def heldout_subjects(n: int):
 def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: int = 3,
                      prompts: tuple[str, ...] = QUERY_PROMPTS, methods: tuple[str, ...] = METHODS,
                      model: str = "toy", expert_steps: int = 200, num_inference_steps: int = 25,
-                     guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0,
+                     guidance_scale: float = 5.0, demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE,
                      seed: int = 7) -> list[SubjectResult]:
     """Run the comparison; see the module docstring.
 

@@ -41,6 +41,66 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
 PROMPT_MODES = ("caption", "class")
 
 
+def heldout_shots(subjects, *, seed: int, count: int, resolution: int) -> list[list[tuple]]:
+    """``count`` fresh renders ``(image, caption, scene)`` per subject, drawn in order from one
+    generator seeded ``seed + 1`` (the photos of :func:`heldout_demo_loss` and
+    :func:`heldout_expert_loss`: the same seed gives the same photos to both)."""
+    import numpy as np
+
+    from suti.world.render import sample_scene
+
+    rng = np.random.default_rng(seed + 1)
+    return [[sample_scene(subject, rng, size=resolution) for _ in range(count)] for subject in subjects]
+
+
+@torch.no_grad()
+def pipeline_loss(pipe, targets: list[Image.Image], prompt: str, *, resolution: int, generator: torch.Generator, draws: int = 4) -> list[float]:
+    """Denoising MSE of a plain text-to-image pipeline (a base model or a DreamBooth expert) on
+    ``targets`` prompted with ``prompt``: one value per (target, draw). Noise and timesteps are
+    drawn from ``generator`` in the order of :func:`apprentice_loss` (per target, per draw)."""
+    from diffusers import DDPMScheduler
+
+    from suti.conditioning import encode_prompt
+    from suti.images import fit_square, to_tensor
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = generator
+    device = pipe.unet.device
+    pixels = torch.stack([to_tensor(fit_square(img, resolution)) for img in targets]).to(pipe.vae.device, pipe.vae.dtype)
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    cond = encode_prompt(pipe, [prompt], resolution=resolution)
+    losses = []
+    for i in range(len(targets)):
+        for _ in range(draws):
+            noise = torch.randn(latents[i : i + 1].shape, generator=gen).to(device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
+            noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
+            pred = pipe.unet(noisy, t, **cond.unet_kwargs()).sample
+            losses.append(float(per_sample_mse(pred, denoising_target(scheduler, latents[i : i + 1], noise, t))))
+    return losses
+
+
+def heldout_expert_loss(base, experts: list, subjects, *, seed: int = 7, num_demos: int = 3, num_targets: int = 4, draws: int = 4, resolution: int = 32) -> tuple[float, float]:
+    """The DreamBooth reference of :func:`heldout_demo_loss` with ``prompt_mode="class"``: on the
+    same other photos, noise and timesteps (one generator seeded ``seed`` per model, drawn in
+    :func:`apprentice_loss`'s order), each subject's expert prompted ``"a [V] <class>"`` against
+    the base prompted ``"a <class>"``. Returns ``(expert, base)`` mean losses.
+
+    Args:
+        base: the base pipeline.
+        experts: one ``(pipeline, identifier)`` per subject (or a callable ``i -> (pipeline,
+            identifier)``, so that only one expert is loaded at a time).
+    """
+    expert_losses, base_losses = [], []
+    gen_expert, gen_base = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for i, (subject, shots) in enumerate(zip(subjects, heldout_shots(subjects, seed=seed, count=num_demos + num_targets, resolution=resolution))):
+        targets = [img for img, _, _ in shots[num_demos:]]
+        pipe, identifier = experts(i) if callable(experts) else experts[i]
+        base_losses += pipeline_loss(base, targets, f"a {subject.class_noun}", resolution=resolution, generator=gen_base, draws=draws)
+        expert_losses += pipeline_loss(pipe, targets, f"a {identifier} {subject.class_noun}", resolution=resolution, generator=gen_expert, draws=draws)
+    return sum(expert_losses) / len(expert_losses), sum(base_losses) / len(base_losses)
+
+
 def heldout_demo_loss(pipe, num_subjects: int = 12, *, seed: int = 7, num_demos: int = 3, num_targets: int = 4, draws: int = 4, prompt_mode: str = "caption", subjects=None) -> tuple[float, float]:
     """Denoising loss on held-out world subjects' *other* photos, with and without demonstrations.
 
@@ -60,19 +120,14 @@ def heldout_demo_loss(pipe, num_subjects: int = 12, *, seed: int = 7, num_demos:
     Raises:
         ValueError: an unknown ``prompt_mode``.
     """
-    import numpy as np
-
     from apprentice.compare import heldout_subjects
-    from suti.world.render import sample_scene
 
     if prompt_mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt_mode {prompt_mode!r}; choose from {PROMPT_MODES}")
     if subjects is None:
         _, subjects = heldout_subjects(num_subjects)
-    rng = np.random.default_rng(seed + 1)
     targets, prompts, demos, demo_captions = [], [], [], []
-    for subject in subjects:
-        shots = [sample_scene(subject, rng, size=pipe.resolution) for _ in range(num_demos + num_targets)]
+    for subject, shots in zip(subjects, heldout_shots(subjects, seed=seed, count=num_demos + num_targets, resolution=pipe.resolution)):
         class_prompt = f"a {subject.class_noun}"
         for img, caption, _ in shots[num_demos:]:
             targets.append(img)

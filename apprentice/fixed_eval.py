@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from suti.errors import InputError
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class FixedEvalConfig:
     num_class_images: int = 8  # prior-preservation images (the recipe's 100 cost ~5 s each on the shared CPU)
     sample_steps: int = 25
     guidance_scale: float = 5.0
-    demo_guidance_scale: float = 2.0
+    demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE
+    apprentice_guidance_scale: float | None = None  # the apprentice's text guidance (None: guidance_scale)
     seed: int = 0  # photo export and expert training seed
     methods: tuple[str, ...] = METHODS
     cache_apprentice: bool = True  # False: regenerate the apprentice's images (to time them)
@@ -219,6 +221,7 @@ def _image_key(method: str, config: FixedEvalConfig, apprentice=None) -> str:
         if not hasattr(apprentice, "_fixed_eval_fingerprint"):
             apprentice._fixed_eval_fingerprint = apprentice_fingerprint(apprentice)
         settings.update(apprentice=apprentice._fixed_eval_fingerprint, demo_guidance_scale=config.demo_guidance_scale,
+                        **({"guidance_scale": config.apprentice_guidance_scale} if config.apprentice_guidance_scale is not None else {}),
                         demo_captions="a {class}", photo_seed=config.seed)
     if method == "expert":
         settings["expert"] = expert_key(config)
@@ -254,7 +257,8 @@ def method_images(method: str, subject, demos: list[Image.Image], photos: list[P
         if method.startswith("apprentice-"):
             k = int(method.split("-")[1])
             ctx = apprentice.encode_demonstrations(demos[:k], [f"a {subject.class_noun}"] * k)
-            return subject.class_noun, lambda text, s: apprentice(text, demo_context=ctx, demo_guidance_scale=config.demo_guidance_scale, generator=torch.Generator().manual_seed(s), **kw).images[0]
+            app_kw = kw if config.apprentice_guidance_scale is None else {**kw, "guidance_scale": config.apprentice_guidance_scale}
+            return subject.class_noun, lambda text, s: apprentice(text, demo_context=ctx, demo_guidance_scale=config.demo_guidance_scale, generator=torch.Generator().manual_seed(s), **app_kw).images[0]
         if method == "base":
             return subject.class_noun, lambda text, s: base(text, height=32, width=32, generator=torch.Generator().manual_seed(s), **kw).images[0]
         if method == "reference":

@@ -22,7 +22,7 @@ from apprentice.adapter import DemoAttentionAdapter
 from suti.conditioning import Conditioning, encode_prompt
 from suti.errors import InputError, InvalidValueError
 from suti.images import fit_square, to_pil, to_tensor
-from suti.sampling import check_prompt, check_sampler_args
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE, check_prompt, check_sampler_args
 
 
 class ApprenticePipeline(DiffusionPipeline):
@@ -129,7 +129,7 @@ class ApprenticePipeline(DiffusionPipeline):
         num_images: int = 1,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
-        demo_guidance_scale: float = 2.0,
+        demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         demo_context=None,
         output_type: str = "pil",
@@ -143,8 +143,10 @@ class ApprenticePipeline(DiffusionPipeline):
             demo_images: 1-8 demonstration images (``None``: the base model alone).
             demo_captions: one caption per demonstration (optional).
             guidance_scale: text guidance scale ``s_text``.
-            demo_guidance_scale: demonstration guidance scale ``s_demo``; 1 skips the
-                no-demonstration branch (two U-Net branches per step, as the base model).
+            demo_guidance_scale: demonstration guidance scale ``s_demo`` (default
+                :data:`suti.sampling.DEFAULT_DEMO_GUIDANCE_SCALE`); 1 skips the no-demonstration
+                branch (two U-Net branches per step, as the base model). Larger values carry
+                more of the subject and less of the prompt (README, the fixed evaluation).
             generator: one generator for the whole batch, or a list of ``num_images`` (image ``i``
                 draws its initial noise from ``generator[i]`` alone, as in diffusers, so a batch
                 of seeded generators gives the images of one call per seed).

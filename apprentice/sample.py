@@ -8,7 +8,7 @@ from pathlib import Path
 
 from suti.errors import InputError, ModelLoadError
 from suti.images import load_image, save_image_atomic
-from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, check_prompt, check_sampler_args, resolve_dtype, seeded_generators
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE, DEFAULT_SAMPLE_BATCH_SIZE, batches, check_prompt, check_sampler_args, resolve_dtype, seeded_generators
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _trained_resolution(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = 2.0, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
+def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
     """Generate ``num_images`` PNGs of ``prompt`` in context of the demonstration photos.
 
     Every argument and photo is validated first (a bad one stops with its name); then the

@@ -22,7 +22,11 @@ expert, training-free reference attention (:mod:`apprentice.reference`) and the 
 1 and 5 demos; per method the probe's identity-attribute score, exact identity and per-attribute
 accuracy, CLIP-I to the demos and CLIP-T to the prompt, the share of the base->expert gap closed
 with a paired bootstrap 95% interval over subjects, and the held-out denoising loss with and
-without 3 demos under class-only prompts. Base, expert and reference images (and the experts)
+without 3 demos under class-only prompts, beside the experts' loss ("a [V] <class>") against the
+base's ("a <class>") on the same photos, noise and timesteps (the DreamBooth reference of that
+ratio). ``--demo-guidance-scale`` and ``--apprentice-guidance-scale`` set the apprentice's
+guidance (the demonstration scale trades subject fidelity for prompt fidelity: README's sweep).
+Base, expert and reference images (and the experts)
 are cached in ``--work-dir`` (default ``runs/fixed-eval``), so a rerun costs only the apprentice.
 With ``--ablation-shards`` it also runs the delta-CLIP ablation on the fixed evaluation: one
 apprentice per lambda in (none, 0, 0.01, 0.02, 0.03) trained on the same shards
@@ -50,6 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE  # noqa: E402
 
 
 def time_per_image(fn, repeats: int) -> float:
@@ -144,6 +150,23 @@ def _interval(g: dict, digits: int = 2) -> str:
     return f"{g['point']:.{digits}f} {ci}"
 
 
+def fixed_expert_loss(config, work: Path, base, *, seed: int) -> tuple[float, float]:
+    """(expert, base) held-out loss of the fixed evaluation's experts (cached; one loaded at a
+    time) on the photos of the apprentice's class-only loss (:func:`apprentice.evaluate.heldout_expert_loss`)."""
+    from apprentice.evaluate import heldout_expert_loss
+    from apprentice.fixed_eval import ensure_expert, fixed_subjects, subject_photos
+    from experts import load_expert
+    from experts.expert import ExpertInfo
+
+    world, subjects = fixed_subjects(config.num_subjects)
+
+    def expert(i: int):
+        folder, _ = ensure_expert(subjects[i], subject_photos(world, subjects[i], work, config.seed), work, config)
+        return load_expert(folder), ExpertInfo.read(folder).identifier
+
+    return heldout_expert_loss(base, expert, subjects, seed=seed)
+
+
 def fixed(args) -> int:
     """``--eval fixed``: the fixed evaluation table (see the module docstring)."""
     from apprentice.evaluate import heldout_demo_loss
@@ -155,7 +178,8 @@ def fixed(args) -> int:
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     config = FixedEvalConfig(num_subjects=args.subjects or 24, seeds=args.seeds, model=args.model,
                              expert_steps=args.expert_steps or 800, num_class_images=args.class_images,
-                             sample_steps=args.steps, seed=args.seed, methods=methods,
+                             sample_steps=args.steps, seed=args.seed, methods=methods, demo_guidance_scale=args.demo_guidance_scale,
+                             apprentice_guidance_scale=args.apprentice_guidance_scale,
                              cache_apprentice=not args.no_apprentice_cache)
     config.validate()
     work = Path(args.work_dir or "runs/fixed-eval")
@@ -190,6 +214,11 @@ def fixed(args) -> int:
         report["loss_class_prompts"] = {"with_demos": with_demos, "without_demos": without, "ratio": with_demos / without, "seconds": round(loss_s, 1), "cpu_seconds": round(loss_cpu, 1)}
         print(f"  held-out denoising loss, class-only prompts ({n} subjects x 4 other photos x 4 draws): with 3 demos {with_demos:.4f}, "
               f"without {without:.4f}, ratio {with_demos / without:.3f} ({loss_s:.1f} s)")
+    if "expert" in methods and not args.no_loss:
+        expert_loss, base_loss = fixed_expert_loss(config, work, base, seed=args.seed)
+        report["expert_loss_class_prompts"] = {"expert": expert_loss, "base": base_loss, "ratio": expert_loss / base_loss}
+        print(f"  the same photos, noise and timesteps for the DreamBooth experts (\"a [V] <class>\") against the base (\"a <class>\"): "
+              f"expert {expert_loss:.4f}, base {base_loss:.4f}, ratio {expert_loss / base_loss:.3f}")
     if args.ablation_shards:
         print(f"  delta-CLIP ablation on the fixed evaluation ({args.ablation_steps} steps each, --self-target {args.self_target:g}): apprentice-3 rows, "
               "mean [bootstrap 95% interval over subjects]")
@@ -218,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="fixed: seeds per prompt")
     p.add_argument("--class-images", type=int, default=8, help="fixed: prior-preservation images of each expert")
     p.add_argument("--methods", default=None, help="fixed: comma-separated subset of apprentice-3,base,expert,reference,apprentice-1,apprentice-5")
+    p.add_argument("--demo-guidance-scale", type=float, default=DEFAULT_DEMO_GUIDANCE_SCALE, help="fixed: the apprentice's demonstration guidance s_demo (1: two guidance branches, as the base)")
+    p.add_argument("--apprentice-guidance-scale", type=float, default=None, help="fixed: the apprentice's text guidance (default: the other methods' 5)")
     p.add_argument("--no-loss", action="store_true", help="fixed: skip the class-only held-out loss")
     p.add_argument("--no-apprentice-cache", action="store_true", help="fixed: regenerate the apprentice's images even when cached for the same weights (to time them)")
     p.add_argument("--repeats", type=int, default=5, help="timed images per method for (c)")

@@ -318,7 +318,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             work = rt.generation.apprentice_work(
                 pictures, captions or None, prompt, num_images, steps or settings.default_steps,
                 settings.apprentice_guidance_scale if guidance_scale is None else guidance_scale,
-                2.0 if demo_guidance_scale is None else demo_guidance_scale, seed,
+                settings.apprentice_demo_guidance_scale if demo_guidance_scale is None else demo_guidance_scale, seed,
             )
         except BaseException:
             admission.release()

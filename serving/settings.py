@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
+
 MIB = 1024 * 1024
 
 
@@ -40,6 +42,7 @@ class Settings:
     default_steps: int = 25
     max_steps: int = 100
     apprentice_guidance_scale: float = 5.0
+    apprentice_demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE
     expert_guidance_scale: float = 7.5
     max_num_images: int = 4
     # expert jobs

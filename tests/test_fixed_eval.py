@@ -237,3 +237,62 @@ def test_benchmark_refuses_bad_fixed_settings_in_one_line(capsys):
     assert bench.main(["--eval", "fixed", "--subjects", "1", "--methods", "base,oracle"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: --subjects must be in 1..58") and "unknown methods ['oracle']" in err[1]
+
+
+# ----------------------------------------------------------------- the experts' held-out loss
+
+def test_expert_loss_uses_the_apprentice_losss_photos_noise_and_timesteps():
+    """heldout_expert_loss draws the very targets, noise and timesteps of heldout_demo_loss: an
+    apprentice scored through both paths (demos off, the same prompt) gives the same loss."""
+    from apprentice import ApprenticePipeline
+    from apprentice.evaluate import apprentice_loss, heldout_expert_loss, heldout_shots
+
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    _, subjects = fixed_subjects(2)
+    shots = heldout_shots(subjects, seed=3, count=5, resolution=32)
+    targets = [img for s in shots for img, _, _ in s[3:]]
+    prompts = [f"a {s.class_noun}" for s in subjects for _ in range(2)]
+    reference = apprentice_loss(app, targets, prompts, None, seed=3, draws=2)
+    # the "expert" is the same pipeline with an empty identifier: "a  <class>" tokenizes as "a <class>"
+    expert, base = heldout_expert_loss(app, [(app, ""), (app, "")], subjects, seed=3, num_targets=2, draws=2)
+    assert expert == pytest.approx(reference, rel=1e-6) and base == pytest.approx(reference, rel=1e-6)
+    other = heldout_shots(subjects, seed=4, count=5, resolution=32)
+    assert not np.array_equal(np.asarray(other[0][3][0]), np.asarray(shots[0][3][0]))
+
+
+def test_expert_loss_prompts_the_expert_with_its_identifier_and_the_base_with_the_class(monkeypatch):
+    import apprentice.evaluate as ev
+
+    seen = []
+    monkeypatch.setattr(ev, "pipeline_loss", lambda pipe, targets, prompt, **kw: seen.append((pipe, prompt, len(targets))) or [1.0 if pipe == "expert" else 4.0])
+    _, subjects = fixed_subjects(2)
+    loaded = []
+    expert, base = ev.heldout_expert_loss("base", lambda i: loaded.append(i) or ("expert", f"sks{i}"), subjects, seed=0, num_targets=3)
+    assert (expert, base) == (1.0, 4.0) and loaded == [0, 1]
+    assert seen == [("base", f"a {subjects[0].class_noun}", 3), ("expert", f"a sks0 {subjects[0].class_noun}", 3),
+                    ("base", f"a {subjects[1].class_noun}", 3), ("expert", f"a sks1 {subjects[1].class_noun}", 3)]
+
+
+def test_one_default_demonstration_guidance_everywhere():
+    """Every entry point samples the apprentice at suti.sampling.DEFAULT_DEMO_GUIDANCE_SCALE
+    unless told otherwise, and the fixed evaluation keys cached images by the apprentice's guidance."""
+    import inspect
+
+    from apprentice.compare import compare_on_world
+    from apprentice.fixed_eval import _image_key
+    from apprentice.pipeline import ApprenticePipeline
+    from apprentice.sample import sample_apprentice
+    from serving.settings import Settings
+    from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE as D
+
+    for fn in (ApprenticePipeline.__call__, sample_apprentice, compare_on_world):
+        assert inspect.signature(fn).parameters["demo_guidance_scale"].default == D, fn
+    assert FixedEvalConfig().demo_guidance_scale == D and Settings().apprentice_demo_guidance_scale == D
+    from suti.cli import build_parser
+
+    args = build_parser().parse_args(["apprentice", "sample", "--apprentice", "a", "--demos", "d.png", "--prompt", "p", "--output", "o"])
+    assert args.demo_guidance_scale == D
+    app = type("App", (), {"_fixed_eval_fingerprint": "w"})()
+    keys = {_image_key("apprentice-3", FixedEvalConfig(**kw), app) for kw in ({}, {"demo_guidance_scale": D + 1}, {"apprentice_guidance_scale": 9.0})}
+    assert len(keys) == 3
+    assert _image_key("base", FixedEvalConfig(apprentice_guidance_scale=9.0)) == _image_key("base", FixedEvalConfig())
