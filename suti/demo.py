@@ -53,7 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--apprentice-steps", type=int, default=3000)
     p.add_argument("--apprentice-lr", type=float, default=1e-3, help="learning rate of the demonstration-attention layers (the base is frozen)")
     p.add_argument("--self-target", type=float, default=0.5, help="share of apprentice examples that reconstruct a held-out cluster photo (apprentice train --self-target)")
-    p.add_argument("--caption-prompt", type=float, default=0.9, help="share of reconstruction examples prompted with the photo's alt text instead of 'a <class noun>' (apprentice train --caption-prompt)")
+    p.add_argument("--caption-prompt", type=float, default=0.0, help="share of reconstruction examples prompted with the photo's alt text instead of 'a <class noun>' (apprentice train --caption-prompt; 0: no identity in the text, so the demos must carry it)")
+    p.add_argument("--demo-caption", type=float, default=0.0, help="share of examples whose demos keep their alt texts as captions, else 'a <class noun>' (apprentice train --demo-caption)")
+    p.add_argument("--subject-tokens", type=int, default=4, help="tokens of the apprentice's global subject channel, embedded by the model's CLIP (apprentice train --subject-tokens; 0: none)")
     p.add_argument("--query-subjects", type=int, default=3, help="held-out subjects queried at the end")
     p.add_argument("--query-expert-steps", type=int, default=200, help="steps of the DreamBooth expert compared at the end")
     p.add_argument("--workers", type=int, default=2, help="experts trained in parallel")
@@ -89,7 +91,7 @@ def run_pipeline(args) -> Path:
     _stage("mine", (mined / "clusters.jsonl").is_file(), ["mine", "--crawl", str(crawl), "--output", str(mined)])
     _stage("photos", (photos / "summary.json").is_file(), ["apprentice", "pack-photos", "--clusters", str(mined / "clusters.jsonl"), "--crawl", str(crawl), "--output", str(photos)])
     _stage("generate", (shards / "summary.json").is_file(), ["generate", "--clusters", str(mined / "clusters.jsonl"), "--crawl", str(crawl), "--output", str(shards), "--model", args.model, "--steps", str(args.expert_steps), "--max-workers", str(args.workers), "--samples-per-shard", "32", "--max-clusters", str(args.expert_clusters)])
-    _stage("apprentice", (app / "model_index.json").is_file(), ["apprentice", "train", "--shards", str(shards / "shard-*.tar"), str(photos / "shard-*.tar"), "--model", args.model, "--output", str(app), "--steps", str(args.apprentice_steps), "--freeze-base", "--batch-size", "8", "--learning-rate", str(args.apprentice_lr), "--save-steps", "500", "--self-target", str(args.self_target), "--caption-prompt", str(args.caption_prompt), "--overwrite"])
+    _stage("apprentice", (app / "model_index.json").is_file(), ["apprentice", "train", "--shards", str(shards / "shard-*.tar"), str(photos / "shard-*.tar"), "--model", args.model, "--output", str(app), "--steps", str(args.apprentice_steps), "--freeze-base", "--batch-size", "8", "--learning-rate", str(args.apprentice_lr), "--save-steps", "500", "--self-target", str(args.self_target), "--caption-prompt", str(args.caption_prompt), "--demo-caption", str(args.demo_caption), "--subject-tokens", str(args.subject_tokens), "--overwrite"])
     return app
 
 

@@ -150,8 +150,8 @@ def test_old_adapters_without_the_channel_still_load(tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     old = DemoAttentionAdapter.from_pretrained(str(tmp_path / "old"))
     assert old.config.subject_tokens == 0 and not old.has_subject_channel and not hasattr(old, "image_proj")
-    shipped = DemoAttentionAdapter.from_pretrained(str(SHIPPED))  # the shipped toy apprentice's adapter
-    assert shipped.config.subject_tokens == 0
+    shipped = DemoAttentionAdapter.from_pretrained(str(SHIPPED))  # the shipped toy apprentice has the channel (issue 17)
+    assert shipped.config.subject_tokens == 4 and shipped.has_subject_channel and shipped.config.image_encoder == "toy-clip"
     old.install(base.unet)
     inp = _inputs()
     ctx = old.encode_demos(base.unet, inp["demo_lat"], inp["demo_emb"])  # no image_embeds needed
