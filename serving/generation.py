@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -180,11 +181,37 @@ class _StepGuard:
         return False
 
 
+_THREAD = threading.local()
+
+
+def thread_tokenizer(tokenizer):
+    """This thread's own copy of a shared tokenizer (made once per thread, about 0.25 s for CLIP's).
+
+    transformers' tokenizers keep padding and truncation as state of their Rust backend, set anew
+    by every call (``set_truncation_and_padding``; huggingface/tokenizers is not thread-safe), so
+    two generations tokenizing with one tokenizer at once can strip each other's padding: an
+    unpadded prompt of 6 tokens beside 77-token ones, a 500 (seen under load). Each generation
+    thread therefore tokenizes, in suti's code and inside diffusers' pipelines alike, with its own
+    copy. Copies are dropped with the tokenizer (weak keys).
+    """
+    copies = getattr(_THREAD, "tokenizers", None)
+    if copies is None:
+        copies = _THREAD.tokenizers = weakref.WeakKeyDictionary()
+    own = copies.get(tokenizer)
+    if own is None:
+        own = copies[tokenizer] = copy.deepcopy(tokenizer)
+    return own
+
+
 def request_copy(pipe, check: Callable[[], None]):
-    """A per-request view of a cached pipeline: shared weights, own scheduler and call state."""
+    """A per-request view of a cached pipeline: shared weights, own scheduler and call state, and
+    the calling thread's own tokenizers (:func:`thread_tokenizer`)."""
     view = copy.copy(pipe)
     view.__dict__["scheduler"] = copy.deepcopy(pipe.scheduler)
     view.__dict__["progress_bar"] = _StepGuard(check)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            view.__dict__[name] = thread_tokenizer(getattr(pipe, name))
     return view
 
 
@@ -317,8 +344,8 @@ class GenerationService:
             started = time.perf_counter()
             pipe = _load(f"the apprentice {settings.apprentice!r}", get_apprentice, settings.apprentice, settings.device, getattr(settings, "dtype", None))
             check()
-            truncated = _check_prompt(pipe.tokenizer, prompt)
             view = request_copy(pipe, check)
+            truncated = _check_prompt(view.tokenizer, prompt)
             ctx = view.encode_demonstrations(images, captions)  # once per request
             out = []
             for chunk in batches(list(range(num_images)), DEFAULT_SAMPLE_BATCH_SIZE):  # image i: seed + i, whatever the batch
@@ -341,8 +368,8 @@ class GenerationService:
             pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device, getattr(settings, "dtype", None))
             check()
             prompt = info.prompt(template)
-            truncated = _check_prompt(pipe.tokenizer, prompt, info.identifier)
             view = request_copy(pipe, check)
+            truncated = _check_prompt(view.tokenizer, prompt, info.identifier)
             out = []
             for chunk in batches(list(range(num_images)), DEFAULT_SAMPLE_BATCH_SIZE):
                 images = view([prompt] * len(chunk), height=info.resolution, width=info.resolution, num_inference_steps=steps, guidance_scale=guidance_scale, generator=seeded_generators([seed + i for i in chunk])).images

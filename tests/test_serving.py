@@ -153,6 +153,42 @@ def test_concurrent_requests_match_serial_ones(client):
     assert parallel == serial
 
 
+def test_each_generation_thread_tokenizes_with_its_own_tokenizer():
+    """transformers' tokenizers keep padding/truncation as shared backend state: two threads
+    calling one at once (a padded prompt and an unpadded token count) stripped a prompt's padding
+    under load (a 500). Every request view gets its thread's own copy, made once per thread."""
+    from suti.conditioning import tokenize
+    from suti.models import load_pipeline
+    from suti.sampling import token_count
+    from serving.generation import request_copy
+
+    pipe = load_pipeline("tiny")
+    a, b = request_copy(pipe, lambda: None), request_copy(pipe, lambda: None)
+    assert a.tokenizer is b.tokenizer and a.tokenizer is not pipe.tokenizer and a.unet is pipe.unet
+    views, bad = [], []
+    stop = time.monotonic() + 2.0
+
+    def padded():
+        view = request_copy(pipe, lambda: None)
+        views.append(view)
+        while time.monotonic() < stop:
+            n = tokenize(view.tokenizer, ["a photo of a cup"]).shape[1]
+            if n != pipe.tokenizer.model_max_length:
+                bad.append(n)
+
+    def counted():
+        view = request_copy(pipe, lambda: None)
+        views.append(view)
+        while time.monotonic() < stop:
+            token_count(view.tokenizer, "a photo of a cup " * 30)
+
+    threads = [threading.Thread(target=padded), threading.Thread(target=counted)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert bad == []
+    assert len({id(v.tokenizer) for v in views} | {id(a.tokenizer)}) == 3, "one tokenizer per thread"
+
+
 @pytest.mark.parametrize(
     "case, status, message",
     [
