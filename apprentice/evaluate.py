@@ -19,7 +19,6 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
     """
     from diffusers import DDPMScheduler
 
-    device = pipe.unet.device
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(seed)
     latents = pipe.encode_images(targets)  # (N, C, h, w)
@@ -29,13 +28,22 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
         ctx = None
         if demos is not None:
             ctx = pipe.encode_demonstrations(demos[i], demo_captions[i] if demo_captions else None)
-        for _ in range(draws):
-            noise = torch.randn(latents[i : i + 1].shape, generator=gen).to(device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
-            noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
-            pred = pipe.unet(noisy, t, **text[i : i + 1].unet_kwargs(), cross_attention_kwargs={"demo": ctx}).sample
-            losses.append(per_sample_mse(pred, denoising_target(scheduler, latents[i : i + 1], noise, t)))
+        losses += _draw_losses(pipe.unet, scheduler, latents[i : i + 1], text[i : i + 1].unet_kwargs(), gen, draws, cross_attention_kwargs={"demo": ctx})
     return torch.cat(losses).mean().item()
+
+
+def _draw_losses(unet, scheduler, latents: torch.Tensor, text_kwargs: dict, gen: torch.Generator, draws: int, **unet_kwargs) -> list[torch.Tensor]:
+    """``draws`` denoising MSEs, each (1,), of one target's latents (1, C, h, w): noise, then a
+    timestep, drawn from ``gen`` per draw (the order every loss here shares)."""
+    device = unet.device
+    out = []
+    for _ in range(draws):
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, **text_kwargs, **unet_kwargs).sample
+        out.append(per_sample_mse(pred, denoising_target(scheduler, latents, noise, t)))
+    return out
 
 
 PROMPT_MODES = ("caption", "class")
@@ -64,20 +72,10 @@ def pipeline_loss(pipe, targets: list[Image.Image], prompt: str, *, resolution: 
     from suti.images import fit_square, to_tensor
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    gen = generator
-    device = pipe.unet.device
     pixels = torch.stack([to_tensor(fit_square(img, resolution)) for img in targets]).to(pipe.vae.device, pipe.vae.dtype)
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    cond = encode_prompt(pipe, [prompt], resolution=resolution)
-    losses = []
-    for i in range(len(targets)):
-        for _ in range(draws):
-            noise = torch.randn(latents[i : i + 1].shape, generator=gen).to(device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
-            noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
-            pred = pipe.unet(noisy, t, **cond.unet_kwargs()).sample
-            losses.append(float(per_sample_mse(pred, denoising_target(scheduler, latents[i : i + 1], noise, t))))
-    return losses
+    text = encode_prompt(pipe, [prompt], resolution=resolution).unet_kwargs()
+    return [float(x) for i in range(len(targets)) for x in _draw_losses(pipe.unet, scheduler, latents[i : i + 1], text, generator, draws)]
 
 
 def heldout_expert_loss(base, experts: list, subjects, *, seed: int = 7, num_demos: int = 3, num_targets: int = 4, draws: int = 4, resolution: int = 32) -> tuple[float, float]:
