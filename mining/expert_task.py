@@ -92,12 +92,14 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
         for i, img in enumerate(demos):
             img.save(instance_dir / f"{i:02d}.png")
         overrides = dict(model=job["model"], instance_dir=str(instance_dir), class_noun=cluster.get("class_noun") or "object", steps=job.get("steps"), seed=seed)
+        keep = bool(job.get("keep_experts"))
+        if not keep:  # no tracker for an expert whose folder is deleted (a TensorBoard writer per expert, flushed every step)
+            overrides["report_to"] = "none"
         overrides.update(job.get("recipe_overrides") or {})
         config = resolve_config(job["recipe"], overrides)
         from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, PromptTruncatedError, batches, check_prompt, resolve_dtype, seeded_generators
 
         expert_dir = workdir / "expert"
-        keep = bool(job.get("keep_experts"))
         if resident is not None:
             info = train_expert(config, expert_dir, overwrite=True, progress=False, pipeline=resident.pipe, save=keep)
             pipe, scorer = resident.pipe, resident.scorer

@@ -489,3 +489,33 @@ def test_eval_images_do_not_depend_on_the_batch(tmp_path):
     assert not (tmp_path / "3").exists()
     assert main([*args, "--output", str(tmp_path / "3"), "--sample-batch-size", "0"]) == 2
     assert not (tmp_path / "3").exists()
+
+
+@pytest.mark.parametrize("resident", [False, True], ids=["per-task", "resident"])
+def test_keep_experts_uploads_a_loadable_expert_and_only_kept_experts_log(tmp_path, monkeypatch, resident):
+    """``--keep-experts`` puts each expert (weights, config, TensorBoard logs) under
+    OUTPUT/experts/<cluster>; without it the expert's folder is temporary, so it trains with no
+    tracker (no TensorBoard writer per expert) and nothing reaches OUTPUT/experts."""
+    from experts import load_expert
+    from experts import train as expert_train
+    from mining import expert_task
+
+    trackers, original = [], expert_train.train_expert
+    monkeypatch.setattr(expert_train, "train_expert", lambda config, *a, **kw: trackers.append(config.report_to) or original(config, *a, **kw))
+    demos = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
+    cluster = {"cluster_id": "c0", "keys": ["k0", "k1", "k2"], "captions": [], "class_noun": "cup", "prompts": [{"prompt": "a {S} in a city"}]}
+    job = {"model": "tiny", "recipe": "suti-expert", "steps": 1, "seed": 0, "samples_per_prompt": 1, "prompts_per_cluster": None, "sample_steps": 2,
+           "guidance_scale": 7.5, "scorer": "toy-clip", "lambda": -10.0, "device": "cpu", "recipe_overrides": {"lora_rank": 2}}
+    worker = expert_task.ResidentExpertWorker(job) if resident else None
+    for keep in (False, True):
+        out = tmp_path / f"keep-{keep}"
+        settings = {**job, "output": str(out), "keep_experts": keep}
+        if worker:
+            worker.job = settings
+        result = worker.run(cluster, demos) if worker else expert_task.run_cluster(cluster, demos, settings)
+        assert result["status"] == "accepted"
+        assert (out / "experts" / "c0").is_dir() == keep
+    assert trackers == ["none", "tensorboard"]
+    kept = out / "experts" / "c0"
+    assert any((kept / "logs").rglob("events.out.tfevents.*"))
+    assert load_expert(kept).unet is not None
