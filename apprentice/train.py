@@ -112,7 +112,7 @@ def module_dtype(engine) -> torch.dtype:
     return next(engine.module.parameters()).dtype
 
 
-def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None, image_embeds: torch.Tensor | None = None, snr_gamma: float | None = None) -> torch.Tensor:
     """The apprentice's training loss on one batch (a scalar, fp32).
 
     Args:
@@ -125,14 +125,18 @@ def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor,
         text_added, demo_added: SDXL's added conditioning of the targets and the demonstrations
             (see :class:`ApprenticeModule`); ``None`` for SD 1.x/2.x.
         image_embeds: (B, n, D) image embeddings of the demos, for the subject channel (or ``None``).
+        snr_gamma: Min-SNR-gamma weights per sample (``experts.loss.snr_weights``, as the experts'
+            ``snr_gamma`` and diffusers' training scripts); ``None``: the plain mean squared error.
     """
-    from experts.loss import denoising_target
+    from experts.loss import denoising_target, per_sample_mse, snr_weights
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
     pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype), cast(text_added), cast(demo_added), None if image_embeds is None else image_embeds.to(dtype))
     target = denoising_target(scheduler, latents, noise, timesteps)
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    if snr_gamma is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    return (per_sample_mse(pred, target) * snr_weights(scheduler, timesteps, snr_gamma).to(pred.device)).mean()
 
 
 def _optimizer(params, config: ApprenticeTrainConfig):
@@ -366,7 +370,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         mask = (~drop_demo).float().to(device)
         noise = torch.randn(target.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        loss = denoising_loss(engine, scheduler, target, noise, t, text_cond.encoder_hidden_states, demos, demo_emb, mask, dtype, text_cond.added_cond_kwargs, demo_cond.added_cond_kwargs, image_embeds)
+        loss = denoising_loss(engine, scheduler, target, noise, t, text_cond.encoder_hidden_states, demos, demo_emb, mask, dtype, text_cond.added_cond_kwargs, demo_cond.added_cond_kwargs, image_embeds, config.snr_gamma)
         engine.backward(loss)
         engine.step()
         if ema:

@@ -45,6 +45,7 @@ class ApprenticeTrainConfig:
     num_workers: int = 0  # data-loader workers per process
     subject_tokens: int = 0  # tokens of the adapter's global subject channel (IP-Adapter-style); 0: none
     image_encoder: str | None = None  # scorer embedding the demos for that channel (None: the model's scorer)
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (None: plain MSE, every timestep weighted 1)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -66,6 +67,7 @@ class ApprenticeTrainConfig:
         for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt), ("--demo-caption", self.demo_caption),
                               ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
             need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
+        need(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma", "> 0", self.snr_gamma)
         need(self.subject_tokens >= 0, "--subject-tokens", ">= 0", self.subject_tokens)
         need(self.subject_tokens == 0 or self.method == "attention", "--subject-tokens", "0 with --method reference", self.subject_tokens)
         if self.subject_tokens and self.image_encoder is not None:
@@ -93,6 +95,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
     p.add_argument("--subject-tokens", type=int, default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
     p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer)")
+    p.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 is the usual value): down-weights the low-noise timesteps whose large noise-prediction error otherwise dominates the loss; default: plain MSE")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
@@ -121,7 +124,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt, demo_caption=args.demo_caption,
         shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
-        subject_tokens=args.subject_tokens, image_encoder=args.image_encoder,
+        subject_tokens=args.subject_tokens, image_encoder=args.image_encoder, snr_gamma=args.snr_gamma,
     )
 
 

@@ -217,6 +217,31 @@ def test_v_prediction_base_trains_on_the_velocity():
     assert abs(losses["v_prediction"] - losses["epsilon"]) > 1e-3
 
 
+@torch.no_grad()
+def test_snr_gamma_weights_each_sample_by_min_snr_over_snr():
+    """--snr-gamma: per-sample MSE times min(SNR, gamma) / SNR (Min-SNR, diffusers' --snr_gamma),
+    so the low-noise sample (t=10, SNR >> gamma) counts far less than the high-noise one (t=700)."""
+    from diffusers import DDPMScheduler
+
+    from apprentice.train import denoising_loss
+    from apprentice.train_config import ApprenticeTrainConfig
+    from suti.errors import InvalidValueError
+
+    base, module = _tiny_module()
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    latents, noise, t, text, demos, demo_emb, mask = _fixed_batch()
+    weighted = denoising_loss(module, scheduler, latents, noise, t, text, demos, demo_emb, mask, snr_gamma=5.0).item()
+    a = scheduler.alphas_cumprod[t]
+    snr = a / (1 - a)
+    assert snr[0] > 5 > snr[1]
+    noisy = a.sqrt().view(-1, 1, 1, 1) * latents + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+    per_sample = (module(noisy, t, text, demos, demo_emb, mask) - noise).pow(2).mean(dim=(1, 2, 3))
+    assert weighted == pytest.approx((per_sample * torch.clamp(snr, max=5.0) / snr).mean().item(), rel=1e-5)
+    assert weighted < denoising_loss(module, scheduler, latents, noise, t, text, demos, demo_emb, mask).item()
+    with pytest.raises(InvalidValueError, match="--snr-gamma must be > 0, got 0"):
+        ApprenticeTrainConfig(shards="x", output="y", snr_gamma=0.0).validate()
+
+
 def test_gradient_checkpointing_gives_the_adapter_the_same_gradients():
     from diffusers import DDPMScheduler
 
