@@ -24,7 +24,8 @@ accuracy, CLIP-I to the demos and CLIP-T to the prompt, the share of the base->e
 with a paired bootstrap 95% interval over subjects, and the held-out denoising loss with and
 without 3 demos under class-only prompts, beside the experts' loss ("a [V] <class>") against the
 base's ("a <class>") on the same photos, noise and timesteps (the DreamBooth reference of that
-ratio). ``--demo-guidance-scale`` and ``--apprentice-guidance-scale`` set the apprentice's
+ratio), and that loss per timestep beside two oracles (the target itself among the demos; its
+full alt text instead of demos: :func:`apprentice.evaluate.heldout_loss_by_timestep`). ``--demo-guidance-scale`` and ``--apprentice-guidance-scale`` set the apprentice's
 guidance (the demonstration scale trades subject fidelity for prompt fidelity: README's sweep).
 Base, expert and reference images (and the experts)
 are cached in ``--work-dir`` (default ``runs/fixed-eval``), so a rerun costs only the apprentice.
@@ -169,7 +170,7 @@ def fixed_expert_loss(config, work: Path, base, *, seed: int) -> tuple[float, fl
 
 def fixed(args) -> int:
     """``--eval fixed``: the fixed evaluation table (see the module docstring)."""
-    from apprentice.evaluate import heldout_demo_loss
+    from apprentice.evaluate import LOSS_CONDITIONS, heldout_demo_loss, heldout_loss_by_timestep
     from apprentice.fixed_eval import METHODS, TABLE_METRICS, FixedEvalConfig, fixed_subjects, run_fixed_eval
     from apprentice.sample import load_apprentice
     from experts import load_pipeline
@@ -214,6 +215,18 @@ def fixed(args) -> int:
         report["loss_class_prompts"] = {"with_demos": with_demos, "without_demos": without, "ratio": with_demos / without, "seconds": round(loss_s, 1), "cpu_seconds": round(loss_cpu, 1)}
         print(f"  held-out denoising loss, class-only prompts ({n} subjects x 4 other photos x 4 draws): with 3 demos {with_demos:.4f}, "
               f"without {without:.4f}, ratio {with_demos / without:.3f} ({loss_s:.1f} s)")
+        t0, c0 = time.perf_counter(), time.process_time()
+        by_t = heldout_loss_by_timestep(app, subjects, seed=args.seed)
+        report["loss_by_timestep"] = by_t
+        loss_s, loss_cpu = loss_s + time.perf_counter() - t0, loss_cpu + time.process_time() - c0
+        print(f"  the same per timestep ({n} subjects x 2 other photos, one noise each), over the class-only loss without demos; "
+              "copy: the target itself among the demos, caption: its full alt text instead of demos")
+        print(f"    {'t':>5s} {'without':>8s} " + " ".join(f"{c:>8s}" for c in LOSS_CONDITIONS[1:]))
+        for j, t in enumerate(by_t["timesteps"]):
+            w = by_t["loss"]["without"][j]
+            print(f"    {t:>5d} {w:8.4f} " + " ".join(f"{by_t['loss'][c][j] / w:8.3f}" for c in LOSS_CONDITIONS[1:]))
+        w = by_t["mean"]["without"]
+        print(f"    {'mean':>5s} {w:8.4f} " + " ".join(f"{by_t['mean'][c] / w:8.3f}" for c in LOSS_CONDITIONS[1:]))
     if "expert" in methods and not args.no_loss:
         expert_loss, base_loss = fixed_expert_loss(config, work, base, seed=args.seed)
         report["expert_loss_class_prompts"] = {"expert": expert_loss, "base": base_loss, "ratio": expert_loss / base_loss}

@@ -216,6 +216,7 @@ def test_benchmark_prints_the_fixed_table_and_writes_every_number(tmp_path, caps
     for m in ("apprentice-3", "reference", "apprentice-1", "apprentice-5"):
         assert {"point", "low", "high", "n_valid"} <= set(fixed["gap_closed"][m]["clip_i"])
     assert report["loss_class_prompts"]["ratio"] > 0
+    assert len(report["loss_by_timestep"]["loss"]["copy"]) == 10 and "caption" in text
     assert bench.main(args) == 0  # the rerun reuses the experts and the cached images
     again = json.loads(out.read_text())["fixed"]["stats"]
     assert all(again[m] == {"cached": 8} for m in ("expert", "base", "reference", "apprentice-3", "apprentice-1", "apprentice-5"))
@@ -296,3 +297,41 @@ def test_one_default_demonstration_guidance_everywhere():
     keys = {_image_key("apprentice-3", FixedEvalConfig(**kw), app) for kw in ({}, {"demo_guidance_scale": D + 1}, {"apprentice_guidance_scale": 9.0})}
     assert len(keys) == 3
     assert _image_key("base", FixedEvalConfig(apprentice_guidance_scale=9.0)) == _image_key("base", FixedEvalConfig())
+
+
+def test_loss_by_timestep_scores_each_condition_on_the_same_noise():
+    """heldout_loss_by_timestep: "without" is the plain class-prompted MSE at each timestep on the
+    generator's noise (recomputed here); "copy" puts the target itself first among the demos and
+    "demos" only the other photos; an untrained apprentice (zero-initialised demo layers) gives
+    demos == copy == without exactly, while the full caption changes the prediction."""
+    from diffusers import DDPMScheduler
+
+    from apprentice import ApprenticePipeline
+    from apprentice.evaluate import LOSS_CONDITIONS, heldout_loss_by_timestep, heldout_shots
+    from experts.loss import denoising_target, per_sample_mse
+
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"))
+    _, subjects = fixed_subjects(2)
+    calls = []
+    encode = app.encode_demonstrations
+    app.encode_demonstrations = lambda demos, captions=None: calls.append(list(demos)) or encode(demos, captions)
+    result = heldout_loss_by_timestep(app, subjects, seed=3, num_demos=3, num_targets=1, timesteps=(100, 900))
+    assert result["timesteps"] == [100, 900] and set(result["loss"]) == set(LOSS_CONDITIONS)
+    shots = heldout_shots(subjects, seed=3, count=4, resolution=app.resolution)
+    for i, s in enumerate(shots):  # per target: the 3 other photos, then the target + 2 others
+        assert [np.asarray(x).tolist() for x in calls[2 * i]] == [np.asarray(x[0]).tolist() for x in s[:3]]
+        assert [np.asarray(x).tolist() for x in calls[2 * i + 1]] == [np.asarray(x[0]).tolist() for x in (s[3], s[0], s[1])]
+    scheduler = DDPMScheduler.from_config(app.scheduler.config)
+    gen, expected = torch.Generator().manual_seed(3), [[], []]
+    with torch.no_grad():
+        for subject, s in zip(subjects, shots):
+            latents = app.encode_images([s[3][0]])
+            text = app.encode_conditioning([f"a {subject.class_noun}"]).unet_kwargs()
+            for j, t in enumerate((100, 900)):
+                noise, tt = torch.randn(latents.shape, generator=gen), torch.tensor([t])
+                pred = app.unet(scheduler.add_noise(latents, noise, tt), tt, **text).sample
+                expected[j].append(float(per_sample_mse(pred, denoising_target(scheduler, latents, noise, tt))))
+    assert result["loss"]["without"] == pytest.approx([np.mean(e) for e in expected], rel=1e-5)
+    assert result["loss"]["demos"] == result["loss"]["without"] == result["loss"]["copy"]
+    assert result["loss"]["caption"] != result["loss"]["without"]
+    assert result["mean"]["without"] == pytest.approx(np.mean(result["loss"]["without"]))
