@@ -174,14 +174,16 @@ def heldout_loss_by_timestep(pipe, subjects, *, seed: int = 7, num_demos: int = 
     for subject, shots in zip(subjects, heldout_shots(subjects, seed=seed, count=num_demos + num_targets, resolution=pipe.resolution)):
         class_prompt = f"a {subject.class_noun}"
         demos = [s[0] for s in shots[:num_demos]]
+        # per subject: the class prompt and its demos; per target: the copy oracle's demos and the caption
+        class_text = pipe.encode_conditioning([class_prompt]).unet_kwargs()
+        demo_ctx = pipe.encode_demonstrations(demos, [class_prompt] * num_demos)
         for img, caption, _ in shots[num_demos:]:
             latents = pipe.encode_images([img])
-            class_text, caption_text = pipe.encode_conditioning([class_prompt]).unet_kwargs(), pipe.encode_conditioning([caption]).unet_kwargs()
             conditions = {
                 "without": (class_text, None),
-                "demos": (class_text, pipe.encode_demonstrations(demos, [class_prompt] * num_demos)),
+                "demos": (class_text, demo_ctx),
                 "copy": (class_text, pipe.encode_demonstrations([img] + demos[: num_demos - 1], [class_prompt] * num_demos)),
-                "caption": (caption_text, None),
+                "caption": (pipe.encode_conditioning([caption]).unet_kwargs(), None),
             }
             for j, t in enumerate(timesteps):
                 noise = torch.randn(latents.shape, generator=gen).to(latents.device)

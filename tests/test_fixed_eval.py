@@ -318,7 +318,7 @@ def test_loss_by_timestep_scores_each_condition_on_the_same_noise():
     result = heldout_loss_by_timestep(app, subjects, seed=3, num_demos=3, num_targets=1, timesteps=(100, 900))
     assert result["timesteps"] == [100, 900] and set(result["loss"]) == set(LOSS_CONDITIONS)
     shots = heldout_shots(subjects, seed=3, count=4, resolution=app.resolution)
-    for i, s in enumerate(shots):  # per target: the 3 other photos, then the target + 2 others
+    for i, s in enumerate(shots):  # per subject: its 3 other photos, then (one target) the target + 2 others
         assert [np.asarray(x).tolist() for x in calls[2 * i]] == [np.asarray(x[0]).tolist() for x in s[:3]]
         assert [np.asarray(x).tolist() for x in calls[2 * i + 1]] == [np.asarray(x[0]).tolist() for x in (s[3], s[0], s[1])]
     scheduler = DDPMScheduler.from_config(app.scheduler.config)
