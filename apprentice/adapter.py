@@ -28,9 +28,13 @@ MAX_DEMOS = 8
 
 
 class DemoAttention(nn.Module):
-    """Projections of one demonstration-attention layer (dim -> dim)."""
+    """Projections of one demonstration-attention layer (dim -> dim).
 
-    def __init__(self, dim: int):
+    With ``position_heads > 0`` it also holds ``position_weight``, (heads,), 0 at init: the
+    per-head strength of the position bias (see :func:`apprentice.attention.position_bias`).
+    """
+
+    def __init__(self, dim: int, position_heads: int = 0):
         super().__init__()
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
@@ -38,6 +42,8 @@ class DemoAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         nn.init.zeros_(self.to_out.weight)  # an untrained apprentice is exactly the base model
         nn.init.zeros_(self.to_out.bias)
+        if position_heads:
+            self.position_weight = nn.Parameter(torch.zeros(position_heads))
 
 
 class SubjectAttention(nn.Module):
@@ -93,6 +99,11 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         cross_attention_dim: size of the U-Net's cross-attention context (the tokens' size).
         subject_layer_names: processor names of the ``attn2`` layers that get the channel.
         subject_dims: inner (key/value) dim of each of those layers.
+        position_bias: add a learned, per-head bias ``-w * d^2`` to the demonstration
+            attention's logits, ``d`` the distance (in the layer's grid cells) between a query's
+            position and a demonstration token's (each image's grid spanning [0, 1]^2); ``w``
+            starts at 0 (no bias). It lets a noisy image, whose own features say little, take
+            each position's content from the same place in the demonstrations (layout, silhouette).
     """
 
     config_name = "config.json"
@@ -100,11 +111,11 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, layer_names: list[str], dims: list[int], heads: list[int], demo_timestep: int = 1, method: str = "attention",
                  subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, cross_attention_dim: int | None = None,
-                 subject_layer_names: list[str] | None = None, subject_dims: list[int] | None = None):
+                 subject_layer_names: list[str] | None = None, subject_dims: list[int] | None = None, position_bias: bool = False):
         super().__init__()
         if method not in ("attention", "reference"):
             raise InvalidValueError(f"unknown demonstration method {method!r}")
-        self.layers = nn.ModuleDict({_key(n): DemoAttention(d) for n, d in zip(layer_names, dims)})
+        self.layers = nn.ModuleDict({_key(n): DemoAttention(d, h if position_bias else 0) for n, d, h in zip(layer_names, dims, heads)})
         if subject_tokens < 0:
             raise InvalidValueError(f"subject_tokens must be >= 0, got {subject_tokens}")
         if subject_tokens:
@@ -122,7 +133,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
 
     @classmethod
     def for_unet(cls, unet, *, demo_timestep: int = 1, method: str = "attention", init_from_self_attention: bool = True,
-                 subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None) -> "DemoAttentionAdapter":
+                 subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, position_bias: bool = False) -> "DemoAttentionAdapter":
         """An adapter matching ``unet``; q/k/v start as copies of each layer's self-attention.
 
         With ``subject_tokens > 0`` the subject channel's ``to_k_ip``/``to_v_ip`` start as copies
@@ -142,7 +153,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
                 raise InvalidValueError(f"the U-Net's cross-attentions have context sizes {sorted(context_dims)}; one is needed for a subject channel")
             subject = dict(subject_tokens=subject_tokens, image_encoder=image_encoder, image_embed_dim=image_embed_dim, cross_attention_dim=context_dims.pop(),
                            subject_layer_names=[n for n, _, _ in cross], subject_dims=[d for _, d, _ in cross])
-        adapter = cls([n for n, _, _ in layers], [d for _, d, _ in layers], [h for _, _, h in layers], demo_timestep, method, **subject)
+        adapter = cls([n for n, _, _ in layers], [d for _, d, _ in layers], [h for _, _, h in layers], demo_timestep, method, position_bias=position_bias, **subject)
         with torch.no_grad():
             if init_from_self_attention:
                 for name, _, _ in layers:
@@ -214,7 +225,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
                 layer = self.layers[_key(name)]
                 k, v = layer.to_k(feats), layer.to_v(feats)
             kv[name] = (_heads(k, heads[name]), _heads(v, heads[name]))
-        return DemoContext(mode="use", num_demos=n, kv=kv, scale=scale, subject=subject)
+        return DemoContext(mode="use", num_demos=n, kv=kv, scale=scale, subject=subject, latent_size=tuple(demo_latents.shape[-2:]))
 
     def project_subject(self, image_embeds: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
         """(B, n, D) demonstration embeddings -> (B, subject_tokens, cross_attention_dim) tokens."""

@@ -53,6 +53,8 @@ class DemoContext:
             scales the subject channel.
         subject: the subject channel's tokens, (B_kv or 1, T, cross_attention_dim) (shared like
             ``kv``), or ``None`` when the adapter has no subject channel.
+        latent_size: (h, w) of the demonstrations' latents: the aspect ratio from which a layer's
+            token grid is recovered for the position bias (``None``: square grids).
     """
 
     mode: str = "use"
@@ -62,6 +64,7 @@ class DemoContext:
     mask: torch.Tensor | None = None
     scale: float = 1.0
     subject: torch.Tensor | None = None
+    latent_size: tuple[int, int] | None = None
 
     def repeat(self, times: int) -> "DemoContext":
         """The same context for a batch repeated ``times`` (e.g. images x CFG branches).
@@ -77,7 +80,7 @@ class DemoContext:
         subject = self.subject
         if subject is not None and subject.shape[0] != 1:
             subject = subject.repeat(times, 1, 1)
-        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject)
+        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject, latent_size=self.latent_size)
 
     def cache_bytes(self) -> int:
         """Bytes held by the cached keys and values (distinct storages counted once)."""
@@ -106,19 +109,59 @@ def _batch(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.expand(b, -1, -1, -1)
 
 
-def _shared_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` with keys/values of batch 1 shared by the whole batch.
+def _grid(tokens: int, latent_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(rows, cols) of a layer's ``tokens`` for latents of ``latent_size`` (h, w): the grid with
+    that aspect ratio (``None``: square). Raises ValueError when no such grid has ``tokens`` cells."""
+    h, w = latent_size or (1, 1)
+    rows = max(1, round((tokens * h / w) ** 0.5))
+    cols = tokens // rows
+    if rows * cols != tokens:
+        raise ValueError(f"{tokens} tokens do not form a grid of aspect {h}:{w}")
+    return rows, cols
 
-    query: (B, heads, L, d); keys, values: (B or 1, heads, M, d) -> (B, heads, L, d). Shared keys
-    and values are attended to by folding the batch into the query length (each query row is
-    independent), so they are neither repeated nor copied per image or guidance branch.
+
+def _centres(rows: int, cols: int, device) -> torch.Tensor:
+    """(rows * cols, 2) cell centres in [0, 1]^2, row-major like the U-Net's flattened tokens."""
+    y = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) / rows
+    x = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) / cols
+    return torch.cartesian_prod(y, x)
+
+
+def position_bias(weight: torch.Tensor, queries: int, keys_per_demo: int, num_demos: int, latent_size: tuple[int, int] | None) -> torch.Tensor:
+    """The demonstration attention's position bias, (heads, L, n * M): ``-w_h * d^2``.
+
+    ``d`` is the distance between query ``i``'s cell centre and demonstration token ``j``'s, each
+    image's grid spanning [0, 1]^2, in units of the query grid's cells (so ``w = 1`` makes a
+    neighbouring cell ``e`` times less likely); the same for each of the ``num_demos`` demos.
+
+    Args:
+        weight: (heads,) per-head strengths ``w`` (0: no bias).
+        queries: L, the generated image's tokens at this layer; keys_per_demo: M, one demo's.
+        latent_size: (h, w) of the latents (the grids' aspect ratio).
+    """
+    rows, cols = _grid(queries, latent_size)
+    q = _centres(rows, cols, weight.device) * torch.tensor([rows, cols], device=weight.device, dtype=torch.float32)
+    k = _centres(*_grid(keys_per_demo, latent_size), weight.device) * torch.tensor([rows, cols], device=weight.device, dtype=torch.float32)
+    dist2 = torch.cdist(q, k).pow(2).repeat(1, num_demos)  # (L, n * M)
+    return -weight.float().view(-1, 1, 1) * dist2
+
+
+def _shared_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` with keys/values of batch 1 shared by the whole batch.
+
+    query: (B, heads, L, d); keys, values: (B or 1, heads, M, d); bias: (heads, L, M) or ``None``
+    -> (B, heads, L, d). Shared keys and values are attended to by folding the batch into the
+    query length (each query row is independent), so they are neither repeated nor copied per
+    image or guidance branch.
     """
     b, h, n, d = query.shape
+    if bias is not None:
+        bias = bias.to(query.dtype)
     if keys.shape[0] == b:
-        return F.scaled_dot_product_attention(query, keys, values)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=None if bias is None else bias.unsqueeze(0))
     _batch(keys, b)  # checks the batch
     folded = query.transpose(0, 1).reshape(1, h, b * n, d)  # (1, heads, B * L, d)
-    out = F.scaled_dot_product_attention(folded, keys, values)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=None if bias is None else bias.repeat(1, b, 1).unsqueeze(0))
     return out.reshape(h, b, n, d).transpose(0, 1)
 
 
@@ -148,7 +191,11 @@ class DemoAttnProcessor:
             return self._reference(attn, hidden_states, keys, values, demo)
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # (B, HW, C)
         query = _heads(self.layer.to_q(hidden_states), attn.heads)  # (B, heads, HW, d)
-        extra = _shared_attention(query, keys.to(query.dtype), values.to(query.dtype))
+        bias = None
+        weight = getattr(self.layer, "position_weight", None)
+        if weight is not None:
+            bias = position_bias(weight, query.shape[2], keys.shape[2] // demo.num_demos, demo.num_demos, demo.latent_size)
+        extra = _shared_attention(query, keys.to(query.dtype), values.to(query.dtype), bias)
         extra = self.layer.to_out(extra.transpose(1, 2).reshape(hidden_states.shape[0], -1, query.shape[1] * query.shape[3]))
         gate = demo.scale if demo.mask is None else demo.scale * demo.mask.to(extra.dtype).view(-1, 1, 1)
         return out + gate * extra

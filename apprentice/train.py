@@ -170,7 +170,8 @@ def build_engine(config: ApprenticeTrainConfig, device: str, scorer=None):
         unet.enable_gradient_checkpointing()
     embed_dim = None if scorer is None else image_embedding_size(scorer)  # measured on the training loop's scorer: built once
     adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method,
-                                            subject_tokens=config.subject_tokens, image_encoder=config.image_encoder, image_embed_dim=embed_dim)
+                                            subject_tokens=config.subject_tokens, image_encoder=config.image_encoder, image_embed_dim=embed_dim,
+                                            position_bias=config.demo_position_bias)
     adapter.install(unet)
     module = ApprenticeModule(unet, adapter)
     params = [p for p in module.parameters() if p.requires_grad]

@@ -46,6 +46,7 @@ class ApprenticeTrainConfig:
     subject_tokens: int = 0  # tokens of the adapter's global subject channel (IP-Adapter-style); 0: none
     image_encoder: str | None = None  # scorer embedding the demos for that channel (None: the model's scorer)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (None: plain MSE, every timestep weighted 1)
+    demo_position_bias: bool = False  # a learned per-head position bias in the demonstration attention
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -96,6 +97,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--subject-tokens", type=int, default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
     p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer)")
     p.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 is the usual value): down-weights the low-noise timesteps whose large noise-prediction error otherwise dominates the loss; default: plain MSE")
+    p.add_argument("--demo-position-bias", action="store_true", help="add a learned per-head bias -w*d^2 (d: distance between a token's position and a demonstration token's; w starts at 0) to the demonstration attention, so that a noisy image can take each position's content from the same place in the demos (layout, silhouette)")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
@@ -125,6 +127,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         subject_tokens=args.subject_tokens, image_encoder=args.image_encoder, snr_gamma=args.snr_gamma,
+        demo_position_bias=args.demo_position_bias,
     )
 
 
