@@ -10,7 +10,9 @@ of the same layer:
 
 with ``F`` the demonstrations' features at that layer, computed once per request (see
 :meth:`apprentice.adapter.DemoAttentionAdapter.encode_demos`) and cached as keys and values. ``W_o``
-starts at zero, so an untrained apprentice equals the base model. In ``"reference"`` mode
+starts at zero, so an untrained apprentice equals the base model. With the adapter's
+``position_bias`` the logits get ``-w d^2`` added (:func:`position_bias`: ``d`` the distance
+between the query's place and the demonstration token's, ``w`` learned per head from 0). In ``"reference"`` mode
 (DreamTuner's training-free reference self-attention) the demonstrations' keys and values from the
 block's own projections are concatenated to the self-attention's keys and values instead.
 

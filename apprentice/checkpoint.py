@@ -145,7 +145,7 @@ def select_checkpoint(ckpt_uri: str, resume: str) -> tuple[str, dict] | None:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``"key (checkpoint A, now B)"`` for each of :data:`TRAINABLE_KEYS` that differs."""
-    saved = {**LEGACY_DEFAULTS, **saved}
+    saved, current = {**LEGACY_DEFAULTS, **saved}, {**LEGACY_DEFAULTS, **current}
     return [f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in TRAINABLE_KEYS if saved.get(k) != current.get(k)]
 
 
