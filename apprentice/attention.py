@@ -57,6 +57,8 @@ class DemoContext:
             ``kv``), or ``None`` when the adapter has no subject channel.
         latent_size: (h, w) of the demonstrations' latents: the aspect ratio from which a layer's
             token grid is recovered for the position bias (``None``: square grids).
+        query_size: (h, w) of the latents being denoised, when they differ from the demos'
+            (``None``: the same as ``latent_size``); set by the sampler for ``height``/``width``.
     """
 
     mode: str = "use"
@@ -67,6 +69,7 @@ class DemoContext:
     scale: float = 1.0
     subject: torch.Tensor | None = None
     latent_size: tuple[int, int] | None = None
+    query_size: tuple[int, int] | None = None
 
     def repeat(self, times: int) -> "DemoContext":
         """The same context for a batch repeated ``times`` (e.g. images x CFG branches).
@@ -82,7 +85,7 @@ class DemoContext:
         subject = self.subject
         if subject is not None and subject.shape[0] != 1:
             subject = subject.repeat(times, 1, 1)
-        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject, latent_size=self.latent_size)
+        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject, latent_size=self.latent_size, query_size=self.query_size)
 
     def cache_bytes(self) -> int:
         """Bytes held by the cached keys and values (distinct storages counted once)."""
@@ -129,7 +132,8 @@ def _centres(rows: int, cols: int, device) -> torch.Tensor:
     return torch.cartesian_prod(y, x)
 
 
-def position_bias(weight: torch.Tensor, queries: int, keys_per_demo: int, num_demos: int, latent_size: tuple[int, int] | None) -> torch.Tensor:
+def position_bias(weight: torch.Tensor, queries: int, keys_per_demo: int, num_demos: int, latent_size: tuple[int, int] | None,
+                  query_size: tuple[int, int] | None = None) -> torch.Tensor:
     """The demonstration attention's position bias, (heads, L, n * M): ``-w_h * d^2``.
 
     ``d`` is the distance between query ``i``'s cell centre and demonstration token ``j``'s, each
@@ -139,9 +143,14 @@ def position_bias(weight: torch.Tensor, queries: int, keys_per_demo: int, num_de
     Args:
         weight: (heads,) per-head strengths ``w`` (0: no bias).
         queries: L, the generated image's tokens at this layer; keys_per_demo: M, one demo's.
-        latent_size: (h, w) of the latents (the grids' aspect ratio).
+        latent_size: (h, w) of the demonstrations' latents (their grid's aspect ratio).
+        query_size: (h, w) of the denoised latents (``None``: ``latent_size``); a differently
+            shaped image is matched to the demos by relative place (both grids span [0, 1]^2).
+
+    Raises:
+        ValueError: a token count that forms no grid of its latents' aspect ratio.
     """
-    rows, cols = _grid(queries, latent_size)
+    rows, cols = _grid(queries, query_size or latent_size)
     q = _centres(rows, cols, weight.device) * torch.tensor([rows, cols], device=weight.device, dtype=torch.float32)
     k = _centres(*_grid(keys_per_demo, latent_size), weight.device) * torch.tensor([rows, cols], device=weight.device, dtype=torch.float32)
     dist2 = torch.cdist(q, k).pow(2).repeat(1, num_demos)  # (L, n * M)
@@ -196,7 +205,7 @@ class DemoAttnProcessor:
         bias = None
         weight = getattr(self.layer, "position_weight", None)
         if weight is not None:
-            bias = position_bias(weight, query.shape[2], keys.shape[2] // demo.num_demos, demo.num_demos, demo.latent_size)
+            bias = position_bias(weight, query.shape[2], keys.shape[2] // demo.num_demos, demo.num_demos, demo.latent_size, demo.query_size)
         extra = _shared_attention(query, keys.to(query.dtype), values.to(query.dtype), bias)
         extra = self.layer.to_out(extra.transpose(1, 2).reshape(hidden_states.shape[0], -1, query.shape[1] * query.shape[3]))
         gate = demo.scale if demo.mask is None else demo.scale * demo.mask.to(extra.dtype).view(-1, 1, 1)

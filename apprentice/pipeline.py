@@ -180,6 +180,8 @@ class ApprenticePipeline(DiffusionPipeline):
             mask = [torch.zeros(num_images)] if three else []
             batch_ctx.mask = torch.cat(mask + [torch.ones(2 * num_images)]).to(device)
         shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if batch_ctx is not None:
+            batch_ctx.query_size = shape[2:]  # the position bias's grid when height/width differ from the demos
         if isinstance(generator, list):
             if len(generator) != num_images:
                 raise InputError(f"{len(generator)} generators for {num_images} images")

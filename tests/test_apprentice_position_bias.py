@@ -27,6 +27,11 @@ def test_bias_values_by_hand():
     # a non-square grid (2 x 4 tokens for 4:8 latents)
     wide = position_bias(torch.ones(1), queries=8, keys_per_demo=8, num_demos=1, latent_size=(4, 8))
     assert wide[0, 0, 7].item() == pytest.approx(-(1.0**2 + 3.0**2))
+    # a wide image (2 x 4 tokens) against square demos (2 x 2): matched by relative place
+    mixed = position_bias(torch.ones(1), queries=8, keys_per_demo=4, num_demos=1, latent_size=(8, 8), query_size=(4, 8))
+    assert mixed.shape == (1, 8, 4)
+    assert mixed[0, 0].argmax().item() == 0 and mixed[0, 7].argmax().item() == 3  # corners to corners
+    assert mixed[0, 0, 1].item() == pytest.approx(-(2.5**2))  # query (0.5, 0.5) cells; key (0.25, 0.75) * (2, 4) = (0.5, 3.0)
     with pytest.raises(ValueError, match="grid"):
         position_bias(torch.ones(1), queries=7, keys_per_demo=7, num_demos=1, latent_size=(8, 8))
 
@@ -91,6 +96,25 @@ def test_zero_bias_is_the_plain_adapter_and_a_trained_one_round_trips(tmp_path):
     # an adapter saved before the option existed loads without it
     plain.save_pretrained(tmp_path / "old")
     assert DemoAttentionAdapter.from_pretrained(tmp_path / "old").config.position_bias is False
+
+
+def test_pipeline_samples_other_sizes_than_the_demos_with_the_bias():
+    from PIL import Image
+
+    from apprentice import ApprenticePipeline
+
+    app = ApprenticePipeline.from_base(load_pipeline("tiny"), position_bias=True)
+    app.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for layer in app.adapter.layers.values():
+            torch.nn.init.normal_(layer.to_out.weight, std=0.05)
+            layer.position_weight.fill_(1.0)
+    demos = [Image.new("RGB", (32, 32), (40 * i, 200 - 20 * i, 90)) for i in range(3)]
+    ctx = app.encode_demonstrations(demos)
+    for height, width in ((32, 32), (32, 64), (64, 32)):
+        out = app("a cup", demo_context=ctx, num_inference_steps=2, height=height, width=width, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert out.shape == (1, 3, height, width) and torch.isfinite(out).all()
+    assert ctx.query_size is None, "the request's cached context is not changed by a call"
 
 
 def test_cli_option_and_resume_check():
