@@ -71,6 +71,7 @@ class ApprenticeTrainConfig:
         need(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma", "> 0", self.snr_gamma)
         need(self.subject_tokens >= 0, "--subject-tokens", ">= 0", self.subject_tokens)
         need(self.subject_tokens == 0 or self.method == "attention", "--subject-tokens", "0 with --method reference", self.subject_tokens)
+        need(not self.demo_position_bias or self.method == "attention", "--demo-position-bias", "off with --method reference (its attention has no trained weights)", "on")
         if self.subject_tokens and self.image_encoder is not None:
             from suti.scoring import check_scorer_for_model
 

@@ -9,6 +9,7 @@ from apprentice import DemoAttentionAdapter
 from apprentice.attention import _shared_attention, position_bias
 from apprentice.checkpoint import config_differences
 from apprentice.train_config import build_arg_parser, config_from_args
+from suti.errors import InvalidValueError
 from suti.models import load_pipeline
 
 
@@ -121,6 +122,9 @@ def test_cli_option_and_resume_check():
     args = build_arg_parser().parse_args(["--shards", "x.tar", "--output", "o", "--demo-position-bias"])
     config = config_from_args(args)
     assert config.demo_position_bias is True
+    config.validate()
+    with pytest.raises(InvalidValueError, match="--demo-position-bias must be off with --method reference"):
+        config_from_args(build_arg_parser().parse_args(["--shards", "x.tar", "--output", "o", "--demo-position-bias", "--method", "reference"])).validate()
     saved = dict(config.__dict__, demo_position_bias=False)
     assert [d.split()[0] for d in config_differences(saved, config.__dict__)] == ["demo_position_bias"]
     # a checkpoint written before the option existed resumes without it, not with it
