@@ -29,6 +29,7 @@ embeddings) and ``g`` a learnable per-layer gate that starts at 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -150,11 +151,19 @@ def position_bias(weight: torch.Tensor, queries: int, keys_per_demo: int, num_de
     Raises:
         ValueError: a token count that forms no grid of its latents' aspect ratio.
     """
-    rows, cols = _grid(queries, query_size or latent_size)
-    q = _centres(rows, cols, weight.device) * torch.tensor([rows, cols], device=weight.device, dtype=torch.float32)
-    k = _centres(*_grid(keys_per_demo, latent_size), weight.device) * torch.tensor([rows, cols], device=weight.device, dtype=torch.float32)
-    dist2 = torch.cdist(q, k).pow(2).repeat(1, num_demos)  # (L, n * M)
+    dist2 = _squared_distances(queries, keys_per_demo, num_demos, latent_size, query_size).to(weight.device)
     return -weight.float().view(-1, 1, 1) * dist2
+
+
+@functools.lru_cache(maxsize=64)
+def _squared_distances(queries: int, keys_per_demo: int, num_demos: int, latent_size: tuple[int, int] | None, query_size: tuple[int, int] | None) -> torch.Tensor:
+    """(L, n * M) squared distances of :func:`position_bias`, in query-grid cells (CPU; computed
+    once per layer shape, not per call: only the weights change between calls)."""
+    rows, cols = _grid(queries, query_size or latent_size)
+    scale = torch.tensor([rows, cols], dtype=torch.float32)
+    q = _centres(rows, cols, "cpu") * scale
+    k = _centres(*_grid(keys_per_demo, latent_size), "cpu") * scale
+    return torch.cdist(q, k).pow(2).repeat(1, num_demos)
 
 
 def _shared_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,16 +172,17 @@ def _shared_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     query: (B, heads, L, d); keys, values: (B or 1, heads, M, d); bias: (heads, L, M) or ``None``
     -> (B, heads, L, d). Shared keys and values are attended to by folding the batch into the
     query length (each query row is independent), so they are neither repeated nor copied per
-    image or guidance branch.
+    image or guidance branch. With a bias they are broadcast views instead (``expand``), so that
+    the bias, the larger of the two, is broadcast over the batch rather than tiled.
     """
     b, h, n, d = query.shape
     if bias is not None:
-        bias = bias.to(query.dtype)
+        return F.scaled_dot_product_attention(query, _batch(keys, b), _batch(values, b), attn_mask=bias.to(query.dtype).unsqueeze(0))
     if keys.shape[0] == b:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=None if bias is None else bias.unsqueeze(0))
+        return F.scaled_dot_product_attention(query, keys, values)
     _batch(keys, b)  # checks the batch
     folded = query.transpose(0, 1).reshape(1, h, b * n, d)  # (1, heads, B * L, d)
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=None if bias is None else bias.repeat(1, b, 1).unsqueeze(0))
+    out = F.scaled_dot_product_attention(folded, keys, values)
     return out.reshape(h, b, n, d).transpose(0, 1)
 
 
