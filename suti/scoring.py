@@ -178,7 +178,9 @@ class OpenClipScorer(Scorer):
 
     ``pretrained`` is an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"``...) or
     a local checkpoint file. The local Hugging Face hub cache (where open_clip downloads weights)
-    is tried first, then the network unless ``HF_HUB_OFFLINE=1`` (then it fails fast).
+    is tried first, then the network unless ``HF_HUB_OFFLINE=1`` (then it fails fast). The model
+    gets the activation its weights were trained with (open_clip's pretrained config: QuickGELU
+    for ``"openai"``, as in OpenAI's CLIP and the DreamBench metrics).
 
     Raises:
         ModelLoadError: the model or its weights cannot be loaded (the message says how to
@@ -199,9 +201,15 @@ class OpenClipScorer(Scorer):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
         errors: list[str] = []
+        # the activation the weights were trained with: OpenAI's CLIPs use QuickGELU, which the
+        # plain "ViT-B-32" config lacks (open_clip only warns; the embeddings would drift)
+        from open_clip.pretrained import get_pretrained_cfg
+
+        quick_gelu = bool(get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
         loaded = _cache_then_network(
             lambda: open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                          device=self.device),
+                                                          device=self.device,
+                                                          force_quick_gelu=quick_gelu),
             "open_clip", errors)
         if loaded is None:
             raise ModelLoadError(

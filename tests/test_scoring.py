@@ -155,3 +155,31 @@ def test_real_scorers_fail_fast_offline_with_a_clear_message(monkeypatch):
             assert hint in str(exc) and "offline" in str(exc).lower()
         else:  # pragma: no cover - only where the real weights are cached
             assert scorer.embed_images([_solid((1, 2, 3))]).shape[0] == 1
+
+
+def test_openai_clip_loads_offline_from_the_hub_cache_with_quick_gelu(tmp_path, monkeypatch):
+    """The real-model scorer loads OpenAI's ViT-B/32 through open_clip from the hub cache (here:
+    random weights in its layout, written by benchmarks/bench_models.py), offline, with the
+    QuickGELU activation those weights were trained with (the plain config has GELU)."""
+    import sys
+    from pathlib import Path
+
+    import huggingface_hub.constants
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_models import write_random_clip
+    finally:
+        sys.path.pop(0)
+    weights = write_random_clip(tmp_path / "hub", seed=3)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scorer = get_scorer("openai-clip-vit-b-32", device="cpu")
+    activations = {type(m).__name__ for m in scorer.model.modules() if "GELU" in type(m).__name__}
+    assert activations == {"QuickGELU"}
+    saved = load_file(str(weights))
+    assert torch.equal(scorer.model.state_dict()["visual.proj"], saved["visual.proj"])  # the file's weights, not a fresh init
+    image, text = scorer.embed_images([_solid((10, 200, 30))]), scorer.embed_texts(["a photo of a dog"])
+    assert image.shape == text.shape == (1, 512)
+    assert torch.allclose(image.norm(dim=-1), torch.ones(1), atol=1e-5)
