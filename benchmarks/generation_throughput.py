@@ -13,16 +13,34 @@ with 1 and with 2 workers, on a local Ray instance. Two rates per run, both from
     python benchmarks/generation_throughput.py --model toy --clusters 8 --steps 60
 On a GPU machine (experts per GPU-hour, 1 GPU per expert):
     python benchmarks/generation_throughput.py --device cuda --model sd15-arch --lora-rank 4 --clusters 4 --steps 100
+
+``--in-process`` runs the same expert code without Ray, in this process, one expert at a time:
+per-task experts (``mining.expert_task.run_cluster``: load the base and the scorer, train, save,
+load the expert back) against one resident worker (``ResidentExpertWorker``: load once, train in
+place, sample from memory), on the same clusters. It needs no Ray (a GPU machine without it):
+
+    python benchmarks/generation_throughput.py --in-process --device cuda --model sd15-arch --lora-rank 4 --random-clip
+
+``--random-clip``: the real-model scorer (OpenAI CLIP ViT-B/32) with random weights in a temporary
+hub cache (``bench_models.random_clip_hub_cache``), for machines without its weights: timing only.
+A preset with random weights that is not cached on disk (``sd15-arch``) is built once and saved,
+so that every expert loads it with ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
-from suti.cli import main as suti
+
+def suti(argv: list[str]) -> int:
+    from suti.cli import main
+
+    return main(argv)
 
 
 def _generate(root: Path, out: str, args, workers: int, extra: list[str]) -> tuple[float, float]:
@@ -39,6 +57,41 @@ def _generate(root: Path, out: str, args, workers: int, extra: list[str]) -> tup
     return summary["steady_experts_per_hour"], summary["ran_now"] / summary["expert_seconds"] * 3600
 
 
+def in_process(root: Path, args) -> dict:
+    """Per-task experts vs one resident worker, without Ray, on the same clusters and seeds.
+
+    Returns the seconds of each expert for both, the resident worker's load time, both rates
+    (steady: the mean expert after the first; end to end: everything, loading included) and how
+    many clusters gave byte-identical samples.
+    """
+    from mining.expert_task import ResidentExpertWorker, run_cluster
+    from mining.generate import GenerateConfig, _load_demos, read_clusters
+
+    overrides = {"lora_rank": args.lora_rank} if args.lora_rank else {}
+    config = GenerateConfig(clusters=str(root / "mined" / "clusters.jsonl"), crawl=str(root / "crawl"), output=str(root / "in-process"), model=args.model,
+                            steps=args.steps, recipe_overrides=overrides, lambda_=-1.0, prompts_per_cluster=args.prompts, sample_steps=args.sample_steps,
+                            threads_per_expert=args.threads).resolved()
+    job = {**config.job_dict(), "device": args.device}
+    rows = read_clusters(config.clusters, limit=args.clusters)
+    demos = _load_demos(config, rows)
+
+    def timed(fn):
+        started = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - started
+
+    task_out, task_s = zip(*[timed(lambda r=r: run_cluster(r, demos[r["cluster_id"]], job)) for r in rows])
+    print(f"  per-task experts: {', '.join(f'{s:.1f}' for s in task_s)} s", flush=True)
+    worker, load_s = timed(lambda: ResidentExpertWorker(job))
+    res_out, res_s = zip(*[timed(lambda r=r: worker.run(r, demos[r["cluster_id"]])) for r in rows])
+    print(f"  resident worker: load {load_s:.1f} s, experts {', '.join(f'{s:.1f}' for s in res_s)} s", flush=True)
+    identical = sum(a["members"] == b["members"] for a, b in zip(task_out, res_out))
+    steady = lambda s: 3600 / statistics.mean(s[1:] if len(s) > 1 else s)  # noqa: E731
+    return {"per_task_s": [round(s, 2) for s in task_s], "resident_load_s": round(load_s, 2), "resident_s": [round(s, 2) for s in res_s],
+            "per_task_1": (steady(task_s), 3600 * len(task_s) / sum(task_s)), "resident_1": (steady(res_s), 3600 * len(res_s) / (load_s + sum(res_s))),
+            "identical_samples": f"{identical}/{len(rows)}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy")
@@ -49,12 +102,35 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts sampled per expert")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 2-worker run (one GPU)")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: per-task experts vs one resident worker in this process (no scaling row)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per expert (--in-process)")
+    parser.add_argument("--random-clip", action="store_true", help="random-weight OpenAI CLIP ViT-B/32 in a temporary hub cache (no weights on the machine; timing only)")
     args = parser.parse_args()
+    if args.random_clip:
+        from bench_models import random_clip_hub_cache
+
+        random_clip_hub_cache()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        from bench_models import model_folder
+
+        args.model = model_folder(args.model, root)
         suti(["world", "make", "--output", str(root / "crawl"), "--subjects", str(args.clusters * 2), "--noise-pages", "0.2", "--seed", "3", "--size", "32"])
         suti(["mine", "--crawl", str(root / "crawl"), "--output", str(root / "mined")])
         args.clusters = min(args.clusters, len((root / "mined" / "clusters.jsonl").read_text().splitlines()))
+        if args.in_process:
+            result = in_process(root, args)
+            unit = "experts per GPU-hour" if args.device == "cuda" else "experts/hour"
+            print(f"in process (no Ray), model={args.model} device={args.device} lora_rank={args.lora_rank} clusters={args.clusters} expert steps={args.steps} "
+                  f"prompts={args.prompts} sample steps={args.sample_steps}")
+            print(f"{'':30s} {'steady':>8s} {'end to end':>11s}  ({unit})")
+            for name in ("per_task_1", "resident_1"):
+                print(f"  {name:28s} {result[name][0]:8.0f} {result[name][1]:11.0f}")
+            result.update(resident_vs_per_task=result["resident_1"][0] / result["per_task_1"][0], resident_vs_per_task_end_to_end=result["resident_1"][1] / result["per_task_1"][1])
+            print(f"resident / per-task: {result['resident_vs_per_task']:.2f}x steady, {result['resident_vs_per_task_end_to_end']:.2f}x end to end; "
+                  f"identical samples {result['identical_samples']}")
+            print(json.dumps({"mode": "in-process", "model": args.model, "device": args.device, "lora_rank": args.lora_rank, "steps": args.steps, **result}))
+            return
         per_task = _generate(root, "task", args, 1, [])
         resident = _generate(root, "resident1", args, 1, ["--resident-workers"])
         resident2 = None if args.skip_scaling else _generate(root, "resident2", args, 2, ["--resident-workers"])

@@ -12,7 +12,15 @@ Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub
    its MFU (model FLOPs per image counted with ``torch.utils.flop_counter`` / time / the GPU's
    dense bf16 peak);
 6. experts per GPU-hour: 3600 / (expert training + sampling ``--prompts-per-expert`` images),
-   one expert at a time per GPU, for full and LoRA.
+   one expert at a time per GPU, for full and LoRA;
+7. generation throughput: ``benchmarks/generation_throughput.py --in-process`` (the generation
+   job's expert code without Ray: per-task experts against one resident worker, LoRA rank 4,
+   ``--throughput-clusters`` clusters, ``--throughput-steps`` steps; the scorer is OpenAI CLIP
+   ViT-B/32's architecture with random weights, as the machine has no hub access).
+
+A row that fails prints ``ROW <name>: error ...`` and the suite goes on with the next one;
+``--rows`` picks rows (``experts,apprentice,training,throughput``). The exit status is 1 when
+a row failed.
 
 ``--dry-run`` runs every row on the CPU with the ``tiny`` preset and tiny sizes (CI).
 ``--sdxl`` adds the same rows for ``sdxl-arch`` (SDXL base's architecture) at 1024 px with
@@ -24,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,10 +46,26 @@ PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312
 ROWS: list[dict] = []
 
 
+JSON_PATH: Path | None = None
+
+
 def row(name: str, **values) -> None:
+    """Print a row and append it to ``--json`` at once (a run cut short keeps its rows)."""
     ROWS.append({"row": name, **values})
     text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
     print(f"ROW {name}: {text}", flush=True)
+    if JSON_PATH is not None:
+        JSON_PATH.write_text(json.dumps(ROWS, indent=2))
+
+
+def guarded(name: str, fn, *args, default=None):
+    """``fn(*args)``; an exception becomes an error row (with its traceback on stderr)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - a benchmark row must not stop the others
+        traceback.print_exc()
+        row(name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return default
 
 
 def sync() -> None:
@@ -165,20 +191,10 @@ def _shards(folder: Path, size: int, n: int) -> Path:
 
 
 def model_folder(model: str, work: Path) -> str:
-    """A diffusers folder for ``model``: a preset built without caching (sd15-arch) is built once
-    and saved under ``work``, so that every stage loads it with ``from_pretrained`` in seconds."""
-    from suti.models import build_random_pipeline, list_presets, load_preset, preset_folder
+    """A diffusers folder for ``model`` (``bench_models.model_folder``; the build is a row)."""
+    from bench_models import model_folder as build
 
-    if model not in list_presets():
-        return model
-    preset = load_preset(model)
-    if preset.get("cache", True):
-        return str(preset_folder(model))
-    folder = work / f"{model}-base"
-    started = time.perf_counter()
-    build_random_pipeline(preset).save_pretrained(str(folder), safe_serialization=True)
-    row(f"build {model} once (random weights, saved for from_pretrained; untimed elsewhere)", seconds=round(time.perf_counter() - started, 2))
-    return str(folder)
+    return build(model, work, log=lambda text: row(text), cached_as_folder=True)
 
 
 def flops_per_image(folder: str, resolution: int, num_demos: int = 3) -> float:
@@ -247,6 +263,29 @@ def experts_per_hour_rows(a, experts: dict) -> None:
         row(f"experts per GPU-hour, {kind} ({a.preset}, {a.expert_steps} steps + {a.prompts_per_expert} samples each)", experts_per_hour=round(3600 / per_expert, 2), seconds_per_expert=round(per_expert, 2))
 
 
+def throughput_row(a) -> None:
+    """Row 7: resident worker vs per-task experts, in process (generation_throughput.py)."""
+    import subprocess
+
+    world = a.preset in ("tiny", "toy", "tiny-sdxl")  # their own toy scorer; else the folder built once, and a random OpenAI CLIP
+    cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--in-process", "--model", a.preset if world else a.model, "--lora-rank", "4",
+           "--clusters", str(a.throughput_clusters), "--steps", str(a.throughput_steps), "--sample-steps", str(a.sample_steps), "--prompts", "2",
+           "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1"]
+    if not world:
+        cmd.append("--random-clip")
+    print("$ " + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    unit = "per_gpu_hour" if torch.cuda.is_available() else "per_hour"
+    row(f"generation throughput, LoRA rank 4 ({a.preset}, {a.throughput_steps} steps, 2 prompts x {a.sample_steps} sample steps, in process)",
+        **{f"resident_{unit}": round(r["resident_1"][0], 1), f"per_task_{unit}": round(r["per_task_1"][0], 1), "ratio_steady": round(r["resident_vs_per_task"], 3),
+           "ratio_end_to_end": round(r["resident_vs_per_task_end_to_end"], 3), "resident_load_s": r["resident_load_s"], "resident_s": r["resident_s"],
+           "per_task_s": r["per_task_s"], "identical_samples": r["identical_samples"]})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny preset and sizes on the CPU (every row, in seconds)")
@@ -262,11 +301,20 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when not in the built-in table")
     p.add_argument("--sdxl", action="store_true", help="also run every row for sdxl-arch at 1024 px (tiny-sdxl with --dry-run)")
     p.add_argument("--sdxl-expert-steps", type=int, default=100)
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--throughput-clusters", type=int, default=3)
+    p.add_argument("--throughput-steps", type=int, default=100)
+    p.add_argument("--rows", default="experts,apprentice,training,throughput", help="comma-separated, run in this order: experts,apprentice,training,throughput")
+    p.add_argument("--json", help="write the rows here (after every row)")
     a = p.parse_args(argv)
+    global JSON_PATH
+    JSON_PATH = Path(a.json) if a.json else None
+    wanted = set(a.rows.split(","))
+    if wanted - {"experts", "apprentice", "training", "throughput"}:
+        p.error(f"--rows: unknown {sorted(wanted - {'experts', 'apprentice', 'training', 'throughput'})}")
     if a.dry_run:
         a.model, a.resolution, a.expert_steps, a.class_images, a.sample_steps = "tiny", 32, 2, 2, 2
         a.timed_images, a.train_steps, a.train_batch, a.prompts_per_expert = 1, 2, 2, 1
+        a.throughput_clusters, a.throughput_steps = 2, 2
     elif not torch.cuda.is_available():
         print("warning: no CUDA device; the rows measure the CPU (use --dry-run for a quick check)", flush=True)
     started = time.perf_counter()
@@ -282,15 +330,20 @@ def main(argv=None) -> int:
             work = Path(tmp)
             photos = _photos(work / "photos", run.resolution)
             run.preset, run.model = run.model, model_folder(run.model, work)
-            experts = expert_rows(run, work, photos)
-            apprentice_rows(run, work, photos, experts)
-            apprentice_training_row(run, work)
-            experts_per_hour_rows(run, experts)
+            experts: dict = {}
+            for name in a.rows.split(","):  # in the order asked
+                if name == "experts":
+                    experts = guarded(f"experts ({run.preset})", expert_rows, run, work, photos, default={})
+                    experts_per_hour_rows(run, experts)
+                elif name == "apprentice":
+                    guarded(f"apprentice sampling ({run.preset})", apprentice_rows, run, work, photos, experts)
+                elif name == "training":
+                    guarded(f"apprentice training ({run.preset})", apprentice_training_row, run, work)
+                elif name == "throughput":
+                    guarded(f"generation throughput ({run.preset})", throughput_row, run)
     print(f"suite finished in {time.perf_counter() - started:.1f} s")
     print(json.dumps(ROWS))
-    if a.json:
-        Path(a.json).write_text(json.dumps(ROWS, indent=2))
-    return 0
+    return 1 if any("error" in r for r in ROWS) else 0
 
 
 if __name__ == "__main__":

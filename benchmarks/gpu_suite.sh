@@ -9,6 +9,8 @@
 #
 # Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
 # installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.
+# On a machine without a registry, they come from the wheels in .whl/ (benchmarks/gpu_wheelhouse.sh,
+# made on a machine with one), installed with --no-index into $TMPDIR/suti-site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
@@ -21,6 +23,13 @@ if ! "$PY" -c "$need" 2>/dev/null; then
     echo "gpu_suite: packages missing for $PY; run scripts/setup.sh first" >&2
     exit 2
   fi
+  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_suite: installing the missing packages from .whl/ (no index)" >&2
+    site="${TMPDIR:-/tmp}/suti-site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -c "$need" || { echo "gpu_suite: still missing packages after installing .whl/" >&2; exit 2; }
+  else
   echo "gpu_suite: installing the missing packages from requirements/cpu.lock" >&2
   if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     lock="${TMPDIR:-/tmp}/suti-gpu-suite.lock"  # keep the machine's CUDA build of torch
@@ -28,6 +37,7 @@ if ! "$PY" -c "$need" 2>/dev/null; then
     "$PY" -m pip install -q -r "$lock"
   else
     "$PY" -m pip install -q -r requirements/cpu.lock
+  fi
   fi
 fi
 

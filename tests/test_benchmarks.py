@@ -21,6 +21,7 @@ SUITE_ROWS = [
     "apprentice training ({m}, 32 px, frozen base, 3 demos",
     "experts per GPU-hour, full ({m}",
     "experts per GPU-hour, lora ({m}",
+    "generation throughput, LoRA rank 4 ({m}, 2 steps",
 ]
 
 
@@ -39,6 +40,43 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text()) if "tiny-sdxl" not in r["row"]}
     assert data["experts per GPU-hour, lora"]["experts_per_hour"] > 0
     assert data["apprentice training"]["images_per_s"] > 0 and data["apprentice training"]["tflop_per_image"] > 0
+    throughput = data["generation throughput, LoRA rank 4"]
+    assert throughput["resident_per_hour"] > 0 and throughput["per_task_per_hour"] > 0
+    assert throughput["identical_samples"] == "2/2"  # the resident worker's samples are the per-task experts', byte for byte
+
+
+def _gpu_suite():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_suite
+    finally:
+        sys.path.pop(0)
+    return gpu_suite
+
+
+def test_gpu_suite_a_failing_row_is_an_error_row_and_the_next_rows_still_run(tmp_path, monkeypatch):
+    """One row's exception (a GPU run has one try) becomes ``error`` in its row; the rows after it
+    still run, the JSON is written after every row, and the exit status says a row failed."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: its helpers sit beside it
+    suite = _gpu_suite()
+    ran = []
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(suite, "ROWS", [])
+    monkeypatch.setattr(suite, "expert_rows", broken)
+    monkeypatch.setattr(suite, "apprentice_training_row", lambda run, work: (ran.append("training"), suite.row("training stand-in", images_per_s=1.0)))
+    out = tmp_path / "rows.json"
+    assert suite.main(["--dry-run", "--rows", "experts,training", "--json", str(out)]) == 1
+    import json
+
+    rows = json.loads(out.read_text())
+    assert rows[0]["row"] == "experts (tiny)" and rows[0]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert ran == ["training"] and rows[-1]["row"] == "training stand-in"
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--dry-run", "--rows", "experts,bogus"])
+    assert exc.value.code == 2
 
 
 def _memory():
