@@ -45,20 +45,22 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     assert throughput["identical_samples"] == "2/2"  # the resident worker's samples are the per-task experts', byte for byte
 
 
-def _gpu_suite():
+def _benchmark(name: str):
+    """A script of benchmarks/ imported as a module."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import gpu_suite
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return gpu_suite
 
 
 def test_gpu_suite_a_failing_row_is_an_error_row_and_the_next_rows_still_run(tmp_path, monkeypatch):
     """One row's exception (a GPU run has one try) becomes ``error`` in its row; the rows after it
     still run, the JSON is written after every row, and the exit status says a row failed."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: its helpers sit beside it
-    suite = _gpu_suite()
+    suite = _benchmark("gpu_suite")
     ran = []
 
     def broken(*args):
@@ -79,17 +81,8 @@ def test_gpu_suite_a_failing_row_is_an_error_row_and_the_next_rows_still_run(tmp
     assert exc.value.code == 2
 
 
-def _memory():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import memory
-    finally:
-        sys.path.pop(0)
-    return memory
-
-
 def test_memory_analytic_rows_and_shared_kv_at_a_small_size():
-    memory = _memory()
+    memory = _benchmark("memory")
     rows = memory.analytic(resolution=64)
     full, lora, apprentice, sampling = rows[0], rows[1], rows[2], rows[3]
     assert full["case"].startswith("expert training, full") and lora["case"].startswith("expert training, LoRA")
@@ -104,7 +97,7 @@ def test_memory_analytic_rows_and_shared_kv_at_a_small_size():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_chunked_vae_encoding_lowers_the_measured_peak():
-    memory = _memory()
+    memory = _benchmark("memory")
     torch.manual_seed(0)
     chunked, one = memory.measured_vae(size=64, n=4, chunk=1)
     assert chunked["case"].endswith("chunks of 1") and one["case"].endswith("one call")
@@ -112,7 +105,7 @@ def test_chunked_vae_encoding_lowers_the_measured_peak():
 
 
 def test_memory_analytic_sdxl_arch_rows():
-    memory = _memory()
+    memory = _benchmark("memory")
     rows = memory.analytic(resolution=64, model="sdxl-arch")
     full, lora = rows[0], rows[1]
     # U-Net 2567.5M + VAE 83.7M + CLIP ViT-L 123.1M + OpenCLIP bigG text 694.7M parameters, fp32
