@@ -7,6 +7,13 @@
 #   bash benchmarks/gpu_suite.sh --dry-run        # CPU, tiny preset and sizes (CI): every row
 #   bash benchmarks/gpu_suite.sh --json rows.json # extra arguments go to benchmarks/gpu_suite.py
 #
+# A lent GPU machine with no registry and a few minutes (sizes cut to fit about 8 minutes; the rows
+# give steps/s, so 500-step figures follow): first `bash benchmarks/gpu_wheelhouse.sh` here, then
+# with .whl/ copied along, there:
+#   PYTHON=python3 SUTI_SUITE_TIMEOUT=510 bash benchmarks/gpu_suite.sh --expert-steps 100 --class-images 4 \
+#     --timed-images 2 --train-steps 10 --throughput-clusters 3 --throughput-steps 100 \
+#     --rows experts,apprentice,throughput,training --json rows.json
+#
 # Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
 # installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.
 # On a machine without a registry, they come from the wheels in .whl/ (benchmarks/gpu_wheelhouse.sh,
