@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     launch.add_argument("--master-addr", help="address of node 0, reachable from every node (multi-node)")
     launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 for the rendezvous")
     launch.add_argument("--hostfile", help="a DeepSpeed hostfile (\"host slots=N\" lines): launch on all its hosts over ssh with the deepspeed launcher, from one node")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, local_paths=("hostfile",))
 
     pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=HelpFormatter)
     pack.add_argument("--clusters", required=True, help="clusters.jsonl of `suti mine`")

@@ -88,12 +88,24 @@ class ApprenticeModule(torch.nn.Module):
 
 
 def _ds_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
+    from suti import storage
     from suti.models import config_path
 
-    p = config_path("deepspeed", path, ".json")
-    if not p.is_file():
-        raise InputError(f"{path}: no such DeepSpeed config")
-    ds = json.loads(p.read_text())
+    if "://" in path and not storage.is_local(path):  # every rank reads it: object storage, not one node's disk
+        if not storage.isfile(path):
+            raise InputError(f"--deepspeed-config {path}: no such DeepSpeed config")
+        text = storage.read_text(path)
+    else:
+        p = config_path("deepspeed", storage.resolve(path) if "://" in path else path, ".json")
+        if not p.is_file():
+            raise InputError(f"{path}: no such DeepSpeed config")
+        text = p.read_text()
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--deepspeed-config {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(ds, dict):
+        raise InputError(f"--deepspeed-config {path}: a DeepSpeed config is a JSON object")
     ds["train_micro_batch_size_per_gpu"] = config.batch_size
     ds.pop("train_batch_size", None)
     bf16 = ds.setdefault("bf16", {})

@@ -160,15 +160,37 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "recipes").glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """A recipe by name (``configs/recipes/<name>.yaml``) or by path to a YAML file."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = config_dir() / "recipes" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise InputError(f"unknown recipe {name_or_path!r}; recipes: {', '.join(list_recipes())}")
-    data = yaml.safe_load(path.read_text()) or {}
-    data.setdefault("name", path.stem)
+def load_recipe(name_or_path: str | dict) -> dict[str, Any]:
+    """A recipe by name (``configs/recipes/<name>.yaml``), by path or storage URI of a YAML file
+    (``s3://bucket/recipes/mine.yaml``), or already loaded (a dict: a copy is returned; the
+    generation job ships its recipe to the workers this way, as they cannot see the driver's disk).
+
+    Raises:
+        InputError: an unknown name, a missing file, or YAML that is not a mapping.
+    """
+    if isinstance(name_or_path, dict):
+        return dict(name_or_path)
+    from suti import storage
+
+    text = str(name_or_path)
+    if "://" in text and not storage.is_local(text):
+        if not storage.isfile(text):
+            raise InputError(f"--recipe {text}: no such file")
+        raw, stem = storage.read_text(text), Path(text.split("://", 1)[1]).stem
+    else:
+        path = Path(storage.resolve(text)) if "://" in text else Path(text)
+        if not path.is_file():
+            path = config_dir() / "recipes" / f"{text}.yaml"
+        if not path.is_file():
+            raise InputError(f"unknown recipe {text!r}; recipes: {', '.join(list_recipes())}")
+        raw, stem = path.read_text(), path.stem
+    try:
+        data = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"--recipe {text}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--recipe {text}: a recipe is a YAML mapping of settings")
+    data.setdefault("name", stem)
     return data
 
 
@@ -197,9 +219,9 @@ def preset_expert_defaults(model: str, recipe: str) -> dict[str, Any]:
     return out
 
 
-def resolve_config(recipe: str, overrides: dict[str, Any]) -> ExpertConfig:
-    """Recipe < model preset (:func:`preset_expert_defaults`) < overrides (``None`` values
-    ignored) -> a validated config."""
+def resolve_config(recipe: str | dict, overrides: dict[str, Any]) -> ExpertConfig:
+    """Recipe (:func:`load_recipe`: a name, a YAML path or URI, or a loaded dict) < model preset
+    (:func:`preset_expert_defaults`) < overrides (``None`` values ignored) -> a validated config."""
     data = load_recipe(recipe)
     data["recipe"] = data.pop("name")
     overrides = {k: v for k, v in overrides.items() if v is not None}

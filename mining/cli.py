@@ -220,4 +220,4 @@ def register(subparsers) -> None:
                               description=__doc__,
                               formatter_class=_Formatter)
     add_arguments(p)
-    p.set_defaults(func=cmd_mine)
+    p.set_defaults(func=cmd_mine, local_paths=("llm_model",))

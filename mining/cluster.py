@@ -86,7 +86,9 @@ def default_thresholds(model: str, **overrides) -> Thresholds:
     from suti.models import list_presets
     from suti.scoring import model_scorer
 
-    if (Path(model) / "toy_clip.json").is_file():  # a toy CLIP weights folder
+    from suti import storage
+
+    if storage.isfile(storage.join(model, "toy_clip.json")) if "://" in model else (Path(model) / "toy_clip.json").is_file():  # a toy CLIP weights folder
         model = "toy-clip"
     elif model in list_presets():  # a model preset: its own CLIP
         model = model_scorer(model)

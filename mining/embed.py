@@ -58,10 +58,13 @@ def check_embedder(model: str) -> None:
     Raises:
         InputError: naming the value and what it could have been.
     """
+    from suti import storage
     from suti.models import list_presets
     from suti.scoring import SCORERS
 
-    if model in list_presets() or model in SCORERS or (Path(model) / "toy_clip.json").is_file():
+    if model in list_presets() or model in SCORERS:
+        return
+    if storage.isfile(storage.join(model, "toy_clip.json")) if "://" in model else (Path(model) / "toy_clip.json").is_file():
         return
     import open_clip
 
@@ -77,17 +80,27 @@ def load_scorer(model: str, pretrained: str | None = None):
     :func:`suti.scoring.model_scorer`), a :func:`suti.scoring.get_scorer` name (``toy-clip``,
     ``openai-clip-vit-b-32``), a folder with toy CLIP weights (``toy_clip.json`` +
     ``toy_clip.safetensors``), or an open_clip architecture (``ViT-B-32``, ``ViT-L-14``...)
-    loaded with the ``pretrained`` tag or checkpoint file (default ``openai``).
+    loaded with the ``pretrained`` tag or checkpoint file (default ``openai``). A folder or
+    checkpoint may be a storage URI (``s3://...``): each machine downloads it once
+    (:func:`suti.storage.cached_copy`), so Ray workers need no shared disk.
 
     Raises:
         InputError: the scorer cannot embed texts, or ``model`` is none of the above.
         ModelLoadError: the model cannot be loaded.
     """
-    from suti.models import list_presets
+    from suti import storage
+    from suti.models import cache_dir, list_presets
     from suti.scoring import SCORERS, OpenClipScorer, get_scorer, model_scorer
 
     if model in list_presets():
         model = model_scorer(model)
+    # a toy CLIP folder or open_clip checkpoint on object storage: one local copy per machine
+    if "://" in model and not storage.is_local(model):
+        model = str(storage.cached_copy(model, cache_dir() / "remote"))
+    elif "://" in model:
+        model = storage.resolve(model)
+    if pretrained and "://" in pretrained:
+        pretrained = str(storage.cached_copy(pretrained, cache_dir() / "remote"))
     if model in SCORERS:
         scorer = get_scorer(model)
     elif (Path(model) / "toy_clip.json").is_file():

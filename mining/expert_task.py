@@ -96,7 +96,7 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
         if not keep:  # no tracker for an expert whose folder is deleted (a TensorBoard writer per expert, flushed every step)
             overrides["report_to"] = "none"
         overrides.update(job.get("recipe_overrides") or {})
-        config = resolve_config(job["recipe"], overrides)
+        config = resolve_config(job.get("recipe_data") or job["recipe"], overrides)  # the driver's copy of the recipe
         from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, PromptTruncatedError, batches, check_prompt, resolve_dtype, seeded_generators
 
         expert_dir = workdir / "expert"

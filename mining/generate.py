@@ -100,6 +100,7 @@ class GenerateConfig:
     threads_per_expert: int = 1
     resident_workers: bool = False
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
+    recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
 
     def __post_init__(self) -> None:
         """Refuse bad sampler settings at once, as every sampler does (InputError naming the flag)."""
@@ -131,15 +132,17 @@ class GenerateConfig:
         if self.cpus_per_expert <= 0:
             raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
         from experts import resolve_config
+        from experts.recipe import load_recipe
         from suti.errors import MissingInputError
         from suti.models import check_model, hub_offline, portable_model
 
         check_model(self.model)  # on the driver: not a job whose every expert fails to load it
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
-        resolve_config(self.recipe, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
+        recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
+        resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
         scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
         out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer,
-                                  model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe))  # workers have other working directories
+                                  model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe), recipe_data=recipe_data)  # workers have other working directories
         for uri in (out.clusters, out.crawl, out.output):
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
         if not storage.isdir(out.crawl):

@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the apprentice and experts (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-preload", action="store_true", help="load the apprentice on the first request instead of at start-up")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, local_paths=("data_dir", "db", "apprentice"))
 
 
 def settings_from_args(args):

@@ -68,19 +68,23 @@ def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
 def check_local_paths(args) -> None:
     """Refuse an object-store URI in an option its command reads or writes as a local file
     (the options named by the command's ``set_defaults(local_paths=...)``): an ``s3://``
-    ``--output`` must never become a local folder named ``s3:``.
+    ``--output`` must never become a local folder named ``s3:``. A ``file://`` URL there is
+    replaced by its local path (never a folder named ``file:``).
 
     Raises:
         InputError: naming the option and the value.
     """
-    from suti.storage import is_local
+    from suti.storage import is_local, resolve
 
     for name in getattr(args, "local_paths", ()):
         value = getattr(args, name, None)
-        for item in value if isinstance(value, list) else [value]:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
             if item is not None and not is_local(str(item)):
                 raise InputError(f"--{name.replace('_', '-')} {item}: this command reads and writes local files only; give a local path "
                                  f"(and copy to or from object storage with your storage tools, e.g. `aws s3 sync`)")
+        local = [resolve(i) if isinstance(i, str) and "://" in i else i for i in items]
+        setattr(args, name, local if isinstance(value, list) else local[0])
 
 
 def _run_command(args) -> int:

@@ -60,7 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--query-expert-steps", type=int, default=200, help="steps of the DreamBooth expert compared at the end")
     p.add_argument("--workers", type=int, default=2, help="experts trained in parallel")
     p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=run_demo, local_paths=("output",))
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> float:

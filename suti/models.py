@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from suti import storage
 from suti.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,12 @@ def check_model(model: str, flag: str = "--model") -> None:
 
     if model in list_presets():
         return
-    path = Path(str(model)).expanduser()
+    if "://" in str(model) and not storage.is_local(str(model)):  # a pipeline folder on object storage
+        storage.filesystem(str(model))  # a missing s3fs/gcsfs: exit 2 naming the extra
+        if not storage.isfile(storage.join(str(model), "model_index.json")):
+            raise InputError(f"{flag} {model}: no diffusers pipeline folder there (no model_index.json)")
+        return
+    path = Path(storage.resolve(str(model))).expanduser() if "://" in str(model) else Path(str(model)).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise InputError(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
@@ -304,13 +310,31 @@ def check_model(model: str, flag: str = "--model") -> None:
             raise InputError(f"{flag} {model!r}: not a preset or a folder, and not in the local hub cache (HF_HUB_OFFLINE is set). {_hub_help(model).split('. ', 1)[1]}")
 
 
+def local_model_folder(uri: str) -> Path:
+    """The local folder of a pipeline at a storage URI (``s3://bucket/sd15``, ``file:///models/sd``):
+    the folder itself when local, else a copy made once per machine in ``<suti cache>/remote``
+    (:func:`suti.storage.cached_copy`: keyed by the URI and the objects' ETags/sizes, under a file
+    lock), so that the nodes of a cluster without a shared filesystem each download it once.
+
+    Raises:
+        ModelLoadError: nothing at ``uri`` (or its protocol's package is missing).
+    """
+    from suti.errors import SutiError
+
+    try:
+        return storage.cached_copy(uri, cache_dir() / "remote")
+    except SutiError as exc:
+        raise ModelLoadError(f"model {uri}: {exc}") from None
+
+
 def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
     """Load a ``StableDiffusionPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLPipeline`` (SDXL, by
     the folder's ``model_index.json`` or the preset's ``text_encoder_2``) for a preset name, local
     folder or hub id.
 
     Args:
-        model: a preset name, a local diffusers folder, or a hub id.
+        model: a preset name, a local diffusers folder, a folder at a storage URI (``s3://``,
+            ``gs://``, ``file://``; :func:`local_model_folder`), or a hub id.
         device: move the pipeline there (``None``: leave it on the CPU).
         torch_dtype: load the weights in this dtype (``None``: float32).
 
@@ -319,6 +343,8 @@ def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
     """
     _quiet_loading()
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}  # diffusers >= 0.36 spelling of torch_dtype
+    if "://" in str(model) and model not in list_presets():  # file:// or object storage: a local folder, downloaded once per machine
+        model = str(local_model_folder(model))
     if model in list_presets():
         preset = load_preset(model)
         if preset.get("cache", True):

@@ -319,6 +319,73 @@ def local_copy(uri: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def fingerprint(uri: str | os.PathLike) -> str:
+    """What identifies the current content of a file or folder URI without reading it: the
+    sorted (relative path, size, ETag or modification time) of every file below it (fsspec's
+    ``find(detail=True)``), hashed.
+
+    Raises:
+        MissingInputError: nothing exists at ``uri``.
+    """
+    import hashlib
+    import json
+
+    fs, path = filesystem(uri)
+    try:
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        found = {}
+    if not found:
+        raise MissingInputError(f"{resolve(uri)}: no such file or folder")
+    rows = sorted((posixpath.relpath(p, path) if p != path else "", info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""))
+                  for p, info in found.items())
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
+
+
+def cached_copy(uri: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
+    """A local path for ``uri`` that lasts: ``uri`` itself when local; else a copy of the file or
+    folder made once per machine under ``cache_root/<hash of uri and its fingerprint>/``, so that
+    every process of a node (Ray workers, DeepSpeed ranks) reuses one download of a 1-7 GB model,
+    and a changed object (another ETag or size) is downloaded again. Concurrent callers wait on a
+    file lock; the copy is made in a temporary folder and renamed into place, so a killed
+    download is never used.
+
+    Raises:
+        MissingInputError: nothing exists at ``uri``.
+        InputError: the protocol's package is missing (:func:`filesystem`).
+    """
+    import hashlib
+
+    from filelock import FileLock
+
+    path = local_path(uri)
+    if path is not None:
+        return path
+    fs, remote = filesystem(uri)
+    remote = remote.rstrip("/")
+    key = hashlib.sha256(f"{resolve(uri)}\n{fingerprint(uri)}".encode()).hexdigest()[:20]
+    root = Path(cache_root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / key
+    dest = entry / posixpath.basename(remote)
+    with FileLock(str(root / f"{key}.lock")):
+        if dest.exists():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        try:
+            part = tmp / posixpath.basename(remote)
+            if fs.isdir(remote):
+                fs.get(remote + "/", str(part), recursive=True)
+            else:
+                fs.get_file(remote, str(part))
+            shutil.rmtree(entry, ignore_errors=True)  # a leftover without its content
+            os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
 def upload(local: str | os.PathLike, uri: str | os.PathLike) -> None:
     """Copy a local file or folder to ``uri`` (a plain copy when ``uri`` is local)."""
     local = Path(local)

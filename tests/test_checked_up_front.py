@@ -26,8 +26,8 @@ def test_check_model_knows_presets_folders_and_hub_ids(tmp_path, monkeypatch):
         check_model(preset)
     with pytest.raises(InputError, match=r"--model 'tyni': not a preset \(.*toy.*\), an existing diffusers folder or a hub id"):
         check_model("tyni")
-    with pytest.raises(InputError, match="not a preset"):
-        check_model("s3://bucket/sd15")
+    with pytest.raises(InputError, match="memory://models/sd15: no diffusers pipeline folder there"):
+        check_model("memory://models/sd15")  # a URI is a folder on storage (tests/test_remote_artifacts.py loads one from S3)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a diffusers pipeline folder"):
         check_model(str(tmp_path / "empty"))

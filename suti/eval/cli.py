@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     add_sampler_flags(p)
     p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
     p.add_argument("--dino", default="auto", help="DINO backbone: auto (dino-vits16, else toy-identity), or a scorer name")
-    p.set_defaults(func=_run, local_paths=("output", "dataset"))
+    p.set_defaults(func=_run, local_paths=("output", "dataset", "apprentice"))
 
 
 def _run(args) -> int:

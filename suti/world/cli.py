@@ -142,7 +142,7 @@ def register(subparsers) -> None:
 
     show = sub.add_parser("show", help="list the subjects of a world")
     show.add_argument("--world", required=True, help="world folder or world.json")
-    show.set_defaults(func=cmd_show)
+    show.set_defaults(func=cmd_show, local_paths=("world",))
 
     export = sub.add_parser("export-subject",
                             help="write photos of one subject as a DreamBooth instance folder")
@@ -152,7 +152,7 @@ def register(subparsers) -> None:
     export.add_argument("--n", type=int, default=4, help="number of photos (4)")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--size", type=int, default=64)
-    export.set_defaults(func=cmd_export_subject, local_paths=("output",))
+    export.set_defaults(func=cmd_export_subject, local_paths=("world", "output"))
 
     pretrain = sub.add_parser("pretrain", help="pretrain the world models (toy t2i, CLIP, probe)")
     pretrain.add_argument("--output", required=True,
@@ -173,4 +173,4 @@ def register(subparsers) -> None:
     pretrain.add_argument("--subjects", type=int, default=2000,
                           help="with --continue-from: train on the train split of the seed-0 "
                                "world of this many subjects (2000)")
-    pretrain.set_defaults(func=cmd_pretrain, local_paths=("output",))
+    pretrain.set_defaults(func=cmd_pretrain, local_paths=("output", "continue_from"))
