@@ -76,8 +76,9 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
 
     crawl, out = storage.resolve(crawl), storage.resolve(output)
     storage.filesystem(out)  # a missing filesystem package fails here, before any work
-    if not any(c in crawl for c in "*?[{") and not storage.exists(crawl):
-        raise InputError(f"{crawl}: no such crawl (give the folder or manifest `suti mine` read)")
+    from mining.crawl import check_crawl
+
+    check_crawl(crawl)
     if min_photos < 2:
         raise InputError(f"min_photos must be at least 2 (a target and a demonstration), got {min_photos}")
     rows = read_clusters(clusters)

@@ -58,6 +58,7 @@ def run_mine(args: argparse.Namespace) -> dict:
     start = time.time()
     # absolute (or URIs) on the driver, before any path reaches a Ray worker
     out, crawl = storage.resolve(args.output), storage.resolve(args.crawl)
+    storage.require_bucket(out)  # before any work: a missing bucket is one line, never created
     if storage.isfile(out):
         raise InputError(f"{out}: exists and is not a folder")
     if storage.exists(storage.join(out, "clusters.jsonl")) and not args.overwrite:

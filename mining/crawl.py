@@ -169,6 +169,20 @@ def local_crawl(crawl: str | os.PathLike) -> Iterator[tuple[str, Callable[[str],
                 raise InputError(f"{uri}: no such crawl file or folder")
             local = str(stack.enter_context(storage.local_copy(uri)))
             roots.append((local, uri))
+            if os.path.isfile(local) and local.endswith((".jsonl", ".jsonl.gz", ".parquet")):
+                # a manifest names its images relative to its own folder: fetch those beside the copy
+                base, remote_base = os.path.dirname(local), uri.rsplit("/", 1)[0]
+                relative = sorted({p for p in _manifest_paths(local) if p and not os.path.isabs(p) and "://" not in p})
+                for rel in relative:
+                    dest = os.path.normpath(os.path.join(base, rel))
+                    if not dest.startswith(base + os.sep):
+                        continue  # "../" outside the manifest's folder: left unreadable, counted as such
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    try:
+                        fs.get_file(storage.filesystem(storage.join(remote_base, rel))[1], dest)
+                    except FileNotFoundError:
+                        pass  # counted as unreadable by the reader, as a missing local file is
+                roots.append((base, remote_base))
 
         def to_uri(path: str) -> str:
             full = os.path.abspath(path)
@@ -313,6 +327,48 @@ def _iter_folder(folder: str, counts: Counter) -> Iterator[Record]:
         caption = txt.read_text(errors="replace") if txt.is_file() else meta.get("caption")
         yield Record(str(meta.get("key") or img.stem), str(caption or "").strip(),
                      str(meta.get("url") or ""), str(meta["page_url"]), str(img))
+
+
+def _manifest_paths(path: str) -> list[str]:
+    """The ``path`` field of every row of a JSONL or parquet manifest (bad rows skipped: the
+    reader reports them)."""
+    out = []
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path, columns=["path"])
+        except Exception:  # noqa: BLE001 - the reader says what is wrong with the file
+            return []
+        return [str(p) for p in table.column("path").to_pylist() if p]
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("path"):
+                out.append(str(row["path"]))
+    return out
+
+
+def check_crawl(crawl: str, flag: str = "--crawl") -> None:
+    """Refuse at once a crawl argument that names nothing: a folder, a file (shards, manifest)
+    or a glob/brace pattern that matches at least one file, local or at a storage URI.
+
+    Raises:
+        MissingInputError: naming the flag and the value.
+    """
+    from suti.errors import MissingInputError
+
+    if any(c in crawl for c in "*?[{"):
+        if not [u for u in storage.expand(crawl) if storage.isfile(u)]:
+            raise MissingInputError(f"{crawl}: the shard pattern matches no file ({flag})")
+    elif not storage.exists(crawl):
+        raise MissingInputError(f"{crawl}: no such crawl file or folder ({flag})")
 
 
 def _manifest_record(row, base: Path, seen: set) -> Record:

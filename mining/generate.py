@@ -103,8 +103,26 @@ class GenerateConfig:
     recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
 
     def __post_init__(self) -> None:
-        """Refuse bad sampler settings at once, as every sampler does (InputError naming the flag)."""
+        """Refuse bad settings at once, before anything is written (InputError naming the flag):
+        the sampler's, as every sampler does, and the job's counts, sizes and thresholds."""
+        import math
+
+        from suti.errors import InvalidValueError
         from suti.sampling import check_sampler_args, resolve_dtype
+
+        for flag, value in (("--clusters", self.clusters), ("--crawl", self.crawl), ("--output", self.output)):
+            if not str(value).strip():
+                raise InvalidValueError(f"{flag} must name a file, folder or URI, got an empty string")
+        positive = {"--samples-per-shard": self.samples_per_shard, "--max-clusters": self.max_clusters, "--max-workers": self.max_workers,
+                    "--prompts-per-cluster": self.prompts_per_cluster, "--threads-per-expert": self.threads_per_expert}
+        for flag, value in positive.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidValueError(f"{flag} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise InvalidValueError(f"--max-retries must be a whole number >= 0, got {self.max_retries!r}")
+        for flag, value in (("--lambda", self.lambda_), ("--gpus-per-expert", self.gpus_per_expert), ("--cpus-per-expert", self.cpus_per_expert)):
+            if value is not None and not math.isfinite(float(value)):
+                raise InvalidValueError(f"{flag} must be a finite number, got {value} (--no-filter keeps every sample)")
 
         flags = {"steps": "--sample-steps", "num_images": "--samples-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"}
         check_sampler_args(steps=self.sample_steps, num_images=self.samples_per_prompt, guidance_scale=self.guidance_scale, seed=self.seed, sample_batch_size=self.sample_batch_size, flags=flags)
@@ -133,7 +151,6 @@ class GenerateConfig:
             raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
         from experts import resolve_config
         from experts.recipe import load_recipe
-        from suti.errors import MissingInputError
         from suti.models import check_model, hub_offline, portable_model
 
         check_model(self.model)  # on the driver: not a job whose every expert fails to load it
@@ -145,8 +162,10 @@ class GenerateConfig:
                                   model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe), recipe_data=recipe_data)  # workers have other working directories
         for uri in (out.clusters, out.crawl, out.output):
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
-        if not storage.isdir(out.crawl):
-            raise MissingInputError(f"{out.crawl}: no such crawl (--crawl)")
+        storage.require_bucket(out.output)  # a missing bucket: one line, before job.json
+        from mining.crawl import check_crawl
+
+        check_crawl(out.crawl)  # a folder, shard file, manifest or pattern, as `suti mine` reads
         if hub_offline() and not scorer.startswith("toy-"):
             from suti.scoring import get_scorer
 
@@ -334,10 +353,18 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     packer.flush()
     _cleanup_staging(output, packer, done)
 
-    statuses = [done[r["cluster_id"]]["status"] for r in clusters if r["cluster_id"] in done]
-    deltas = [d for r in clusters if r["cluster_id"] in done for d in done[r["cluster_id"]].get("delta_clip", [])]
+    # The summary describes the whole output, as the manifest and the shards do (a rerun with a
+    # smaller --max-clusters must not shrink the counts); ran_now/unfinished and the timings
+    # describe the last run that trained experts (a rerun with nothing to do keeps them).
+    recorded = read_manifest(output)
+    statuses = [row["status"] for row in recorded.values()]
+    deltas = [d for row in recorded.values() for d in row.get("delta_clip", [])]
+    previous = _read_summary(output)
+    timing = {"expert_seconds": round(expert_seconds, 2), "steady_experts_per_hour": steady_rate(finish_times, slots)}
+    if not todo and previous:
+        timing = {k: previous.get(k, v) for k, v in timing.items()}
     summary = {
-        "clusters": total,
+        "clusters": len(set(recorded) | {r["cluster_id"] for r in clusters}),
         "accepted": statuses.count("accepted"),
         "rejected": statuses.count("rejected"),
         "failed": statuses.count("failed"),
@@ -345,16 +372,23 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
         "shards": len(existing_shards(output)),
         "ran_now": len(todo),
         "unfinished": len(unfinished),
-        "expert_seconds": round(expert_seconds, 2),
-        "steady_experts_per_hour": steady_rate(finish_times, slots),
+        **timing,
     }
     storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2))
-    print(f"generation: {summary['accepted']} accepted, {summary['rejected']} rejected, {summary['failed']} failed of {total} clusters; {summary['samples']} samples in {summary['shards']} shards")
+    print(f"generation: {summary['accepted']} accepted, {summary['rejected']} rejected, {summary['failed']} failed of {summary['clusters']} clusters; {summary['samples']} samples in {summary['shards']} shards")
     if unfinished:
         print(f"{len(unfinished)} cluster(s) unfinished: their workers kept dying; run the same command again")
     rule = "--no-filter: every candidate kept" if config.no_filter else f"lambda = {config.lambda_}"
     print(f"delta-CLIP of all candidates ({rule}):\n{_histogram(deltas)}")
     return summary
+
+
+def _read_summary(output: str) -> dict | None:
+    """The job's previous ``summary.json`` (``None`` when absent or unreadable)."""
+    try:
+        return json.loads(storage.read_text(storage.join(output, SUMMARY_FILE)))
+    except (MissingInputError, ValueError):
+        return None
 
 
 def worker_env() -> dict[str, str]:

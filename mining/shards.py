@@ -127,6 +127,12 @@ class ShardPacker:
     """
 
     def __init__(self, folder: str | os.PathLike, samples_per_shard: int):
+        from suti.errors import InvalidValueError
+
+        if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+            raise InvalidValueError(f"--samples-per-shard must be a whole number >= 1, got {samples_per_shard!r}")
+        if not str(folder).strip():
+            raise InvalidValueError("--output must name a folder or URI, got an empty string")
         self.uri = storage.resolve(folder)
         local = storage.local_path(self.uri)
         self.folder = local if local is not None else self.uri
@@ -134,6 +140,8 @@ class ShardPacker:
             local.mkdir(parents=True, exist_ok=True)
             for stale in local.glob(".shard-*.tar.tmp-*"):
                 stale.unlink()  # a half-written shard from a killed driver
+        else:
+            storage.require_bucket(self.uri)  # never a traceback from a missing bucket's listing
         self.samples_per_shard = samples_per_shard
         shards = existing_shards(self.folder)
         self.written: set[str] = set()

@@ -131,6 +131,9 @@ def query(args, apprentice_dir: Path) -> dict:
 
 def run_demo(args) -> int:
     """The whole pipeline, then the comparison; prints the numbers."""
+    from suti.models import check_model
+
+    check_model(args.model)  # before any stage writes: a bad --model is one line, not a failure at stage 3
     started = time.perf_counter()
     apprentice_dir = run_pipeline(args)
     summary = query(args, apprentice_dir)

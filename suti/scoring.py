@@ -88,11 +88,15 @@ def _cache_then_network(load: Callable, what: str, errors: list[str]):
     attempts = [("cache", _hub_offline)] + ([] if _offline_env() else
                                            [("network", contextlib.nullcontext)])
     for where, ctx in attempts:
+        previous = logging.root.manager.disable
+        logging.disable(logging.ERROR)  # open_clip logs its own "Failed to download" error: ours says it in one line
         try:
             with ctx():
                 return load()
         except Exception as exc:  # missing cache, no network, bad tag, corrupt file
             errors.append(f"{what} ({where}): {type(exc).__name__}: {str(exc)[:160]}")
+        finally:
+            logging.disable(previous)
     return None
 
 

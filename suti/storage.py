@@ -133,8 +133,36 @@ def isdir(uri: str | os.PathLike) -> bool:
     return fs.isdir(path)
 
 
+#: Protocols whose first path component is a bucket (container) that suti never creates.
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+
+
+def require_bucket(uri: str | os.PathLike) -> None:
+    """Refuse an output URI whose bucket does not exist: suti never creates buckets (a typo in
+    the name would silently make a new one), and a write into a missing bucket would fail late.
+
+    Raises:
+        MissingInputError: naming the bucket and the URI.
+    """
+    text = resolve(uri)
+    if protocol(text) not in BUCKET_PROTOCOLS:
+        return
+    fs, path = filesystem(text)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as exc:  # noqa: BLE001 - permissions or endpoint errors name themselves
+        raise MissingInputError(f"{text}: cannot reach bucket {bucket!r} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not found:
+        raise MissingInputError(f"{text}: bucket {bucket!r} does not exist (create it first; suti never creates buckets)")
+
+
 def makedirs(uri: str | os.PathLike) -> None:
-    """Create a folder (a no-op on object stores, whose prefixes need no creation)."""
+    """Create a folder locally; on an object store check that the bucket exists
+    (:func:`require_bucket`) and create nothing (prefixes need no creation)."""
+    if not is_local(uri):
+        require_bucket(uri)
+        return
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)
 

@@ -53,7 +53,7 @@ def job_inputs(tmp_path) -> tuple[Path, Path]:
     (["--steps", "-3"], "--steps must be at least 1 (got -3)"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
     (["--sample-batch-size", "0"], "--sample-batch-size: 0 is out of range"),
-    (["--crawl", "NOWHERE"], "no such crawl (--crawl)"),
+    (["--crawl", "NOWHERE"], "no such crawl file or folder (--crawl)"),
 ])
 def test_generate_refuses_before_writing_or_starting_ray(job_inputs, tmp_path, capsys, monkeypatch, extra, message):
     import ray
@@ -141,3 +141,9 @@ def test_mine_checks_its_model_before_reading_the_crawl(tmp_path, capsys, monkey
     assert main(["mine", "--crawl", str(tmp_path / "w"), "--output", str(tmp_path / "m"), "--model", "tyni"]) == 2
     assert "--model 'tyni': not a model preset" in one_line(capsys)
     assert not (tmp_path / "m").exists()
+
+
+def test_demo_refuses_a_bad_model_before_any_stage_writes(tmp_path, capsys):
+    assert main(["demo", "--model", "nope", "--output", str(tmp_path / "demo")]) == 2
+    assert "--model 'nope': not a preset" in one_line(capsys)
+    assert not (tmp_path / "demo").exists()

@@ -199,6 +199,42 @@ def test_two_nodes_no_shared_tmp_to_s3_exactly_once_and_rerun_does_nothing(ray_c
 
 
 @pytest.mark.slow
+def test_model_and_recipe_on_s3_reach_a_node_without_the_drivers_disk(ray_cluster, mined_s3, tmp_path):
+    """``--model s3://...`` (a diffusers folder) and ``--recipe s3://...``: the node with a private
+    /tmp downloads the model into its own cache and gets the recipe inside the job."""
+    from suti.models import preset_folder
+
+    fs = _s3fs()
+    fs.put(str(preset_folder("tiny")) + "/", f"{BUCKET}/models/tiny", recursive=True)
+    recipe = (ROOT / "suti" / "configs" / "recipes" / "suti-expert.yaml").read_text().replace("name: suti-expert", "name: s3-recipe")
+    fs.pipe_file(f"{BUCKET}/recipes/s3-recipe.yaml", recipe.encode())
+    output = f"s3://{BUCKET}/job-s3-model"
+    proc = _generate(ray_cluster, mined_s3, output, "--model", f"s3://{BUCKET}/models/tiny", "--recipe", f"s3://{BUCKET}/recipes/s3-recipe.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_exactly_once(output, len(mined_s3["rows"]))
+    from mining.generate import read_manifest
+
+    rows = read_manifest(output).values()
+    assert len({r.get("node_id") for r in rows}) == 2, "both nodes trained experts"
+    assert all(r["status"] == "accepted" for r in rows), [r.get("error") for r in rows]
+    shard = storage_first_sample(output)
+    assert shard["expert"]["model"] == f"s3://{BUCKET}/models/tiny" and shard["expert"]["recipe"] == "s3-recipe"
+
+
+def storage_first_sample(output: str) -> dict:
+    """The JSON of the first sample in the job's first shard."""
+    import io
+    import tarfile
+
+    from suti import storage
+
+    data = storage.read_bytes(storage.glob(storage.join(output, "shard-*.tar"))[0])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        return json.loads(tar.extractfile(member).read())
+
+
+@pytest.mark.slow
 def test_relative_output_with_an_external_cluster_loses_nothing(ray_cluster, mined_s3, tmp_path):
     proc = _generate(ray_cluster, mined_s3, "rel/out", "--max-clusters", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

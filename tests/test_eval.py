@@ -117,6 +117,15 @@ def test_real_and_base_tables_are_written_deterministic_and_resumable(tmp_path, 
     settings = json.loads((tmp_path / "base" / "settings.json").read_text())
     assert settings["backbones"] == {"clip": "toy-clip", "dino": "toy-identity"}
 
+    def strict(text):  # JSON has no NaN/Infinity: an undefined metric (DIV of one image per prompt) is null
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+
+    for name in ("overall", "per_subject", "per_image"):
+        strict((tmp_path / "base" / f"{name}.json").read_text())
+    assert _eval(root, tmp_path / "base", "base") == 0
+    printed = strict(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "DIV" in printed and (printed["DIV"] is None or printed["DIV"] == printed["DIV"])
+
 
 def test_world_dataset_is_scored_by_the_probe(tmp_path, capsys):
     """``--dataset world:N``: real photos of held-out world subjects get the probe's exact

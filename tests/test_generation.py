@@ -71,6 +71,67 @@ def test_end_to_end_lambda_filter_and_rerun(mined, tmp_path):
     assert again.returncode == 0
     assert '"ran_now": 0' in again.stdout
     assert _digest(out) == before
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["expert_seconds"] == summary["expert_seconds"] and rerun["steady_experts_per_hour"] == summary["steady_experts_per_hour"], "a rerun with nothing to do keeps the timings"
+    fewer = _generate(mined, out, "--max-clusters", "1", "--lambda", "-0.05")
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    whole = json.loads((out / "summary.json").read_text())  # the summary describes the output, as the manifest and shards do
+    assert whole["clusters"] == 3 and whole["accepted"] + whole["rejected"] + whole["failed"] == 3
+    assert whole["samples"] == kept and whole["accepted"] == sum(r["status"] == "accepted" for r in manifest.values())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--samples-per-shard", "0", "--samples-per-shard must be a whole number >= 1, got 0"),
+    ("--max-clusters", "-1", "--max-clusters must be a whole number >= 1, got -1"),
+    ("--max-workers", "0", "--max-workers must be a whole number >= 1, got 0"),
+    ("--prompts-per-cluster", "-2", "--prompts-per-cluster must be a whole number >= 1, got -2"),
+    ("--max-retries", "-1", "--max-retries must be a whole number >= 0, got -1"),
+    ("--gpus-per-expert", "nan", "--gpus-per-expert must be a finite number, got nan"),
+    ("--gpus-per-expert", "inf", "--gpus-per-expert must be a finite number, got inf"),
+    ("--cpus-per-expert", "inf", "--cpus-per-expert must be a finite number, got inf"),
+    ("--lambda", "nan", "--lambda must be a finite number, got nan"),
+    ("--output", "", "--output must name a file, folder or URI, got an empty string"),
+])
+def test_bad_job_settings_exit_2_in_one_line_before_anything_is_written(mined, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "o"
+    args = {"--clusters": str(mined / "mined" / "clusters.jsonl"), "--crawl": str(mined / "crawl"), "--output": str(out)}
+    args[flag] = value
+    argv = ["generate", *[x for kv in args.items() for x in kv]]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # an empty --output must not fill the working directory either
+    try:
+        assert main(argv) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"suti: error: {message}" + err.split(message, 1)[1]] and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_samples_per_shard_zero_is_refused_by_the_packer_and_pack_photos(mined, tmp_path, capsys):
+    from mining.shards import ShardPacker
+    from suti.errors import InvalidValueError
+
+    with pytest.raises(InvalidValueError, match="--samples-per-shard must be a whole number >= 1, got 0"):
+        ShardPacker(tmp_path / "s", 0)
+    code = main(["apprentice", "pack-photos", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(tmp_path / "ph"), "--samples-per-shard", "0"])
+    assert code == 2 and "--samples-per-shard must be a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "ph").exists() or not list((tmp_path / "ph").iterdir())
+
+
+@pytest.mark.parametrize("form", ["shards/*.tar", "shards/crawl-00000.tar", "crawl.jsonl"])
+def test_generate_accepts_every_crawl_form_that_mine_reads(mined, form):
+    """``--crawl`` as a shard pattern, one shard or a manifest is checked as `suti mine` reads it."""
+    from mining.generate import GenerateConfig
+
+    crawl = mined / "crawl"
+    assert (crawl / "crawl.jsonl").is_file() and (crawl / "shards" / "crawl-00000.tar").is_file()
+    config = GenerateConfig(clusters=str(mined / "mined" / "clusters.jsonl"), crawl=str(crawl / form), output=str(mined / "unused"), model="tiny").resolved()
+    assert config.crawl == str(crawl / form)
+    from suti.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="the shard pattern matches no file"):
+        GenerateConfig(clusters="c", crawl=str(crawl / "nothing-*.tar"), output=str(mined / "unused"), model="tiny").resolved()
 
 
 def test_steady_rate_leaves_out_each_slots_first_expert():

@@ -169,3 +169,41 @@ def test_file_urls_are_local_paths_in_every_command(tmp_path):
     proc = _suti("mine", "--crawl", f"file://{tmp_path}/crawl", "--output", f"file://{tmp_path}/mined", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "mined" / "clusters.jsonl").is_file() and not (tmp_path / "file:").exists()
+
+
+@pytest.fixture()
+def small_crawl(tmp_path):
+    from suti.cli import main
+
+    assert main(["world", "make", "--output", str(tmp_path / "crawl"), "--subjects", "4", "--seed", "2", "--size", "32"]) == 0
+    return tmp_path / "crawl"
+
+
+def test_a_missing_output_bucket_is_one_line_and_never_created(s3_server, small_crawl, tmp_path, capsys):
+    import s3fs
+
+    from suti.cli import main
+
+    assert main(["mine", "--crawl", str(small_crawl), "--output", str(tmp_path / "mined")]) == 0
+    clusters = str(tmp_path / "mined" / "clusters.jsonl")
+    capsys.readouterr()
+    for argv in (["mine", "--crawl", str(small_crawl), "--output", "s3://no-such-bucket-x/mined"],
+                 ["generate", "--clusters", clusters, "--crawl", str(small_crawl), "--output", "s3://no-such-bucket-x/job", "--model", "tiny"],
+                 ["apprentice", "pack-photos", "--clusters", clusters, "--crawl", str(small_crawl), "--output", "s3://no-such-bucket-x/photos"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "bucket 'no-such-bucket-x' does not exist" in err[0], err
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert not s3fs.S3FileSystem().exists("no-such-bucket-x"), "a typo in a bucket name never makes a new bucket"
+
+
+def test_mining_a_jsonl_manifest_on_s3_reads_its_relative_images(s3_server, small_crawl, tmp_path):
+    from suti.cli import main
+
+    storage.upload(small_crawl, storage.join(s3_server, "crawl"))
+    assert main(["mine", "--crawl", str(small_crawl / "crawl.jsonl"), "--output", str(tmp_path / "local")]) == 0
+    assert main(["mine", "--crawl", storage.join(s3_server, "crawl", "crawl.jsonl"), "--output", str(tmp_path / "remote")]) == 0
+    local = [json.loads(line) for line in (tmp_path / "local" / "clusters.jsonl").read_text().splitlines()]
+    remote = [json.loads(line) for line in (tmp_path / "remote" / "clusters.jsonl").read_text().splitlines()]
+    assert local and [r["keys"] for r in remote] == [r["keys"] for r in local]
+    assert all(s["path"].startswith(f"{s3_server}/crawl/") for r in remote for s in r["sources"] if s), "sources name the objects, not the temporary copy"

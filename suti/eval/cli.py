@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from suti.eval.run import check_args, run_eval
+    from suti.eval.run import check_args, json_safe, run_eval
 
     check_args(args)  # before the world dataset is written
     if args.dataset.startswith("world"):
@@ -43,5 +43,5 @@ def _run(args) -> int:
 
         args.dataset = str(world_dataset(args.dataset, Path(args.output) / "dataset", seed=args.seed))
     overall = run_eval(args)
-    print(json.dumps(overall))
+    print(json.dumps(json_safe(overall), allow_nan=False))
     return 0

@@ -267,8 +267,20 @@ def _means(rows: list[dict], keys: list[str] | None = None) -> dict:
     return out
 
 
+def json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN: a metric
+    that is undefined, such as DIV with one image per prompt, is ``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _write_table(stem: Path, rows: list[dict]) -> None:
-    storage.write_text(stem.with_suffix(".json"), json.dumps(rows, indent=2))
+    storage.write_text(stem.with_suffix(".json"), json.dumps(json_safe(rows), indent=2, allow_nan=False))
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
