@@ -56,8 +56,11 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
         if not source.is_file():
             raise InputError(f"{lora}: no such LoRA file (a .safetensors file or a folder with {LORA_FILE})")
         pipe = load_pipeline(model)
+        from suti.weights import quiet_library_errors
+
         try:
-            pipe.load_lora_weights(str(source.parent), weight_name=source.name)
+            with quiet_library_errors():  # diffusers logs the whole size-mismatch list before raising
+                pipe.load_lora_weights(str(source.parent), weight_name=source.name)
         except Exception as exc:  # diffusers raises ValueError/KeyError/OSError for foreign files
             raise InputError(f"{source}: not a diffusers LoRA for {model} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         prepare_output(output, None, overwrite)

@@ -284,8 +284,9 @@ def test_report_to_wandb_without_the_package_is_a_clear_error(instance_dir, tmp_
     assert not (tmp_path / "never").exists()
 
 
-def test_import_a_diffusers_lora_then_sample(tmp_path, capsys):
-    """A LoRA written by diffusers' own save_lora_weights becomes an expert that samples."""
+def test_import_a_diffusers_lora_then_sample(tmp_path, capfd):
+    """A LoRA written by diffusers' own save_lora_weights becomes an expert that samples; one for
+    another base is one line (capfd: diffusers' logger writes to the real stderr)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -313,11 +314,14 @@ def test_import_a_diffusers_lora_then_sample(tmp_path, capsys):
     assert main(["expert", "sample", "--expert", str(out), "--prompt", "a {V} {class}", "--num-images", "1", "--steps", "2", "--output", str(samples)]) == 0
     assert len(list(samples.glob("*.png"))) == 1
 
-    capsys.readouterr()
+    capfd.readouterr()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     assert main(["expert", "import", "--lora", str(bad), "--identifier", "sks", "--class-noun", "dog", "--model", "tiny", "--output", str(tmp_path / "x")]) == 2
-    assert "bad.safetensors" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "bad.safetensors" in capfd.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["expert", "import", "--lora", str(lora_dir), "--identifier", "sks", "--class-noun", "dog", "--model", "toy", "--output", str(tmp_path / "y")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a diffusers LoRA for toy" in err[0], err  # not the whole size-mismatch list first
 
 
 def test_import_a_diffusers_pipeline_folder_then_sample(tmp_path):
