@@ -319,6 +319,8 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     config = config.resolved()
     output = config.output
     clusters = read_clusters(config.clusters, config.max_clusters)
+    if not clusters:
+        raise InputError(f"{config.clusters}: no clusters to generate from (did `suti mine` keep none?)")
     _check_job(output, config)
     packer = ShardPacker(output, config.samples_per_shard)
     done = read_manifest(output)

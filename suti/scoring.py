@@ -349,12 +349,17 @@ def model_scorer(model: str) -> str:
 
 def check_scorer_for_model(scorer: str, model: str) -> str:
     """``scorer``, checked against ``model``: a toy scorer (world-only) with a real model is refused.
+    A model preset's name stands for its own scorer (``toy`` -> ``toy-clip``).
 
     Raises:
         InputError: ``scorer`` is unknown, or is a toy scorer while ``model`` is not a world preset.
     """
+    from suti.models import list_presets
+
+    if scorer in list_presets():  # a model preset names its own scorer, as `suti mine --model` reads it
+        scorer = model_scorer(scorer)
     if scorer not in SCORERS:
-        raise InputError(f"--scorer {scorer!r}: unknown scorer; known: {', '.join(SCORERS)}")
+        raise InputError(f"--scorer {scorer!r}: unknown scorer; known: {', '.join(SCORERS)} (or a model preset: {', '.join(list_presets())})")
     if scorer in TOY_SCORERS and model_scorer(model) not in TOY_SCORERS:
         raise InputError(f"--scorer {scorer} is the synthetic world's model and cannot judge samples of "
                          f"--model {model}; use --scorer {model_scorer(model)} (the default for this model)")

@@ -225,3 +225,9 @@ def test_generation_job_on_an_sdxl_base_resident_equals_per_task(mined, tmp_path
     assert _digest(tmp_path / "task") and _digest(tmp_path / "resident") == _digest(tmp_path / "task")
     samples = _samples(tmp_path / "resident")
     assert samples and all(s["json"]["expert"]["model"] == "tiny-sdxl" for s in samples)
+
+
+def test_an_empty_clusters_file_is_refused_before_a_job_is_made(tmp_path, capsys):
+    (tmp_path / "clusters.jsonl").write_text("")
+    assert main(["generate", "--clusters", str(tmp_path / "clusters.jsonl"), "--crawl", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "tiny"]) == 2
+    assert "no clusters to generate from" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -183,3 +183,14 @@ def test_openai_clip_loads_offline_from_the_hub_cache_with_quick_gelu(tmp_path, 
     image, text = scorer.embed_images([_solid((10, 200, 30))]), scorer.embed_texts(["a photo of a dog"])
     assert image.shape == text.shape == (1, 512)
     assert torch.allclose(image.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_a_preset_name_as_scorer_means_its_own_scorer():
+    from suti.scoring import check_scorer_for_model
+
+    assert check_scorer_for_model("toy", "tiny") == "toy-clip"
+    assert check_scorer_for_model("sd15-arch", "sd15-arch") == "openai-clip-vit-b-32"
+    with pytest.raises(InputError, match="unknown scorer; known: .*or a model preset"):
+        check_scorer_for_model("toyy", "tiny")
+    with pytest.raises(InputError, match="cannot judge samples"):
+        check_scorer_for_model("toy", "sd15-arch")
