@@ -81,14 +81,11 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
 def default_thresholds(model: str, **overrides) -> Thresholds:
     """The model's default thresholds with the non-``None`` ``overrides`` applied, checked
     (a folder of toy CLIP weights counts as ``toy-clip``)."""
-    from pathlib import Path
-
+    from suti import storage
     from suti.models import list_presets
     from suti.scoring import model_scorer
 
-    from suti import storage
-
-    if storage.isfile(storage.join(model, "toy_clip.json")) if "://" in model else (Path(model) / "toy_clip.json").is_file():  # a toy CLIP weights folder
+    if storage.isfile(storage.join(model, "toy_clip.json")):  # a toy CLIP weights folder
         model = "toy-clip"
     elif model in list_presets():  # a model preset: its own CLIP
         model = model_scorer(model)

@@ -64,7 +64,7 @@ def check_embedder(model: str) -> None:
 
     if model in list_presets() or model in SCORERS:
         return
-    if storage.isfile(storage.join(model, "toy_clip.json")) if "://" in model else (Path(model) / "toy_clip.json").is_file():
+    if storage.isfile(storage.join(model, "toy_clip.json")):
         return
     import open_clip
 
