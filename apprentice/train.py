@@ -91,7 +91,7 @@ def _ds_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
     from suti import storage
     from suti.models import config_path
 
-    if "://" in path and not storage.is_local(path):  # every rank reads it: object storage, not one node's disk
+    if storage.is_remote(path):  # every rank reads it: object storage, not one node's disk
         if not storage.isfile(path):
             raise InputError(f"--deepspeed-config {path}: no such DeepSpeed config")
         text = storage.read_text(path)

@@ -32,7 +32,7 @@ def model_fingerprint(model: str) -> str:
     """A stable id of a model for cache keys: preset content, folder path or hub id."""
     if model in list_presets():
         return f"preset:{model}:{preset_fingerprint(load_preset(model))}"
-    if "://" in model and not storage.is_local(model):  # a folder on object storage: its objects' ETags and sizes
+    if storage.is_remote(model):  # a folder on object storage: its objects' ETags and sizes
         return f"uri:{storage.resolve(model)}:{storage.fingerprint(model)}"
     path = Path(storage.resolve(model) if "://" in model else model).expanduser()
     if path.exists():

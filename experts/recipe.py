@@ -173,7 +173,7 @@ def load_recipe(name_or_path: str | dict) -> dict[str, Any]:
     from suti import storage
 
     text = str(name_or_path)
-    if "://" in text and not storage.is_local(text):
+    if storage.is_remote(text):
         if not storage.isfile(text):
             raise InputError(f"--recipe {text}: no such file")
         raw, stem = storage.read_text(text), Path(text.split("://", 1)[1]).stem

@@ -131,7 +131,7 @@ def decode_record(record: Record, min_side: int = DEFAULT_MIN_SIDE) -> Image.Ima
 
 def _is_uri(path) -> bool:
     """Whether ``path`` is an object-store URI (not a local path or ``file://``)."""
-    return bool(path) and "://" in str(path) and not storage.is_local(path)
+    return storage.is_remote(path)
 
 
 @contextlib.contextmanager

@@ -95,7 +95,7 @@ def load_scorer(model: str, pretrained: str | None = None):
     if model in list_presets():
         model = model_scorer(model)
     # a toy CLIP folder or open_clip checkpoint on object storage: one local copy per machine
-    if "://" in model and not storage.is_local(model):
+    if storage.is_remote(model):
         model = str(storage.cached_copy(model, cache_dir() / "remote"))
     elif "://" in model:
         model = storage.resolve(model)

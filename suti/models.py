@@ -290,7 +290,7 @@ def check_model(model: str, flag: str = "--model") -> None:
 
     if model in list_presets():
         return
-    if "://" in str(model) and not storage.is_local(str(model)):  # a pipeline folder on object storage
+    if storage.is_remote(str(model)):  # a pipeline folder on object storage
         storage.filesystem(str(model))  # a missing s3fs/gcsfs: exit 2 naming the extra
         if not storage.isfile(storage.join(str(model), "model_index.json")):
             raise InputError(f"{flag} {model}: no diffusers pipeline folder there (no model_index.json)")

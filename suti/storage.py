@@ -58,6 +58,12 @@ def is_local(uri: str | os.PathLike) -> bool:
     return protocol(uri) in ("file", "local")
 
 
+def is_remote(uri: str | os.PathLike | None) -> bool:
+    """Whether ``uri`` names an object store or other non-local filesystem (``s3://``, ``gs://``,
+    ``memory://``...), not a local path or ``file://`` URL."""
+    return bool(uri) and "://" in os.fspath(uri) and not is_local(uri)
+
+
 def resolve(uri: str | os.PathLike) -> str:
     """``uri`` ready to hand to another process or node.
 
