@@ -68,8 +68,10 @@ class ExpertInfo:
         return fill_prompt(template, self.identifier, self.class_noun)
 
 
-def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> ExpertInfo:
-    """Save the trained weights (safetensors only) and ``expert.json``."""
+def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_name: str = "default") -> ExpertInfo:
+    """Save the trained weights (safetensors only) and ``expert.json``; a LoRA expert is the
+    peft adapter ``adapter_name`` of ``pipe``'s U-Net (and text encoders), saved in diffusers'
+    layout whatever its name."""
     import suti
     from experts.identifier import fill_prompt
 
@@ -80,13 +82,13 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0) -> Exper
 
         from suti.models import is_sdxl
 
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name))
         text_layers = None
         if config.train_text_encoder:
-            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder, adapter_name=adapter_name))
         with tempfile.TemporaryDirectory(prefix=".lora-", dir=output) as tmp:  # then renamed: atomic
             if is_sdxl(pipe):  # the layout StableDiffusionXLPipeline.load_lora_weights reads
-                text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2)) if config.train_text_encoder else None
+                text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2, adapter_name=adapter_name)) if config.train_text_encoder else None
                 StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True)
             else:
                 StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)

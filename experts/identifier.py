@@ -10,6 +10,7 @@ only whole-word tokens made of consonants (no vowels), which are almost never En
 from __future__ import annotations
 
 import random
+import weakref
 
 from suti.errors import ModelLoadError
 
@@ -39,9 +40,31 @@ def rare_token_candidates(tokenizer, id_range: tuple[int, int] = RARE_ID_RANGE) 
     return sorted(out, key=lambda w: vocab[w + "</w>"])
 
 
+_CANDIDATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (vocabulary size, one-token candidates)
+
+
+def identifier_candidates(tokenizer) -> list[str]:
+    """:func:`rare_token_candidates` that encode to exactly one token, in id order. Kept per
+    tokenizer object (and vocabulary size), so a resident expert worker scans the 49k-token
+    vocabulary once, not once per expert."""
+    size = len(tokenizer)
+    try:
+        cached = _CANDIDATES.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no cache
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    candidates = [w for w in rare_token_candidates(tokenizer) if token_count(tokenizer, w) == 1]
+    try:
+        _CANDIDATES[tokenizer] = (size, candidates)
+    except TypeError:
+        pass
+    return candidates
+
+
 def sample_identifier(tokenizer, seed: int = 0, num_tokens: int = 1) -> str:
     """Sample a rare identifier of ``num_tokens`` tokens, deterministically for ``seed``."""
-    candidates = [w for w in rare_token_candidates(tokenizer) if token_count(tokenizer, w) == 1]
+    candidates = identifier_candidates(tokenizer)
     if len(candidates) < num_tokens:
         raise ModelLoadError("the model's tokenizer has too few rare short tokens for an identifier; pass --identifier")
     rng = random.Random(seed)

@@ -70,16 +70,17 @@ def text_encoders(pipe) -> list:
     return [pipe.text_encoder] if second is None else [pipe.text_encoder, second]
 
 
-def add_lora(pipe, config: ExpertConfig) -> None:
-    """Attach peft LoRA adapters to the U-Net attention projections (and the text encoders: both
-    of SDXL's, as diffusers' ``train_dreambooth_lora_sdxl.py`` does)."""
+def add_lora(pipe, config: ExpertConfig, adapter_name: str = "default") -> None:
+    """Attach peft LoRA adapters named ``adapter_name`` to the U-Net attention projections (and
+    the text encoders: both of SDXL's, as diffusers' ``train_dreambooth_lora_sdxl.py`` does).
+    The initialisation draws from torch's global RNG."""
     from peft import LoraConfig
 
     alpha = config.lora_alpha or config.lora_rank
-    pipe.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_UNET))
+    pipe.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_UNET), adapter_name=adapter_name)
     if config.train_text_encoder:
         for encoder in text_encoders(pipe):
-            encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT))
+            encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT), adapter_name=adapter_name)
 
 
 def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None, pipeline=None, save: bool = True) -> ExpertInfo:
@@ -161,21 +162,9 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     # initialisation is the same for a fresh and a resident (already loaded) pipeline
     torch.manual_seed(config.seed)
     config.resolution = resolution
-    if config.identifier is None:
-        config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)
-    prompt = fill_prompt(config.instance_prompt_template, config.identifier, config.class_noun)
-    class_prompt = fill_prompt(config.class_prompt, config.identifier, config.class_noun)
+    prompt, class_prompt = expert_prompts(pipe, config)
     log.info("expert: identifier %r, prompt %r, %d instance images at %d px on %s", config.identifier, prompt, len(instance_pixels), resolution, device)
-    _check_training_prompts(pipe.tokenizer, config, prompt, class_prompt)
-
-    class_paths = list(real_class)
-    if config.prior_preservation and len(class_paths) < config.num_class_images:
-        missing = config.num_class_images - len(class_paths)
-        if real_class:
-            log.info("%s has %d class images; generating %d more", config.class_data_dir, len(real_class), missing)
-        with accelerator.main_process_first():  # the main process generates, the others reuse
-            class_paths += ensure_class_images(pipe, config.model, class_prompt, missing, resolution, config.class_seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback, sample_batch_size=config.sample_batch_size)
-    class_pixels = load_training_pixels(class_paths, resolution, config.center_crop) if class_paths else None
+    class_pixels = class_training_pixels(pipe, config, real_class, class_prompt, resolution, accelerator.main_process_first, progress_callback)
 
     output.mkdir(parents=True, exist_ok=True)
     vae, unet = pipe.vae, pipe.unet
@@ -200,15 +189,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     for p in params.values():
         p.data = p.data.float()
 
-    # Cached latents (the VAE is always frozen) and, with a frozen text encoder, cached embeddings.
-    aug = dict(random_flip=config.random_flip, center_crop=config.center_crop, batch_size=config.vae_encode_batch_size)
-    inst = TrainingLatents(vae, instance_pixels, resolution, **aug)
-    cls = TrainingLatents(vae, list(class_pixels), resolution, **aug) if class_pixels is not None else None
-    # Text conditioning (suti.conditioning: SD hidden states; SDXL adds pooled embeds and time ids)
-    cond_inst = cond_cls = None
-    if not config.train_text_encoder:
-        with torch.no_grad():
-            cond_inst, cond_cls = encode_prompt(pipe, [prompt], resolution=resolution), encode_prompt(pipe, [class_prompt], resolution=resolution)
+    inst, cls, cond_inst, cond_cls = cached_inputs(pipe, config, instance_pixels, class_pixels, prompt, class_prompt)
 
     from diffusers import DDPMScheduler
 
@@ -234,28 +215,13 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     start_trackers(accelerator, config.report_to, output, config.to_dict())
     scale = vae.config.scaling_factor
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     b, accum = config.batch_size, config.gradient_accumulation_steps
     n = b * accum  # instance images per optimizer step and process
     unet.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc="expert", unit="step", disable=not progress or not main)
     while step < config.steps:
-        # the whole optimizer step's data, drawn at once (rows: n instance, then n class)
-        idx = torch.randint(0, len(inst), (n,), generator=generator)
-        mean, std = inst.latents(idx, *inst.draw_augmentation(n, generator))
-        if cls is not None:
-            cidx = torch.randint(0, len(cls), (n,), generator=generator)
-            c_mean, c_std = cls.latents(cidx, *cls.draw_augmentation(n, generator))
-            mean, std = torch.cat([mean, c_mean]), torch.cat([std, c_std])
-        latents = sample_latents(mean.cpu(), std.cpu(), scale, generator).to(device)  # (n or 2n, C, h, w)
-        noise = torch.randn(latents.shape, generator=generator)
-        if config.offset_noise:
-            noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
-        noise = noise.to(device)
-        timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = denoising_target(noise_scheduler, latents, noise, timesteps)
+        noisy, timesteps, target = draw_training_batch(inst, cls, n, generator, noise_scheduler, scale, config.offset_noise, device)
 
         lr = lr_scheduler.get_last_lr()[0]
         optimizer.zero_grad(set_to_none=True)
@@ -321,6 +287,77 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         info = ExpertInfo.read(output)
     log.info("expert written to %s (%d steps, %.1f s)", output, step, elapsed)
     return info
+
+
+def expert_prompts(pipe, config: ExpertConfig) -> tuple[str, str]:
+    """The instance and class prompts of an expert, with the identifier sampled (seeded by
+    ``config.seed``) when ``config.identifier`` is unset; both checked against the tokenizer.
+
+    Raises:
+        InputError: a prompt that the tokenizer would truncate (named).
+    """
+    if config.identifier is None:
+        config.identifier = sample_identifier(pipe.tokenizer, seed=config.seed, num_tokens=config.identifier_tokens)
+    prompt = fill_prompt(config.instance_prompt_template, config.identifier, config.class_noun)
+    class_prompt = fill_prompt(config.class_prompt, config.identifier, config.class_noun)
+    _check_training_prompts(pipe.tokenizer, config, prompt, class_prompt)
+    return prompt, class_prompt
+
+
+def class_training_pixels(pipe, config: ExpertConfig, real_class: list[Path], class_prompt: str, resolution: int, main_process_first=contextlib.nullcontext, progress_callback=None) -> list[torch.Tensor] | None:
+    """The prior-preservation images as (3, R, R) tensors: ``real_class`` topped up with images
+    the base generates for ``class_prompt`` (cached per model and prompt,
+    :func:`experts.data.ensure_class_images`); ``None`` without prior preservation."""
+    class_paths = list(real_class)
+    if config.prior_preservation and len(class_paths) < config.num_class_images:
+        missing = config.num_class_images - len(class_paths)
+        if real_class:
+            log.info("%s has %d class images; generating %d more", config.class_data_dir, len(real_class), missing)
+        with main_process_first():  # the main process generates, the others reuse
+            class_paths += ensure_class_images(pipe, config.model, class_prompt, missing, resolution, config.class_seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback, sample_batch_size=config.sample_batch_size)
+    return load_training_pixels(class_paths, resolution, config.center_crop) if class_paths else None
+
+
+def cached_inputs(pipe, config: ExpertConfig, instance_pixels: list[torch.Tensor], class_pixels: list[torch.Tensor] | None, prompt: str, class_prompt: str):
+    """Cached latents (the VAE is always frozen) and, with a frozen text encoder, cached prompt
+    embeddings: ``(inst, cls, cond_inst, cond_cls)``, :class:`TrainingLatents` (``cls`` ``None``
+    without class images) and :class:`suti.conditioning.Conditioning` of batch 1 (``None`` when
+    the text encoder trains: encoded per step)."""
+    resolution = config.resolution
+    aug = dict(random_flip=config.random_flip, center_crop=config.center_crop, batch_size=config.vae_encode_batch_size)
+    inst = TrainingLatents(pipe.vae, instance_pixels, resolution, **aug)
+    cls = TrainingLatents(pipe.vae, list(class_pixels), resolution, **aug) if class_pixels is not None else None
+    # Text conditioning (suti.conditioning: SD hidden states; SDXL adds pooled embeds and time ids)
+    cond_inst = cond_cls = None
+    if not config.train_text_encoder:
+        with torch.no_grad():
+            cond_inst, cond_cls = encode_prompt(pipe, [prompt], resolution=resolution), encode_prompt(pipe, [class_prompt], resolution=resolution)
+    return inst, cls, cond_inst, cond_cls
+
+
+def draw_training_batch(inst: TrainingLatents, cls: TrainingLatents | None, n: int, generator: torch.Generator, noise_scheduler, scale: float, offset_noise: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step's data, drawn at once from ``generator``: ``n`` instance rows, then
+    ``n`` class rows with prior preservation. Returns ``(noisy, timesteps, target)``: noisy
+    latents (rows, C, h, w), timesteps (rows,) and the U-Net's regression target (rows, C, h, w).
+
+    ``scale`` is the VAE's ``scaling_factor``; ``offset_noise`` adds per-channel noise of that
+    standard deviation (Guttenberg 2023). The draws are in a fixed order, so a run is a function
+    of the generator's seed.
+    """
+    idx = torch.randint(0, len(inst), (n,), generator=generator)
+    mean, std = inst.latents(idx, *inst.draw_augmentation(n, generator))
+    if cls is not None:
+        cidx = torch.randint(0, len(cls), (n,), generator=generator)
+        c_mean, c_std = cls.latents(cidx, *cls.draw_augmentation(n, generator))
+        mean, std = torch.cat([mean, c_mean]), torch.cat([std, c_std])
+    latents = sample_latents(mean.cpu(), std.cpu(), scale, generator).to(device)  # (n or 2n, C, h, w)
+    noise = torch.randn(latents.shape, generator=generator)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+    noise = noise.to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    return noisy, timesteps, denoising_target(noise_scheduler, latents, noise, timesteps)
 
 
 def _no_sync(accelerator, *models):
