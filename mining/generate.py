@@ -99,6 +99,7 @@ class GenerateConfig:
     retry_failed: bool = False
     threads_per_expert: int = 1
     resident_workers: bool = False
+    expert_batch_size: int = 1  # LoRA experts a resident worker trains together (not part of the job's identity: samples equal up to float rounding)
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
     recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
 
@@ -114,10 +115,12 @@ class GenerateConfig:
             if not str(value).strip():
                 raise InvalidValueError(f"{flag} must name a file, folder or URI, got an empty string")
         positive = {"--samples-per-shard": self.samples_per_shard, "--max-clusters": self.max_clusters, "--max-workers": self.max_workers,
-                    "--prompts-per-cluster": self.prompts_per_cluster, "--threads-per-expert": self.threads_per_expert}
+                    "--prompts-per-cluster": self.prompts_per_cluster, "--threads-per-expert": self.threads_per_expert, "--expert-batch-size": self.expert_batch_size}
         for flag, value in positive.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidValueError(f"{flag} must be a whole number >= 1, got {value!r}")
+        if self.expert_batch_size > 1 and not self.resident_workers:
+            raise InvalidValueError(f"--expert-batch-size {self.expert_batch_size} needs --resident-workers (a plain task trains one expert)")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise InvalidValueError(f"--max-retries must be a whole number >= 0, got {self.max_retries!r}")
         for flag, value in (("--lambda", self.lambda_), ("--gpus-per-expert", self.gpus_per_expert), ("--cpus-per-expert", self.cpus_per_expert)):
@@ -156,7 +159,11 @@ class GenerateConfig:
         check_model(self.model)  # on the driver: not a job whose every expert fails to load it
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
         recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
-        resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
+        expert = resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
+        if self.expert_batch_size > 1:
+            from experts.batched import check_batchable
+
+            check_batchable([expert])  # LoRA, no text encoder training, no accumulation: before job.json
         scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
         out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer,
                                   model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe), recipe_data=recipe_data)  # workers have other working directories
@@ -429,14 +436,16 @@ def experts_in_flight(config: GenerateConfig, gpus: float, resources: dict) -> i
     loop, so it grows when an autoscaler adds nodes): the experts that fit, plus (for tasks) one
     queued so that an autoscaler sees demand; ``--max-workers`` caps it. Resident workers hold
     their resources while they live, so their pool is only as large as what fits (at least one,
-    which an autoscaler sees as demand when nothing fits yet)."""
+    which an autoscaler sees as demand when nothing fits yet), and each holds
+    ``--expert-batch-size`` experts."""
     fit = int(resources.get("CPU", 0) // config.cpus_per_expert)
     if gpus > 0:
         fit = min(fit, int(resources.get("GPU", 0) / gpus + 1e-9))
+    if config.resident_workers:  # each worker holds expert_batch_size experts
+        experts = max(1, fit) * config.expert_batch_size
+        return max(1, min(experts, config.max_workers)) if config.max_workers else experts
     if config.max_workers:
         return max(1, min(fit, config.max_workers)) if fit else 1
-    if config.resident_workers:
-        return max(1, fit)
     return max(1, fit) + 1
 
 
@@ -480,10 +489,12 @@ class _Tasks:
 
 
 class _ActorPool:
-    """Resident expert workers (:class:`mining.expert_task.ResidentExpertWorker` actors), one
-    expert at a time each. Actors are started up to the current limit and get work only once
-    ready (an actor that cannot be placed never holds a cluster); a dead actor is dropped, and a
-    new one is started in its place when the cluster has room (the caller runs its cluster again).
+    """Resident expert workers (:class:`mining.expert_task.ResidentExpertWorker` actors), each
+    holding up to ``expert_batch_size`` experts (a threaded actor that trains them together).
+    Actors are started up to the current limit and get work only once ready (an actor that
+    cannot be placed never holds a cluster); a dead actor is dropped, and a new one is started in
+    its place when the cluster has room (the caller runs its clusters again). Work goes to the
+    ready actor that holds the most experts, so that batches fill.
     """
 
     def __init__(self, config: GenerateConfig, gpus: float, job: dict):
@@ -491,27 +502,35 @@ class _ActorPool:
 
         from mining.expert_task import ResidentExpertWorker
 
-        self.cls = ray.remote(ResidentExpertWorker).options(num_cpus=config.cpus_per_expert, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": worker_env()})
+        self.per_actor = config.expert_batch_size
+        self.cls = ray.remote(ResidentExpertWorker).options(num_cpus=config.cpus_per_expert, num_gpus=gpus, max_restarts=0, max_concurrency=self.per_actor,
+                                                           runtime_env={"env_vars": worker_env()})
         self.job = job
-        self.idle: list = []
-        self.busy: dict = {}
+        self.ready: list = []  # started actors
+        self.load: dict[int, int] = {}  # id(actor) -> experts it holds
+        self.busy: dict = {}  # ref -> actor
         self.starting: dict = {}
         self.start_failures = 0
         self.max_start_failures = config.max_retries + 1
 
     def grow(self, limit: int) -> None:
-        """Start actors up to ``limit``; drop never-started ones above it (the cluster shrank)."""
+        """Start actors for up to ``limit`` experts; drop never-started ones above it (the
+        cluster shrank)."""
         import ray
 
-        while len(self.idle) + len(self.busy) + len(self.starting) < limit:
+        actors = -(-limit // self.per_actor)
+        while len(self.ready) + len(self.starting) < actors:
             actor = self.cls.remote(self.job)
             self.starting[actor.__ray_ready__.remote()] = actor
-        while self.starting and len(self.idle) + len(self.busy) + len(self.starting) > limit:
+        while self.starting and len(self.ready) + len(self.starting) > actors:
             _, actor = self.starting.popitem()
             ray.kill(actor, no_restart=True)
 
+    def _free(self) -> list:
+        return [a for a in self.ready if self.load[id(a)] < self.per_actor]
+
     def available(self) -> bool:
-        return bool(self.idle)
+        return bool(self._free())
 
     def starting_refs(self) -> list:
         return list(self.starting)
@@ -534,24 +553,28 @@ class _ActorPool:
             log.warning("a resident expert worker failed to start (%s); starting another", exc)
             return True
         self.start_failures = 0
-        self.idle.append(actor)
+        self.ready.append(actor)
+        self.load[id(actor)] = 0
         return True
 
     def __call__(self, row: dict, images: list):
-        actor = self.idle.pop()
+        actor = max(self._free(), key=lambda a: self.load[id(a)])
         ref = actor.run.remote(row, images)
         self.busy[ref] = actor
+        self.load[id(actor)] += 1
         return ref
 
     def release(self, ref, lost: bool) -> None:
         import ray
 
         actor = self.busy.pop(ref)
-        if lost:  # dead: grow() starts another when the cluster has room
+        if id(actor) in self.load:
+            self.load[id(actor)] -= 1
+        if lost and actor in self.ready:  # dead: grow() starts another when the cluster has room
+            self.ready.remove(actor)
+            self.load.pop(id(actor), None)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
-        else:
-            self.idle.append(actor)
 
 
 def _lost_work_errors() -> tuple[type[BaseException], ...]:

@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-retries", type=int, default=2, help="retries of a cluster whose worker died or hit a transient error")
     p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
     p.add_argument("--resident-workers", action="store_true", help="resident expert workers: one Ray actor per GPU (or CPU) slot loads the base model and scorer once and trains experts back to back, sampling from memory")
+    p.add_argument("--expert-batch-size", type=int, default=1, help="with --resident-workers and LoRA experts: each worker trains this many experts together, one U-Net pass per step "
+                   "(peft mixed-adapter batches); their samples equal one-at-a-time experts' up to float rounding, not byte for byte")
     p.set_defaults(func=_run)
 
 
@@ -56,7 +58,7 @@ def _run(args) -> int:
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
-        max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers, dtype=args.dtype,
+        max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers, expert_batch_size=args.expert_batch_size, dtype=args.dtype,
     )
     summary = run_generation(config)
     print(json.dumps(summary))

@@ -146,9 +146,12 @@ def test_steady_rate_leaves_out_each_slots_first_expert():
     assert steady_rate([10.0], 1) is None and steady_rate([], 1) is None
 
 
-def test_killed_worker_is_retried(mined, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--resident-workers", "--lora-rank", "4", "--expert-batch-size", "2"]], ids=["task", "resident-batch"])
+def test_killed_worker_is_retried(mined, tmp_path, extra):
+    """A worker process that dies (a task, or a resident worker holding a batch of two experts)
+    loses its clusters, which run again; every sample is written once."""
     out = tmp_path / "sh"
-    proc = _generate(mined, out, "--max-clusters", "2", "--lambda", "-1", env={"SUTI_TEST_CRASH_ONCE": str(tmp_path / "crashes")})
+    proc = _generate(mined, out, "--max-clusters", "2", "--lambda", "-1", *extra, env={"SUTI_TEST_CRASH_ONCE": str(tmp_path / "crashes")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "crashes").glob("*.crashed"))) == 2, "every cluster's first attempt died"
     manifest = _manifest(out)
@@ -196,6 +199,35 @@ def test_resident_workers_write_the_same_shards_byte_for_byte(mined, tmp_path, e
     assert _digest(tmp_path / "task") and _digest(tmp_path / "resident") == _digest(tmp_path / "task")
     manifest = _manifest(tmp_path / "resident")
     assert len(manifest) == 3 and all(r["status"] == "accepted" for r in manifest.values())
+
+
+def test_resident_workers_train_lora_experts_in_batches(mined, tmp_path):
+    """--expert-batch-size 2: one resident worker trains two LoRA experts together; the shards
+    hold the same samples as per-task experts (pixels equal up to float rounding)."""
+    import numpy as np
+
+    extra = ["--max-clusters", "3", "--lambda", "-1", "--lora-rank", "4", "--steps", "6"]
+    per_task = _generate(mined, tmp_path / "task", *extra)
+    assert per_task.returncode == 0, per_task.stderr[-3000:]
+    batched = _generate(mined, tmp_path / "batched", *extra, "--resident-workers", "--expert-batch-size", "2")
+    assert batched.returncode == 0, batched.stderr[-3000:]
+    manifest = _manifest(tmp_path / "batched")
+    assert {cid: r["kept"] for cid, r in manifest.items()} == {cid: r["kept"] for cid, r in _manifest(tmp_path / "task").items()}
+    assert sorted(r.get("expert_batch", 1) for r in manifest.values()) == [1, 2, 2], "two experts trained together, the third alone"
+    alone = {s["__key__"]: np.asarray(s["target.jpg"], dtype=float) for s in _samples(tmp_path / "task")}
+    together = {s["__key__"]: np.asarray(s["target.jpg"], dtype=float) for s in _samples(tmp_path / "batched")}
+    assert together.keys() == alone.keys() and len(alone) == 6
+    assert max(np.abs(together[k] - alone[k]).mean() for k in alone) < 2.0, "same images up to rounding (JPEG levels)"
+
+
+@pytest.mark.parametrize("extra, message", [(["--expert-batch-size", "2"], "--expert-batch-size 2 needs --resident-workers"),
+                                            (["--expert-batch-size", "2", "--resident-workers"], "only as LoRA adapters"),
+                                            (["--expert-batch-size", "0", "--resident-workers"], "--expert-batch-size must be a whole number >= 1")])
+def test_expert_batches_refuse_what_they_cannot_do_before_writing(mined, tmp_path, capsys, extra, message):
+    out = tmp_path / "o"
+    assert main(["generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), "--model", "tiny", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.slow
