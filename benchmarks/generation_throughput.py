@@ -14,6 +14,12 @@ with 1 and with 2 workers, on a local Ray instance. Two rates per run, both from
 On a GPU machine (experts per GPU-hour, 1 GPU per expert):
     python benchmarks/generation_throughput.py --device cuda --model sd15-arch --lora-rank 4 --clusters 4 --steps 100
 
+``--expert-batch-size K`` (LoRA, with ``--lora-rank``) adds one resident worker that trains K
+experts together, one U-Net pass per step (``suti generate --expert-batch-size``): samples equal
+one-at-a-time experts' up to float rounding, not byte for byte.
+
+    python benchmarks/generation_throughput.py --model toy --clusters 8 --steps 60 --lora-rank 4 --expert-batch-size 4
+
 ``--in-process`` runs the same expert code without Ray, in this process, one expert at a time:
 per-task experts (``mining.expert_task.run_cluster``: load the base and the scorer, train, save,
 load the expert back) against one resident worker (``ResidentExpertWorker``: load once, train in
@@ -87,9 +93,25 @@ def in_process(root: Path, args) -> dict:
     print(f"  resident worker: load {load_s:.1f} s, experts {', '.join(f'{s:.1f}' for s in res_s)} s", flush=True)
     identical = sum(a["members"] == b["members"] for a, b in zip(task_out, res_out))
     steady = lambda s: 3600 / statistics.mean(s[1:] if len(s) > 1 else s)  # noqa: E731
-    return {"per_task_s": [round(s, 2) for s in task_s], "resident_load_s": round(load_s, 2), "resident_s": [round(s, 2) for s in res_s],
-            "per_task_1": (steady(task_s), 3600 * len(task_s) / sum(task_s)), "resident_1": (steady(res_s), 3600 * len(res_s) / (load_s + sum(res_s))),
-            "identical_samples": f"{identical}/{len(rows)}"}
+    result = {"per_task_s": [round(s, 2) for s in task_s], "resident_load_s": round(load_s, 2), "resident_s": [round(s, 2) for s in res_s],
+              "per_task_1": (steady(task_s), 3600 * len(task_s) / sum(task_s)), "resident_1": (steady(res_s), 3600 * len(res_s) / (load_s + sum(res_s))),
+              "identical_samples": f"{identical}/{len(rows)}"}
+    k = args.expert_batch_size
+    if k > 1:  # the same worker, k experts per batch (its first batch left out of the steady rate)
+        groups = [rows[i : i + k] for i in range(0, len(rows), k)]
+        batch_out, batch_s = zip(*[timed(lambda g=g: worker.run_batch(g, [demos[r["cluster_id"]] for r in g])) for g in groups])
+        per_expert = [s / len(g) for s, g in zip(batch_s, groups)]
+        print(f"  resident worker, batches of {k}: {', '.join(f'{s:.1f}' for s in batch_s)} s per batch", flush=True)
+        out = [o for group in batch_out for o in group]
+        errors = [o for o in out if isinstance(o, BaseException)]
+        if errors:
+            raise SystemExit(f"a batched expert failed: {errors[0]!r}")
+        kept_same = sum(a["kept"] == b["kept"] for a, b in zip(task_out, out))
+        steady_s = batch_s[1:] if len(batch_s) > 1 else batch_s
+        steady_n = sum(len(g) for g in groups[1:]) if len(groups) > 1 else len(rows)
+        result.update({f"resident_batch_{k}_s": [round(s, 2) for s in per_expert], "resident_batched": (3600 * steady_n / sum(steady_s), 3600 * len(rows) / (load_s + sum(batch_s))),
+                       "batched_same_kept_keys": f"{kept_same}/{len(rows)}"})
+    return result
 
 
 def main() -> None:
@@ -104,6 +126,7 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 2-worker run (one GPU)")
     parser.add_argument("--in-process", action="store_true", help="no Ray: per-task experts vs one resident worker in this process (no scaling row)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per expert (--in-process)")
+    parser.add_argument("--expert-batch-size", type=int, default=1, help="also resident workers training this many LoRA experts together (needs --lora-rank)")
     parser.add_argument("--random-clip", action="store_true", help="random-weight OpenAI CLIP ViT-B/32 in a temporary hub cache (no weights on the machine; timing only)")
     args = parser.parse_args()
     if args.random_clip:
@@ -124,25 +147,36 @@ def main() -> None:
             print(f"in process (no Ray), model={args.model} device={args.device} lora_rank={args.lora_rank} clusters={args.clusters} expert steps={args.steps} "
                   f"prompts={args.prompts} sample steps={args.sample_steps}")
             print(f"{'':30s} {'steady':>8s} {'end to end':>11s}  ({unit})")
-            for name in ("per_task_1", "resident_1"):
-                print(f"  {name:28s} {result[name][0]:8.0f} {result[name][1]:11.0f}")
+            for name in ("per_task_1", "resident_1", "resident_batched"):
+                if name in result:
+                    print(f"  {name:28s} {result[name][0]:8.0f} {result[name][1]:11.0f}")
             result.update(resident_vs_per_task=result["resident_1"][0] / result["per_task_1"][0], resident_vs_per_task_end_to_end=result["resident_1"][1] / result["per_task_1"][1])
             print(f"resident / per-task: {result['resident_vs_per_task']:.2f}x steady, {result['resident_vs_per_task_end_to_end']:.2f}x end to end; "
                   f"identical samples {result['identical_samples']}")
+            if "resident_batched" in result:
+                result.update(batched_vs_per_task=result["resident_batched"][0] / result["per_task_1"][0], batched_vs_per_task_end_to_end=result["resident_batched"][1] / result["per_task_1"][1])
+                print(f"resident, batches of {args.expert_batch_size} / per-task: {result['batched_vs_per_task']:.2f}x steady, {result['batched_vs_per_task_end_to_end']:.2f}x end to end; "
+                      f"same kept keys {result['batched_same_kept_keys']}")
             print(json.dumps({"mode": "in-process", "model": args.model, "device": args.device, "lora_rank": args.lora_rank, "steps": args.steps, **result}))
             return
         per_task = _generate(root, "task", args, 1, [])
         resident = _generate(root, "resident1", args, 1, ["--resident-workers"])
         resident2 = None if args.skip_scaling else _generate(root, "resident2", args, 2, ["--resident-workers"])
+        k = args.expert_batch_size  # one worker holding k experts
+        batched = _generate(root, f"batched{k}", args, k, ["--resident-workers", "--expert-batch-size", str(k)]) if k > 1 else None
     unit = "experts per GPU-hour" if args.device == "cuda" else "experts/hour"
     print(f"model={args.model} device={args.device} lora_rank={args.lora_rank} clusters={args.clusters} expert steps={args.steps} prompts={args.prompts} sample steps={args.sample_steps}")
     print(f"{'':30s} {'steady':>8s} {'end to end':>11s}  ({unit})")
     rows = [("per-task experts, 1 worker", per_task), ("resident workers, 1 worker", resident)] + ([("resident workers, 2 workers", resident2)] if resident2 else [])
+    rows += [(f"resident, batches of {args.expert_batch_size}, 1 wkr", batched)] if batched else []
     for name, (steady, e2e) in rows:
         print(f"  {name:28s} {steady:8.0f} {e2e:11.0f}")
     print(f"resident / per-task: {resident[0] / per_task[0]:.2f}x steady, {resident[1] / per_task[1]:.2f}x end to end")
     result = {"model": args.model, "device": args.device, "lora_rank": args.lora_rank, "clusters": args.clusters, "steps": args.steps,
               "per_task_1": per_task, "resident_1": resident, "resident_vs_per_task": resident[0] / per_task[0], "resident_vs_per_task_end_to_end": resident[1] / per_task[1]}
+    if batched is not None:
+        print(f"resident workers training batches of {args.expert_batch_size} / per-task: {batched[0] / per_task[0]:.2f}x steady, {batched[1] / per_task[1]:.2f}x end to end")
+        result.update(expert_batch_size=args.expert_batch_size, batched_1=batched, batched_vs_per_task=batched[0] / per_task[0], batched_vs_per_task_end_to_end=batched[1] / per_task[1])
     if resident2 is not None:
         print(f"scaling 1 -> 2 workers: {resident2[0] / resident[0]:.2f}x steady, {resident2[1] / resident[1]:.2f}x end to end" + (f" ({resident2[0] / 2:.0f} per GPU-hour steady)" if args.device == "cuda" else ""))
         result.update(resident_2=resident2, scaling_1_to_2=resident2[0] / resident[0], scaling_1_to_2_end_to_end=resident2[1] / resident[1])

@@ -15,7 +15,8 @@ Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub
    one expert at a time per GPU, for full and LoRA;
 7. generation throughput: ``benchmarks/generation_throughput.py --in-process`` (the generation
    job's expert code without Ray: per-task experts against one resident worker, LoRA rank 4,
-   ``--throughput-clusters`` clusters, ``--throughput-steps`` steps; the scorer is OpenAI CLIP
+   ``--throughput-clusters`` clusters, ``--throughput-steps`` steps, and the same worker
+   training ``--throughput-batch`` experts together (``--expert-batch-size``); the scorer is OpenAI CLIP
    ViT-B/32's architecture with random weights, as the machine has no hub access).
 
 A row that fails prints ``ROW <name>: error ...`` and the suite goes on with the next one;
@@ -270,7 +271,7 @@ def throughput_row(a) -> None:
     world = a.preset in ("tiny", "toy", "tiny-sdxl")  # their own toy scorer; else the folder built once, and a random OpenAI CLIP
     cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--in-process", "--model", a.preset if world else a.model, "--lora-rank", "4",
            "--clusters", str(a.throughput_clusters), "--steps", str(a.throughput_steps), "--sample-steps", str(a.sample_steps), "--prompts", "2",
-           "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1"]
+           "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1", "--expert-batch-size", str(a.throughput_batch)]
     if not world:
         cmd.append("--random-clip")
     print("$ " + " ".join(cmd), flush=True)
@@ -283,7 +284,9 @@ def throughput_row(a) -> None:
     row(f"generation throughput, LoRA rank 4 ({a.preset}, {a.throughput_steps} steps, 2 prompts x {a.sample_steps} sample steps, in process)",
         **{f"resident_{unit}": round(r["resident_1"][0], 1), f"per_task_{unit}": round(r["per_task_1"][0], 1), "ratio_steady": round(r["resident_vs_per_task"], 3),
            "ratio_end_to_end": round(r["resident_vs_per_task_end_to_end"], 3), "resident_load_s": r["resident_load_s"], "resident_s": r["resident_s"],
-           "per_task_s": r["per_task_s"], "identical_samples": r["identical_samples"]})
+           "per_task_s": r["per_task_s"], "identical_samples": r["identical_samples"],
+           **({f"batched_{a.throughput_batch}_{unit}": round(r["resident_batched"][0], 1), "batched_ratio_steady": round(r["batched_vs_per_task"], 3), "batched_same_kept_keys": r["batched_same_kept_keys"]}
+              if "resident_batched" in r else {})})
 
 
 def main(argv=None) -> int:
@@ -303,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--sdxl-expert-steps", type=int, default=100)
     p.add_argument("--throughput-clusters", type=int, default=3)
     p.add_argument("--throughput-steps", type=int, default=100)
+    p.add_argument("--throughput-batch", type=int, default=4, help="row 7 also times a resident worker training this many LoRA experts together (1: not)")
     p.add_argument("--rows", default="experts,apprentice,training,throughput", help="comma-separated, run in this order: experts,apprentice,training,throughput")
     p.add_argument("--json", help="write the rows here (after every row)")
     a = p.parse_args(argv)
