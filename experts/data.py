@@ -34,7 +34,7 @@ def model_fingerprint(model: str) -> str:
         return f"preset:{model}:{preset_fingerprint(load_preset(model))}"
     if storage.is_remote(model):  # a folder on object storage: its objects' ETags and sizes
         return f"uri:{storage.resolve(model)}:{storage.fingerprint(model)}"
-    path = Path(storage.resolve(model) if "://" in model else model).expanduser()
+    path = storage.local_path(model)  # a plain path or file:// URL
     if path.exists():
         index = path / "model_index.json"
         stamp = index.stat().st_mtime_ns if index.exists() else 0

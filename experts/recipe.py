@@ -178,7 +178,7 @@ def load_recipe(name_or_path: str | dict) -> dict[str, Any]:
             raise InputError(f"--recipe {text}: no such file")
         raw, stem = storage.read_text(text), Path(text.split("://", 1)[1]).stem
     else:
-        path = Path(storage.resolve(text)) if "://" in text else Path(text)
+        path = storage.local_path(text)  # a plain path or file:// URL
         if not path.is_file():
             path = config_dir() / "recipes" / f"{text}.yaml"
         if not path.is_file():

@@ -295,7 +295,7 @@ def check_model(model: str, flag: str = "--model") -> None:
         if not storage.isfile(storage.join(str(model), "model_index.json")):
             raise InputError(f"{flag} {model}: no diffusers pipeline folder there (no model_index.json)")
         return
-    path = Path(storage.resolve(str(model))).expanduser() if "://" in str(model) else Path(str(model)).expanduser()
+    path = storage.local_path(str(model))  # not remote here: a plain path or file:// URL
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise InputError(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
