@@ -256,7 +256,7 @@ class ResidentExpertWorker:
         lora = resolve_config(job.get("recipe_data") or job["recipe"], {"model": job["model"], "instance_dir": ".", "class_noun": "object", **(job.get("recipe_overrides") or {})}).lora_rank > 0
         # LoRA experts never change the base weights: no copy of them (on a GPU it would double the memory)
         self.base = {} if lora else {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in self.trained}
-        self.experts = 0
+        self.experts = 0  # experts trained so far
         self._queue: list = []
         self._ready = threading.Condition()
         self._batcher: threading.Thread | None = None
@@ -336,6 +336,7 @@ class ResidentExpertWorker:
             except Exception as exc:  # noqa: BLE001
                 log.warning("a batch of %d experts failed (%s); running them one at a time", len(clusters), exc)
                 self.restore()
+                self.experts -= len(clusters)  # _run_one counts them
                 results = []
                 for cluster, images in zip(clusters, demos):
                     try:

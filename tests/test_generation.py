@@ -220,6 +220,35 @@ def test_resident_workers_train_lora_experts_in_batches(mined, tmp_path):
     assert max(np.abs(together[k] - alone[k]).mean() for k in alone) < 2.0, "same images up to rounding (JPEG levels)"
 
 
+def test_resident_worker_gathers_concurrent_calls_into_a_batch_and_falls_back_one_at_a_time(mined, tmp_path, monkeypatch):
+    """Two concurrent run() calls on one worker train as one batch; a batch whose training fails
+    runs its clusters one at a time (each gets its own result)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import experts.batched
+    from mining.expert_task import ResidentExpertWorker
+    from mining.generate import GenerateConfig, _load_demos, read_clusters
+
+    config = GenerateConfig(clusters=str(mined / "mined" / "clusters.jsonl"), crawl=str(mined / "crawl"), output=str(tmp_path / "o"), model="tiny", steps=3, sample_steps=2,
+                            prompts_per_cluster=1, lambda_=-1.0, recipe_overrides={"lora_rank": 4}, resident_workers=True, expert_batch_size=2).resolved()
+    rows = read_clusters(config.clusters, limit=2)
+    demos = _load_demos(config, rows)
+    worker = ResidentExpertWorker({**config.job_dict(), "device": "cpu"})
+    assert worker.base == {}, "a LoRA job keeps no copy of the base weights"
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda r: worker.run(r, demos[r["cluster_id"]]), rows))
+    assert [r["expert_batch"] for r in together] == [2, 2] and [r["cluster_id"] for r in together] == [r["cluster_id"] for r in rows]
+    assert worker.experts == 2 and not getattr(worker.pipe.unet, "peft_config", None), "the adapters are deleted after the batch"
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (a batch too large)")
+
+    monkeypatch.setattr(experts.batched, "train_lora_experts", out_of_memory)
+    alone = worker.run_batch(rows, [demos[r["cluster_id"]] for r in rows])
+    assert [r["kept"] for r in alone] == [r["kept"] for r in together] and all("expert_batch" not in r for r in alone)
+    assert worker.experts == 4
+
+
 @pytest.mark.parametrize("extra, message", [(["--expert-batch-size", "2"], "--expert-batch-size 2 needs --resident-workers"),
                                             (["--expert-batch-size", "2", "--resident-workers"], "only as LoRA adapters"),
                                             (["--expert-batch-size", "0", "--resident-workers"], "--expert-batch-size must be a whole number >= 1")])
