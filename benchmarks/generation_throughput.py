@@ -106,11 +106,12 @@ def in_process(root: Path, args) -> dict:
         errors = [o for o in out if isinstance(o, BaseException)]
         if errors:
             raise SystemExit(f"a batched expert failed: {errors[0]!r}")
-        kept_same = sum(a["kept"] == b["kept"] for a, b in zip(task_out, out))
+        # the same candidates up to float rounding: their delta-CLIP scores against the per-task experts'
+        delta_diff = max((abs(x - y) for a, b in zip(task_out, out) for x, y in zip(a["delta_clip"], b["delta_clip"])), default=0.0)
         steady_s = batch_s[1:] if len(batch_s) > 1 else batch_s
         steady_n = sum(len(g) for g in groups[1:]) if len(groups) > 1 else len(rows)
         result.update({f"resident_batch_{k}_s": [round(s, 2) for s in per_expert], "resident_batched": (3600 * steady_n / sum(steady_s), 3600 * len(rows) / (load_s + sum(batch_s))),
-                       "batched_same_kept_keys": f"{kept_same}/{len(rows)}"})
+                       "batched_max_delta_clip_diff": round(delta_diff, 5)})
     return result
 
 
@@ -156,7 +157,7 @@ def main() -> None:
             if "resident_batched" in result:
                 result.update(batched_vs_per_task=result["resident_batched"][0] / result["per_task_1"][0], batched_vs_per_task_end_to_end=result["resident_batched"][1] / result["per_task_1"][1])
                 print(f"resident, batches of {args.expert_batch_size} / per-task: {result['batched_vs_per_task']:.2f}x steady, {result['batched_vs_per_task_end_to_end']:.2f}x end to end; "
-                      f"same kept keys {result['batched_same_kept_keys']}")
+                      f"largest delta-CLIP difference from per-task experts {result['batched_max_delta_clip_diff']:.5f}")
             print(json.dumps({"mode": "in-process", "model": args.model, "device": args.device, "lora_rank": args.lora_rank, "steps": args.steps, **result}))
             return
         per_task = _generate(root, "task", args, 1, [])

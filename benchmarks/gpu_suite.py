@@ -285,7 +285,7 @@ def throughput_row(a) -> None:
         **{f"resident_{unit}": round(r["resident_1"][0], 1), f"per_task_{unit}": round(r["per_task_1"][0], 1), "ratio_steady": round(r["resident_vs_per_task"], 3),
            "ratio_end_to_end": round(r["resident_vs_per_task_end_to_end"], 3), "resident_load_s": r["resident_load_s"], "resident_s": r["resident_s"],
            "per_task_s": r["per_task_s"], "identical_samples": r["identical_samples"],
-           **({f"batched_{a.throughput_batch}_{unit}": round(r["resident_batched"][0], 1), "batched_ratio_steady": round(r["batched_vs_per_task"], 3), "batched_same_kept_keys": r["batched_same_kept_keys"]}
+           **({f"batched_{a.throughput_batch}_{unit}": round(r["resident_batched"][0], 1), "batched_ratio_steady": round(r["batched_vs_per_task"], 3), "batched_max_delta_clip_diff": r["batched_max_delta_clip_diff"]}
               if "resident_batched" in r else {})})
 
 
