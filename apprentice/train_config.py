@@ -10,6 +10,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from suti.cli_format import ArgumentParser
+
 
 @dataclass
 class ApprenticeTrainConfig:
@@ -82,7 +84,7 @@ class ApprenticeTrainConfig:
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
-    p = parser or argparse.ArgumentParser(prog="apprentice.train", description=_train_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser or ArgumentParser(prog="apprentice.train", description=_train_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`: folders, globs, brace ranges or single shards, local or any fsspec URI (s3://...), e.g. "SH/*.tar" "PH/*.tar"')
     p.add_argument("--shard-weights", type=float, nargs="+", help="one weight per --shards pattern: the share of examples drawn from each (e.g. 3 1 for expert shards 3 : 1 photo shards); default: all patterns read as one list")
     p.add_argument("--resampled-shards", action="store_true", help="each process draws shards with replacement (reads only those; for many shards and processes) instead of reading all shards for an equal share of samples")

@@ -25,6 +25,7 @@ import json
 from dataclasses import asdict, replace
 
 from mining.cluster import Thresholds, default_thresholds, mine_clusters
+from suti.cli_format import ArgumentParser
 
 
 def evaluate(kept_keys: list[list[str]], kept_pages: list[str], truth: dict) -> dict:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from mining.embed import embed_crawl
     from suti.world import load_ground_truth
 
-    p = argparse.ArgumentParser(description=__doc__,
+    p = ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("crawls", nargs="+", help="synthetic-world crawl folders")
     p.add_argument("--model", default="toy-clip")

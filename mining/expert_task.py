@@ -215,8 +215,8 @@ def _filter(cluster: dict, demos: list, job: dict, info, todo: list[tuple], imag
     return {
         "cluster_id": cid, "status": "accepted" if kept else "rejected", "kept": kept,
         "num_candidates": len(candidates), "delta_clip": [round(float(d), 5) for d in deltas],
-        "train_seconds": train_seconds, "seconds": round(time.perf_counter() - started, 2),
-        "node_id": _ray_node_id(), "members": members,
+        "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - started, 2),
+        "node_id": _ray_node_id(), "expert_batch": 1, "members": members,
     }
 
 
@@ -360,7 +360,7 @@ class ResidentExpertWorker:
             for cluster, images_of, info, todo in zip(clusters, demos, infos, todos):
                 try:
                     summary = _filter(cluster, images_of, self.job, info, todo, images[at : at + len(todo)], self.scorer, train_seconds=info.train_seconds, started=time.perf_counter() - share)
-                    results.append({**summary, "expert_batch": len(clusters)})  # recorded in the manifest
+                    results.append({**summary, "expert_batch": len(clusters)})  # the experts trained together (the manifest records it)
                 except Exception as exc:  # noqa: BLE001 - this cluster's own error
                     results.append(exc)
                 at += len(todo)

@@ -59,6 +59,9 @@ WORKER_ENV_PREFIXES = ("SUTI_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "AWS_", 
 _CLUSTER_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+MAX_EXPERT_BATCH_SIZE = 256  # LoRA experts a resident worker trains in one U-Net pass (also its actor's thread count)
+
+
 class SamplesMissingError(RuntimeError):
     """An accepted cluster's samples did not reach the driver or could not be read back."""
 
@@ -119,8 +122,13 @@ class GenerateConfig:
         for flag, value in positive.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidValueError(f"{flag} must be a whole number >= 1, got {value!r}")
+        if self.expert_batch_size > MAX_EXPERT_BATCH_SIZE:
+            raise InvalidValueError(f"--expert-batch-size must be at most {MAX_EXPERT_BATCH_SIZE} (experts in one U-Net pass), got {self.expert_batch_size}")
         if self.expert_batch_size > 1 and not self.resident_workers:
             raise InvalidValueError(f"--expert-batch-size {self.expert_batch_size} needs --resident-workers (a plain task trains one expert)")
+        if self.max_workers is not None and 1 <= self.max_workers < self.expert_batch_size:
+            raise InvalidValueError(f"--max-workers {self.max_workers} (experts in flight) is below --expert-batch-size {self.expert_batch_size}: no batch could fill; "
+                                    f"use --max-workers {self.expert_batch_size} or more")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise InvalidValueError(f"--max-retries must be a whole number >= 0, got {self.max_retries!r}")
         for flag, value in (("--lambda", self.lambda_), ("--gpus-per-expert", self.gpus_per_expert), ("--cpus-per-expert", self.cpus_per_expert)):
@@ -586,15 +594,17 @@ def _lost_work_errors() -> tuple[type[BaseException], ...]:
 
 
 def steady_rate(finish_times: list[float], slots: int) -> float | None:
-    """Experts per hour once every slot has finished its first expert: with ``k = slots``
-    (capped at ``n - 1``) and ``t`` the sorted finish times (seconds), ``(n - k) / (t[n-1] - t[k-1])
-    * 3600``. Ray start-up, imports, model loading and the first expert of each worker are left
-    out, which a long job amortises; ``None`` with fewer than two finished experts."""
+    """Experts per hour once every slot has finished its first expert: with ``k = slots`` and
+    ``t`` the sorted finish times (seconds), ``(n - k) / (t[n-1] - t[k-1]) * 3600``. Ray
+    start-up, imports, model loading and the first expert of each slot (a resident worker's
+    first batch) are left out, which a long job amortises. ``None`` when every expert was in that
+    first wave (``n <= slots``: the experts of one batch finish together, so their spread is no
+    rate)."""
     t = sorted(finish_times)
     n = len(t)
-    if n < 2:
+    k = max(1, slots)
+    if n <= k:
         return None
-    k = max(1, min(slots, n - 1))
     span = t[-1] - t[k - 1]
     return round((n - k) / span * 3600, 1) if span > 0 else None
 

@@ -10,7 +10,6 @@ Progress comes from ``train_expert``'s ``progress_callback`` (:class:`ProgressRe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -21,6 +20,8 @@ import traceback
 from pathlib import Path
 
 from serving.store import JobStore, valid_job_id
+
+from suti.cli_format import ArgumentParser
 
 log = logging.getLogger("serving.worker")
 
@@ -141,7 +142,7 @@ def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="run one DreamBooth job of the serving job table")
+    parser = ArgumentParser(description="run one DreamBooth job of the serving job table")
     parser.add_argument("--db", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--job", required=True)

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from suti.cli_format import ArgumentParser
 from suti.errors import InputError, SutiError
 
 # Modules that contribute subcommands, imported lazily so `suti --help` stays fast.
@@ -29,7 +30,7 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="suti",
         description="Subject-driven text-to-image generation: DreamBooth experts, mining, "
         "expert generation on Ray, the in-context apprentice and serving.",

@@ -24,3 +24,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.nargs == 0:  # store_true / store_false / store_const: a flag has no value to default to
             return text
         return text + " (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line on stderr and exit code 2,
+    as every other bad input of suti (``suti generate: error: argument --steps: invalid int
+    value: 'abc' (see suti generate --help)``), instead of the whole usage text. Sub-command
+    parsers inherit it (``add_subparsers`` makes them of the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

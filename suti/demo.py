@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from suti import storage
+from suti.cli_format import ArgumentParser
 from suti.errors import SutiError
 from suti.images import save_image_atomic
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def demo_args(argv: list[str]) -> argparse.Namespace:
     """``suti demo`` arguments (defaults included) from ``argv``, e.g. ``["--output", "X"]``."""
-    parser = argparse.ArgumentParser(prog="suti")
+    parser = ArgumentParser(prog="suti")
     register(parser.add_subparsers())
     return parser.parse_args(["demo", *argv])
 

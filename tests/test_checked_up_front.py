@@ -147,3 +147,24 @@ def test_demo_refuses_a_bad_model_before_any_stage_writes(tmp_path, capsys):
     assert main(["demo", "--model", "nope", "--output", str(tmp_path / "demo")]) == 2
     assert "--model 'nope': not a preset" in one_line(capsys)
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--clusters", "c", "--crawl", "w", "--output", "o", "--expert-batch-size", "abc"], "suti generate: error: argument --expert-batch-size: invalid int value: 'abc' (see suti generate --help)"),
+    (["expert", "train", "--steps", "1.5"], "suti expert train: error: argument --steps: invalid int value: '1.5'"),
+    (["world", "make", "--output", "w", "--bogus"], "suti: error: unrecognized arguments: --bogus"),
+    (["mine"], "suti mine: error: the following arguments are required: --crawl"),
+])
+def test_usage_errors_are_one_line_with_exit_2(capsys, argv, expected):
+    """A mistyped flag or value is one line naming it, not argparse's whole usage text."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and one_line(capsys).startswith(expected)
+
+
+def test_apprentice_train_usage_errors_are_one_line():
+    from apprentice.train_config import build_arg_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_arg_parser().parse_args(["--steps", "abc"])
+    assert exc.value.code == 2

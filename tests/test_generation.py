@@ -141,8 +141,8 @@ def test_steady_rate_leaves_out_each_slots_first_expert():
     assert steady_rate([100.0, 110.0, 120.0, 130.0], 1) == pytest.approx(3 / 30 * 3600)
     # two slots: both first experts (at 100 and 101 s) are left out; finish order does not matter
     assert steady_rate([121.0, 101.0, 100.0, 111.0, 120.0], 2) == pytest.approx(3 / 20 * 3600)
-    # more slots than experts: only the first is left out; fewer than 2 experts: no rate
-    assert steady_rate([10.0, 20.0], 4) == pytest.approx(3600 / 10)
+    # every expert in the first wave (one batch, or more slots than experts): no steady rate
+    assert steady_rate([10.0, 20.0], 4) is None and steady_rate([30.0, 30.001, 30.002], 3) is None
     assert steady_rate([10.0], 1) is None and steady_rate([], 1) is None
 
 
@@ -213,7 +213,7 @@ def test_resident_workers_train_lora_experts_in_batches(mined, tmp_path):
     assert batched.returncode == 0, batched.stderr[-3000:]
     manifest = _manifest(tmp_path / "batched")
     assert {cid: r["kept"] for cid, r in manifest.items()} == {cid: r["kept"] for cid, r in _manifest(tmp_path / "task").items()}
-    assert sorted(r.get("expert_batch", 1) for r in manifest.values()) == [1, 2, 2], "two experts trained together, the third alone"
+    assert sorted(r["expert_batch"] for r in manifest.values()) == [1, 2, 2], "two experts trained together, the third alone"
     alone = {s["__key__"]: np.asarray(s["target.jpg"], dtype=float) for s in _samples(tmp_path / "task")}
     together = {s["__key__"]: np.asarray(s["target.jpg"], dtype=float) for s in _samples(tmp_path / "batched")}
     assert together.keys() == alone.keys() and len(alone) == 6
@@ -245,13 +245,15 @@ def test_resident_worker_gathers_concurrent_calls_into_a_batch_and_falls_back_on
 
     monkeypatch.setattr(experts.batched, "train_lora_experts", out_of_memory)
     alone = worker.run_batch(rows, [demos[r["cluster_id"]] for r in rows])
-    assert [r["kept"] for r in alone] == [r["kept"] for r in together] and all("expert_batch" not in r for r in alone)
+    assert [r["kept"] for r in alone] == [r["kept"] for r in together] and [r["expert_batch"] for r in alone] == [1, 1]
     assert worker.experts == 4
 
 
 @pytest.mark.parametrize("extra, message", [(["--expert-batch-size", "2"], "--expert-batch-size 2 needs --resident-workers"),
                                             (["--expert-batch-size", "2", "--resident-workers"], "only as LoRA adapters"),
-                                            (["--expert-batch-size", "0", "--resident-workers"], "--expert-batch-size must be a whole number >= 1")])
+                                            (["--expert-batch-size", "0", "--resident-workers"], "--expert-batch-size must be a whole number >= 1"),
+                                            (["--expert-batch-size", "2147483648", "--resident-workers"], "--expert-batch-size must be at most 256"),
+                                            (["--expert-batch-size", "4", "--resident-workers", "--max-workers", "2"], "--max-workers 2 (experts in flight) is below --expert-batch-size 4")])
 def test_expert_batches_refuse_what_they_cannot_do_before_writing(mined, tmp_path, capsys, extra, message):
     out = tmp_path / "o"
     assert main(["generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), "--model", "tiny", *extra]) == 2

@@ -545,11 +545,11 @@ def identity_embedding(images):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m suti.world.probe OUT_DIR [--minutes M] [--steps N] [--seed S]``."""
-    import argparse
-
     import torch
 
-    parser = argparse.ArgumentParser(description="pretrain the attribute probe of the world")
+    from suti.cli_format import ArgumentParser
+
+    parser = ArgumentParser(description="pretrain the attribute probe of the world")
     parser.add_argument("out_dir")
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--steps", type=int, default=4000)

@@ -587,11 +587,11 @@ def load_toy_clip(weights_dir: str | Path | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m suti.world.toy_clip OUT_DIR [--minutes M] [--steps N] [--seed S]``."""
-    import argparse
-
     import torch
 
-    parser = argparse.ArgumentParser(description="pretrain the toy CLIP of the synthetic world")
+    from suti.cli_format import ArgumentParser
+
+    parser = ArgumentParser(description="pretrain the toy CLIP of the synthetic world")
     parser.add_argument("out_dir")
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--steps", type=int, default=500)
