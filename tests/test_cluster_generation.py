@@ -431,6 +431,24 @@ def test_mine_on_the_cluster_reads_the_s3_crawl_like_in_process_mining(ray_clust
 
 
 @pytest.mark.slow
+def test_batches_of_lora_experts_on_two_nodes_to_s3_exactly_once(ray_cluster, mined_s3):
+    """--expert-batch-size 2 on the two-node cluster (private /tmp on one node), output and kept
+    experts on S3: every sample once, batches formed, each kept expert uploaded from its node."""
+    from mining.generate import read_manifest
+    from suti import storage
+
+    output = f"s3://{BUCKET}/job-batches"
+    proc = _generate(ray_cluster, mined_s3, output, "--resident-workers", "--lora-rank", "4", "--expert-batch-size", "2", "--keep-experts")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = len(mined_s3["rows"])
+    _check_exactly_once(output, n)
+    rows = read_manifest(output)
+    assert max(r["expert_batch"] for r in rows.values()) == 2, "experts trained in batches"
+    for cid in rows:
+        assert storage.isfile(storage.join(output, "experts", cid, "pytorch_lora_weights.safetensors")), cid
+
+
+@pytest.mark.slow
 def test_resident_workers_on_two_nodes_survive_a_dead_node(ray_cluster, mined_s3, tmp_path):
     """Resident actors on both nodes; the worker node is killed mid-job: its actor's cluster runs
     again on the other node, and the job finishes with every sample exactly once. (Kills the
