@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from experts.expert import ExpertInfo, save_expert
+from experts.expert import ExpertInfo, save_expert, unsaved_expert_info
 from experts.recipe import ExpertConfig
 from suti.errors import InputError
 
@@ -242,6 +242,5 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
             Path(output).mkdir(parents=True, exist_ok=True)
             infos.append(save_expert(pipe, c, Path(output), train_seconds=elapsed / len(experts), adapter_name=e.adapter))
         else:
-            infos.append(ExpertInfo(identifier=c.identifier, class_noun=c.class_noun, base_model=c.model, recipe=c.recipe, kind="lora", steps=c.steps, seed=c.seed,
-                                    resolution=c.resolution, instance_prompt=e.prompt, weights="", config=c.to_dict(), train_seconds=round(elapsed / len(experts), 3)))
+            infos.append(unsaved_expert_info(c, e.prompt, elapsed / len(experts)))
     return infos

@@ -68,6 +68,14 @@ class ExpertInfo:
         return fill_prompt(template, self.identifier, self.class_noun)
 
 
+def unsaved_expert_info(config, instance_prompt: str, train_seconds: float) -> ExpertInfo:
+    """The :class:`ExpertInfo` of an expert trained in place and not written (a resident expert
+    worker's): no weights file, ``train_seconds`` rounded to milliseconds."""
+    return ExpertInfo(identifier=config.identifier, class_noun=config.class_noun, base_model=config.model, recipe=config.recipe, kind="lora" if config.lora_rank > 0 else "full",
+                      steps=config.steps, seed=config.seed, resolution=config.resolution, instance_prompt=instance_prompt, weights="", config=config.to_dict(),
+                      train_seconds=round(train_seconds, 3))
+
+
 def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_name: str = "default") -> ExpertInfo:
     """Save the trained weights (safetensors only) and ``expert.json``; a LoRA expert is the
     peft adapter ``adapter_name`` of ``pipe``'s U-Net (and text encoders), saved in diffusers'

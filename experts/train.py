@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from experts import checkpoint as ckpt
 from experts.data import ensure_class_images, real_class_images
-from experts.expert import EXPERT_FILE, ExpertInfo, save_expert
+from experts.expert import EXPERT_FILE, ExpertInfo, save_expert, unsaved_expert_info
 from experts.identifier import fill_prompt, sample_identifier
 from experts.latents import TrainingLatents, load_training_pixels
 from experts.loss import denoising_target, per_sample_mse, sample_latents, snr_weights
@@ -279,7 +279,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
     if main and save_weights:
         info = save_expert(pipe, config, output, train_seconds=elapsed)
     elif main:
-        info = ExpertInfo(identifier=config.identifier, class_noun=config.class_noun, base_model=config.model, recipe=config.recipe, kind="lora" if config.lora_rank > 0 else "full", steps=config.steps, seed=config.seed, resolution=config.resolution, instance_prompt=prompt, weights="", config=config.to_dict(), train_seconds=elapsed)
+        info = unsaved_expert_info(config, prompt, elapsed)
     for tracker in accelerator.trackers:  # not end_training(): it would end a launcher's process group
         tracker.finish()
     accelerator.wait_for_everyone()

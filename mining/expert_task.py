@@ -133,7 +133,7 @@ def _sample_and_filter(cluster: dict, demos: list, job: dict, config, info, pipe
     delta-CLIP and pack the kept ones: the summary :func:`run_cluster` returns (``seconds``
     counted from ``started``, a ``time.perf_counter()`` value)."""
     todo = _candidate_prompts(cluster, job, info, config, pipe.tokenizer)
-    images = _sample_candidates(pipe, [text for *_, text in todo], [seed + 1000 * pi + si for pi, si, _, _ in todo], info.resolution, job, device)
+    images = _sample_candidates(pipe, [text for *_, text in todo], candidate_seeds(todo, seed), info.resolution, job, device)
     return _filter(cluster, demos, job, info, todo, images, scorer, train_seconds=train_seconds, started=started)
 
 
@@ -158,6 +158,12 @@ def _candidate_prompts(cluster: dict, job: dict, info, config, tokenizer) -> lis
             continue
         todo += [(pi, si, entry, text) for si in range(k)]
     return todo
+
+
+def candidate_seeds(todo: list[tuple], seed: int) -> list[int]:
+    """The sampler seed of each candidate of :func:`_candidate_prompts`: ``seed + 1000 *
+    prompt_index + sample_index`` (``seed``: the cluster's, :func:`cluster_seed`)."""
+    return [seed + 1000 * pi + si for pi, si, _, _ in todo]
 
 
 def _sample_candidates(pipe, texts: list[str], seeds: list[int], resolution: int, job: dict, device: str, *, adapters: list[str] | None = None, route: dict | None = None, per_call: int | None = None) -> list:
@@ -215,7 +221,7 @@ def _filter(cluster: dict, demos: list, job: dict, info, todo: list[tuple], imag
     return {
         "cluster_id": cid, "status": "accepted" if kept else "rejected", "kept": kept,
         "num_candidates": len(candidates), "delta_clip": [round(float(d), 5) for d in deltas],
-        "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - started, 2),
+        "train_seconds": train_seconds, "seconds": round(time.perf_counter() - started, 2),
         "node_id": _ray_node_id(), "expert_batch": 1, "members": members,
     }
 
@@ -350,11 +356,11 @@ class ResidentExpertWorker:
             # every expert's candidates in shared pipeline calls, each image from its own adapter
             todos = [_candidate_prompts(c, self.job, info, config, self.pipe.tokenizer) for c, info, config in zip(clusters, infos, configs)]
             texts = [text for todo in todos for *_, text in todo]
-            candidate_seeds = [seed + 1000 * pi + si for todo, seed in zip(todos, seeds) for pi, si, _, _ in todo]
+            seeds_of = [s for todo, seed in zip(todos, seeds) for s in candidate_seeds(todo, seed)]
             owners = [adapter for todo, adapter in zip(todos, adapters) for _ in todo]
             per_call = int(self.job.get("sample_batch_size") or DEFAULT_SAMPLE_BATCH_SIZE) * len(clusters)
             with routed_adapters(self.pipe.unet) as route:
-                images = _sample_candidates(self.pipe, texts, candidate_seeds, infos[0].resolution, self.job, device, adapters=owners, route=route, per_call=per_call)
+                images = _sample_candidates(self.pipe, texts, seeds_of, infos[0].resolution, self.job, device, adapters=owners, route=route, per_call=per_call)
             share = (time.perf_counter() - started) / len(clusters)  # training and sampling, per expert
             results, at = [], 0
             for cluster, images_of, info, todo in zip(clusters, demos, infos, todos):

@@ -515,8 +515,7 @@ class _ActorPool:
                                                            runtime_env={"env_vars": worker_env()})
         self.job = job
         self.ready: list = []  # started actors
-        self.load: dict[int, int] = {}  # id(actor) -> experts it holds
-        self.busy: dict = {}  # ref -> actor
+        self.busy: dict = {}  # ref -> actor (an actor holds as many experts as it has refs here)
         self.starting: dict = {}
         self.start_failures = 0
         self.max_start_failures = config.max_retries + 1
@@ -534,8 +533,11 @@ class _ActorPool:
             _, actor = self.starting.popitem()
             ray.kill(actor, no_restart=True)
 
+    def _load(self, actor) -> int:
+        return sum(a is actor for a in self.busy.values())
+
     def _free(self) -> list:
-        return [a for a in self.ready if self.load[id(a)] < self.per_actor]
+        return [a for a in self.ready if self._load(a) < self.per_actor]
 
     def available(self) -> bool:
         return bool(self._free())
@@ -562,25 +564,20 @@ class _ActorPool:
             return True
         self.start_failures = 0
         self.ready.append(actor)
-        self.load[id(actor)] = 0
         return True
 
     def __call__(self, row: dict, images: list):
-        actor = max(self._free(), key=lambda a: self.load[id(a)])
+        actor = max(self._free(), key=self._load)
         ref = actor.run.remote(row, images)
         self.busy[ref] = actor
-        self.load[id(actor)] += 1
         return ref
 
     def release(self, ref, lost: bool) -> None:
         import ray
 
         actor = self.busy.pop(ref)
-        if id(actor) in self.load:
-            self.load[id(actor)] -= 1
         if lost and actor in self.ready:  # dead: grow() starts another when the cluster has room
             self.ready.remove(actor)
-            self.load.pop(id(actor), None)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
 
