@@ -140,6 +140,10 @@ class ToExample:
     (per example); otherwise each is captioned ``"a <class noun>"``, as a class-only query encodes
     them (:meth:`apprentice.pipeline.ApprenticePipeline.encode_demonstrations` in the fixed
     evaluation), so the identity has to come from the demonstrations' pixels, not their captions.
+
+    ``teacher_prompt`` is the target photo's descriptive alt text (one naming the class noun) when
+    the example is a reconstruction prompted with the class only, else ``""``: the privileged
+    caption of ``--caption-distillation`` (:func:`apprentice.train.denoising_loss`).
     """
 
     def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0):
@@ -175,10 +179,14 @@ class ToExample:
         photos_only = "target.jpg" not in sample
         if photos_only and len(demo_fields) < 2:
             raise ValueError(f"photo sample {sample.get('__key__')} needs at least 2 photos (got {len(demo_fields)})")
+        teacher = ""
         if photos_only or (len(demo_fields) >= 2 and self.rng.random() < self.self_target):
             held = self.rng.choice(demo_fields)
             demo_fields = [f for f in demo_fields if f != held]
-            target, prompt = sample[held], self._reconstruction_prompt(meta.get("class_noun"), caption(held))
+            alt_text, noun = caption(held), meta.get("class_noun")
+            target, prompt = sample[held], self._reconstruction_prompt(noun, alt_text)
+            if noun and noun.lower() in alt_text.lower() and prompt != alt_text:
+                teacher = alt_text
         else:
             target, prompt = sample["target.jpg"], meta["prompt"]
         picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
@@ -190,6 +198,7 @@ class ToExample:
             "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)
             "demos": torch.stack([to_tensor(fit_square(sample[f], self.resolution)) for f in picks]),  # (n, 3, R, R)
             "prompt": prompt,
+            "teacher_prompt": teacher,
             "demo_captions": demo_captions,
             "key": sample["__key__"],
         }
@@ -201,6 +210,7 @@ def collate(examples: list[dict]) -> dict:
         "target": torch.stack([e["target"] for e in examples]),  # (B, 3, R, R)
         "demos": torch.stack([e["demos"] for e in examples]),  # (B, n, 3, R, R)
         "prompt": [e["prompt"] for e in examples],
+        "teacher_prompt": [e.get("teacher_prompt", "") for e in examples],
         "demo_captions": [e["demo_captions"] for e in examples],
         "key": [e["key"] for e in examples],
     }

@@ -112,6 +112,37 @@ def test_self_target_reconstructs_a_held_out_cluster_photo(tmp_path):
         list(make_pipeline(str(shards / "*.tar"), resolution=32, repeat=False, self_target=1.5))
 
 
+def test_teacher_prompt_is_the_alt_text_of_a_class_only_reconstruction():
+    """--caption-distillation's privileged caption: the held-out photo's alt text when the prompt
+    names only the class; none for expert targets, for a prompt that already is the alt text, or
+    for an alt text that does not describe the subject (no class noun)."""
+    from apprentice.data import ToExample
+
+    alts = ["a red dotted star toy on the beach", "a red dotted star toy in the snow", "image", "untitled"]
+    img = Image.new("RGB", (32, 32), (200, 30, 30))
+
+    def sample(alt_texts, target=True):
+        s = {"__key__": "k", "json": {"prompt": "a star toy in the jungle", "class_noun": "star toy", "demo_captions": alt_texts}}
+        s.update({f"demo_{i}.png": img for i in range(len(alt_texts))})
+        if target:
+            s["target.jpg"] = img
+        return s
+
+    class_only = ToExample(32, 1, seed=0, caption_prompt=0.0)
+    seen = set()
+    for _ in range(40):
+        e = class_only(sample(alts, target=False))
+        assert e["prompt"] == "a star toy"
+        assert e["teacher_prompt"] in alts[:2] or e["teacher_prompt"] == ""
+        seen.add(e["teacher_prompt"])
+    assert seen == {alts[0], alts[1], ""}, "descriptive alt texts teach; 'image' and 'untitled' do not"
+    always_alt = ToExample(32, 1, seed=0, caption_prompt=1.0)
+    assert all(always_alt(sample(alts[:2], target=False))["teacher_prompt"] == "" for _ in range(10)), "the prompt already is the alt text"
+    expert = ToExample(32, 1, seed=0, self_target=0.0, caption_prompt=0.0)
+    assert expert(sample(alts[:2]))["teacher_prompt"] == "", "an expert's sample has no alt text"
+    assert collate([e, e])["teacher_prompt"] == [e["teacher_prompt"]] * 2
+
+
 def test_demo_guidance_1_uses_two_branches_and_the_same_formula():
     app = ApprenticePipeline.from_base(load_pipeline("tiny"))
     app.set_progress_bar_config(disable=True)

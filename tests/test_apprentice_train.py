@@ -242,6 +242,46 @@ def test_snr_gamma_weights_each_sample_by_min_snr_over_snr():
         ApprenticeTrainConfig(shards="x", output="y", snr_gamma=0.0).validate()
 
 
+@torch.no_grad()
+def test_caption_distillation_mixes_the_base_given_the_alt_text_into_the_target():
+    """--caption-distillation W: each row's target is (1-W) * the noise + W * the base model's
+    prediction given the privileged caption (no demos); rows without a caption keep the noise."""
+    from diffusers import DDPMScheduler
+
+    from apprentice.train import ApprenticeTrainConfig, caption_teacher, denoising_loss, teacher_prediction
+    from suti.conditioning import Conditioning
+
+    base, module = _tiny_module()
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    latents, noise, t, text, demos, demo_emb, mask = _fixed_batch()
+    caption = torch.randn(text.shape, generator=torch.Generator().manual_seed(5))
+    frozen = ApprenticeTrainConfig(shards="x", output="y", freeze_base=True, caption_distillation=0.5)
+    assert caption_teacher(ApprenticeTrainConfig(shards="x", output="y", freeze_base=True), base.unet) is None
+    teacher = caption_teacher(frozen, base.unet)
+    assert teacher is base.unet, "a frozen base is its own teacher, called without demonstrations"
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    taught = teacher_prediction(teacher, scheduler, latents, noise, t, Conditioning(caption))
+    assert torch.allclose(taught, module(noisy, t, caption, demos, demo_emb, torch.zeros(2)), atol=1e-5), "the teacher is the base model"
+    assert not torch.allclose(taught, module(noisy, t, caption, demos, demo_emb, mask), atol=1e-3), "the demonstrations change the student"
+    pred = module(noisy, t, text, demos, demo_emb, mask)
+    weight = torch.tensor([0.5, 0.0])
+    loss = denoising_loss(module, scheduler, latents, noise, t, text, demos, demo_emb, mask, teacher=taught, teacher_weight=weight).item()
+    rows = [(pred[0] - (0.5 * noise[0] + 0.5 * taught[0])).pow(2).mean(), (pred[1] - noise[1]).pow(2).mean()]
+    assert loss == pytest.approx(float(sum(rows) / 2), rel=1e-5)
+    assert loss != pytest.approx(denoising_loss(module, scheduler, latents, noise, t, text, demos, demo_emb, mask).item(), rel=1e-3)
+    # a trainable base gets a frozen copy taken now, with plain attention processors
+    copy = caption_teacher(ApprenticeTrainConfig(shards="x", output="y", caption_distillation=1.0), base.unet)
+    assert copy is not base.unet and not any(p.requires_grad for p in copy.parameters())
+    before = teacher_prediction(copy, scheduler, latents, noise, t, Conditioning(caption))
+    assert torch.allclose(before, taught, atol=1e-5)
+    for p in base.unet.parameters():
+        p.add_(0.1)
+    assert torch.equal(teacher_prediction(copy, scheduler, latents, noise, t, Conditioning(caption)), before), "training the base leaves the teacher"
+    with pytest.raises(Exception, match="--caption-distillation must be in \\[0, 1\\], got 1.5"):
+        ApprenticeTrainConfig(shards="x", output="y", caption_distillation=1.5).validate()
+
+
 def test_gradient_checkpointing_gives_the_adapter_the_same_gradients():
     from diffusers import DDPMScheduler
 
