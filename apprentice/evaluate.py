@@ -152,7 +152,8 @@ def heldout_loss_by_timestep(pipe, subjects, *, seed: int = 7, num_demos: int = 
     * ``"copy"``: an oracle whose demos include the target photo itself (plus ``num_demos - 1``
       others): what demonstration attention carries when the answer is among the demos;
     * ``"caption"``: an oracle that names the identity in text: the target's full alt text
-      (class, colour, pattern, part, proportions and scene), no demos.
+      (in the world: class, colour, pattern and scene; ``suti.world.caption`` names no part or
+      proportions), no demos.
 
     The noise-prediction MSE is dominated by the low-noise timesteps, where neither text nor
     demos can tell the noise from fine texture; the per-timestep rows show where each condition

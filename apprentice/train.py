@@ -165,7 +165,8 @@ def caption_teacher(config: ApprenticeTrainConfig, unet):
     Learning from privileged information (Vapnik & Vashist 2009; the distillation form of Lopez-Paz
     et al. 2016): a reconstruction example's prompt names only the class, but its target photo
     has an alt text that describes the subject. The base model given that alt text predicts what
-    the caption adds (colour, pattern, parts, proportions), and since the demonstrations are
+    the caption adds (whatever it names: in the world, colour and pattern, not parts or
+    proportions; and the scene), and since the demonstrations are
     photos of the same subject, that prediction is a low-variance target for what the
     demonstrations should add. With ``--freeze-base`` the teacher is the training U-Net itself,
     called without demonstrations (exactly the base model); otherwise a frozen copy taken before
