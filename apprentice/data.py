@@ -157,10 +157,15 @@ class ToExample:
         self.demo_caption = demo_caption
         self.rng = random.Random(seed)
 
+    @staticmethod
+    def _describes(noun: str | None, alt_text: str) -> bool:
+        """A descriptive alt text: one that names the class noun (not "image" or "untitled")."""
+        return bool(noun) and noun.lower() in alt_text.lower()
+
     def _reconstruction_prompt(self, noun: str | None, alt_text: str) -> str:
         if not noun:
             return alt_text
-        if noun.lower() in alt_text.lower() and self.rng.random() < self.caption_prompt:
+        if self._describes(noun, alt_text) and self.rng.random() < self.caption_prompt:
             return alt_text
         return f"a {noun}"
 
@@ -185,7 +190,7 @@ class ToExample:
             demo_fields = [f for f in demo_fields if f != held]
             alt_text, noun = caption(held), meta.get("class_noun")
             target, prompt = sample[held], self._reconstruction_prompt(noun, alt_text)
-            if noun and noun.lower() in alt_text.lower() and prompt != alt_text:
+            if self._describes(noun, alt_text) and prompt != alt_text:
                 teacher = alt_text
         else:
             target, prompt = sample["target.jpg"], meta["prompt"]
