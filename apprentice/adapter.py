@@ -11,7 +11,12 @@ Optionally (``subject_tokens > 0``) the adapter also holds a global *subject cha
 (IP-Adapter, Ye et al. 2023, arXiv 2308.06721, sec. 3.2): the mean of the demonstrations' image
 embeddings (a :mod:`suti.scoring` scorer, ``image_encoder``) projected by diffusers'
 ``ImageProjection`` into ``subject_tokens`` tokens, attended to by every cross-attention
-(``attn2``) beside the text through :class:`SubjectCrossAttnProcessor`.
+(``attn2``) beside the text through :class:`SubjectCrossAttnProcessor`. With ``image_encoder``
+``"unet-features"`` (:data:`UNET_FEATURES`) the tokens come instead from the demonstrations' own
+U-Net features at one self-attention layer (every token of every demo, with its place in the
+grid), read by a learned resampler (IP-Adapter-Plus's ``IPAdapterPlusImageProjection``, a
+Perceiver-style set of ``subject_tokens`` latent queries; Ye et al. 2023 sec. 3.2, Alayrac et al.
+2022): a global channel that can see the silhouette, which a pooled image embedding does not keep.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from apprentice.attention import DemoAttnProcessor, DemoContext, PassthroughProc
 from suti.errors import InvalidValueError
 
 MAX_DEMOS = 8
+#: ``image_encoder`` value for a subject channel read from the demos' U-Net features by a resampler.
+UNET_FEATURES = "unet-features"
+POSITION_FREQUENCIES = 4  # Fourier frequencies per axis of the resampler's position code
 
 
 class DemoAttention(nn.Module):
@@ -99,6 +107,9 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         cross_attention_dim: size of the U-Net's cross-attention context (the tokens' size).
         subject_layer_names: processor names of the ``attn2`` layers that get the channel.
         subject_dims: inner (key/value) dim of each of those layers.
+        subject_feature_layer: with ``image_encoder="unet-features"``, the ``attn1`` processor name
+            whose input features (captured in :meth:`encode_demos`) the resampler reads; its
+            channels are ``image_embed_dim``.
         position_bias: add a learned, per-head bias ``-w * d^2`` to the demonstration
             attention's logits, ``d`` the distance (in the layer's grid cells) between a query's
             position and a demonstration token's (each image's grid spanning [0, 1]^2); ``w``
@@ -114,7 +125,8 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, layer_names: list[str], dims: list[int], heads: list[int], demo_timestep: int = 1, method: str = "attention",
                  subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, cross_attention_dim: int | None = None,
-                 subject_layer_names: list[str] | None = None, subject_dims: list[int] | None = None, position_bias: bool = False):
+                 subject_layer_names: list[str] | None = None, subject_dims: list[int] | None = None, position_bias: bool = False,
+                 subject_feature_layer: str | None = None):
         super().__init__()
         if method not in ("attention", "reference"):
             raise InvalidValueError(f"unknown demonstration method {method!r}")
@@ -124,9 +136,19 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         if subject_tokens:
             if not (image_embed_dim and cross_attention_dim and subject_layer_names and subject_dims):
                 raise InvalidValueError("a subject channel needs image_embed_dim, cross_attention_dim, subject_layer_names and subject_dims")
-            from diffusers.models.embeddings import ImageProjection
+            if image_encoder == UNET_FEATURES:
+                if subject_feature_layer not in layer_names:
+                    raise InvalidValueError(f"subject_feature_layer must be one of the demonstration layers, got {subject_feature_layer!r}")
+                from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-            self.image_proj = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim, num_image_text_embeds=subject_tokens)
+                heads = max(1, cross_attention_dim // 64)
+                self.image_proj = IPAdapterPlusImageProjection(embed_dims=image_embed_dim, output_dims=cross_attention_dim, hidden_dims=cross_attention_dim,
+                                                               depth=2, dim_head=cross_attention_dim // heads, heads=heads, num_queries=subject_tokens, ffn_ratio=2)
+                self.feature_position = nn.Linear(4 * POSITION_FREQUENCIES, image_embed_dim)  # Fourier code of a token's (y, x) -> its channels
+            else:
+                from diffusers.models.embeddings import ImageProjection
+
+                self.image_proj = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim, num_image_text_embeds=subject_tokens)
             self.subject = nn.ModuleDict({_key(n): SubjectAttention(cross_attention_dim, d) for n, d in zip(subject_layer_names, subject_dims)})
 
     @property
@@ -134,18 +156,34 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         """Whether the subject channel is in use (it is ignored in ``"reference"`` mode)."""
         return self.config.subject_tokens > 0 and self.config.method == "attention"
 
+    @property
+    def reads_unet_features(self) -> bool:
+        """Whether the subject channel reads the demos' U-Net features (no image encoder needed)."""
+        return self.has_subject_channel and self.config.image_encoder == UNET_FEATURES
+
     @classmethod
     def for_unet(cls, unet, *, demo_timestep: int = 1, method: str = "attention", init_from_self_attention: bool = True,
-                 subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, position_bias: bool = False) -> "DemoAttentionAdapter":
+                 subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, position_bias: bool = False,
+                 subject_feature_layer: str | None = None) -> "DemoAttentionAdapter":
         """An adapter matching ``unet``; q/k/v start as copies of each layer's self-attention.
 
         With ``subject_tokens > 0`` the subject channel's ``to_k_ip``/``to_v_ip`` start as copies
         of each cross-attention's ``to_k``/``to_v`` (as IP-Adapter), its gates at 0.
         ``image_embed_dim`` defaults to the size of ``image_encoder``'s embeddings (measured).
+        With ``image_encoder="unet-features"`` the resampler reads ``subject_feature_layer``
+        (default: the first down block's first self-attention, the finest grid the encoder
+        attends at: 8 x 8 for the toy's 16 x 16 latents, 64 x 64 for SD 1.5's).
         """
         layers = self_attention_layers(unet)
         subject: dict = {}
         cross = cross_attention_layers(unet) if subject_tokens else []
+        if subject_tokens and image_encoder == UNET_FEATURES:
+            dims = {n: d for n, d, _ in layers}
+            if subject_feature_layer is None:
+                subject_feature_layer = next((n for n, _, _ in layers if n.startswith("down_blocks.")), layers[0][0])
+            if subject_feature_layer not in dims:
+                raise InvalidValueError(f"--subject-feature-layer must be one of the U-Net's self-attentions ({', '.join(dims)}), got {subject_feature_layer!r}")
+            image_embed_dim = dims[subject_feature_layer]
         if subject_tokens:
             if image_embed_dim is None:
                 if image_encoder is None:
@@ -155,7 +193,8 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             if len(context_dims) != 1:
                 raise InvalidValueError(f"the U-Net's cross-attentions have context sizes {sorted(context_dims)}; one is needed for a subject channel")
             subject = dict(subject_tokens=subject_tokens, image_encoder=image_encoder, image_embed_dim=image_embed_dim, cross_attention_dim=context_dims.pop(),
-                           subject_layer_names=[n for n, _, _ in cross], subject_dims=[d for _, d, _ in cross])
+                           subject_layer_names=[n for n, _, _ in cross], subject_dims=[d for _, d, _ in cross],
+                           subject_feature_layer=subject_feature_layer if image_encoder == UNET_FEATURES else None)
         adapter = cls([n for n, _, _ in layers], [d for _, d, _ in layers], [h for _, _, h in layers], demo_timestep, method, position_bias=position_bias, **subject)
         with torch.no_grad():
             if init_from_self_attention:
@@ -197,12 +236,14 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             added_cond_kwargs: SDXL only: the demonstrations' ``text_embeds`` (B * n, P) and
                 ``time_ids`` (B * n, 6) (:mod:`suti.conditioning`), flattened like the latents.
             image_embeds: (B, n, D) unit-norm image embeddings of the demonstrations (the
-                ``image_encoder`` scorer's); needed when the subject channel is on, else unused.
+                ``image_encoder`` scorer's); needed when the subject channel is on, else unused
+                (also unused when the channel reads the U-Net's features).
 
         Returns:
             A :class:`DemoContext` in ``"use"`` mode with keys/values per layer,
             (B, heads, n * hw, d), and with the channel on the subject tokens
-            ``image_proj(mean_n image_embeds)``, (B, subject_tokens, cross_attention_dim).
+            ``image_proj(mean_n image_embeds)``, (B, subject_tokens, cross_attention_dim), or the
+            resampler's tokens over the captured features (:meth:`resample_subject`).
 
         Raises:
             InvalidValueError: n outside 1..8, or the channel is on and ``image_embeds`` is
@@ -211,11 +252,13 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         b, n = demo_latents.shape[:2]
         if not 1 <= n <= MAX_DEMOS:
             raise InvalidValueError(f"between 1 and {MAX_DEMOS} demonstrations are supported (got {n})")
-        subject = self.project_subject(image_embeds, b, n) if self.has_subject_channel else None
+        subject = self.project_subject(image_embeds, b, n) if self.has_subject_channel and not self.reads_unet_features else None
         ctx = DemoContext(mode="capture", num_demos=n)
         t = torch.full((b * n,), self.config.demo_timestep, device=demo_latents.device, dtype=torch.long)
         extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": {k: v.to(unet.dtype) for k, v in added_cond_kwargs.items()}}
         unet(demo_latents.flatten(0, 1), t, demo_embeddings.flatten(0, 1).to(unet.dtype), cross_attention_kwargs={"demo": ctx}, **extra)
+        if self.reads_unet_features:
+            subject = self.resample_subject(ctx.features[self.config.subject_feature_layer], b, n, tuple(demo_latents.shape[-2:]))
         heads = dict(zip(self.config.layer_names, self.config.heads))
         kv = {}
         for name in self.config.layer_names:
@@ -240,6 +283,25 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             raise InvalidValueError(f"image_embeds must be (B, n, D) = {want}, got {tuple(image_embeds.shape)}")
         proj = self.image_proj.image_embeds.weight
         return self.image_proj(image_embeds.to(proj.device, proj.dtype).mean(dim=1))
+
+
+    def resample_subject(self, features: torch.Tensor, b: int, n: int, latent_size: tuple[int, int]) -> torch.Tensor:
+        """(B * n, hw, C) captured demo features -> (B, subject_tokens, cross_attention_dim) tokens.
+
+        Each token gets a learned projection of the Fourier code of its cell centre in its demo's
+        grid (``(y, x)`` in [0, 1]^2, :data:`POSITION_FREQUENCIES` octaves, sin and cos) added, so
+        the resampler knows where in a demo a feature lies; then all n demos' tokens are read
+        together by the resampler's latent queries.
+        """
+        from apprentice.attention import _centres, _grid
+
+        rows, cols = _grid(features.shape[1], latent_size)
+        centres = _centres(rows, cols, features.device)  # (hw, 2)
+        freqs = (2.0 ** torch.arange(POSITION_FREQUENCIES, device=features.device, dtype=torch.float32)) * torch.pi
+        angles = (centres[:, :, None] * freqs).flatten(1)  # (hw, 2F)
+        code = torch.cat([angles.sin(), angles.cos()], dim=1).to(features.dtype)  # (hw, 4F)
+        tokens = features + self.feature_position(code)
+        return self.image_proj(tokens.reshape(b, n * tokens.shape[1], tokens.shape[2]))
 
 
 def image_embedding_size(image_encoder) -> int:

@@ -24,6 +24,7 @@ import re
 
 import torch
 import webdataset as wds
+from PIL import Image, ImageOps
 
 from apprentice.photos import PHOTO_KIND
 from suti import storage
@@ -144,10 +145,17 @@ class ToExample:
     ``teacher_prompt`` is the target photo's descriptive alt text (one naming the class noun) when
     the example is a reconstruction prompted with the class only, else ``""``: the privileged
     caption of ``--caption-distillation`` (:func:`apprentice.train.denoising_loss`).
+
+    With probability ``copy_view`` a reconstruction example's demonstrations include a view of the
+    target photo itself (:func:`augmented_view`: mirrored and re-cropped, so that its pixels do not
+    line up with the target's) in place of one of the other photos, at a random position: the
+    demonstration attention is rewarded for finding the subject in a demonstration and carrying
+    its whole appearance, silhouette included, to wherever the target has it (the "copy oracle"
+    of :func:`apprentice.evaluate.heldout_loss_by_timestep` measures how far it does).
     """
 
-    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0):
-        for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt), ("demo_caption", demo_caption)):
+    def __init__(self, resolution: int, num_demos: int, seed: int, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0, copy_view: float = 0.0):
+        for name, value in (("self_target", self_target), ("caption_prompt", caption_prompt), ("demo_caption", demo_caption), ("copy_view", copy_view)):
             if not 0.0 <= value <= 1.0:
                 raise InvalidValueError(f"{name} (--{name.replace('_', '-')}) must be in [0, 1], got {value}")
         self.resolution = resolution
@@ -155,6 +163,7 @@ class ToExample:
         self.self_target = self_target
         self.caption_prompt = caption_prompt
         self.demo_caption = demo_caption
+        self.copy_view = copy_view
         self.rng = random.Random(seed)
 
     @staticmethod
@@ -184,12 +193,13 @@ class ToExample:
         photos_only = "target.jpg" not in sample
         if photos_only and len(demo_fields) < 2:
             raise ValueError(f"photo sample {sample.get('__key__')} needs at least 2 photos (got {len(demo_fields)})")
-        teacher = ""
+        teacher, reconstruction = "", False
         if photos_only or (len(demo_fields) >= 2 and self.rng.random() < self.self_target):
             held = self.rng.choice(demo_fields)
             demo_fields = [f for f in demo_fields if f != held]
             alt_text, noun = caption(held), meta.get("class_noun")
             target, prompt = sample[held], self._reconstruction_prompt(noun, alt_text)
+            reconstruction = True
             if self._describes(noun, alt_text) and prompt != alt_text:
                 teacher = alt_text
         else:
@@ -199,14 +209,37 @@ class ToExample:
         noun = meta.get("class_noun")
         if noun and self.demo_caption < 1.0 and (self.demo_caption == 0.0 or self.rng.random() >= self.demo_caption):  # 0 and 1 draw nothing
             demo_captions = [f"a {noun}"] * len(picks)
+        target = fit_square(target, self.resolution)
+        demos = [fit_square(sample[f], self.resolution) for f in picks]
+        if reconstruction and self.copy_view > 0.0 and self.rng.random() < self.copy_view:  # 0 draws nothing
+            i = self.rng.randrange(len(demos))
+            demos[i] = augmented_view(target, self.rng)
+            if demo_captions[i] != f"a {noun}":
+                demo_captions[i] = caption(held)
         return {
-            "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)
-            "demos": torch.stack([to_tensor(fit_square(sample[f], self.resolution)) for f in picks]),  # (n, 3, R, R)
+            "target": to_tensor(target),  # (3, R, R)
+            "demos": torch.stack([to_tensor(d) for d in demos]),  # (n, 3, R, R)
             "prompt": prompt,
             "teacher_prompt": teacher,
             "demo_captions": demo_captions,
             "key": sample["__key__"],
         }
+
+
+def augmented_view(image: Image.Image, rng: random.Random, min_scale: float = 0.75) -> Image.Image:
+    """Another view of ``image``, same size: mirrored with probability 0.5, then a square crop of
+    side ``s`` in [``min_scale``, 1] times the image's at a uniform offset, resized back (bicubic).
+
+    The view shows the same subject shifted, scaled and maybe mirrored, so a demonstration made
+    from it cannot be copied pixel for pixel into the target (``--copy-view``, :class:`ToExample`).
+    """
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    w, h = image.size
+    s = rng.uniform(min_scale, 1.0)
+    cw, ch = max(1, round(w * s)), max(1, round(h * s))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
 
 
 def collate(examples: list[dict]) -> dict:
@@ -221,7 +254,7 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0, weights: list[float] | None = None, rank: int | None = None, world: int | None = None, resampled: bool = False):
+def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 3, seed: int = 0, shuffle_buffer: int = 256, num_workers: int = 0, repeat: bool = True, min_delta_clip: float | None = None, self_target: float = 0.0, caption_prompt: float = 0.5, demo_caption: float = 1.0, copy_view: float = 0.0, weights: list[float] | None = None, rank: int | None = None, world: int | None = None, resampled: bool = False):
     """The training pipeline over ``shards`` (an infinite stream when ``repeat``).
 
     Args:
@@ -232,7 +265,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
             1 photo shards); ``None`` reads all patterns as one shard list. Needs ``repeat``.
         min_delta_clip: keep only expert samples whose recorded delta-CLIP exceeds it (the paper's
             lambda ablation on shards generated with ``suti generate --no-filter``).
-        self_target, caption_prompt, demo_caption: see :class:`ToExample`.
+        self_target, caption_prompt, demo_caption, copy_view: see :class:`ToExample`.
         rank, world: this process's data-parallel rank and world size (default: torch.distributed's).
         resampled: draw shards with replacement per process instead of splitting samples (an
             "epoch" is ``len(shards)`` draws).
@@ -243,7 +276,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if rank is None or world is None:
         rank, world = _dist()
-    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, demo_caption=demo_caption, rank=rank, world=world, resampled=resampled)
+    kw = dict(resolution=resolution, num_demos=num_demos, shuffle_buffer=shuffle_buffer, min_delta_clip=min_delta_clip, self_target=self_target, caption_prompt=caption_prompt, demo_caption=demo_caption, copy_view=copy_view, rank=rank, world=world, resampled=resampled)
     if weights is None:
         pipeline = _one_pipeline(expand_shards(patterns), seed=seed, **kw)
         return _Epochs(pipeline) if repeat else pipeline
@@ -255,7 +288,7 @@ def make_pipeline(shards: str | list[str], *, resolution: int, num_demos: int = 
     return _WeightedMix(streams, [w for w in weights if w > 0], seed=seed * 31 + rank)
 
 
-def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, demo_caption, rank, world, resampled) -> wds.DataPipeline:
+def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffer, min_delta_clip, self_target, caption_prompt, demo_caption, copy_view, rank, world, resampled) -> wds.DataPipeline:
     if resampled:
         shards = [wds.ResampledShards(urls, nshards=len(urls), seed=seed, worker_seed=_worker_seed(rank), deterministic=True)]
     else:
@@ -270,7 +303,7 @@ def _one_pipeline(urls: list[str], *, resolution, num_demos, seed, shuffle_buffe
     ]
     if min_delta_clip is not None:
         stages.append(per_sample("--min-delta-clip filter", _DeltaClipFilter(min_delta_clip)))
-    stages.append(per_sample("to example", ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt, demo_caption)))
+    stages.append(per_sample("to example", ToExample(resolution, num_demos, seed + rank, self_target, caption_prompt, demo_caption, copy_view)))
     return wds.DataPipeline(*stages)
 
 

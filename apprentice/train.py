@@ -375,8 +375,8 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         return storage.local_path(output) or output
     torch.manual_seed(config.seed + rank)
 
-    scorer = None  # embeds the demos for the subject channel
-    if config.subject_tokens:
+    scorer = None  # embeds the demos for the subject channel (none when it reads the U-Net's features)
+    if config.subject_tokens and config.image_encoder != "unet-features":
         from suti.scoring import get_scorer
 
         scorer = get_scorer(config.image_encoder)
@@ -401,7 +401,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
 
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     data_seed = config.seed + 1000 * step
-    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, demo_caption=config.demo_caption, weights=config.shard_weights, resampled=config.resampled_shards)
+    dataset = make_pipeline(config.shards, resolution=resolution, num_demos=config.num_demos, seed=data_seed, num_workers=config.num_workers, min_delta_clip=config.min_delta_clip, self_target=config.self_target, caption_prompt=config.caption_prompt, demo_caption=config.demo_caption, copy_view=config.copy_view, weights=config.shard_weights, resampled=config.resampled_shards)
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers))
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None
@@ -469,7 +469,8 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
 def image_encoder_for(config: ApprenticeTrainConfig) -> str | None:
     """The scorer that embeds the demos for the subject channel: ``--image-encoder``, else the
     model's scorer (:func:`suti.scoring.model_scorer`: a preset's ``scorer``, ``toy-clip`` for the
-    world presets); ``None`` without a channel (so it never decides a resume)."""
+    world presets), or ``"unet-features"`` (:data:`apprentice.adapter.UNET_FEATURES`: a resampler
+    over the demos' own U-Net features); ``None`` without a channel (so it never decides a resume)."""
     if not config.subject_tokens:
         return None
     from suti.scoring import model_scorer

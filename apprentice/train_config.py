@@ -49,6 +49,7 @@ class ApprenticeTrainConfig:
     image_encoder: str | None = None  # scorer embedding the demos for that channel (None: the model's scorer)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (None: plain MSE, every timestep weighted 1)
     demo_position_bias: bool = False  # a learned per-head position bias in the demonstration attention
+    copy_view: float = 0.0  # share of reconstruction examples with an augmented view of the target among the demos
     caption_distillation: float = 0.0  # weight of the base-with-alt-text teacher in reconstruction targets (0: off)
     extra: dict = field(default_factory=dict)
 
@@ -69,13 +70,13 @@ class ApprenticeTrainConfig:
         need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
         need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)
         for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt), ("--demo-caption", self.demo_caption),
-                              ("--caption-distillation", self.caption_distillation), ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
+                              ("--caption-distillation", self.caption_distillation), ("--copy-view", self.copy_view), ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
             need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
         need(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma", "> 0", self.snr_gamma)
         need(self.subject_tokens >= 0, "--subject-tokens", ">= 0", self.subject_tokens)
         need(self.subject_tokens == 0 or self.method == "attention", "--subject-tokens", "0 with --method reference", self.subject_tokens)
         need(not self.demo_position_bias or self.method == "attention", "--demo-position-bias", "off with --method reference (its attention has no trained weights)", "on")
-        if self.subject_tokens and self.image_encoder is not None:
+        if self.subject_tokens and self.image_encoder not in (None, "unet-features"):  # apprentice.adapter.UNET_FEATURES needs no scorer
             from suti.scoring import check_scorer_for_model
 
             check_scorer_for_model(self.image_encoder, self.model)
@@ -99,10 +100,11 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--num-demos", type=int, default=3)
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
     p.add_argument("--subject-tokens", type=int, default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
-    p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer)")
+    p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer), or unet-features: a learned resampler (IP-Adapter-Plus's) reads the demos' own U-Net features at the first down block's self-attention, every token with its place, instead of one pooled embedding per demo")
     p.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 is the usual value): down-weights the low-noise timesteps whose large noise-prediction error otherwise dominates the loss; default: plain MSE")
     p.add_argument("--demo-position-bias", action="store_true", help="add a learned per-head bias -w*d^2 (d: distance between a token's position and a demonstration token's; w starts at 0) to the demonstration attention, so that a noisy image can take each position's content from the same place in the demos (layout, silhouette)")
     p.add_argument("--caption-distillation", type=float, default=0.0, metavar="W", help="learning from a privileged caption: in reconstruction examples prompted with the class only, the target becomes (1-W) * the true target + W * the frozen base's prediction given the target photo's own alt text (in the world: class, colour, pattern and scene), so the demos learn what that caption adds, with far less noise than the true target alone; 0 (default): off, 1: only the teacher")
+    p.add_argument("--copy-view", type=float, default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a mirrored, re-cropped view of the target photo itself in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
@@ -132,7 +134,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         subject_tokens=args.subject_tokens, image_encoder=args.image_encoder, snr_gamma=args.snr_gamma,
-        demo_position_bias=args.demo_position_bias, caption_distillation=args.caption_distillation,
+        demo_position_bias=args.demo_position_bias, caption_distillation=args.caption_distillation, copy_view=args.copy_view,
     )
 
 

@@ -1,11 +1,13 @@
 """The apprentice: zero-init equals the base, demo layers learn, 1-8 demos, DeepSpeed, resume."""
 
 import json
+import random
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -141,6 +143,52 @@ def test_teacher_prompt_is_the_alt_text_of_a_class_only_reconstruction():
     expert = ToExample(32, 1, seed=0, self_target=0.0, caption_prompt=0.0)
     assert expert(sample(alts[:2]))["teacher_prompt"] == "", "an expert's sample has no alt text"
     assert collate([e, e])["teacher_prompt"] == [e["teacher_prompt"]] * 2
+
+
+def test_copy_view_puts_a_view_of_the_target_among_the_demos_of_reconstructions_only():
+    """--copy-view: with P = 1 exactly one demonstration of each reconstruction example is a view
+    of the target photo (each photo here one flat colour, so a view keeps it); with P = 0 none
+    is, and an expert example's target (not a photo) never is."""
+    from apprentice.data import ToExample
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+    def sample(expert=False):
+        s = {"__key__": "k", "json": {"prompt": "a star toy in the jungle", "class_noun": "star toy", "demo_captions": [f"alt {i}" for i in range(5)]}}
+        s.update({f"demo_{i}.png": Image.new("RGB", (40, 40), c) for i, c in enumerate(colours)})
+        if expert:
+            s["target.jpg"] = Image.new("RGB", (40, 40), (120, 120, 120))
+        return s
+
+    def copies(e):
+        return sum(bool(torch.allclose(d, e["target"], atol=1 / 255)) for d in e["demos"])
+
+    with_view, without = ToExample(32, 3, seed=0, copy_view=1.0), ToExample(32, 3, seed=0, copy_view=0.0)
+    positions = set()
+    for _ in range(20):
+        e = with_view(sample())
+        assert copies(e) == 1
+        positions.add(next(i for i, d in enumerate(e["demos"]) if torch.allclose(d, e["target"], atol=1 / 255)))
+        assert copies(without(sample())) == 0
+    assert positions == {0, 1, 2}, "the view takes a random demonstration slot"
+    expert = ToExample(32, 3, seed=0, self_target=0.0, copy_view=1.0)
+    assert all(copies(expert(sample(expert=True))) == 0 for _ in range(10))
+    with pytest.raises(Exception, match="copy_view"):
+        ToExample(32, 3, seed=0, copy_view=1.5)
+
+
+def test_augmented_view_mirrors_and_crops_but_keeps_the_size():
+    from apprentice.data import augmented_view
+
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 8, 32))  # a white band on the left
+    views = [augmented_view(img, random.Random(s)) for s in range(40)]
+    assert all(v.size == (32, 32) for v in views)
+    left = [np.asarray(v)[:, :4].mean() > 127 for v in views]
+    assert 5 < sum(left) < 35, "about half the views are mirrored (the band moves right)"
+    widths = {int((np.asarray(v)[16, :, 0] > 127).sum()) for v in views}
+    assert len(widths) > 3, "the crop's scale varies, so the band's width does"
+    assert np.array_equal(np.asarray(augmented_view(img, random.Random(3))), np.asarray(views[3])), "seeded"
 
 
 def test_demo_guidance_1_uses_two_branches_and_the_same_formula():

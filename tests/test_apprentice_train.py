@@ -282,6 +282,16 @@ def test_caption_distillation_mixes_the_base_given_the_alt_text_into_the_target(
         ApprenticeTrainConfig(shards="x", output="y", caption_distillation=1.5).validate()
 
 
+def test_copy_view_share_is_checked_and_recorded():
+    from apprentice.train import ApprenticeTrainConfig
+    from apprentice.train_config import build_arg_parser, config_from_args
+
+    with pytest.raises(Exception, match="--copy-view must be in \\[0, 1\\], got -0.1"):
+        ApprenticeTrainConfig(shards="x", output="y", copy_view=-0.1).validate()
+    config = config_from_args(build_arg_parser().parse_args(["--shards", "x", "--output", "y", "--copy-view", "0.5"]))
+    assert config.copy_view == 0.5
+
+
 def test_gradient_checkpointing_gives_the_adapter_the_same_gradients():
     from diffusers import DDPMScheduler
 
