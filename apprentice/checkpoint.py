@@ -187,6 +187,7 @@ def gather_trainable(engine, named_params: list[tuple[str, torch.nn.Parameter]])
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    _relink_optimizer_state(engine)
     keys, scalars = _state_keys(engine)
     inner = _inner_optimizer(engine)
     params, optim = {}, {}
@@ -203,6 +204,19 @@ def gather_trainable(engine, named_params: list[tuple[str, torch.nn.Parameter]])
                     raise RuntimeError(f"optimizer state {k!r} of {name} not found (fp16 without ZeRO is not supported)")
                 optim[f"{k}/{name}"] = st[k].detach().float().cpu().clone()
     return params, optim, scalars
+
+
+def _relink_optimizer_state(engine) -> None:
+    """Point every parameter's ZeRO-1/2 fragment at the optimizer state as it is now.
+
+    DeepSpeed links the fragments once, right after the first parameter group's first step
+    (``DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state``, deepspeed 0.19), when the
+    later groups have no state yet; with several groups (``--base-learning-rate``) their
+    fragments would stay empty and ``safe_get_full_optimizer_state`` would fail."""
+    zero = engine.optimizer
+    if getattr(zero, "_hp_optimizer_states_linked", False):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def _materialise_optimizer_state(engine) -> None:

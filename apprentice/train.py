@@ -196,6 +196,17 @@ def teacher_prediction(teacher, scheduler, latents: torch.Tensor, noise: torch.T
         return teacher(noisy, timesteps, cond.encoder_hidden_states.to(dtype), **extra).sample.float()
 
 
+def param_groups(module, config: ApprenticeTrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: the adapter's trainable weights at ``--learning-rate``
+    and, when the base trains (no ``--freeze-base``), the U-Net's at ``--base-learning-rate``
+    (default: the same rate). Empty groups are left out."""
+    adapter = [p for p in module.adapter.parameters() if p.requires_grad]
+    base = [p for p in module.unet.parameters() if p.requires_grad]
+    groups = [{"params": adapter, "lr": config.learning_rate}]
+    groups.append({"params": base, "lr": config.base_learning_rate or config.learning_rate})
+    return [g for g in groups if g["params"]]
+
+
 def _optimizer(params, config: ApprenticeTrainConfig):
     if config.optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -233,7 +244,7 @@ def build_engine(config: ApprenticeTrainConfig, device: str, scorer=None):
     module = ApprenticeModule(unet, adapter)
     params = [p for p in module.parameters() if p.requires_grad]
     ds_config = _ds_config(config.deepspeed_config, config, device)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(params, config), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(param_groups(module, config), config), config=ds_config)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     return base, module, engine, trainable, module_dtype(engine)
 

@@ -23,6 +23,7 @@ class ApprenticeTrainConfig:
     steps: int = 1000
     batch_size: int = 4
     learning_rate: float = 1e-4
+    base_learning_rate: float | None = None  # the U-Net's rate when it trains (None: learning_rate)
     optimizer: str = "adamw"  # adamw | adafactor (paper)
     freeze_base: bool = False
     num_demos: int = 3
@@ -64,6 +65,8 @@ class ApprenticeTrainConfig:
         need(self.steps >= 1, "--steps", ">= 1", self.steps)
         need(self.batch_size >= 1, "--batch-size", ">= 1", self.batch_size)
         need(self.learning_rate > 0 and self.learning_rate == self.learning_rate, "--learning-rate", "> 0", self.learning_rate)
+        need(self.base_learning_rate is None or self.base_learning_rate > 0, "--base-learning-rate", "> 0", self.base_learning_rate)
+        need(self.base_learning_rate is None or not self.freeze_base, "--base-learning-rate", "unset with --freeze-base (the U-Net does not train)", self.base_learning_rate)
         need(1 <= self.num_demos <= 8, "--num-demos", "in 1..8", self.num_demos)
         need(self.save_steps >= 0, "--save-steps", ">= 0 (0: a checkpoint only at the end)", self.save_steps)
         need(self.keep_checkpoints >= 1, "--keep-checkpoints", ">= 1", self.keep_checkpoints)
@@ -95,6 +98,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--base-learning-rate", type=float, help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate")
     p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
     p.add_argument("--num-demos", type=int, default=3)
@@ -128,7 +132,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
     """Namespace -> config."""
     return ApprenticeTrainConfig(
         shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
+        learning_rate=args.learning_rate, base_learning_rate=args.base_learning_rate, optimizer=args.optimizer, freeze_base=args.freeze_base, num_demos=args.num_demos,
         method=args.method, ema_decay=args.ema_decay, deepspeed_config=args.deepspeed_config, save_steps=args.save_steps, seed=args.seed,
         min_delta_clip=args.min_delta_clip, self_target=args.self_target, caption_prompt=args.caption_prompt, demo_caption=args.demo_caption,
         shard_weights=args.shard_weights, resampled_shards=args.resampled_shards, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,

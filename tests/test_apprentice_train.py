@@ -550,3 +550,49 @@ def test_resuming_with_another_trainable_set_exits_2_naming_the_keys(run, capsys
     assert main([*unfrozen, "--steps", "6", "--resume", "latest", "--optimizer", "adafactor"]) == 2
     err = capsys.readouterr().err
     assert "freeze_base (checkpoint True, now False)" in err and "optimizer (checkpoint 'adamw', now 'adafactor')" in err and "Traceback" not in err
+
+
+def test_base_learning_rate_gives_the_unet_its_own_group():
+    from apprentice import DemoAttentionAdapter
+    from apprentice.train import ApprenticeModule, ApprenticeTrainConfig, param_groups
+    from suti.models import load_pipeline
+
+    unet = load_pipeline("tiny").unet
+    module = ApprenticeModule(unet, DemoAttentionAdapter.for_unet(unet))
+    config = ApprenticeTrainConfig(shards="x", output="y", learning_rate=1e-3, base_learning_rate=3e-5)
+    config.validate()
+    adapter_group, base_group = param_groups(module, config)
+    assert (adapter_group["lr"], base_group["lr"]) == (1e-3, 3e-5)
+    assert {id(p) for p in adapter_group["params"]} == {id(p) for p in module.adapter.parameters()}
+    assert {id(p) for p in base_group["params"]} == {id(p) for p in unet.parameters()}
+    unet.requires_grad_(False)  # --freeze-base: one group, the adapter's
+    assert [g["lr"] for g in param_groups(module, ApprenticeTrainConfig(shards="x", output="y", learning_rate=1e-3, freeze_base=True))] == [1e-3]
+    with pytest.raises(Exception, match="--base-learning-rate must be unset with --freeze-base"):
+        ApprenticeTrainConfig(shards="x", output="y", freeze_base=True, base_learning_rate=1e-5).validate()
+
+
+def test_one_step_moves_the_unet_by_its_own_rate_and_checkpoints_both_groups(tmp_path):
+    """Adam's first step moves each weight by at most its group's learning rate (about exactly,
+    where the gradient is not tiny): the U-Net by --base-learning-rate, the adapter by
+    --learning-rate; the checkpoint holds both groups' optimizer state (DeepSpeed links the second
+    group's only when asked again, :func:`apprentice.checkpoint._relink_optimizer_state`) and resumes."""
+    from safetensors.torch import load_file
+
+    from apprentice.train import ApprenticeTrainConfig, train_apprentice
+    from suti.models import load_pipeline
+
+    shards = world_shards(tmp_path / "sh", num_subjects=2, per_subject=2)
+    config = ApprenticeTrainConfig(shards=str(shards / "*.tar"), output=str(tmp_path / "app"), model="tiny", steps=1, batch_size=2, learning_rate=1e-3,
+                                   base_learning_rate=3e-5, resolution=32, save_steps=1, deepspeed_config="configs/deepspeed/zero2.json")
+    out = train_apprentice(config, progress=False)
+    saved = load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
+    optim = load_file(str(out / "checkpoints" / "step-1" / "optimizer.safetensors"))
+    base = load_pipeline("tiny").unet.state_dict()
+    unet_moves = max(float((saved[f"unet.{k}"] - v).abs().max()) for k, v in base.items() if f"unet.{k}" in saved)
+    assert 2.5e-5 < unet_moves < 3.5e-5, unet_moves
+    to_out = [k for k in saved if k.startswith("adapter.") and k.endswith("to_out.weight")]
+    assert 0.9e-3 < max(float(saved[k].abs().max()) for k in to_out) < 1.1e-3  # from 0
+    assert float(optim["exp_avg_sq/unet.conv_in.weight"].abs().sum()) > 0 and f"exp_avg/{to_out[0]}" in optim
+    config.steps = 2
+    train_apprentice(config, resume="latest", progress=False)
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
