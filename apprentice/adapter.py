@@ -141,9 +141,9 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
                     raise InvalidValueError(f"subject_feature_layer must be one of the demonstration layers, got {subject_feature_layer!r}")
                 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-                heads = max(1, cross_attention_dim // 64)
+                proj_heads = max(1, cross_attention_dim // 64)
                 self.image_proj = IPAdapterPlusImageProjection(embed_dims=image_embed_dim, output_dims=cross_attention_dim, hidden_dims=cross_attention_dim,
-                                                               depth=2, dim_head=cross_attention_dim // heads, heads=heads, num_queries=subject_tokens, ffn_ratio=2)
+                                                               depth=2, dim_head=cross_attention_dim // proj_heads, heads=proj_heads, num_queries=subject_tokens, ffn_ratio=2)
                 self.feature_position = nn.Linear(4 * POSITION_FREQUENCIES, image_embed_dim)  # Fourier code of a token's (y, x) -> its channels
             else:
                 from diffusers.models.embeddings import ImageProjection
@@ -171,8 +171,9 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         of each cross-attention's ``to_k``/``to_v`` (as IP-Adapter), its gates at 0.
         ``image_embed_dim`` defaults to the size of ``image_encoder``'s embeddings (measured).
         With ``image_encoder="unet-features"`` the resampler reads ``subject_feature_layer``
-        (default: the first down block's first self-attention, the finest grid the encoder
-        attends at: 8 x 8 for the toy's 16 x 16 latents, 64 x 64 for SD 1.5's).
+        (default: the first self-attention on the down path, the finest grid the encoder attends
+        at: ``down_blocks.1`` at 8 x 8 for the toy's 16 x 16 latents, ``down_blocks.0`` at 64 x 64
+        for SD 1.5's).
         """
         layers = self_attention_layers(unet)
         subject: dict = {}
@@ -182,7 +183,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             if subject_feature_layer is None:
                 subject_feature_layer = next((n for n, _, _ in layers if n.startswith("down_blocks.")), layers[0][0])
             if subject_feature_layer not in dims:
-                raise InvalidValueError(f"--subject-feature-layer must be one of the U-Net's self-attentions ({', '.join(dims)}), got {subject_feature_layer!r}")
+                raise InvalidValueError(f"subject_feature_layer must be one of the U-Net's self-attentions ({', '.join(dims)}), got {subject_feature_layer!r}")
             image_embed_dim = dims[subject_feature_layer]
         if subject_tokens:
             if image_embed_dim is None:

@@ -207,18 +207,18 @@ class ToExample:
         picks = self.rng.sample(demo_fields, self.num_demos) if len(demo_fields) >= self.num_demos else [self.rng.choice(demo_fields) for _ in range(self.num_demos)]
         demo_captions = [caption(f) for f in picks]
         noun = meta.get("class_noun")
-        if noun and self.demo_caption < 1.0 and (self.demo_caption == 0.0 or self.rng.random() >= self.demo_caption):  # 0 and 1 draw nothing
+        class_captions = bool(noun and self.demo_caption < 1.0 and (self.demo_caption == 0.0 or self.rng.random() >= self.demo_caption))  # 0 and 1 draw nothing
+        if class_captions:
             demo_captions = [f"a {noun}"] * len(picks)
-        target = fit_square(target, self.resolution)
-        demos = [fit_square(sample[f], self.resolution) for f in picks]
+        demos = [sample[f] for f in picks]
         if reconstruction and self.copy_view > 0.0 and self.rng.random() < self.copy_view:  # 0 draws nothing
             i = self.rng.randrange(len(demos))
-            demos[i] = augmented_view(target, self.rng)
-            if demo_captions[i] != f"a {noun}":
+            demos[i] = augmented_view(target, self.rng)  # from the full-size photo: as sharp as the other demos
+            if not class_captions:
                 demo_captions[i] = caption(held)
         return {
-            "target": to_tensor(target),  # (3, R, R)
-            "demos": torch.stack([to_tensor(d) for d in demos]),  # (n, 3, R, R)
+            "target": to_tensor(fit_square(target, self.resolution)),  # (3, R, R)
+            "demos": torch.stack([to_tensor(fit_square(d, self.resolution)) for d in demos]),  # (n, 3, R, R)
             "prompt": prompt,
             "teacher_prompt": teacher,
             "demo_captions": demo_captions,
@@ -227,8 +227,8 @@ class ToExample:
 
 
 def augmented_view(image: Image.Image, rng: random.Random, min_scale: float = 0.75) -> Image.Image:
-    """Another view of ``image``, same size: mirrored with probability 0.5, then a square crop of
-    side ``s`` in [``min_scale``, 1] times the image's at a uniform offset, resized back (bicubic).
+    """Another view of ``image``, same size: mirrored with probability 0.5, then a crop of
+    ``s`` in [``min_scale``, 1] times each side at a uniform offset, resized back (bicubic).
 
     The view shows the same subject shifted, scaled and maybe mirrored, so a demonstration made
     from it cannot be copied pixel for pixel into the target (``--copy-view``, :class:`ToExample`).

@@ -103,7 +103,8 @@ class ApprenticePipeline(DiffusionPipeline):
         """Encode one request's demonstrations once (cached keys/values for every step).
 
         With a subject channel the demonstrations are also embedded by the adapter's
-        ``image_encoder`` (or ``image_embeds``, (n, D), is used) for the subject tokens.
+        ``image_encoder`` (or ``image_embeds``, (n, D), is used) for the subject tokens; a
+        channel that reads the U-Net's features (``"unet-features"``) needs neither.
         """
         if not 1 <= len(demos) <= 8:
             raise InvalidValueError(f"give 1 to 8 demonstration images (got {len(demos)})")

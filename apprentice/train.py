@@ -8,7 +8,8 @@ demos and both dropped at small rates for classifier-free guidance. The base U-N
 (paper) or frozen (``--freeze-base``: only the demonstration-attention layers train). With
 ``--subject-tokens N`` the adapter also gets a global subject channel (IP-Adapter-style, see
 :mod:`apprentice.adapter`): each batch's demos are embedded by ``--image-encoder`` (no grad) and
-its projection, keys/values and gates train with the adapter. With ``--caption-distillation W``
+its projection, keys/values and gates train with the adapter (with ``--image-encoder
+unet-features`` a resampler reads the demos' own U-Net features instead, and trains too). With ``--caption-distillation W``
 a reconstruction example prompted with the class only also learns from its target photo's alt
 text: the frozen base given that caption is a teacher (:func:`caption_teacher`).
 
@@ -198,13 +199,14 @@ def teacher_prediction(teacher, scheduler, latents: torch.Tensor, noise: torch.T
 
 def param_groups(module, config: ApprenticeTrainConfig) -> list[dict]:
     """The optimizer's parameter groups: the adapter's trainable weights at ``--learning-rate``
-    and, when the base trains (no ``--freeze-base``), the U-Net's at ``--base-learning-rate``
-    (default: the same rate). Empty groups are left out."""
+    and, when the base trains (no ``--freeze-base``) and ``--base-learning-rate`` is set, the
+    U-Net's at that rate; without it one group holds both at ``--learning-rate``. Empty groups are
+    left out."""
     adapter = [p for p in module.adapter.parameters() if p.requires_grad]
     base = [p for p in module.unet.parameters() if p.requires_grad]
-    groups = [{"params": adapter, "lr": config.learning_rate}]
-    groups.append({"params": base, "lr": config.base_learning_rate or config.learning_rate})
-    return [g for g in groups if g["params"]]
+    if config.base_learning_rate is None:  # one group, as before the option
+        return [{"params": adapter + base, "lr": config.learning_rate}]
+    return [g for g in ({"params": adapter, "lr": config.learning_rate}, {"params": base, "lr": config.base_learning_rate}) if g["params"]]
 
 
 def _optimizer(params, config: ApprenticeTrainConfig):
@@ -387,7 +389,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
     torch.manual_seed(config.seed + rank)
 
     scorer = None  # embeds the demos for the subject channel (none when it reads the U-Net's features)
-    if config.subject_tokens and config.image_encoder != "unet-features":
+    if config.subject_tokens and config.image_encoder != "unet-features":  # apprentice.adapter.UNET_FEATURES (the adapter imports diffusers)
         from suti.scoring import get_scorer
 
         scorer = get_scorer(config.image_encoder)

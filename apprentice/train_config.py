@@ -47,7 +47,7 @@ class ApprenticeTrainConfig:
     gradient_checkpointing: bool = False
     num_workers: int = 0  # data-loader workers per process
     subject_tokens: int = 0  # tokens of the adapter's global subject channel (IP-Adapter-style); 0: none
-    image_encoder: str | None = None  # scorer embedding the demos for that channel (None: the model's scorer)
+    image_encoder: str | None = None  # scorer embedding the demos for that channel (None: the model's scorer; "unet-features": a resampler over the demos' U-Net features)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (None: plain MSE, every timestep weighted 1)
     demo_position_bias: bool = False  # a learned per-head position bias in the demonstration attention
     copy_view: float = 0.0  # share of reconstruction examples with an augmented view of the target among the demos
@@ -104,11 +104,11 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--num-demos", type=int, default=3)
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
     p.add_argument("--subject-tokens", type=int, default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
-    p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer), or unet-features: a learned resampler (IP-Adapter-Plus's) reads the demos' own U-Net features at the first down block's self-attention, every token with its place, instead of one pooled embedding per demo")
+    p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer), or unet-features: a learned resampler (IP-Adapter-Plus's) reads the demos' own U-Net features at the first self-attention on the down path, every token with its place, instead of one pooled embedding per demo")
     p.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 is the usual value): down-weights the low-noise timesteps whose large noise-prediction error otherwise dominates the loss; default: plain MSE")
     p.add_argument("--demo-position-bias", action="store_true", help="add a learned per-head bias -w*d^2 (d: distance between a token's position and a demonstration token's; w starts at 0) to the demonstration attention, so that a noisy image can take each position's content from the same place in the demos (layout, silhouette)")
     p.add_argument("--caption-distillation", type=float, default=0.0, metavar="W", help="learning from a privileged caption: in reconstruction examples prompted with the class only, the target becomes (1-W) * the true target + W * the frozen base's prediction given the target photo's own alt text (in the world: class, colour, pattern and scene), so the demos learn what that caption adds, with far less noise than the true target alone; 0 (default): off, 1: only the teacher")
-    p.add_argument("--copy-view", type=float, default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a mirrored, re-cropped view of the target photo itself in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
+    p.add_argument("--copy-view", type=float, default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a view of the target photo itself (mirrored half the time, re-cropped) in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")

@@ -565,6 +565,8 @@ def test_base_learning_rate_gives_the_unet_its_own_group():
     assert (adapter_group["lr"], base_group["lr"]) == (1e-3, 3e-5)
     assert {id(p) for p in adapter_group["params"]} == {id(p) for p in module.adapter.parameters()}
     assert {id(p) for p in base_group["params"]} == {id(p) for p in unet.parameters()}
+    (one,) = param_groups(module, ApprenticeTrainConfig(shards="x", output="y", learning_rate=1e-3))  # no --base-learning-rate: one group, as before
+    assert one["lr"] == 1e-3 and len(one["params"]) == len(adapter_group["params"]) + len(base_group["params"])
     unet.requires_grad_(False)  # --freeze-base: one group, the adapter's
     assert [g["lr"] for g in param_groups(module, ApprenticeTrainConfig(shards="x", output="y", learning_rate=1e-3, freeze_base=True))] == [1e-3]
     with pytest.raises(Exception, match="--base-learning-rate must be unset with --freeze-base"):

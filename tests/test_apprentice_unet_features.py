@@ -82,7 +82,7 @@ def test_round_trip_and_a_bad_layer(tmp_path):
     expected = _run(unet, adapter, inp)[1]
     loaded.install(unet)
     assert torch.equal(_run(unet, loaded, inp)[1], expected)
-    with pytest.raises(InvalidValueError, match="--subject-feature-layer must be one of the U-Net's self-attentions"):
+    with pytest.raises(InvalidValueError, match="subject_feature_layer must be one of the U-Net's self-attentions"):
         DemoAttentionAdapter.for_unet(load_pipeline("tiny").unet, subject_tokens=2, image_encoder=UNET_FEATURES, subject_feature_layer="mid_block.nope")
 
 
