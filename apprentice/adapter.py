@@ -161,6 +161,12 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         """Whether the subject channel reads the demos' U-Net features (no image encoder needed)."""
         return self.has_subject_channel and self.config.image_encoder == UNET_FEATURES
 
+    @property
+    def needs_image_embeds(self) -> bool:
+        """Whether :meth:`encode_demos` needs the demos' image embeddings (a channel fed by an
+        image encoder, not by the U-Net's features)."""
+        return self.has_subject_channel and not self.reads_unet_features
+
     @classmethod
     def for_unet(cls, unet, *, demo_timestep: int = 1, method: str = "attention", init_from_self_attention: bool = True,
                  subject_tokens: int = 0, image_encoder: str | None = None, image_embed_dim: int | None = None, position_bias: bool = False,
@@ -253,7 +259,7 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
         b, n = demo_latents.shape[:2]
         if not 1 <= n <= MAX_DEMOS:
             raise InvalidValueError(f"between 1 and {MAX_DEMOS} demonstrations are supported (got {n})")
-        subject = self.project_subject(image_embeds, b, n) if self.has_subject_channel and not self.reads_unet_features else None
+        subject = self.project_subject(image_embeds, b, n) if self.needs_image_embeds else None
         ctx = DemoContext(mode="capture", num_demos=n)
         t = torch.full((b * n,), self.config.demo_timestep, device=demo_latents.device, dtype=torch.long)
         extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": {k: v.to(unet.dtype) for k, v in added_cond_kwargs.items()}}
@@ -284,7 +290,6 @@ class DemoAttentionAdapter(ModelMixin, ConfigMixin):
             raise InvalidValueError(f"image_embeds must be (B, n, D) = {want}, got {tuple(image_embeds.shape)}")
         proj = self.image_proj.image_embeds.weight
         return self.image_proj(image_embeds.to(proj.device, proj.dtype).mean(dim=1))
-
 
     def resample_subject(self, features: torch.Tensor, b: int, n: int, latent_size: tuple[int, int]) -> torch.Tensor:
         """(B * n, hw, C) captured demo features -> (B, subject_tokens, cross_attention_dim) tokens.

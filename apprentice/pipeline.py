@@ -115,7 +115,7 @@ class ApprenticePipeline(DiffusionPipeline):
             check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
         latents = self.encode_images(demos)[None]  # (1, n, C, h, w)
         cond = self.encode_conditioning(captions)  # (n, L, D) (+ SDXL: (n, P), (n, 6))
-        if self.adapter.has_subject_channel and not self.adapter.reads_unet_features and image_embeds is None:
+        if self.adapter.needs_image_embeds and image_embeds is None:
             image_embeds = self.image_scorer().embed_images(demos)  # (n, D), unit-norm
         if image_embeds is not None:
             image_embeds = image_embeds.reshape(1, len(demos), -1).to(self.unet.device)  # (1, n, D)

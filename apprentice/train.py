@@ -205,7 +205,7 @@ def param_groups(module, config: ApprenticeTrainConfig) -> list[dict]:
     adapter = [p for p in module.adapter.parameters() if p.requires_grad]
     base = [p for p in module.unet.parameters() if p.requires_grad]
     if config.base_learning_rate is None:  # one group, as before the option
-        return [{"params": adapter + base, "lr": config.learning_rate}]
+        return [{"params": base + adapter, "lr": config.learning_rate}]  # the module's order
     return [g for g in ({"params": adapter, "lr": config.learning_rate}, {"params": base, "lr": config.base_learning_rate}) if g["params"]]
 
 
@@ -244,9 +244,10 @@ def build_engine(config: ApprenticeTrainConfig, device: str, scorer=None):
                                             position_bias=config.demo_position_bias)
     adapter.install(unet)
     module = ApprenticeModule(unet, adapter)
-    params = [p for p in module.parameters() if p.requires_grad]
+    groups = param_groups(module, config)
+    params = [p for g in groups for p in g["params"]]
     ds_config = _ds_config(config.deepspeed_config, config, device)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(param_groups(module, config), config), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=_optimizer(groups, config), config=ds_config)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     return base, module, engine, trainable, module_dtype(engine)
 
@@ -388,8 +389,10 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         return storage.local_path(output) or output
     torch.manual_seed(config.seed + rank)
 
+    from apprentice.adapter import UNET_FEATURES
+
     scorer = None  # embeds the demos for the subject channel (none when it reads the U-Net's features)
-    if config.subject_tokens and config.image_encoder != "unet-features":  # apprentice.adapter.UNET_FEATURES (the adapter imports diffusers)
+    if config.subject_tokens and config.image_encoder != UNET_FEATURES:
         from suti.scoring import get_scorer
 
         scorer = get_scorer(config.image_encoder)
