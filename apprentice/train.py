@@ -26,6 +26,7 @@ be ``s3://``), resumable by any number of processes on any nodes with ``--resume
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -66,9 +67,16 @@ def init_distributed() -> tuple[int, int, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)  # the group lives as long as the process (DeepSpeed keeps references to it)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def _destroy_process_group() -> None:
+    """At exit: release the process group this process initialised (NCCL warns of leaked resources otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class ApprenticeModule(torch.nn.Module):

@@ -598,3 +598,17 @@ def test_one_step_moves_the_unet_by_its_own_rate_and_checkpoints_both_groups(tmp
     config.steps = 2
     train_apprentice(config, resume="latest", progress=False)
     assert json.loads((out / "training.json").read_text())["steps"] == 2
+
+
+def test_the_process_group_an_unlaunched_run_initialises_is_destroyed_at_exit():
+    """init_distributed's own group is released when the process ends (NCCL otherwise warns that
+    destroy_process_group() was never called and resources leak)."""
+    code = ("import atexit, torch\n"
+            "from apprentice.train import init_distributed\n"
+            "init_distributed()\n"
+            "assert torch.distributed.is_initialized()\n"
+            "atexit._run_exitfuncs()\n"
+            "print('initialised after exit:', torch.distributed.is_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialised after exit: False" in proc.stdout

@@ -43,6 +43,7 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     throughput = data["generation throughput, LoRA rank 4"]
     assert throughput["resident_per_hour"] > 0 and throughput["per_task_per_hour"] > 0
     assert throughput["identical_samples"] == "2/2"  # the resident worker's samples are the per-task experts', byte for byte
+    assert throughput["resident_max_delta_clip_diff"] == 0.0  # and so are their scores (the measure a GPU run is read by)
     assert throughput["batched_4_per_hour"] > 0 and throughput["batched_max_delta_clip_diff"] < 0.01  # a batch's samples: the same up to rounding
 
 
