@@ -44,6 +44,8 @@ FORMAT = "suti-apprentice-checkpoint/1"
 TAG = re.compile(r"step-(\d+)")
 #: Saved-config keys that decide which parameters train and how; resuming with any other value is refused.
 TRAINABLE_KEYS = ("model", "freeze_base", "method", "optimizer", "demo_timestep", "subject_tokens", "image_encoder", "demo_position_bias")
+#: Settings a resumed run may change (the new values apply from the resumed step): named in a warning.
+LEARNING_RATE_KEYS = ("learning_rate", "base_learning_rate")
 #: Values of :data:`TRAINABLE_KEYS` that checkpoints written before those keys existed had.
 LEGACY_DEFAULTS = {"subject_tokens": 0, "image_encoder": None, "demo_position_bias": False}
 
@@ -143,10 +145,11 @@ def select_checkpoint(ckpt_uri: str, resume: str) -> tuple[str, dict] | None:
     raise InputError(f"{ckpt_uri}: no intact checkpoint to resume from ({'; '.join(bad)}); refusing to restart at step 0 over them: remove them or pass --overwrite")
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``"key (checkpoint A, now B)"`` for each of :data:`TRAINABLE_KEYS` that differs."""
+def config_differences(saved: dict, current: dict, keys: tuple[str, ...] = TRAINABLE_KEYS) -> list[str]:
+    """``"key (checkpoint A, now B)"`` for each of ``keys`` (:data:`TRAINABLE_KEYS`, or
+    :data:`LEARNING_RATE_KEYS`) that differs between a checkpoint's config and the current one."""
     saved, current = {**LEGACY_DEFAULTS, **saved}, {**LEGACY_DEFAULTS, **current}
-    return [f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in TRAINABLE_KEYS if saved.get(k) != current.get(k)]
+    return [f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
 
 
 # ------------------------------------------------------------------ gather / scatter (collective)

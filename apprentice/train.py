@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from apprentice.train_config import ApprenticeTrainConfig, apply_local_rank, build_arg_parser, config_from_args  # noqa: F401 (re-exported)
-from apprentice.checkpoint import CorruptCheckpointError, config_differences, gather_trainable, read_tensors, scatter_trainable, select_checkpoint, write_checkpoint
+from apprentice.checkpoint import LEARNING_RATE_KEYS, CorruptCheckpointError, config_differences, gather_trainable, read_tensors, scatter_trainable, select_checkpoint, write_checkpoint
 from suti import storage
 from suti.errors import InputError
 
@@ -281,6 +281,9 @@ def _prepare_output(config: ApprenticeTrainConfig, resume: str | None, overwrite
     diff = config_differences(state["config"], asdict(config))
     if diff:
         raise InputError(f"{storage.join(ckpt_uri, tag)} was trained with other settings: {', '.join(diff)}; resume with the same settings, or pass --overwrite to start again")
+    changed = config_differences(state["config"], asdict(config), LEARNING_RATE_KEYS)
+    if changed:  # allowed (a schedule by hand), but never silent: a forgotten --base-learning-rate trains the U-Net at --learning-rate
+        log.warning("%s: resuming with other learning rates: %s; the new values apply from step %s", storage.join(ckpt_uri, tag), ", ".join(changed), state["step"])
     finished = int(state["step"]) >= config.steps and storage.isfile(storage.join(output, "model_index.json"))
     return {"tag": tag, "state": state, "finished": finished}
 

@@ -498,6 +498,20 @@ def test_missing_latest_resumes_from_the_newest_intact_checkpoint(run, caplog):
     assert info["resolution"] == 32 and info["config"]["gradient_checkpointing"] is True and info["config"]["num_workers"] == 1
 
 
+def test_resuming_with_other_learning_rates_warns_and_names_both_values(run, caplog):
+    from suti.cli import main
+
+    folder, args = run
+    with caplog.at_level(logging.WARNING):
+        assert main([*args, "--steps", "5", "--resume", "latest", "--learning-rate", "0.0005"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "other learning rates" in r.getMessage())
+    assert "step-4" in warning and "learning_rate (checkpoint 0.0001, now 0.0005)" in warning, warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same rates: no warning
+        assert main([*args, "--steps", "6", "--resume", "latest", "--learning-rate", "0.0005"]) == 0
+    assert "other learning rates" not in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "no-state"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run, caplog, damage):
     from suti.cli import main
