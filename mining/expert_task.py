@@ -96,6 +96,7 @@ def run_cluster(cluster: dict, demos: list, job: dict, resident: "ResidentExpert
         keep = bool(job.get("keep_experts"))
         expert_dir = workdir / "expert"
         if resident is not None:
+            resident.keep_base_copy(config)
             info = train_expert(config, expert_dir, overwrite=True, progress=False, pipeline=resident.pipe, save=keep)
             pipe, scorer = resident.pipe, resident.scorer
             for name in resident.trained:
@@ -248,7 +249,6 @@ class ResidentExpertWorker:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         import torch
 
-        from experts import resolve_config
         from suti.models import load_pipeline
         from suti.scoring import get_scorer
 
@@ -259,9 +259,7 @@ class ResidentExpertWorker:
         self.scorer = get_scorer(job["scorer"])
         # the modules an expert may change (SDXL: also the second text encoder)
         self.trained = [n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
-        lora = resolve_config(job.get("recipe_data") or job["recipe"], {"model": job["model"], "instance_dir": ".", "class_noun": "object", **(job.get("recipe_overrides") or {})}).lora_rank > 0
-        # LoRA experts never change the base weights: no copy of them (on a GPU it would double the memory)
-        self.base = {} if lora else {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in self.trained}
+        self.base: dict = {}  # the base weights, copied before the first full fine-tuning expert (keep_base_copy)
         self.experts = 0  # experts trained so far
         self._queue: list = []
         self._ready = threading.Condition()
@@ -301,6 +299,13 @@ class ResidentExpertWorker:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def keep_base_copy(self, config) -> None:
+        """Before an expert trains: a full fine-tuning expert (``config.lora_rank == 0``) changes
+        the base weights, so the first one copies them to memory for :meth:`restore`. LoRA
+        experts never change them and get no copy (on a GPU it would double the memory)."""
+        if config.lora_rank == 0 and not self.base:
+            self.base = {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in self.trained}
 
     def _run_one(self, cluster: dict, demos: list) -> dict:
         try:

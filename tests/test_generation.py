@@ -234,7 +234,6 @@ def test_resident_worker_gathers_concurrent_calls_into_a_batch_and_falls_back_on
     rows = read_clusters(config.clusters, limit=2)
     demos = _load_demos(config, rows)
     worker = ResidentExpertWorker({**config.job_dict(), "device": "cpu"})
-    assert worker.base == {}, "a LoRA job keeps no copy of the base weights"
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(lambda r: worker.run(r, demos[r["cluster_id"]]), rows))
     assert [r["expert_batch"] for r in together] == [2, 2] and [r["cluster_id"] for r in together] == [r["cluster_id"] for r in rows]
@@ -247,6 +246,29 @@ def test_resident_worker_gathers_concurrent_calls_into_a_batch_and_falls_back_on
     alone = worker.run_batch(rows, [demos[r["cluster_id"]] for r in rows])
     assert [r["kept"] for r in alone] == [r["kept"] for r in together] and [r["expert_batch"] for r in alone] == [1, 1]
     assert worker.experts == 4
+    assert worker.base == {}, "LoRA experts, batched or one at a time, keep no copy of the base weights"
+
+
+def test_resident_worker_copies_the_base_before_its_first_full_expert_and_restores_it(tmp_path):
+    """A full fine-tuning expert changes the resident U-Net and text encoder: the worker copies
+    them before the first such expert (not at start: the recipe is resolved per cluster) and
+    loads them back after each."""
+    import torch
+    from PIL import Image
+
+    from mining.expert_task import ResidentExpertWorker
+
+    job = {"model": "tiny", "recipe": "suti-expert", "steps": 2, "seed": 0, "samples_per_prompt": 1, "prompts_per_cluster": None, "sample_steps": 2,
+           "guidance_scale": 7.5, "scorer": "toy-clip", "lambda": -10.0, "device": "cpu", "output": str(tmp_path / "o")}
+    worker = ResidentExpertWorker(job)
+    assert worker.base == {}
+    before = {k: v.clone() for k, v in worker.pipe.unet.state_dict().items()}
+    demos = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
+    cluster = {"cluster_id": "c0", "keys": ["k0", "k1", "k2"], "captions": [], "class_noun": "cup", "prompts": [{"prompt": "a {S} in a city"}]}
+    worker.run(cluster, demos)
+    assert set(worker.base) == set(worker.trained) and "unet" in worker.base
+    assert all(torch.equal(before[k], v) for k, v in worker.base["unet"].items()), "the copy is of the base, taken before training"
+    assert all(torch.equal(before[k], v) for k, v in worker.pipe.unet.state_dict().items()), "the base is restored after the expert"
 
 
 @pytest.mark.parametrize("extra, message", [(["--expert-batch-size", "2"], "--expert-batch-size 2 needs --resident-workers"),
