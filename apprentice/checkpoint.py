@@ -44,8 +44,6 @@ FORMAT = "suti-apprentice-checkpoint/1"
 TAG = re.compile(r"step-(\d+)")
 #: Saved-config keys that decide which parameters train and how; resuming with any other value is refused.
 TRAINABLE_KEYS = ("model", "freeze_base", "method", "optimizer", "demo_timestep", "subject_tokens", "image_encoder", "demo_position_bias")
-#: Settings a resumed run may change (the new values apply from the resumed step): named in a warning.
-LEARNING_RATE_KEYS = ("learning_rate", "base_learning_rate")
 #: Values of :data:`TRAINABLE_KEYS` that checkpoints written before those keys existed had.
 LEGACY_DEFAULTS = {"subject_tokens": 0, "image_encoder": None, "demo_position_bias": False}
 
@@ -145,11 +143,26 @@ def select_checkpoint(ckpt_uri: str, resume: str) -> tuple[str, dict] | None:
     raise InputError(f"{ckpt_uri}: no intact checkpoint to resume from ({'; '.join(bad)}); refusing to restart at step 0 over them: remove them or pass --overwrite")
 
 
-def config_differences(saved: dict, current: dict, keys: tuple[str, ...] = TRAINABLE_KEYS) -> list[str]:
-    """``"key (checkpoint A, now B)"`` for each of ``keys`` (:data:`TRAINABLE_KEYS`, or
-    :data:`LEARNING_RATE_KEYS`) that differs between a checkpoint's config and the current one."""
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``"key (checkpoint A, now B)"`` for each of :data:`TRAINABLE_KEYS` that differs."""
     saved, current = {**LEGACY_DEFAULTS, **saved}, {**LEGACY_DEFAULTS, **current}
-    return [f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+    return [f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in TRAINABLE_KEYS if saved.get(k) != current.get(k)]
+
+
+def learning_rate_changes(saved: dict, current: dict) -> list[str]:
+    """The learning rates a resumed run changes, as they act (a resume may change them; the new
+    values apply from the resumed step): ``learning_rate``, and when the U-Net trains its rate,
+    ``base_learning_rate`` (unset: ``learning_rate``). ``"key (checkpoint A, now B)"`` each."""
+    def effective(config: dict, key: str):
+        value = config.get(key)
+        return config.get("learning_rate") if value is None else value
+
+    def shown(config: dict, key: str) -> str:
+        value = config.get(key)
+        return f"unset (= {config.get('learning_rate')!r})" if value is None else repr(value)
+
+    keys = ["learning_rate"] + ([] if current.get("freeze_base") else ["base_learning_rate"])
+    return [f"{k} (checkpoint {shown(saved, k)}, now {shown(current, k)})" for k in keys if effective(saved, k) != effective(current, k)]
 
 
 # ------------------------------------------------------------------ gather / scatter (collective)

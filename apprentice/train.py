@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from apprentice.train_config import ApprenticeTrainConfig, apply_local_rank, build_arg_parser, config_from_args  # noqa: F401 (re-exported)
-from apprentice.checkpoint import LEARNING_RATE_KEYS, CorruptCheckpointError, config_differences, gather_trainable, read_tensors, scatter_trainable, select_checkpoint, write_checkpoint
+from apprentice.checkpoint import CorruptCheckpointError, config_differences, learning_rate_changes, gather_trainable, read_tensors, scatter_trainable, select_checkpoint, write_checkpoint
 from suti import storage
 from suti.errors import InputError
 
@@ -67,14 +67,15 @@ def init_distributed() -> tuple[int, int, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-        atexit.register(_destroy_process_group)  # the group lives as long as the process (DeepSpeed keeps references to it)
+        atexit.register(_destroy_process_group)  # the group it initialised (unlaunched or launched) lives as long as the process: DeepSpeed keeps references to it
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 def _destroy_process_group() -> None:
-    """At exit: release the process group this process initialised (NCCL warns of leaked resources otherwise)."""
+    """At exit: release the default process group (registered by :func:`init_distributed` when it
+    initialised one; NCCL warns of leaked resources otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -281,7 +282,7 @@ def _prepare_output(config: ApprenticeTrainConfig, resume: str | None, overwrite
     diff = config_differences(state["config"], asdict(config))
     if diff:
         raise InputError(f"{storage.join(ckpt_uri, tag)} was trained with other settings: {', '.join(diff)}; resume with the same settings, or pass --overwrite to start again")
-    changed = config_differences(state["config"], asdict(config), LEARNING_RATE_KEYS)
+    changed = learning_rate_changes(state["config"], asdict(config))
     if changed:  # allowed (a schedule by hand), but never silent: a forgotten --base-learning-rate trains the U-Net at --learning-rate
         log.warning("%s: resuming with other learning rates: %s; the new values apply from step %s", storage.join(ckpt_uri, tag), ", ".join(changed), state["step"])
     finished = int(state["step"]) >= config.steps and storage.isfile(storage.join(output, "model_index.json"))

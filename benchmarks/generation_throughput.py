@@ -65,6 +65,8 @@ def _generate(root: Path, out: str, args, workers: int, extra: list[str]) -> tup
 
 def _max_delta_clip_diff(reference: list[dict], other: list[dict]) -> float:
     """The largest |difference| between two runs' delta-CLIP scores of the same candidates."""
+    if [len(a["delta_clip"]) for a in reference] != [len(b["delta_clip"]) for b in other]:
+        raise SystemExit("the two runs scored different numbers of candidates; their delta-CLIP scores cannot be compared")
     return max((abs(x - y) for a, b in zip(reference, other) for x, y in zip(a["delta_clip"], b["delta_clip"])), default=0.0)
 
 

@@ -304,7 +304,7 @@ class ResidentExpertWorker:
         """Before an expert trains: a full fine-tuning expert (``config.lora_rank == 0``) changes
         the base weights, so the first one copies them to memory for :meth:`restore`. LoRA
         experts never change them and get no copy (on a GPU it would double the memory)."""
-        if config.lora_rank == 0 and not self.base:
+        if config.lora_rank <= 0 and not self.base:
             self.base = {name: {k: v.detach().clone() for k, v in getattr(self.pipe, name).state_dict().items()} for name in self.trained}
 
     def _run_one(self, cluster: dict, demos: list) -> dict:

@@ -112,27 +112,27 @@ def load_image_folder(folder: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) ->
     return [load_image(path, max_pixels=max_pixels) for path in list_image_files(folder)]
 
 
-#: What :func:`fit_square` has already warned about: (name, width, height, resolution).
+#: What :func:`fit_square` has already warned about: (name, resolution), name ``None`` for unnamed images.
 _UPSCALE_WARNED: set[tuple] = set()
 
 
 def fit_square(img: Image.Image, resolution: int, *, name: str | None = None) -> Image.Image:
     """Centre-crop to a square and resize to ``resolution`` px (bicubic).
 
-    An image smaller than ``resolution`` is upscaled with a warning, once per process for each
-    named file (``name``: the path, as the experts' photo loaders pass it) and once per size for
-    unnamed images (training shards, demonstrations), so a data stream of small images logs one
-    line rather than one per image.
+    An image smaller than ``resolution`` is upscaled with a warning: once for each named file
+    (``name``: the path, as the experts' photo loaders pass it), and once in all for unnamed
+    images (training shards, demonstrations, of any sizes), per process (each data-loader worker
+    and rank is one), so a data stream of small images logs one line rather than one per image.
     """
     side = min(img.size)
     if side < resolution:
-        key = (name, *img.size, resolution)
+        key = (name, resolution)
         if key not in _UPSCALE_WARNED:
             if len(_UPSCALE_WARNED) > 10_000:  # bounded: a stream of many named files
                 _UPSCALE_WARNED.clear()
             _UPSCALE_WARNED.add(key)
             if name is None:
-                log.warning("images of %dx%d are smaller than the resolution %d; upscaling them (said once per size)", *img.size, resolution)
+                log.warning("images smaller than the resolution %d (this one %dx%d) are upscaled (said once)", resolution, *img.size)
             else:
                 log.warning("%s: %dx%d is smaller than the resolution %d; upscaling", name, *img.size, resolution)
     left = (img.width - side) // 2

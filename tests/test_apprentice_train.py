@@ -498,6 +498,17 @@ def test_missing_latest_resumes_from_the_newest_intact_checkpoint(run, caplog):
     assert info["resolution"] == 32 and info["config"]["gradient_checkpointing"] is True and info["config"]["num_workers"] == 1
 
 
+def test_learning_rate_changes_compare_the_rates_as_they_act():
+    from apprentice.checkpoint import learning_rate_changes
+
+    trains = {"learning_rate": 1e-3, "base_learning_rate": None, "freeze_base": False}
+    assert learning_rate_changes(trains, {**trains, "base_learning_rate": 1e-3}) == []  # unset is --learning-rate
+    assert learning_rate_changes({**trains, "base_learning_rate": 3e-5}, trains) == ["base_learning_rate (checkpoint 3e-05, now unset (= 0.001))"]
+    frozen = {**trains, "freeze_base": True}
+    assert learning_rate_changes({**frozen, "base_learning_rate": 3e-5}, frozen) == []  # a frozen base has no rate
+    assert learning_rate_changes(frozen, {**frozen, "learning_rate": 5e-4}) == ["learning_rate (checkpoint 0.001, now 0.0005)"]
+
+
 def test_resuming_with_other_learning_rates_warns_and_names_both_values(run, caplog):
     from suti.cli import main
 
@@ -506,6 +517,7 @@ def test_resuming_with_other_learning_rates_warns_and_names_both_values(run, cap
         assert main([*args, "--steps", "5", "--resume", "latest", "--learning-rate", "0.0005"]) == 0
     warning = next(r.getMessage() for r in caplog.records if "other learning rates" in r.getMessage())
     assert "step-4" in warning and "learning_rate (checkpoint 0.0001, now 0.0005)" in warning, warning
+    assert "base_learning_rate" not in warning  # the base is frozen in this run: its rate does not act
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # the same rates: no warning
         assert main([*args, "--steps", "6", "--resume", "latest", "--learning-rate", "0.0005"]) == 0
@@ -614,7 +626,7 @@ def test_one_step_moves_the_unet_by_its_own_rate_and_checkpoints_both_groups(tmp
     assert json.loads((out / "training.json").read_text())["steps"] == 2
 
 
-def test_the_process_group_an_unlaunched_run_initialises_is_destroyed_at_exit():
+def test_the_process_group_init_distributed_initialises_is_destroyed_at_exit():
     """init_distributed's own group is released when the process ends (NCCL otherwise warns that
     destroy_process_group() was never called and resources leak)."""
     code = ("import atexit, torch\n"

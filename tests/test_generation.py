@@ -265,7 +265,10 @@ def test_resident_worker_copies_the_base_before_its_first_full_expert_and_restor
     before = {k: v.clone() for k, v in worker.pipe.unet.state_dict().items()}
     demos = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
     cluster = {"cluster_id": "c0", "keys": ["k0", "k1", "k2"], "captions": [], "class_noun": "cup", "prompts": [{"prompt": "a {S} in a city"}]}
+    restore, trained = worker.restore, []
+    worker.restore = lambda: trained.append({k: v.clone() for k, v in worker.pipe.unet.state_dict().items()}) or restore()
     worker.run(cluster, demos)
+    assert trained and any(not torch.equal(before[k], v) for k, v in trained[0].items()), "the expert changed the resident U-Net"
     assert set(worker.base) == set(worker.trained) and "unet" in worker.base
     assert all(torch.equal(before[k], v) for k, v in worker.base["unet"].items()), "the copy is of the base, taken before training"
     assert all(torch.equal(before[k], v) for k, v in worker.pipe.unet.state_dict().items()), "the base is restored after the expert"

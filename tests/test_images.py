@@ -68,25 +68,28 @@ def test_rgba_is_composited_on_white(tmp_path):
     assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_small_images_are_upscaled_with_a_warning(caplog):
+def test_small_images_are_upscaled_with_a_warning(caplog, monkeypatch):
+    import suti.images
+
+    monkeypatch.setattr(suti.images, "_UPSCALE_WARNED", set())  # another test may have warned for this file
     with caplog.at_level(logging.WARNING):
         out = fit_square(Image.new("RGB", (20, 10)), 32, name="small.png")
     assert out.size == (32, 32)
     assert "small.png" in caplog.text and "upscaling" in caplog.text
 
 
-def test_a_stream_of_small_unnamed_images_warns_once_per_size(caplog, monkeypatch):
+def test_a_stream_of_small_unnamed_images_warns_once(caplog, monkeypatch):
     import suti.images
 
     monkeypatch.setattr(suti.images, "_UPSCALE_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="suti.images"):
-        for _ in range(50):  # a training stream: one line, not 50
-            fit_square(Image.new("RGB", (16, 16)), 32)
-        fit_square(Image.new("RGB", (20, 20)), 32)  # another size: its own line
+        for size in [16] * 50 + list(range(17, 30)):  # a training stream of crawled sizes: one line, not 63
+            fit_square(Image.new("RGB", (size, size + 3)), 32)
         fit_square(Image.new("RGB", (64, 64)), 32)  # downscaling: no warning
+        fit_square(Image.new("RGB", (16, 16)), 48)  # another resolution: its own line
         for name in ("a.png", "b.png", "a.png"):  # named files: once each
             fit_square(Image.new("RGB", (16, 16)), 32, name=name)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4, lines
-    assert "16x16" in lines[0] and "20x20" in lines[1]
+    assert "resolution 32 (this one 16x19)" in lines[0] and "resolution 48" in lines[1]
     assert lines[2].startswith("a.png:") and lines[3].startswith("b.png:")
