@@ -284,7 +284,7 @@ def _prepare_output(config: ApprenticeTrainConfig, resume: str | None, overwrite
         raise InputError(f"{storage.join(ckpt_uri, tag)} was trained with other settings: {', '.join(diff)}; resume with the same settings, or pass --overwrite to start again")
     changed = learning_rate_changes(state["config"], asdict(config))
     if changed:  # allowed (a schedule by hand), but never silent: a forgotten --base-learning-rate trains the U-Net at --learning-rate
-        log.warning("%s: resuming with other learning rates: %s; the new values apply from step %s", storage.join(ckpt_uri, tag), ", ".join(changed), state["step"])
+        log.warning("%s: resuming with other learning rates: %s; the new values apply from step %d on", storage.join(ckpt_uri, tag), ", ".join(changed), int(state["step"]) + 1)
     finished = int(state["step"]) >= config.steps and storage.isfile(storage.join(output, "model_index.json"))
     return {"tag": tag, "state": state, "finished": finished}
 
@@ -422,7 +422,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
         weights, optim, ema_state = _read_and_share(tag_uri, state, rank, world, device, [n for n, _ in trainable], want_ema=config.ema_decay > 0)
         scatter_trainable(engine, trainable, weights, optim, state.get("scalars", {}))
         step = int(state["step"])
-        log.info("resumed from %s at step %d (saved by %d processes, now %d)", tag_uri, step, state.get("world_size", 0), world)
+        log.info("resumed from %s at step %d (world size then %d, now %d)", tag_uri, step, state.get("world_size", 0), world)
     ema = _Ema(module, config.ema_decay) if config.ema_decay > 0 else None  # after resuming: starts from the resumed weights
     if ema and ema_state:
         ema.shadow.update(ema_state)

@@ -97,8 +97,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--output", required=True, help="apprentice folder or URI (s3://...) to write; checkpoints go to OUTPUT/checkpoints")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--base-learning-rate", type=float, help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="learning rate of the trainable weights (AdamW or Adafactor; default 1e-4); a resume may change it, with a warning")
+    p.add_argument("--base-learning-rate", type=float, help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate. Not stored for a resume: repeat it (a resume warns when a rate changes)")
     p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
     p.add_argument("--num-demos", type=int, default=3)
@@ -121,8 +121,10 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
     p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
     p.add_argument("--demo-caption", type=float, default=1.0, help="share of examples whose demonstrations are encoded with their own alt texts; the rest get 'a <class noun>', as a class-only query does")
-    p.add_argument("--resume", help='"latest" (the newest intact checkpoint) or a checkpoint tag (step-N)')
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", help='"latest" (the newest intact checkpoint) or a checkpoint tag (step-N) under OUTPUT/checkpoints; pass the same '
+                   "settings again: those that decide what trains (model, --freeze-base, --method, --optimizer, the subject channel...) must match, "
+                   "the learning rates may change (with a warning), --steps may grow")
+    p.add_argument("--overwrite", action="store_true", help="delete a non-empty OUTPUT and start again (without it and without --resume, a non-empty OUTPUT is an error)")
     # the deepspeed launcher passes --local_rank=N to every process (torchrun sets LOCAL_RANK instead)
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p

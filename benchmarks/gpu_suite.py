@@ -51,10 +51,15 @@ ROWS: list[dict] = []
 JSON_PATH: Path | None = None
 
 
+def _number(v: float) -> str:
+    """3 decimals, or 3 significant digits below 0.001 (a delta-CLIP difference of 1e-05 is not 0.000)."""
+    return f"{v:.3f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
+
+
 def row(name: str, **values) -> None:
     """Print a row and append it to ``--json`` at once (a run cut short keeps its rows)."""
     ROWS.append({"row": name, **values})
-    text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    text = ", ".join(f"{k} {_number(v)}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
     print(f"ROW {name}: {text}", flush=True)
     if JSON_PATH is not None:
         JSON_PATH.write_text(json.dumps(ROWS, indent=2))

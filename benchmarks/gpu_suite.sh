@@ -10,9 +10,10 @@
 # A lent GPU machine with no registry and a few minutes (sizes cut to fit about 8 minutes; the rows
 # give steps/s, so 500-step figures follow): first `bash benchmarks/gpu_wheelhouse.sh` here, then
 # with .whl/ copied along, there:
-#   PYTHON=python3 SUTI_SUITE_TIMEOUT=510 bash benchmarks/gpu_suite.sh --expert-steps 100 --class-images 4 \
+#   PYTHON=python3 SUTI_SUITE_TIMEOUT=450 bash benchmarks/gpu_suite.sh --expert-steps 100 --class-images 4 \
 #     --timed-images 2 --train-steps 10 --throughput-clusters 3 --throughput-steps 100 \
-#     --rows experts,apprentice,throughput,training --json rows.json
+#     --rows experts,apprentice,training,throughput --json rows.json
+# (one H200: 437 s, plus the machine's start; README "On one H200" has the rows)
 #
 # Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
 # installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.

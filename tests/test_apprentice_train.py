@@ -431,11 +431,11 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
     assert not any(p for r in range(2) for p in (tmp_path / f"node{r}").glob("**/*.safetensors")), "nothing checkpoints to a node's own disk"
     logs = nodes(6, "--resume", "latest")
     for log in logs:  # each node's process continues at the same step
-        assert "at step 4 (saved by 2 processes, now 2)" in log, log[-3000:]
+        assert "at step 4 (world size then 2, now 2)" in log, log[-3000:]
     # kill both, resume with one process
     one = subprocess.run([sys.executable, "-m", "suti.cli", "apprentice", "train", *common, "--steps", "8", "--resume", "latest"], cwd=tmp_path, env=_env(**s3), capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-4000:]
-    assert "at step 6 (saved by 2 processes, now 1)" in one.stderr
+    assert "at step 6 (world size then 2, now 1)" in one.stderr
     info = json.loads(storage.read_text(f"{out}/training.json"))
     assert info["steps"] == 8 and info["steps_this_run"] == 2 and info["world_size"] == 1 and info["resolution"] == 32
     # lean: the checkpoint holds the adapter and its Adam state, not the frozen U-Net
