@@ -98,7 +98,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
     p.add_argument("--learning-rate", type=float, default=1e-4, help="learning rate of the trainable weights (AdamW or Adafactor; default 1e-4); a resume may change it, with a warning")
-    p.add_argument("--base-learning-rate", type=float, help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate. Not stored for a resume: repeat it (a resume warns when a rate changes)")
+    p.add_argument("--base-learning-rate", type=float, help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate. A resume takes the rates given now, not the checkpoint's: repeat it (a resume warns when a rate changes)")
     p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
     p.add_argument("--num-demos", type=int, default=3)

@@ -181,7 +181,7 @@ def apprentice_rows(a, work: Path, photos: Path, experts: dict) -> None:
     app = load_apprentice(str(folder), device=device, dtype="fp16" if device == "cuda" else "fp32")
     demos = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))[:3]]
     ctx = app.encode_demonstrations(demos)
-    app("a toy on the beach", demo_context=ctx, num_inference_steps=steps, height=res, width=res, generator=torch.Generator().manual_seed(0))
+    app(prompt, demo_context=ctx, num_inference_steps=steps, height=res, width=res, generator=torch.Generator().manual_seed(0))
     sync()
     app_first = time.perf_counter() - started
     fns = {"base": lambda s: base(prompt, height=res, width=res, num_inference_steps=steps, generator=torch.Generator().manual_seed(s))}
