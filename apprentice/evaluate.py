@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from experts.loss import denoising_target, per_sample_mse
+from suti.losses import denoising_target, per_sample_mse
 
 
 @torch.no_grad()

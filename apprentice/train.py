@@ -142,20 +142,20 @@ def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor,
     Args:
         model: :class:`ApprenticeModule` or the DeepSpeed engine wrapping it.
         scheduler: the base model's noise scheduler; its ``config.prediction_type`` picks the
-            target (``experts.loss.denoising_target``: noise, ``get_velocity``, or the latents).
+            target (``suti.losses.denoising_target``: noise, ``get_velocity``, or the latents).
         latents: (B, C, h, w) scaled clean latents; noise: the same shape; timesteps: (B,).
         text_emb: (B, L, D); demo_latents: (B, n, C, h, w); demo_emb: (B, n, L, D); demo_mask: (B,).
         dtype: the module's dtype; every input is cast to it (fp16/bf16 DeepSpeed configs).
         text_added, demo_added: SDXL's added conditioning of the targets and the demonstrations
             (see :class:`ApprenticeModule`); ``None`` for SD 1.x/2.x.
         image_embeds: (B, n, D) image embeddings of the demos, for the subject channel (or ``None``).
-        snr_gamma: Min-SNR-gamma weights per sample (``experts.loss.snr_weights``, as the experts'
+        snr_gamma: Min-SNR-gamma weights per sample (``suti.losses.snr_weights``, as the experts'
             ``snr_gamma`` and diffusers' training scripts); ``None``: the plain mean squared error.
         teacher, teacher_weight: ``--caption-distillation``: (B, C, h, w) predictions of a teacher
             (:func:`teacher_prediction`) and (B,) weights ``w`` in [0, 1]; each row's target becomes
             ``(1 - w) * target + w * teacher``. ``None``: the true target only.
     """
-    from experts.loss import denoising_target, per_sample_mse, snr_weights
+    from suti.losses import denoising_target, per_sample_mse, snr_weights
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(argv)
     apply_local_rank(args)
-    from suti.cli import report_errors
+    from suti.cli_format import report_errors
 
     def run() -> int:
         train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)

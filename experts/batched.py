@@ -141,7 +141,7 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
 
     from experts.data import real_class_images
     from experts.latents import load_training_pixels
-    from experts.loss import per_sample_mse, snr_weights
+    from suti.losses import per_sample_mse, snr_weights
     from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
     from experts.train import add_lora, cached_inputs, class_training_pixels, draw_training_batch, expert_prompts
     from suti.conditioning import Conditioning

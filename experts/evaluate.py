@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from experts.loss import denoising_target, encode_images, per_sample_mse
+from suti.losses import denoising_target, encode_images, per_sample_mse
 
 
 @torch.no_grad()

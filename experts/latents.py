@@ -31,7 +31,7 @@ def encode_in_chunks(vae, images: torch.Tensor | list[torch.Tensor], batch_size:
     At most ``batch_size`` images go through ``vae.encode`` at once; the result equals one call
     on all images (each image is encoded independently) up to float rounding.
     """
-    from experts.loss import encode_images
+    from suti.losses import encode_images
 
     means, stds = [], []
     for start in range(0, len(images), batch_size):

@@ -24,7 +24,7 @@ from experts.data import ensure_class_images, real_class_images
 from experts.expert import EXPERT_FILE, ExpertInfo, save_expert, unsaved_expert_info
 from experts.identifier import fill_prompt, sample_identifier
 from experts.latents import TrainingLatents, load_training_pixels
-from experts.loss import denoising_target, per_sample_mse, sample_latents, snr_weights
+from suti.losses import denoising_target, per_sample_mse, sample_latents, snr_weights
 from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
 from experts.recipe import ExpertConfig
 from experts.tracking import check_tracker, log_image, start_trackers

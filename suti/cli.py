@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from suti.cli_format import ArgumentParser
+from suti.cli_format import ArgumentParser, report_errors
 from suti.errors import InputError, SutiError
 
 # Modules that contribute subcommands, imported lazily so `suti --help` stays fast.
@@ -47,23 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
-
-
-def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
-    """Run ``func(*args, **kwargs)`` as a command: a :class:`SutiError` becomes one line on
-    stderr and its exit code (2), Ctrl-C exit code 130; otherwise ``func``'s return value.
-
-    Every entry point uses it: ``suti ...`` and the modules run with ``python -m`` (the
-    launcher targets ``apprentice.train``, the world model scripts, ``mining.evaluate``).
-    """
-    try:
-        return int(func(*args, **kwargs) or 0)
-    except SutiError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 def check_local_paths(args) -> None:

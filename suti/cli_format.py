@@ -1,4 +1,4 @@
-"""The help formatter of every ``suti`` command: defaults shown only where they are true.
+"""The help formatter, argument parser and error reporting of every ``suti`` command: defaults shown only where they are true.
 
 ``argparse.ArgumentDefaultsHelpFormatter`` appends ``(default: X)`` to every option, which
 misleads for on/off flag pairs (``--no-prior-preservation ... (default: True)`` while the recipe
@@ -10,6 +10,9 @@ option that takes one; flags and late-resolved options say their default in thei
 from __future__ import annotations
 
 import argparse
+import sys
+
+from suti.errors import SutiError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -34,3 +37,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
+    """Run ``func(*args, **kwargs)`` as a command: a :class:`SutiError` becomes one line on
+    stderr and its exit code (2), Ctrl-C exit code 130; otherwise ``func``'s return value.
+
+    Every entry point uses it: ``suti ...`` and the modules run with ``python -m`` (the
+    launcher targets ``apprentice.train``, the world model scripts, ``mining.evaluate``).
+    """
+    try:
+        return int(func(*args, **kwargs) or 0)
+    except SutiError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

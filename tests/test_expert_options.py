@@ -230,7 +230,7 @@ def test_training_runs_with_random_crop(tmp_path):
 def test_chunked_vae_encoding_equals_one_call(instance_dir):
     vae = load_pipeline("tiny").vae
     pixels = torch.stack(load_training_pixels(sorted(instance_dir.glob("*.png")), 32))
-    from experts.loss import encode_images
+    from suti.losses import encode_images
 
     whole = encode_images(vae, pixels)
     for size in (1, 3):
@@ -361,11 +361,11 @@ def test_two_process_ddp_launch_then_resume_on_one(instance_dir, tmp_path):
 
 
 def test_training_encodes_in_chunks_of_vae_encode_batch_size(instance_dir, tmp_path, monkeypatch):
-    import experts.loss
+    import suti.losses
 
     sizes = []
-    real = experts.loss.encode_images
-    monkeypatch.setattr(experts.loss, "encode_images", lambda vae, images: sizes.append(len(images)) or real(vae, images))
+    real = suti.losses.encode_images
+    monkeypatch.setattr(suti.losses, "encode_images", lambda vae, images: sizes.append(len(images)) or real(vae, images))
     train_expert(config(instance_dir, vae_encode_batch_size=3, steps=1, random_flip=True), tmp_path / "e", progress=False)
     assert sizes == [3, 1, 3, 1], "4 instance images, then their flips, at most 3 per VAE call"
 

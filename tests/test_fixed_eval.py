@@ -308,7 +308,7 @@ def test_loss_by_timestep_scores_each_condition_on_the_same_noise():
 
     from apprentice import ApprenticePipeline
     from apprentice.evaluate import LOSS_CONDITIONS, heldout_loss_by_timestep, heldout_shots
-    from experts.loss import denoising_target, per_sample_mse
+    from suti.losses import denoising_target, per_sample_mse
 
     app = ApprenticePipeline.from_base(load_pipeline("tiny"))
     _, subjects = fixed_subjects(2)

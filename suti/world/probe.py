@@ -566,6 +566,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from suti.cli import report_errors
+    from suti.cli_format import report_errors
 
     raise SystemExit(report_errors(main))
