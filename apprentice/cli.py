@@ -1,4 +1,4 @@
-"""``suti apprentice train|pack-photos|sample``."""
+"""``suti apprentice train|sample`` (``pack-photos`` is mining's, :mod:`mining.cli`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from suti.errors import InvalidValueError, SutiError
 from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
 
 
-def register(subparsers) -> None:
-    """Add the ``apprentice`` command group."""
+def register(subparsers):
+    """Add the ``apprentice`` command group; returns its subcommands' action, to which the root
+    command line adds ``pack-photos`` (:func:`mining.cli.register_pack_photos`)."""
     from apprentice.train_config import build_arg_parser
     from suti.sampling import add_sampler_flags
 
@@ -32,13 +33,6 @@ def register(subparsers) -> None:
     launch.add_argument("--hostfile", help="a DeepSpeed hostfile (\"host slots=N\" lines): launch on all its hosts over ssh with the deepspeed launcher, from one node")
     train.set_defaults(func=_train, local_paths=("hostfile",))
 
-    pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=HelpFormatter)
-    pack.add_argument("--clusters", required=True, help="clusters.jsonl of `suti mine`")
-    pack.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
-    pack.add_argument("--output", required=True, help="folder for shard-*.tar (a rerun adds only missing clusters)")
-    pack.add_argument("--samples-per-shard", type=int, default=256)
-    pack.set_defaults(func=_pack_photos)
-
     sample = sub.add_parser("sample", help="generate a subject in context from 1-8 demonstration photos", formatter_class=HelpFormatter)
     sample.add_argument("--apprentice", default="toy", help='apprentice folder, or "toy" for the embedded default')
     sample.add_argument("--demos", nargs="+", required=True, help="1-8 photos of the subject")
@@ -53,6 +47,7 @@ def register(subparsers) -> None:
     add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true")
     sample.set_defaults(func=_sample, local_paths=("apprentice", "demos", "output"))
+    return sub
 
 
 def launch_command(args, train_argv: list[str]) -> list[str] | None:
@@ -133,13 +128,6 @@ def _train(args) -> int:
     apply_local_rank(args)
     output = train_apprentice(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"output": str(output)}))
-    return 0
-
-
-def _pack_photos(args) -> int:
-    from apprentice.photos import pack_photos
-
-    print(json.dumps(pack_photos(args.clusters, args.crawl, args.output, samples_per_shard=args.samples_per_shard)))
     return 0
 
 

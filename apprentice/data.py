@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from apprentice.photos import PHOTO_KIND
+from suti.shards import PHOTO_KIND
 from suti import storage
 from suti.errors import InputError, InvalidValueError
 from suti.images import fit_square, to_tensor
@@ -127,7 +127,7 @@ class ToExample:
     cluster's own photos, and the demonstrations are drawn from the other photos: a
     reconstruction example that teaches the demonstration layers to copy the subject (as
     in-context subject models are commonly pretrained); 0 keeps SuTI's pure expert-target
-    training. Photo samples (:mod:`apprentice.photos`: a cluster's photos, no expert target) are
+    training. Photo samples (:mod:`mining.photos`: a cluster's photos, no expert target) are
     always reconstruction examples.
 
     A reconstruction example's prompt names the class only ("a ball"), as a query does, so the

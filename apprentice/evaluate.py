@@ -9,6 +9,18 @@ from suti.losses import denoising_target, per_sample_mse
 
 
 @torch.no_grad()
+def heldout_subjects(n: int):
+    """The first ``n`` held-out subjects of the toy model's pretraining world (never seen by
+    the toy base, its CLIP, its probe or the toy apprentice)."""
+    from suti.errors import InvalidValueError
+    from suti.world.toy_t2i import pretrain_world
+
+    world = pretrain_world()
+    if not 1 <= n <= len(world.heldout_subjects):
+        raise InvalidValueError(f"num_subjects must be in 1..{len(world.heldout_subjects)}, got {n}")
+    return world, world.heldout_subjects[:n]
+
+
 def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos: list[list[Image.Image]] | None, demo_captions: list[list[str]] | None = None, *, seed: int = 0, draws: int = 4) -> float:
     """Mean denoising MSE on ``targets`` given their prompts and (optionally) demonstrations.
 
@@ -118,8 +130,6 @@ def heldout_demo_loss(pipe, num_subjects: int = 12, *, seed: int = 7, num_demos:
     Raises:
         ValueError: an unknown ``prompt_mode``.
     """
-    from apprentice.compare import heldout_subjects
-
     if prompt_mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt_mode {prompt_mode!r}; choose from {PROMPT_MODES}")
     if subjects is None:

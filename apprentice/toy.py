@@ -3,9 +3,9 @@
 Its demonstration-attention weights ship in ``suti/world/weights/toy_apprentice/`` (the base is
 the ``toy`` preset, frozen during its training). :func:`toy_apprentice_folder` assembles them
 with the toy base into an :class:`~apprentice.pipeline.ApprenticePipeline` folder in the suti
-cache (once), or, if they are missing, runs the main job's stages 1-5 with its defaults (crawl,
-mining, photo shards, expert generation on Ray, DeepSpeed training) into the cache, about 15
-minutes on a 2-core CPU.
+cache (once). If they are missing (a source checkout without them), the error says how to train
+one with the main job (``suti demo``: crawl, mining, photo shards, expert generation on Ray,
+DeepSpeed training; about 15 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -31,13 +31,11 @@ def toy_apprentice_folder() -> Path:
         if (WEIGHTS / "config.json").is_file():
             assemble(WEIGHTS, tmp)
             return
-        log.warning("the toy apprentice's weights are not shipped; training it with the main job's pipeline (long on a CPU)")
-        from suti.demo import demo_args, run_pipeline
+        from suti.errors import MissingInputError
 
-        work = cache_dir() / "apprentices" / "toy-build"
-        app = run_pipeline(demo_args(["--output", str(work)]))  # the main job's defaults
-        shutil.rmtree(tmp)
-        shutil.copytree(app, tmp)
+        raise MissingInputError(
+            f"{WEIGHTS}: the toy apprentice's weights are not shipped in this installation; train one with the main "
+            "job (`suti demo --output DIR`, about 15 minutes on a CPU) and pass its apprentice folder (DIR/apprentice) instead of \"toy\"")
 
     return cached_build(folder, build)
 

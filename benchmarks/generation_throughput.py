@@ -21,7 +21,7 @@ one-at-a-time experts' up to float rounding, not byte for byte.
     python benchmarks/generation_throughput.py --model toy --clusters 8 --steps 60 --lora-rank 4 --expert-batch-size 4
 
 ``--in-process`` runs the same expert code without Ray, in this process, one expert at a time:
-per-task experts (``mining.expert_task.run_cluster``: load the base and the scorer, train, save,
+per-task experts (``generation.task.run_cluster``: load the base and the scorer, train, save,
 load the expert back) against one resident worker (``ResidentExpertWorker``: load once, train in
 place, sample from memory), on the same clusters. It needs no Ray (a GPU machine without it):
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 
 def suti(argv: list[str]) -> int:
-    from suti.cli import main
+    from orchestration.cli import main
 
     return main(argv)
 
@@ -77,16 +77,18 @@ def in_process(root: Path, args) -> dict:
     (steady: the mean expert after the first; end to end: everything, loading included) and how
     many clusters gave byte-identical samples.
     """
-    from mining.expert_task import ResidentExpertWorker, run_cluster
-    from mining.generate import GenerateConfig, _load_demos, read_clusters
+    from generation.resident import ResidentExpertWorker
+    from generation.task import run_cluster
+    from generation.job import GenerateConfig, load_demos
+    from mining.cluster import read_clusters
 
     overrides = {"lora_rank": args.lora_rank} if args.lora_rank else {}
     config = GenerateConfig(clusters=str(root / "mined" / "clusters.jsonl"), crawl=str(root / "crawl"), output=str(root / "in-process"), model=args.model,
                             steps=args.steps, recipe_overrides=overrides, lambda_=-1.0, prompts_per_cluster=args.prompts, sample_steps=args.sample_steps,
                             threads_per_expert=args.threads).resolved()
-    job = {**config.job_dict(), "device": args.device}
+    job = config.expert_job(args.device)
     rows = read_clusters(config.clusters, limit=args.clusters)
-    demos = _load_demos(config, rows)
+    demos = load_demos(config, rows)
 
     def timed(fn):
         started = time.perf_counter()

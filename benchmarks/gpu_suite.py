@@ -202,7 +202,7 @@ def apprentice_rows(a, work: Path, photos: Path, experts: dict) -> None:
 def _shards(folder: Path, size: int, n: int) -> Path:
     import numpy as np
 
-    from mining.shards import ShardPacker, jpeg_bytes, sample_members
+    from suti.shards import ShardPacker, jpeg_bytes, sample_members
     from suti.world import caption, make_world, render
     from suti.world.render import Pose
     from suti.world.spec import CONTEXTS

@@ -1,6 +1,6 @@
 """In-context apprentice vs DreamBooth expert vs base model on held-out toy-world subjects.
 
-One run measures, on the same held-out subjects, prompts and seeds (:mod:`apprentice.compare`):
+One run measures, on the same held-out subjects, prompts and seeds (:mod:`orchestration.compare`):
 
 (a) subject fidelity: the probe's identity accuracy and the small CLIP's image similarity to
     the 3 demos (CLIP-I), for the apprentice (3 demos, no tuning), a DreamBooth expert trained on
@@ -15,7 +15,7 @@ One run measures, on the same held-out subjects, prompts and seeds (:mod:`appren
     delta-CLIP ablation of SuTI section 5.3: apprentices trained on the same shards filtered at
     lambda = none, 0 and 0.02 for ``--ablation-steps`` each, then (a) for the apprentice only.
 
-``--eval fixed`` runs the fixed evaluation instead (:mod:`apprentice.fixed_eval`): 24 held-out
+``--eval fixed`` runs the fixed evaluation instead (:mod:`orchestration.fixed_eval`): 24 held-out
 subjects (all six classes) x 4 class-only prompts (re-contextualisation, accessory, colour edit,
 style) x 2 seeds, for the apprentice with 3 demos, the base (class noun), an 800-step DreamBooth
 expert, training-free reference attention (:mod:`apprentice.reference`) and the apprentice with
@@ -85,7 +85,7 @@ def per_image_ratio(app, base, demos, prompt: str, steps: int, repeats: int) -> 
 
 def ablation(shards: str, steps: int, args, base) -> list[dict]:
     """(e): train one apprentice per lambda on the same shards and score it."""
-    from apprentice.compare import compare_on_world, mean_metrics
+    from orchestration.compare import compare_on_world, mean_metrics
     from apprentice.sample import load_apprentice
     from apprentice.train import ApprenticeTrainConfig, train_apprentice
 
@@ -114,9 +114,9 @@ def fixed_ablation(args, base, config) -> list[dict]:
     attributes and CLIP-I with bootstrap 95% intervals, and the gap closed with its interval."""
     import dataclasses
 
-    from apprentice.compare import bootstrap_mean
+    from orchestration.compare import bootstrap_mean
     from apprentice.data import make_pipeline
-    from apprentice.fixed_eval import run_fixed_eval
+    from orchestration.fixed_eval import run_fixed_eval
     from apprentice.sample import load_apprentice
     from apprentice.train import ApprenticeTrainConfig, train_apprentice
 
@@ -156,7 +156,7 @@ def fixed_expert_loss(config, work: Path, base, *, seed: int) -> tuple[float, fl
     """(expert, base) held-out loss of the fixed evaluation's experts (cached; one loaded at a
     time) on the photos of the apprentice's class-only loss (:func:`apprentice.evaluate.heldout_expert_loss`)."""
     from apprentice.evaluate import heldout_expert_loss
-    from apprentice.fixed_eval import ensure_expert, fixed_subjects, subject_photos
+    from orchestration.fixed_eval import ensure_expert, fixed_subjects, subject_photos
     from experts import load_expert
     from experts.expert import ExpertInfo
 
@@ -172,7 +172,7 @@ def fixed_expert_loss(config, work: Path, base, *, seed: int) -> tuple[float, fl
 def fixed(args) -> int:
     """``--eval fixed``: the fixed evaluation table (see the module docstring)."""
     from apprentice.evaluate import LOSS_CONDITIONS, heldout_demo_loss, heldout_loss_by_timestep
-    from apprentice.fixed_eval import METHODS, TABLE_METRICS, FixedEvalConfig, fixed_subjects, run_fixed_eval
+    from orchestration.fixed_eval import METHODS, TABLE_METRICS, FixedEvalConfig, fixed_subjects, run_fixed_eval
     from apprentice.sample import load_apprentice
     from experts import load_pipeline
     from suti.world.probe import IDENTITY_ATTRS
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args.subjects = args.subjects or 3
     args.expert_steps = args.expert_steps or 200
 
-    from apprentice.compare import compare_on_world, mean_metrics
+    from orchestration.compare import compare_on_world, mean_metrics
     from apprentice.evaluate import heldout_demo_loss
     from apprentice.sample import load_apprentice
     from experts import load_pipeline

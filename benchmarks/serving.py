@@ -148,7 +148,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     log_path = work / "server.log"
     cmd = [
-        sys.executable, "-m", "suti.cli", "serve", "--model", args.model, "--apprentice", apprentice, "--port", str(port),
+        sys.executable, "-m", "orchestration.cli", "serve", "--model", args.model, "--apprentice", apprentice, "--port", str(port),
         "--data-dir", str(work / "data"), "--max-concurrency", str(args.max_concurrency), "--max-queue", "16",
         "--threads", str(args.threads), "--timeout", "600",
     ]

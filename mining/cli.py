@@ -222,3 +222,23 @@ def register(subparsers) -> None:
                               formatter_class=_Formatter)
     add_arguments(p)
     p.set_defaults(func=cmd_mine, local_paths=("llm_model",))
+
+
+def register_pack_photos(sub) -> None:
+    """Add ``pack-photos`` to the ``apprentice`` command group's subcommands ``sub`` (it writes
+    mined clusters' photos as the apprentice's training shards; the root command line wires it)."""
+    from suti.cli_format import HelpFormatter
+
+    pack = sub.add_parser("pack-photos", help="write mined clusters' photos as training shards (reconstruction examples, no experts)", formatter_class=HelpFormatter)
+    pack.add_argument("--clusters", required=True, help="clusters.jsonl of `suti mine`")
+    pack.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
+    pack.add_argument("--output", required=True, help="folder for shard-*.tar (a rerun adds only missing clusters)")
+    pack.add_argument("--samples-per-shard", type=int, default=256)
+    pack.set_defaults(func=_pack_photos)
+
+
+def _pack_photos(args) -> int:
+    from mining.photos import pack_photos
+
+    print(json.dumps(pack_photos(args.clusters, args.crawl, args.output, samples_per_shard=args.samples_per_shard)))
+    return 0

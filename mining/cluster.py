@@ -23,13 +23,19 @@ the synthetic world and of OpenAI's CLIP live on different scales.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from mining.embed import CrawlEmbeddings
 from mining.prompts import FALLBACK_NOUN, estimate_class_noun, noun_support
+from suti import storage
 from suti.errors import InputError
+
+#: A cluster id names files (staging, manifest rows): letters, digits, ``_`` or ``-``.
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 #: Why a page is not a cluster, in the order they are checked.
 REASONS = ("too_few_images", "too_many_images", "low_image_similarity", "low_pair_similarity",
@@ -204,3 +210,29 @@ def mine_clusters(emb: CrawlEmbeddings, th: Thresholds) -> tuple[list[Cluster], 
             c.reason = "no_common_noun"
         (dropped if c.reason else kept).append(c)
     return kept, dropped
+
+
+def read_clusters(path: str, limit: int | None = None) -> list[dict]:
+    """Rows of ``clusters.jsonl`` (a local path or URI; a malformed line is an error naming its
+    line number; a cluster id must be letters, digits, ``_`` or ``-``: it names files)."""
+    path = storage.resolve(path)
+    if not storage.isfile(path):
+        raise InputError(f"{path}: no such clusters file")
+    rows = []
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+        missing = [k for k in ("cluster_id", "keys", "prompts") if k not in row]
+        if missing:
+            raise InputError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        if not _CLUSTER_ID.match(str(row["cluster_id"])):
+            raise InputError(f"{path}:{n}: cluster_id {row['cluster_id']!r} must be letters, digits, '_' or '-'")
+        rows.append(row)
+    ids = [r["cluster_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: duplicate cluster_id values")
+    return rows[:limit] if limit else rows

@@ -219,7 +219,7 @@ def embed_records_ray(records: list[Record], scorer_factory, *,
     import ray
 
     if not ray.is_initialized():
-        from mining.generate import worker_env
+        from suti.raytools import worker_env
         from suti.raytools import init_ray
 
         # the workers get the driver's model-cache settings and object-store credentials

@@ -1,7 +1,7 @@
 """Errors that suti raises for bad input or unusable models.
 
 Every error a user can cause derives from :class:`SutiError`; the CLI turns it into a one-line
-message and exit code 2 (see :mod:`suti.cli`).
+message and exit code 2 (see :mod:`orchestration.cli`).
 """
 
 

@@ -16,6 +16,9 @@ from suti.errors import SutiError
 
 log = logging.getLogger(__name__)
 
+#: Driver environment variables a job's Ray workers need (:func:`worker_env`).
+WORKER_ENV_PREFIXES = ("SUTI_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "AWS_", "GOOGLE_", "TOKENIZERS_", "OMP_NUM_THREADS")
+
 
 class RayStartError(SutiError):
     """Ray could not be started or joined (the CLI prints one line, exit code 2)."""
@@ -74,3 +77,13 @@ def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwa
                             f"it is running and reachable and retry, or leave out {option} to start a "
                             f"local one") from None
     return True
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's environment the workers need (``runtime_env["env_vars"]``): model caches and
+    hub settings (``SUTI_*``, ``HF_*``), object-store credentials (``AWS_*``, ``GOOGLE_*``), and
+    ``PYTHONPATH`` with absolute entries."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
+    return env

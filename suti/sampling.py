@@ -2,7 +2,7 @@
 
 One place for the rules, used by every entry point (``suti expert sample``, ``suti apprentice
 sample``, :class:`apprentice.pipeline.ApprenticePipeline`, ``suti eval``, the HTTP API in
-:mod:`serving.generation` and the generation job's :class:`mining.generate.GenerateConfig`), so
+:mod:`serving.generation` and the generation job's :class:`generation.job.GenerateConfig`), so
 that the same value is refused the same way everywhere: :class:`~suti.errors.InputError` with a
 one-line message naming the field and the value (CLI exit 2, HTTP 400).
 

@@ -22,7 +22,7 @@ import re
 #: Fields whose member name ends ``.<field>`` (lower-case), besides compound fields.
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 KNOWN_FIELDS = IMAGE_FIELDS + ("txt", "json", "cls", "npy")
-#: Compound fields of suti's own shards (:mod:`mining.shards`): ``target.jpg``, ``demo_<i>.png``.
+#: Compound fields of suti's own shards (:mod:`suti.shards`): ``target.jpg``, ``demo_<i>.png``.
 COMPOUND_FIELD = re.compile(r"^(target|demo_\d+)$")
 
 

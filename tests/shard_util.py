@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mining.shards import ShardPacker, jpeg_bytes, sample_members
+from suti.shards import ShardPacker, jpeg_bytes, sample_members
 from suti.world import caption, make_world, render
 from suti.world.render import Pose
 from suti.world.spec import CONTEXTS

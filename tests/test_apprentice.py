@@ -17,7 +17,7 @@ from apprentice.data import collate, make_pipeline
 from apprentice.evaluate import apprentice_loss
 from apprentice.train import ApprenticeTrainConfig, train_apprentice
 from shard_util import world_shards
-from suti.cli import main
+from orchestration.cli import main
 from suti.models import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_demo_guidance_1_uses_two_branches_and_the_same_formula():
 
 
 def test_bad_shard_sample_is_logged_and_skipped(tmp_path, caplog):
-    from mining.shards import ShardPacker, sample_members
+    from suti.shards import ShardPacker, sample_members
 
     packer = ShardPacker(tmp_path, 4)
     packer.add("bad_p00_s00", sample_members("bad_p00_s00", b"not a jpeg", [b"nope"], {"prompt": "x"}))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from apprentice.data import make_pipeline
-from mining.shards import jpeg_bytes, sample_members, write_tar_atomic
+from suti.shards import jpeg_bytes, sample_members, write_tar_atomic
 from shard_util import world_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,7 +344,7 @@ def test_bf16_config_feeds_bf16_inputs_and_keeps_fp32_checkpoints(tmp_path):
 
 def test_launcher_commands():
     from apprentice.cli import launch_command, train_argv
-    from suti.cli import build_parser
+    from orchestration.cli import build_parser
 
     parse = build_parser().parse_args
     args = parse("apprentice train --shards a/*.tar b/*.tar --shard-weights 3 1 --output s3://b/run --steps 5 --freeze-base --resolution 64 --nproc 8 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29400".split())
@@ -419,7 +419,7 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
         for r in range(2):
             private = tmp_path / f"node{r}"  # each node's own disk: its working folder and TMPDIR
             private.mkdir(exist_ok=True)
-            cmd = [sys.executable, "-m", "suti.cli", "apprentice", "train", *common, "--steps", str(steps), *extra, "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port]
+            cmd = [sys.executable, "-m", "orchestration.cli", "apprentice", "train", *common, "--steps", str(steps), *extra, "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port]
             procs.append(subprocess.Popen(cmd, cwd=private, env=_env(**s3, TMPDIR=str(private)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=900)[0] for p in procs]
         for p, log in zip(procs, logs):
@@ -433,7 +433,7 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
     for log in logs:  # each node's process continues at the same step
         assert "at step 4 (world size then 2, now 2)" in log, log[-3000:]
     # kill both, resume with one process
-    one = subprocess.run([sys.executable, "-m", "suti.cli", "apprentice", "train", *common, "--steps", "8", "--resume", "latest"], cwd=tmp_path, env=_env(**s3), capture_output=True, text=True, timeout=900)
+    one = subprocess.run([sys.executable, "-m", "orchestration.cli", "apprentice", "train", *common, "--steps", "8", "--resume", "latest"], cwd=tmp_path, env=_env(**s3), capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-4000:]
     assert "at step 6 (world size then 2, now 1)" in one.stderr
     info = json.loads(storage.read_text(f"{out}/training.json"))
@@ -462,7 +462,7 @@ def test_two_nodes_on_s3_resume_on_both_then_on_one_process(tmp_path, s3):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 4-step frozen-base run with checkpoints step-2 and step-4, plus its CLI arguments."""
-    from suti.cli import main
+    from orchestration.cli import main
 
     root = tmp_path_factory.mktemp("faults")
     shards = world_shards(root / "sh", num_subjects=2, per_subject=2)
@@ -485,7 +485,7 @@ def _sizes(folder: Path) -> dict:
 
 
 def test_missing_latest_resumes_from_the_newest_intact_checkpoint(run, caplog):
-    from suti.cli import main
+    from orchestration.cli import main
 
     folder, args = run
     (folder / "checkpoints" / "latest").unlink()
@@ -510,7 +510,7 @@ def test_learning_rate_changes_compare_the_rates_as_they_act():
 
 
 def test_resuming_with_other_learning_rates_warns_and_names_both_values(run, caplog):
-    from suti.cli import main
+    from orchestration.cli import main
 
     folder, args = run
     with caplog.at_level(logging.WARNING):
@@ -526,7 +526,7 @@ def test_resuming_with_other_learning_rates_warns_and_names_both_values(run, cap
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "no-state"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run, caplog, damage):
-    from suti.cli import main
+    from orchestration.cli import main
 
     folder, args = run
     bad = folder / "checkpoints" / "step-4" / ("state.json" if damage == "no-state" else "optimizer.safetensors")
@@ -545,7 +545,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run, caplog, damage
 
 
 def test_no_intact_checkpoint_is_an_error_and_nothing_is_overwritten(run, capsys):
-    from suti.cli import main
+    from orchestration.cli import main
 
     folder, args = run
     for tag in ("step-2", "step-4"):
@@ -559,7 +559,7 @@ def test_no_intact_checkpoint_is_an_error_and_nothing_is_overwritten(run, capsys
 
 
 def test_resuming_a_finished_run_says_so_and_exits_0(run, capsys):
-    from suti.cli import main
+    from orchestration.cli import main
 
     folder, args = run
     before = _sizes(folder)
@@ -569,7 +569,7 @@ def test_resuming_a_finished_run_says_so_and_exits_0(run, capsys):
 
 
 def test_resuming_with_another_trainable_set_exits_2_naming_the_keys(run, capsys):
-    from suti.cli import main
+    from orchestration.cli import main
 
     folder, args = run
     unfrozen = [a for a in args if a != "--freeze-base"]

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from experts import load_expert
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import ModelLoadError
 from suti.weights import check_safetensors, check_weight_folder, describe_load_error
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import InputError
 from suti.models import check_model
 
@@ -107,7 +107,7 @@ def test_local_only_commands_refuse_object_store_uris(argv, tmp_path, capsys, mo
 def test_local_model_and_recipe_paths_reach_workers_absolute(tmp_path, monkeypatch):
     """Ray workers have other working directories: a relative model folder or recipe file is made
     absolute on the driver; a preset name stays a name even beside a folder of that name."""
-    from mining.generate import GenerateConfig
+    from generation.job import GenerateConfig
     from suti.models import load_pipeline
 
     monkeypatch.chdir(tmp_path)
@@ -121,7 +121,7 @@ def test_local_model_and_recipe_paths_reach_workers_absolute(tmp_path, monkeypat
     assert config.crawl == str(tmp_path / "crawl") and config.output == str(tmp_path / "out")
     assert GenerateConfig(clusters="c.jsonl", crawl="crawl", output="out", model="toy").resolved().model == "toy"
     from serving.cli import settings_from_args
-    from suti.cli import build_parser
+    from orchestration.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--model", "my-model", "--apprentice", "toy"])
     settings = settings_from_args(args)

@@ -19,7 +19,7 @@ def _env() -> dict:
 
 
 def test_building_every_parser_imports_no_heavy_library():
-    code = ("import sys; from suti.cli import build_parser; build_parser(); "
+    code = ("import sys; from orchestration.cli import build_parser; build_parser(); "
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     assert out.stdout.strip() == ""
@@ -27,7 +27,7 @@ def test_building_every_parser_imports_no_heavy_library():
 
 def test_help_and_argument_errors_do_not_import_torch():
     for argv in (["--help"], ["expert", "train", "--help"], ["apprentice", "train", "--help"], ["expert", "train"]):
-        code = ("import sys; from suti.cli import main\n"
+        code = ("import sys; from orchestration.cli import main\n"
                 f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
                 "print('TORCH', 'torch' in sys.modules, code)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
@@ -53,7 +53,7 @@ def _all_help(parser: argparse.ArgumentParser, name: str = "suti"):
 
 
 def test_no_help_prints_a_flag_or_unresolved_default():
-    from suti.cli import build_parser
+    from orchestration.cli import build_parser
 
     seen = 0
     for name, text in _all_help(build_parser()):
@@ -64,7 +64,7 @@ def test_no_help_prints_a_flag_or_unresolved_default():
 
 
 def test_expert_train_help_shows_the_recipes_effective_defaults():
-    from suti.cli import build_parser
+    from orchestration.cli import build_parser
 
     help_text = dict(_all_help(build_parser()))["suti expert train"]
     flat = re.sub(r"\s+", " ", help_text)

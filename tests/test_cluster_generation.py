@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from suti.cli import main
+from orchestration.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--steps", "3", "--sample-steps", "2", "--prompts-per-cluster", "2", "--samples-per-shard", "2", "--lambda", "-1"]
@@ -141,7 +141,7 @@ def mined_s3(s3, tmp_path_factory):
 
 
 def _generate(cluster, mined, output, *extra, cwd=ROOT, wait=True, log=None):
-    cmd = [sys.executable, "-m", "suti.cli", "generate", "--clusters", mined["clusters"], "--crawl", mined["crawl"], "--output", output, "--ray-address", cluster["address"], *FAST, *extra]
+    cmd = [sys.executable, "-m", "orchestration.cli", "generate", "--clusters", mined["clusters"], "--crawl", mined["crawl"], "--output", output, "--ray-address", cluster["address"], *FAST, *extra]
     env = {**cluster["env"], **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}}
     if not wait:
         with open(log, "w") as f:
@@ -154,7 +154,7 @@ def _check_exactly_once(output: str, num_clusters: int) -> dict:
     shards agree. Returns {shard name: sha256}."""
     import tarfile
 
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
     from suti import storage
 
     manifest = read_manifest(output)
@@ -188,7 +188,7 @@ def test_two_nodes_no_shared_tmp_to_s3_exactly_once_and_rerun_does_nothing(ray_c
     n = len(mined_s3["rows"])
     digests = _check_exactly_once(output, n)
     assert digests, "some samples were kept (lambda -1)"
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
 
     nodes = {r.get("node_id") for r in read_manifest(output).values()}
     assert len(nodes) == 2, f"experts ran on both nodes, including the one with a private /tmp ({nodes})"
@@ -209,7 +209,7 @@ def test_recipe_on_s3_reaches_a_node_without_the_drivers_disk(ray_cluster, mined
     proc = _generate(ray_cluster, mined_s3, output, "--recipe", f"s3://{BUCKET}/recipes/s3-recipe.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_exactly_once(output, len(mined_s3["rows"]))
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
 
     rows = read_manifest(output).values()
     assert len({r.get("node_id") for r in rows}) == 2, "both nodes trained experts"
@@ -241,7 +241,7 @@ def test_relative_output_with_an_external_cluster_loses_nothing(ray_cluster, min
 
 @pytest.mark.slow
 def test_kill_driver_then_worker_node_then_rerun_loses_and_duplicates_nothing(ray_cluster, mined_s3, tmp_path):
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
 
     output = f"s3://{BUCKET}/job-kill"
     n = len(mined_s3["rows"])
@@ -270,7 +270,7 @@ def test_kill_driver_then_worker_node_then_rerun_loses_and_duplicates_nothing(ra
 
 
 def _run_without_s3fs(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    code = "import sys; sys.modules['s3fs'] = None; from suti.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; sys.modules['s3fs'] = None; from orchestration.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
 
 
@@ -297,7 +297,7 @@ def test_toy_scorer_with_a_real_model_is_refused(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "toy-clip" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    from mining.generate import GenerateConfig
+    from generation.job import GenerateConfig
 
     crawl = str(tmp_path)
     import suti.scoring
@@ -314,7 +314,7 @@ def test_toy_scorer_with_a_real_model_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_gpus_and_experts_in_flight_follow_the_cluster():
-    from mining.generate import GenerateConfig, experts_in_flight, gpus_per_expert
+    from generation.job import GenerateConfig, experts_in_flight, gpus_per_expert
 
     cfg = GenerateConfig(clusters="c", crawl="w", output="o")
     assert gpus_per_expert(cfg, 8) == 1.0 and gpus_per_expert(cfg, 0) == 0.0
@@ -334,7 +334,7 @@ def test_gpus_and_experts_in_flight_follow_the_cluster():
 
 
 def test_worker_env_passes_suti_hf_aws_and_an_absolute_pythonpath(monkeypatch, tmp_path):
-    from mining.generate import worker_env
+    from suti.raytools import worker_env
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SUTI_CACHE", "/cache/suti")
@@ -349,7 +349,7 @@ def test_worker_env_passes_suti_hf_aws_and_an_absolute_pythonpath(monkeypatch, t
 
 
 def test_accepted_cluster_without_samples_is_never_done():
-    from mining.generate import SamplesMissingError, check_samples
+    from generation.job import SamplesMissingError, check_samples
 
     with pytest.raises(SamplesMissingError, match="did not reach the driver"):
         check_samples({"cluster_id": "c1", "status": "accepted", "kept": ["c1_p00_s00"], "members": []})
@@ -396,7 +396,7 @@ def test_wheel_install_finds_presets_recipes_and_deepspeed_configs(tmp_path):
 
 
 def test_pack_photos_from_s3_into_s3_exactly_once(mined_s3):
-    from mining.shards import existing_shards, shard_keys
+    from suti.shards import existing_shards, shard_keys
 
     out = f"s3://{BUCKET}/photos"
     args = ["apprentice", "pack-photos", "--clusters", mined_s3["clusters"], "--crawl", mined_s3["crawl"], "--output", out, "--samples-per-shard", "2"]
@@ -421,7 +421,7 @@ def test_mine_on_the_cluster_reads_the_s3_crawl_like_in_process_mining(ray_clust
         for name in ("toy_clip.json", "toy_clip.safetensors"):  # tiny's own CLIP
             _s3fs().put_file(str(WEIGHTS_DIR / name), f"{BUCKET}/models/toy-clip/{name}")
         model = f"s3://{BUCKET}/models/toy-clip"
-    cmd = [sys.executable, "-m", "suti.cli", "mine", "--crawl", mined_s3["crawl"], "--output", f"s3://{BUCKET}/mined-ray", "--model", model, "--ray-address", ray_cluster["address"], "--overwrite"]
+    cmd = [sys.executable, "-m", "orchestration.cli", "mine", "--crawl", mined_s3["crawl"], "--output", f"s3://{BUCKET}/mined-ray", "--model", model, "--ray-address", ray_cluster["address"], "--overwrite"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in _s3fs().cat_file(f"{BUCKET}/mined-ray/clusters.jsonl").decode().splitlines()]
@@ -434,7 +434,7 @@ def test_mine_on_the_cluster_reads_the_s3_crawl_like_in_process_mining(ray_clust
 def test_batches_of_lora_experts_on_two_nodes_to_s3_exactly_once(ray_cluster, mined_s3):
     """--expert-batch-size 2 on the two-node cluster (private /tmp on one node), output and kept
     experts on S3: every sample once, batches formed, each kept expert uploaded from its node."""
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
     from suti import storage
 
     output = f"s3://{BUCKET}/job-batches"
@@ -453,7 +453,7 @@ def test_resident_workers_on_two_nodes_survive_a_dead_node(ray_cluster, mined_s3
     """Resident actors on both nodes; the worker node is killed mid-job: its actor's cluster runs
     again on the other node, and the job finishes with every sample exactly once. (Kills the
     worker node: keep this test last.)"""
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
 
     output = f"s3://{BUCKET}/job-resident"
     n = len(mined_s3["rows"])

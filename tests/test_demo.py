@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from suti.cli import main
+from orchestration.cli import main
 
 
 @pytest.mark.slow

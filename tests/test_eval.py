@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import InputError
-from suti.eval.dataset import load_dataset, parse_prompts_and_classes
-from suti.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
+from orchestration.eval.dataset import load_dataset, parse_prompts_and_classes
+from orchestration.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
 from conftest import draw_subject
 
 PROMPTS = """Classes

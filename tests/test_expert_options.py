@@ -17,7 +17,7 @@ from experts.data import class_images_folder, ensure_class_images
 from experts.latents import TrainingLatents, encode_in_chunks, load_training_pixels
 from experts.optim import make_optimizer
 from experts.train import train_expert
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import InputError
 
 
@@ -345,7 +345,7 @@ def test_two_process_ddp_launch_then_resume_on_one(instance_dir, tmp_path):
 
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    args = ["-m", "suti.cli", "expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "star toy", "--output", str(out),
+    args = ["-m", "orchestration.cli", "expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "star toy", "--output", str(out),
             "--no-prior-preservation", "--lora-rank", "4", "--checkpointing-steps", "2", "--report-to", "none"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, *args, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ from experts.data import ensure_class_images, load_class_images, load_instance_i
 from experts.evaluate import denoising_loss
 from experts.train import train_expert
 from images_util import png_bomb, truncated_jpeg
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import InputError
 
 

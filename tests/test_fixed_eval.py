@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from apprentice.compare import bootstrap_mean, gap_closed
-from apprentice.fixed_eval import FixedEvalConfig, fixed_prompts, fixed_subjects, run_fixed_eval
+from orchestration.compare import bootstrap_mean, gap_closed
+from orchestration.fixed_eval import FixedEvalConfig, fixed_prompts, fixed_subjects, run_fixed_eval
 from suti.errors import InputError
 from suti.models import load_pipeline
 
@@ -279,8 +279,8 @@ def test_one_default_demonstration_guidance_everywhere():
     unless told otherwise, and the fixed evaluation keys cached images by the apprentice's guidance."""
     import inspect
 
-    from apprentice.compare import compare_on_world
-    from apprentice.fixed_eval import _image_key
+    from orchestration.compare import compare_on_world
+    from orchestration.fixed_eval import _image_key
     from apprentice.pipeline import ApprenticePipeline
     from apprentice.sample import sample_apprentice
     from serving.settings import Settings
@@ -289,7 +289,7 @@ def test_one_default_demonstration_guidance_everywhere():
     for fn in (ApprenticePipeline.__call__, sample_apprentice, compare_on_world):
         assert inspect.signature(fn).parameters["demo_guidance_scale"].default == D, fn
     assert FixedEvalConfig().demo_guidance_scale == D and Settings().apprentice_demo_guidance_scale == D
-    from suti.cli import build_parser
+    from orchestration.cli import build_parser
 
     args = build_parser().parse_args(["apprentice", "sample", "--apprentice", "a", "--demos", "d.png", "--prompt", "p", "--output", "o"])
     assert args.demo_guidance_scale == D

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from suti.cli import main
+from orchestration.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--steps", "3", "--sample-steps", "2", "--prompts-per-cluster", "2", "--samples-per-shard", "2", "--max-workers", "2"]
@@ -29,7 +29,7 @@ def mined(tmp_path_factory):
 
 
 def _generate(root, out, *extra, env=None):
-    cmd = [sys.executable, "-m", "suti.cli", "generate", "--clusters", str(root / "mined" / "clusters.jsonl"), "--crawl", str(root / "crawl"), "--output", str(out), *FAST, *extra]
+    cmd = [sys.executable, "-m", "orchestration.cli", "generate", "--clusters", str(root / "mined" / "clusters.jsonl"), "--crawl", str(root / "crawl"), "--output", str(out), *FAST, *extra]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900)
 
 
@@ -39,7 +39,7 @@ def _samples(out: Path) -> list[dict]:
 
 
 def _manifest(out: Path) -> dict:
-    from mining.generate import read_manifest
+    from generation.job import read_manifest
 
     return read_manifest(str(out))
 
@@ -109,7 +109,7 @@ def test_bad_job_settings_exit_2_in_one_line_before_anything_is_written(mined, t
 
 
 def test_samples_per_shard_zero_is_refused_by_the_packer_and_pack_photos(mined, tmp_path, capsys):
-    from mining.shards import ShardPacker
+    from suti.shards import ShardPacker
     from suti.errors import InvalidValueError
 
     with pytest.raises(InvalidValueError, match="--samples-per-shard must be a whole number >= 1, got 0"):
@@ -122,7 +122,7 @@ def test_samples_per_shard_zero_is_refused_by_the_packer_and_pack_photos(mined, 
 @pytest.mark.parametrize("form", ["shards/*.tar", "shards/crawl-00000.tar", "crawl.jsonl"])
 def test_generate_accepts_every_crawl_form_that_mine_reads(mined, form):
     """``--crawl`` as a shard pattern, one shard or a manifest is checked as `suti mine` reads it."""
-    from mining.generate import GenerateConfig
+    from generation.job import GenerateConfig
 
     crawl = mined / "crawl"
     assert (crawl / "crawl.jsonl").is_file() and (crawl / "shards" / "crawl-00000.tar").is_file()
@@ -135,7 +135,7 @@ def test_generate_accepts_every_crawl_form_that_mine_reads(mined, form):
 
 
 def test_steady_rate_leaves_out_each_slots_first_expert():
-    from mining.generate import steady_rate
+    from generation.job import steady_rate
 
     # one slot: the first finish (start-up + first expert) at 100 s, then one every 10 s
     assert steady_rate([100.0, 110.0, 120.0, 130.0], 1) == pytest.approx(3 / 30 * 3600)
@@ -162,7 +162,7 @@ def test_killed_worker_is_retried(mined, tmp_path, extra):
 
 def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, tmp_path):
     out = tmp_path / "sh"
-    cmd = [sys.executable, "-m", "suti.cli", "generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), *FAST, "--lambda", "-1", "--max-workers", "1"]
+    cmd = [sys.executable, "-m", "orchestration.cli", "generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), *FAST, "--lambda", "-1", "--max-workers", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -226,14 +226,15 @@ def test_resident_worker_gathers_concurrent_calls_into_a_batch_and_falls_back_on
     from concurrent.futures import ThreadPoolExecutor
 
     import experts.batched
-    from mining.expert_task import ResidentExpertWorker
-    from mining.generate import GenerateConfig, _load_demos, read_clusters
+    from generation.resident import ResidentExpertWorker
+    from generation.job import GenerateConfig, load_demos
+    from mining.cluster import read_clusters
 
     config = GenerateConfig(clusters=str(mined / "mined" / "clusters.jsonl"), crawl=str(mined / "crawl"), output=str(tmp_path / "o"), model="tiny", steps=3, sample_steps=2,
                             prompts_per_cluster=1, lambda_=-1.0, recipe_overrides={"lora_rank": 4}, resident_workers=True, expert_batch_size=2).resolved()
     rows = read_clusters(config.clusters, limit=2)
-    demos = _load_demos(config, rows)
-    worker = ResidentExpertWorker({**config.job_dict(), "device": "cpu"})
+    demos = load_demos(config, rows)
+    worker = ResidentExpertWorker(config.expert_job("cpu"))
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(lambda r: worker.run(r, demos[r["cluster_id"]]), rows))
     assert [r["expert_batch"] for r in together] == [2, 2] and [r["cluster_id"] for r in together] == [r["cluster_id"] for r in rows]
@@ -256,10 +257,12 @@ def test_resident_worker_copies_the_base_before_its_first_full_expert_and_restor
     import torch
     from PIL import Image
 
-    from mining.expert_task import ResidentExpertWorker
+    from generation.resident import ResidentExpertWorker
 
-    job = {"model": "tiny", "recipe": "suti-expert", "steps": 2, "seed": 0, "samples_per_prompt": 1, "prompts_per_cluster": None, "sample_steps": 2,
-           "guidance_scale": 7.5, "scorer": "toy-clip", "lambda": -10.0, "device": "cpu", "output": str(tmp_path / "o")}
+    from generation.config import ExpertJob
+
+    job = ExpertJob(model="tiny", recipe="suti-expert", steps=2, seed=0, samples_per_prompt=1, prompts_per_cluster=None, sample_steps=2,
+                    guidance_scale=7.5, scorer="toy-clip", lambda_=-10.0, device="cpu", output=str(tmp_path / "o"))
     worker = ResidentExpertWorker(job)
     assert worker.base == {}
     before = {k: v.clone() for k, v in worker.pipe.unet.state_dict().items()}

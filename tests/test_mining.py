@@ -27,7 +27,7 @@ from mining.cluster import REASONS, Thresholds, cluster_id, mine_clusters
 from mining.crawl import detect_format, iter_records, load_crawl_images
 from mining.embed import embed_records, embed_records_ray
 from mining.prompts import SKILLS, estimate_class_noun, seen_vocabulary, template_prompts
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import InputError
 from suti.world import ACCESSORIES, COLORS, CONTEXTS, STYLES, caption, load_ground_truth, make_crawl
 from suti.world.spec import make_world

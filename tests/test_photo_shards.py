@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from apprentice.data import make_pipeline
-from mining.shards import existing_shards, shard_keys
+from suti.shards import existing_shards, shard_keys
 from shard_util import world_shards
-from suti.cli import main
+from orchestration.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_photo_and_expert_shards_mix_and_the_lambda_filter_keeps_photos(mined, t
 
 
 def test_a_photo_sample_with_one_photo_is_logged_and_skipped(tmp_path, caplog):
-    from mining.shards import ShardPacker, jpeg_bytes
+    from suti.shards import ShardPacker, jpeg_bytes
     from PIL import Image
 
     packer = ShardPacker(tmp_path / "ph", 8)

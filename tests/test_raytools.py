@@ -9,7 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from suti.cli import main  # noqa: E402
+from orchestration.cli import main  # noqa: E402
 from suti.raytools import RayStartError, init_ray  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def test_mine_with_ray_exits_2_with_one_line(failing_ray, tmp_path, capsys):
 
 
 def test_generate_exits_2_with_one_line(failing_ray, tmp_path, capsys, monkeypatch):
-    import mining.generate as generate
+    import generation.job as generate
 
     with pytest.raises(RayStartError, match="--ray-address"):
         generate.init_ray(None)  # how the generation job starts Ray (with the workers' runtime_env)
@@ -90,7 +90,7 @@ def test_serving_ray_runner_raises_the_one_line_error(failing_ray):
 
 
 def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys, tmp_path):
-    from suti.demo import _stage
+    from orchestration.demo import _stage
     from suti.errors import SutiError
 
     with pytest.raises(SutiError) as info:

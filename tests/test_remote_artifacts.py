@@ -73,8 +73,8 @@ def test_generation_ships_its_recipe_to_the_workers(tmp_path):
     even where the file does not exist (another node)."""
     import yaml
 
-    from mining.expert_task import run_cluster
-    from mining.generate import GenerateConfig
+    from generation.task import run_cluster
+    from generation.job import GenerateConfig
     from suti.world import export_subject, make_world
 
     recipe = tmp_path / "my-recipe.yaml"
@@ -90,7 +90,7 @@ def test_generation_ships_its_recipe_to_the_workers(tmp_path):
 
     photos = export_subject(world, world.heldout_subjects[0].subject_id, tmp_path / "photos", n=3, size=32)
     demos = [Image.open(p).convert("RGB") for p in photos]
-    job = {**config.job_dict(), "device": "cpu"}
+    job = config.expert_job("cpu")
     out = run_cluster({"cluster_id": "c1", "keys": ["a", "b", "c"], "prompts": ["a photo of {S} in the snow"], "class_noun": "toy"}, demos, job)
     assert out["status"] == "accepted" and out["num_candidates"] == 1
     with pytest.raises(InputError, match="unknown recipe"):
@@ -143,7 +143,7 @@ def test_mining_loads_a_toy_clip_folder_from_object_storage(s3_server, tmp_path)
 
 def _suti(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "suti.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("argv", [
@@ -173,7 +173,7 @@ def test_file_urls_are_local_paths_in_every_command(tmp_path):
 
 @pytest.fixture()
 def small_crawl(tmp_path):
-    from suti.cli import main
+    from orchestration.cli import main
 
     assert main(["world", "make", "--output", str(tmp_path / "crawl"), "--subjects", "4", "--seed", "2", "--size", "32"]) == 0
     return tmp_path / "crawl"
@@ -182,7 +182,7 @@ def small_crawl(tmp_path):
 def test_a_missing_output_bucket_is_one_line_and_never_created(s3_server, small_crawl, tmp_path, capsys):
     import s3fs
 
-    from suti.cli import main
+    from orchestration.cli import main
 
     assert main(["mine", "--crawl", str(small_crawl), "--output", str(tmp_path / "mined")]) == 0
     clusters = str(tmp_path / "mined" / "clusters.jsonl")
@@ -198,7 +198,7 @@ def test_a_missing_output_bucket_is_one_line_and_never_created(s3_server, small_
 
 
 def test_mining_a_jsonl_manifest_on_s3_reads_its_relative_images(s3_server, small_crawl, tmp_path):
-    from suti.cli import main
+    from orchestration.cli import main
 
     storage.upload(small_crawl, storage.join(s3_server, "crawl"))
     assert main(["mine", "--crawl", str(small_crawl / "crawl.jsonl"), "--output", str(tmp_path / "local")]) == 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from suti.cli import main
+from orchestration.cli import main
 from suti.errors import InputError
 from suti.sampling import MAX_SEED, PromptTruncatedError, check_prompt, check_sampler_args, resolve_dtype
 
@@ -173,7 +173,7 @@ def test_expert_sample_long_prompt_that_cuts_the_identifier_exits_2(expert_dir, 
 def test_truncation_warning_shows_on_the_command_line(apprentice_dir, demo_png, tmp_path):
     """The warning reaches the terminal (library logging is silenced while loading models)."""
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "SUTI_CACHE": str(Path(__import__("os").environ.get("SUTI_CACHE", tmp_path)))}
-    proc = subprocess.run([sys.executable, "-m", "suti.cli", "apprentice", "sample", "--apprentice", str(apprentice_dir), "--demos", str(demo_png),
+    proc = subprocess.run([sys.executable, "-m", "orchestration.cli", "apprentice", "sample", "--apprentice", str(apprentice_dir), "--demos", str(demo_png),
                            "--prompt", SCENE, "--num-images", "1", "--steps", "1", "--output", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -271,14 +271,14 @@ def test_http_generation_checks_numbers_and_identifier_cuts(expert_dir, tmp_path
 
 
 def test_generation_job_config_validates():
-    from mining.generate import GenerateConfig
+    from generation.job import GenerateConfig
 
     base = dict(clusters="c.jsonl", crawl="crawl", output="out")
     for kwargs, message in [(dict(sample_steps=0), "--sample-steps: 0"), (dict(guidance_scale=float("nan")), "--guidance-scale: nan is not a finite number"),
                             (dict(samples_per_prompt=0), "--samples-per-prompt: 0"), (dict(seed=-1), "--seed: -1"), (dict(dtype="fp8"), "--dtype")]:
         with pytest.raises(InputError, match=message):
             GenerateConfig(**base, **kwargs)
-    assert GenerateConfig(**base, dtype="bf16").job_dict()["dtype"] == "bf16"
+    assert GenerateConfig(**base, dtype="bf16").expert_job("cpu").dtype == "bf16"
     assert main(["generate", "--clusters", "c.jsonl", "--crawl", "x", "--output", "o", "--sample-steps", "0"]) == 2
 
 
@@ -447,13 +447,16 @@ def test_class_images_are_made_in_batches_and_do_not_depend_on_them(suti_cache):
 
 
 def test_generation_candidates_are_made_in_batches_and_do_not_depend_on_them(tmp_path, monkeypatch):
-    from mining import expert_task
+    import dataclasses
+
+    from generation import resident, task as expert_task
+    from generation.config import ExpertJob
 
     demos = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
     cluster = {"cluster_id": "c0", "keys": ["k0", "k1", "k2"], "captions": [], "class_noun": "cup",
                "prompts": [{"prompt": "a {S} in a city"}, {"prompt": "a {S} on the moon"}]}
-    job = {"model": "tiny", "recipe": "suti-expert", "steps": 1, "seed": 0, "samples_per_prompt": 2, "prompts_per_cluster": None, "sample_steps": 2,
-           "guidance_scale": 7.5, "scorer": "toy-clip", "lambda": -10.0, "output": str(tmp_path / "o"), "device": "cpu"}
+    job = ExpertJob(model="tiny", recipe="suti-expert", steps=1, seed=0, samples_per_prompt=2, prompts_per_cluster=None, sample_steps=2,
+                    guidance_scale=7.5, scorer="toy-clip", lambda_=-10.0, output=str(tmp_path / "o"), device="cpu")
     from suti import sampling
 
     calls, original = [], sampling.seeded_generators
@@ -463,7 +466,7 @@ def test_generation_candidates_are_made_in_batches_and_do_not_depend_on_them(tmp
         return original(seeds)
 
     monkeypatch.setattr(sampling, "seeded_generators", spy)
-    out = {b: expert_task.run_cluster(cluster, demos, {**job, "sample_batch_size": b}) for b in (1, 3)}
+    out = {b: expert_task.run_cluster(cluster, demos, dataclasses.replace(job, sample_batch_size=b)) for b in (1, 3)}
     seed = expert_task.cluster_seed("c0", 0)
     assert calls == [[seed], [seed + 1], [seed + 1000], [seed + 1001], [seed, seed + 1, seed + 1000], [seed + 1001]]
     assert out[1]["num_candidates"] == 4 and out[1]["kept"] == out[3]["kept"]
@@ -498,18 +501,21 @@ def test_keep_experts_uploads_a_loadable_expert_and_only_kept_experts_log(tmp_pa
     tracker (no TensorBoard writer per expert) and nothing reaches OUTPUT/experts."""
     from experts import load_expert
     from experts import train as expert_train
-    from mining import expert_task
+    import dataclasses
+
+    from generation import resident, task as expert_task
+    from generation.config import ExpertJob
 
     trackers, original = [], expert_train.train_expert
     monkeypatch.setattr(expert_train, "train_expert", lambda config, *a, **kw: trackers.append(config.report_to) or original(config, *a, **kw))
     demos = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
     cluster = {"cluster_id": "c0", "keys": ["k0", "k1", "k2"], "captions": [], "class_noun": "cup", "prompts": [{"prompt": "a {S} in a city"}]}
-    job = {"model": "tiny", "recipe": "suti-expert", "steps": 1, "seed": 0, "samples_per_prompt": 1, "prompts_per_cluster": None, "sample_steps": 2,
-           "guidance_scale": 7.5, "scorer": "toy-clip", "lambda": -10.0, "device": "cpu", "recipe_overrides": {"lora_rank": 2}}
-    worker = expert_task.ResidentExpertWorker(job) if resident else None
+    job = ExpertJob(model="tiny", recipe="suti-expert", steps=1, seed=0, samples_per_prompt=1, prompts_per_cluster=None, sample_steps=2,
+                    guidance_scale=7.5, scorer="toy-clip", lambda_=-10.0, device="cpu", recipe_overrides={"lora_rank": 2}, output="")
+    worker = resident.ResidentExpertWorker(job) if resident else None
     for keep in (False, True):
         out = tmp_path / f"keep-{keep}"
-        settings = {**job, "output": str(out), "keep_experts": keep}
+        settings = dataclasses.replace(job, output=str(out), keep_experts=keep)
         if worker:
             worker.job = settings
         result = worker.run(cluster, demos) if worker else expert_task.run_cluster(cluster, demos, settings)

@@ -11,7 +11,7 @@ from experts import load_expert, load_pipeline, resolve_config
 from experts.data import load_instance_images
 from experts.evaluate import denoising_loss
 from experts.train import train_expert
-from suti.cli import main
+from orchestration.cli import main
 
 
 def sdxl_config(instance_dir, **overrides):

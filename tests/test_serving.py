@@ -818,7 +818,7 @@ def test_health_metrics_openapi_docs_and_page(shared_client):
 
 def test_cli_defaults_and_errors(monkeypatch, tmp_path, capsys):
     from serving.cli import settings_from_args
-    from suti.cli import build_parser, main
+    from orchestration.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])
     assert (args.model, args.apprentice, args.host, args.port) == ("toy", "toy", "127.0.0.1", 8000)
@@ -871,7 +871,7 @@ class LiveServer:
         self.log = data_dir.parent / f"server-{self.port}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "suti.cli", "serve", "--model", "tiny", "--apprentice", str(apprentice_dir),
+            sys.executable, "-m", "orchestration.cli", "serve", "--model", "tiny", "--apprentice", str(apprentice_dir),
             "--port", str(self.port), "--data-dir", str(data_dir), "--threads", "1", "--default-steps", "2", *extra,
         ]
         env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -5,7 +5,7 @@ import json
 import webdataset as wds
 from PIL import Image
 
-from mining.shards import ShardPacker, existing_shards, jpeg_bytes, sample_members, shard_keys
+from suti.shards import ShardPacker, existing_shards, jpeg_bytes, sample_members, shard_keys
 
 
 def _sample(key: str, n_demos: int = 3):

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from mining.shards import group_samples, shard_keys
+from suti.shards import group_samples, shard_keys
 from suti.tar_members import drop_reason, split_member
 
 

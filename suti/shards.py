@@ -24,6 +24,9 @@ from suti import storage
 from suti.tar_members import split_member
 
 SHARD_GLOB = "shard-*.tar"
+#: ``kind`` field of a photo sample's json (:mod:`mining.photos`: a cluster's photos, no target;
+#: expert samples have no ``kind``).
+PHOTO_KIND = "photos"
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 95) -> bytes:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apprentice.evaluate import heldout_subjects
 from suti.errors import InvalidValueError
 from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
 
@@ -38,17 +39,6 @@ class SubjectResult:
 
     def row(self) -> dict:
         return {"subject": self.subject_id, "description": self.description, **self.metrics}
-
-
-def heldout_subjects(n: int):
-    """The first ``n`` held-out subjects of the toy model's pretraining world (never seen by
-    the toy base, its CLIP, its probe or the toy apprentice)."""
-    from suti.world.toy_t2i import pretrain_world
-
-    world = pretrain_world()
-    if not 1 <= n <= len(world.heldout_subjects):
-        raise InvalidValueError(f"num_subjects must be in 1..{len(world.heldout_subjects)}, got {n}")
-    return world, world.heldout_subjects[:n]
 
 
 def compare_on_world(apprentice, base, *, work_dir: str | Path, num_subjects: int = 3,

@@ -65,7 +65,7 @@ def register(subparsers) -> None:
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> float:
-    from suti.cli import build_parser
+    from orchestration.cli import build_parser
 
     if done:
         print(f"[{name}] already done; skipping")
@@ -110,9 +110,9 @@ def _grid(rows: list[list[Image.Image]], labels: list[str], cell: int = 64) -> I
 
 def query(args, apprentice_dir: Path) -> dict:
     """Stage 6: in-context queries for held-out toy-world subjects vs a DreamBooth expert and the
-    base model (:func:`apprentice.compare.compare_on_world`); writes ``grid.png`` and
+    base model (:func:`orchestration.compare.compare_on_world`); writes ``grid.png`` and
     ``results.json`` and returns the mean numbers."""
-    from apprentice.compare import compare_on_world, mean_metrics
+    from orchestration.compare import compare_on_world, mean_metrics
     from apprentice.sample import load_apprentice
     from experts import load_pipeline
 

@@ -1,5 +1,7 @@
 """The ``suti`` console script: one entry point, one subcommand group per capability.
 
+It sits on top of the layers (orchestration imports the stages, never the other way round).
+
 Each capability module exposes ``register(subparsers)`` which adds its commands and sets
 ``func`` on every leaf parser; ``func(args)`` returns the exit code. A :class:`SutiError`
 becomes a one-line message on stderr and exit code 2.
@@ -19,11 +21,11 @@ from suti.errors import InputError, SutiError
 COMMAND_MODULES = (
     "experts.cli",
     "suti.world.cli",
-    "suti.demo",
-    "mining.generate_cli",
+    "orchestration.demo",
+    "generation.cli",
     "mining.cli",
     "apprentice.cli",
-    "suti.eval.cli",
+    "orchestration.eval.cli",
     "serving.cli",
 )
 
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    groups = {}
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -45,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name and name.startswith(exc.name):
                 continue
             raise
-        module.register(sub)
+        groups[name] = module.register(sub)
+    if groups.get("apprentice.cli") is not None:  # mining writes the apprentice's photo shards
+        from mining.cli import register_pack_photos
+
+        register_pack_photos(groups["apprentice.cli"])
     return parser
 
 

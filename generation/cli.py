@@ -1,4 +1,4 @@
-"""``suti generate``: the distributed expert generation job (see :mod:`mining.generate`)."""
+"""``suti generate``: the distributed expert generation job (see :mod:`generation.job`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from mining.generate import GenerateConfig, run_generation
+    from generation.job import GenerateConfig, run_generation
 
     overrides = {}
     if args.lora_rank is not None:
@@ -63,7 +63,7 @@ def _run(args) -> int:
     summary = run_generation(config)
     print(json.dumps(summary))
     if summary["failed"] and not summary["accepted"] and not summary["rejected"]:
-        from mining.generate import read_manifest
+        from generation.job import read_manifest
         from suti import storage
 
         first = next((row.get("error") for row in read_manifest(storage.resolve(args.output)).values() if row.get("status") == "failed"), "")

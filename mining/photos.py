@@ -9,7 +9,7 @@ a reconstruction example (one photo is the target, 3 of the others are the demon
 thousands of subjects where expert shards give tens to hundreds; the two are mixed by passing both
 to ``suti apprentice train --shards``.
 
-Samples are keyed by cluster id and packed with :class:`mining.shards.ShardPacker`, so a rerun
+Samples are keyed by cluster id and packed with :class:`suti.shards.ShardPacker`, so a rerun
 (after a crash, or with more clusters) writes every cluster exactly once.
 """
 
@@ -23,12 +23,9 @@ from tqdm import tqdm
 
 from suti import storage
 from suti.errors import InputError
+from suti.shards import PHOTO_KIND
 
 log = logging.getLogger(__name__)
-
-#: ``kind`` field of a photo sample's json (expert samples have none).
-PHOTO_KIND = "photos"
-
 
 def photo_key(cluster_id: str) -> str:
     """The sample key of a cluster's photo sample."""
@@ -42,7 +39,7 @@ def photo_members(cluster: dict, images: dict) -> tuple[str, list[tuple[str, byt
         cluster: a ``clusters.jsonl`` row (``cluster_id``, ``keys``, ``captions``, ``class_noun``).
         images: crawl key -> PIL image for the cluster's keys.
     """
-    from mining.shards import png_bytes, sample_members
+    from suti.shards import png_bytes, sample_members
 
     cid = cluster["cluster_id"]
     key = photo_key(cid)
@@ -60,7 +57,7 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
     """Write one photo sample per cluster of ``clusters`` into ``output/shard-*.tar``.
 
     ``clusters``, ``crawl`` and ``output`` are local paths or storage URIs (``s3://``, ``gs://``;
-    :mod:`suti.storage`); shards are written atomically (see :class:`mining.shards.ShardPacker`).
+    :mod:`suti.storage`); shards are written atomically (see :class:`suti.shards.ShardPacker`).
 
     Clusters with fewer than ``min_photos`` usable photos are skipped (a reconstruction example
     needs a target and at least one demonstration). Idempotent: clusters already in ``output``'s
@@ -71,8 +68,8 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
             file and line), or a URI's filesystem package is not installed (names the extra).
     """
     from mining.crawl import load_crawl_images
-    from mining.generate import read_clusters
-    from mining.shards import ShardPacker, existing_shards
+    from mining.cluster import read_clusters
+    from suti.shards import ShardPacker, existing_shards
 
     crawl, out = storage.resolve(crawl), storage.resolve(output)
     storage.filesystem(out)  # a missing filesystem package fails here, before any work

@@ -35,11 +35,11 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from suti.eval.run import check_args, json_safe, run_eval
+    from orchestration.eval.run import check_args, json_safe, run_eval
 
     check_args(args)  # before the world dataset is written
     if args.dataset.startswith("world"):
-        from suti.eval.worldbench import world_dataset
+        from orchestration.eval.worldbench import world_dataset
 
         args.dataset = str(world_dataset(args.dataset, Path(args.output) / "dataset", seed=args.seed))
     overall = run_eval(args)

@@ -19,7 +19,7 @@ prompts, paired seeds, every method on the same images' settings, cached baselin
   edit), whether the probe reads the asked edit, CLIP-I to the 3 demonstrations and CLIP-T to the
   prompt with the world's small CLIP;
 * the share of the base->expert gap each method closes, with a paired bootstrap 95% interval over
-  subjects (:func:`apprentice.compare.gap_closed`).
+  subjects (:func:`orchestration.compare.gap_closed`).
 
 Cache (``work_dir``): ``photos/<subject>/`` (5 renders; the first 3 are the demonstrations and the
 expert's instance images), ``experts/<subject>-<key>/`` (complete when ``expert.json`` exists) and
@@ -349,7 +349,7 @@ def run_fixed_eval(apprentice, base, work_dir: str | Path, config: FixedEvalConf
         "low", "high", "n_valid"}}}, "seconds": {method: wall s}, "cpu_seconds": {method: this
         process's CPU s}, "stats": {method: {...}}}``.
     """
-    from apprentice.compare import gap_closed
+    from orchestration.compare import gap_closed
     from suti.scoring import get_scorer
     from suti.world.probe import load_probe
 

@@ -27,8 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from suti.errors import InputError, ModelLoadError
-from suti.eval.dataset import EvalDataset, EvalSubject, load_dataset
-from suti.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
+from orchestration.eval.dataset import EvalDataset, EvalSubject, load_dataset
+from orchestration.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
 from suti import storage
 from suti.images import load_cached_image, load_image, save_image_atomic
 

@@ -1,0 +1,195 @@
+"""The generation job's settings: :class:`GenerateConfig` (the driver's, from ``suti generate``)
+and :class:`ExpertJob` (what each expert task reads, across the Ray boundary).
+
+:class:`ExpertJob` is a frozen dataclass: it is pickled into every Ray task and resident worker,
+and the task reads it as attributes, never as a dict of string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from suti import storage
+from suti.errors import InputError
+
+MAX_EXPERT_BATCH_SIZE = 256  # LoRA experts a resident worker trains in one U-Net pass (also its actor's thread count)
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one generation job (the identity part is recorded in ``OUTPUT/job.json``).
+
+    ``clusters``, ``crawl`` and ``output`` are local paths or storage URIs. ``scorer`` ``None``
+    follows the model (:func:`suti.scoring.model_scorer`). ``gpus_per_expert`` ``None``: 1 on a
+    cluster with GPUs, else 0 (fractions pack several experts on one GPU).
+    """
+
+    clusters: str
+    crawl: str
+    output: str
+    model: str = "toy"
+    recipe: str = "suti-expert"
+    steps: int | None = None
+    recipe_overrides: dict = field(default_factory=dict)
+    lambda_: float = 0.02
+    samples_per_prompt: int = 1
+    prompts_per_cluster: int | None = 4
+    sample_steps: int = 25
+    guidance_scale: float = 7.5
+    sample_batch_size: int = 4  # candidates per pipeline call (not part of the job's identity: images do not depend on it)
+    scorer: str | None = None
+    samples_per_shard: int = 64
+    max_clusters: int | None = None
+    keep_experts: bool = False
+    no_filter: bool = False
+    seed: int = 0
+    ray_address: str | None = None
+    gpus_per_expert: float | None = None
+    cpus_per_expert: float = 1.0
+    max_workers: int | None = None
+    max_retries: int = 2
+    retry_failed: bool = False
+    threads_per_expert: int = 1
+    resident_workers: bool = False
+    expert_batch_size: int = 1  # LoRA experts a resident worker trains together (not part of the job's identity: samples equal up to float rounding)
+    dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
+    recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
+
+    def __post_init__(self) -> None:
+        """Refuse bad settings at once, before anything is written (InputError naming the flag):
+        the sampler's, as every sampler does, and the job's counts, sizes and thresholds."""
+        import math
+
+        from suti.errors import InvalidValueError
+        from suti.sampling import check_sampler_args, resolve_dtype
+
+        for flag, value in (("--clusters", self.clusters), ("--crawl", self.crawl), ("--output", self.output)):
+            if not str(value).strip():
+                raise InvalidValueError(f"{flag} must name a file, folder or URI, got an empty string")
+        positive = {"--samples-per-shard": self.samples_per_shard, "--max-clusters": self.max_clusters, "--max-workers": self.max_workers,
+                    "--prompts-per-cluster": self.prompts_per_cluster, "--threads-per-expert": self.threads_per_expert, "--expert-batch-size": self.expert_batch_size}
+        for flag, value in positive.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidValueError(f"{flag} must be a whole number >= 1, got {value!r}")
+        if self.expert_batch_size > MAX_EXPERT_BATCH_SIZE:
+            raise InvalidValueError(f"--expert-batch-size must be at most {MAX_EXPERT_BATCH_SIZE} (experts in one U-Net pass), got {self.expert_batch_size}")
+        if self.expert_batch_size > 1 and not self.resident_workers:
+            raise InvalidValueError(f"--expert-batch-size {self.expert_batch_size} needs --resident-workers (a plain task trains one expert)")
+        if self.max_workers is not None and 1 <= self.max_workers < self.expert_batch_size:
+            raise InvalidValueError(f"--max-workers {self.max_workers} (experts in flight) is below --expert-batch-size {self.expert_batch_size}: no batch could fill; "
+                                    f"use --max-workers {self.expert_batch_size} or more")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise InvalidValueError(f"--max-retries must be a whole number >= 0, got {self.max_retries!r}")
+        for flag, value in (("--lambda", self.lambda_), ("--gpus-per-expert", self.gpus_per_expert), ("--cpus-per-expert", self.cpus_per_expert)):
+            if value is not None and not math.isfinite(float(value)):
+                raise InvalidValueError(f"{flag} must be a finite number, got {value} (--no-filter keeps every sample)")
+
+        flags = {"steps": "--sample-steps", "num_images": "--samples-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"}
+        check_sampler_args(steps=self.sample_steps, num_images=self.samples_per_prompt, guidance_scale=self.guidance_scale, seed=self.seed, sample_batch_size=self.sample_batch_size, flags=flags)
+        resolve_dtype(self.dtype)
+
+    def expert_job(self, device: str) -> "ExpertJob":
+        """The settings every expert task reads (:class:`ExpertJob`), for tasks placed on
+        ``device`` (``"cuda"`` when a task holds a GPU, else ``"cpu"``)."""
+        names = {f.name for f in dataclasses.fields(ExpertJob)} - {"device"}
+        return ExpertJob(device=device, **{k: getattr(self, k) for k in names})
+
+    def identity(self) -> dict:
+        """The settings that make the job's samples what they are (``OUTPUT/job.json``; a rerun
+        into the same output must match them). ``lambda`` is spelled as in the paper."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in IDENTITY_FIELDS}
+        d["lambda"] = d.pop("lambda_")
+        return d
+
+    def resolved(self) -> "GenerateConfig":
+        """A copy with absolute paths/URIs and the scorer chosen and checked.
+
+        Raises:
+            InputError: a model that cannot be loaded (:func:`suti.models.check_model`), expert
+                settings the recipe refuses (``--steps 0``), a toy scorer with a real model, an
+                unknown scorer, a negative GPU count, a missing crawl, or a URI whose
+                filesystem package is missing.
+        """
+        from suti.scoring import check_scorer_for_model, model_scorer
+
+        if self.gpus_per_expert is not None and self.gpus_per_expert < 0:
+            raise InputError(f"--gpus-per-expert must be >= 0, got {self.gpus_per_expert}")
+        if self.cpus_per_expert <= 0:
+            raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
+        from experts import resolve_config
+        from experts.recipe import load_recipe
+        from suti.models import check_model, hub_offline, portable_model
+
+        check_model(self.model)  # on the driver: not a job whose every expert fails to load it
+        # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
+        recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
+        expert = resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
+        if self.expert_batch_size > 1:
+            from experts.batched import check_batchable
+
+            check_batchable([expert])  # LoRA, no text encoder training, no accumulation: before job.json
+        scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
+        out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer,
+                                  model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe), recipe_data=recipe_data)  # workers have other working directories
+        for uri in (out.clusters, out.crawl, out.output):
+            storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
+        storage.require_bucket(out.output)  # a missing bucket: one line, before job.json
+        from mining.crawl import check_crawl
+
+        check_crawl(out.crawl)  # a folder, shard file, manifest or pattern, as `suti mine` reads
+        if hub_offline() and not scorer.startswith("toy-"):
+            from suti.scoring import get_scorer
+
+            get_scorer(scorer)  # offline, weights that are not cached fail here (exit 2), not in every task minutes later
+        return out
+
+
+@dataclass(frozen=True)
+class ExpertJob:
+    """What one expert task needs of its job: the model, the expert recipe, sampling and the
+    delta-CLIP filter. Made on the driver by :meth:`GenerateConfig.expert_job` from the resolved
+    config (absolute paths, the recipe's contents, the scorer chosen), so a worker never reads the
+    driver's disk.
+
+    Attributes:
+        model: a preset name, hub id or (absolute) pipeline folder.
+        scorer: the delta-CLIP scorer (:func:`suti.scoring.get_scorer`).
+        output: the job's output (local path or URI): kept experts go to ``output/experts/<id>``.
+        recipe / recipe_data: the expert recipe's name or path, and its contents as loaded on the driver.
+        steps / recipe_overrides: expert settings over the recipe (``None``: the recipe's).
+        lambda_: the delta-CLIP threshold lambda; ``no_filter`` keeps every candidate.
+        samples_per_prompt / prompts_per_cluster: candidates per cluster (``None``: every prompt).
+        sample_steps / guidance_scale / sample_batch_size / dtype: the sampler's settings
+            (``dtype`` ``None``: fp16 on CUDA, fp32 on CPU).
+        seed: the job's seed (each cluster's is derived from it and the cluster id).
+        keep_experts: upload each expert to ``output/experts``.
+        threads_per_expert: torch threads per task.
+        expert_batch_size: LoRA experts a resident worker trains together.
+        device: ``"cuda"`` when the task holds a GPU, else ``"cpu"``.
+    """
+
+    model: str
+    scorer: str | None
+    output: str
+    recipe: str = "suti-expert"
+    recipe_data: dict | None = None
+    steps: int | None = None
+    recipe_overrides: dict = field(default_factory=dict)
+    lambda_: float = 0.02
+    no_filter: bool = False
+    samples_per_prompt: int = 1
+    prompts_per_cluster: int | None = None
+    sample_steps: int = 25
+    guidance_scale: float = 7.5
+    sample_batch_size: int = 4
+    dtype: str | None = None
+    seed: int = 0
+    keep_experts: bool = False
+    threads_per_expert: int = 1
+    expert_batch_size: int = 1
+    device: str = "cpu"
+
+
+#: The :class:`GenerateConfig` fields of the job's identity (``OUTPUT/job.json``).
+IDENTITY_FIELDS = ("model", "recipe", "steps", "recipe_overrides", "lambda_", "samples_per_prompt", "prompts_per_cluster", "sample_steps", "guidance_scale", "scorer", "samples_per_shard", "seed", "no_filter")

@@ -1,0 +1,165 @@
+"""The generation job's exactly-once ledger, all under ``OUTPUT`` (a local path or URI):
+
+* ``job.json``: the job's identity (:meth:`generation.config.GenerateConfig.identity`); a rerun
+  with other settings is refused;
+* ``manifest/<cluster_id>.json``: one object per finished cluster (object stores have no append);
+  an older job's ``manifest.jsonl`` is still read;
+* ``staging/<cluster_id>.tar``: an accepted cluster's samples, written and read back before its
+  manifest row, removed once they are in shards;
+* ``summary.json``: the counts of the whole output.
+
+Samples go into shards through :class:`suti.shards.ShardPacker`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from generation.config import GenerateConfig
+from suti import storage
+from suti.errors import InputError, MissingInputError
+from suti.shards import ShardPacker, group_samples, read_tar, shard_keys, write_tar_atomic
+
+log = logging.getLogger(__name__)
+
+#: One JSON object per finished cluster: ``OUTPUT/manifest/<cluster_id>.json``.
+MANIFEST_DIR = "manifest"
+#: The manifest of earlier versions (one line per cluster, local appends); still read.
+LEGACY_MANIFEST = "manifest.jsonl"
+STAGING_DIR = "staging"
+JOB_FILE = "job.json"
+SUMMARY_FILE = "summary.json"
+
+
+class SamplesMissingError(RuntimeError):
+    """An accepted cluster's samples did not reach the driver or could not be read back."""
+
+
+def read_manifest(output: str) -> dict[str, dict]:
+    """Finished clusters by id: ``OUTPUT/manifest/*.json``, plus an older job's
+    ``manifest.jsonl`` (a torn last line of a killed driver is ignored)."""
+    output = storage.resolve(output)
+    done: dict[str, dict] = {}
+    legacy = storage.join(output, LEGACY_MANIFEST)
+    if storage.isfile(legacy):
+        for line in storage.read_text(legacy).splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: ignoring a torn line (interrupted write)", legacy)
+                continue
+            done[row["cluster_id"]] = row
+    folder = storage.join(output, MANIFEST_DIR)
+    names = [n for n in storage.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
+    if names:
+        fs, _ = storage.filesystem(folder)
+        paths = [storage.filesystem(storage.join(folder, n))[1] for n in names]
+        for data in fs.cat(paths).values():  # concurrent GETs on object stores
+            row = json.loads(data)
+            done[row["cluster_id"]] = row
+    return done
+
+
+def write_manifest_row(output: str, row: dict) -> None:
+    """Record a finished cluster: one object ``OUTPUT/manifest/<cluster_id>.json``, written
+    atomically (an object store has no append)."""
+    storage.write_text(storage.join(output, MANIFEST_DIR, f"{row['cluster_id']}.json"), json.dumps(row))
+
+
+def staged_path(output: str, cluster_id: str) -> str:
+    """Where an accepted cluster's samples are staged: ``OUTPUT/staging/<cluster_id>.tar``."""
+    return storage.join(output, STAGING_DIR, f"{cluster_id}.tar")
+
+
+def _field_order(field_name: str) -> tuple:
+    if field_name == "target.jpg":
+        return (0, 0)
+    if field_name.startswith("demo_"):
+        return (1, int(field_name.split(".")[0].split("_")[1]))
+    return (2, 0)
+
+
+def pack(packer: ShardPacker, samples: dict[str, dict[str, bytes]]) -> None:
+    """Add samples ``{key: {field: bytes}}`` to the packer, each sample's members in shard order
+    (target, demos, metadata)."""
+    for key in sorted(samples):
+        packer.add(key, [(f"{key}.{f}", data) for f, data in sorted(samples[key].items(), key=lambda x: _field_order(x[0]))])
+
+
+def check_samples(summary: dict) -> dict[str, dict[str, bytes]]:
+    """The samples of an accepted task result, checked: ``{key: {field: bytes}}``.
+
+    Raises:
+        SamplesMissingError: an accepted cluster with no kept key, or a kept key without its
+            ``target.jpg`` and ``json`` members (the samples did not come back).
+    """
+    samples = group_samples(summary.get("members") or [])
+    if summary["status"] != "accepted":
+        return {}
+    kept = summary.get("kept") or []
+    if not kept:
+        raise SamplesMissingError(f"cluster {summary['cluster_id']}: accepted with no kept sample")
+    missing = [k for k in kept if not {"target.jpg", "json"} <= set(samples.get(k, {}))]
+    if missing:
+        raise SamplesMissingError(f"cluster {summary['cluster_id']}: accepted, but {len(missing)} of its {len(kept)} samples did not reach the driver ({', '.join(missing[:3])})")
+    return {k: samples[k] for k in kept}
+
+
+def stage(output: str, summary: dict, samples: dict) -> None:
+    """Write an accepted cluster's samples as one object and read their keys back."""
+    uri = staged_path(output, summary["cluster_id"])
+    write_tar_atomic(uri, [(f"{k}.{f}", d) for k in sorted(samples) for f, d in sorted(samples[k].items(), key=lambda x: _field_order(x[0]))])
+    if shard_keys(uri) != sorted(summary["kept"]):
+        raise SamplesMissingError(f"cluster {summary['cluster_id']}: the staged samples at {uri} cannot be read back")
+
+
+def cleanup_staging(output: str, packer: ShardPacker, done: dict[str, dict]) -> None:
+    """Remove the staged samples of recorded clusters once all their samples are in shards."""
+    staged = {n[: -len(".tar")] for n in storage.listdir(storage.join(output, STAGING_DIR)) if n.endswith(".tar")}
+    for cid in sorted(staged & set(done)):
+        if all(k in packer.written for k in done[cid].get("kept", [])):
+            storage.remove(staged_path(output, cid))
+
+
+def check_job(output: str, config: GenerateConfig) -> None:
+    """A rerun must use the same settings as the job it continues."""
+    path = storage.join(output, JOB_FILE)
+    current = config.identity()
+    if storage.isfile(path):
+        saved = json.loads(storage.read_text(path))
+        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if diff:
+            raise InputError(f"{output}: an earlier job with other settings wrote here ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); use another --output")
+    else:
+        storage.write_text(path, json.dumps(current, indent=2))
+
+
+def repack_staged(output: str, packer: ShardPacker, done: dict[str, dict]) -> None:
+    """Re-pack the staged samples that a killed driver left unpacked. An accepted cluster whose
+    samples are neither in shards nor staged (lost by an older version) is not done: it is
+    removed from ``done``, so that it runs again."""
+    for cid in sorted(done):
+        row = done[cid]
+        if row["status"] != "accepted":
+            continue
+        missing = [k for k in row.get("kept", []) if k not in packer.written]
+        if row.get("kept") and not missing:
+            continue
+        try:
+            samples = group_samples(read_tar(staged_path(output, cid)))
+        except MissingInputError:
+            samples = {}
+        if not row.get("kept") or set(missing) - set(samples):
+            log.warning("cluster %s: recorded as accepted but its samples are lost; running it again", cid)
+            del done[cid]
+            continue
+        pack(packer, {k: samples[k] for k in missing})
+
+
+def read_summary(output: str) -> dict | None:
+    """The job's previous ``summary.json`` (``None`` when absent or unreadable)."""
+    try:
+        return json.loads(storage.read_text(storage.join(output, SUMMARY_FILE)))
+    except (MissingInputError, ValueError):
+        return None
