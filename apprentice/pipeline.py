@@ -147,7 +147,7 @@ class ApprenticePipeline(DiffusionPipeline):
             demo_guidance_scale: demonstration guidance scale ``s_demo`` (default
                 :data:`suti.sampling.DEFAULT_DEMO_GUIDANCE_SCALE`); 1 skips the no-demonstration
                 branch (two U-Net branches per step, as the base model). Larger values carry
-                more of the subject and less of the prompt (README, the fixed evaluation).
+                more of the subject and less of the prompt (docs/results.md, the guidance sweep).
             generator: one generator for the whole batch, or a list of ``num_images`` (image ``i``
                 draws its initial noise from ``generator[i]`` alone, as in diffusers, so a batch
                 of seeded generators gives the images of one call per seed).

@@ -13,7 +13,7 @@
 #   PYTHON=python3 SUTI_SUITE_TIMEOUT=450 bash benchmarks/gpu_suite.sh --expert-steps 100 --class-images 4 \
 #     --timed-images 2 --train-steps 10 --throughput-clusters 3 --throughput-steps 100 \
 #     --rows experts,apprentice,training,throughput --json rows.json
-# (one H200: 437 s, plus the machine's start; README "On one H200" has the rows)
+# (one H200: 437 s, plus the machine's start; docs/results.md "On one H200" has the rows)
 #
 # Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
 # installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.

@@ -27,7 +27,7 @@ base's ("a <class>") on the same photos, noise and timesteps (the DreamBooth ref
 ratio), and that loss per timestep beside two oracles (the target itself among the demos; its
 full alt text instead of demos: :func:`apprentice.evaluate.heldout_loss_by_timestep`).
 ``--demo-guidance-scale`` and ``--apprentice-guidance-scale`` set the apprentice's guidance
-(the demonstration scale trades subject fidelity for prompt fidelity: README's sweep).
+(the demonstration scale trades subject fidelity for prompt fidelity: docs/results.md, "Demonstration guidance sweep").
 Base, expert and reference images (and the experts)
 are cached in ``--work-dir`` (default ``runs/fixed-eval``), so a rerun costs only the apprentice.
 With ``--ablation-shards`` it also runs the delta-CLIP ablation on the fixed evaluation: one

@@ -37,7 +37,7 @@ MAX_NUM_IMAGES = 256
 DEFAULT_SAMPLE_BATCH_SIZE = 4
 #: The apprentice's demonstration guidance ``s_demo`` when none is given (every entry point: the
 #: pipeline, ``suti apprentice sample``, the HTTP API, the evaluations). s_demo trades subject
-#: fidelity for prompt fidelity (README, "the fixed evaluation": a sweep from 1 to 8); 6 is the
+#: fidelity for prompt fidelity (docs/results.md, "Demonstration guidance sweep": 1 to 8); 6 is the
 #: largest value measured at which the shipped toy apprentice still follows the prompt better than
 #: a DreamBooth expert (CLIP-T 0.372 against 0.316, the probe reads the edit in 0.45 of images
 #: against 0.39, 36 held-out subjects) while matching its CLIP-I. Measured on the toy world only.
