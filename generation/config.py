@@ -191,5 +191,7 @@ class ExpertJob:
     device: str = "cpu"
 
 
-#: The :class:`GenerateConfig` fields of the job's identity (``OUTPUT/job.json``).
-IDENTITY_FIELDS = ("model", "recipe", "steps", "recipe_overrides", "lambda_", "samples_per_prompt", "prompts_per_cluster", "sample_steps", "guidance_scale", "scorer", "samples_per_shard", "seed", "no_filter")
+#: The :class:`GenerateConfig` fields of the job's identity (``OUTPUT/job.json``): its inputs (the
+#: clusters file and the crawl, as resolved URIs), the experts' and the sampler's settings (the
+#: sampling ``dtype`` included) and the filter. A rerun into the same output must match them.
+IDENTITY_FIELDS = ("clusters", "crawl", "dtype", "model", "recipe", "steps", "recipe_overrides", "lambda_", "samples_per_prompt", "prompts_per_cluster", "sample_steps", "guidance_scale", "scorer", "samples_per_shard", "seed", "no_filter")

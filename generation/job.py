@@ -38,7 +38,8 @@ import logging
 import time
 
 from generation.config import MAX_EXPERT_BATCH_SIZE, ExpertJob, GenerateConfig  # noqa: F401 (the job's public names)
-from generation.ledger import SUMMARY_FILE, SamplesMissingError, check_job, check_samples, cleanup_staging, read_manifest, read_summary, repack_staged  # noqa: F401
+from generation.ledger import (SUMMARY_FILE, SamplesMissingError, check_job, check_recorded_inputs, check_samples, cleanup_staging, read_manifest,  # noqa: F401
+                               read_summary, repack_staged)
 from generation.scheduler import Scheduler, experts_in_flight, gpus_per_expert, init_ray, load_demos, steady_rate  # noqa: F401
 from mining.cluster import read_clusters
 from suti import storage
@@ -66,6 +67,7 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     if config.retry_failed:
         done = {cid: row for cid, row in done.items() if row["status"] != "failed"}
 
+    check_recorded_inputs(output, clusters, done)
     repack_staged(output, packer, done)
 
     todo = [row for row in clusters if row["cluster_id"] not in done]

@@ -123,16 +123,69 @@ def cleanup_staging(output: str, packer: ShardPacker, done: dict[str, dict]) -> 
 
 
 def check_job(output: str, config: GenerateConfig) -> None:
-    """A rerun must use the same settings as the job it continues."""
+    """A rerun must use the same inputs and settings as the job it continues
+    (:meth:`GenerateConfig.identity`); the first run records them in ``OUTPUT/job.json``. A
+    setting that an older job did not record is added to its ``job.json`` (logged).
+
+    Raises:
+        InputError: naming each setting that differs, with the recorded and the new value.
+    """
     path = storage.join(output, JOB_FILE)
     current = config.identity()
-    if storage.isfile(path):
-        saved = json.loads(storage.read_text(path))
-        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-        if diff:
-            raise InputError(f"{output}: an earlier job with other settings wrote here ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); use another --output")
-    else:
+    if not storage.isfile(path):
         storage.write_text(path, json.dumps(current, indent=2))
+        return
+    saved = json.loads(storage.read_text(path))
+    diff = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+    if diff:
+        flags = ", ".join(f"{_FLAGS.get(k, k)}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise InputError(f"{output}: an earlier job with other inputs or settings wrote here ({flags}); its samples would be mixed with "
+                         "this run's: use another --output, or the same inputs and settings to continue it")
+    unrecorded = [k for k in current if k not in saved]
+    if unrecorded:
+        log.info("%s: recording %s in %s (an older job did not)", output, ", ".join(unrecorded), JOB_FILE)
+        storage.write_text(path, json.dumps({**saved, **{k: current[k] for k in unrecorded}}, indent=2))
+
+
+#: The flag of each identity key, for messages.
+_FLAGS = {"clusters": "--clusters", "crawl": "--crawl", "dtype": "--dtype", "model": "--model", "recipe": "--recipe", "steps": "--steps", "lambda": "--lambda",
+          "samples_per_prompt": "--samples-per-prompt", "prompts_per_cluster": "--prompts-per-cluster", "sample_steps": "--sample-steps",
+          "guidance_scale": "--guidance-scale", "scorer": "--scorer", "samples_per_shard": "--samples-per-shard", "seed": "--seed", "no_filter": "--no-filter"}
+
+
+def cluster_fingerprint(row: dict) -> str:
+    """sha256 of what a cluster is made of in ``clusters.jsonl``: its page, image keys and
+    sources, captions, class noun and prompts (recorded in its manifest row as ``inputs``)."""
+    import hashlib
+
+    fields = {k: row.get(k) for k in ("page_url", "keys", "sources", "captions", "class_noun", "prompts")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def images_fingerprint(images: list) -> str:
+    """sha256 of a cluster's decoded images (mode, size and pixels, in order), recorded in its
+    manifest row as ``images``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def check_recorded_inputs(output: str, clusters: list[dict], done: dict[str, dict]) -> None:
+    """Refuse a rerun whose clusters file changed a finished cluster (other keys, prompts,
+    captions, class noun or page than the run that recorded it).
+
+    Raises:
+        InputError: naming the first clusters that differ.
+    """
+    changed = [row["cluster_id"] for row in clusters
+               if row["cluster_id"] in done and done[row["cluster_id"]].get("inputs") not in (None, cluster_fingerprint(row))]
+    if changed:
+        raise InputError(f"{output}: {len(changed)} finished cluster(s) were made from other images, prompts or captions than the clusters file now gives "
+                         f"({', '.join(changed[:3])}): use another --output for these clusters")
 
 
 def repack_staged(output: str, packer: ShardPacker, done: dict[str, dict]) -> None:

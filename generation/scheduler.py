@@ -19,7 +19,9 @@ import time
 from tqdm import tqdm
 
 from generation.config import ExpertJob, GenerateConfig
-from generation.ledger import SamplesMissingError, check_samples, pack, stage, write_manifest_row
+from generation.ledger import SamplesMissingError, check_samples, cluster_fingerprint, images_fingerprint, pack, stage, write_manifest_row
+from generation.task import failure_summary
+from suti.errors import OutputStorageError, describe_os_error
 from suti.raytools import worker_env
 from suti.shards import ShardPacker
 
@@ -229,6 +231,7 @@ class Scheduler:
         self.config, self.todo, self.packer, self.done = config, todo, packer, done
         self.pending = collections.deque(todo)
         self.demos: dict[str, list | str] = {}
+        self.inputs: dict[str, dict] = {}  # what each cluster was made from (its manifest row records it)
         self.attempts: collections.Counter = collections.Counter()
         self.in_flight: dict = {}
         self.unfinished: list[str] = []
@@ -247,17 +250,19 @@ class Scheduler:
         init_ray(self.config.ray_address)
         self.gpus = gpus_per_expert(self.config, ray.cluster_resources().get("GPU", 0))
         self.submit = self._submitter(self.config.expert_job("cuda" if self.gpus > 0 else "cpu"))
-        while self.pending or self.in_flight:
-            limit = experts_in_flight(self.config, self.gpus, ray.cluster_resources())
-            self._submit(limit)
-            waitables = list(self.in_flight) + self.submit.starting_refs()
-            if not waitables:
-                continue
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=10.0)
-            for ref in ready:
-                if not self.submit.started(ref):  # else a resident worker is ready (or failed to start)
-                    self._finish(ref)
-        self.bar.close()
+        try:
+            while self.pending or self.in_flight:
+                limit = experts_in_flight(self.config, self.gpus, ray.cluster_resources())
+                self._submit(limit)
+                waitables = list(self.in_flight) + self.submit.starting_refs()
+                if not waitables:
+                    continue
+                ready, _ = ray.wait(waitables, num_returns=1, timeout=10.0)
+                for ref in ready:
+                    if not self.submit.started(ref):  # else a resident worker is ready (or failed to start)
+                        self._finish(ref)
+        finally:
+            self.bar.close()  # an error is printed on a line of its own
         return self.unfinished, self.finish_times, self.slots
 
     def _submitter(self, job: ExpertJob):
@@ -285,6 +290,7 @@ class Scheduler:
                 chunk = [row] + [r for r in list(self.pending)[: max(limit, 16)] if r["cluster_id"] not in self.demos]
                 self.demos.update(load_demos(self.config, chunk))
             images = self.demos.pop(cid)
+            self.inputs[cid] = {"inputs": cluster_fingerprint(row), **({} if isinstance(images, str) else {"images": images_fingerprint(images)})}
             if isinstance(images, str):
                 self._record(row, {"cluster_id": cid, "status": "failed", "error": images, "attempts": 0})
                 continue
@@ -300,17 +306,39 @@ class Scheduler:
         return True
 
     def _finish(self, ref) -> None:
-        """Handle one finished expert: check, stage, record and pack its samples; retry lost
-        work; record a failure once its retries are spent."""
-        import ray
-
-        from generation.task import failure_summary
-
+        """Handle one finished expert: check its samples, then stage, record and pack them;
+        retry lost work; record a failure once its retries are spent. A write to the output
+        that fails (a full disk, a read-only folder) stops the job: it is the storage's fault,
+        not the cluster's, so nothing is recorded and a rerun continues."""
         row, images = self.in_flight.pop(ref)
         cid = row["cluster_id"]
         self.attempts[cid] += 1
+        result = self._result(ref, row, images)
+        if result is None:  # to be run again, now or by a rerun
+            return
+        summary, samples = result
+        try:
+            if samples:
+                stage(self.config.output, summary, samples)
+            self._record(row, summary)
+            if summary["status"] == "accepted":
+                pack(self.packer, samples)
+        except SamplesMissingError as exc:
+            if self._retry(row, images):
+                log.warning("%s; running it again (attempt %d)", exc, self.attempts[cid] + 1)
+                return
+            self._record(row, failure_summary(cid, exc, self.attempts[cid]))
+        except OSError as exc:
+            raise OutputStorageError(f"{self.config.output}: the job's output cannot be written ({describe_os_error(exc)}); cluster {cid} was not recorded "
+                                     "and no cluster is marked failed for it: fix the storage, then run the same command again") from exc
+
+    def _result(self, ref, row: dict, images: list) -> tuple[dict, dict] | None:
+        """The expert's summary and checked samples; a failure summary once its retries are
+        spent; ``None`` when the cluster runs again (now, or left for a rerun)."""
+        import ray
+
+        cid = row["cluster_id"]
         lost = False
-        samples: dict = {}
         try:
             try:
                 summary = ray.get(ref)
@@ -321,31 +349,28 @@ class Scheduler:
                 self.submit.release(ref, lost)
             samples = check_samples(summary)
             summary.pop("members", None)
-            if samples:
-                stage(self.config.output, summary, samples)
+            return summary, samples
         except SamplesMissingError as exc:
             if self._retry(row, images):
                 log.warning("%s; running it again (attempt %d)", exc, self.attempts[cid] + 1)
-                return
+                return None
             summary = failure_summary(cid, exc, self.attempts[cid])
-            log.warning("cluster %s failed: %s", cid, summary["error"])
         except lost_work_errors() as exc:  # a worker or node died: not the cluster's fault
             if self._retry(row, images):
                 log.warning("cluster %s: its worker was lost (%s); running it again", cid, type(exc).__name__)
             else:  # left unrecorded: the same command runs it again
                 self.unfinished.append(cid)
                 log.warning("cluster %s: its workers kept dying (%s); left for a rerun", cid, exc)
-            return
+            return None
         except Exception as exc:  # Ray's retries exhausted: record the failure, keep going
             cause = getattr(exc, "cause", None) or exc
             summary = failure_summary(cid, cause, self.config.max_retries + 1)
-            log.warning("cluster %s failed: %s", cid, summary["error"])
-        self._record(row, summary)
-        if summary["status"] == "accepted":
-            pack(self.packer, samples)
+        log.warning("cluster %s failed: %s", cid, summary["error"])
+        return summary, {}
 
     def _record(self, row: dict, summary: dict) -> None:
-        """Write the cluster's manifest row and report progress."""
+        """Write the cluster's manifest row (with the fingerprints of its inputs) and report progress."""
+        summary.update(self.inputs.get(row["cluster_id"], {}))
         write_manifest_row(self.config.output, summary)
         self.done[row["cluster_id"]] = summary
         self.finish_times.append(time.perf_counter())

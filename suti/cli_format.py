@@ -10,9 +10,10 @@ option that takes one; flags and late-resolved options say their default in thei
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from suti.errors import SutiError
+from suti.errors import SutiError, describe_os_error
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,7 +42,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
     """Run ``func(*args, **kwargs)`` as a command: a :class:`SutiError` becomes one line on
-    stderr and its exit code (2), Ctrl-C exit code 130; otherwise ``func``'s return value.
+    stderr and its exit code (2); so does an ``OSError`` of the file system (a full disk, a
+    read-only or missing folder, a file where a folder should be: :func:`suti.errors.describe_os_error`,
+    the traceback at debug level); Ctrl-C exit code 130; otherwise ``func``'s return value.
 
     Every entry point uses it: ``suti ...`` and the modules run with ``python -m`` (the
     launcher targets ``apprentice.train``, the world model scripts, ``mining.evaluate``).
@@ -51,6 +54,10 @@ def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
     except SutiError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        logging.getLogger("suti").debug("%s", exc, exc_info=True)
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -30,3 +30,30 @@ class MissingInputError(InputError, FileNotFoundError):
 class InvalidValueError(InputError, ValueError):
     """A value the user gave (an option, an argument of a library call) is out of range or
     unknown; also a ``ValueError`` for Python callers."""
+
+
+class OutputStorageError(SutiError):
+    """The output's storage refused a write (a full disk, a read-only folder, a file where a
+    folder should be): the job's problem, not its input's. Nothing half-written was recorded; the
+    same command continues once the storage is fixed."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError`` of the file system: the path, the system's words and what to
+    do, e.g. ``/data/out: No space left on device (free space, then run the same command again)``."""
+    import errno
+
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    hints = {
+        errno.ENOSPC: "free space, then run the same command again",
+        errno.EDQUOT: "free space, then run the same command again",
+        errno.EROFS: "the file system is read-only: choose another output",
+        errno.EACCES: "no permission to write there: choose another output",
+        errno.EPERM: "no permission to write there: choose another output",
+        errno.EEXIST: "a file stands where a folder is needed: choose another output",
+        errno.ENOTDIR: "a file stands where a folder is needed: choose another output",
+        errno.EISDIR: "a folder stands where a file is needed",
+    }
+    hint = hints.get(exc.errno)
+    return f"{where + ': ' if where else ''}{what}{f' ({hint})' if hint else ''}"
