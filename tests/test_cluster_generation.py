@@ -3,10 +3,12 @@ S3-protocol server on 127.0.0.1 (moto); storage URIs; missing s3fs; a wheel inst
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -104,9 +106,10 @@ def ray_cluster():
         pytest.skip(f"ray start --head failed: {head.stderr[-500:]}")
     ip = socket.gethostbyname(socket.gethostname())
     address = f"{ip}:{port}"
-    worker = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs /tmp && exec {RAY} start --address {address} --num-cpus 1 --block"],
+    keep = tempfile.mkdtemp(prefix="suti-checkout-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    worker = subprocess.Popen(["unshare", "-m", "sh", "-c", f"{_private_tmp(keep)} && exec {RAY} start --address {address} --num-cpus 1 --block"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    cluster = {"address": address, "env": env, "worker": worker, "tmp": tmp}
+    cluster = {"address": address, "env": env, "worker": worker, "tmp": tmp, "keep": keep}
     deadline = time.time() + 120
     while time.time() < deadline:
         if len(_alive_nodes(cluster)) == 2:
@@ -118,6 +121,18 @@ def ray_cluster():
     yield cluster
     _kill_tree([tmp], [worker.pid])
     shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(keep)
+
+
+def _private_tmp(keep: str) -> str:
+    """Shell commands (run in a new mount namespace) that give the node an empty tmpfs /tmp
+    without hiding the checkout and its virtualenv: a checkout under /tmp (a CI clone in
+    /tmp/...) is bind-mounted aside to ``keep`` first, then back at its own path on the tmpfs."""
+    root = shlex.quote(str(ROOT))
+    if not str(ROOT).startswith("/tmp/"):
+        return "mount -t tmpfs tmpfs /tmp"
+    return f"mount --bind {root} {shlex.quote(keep)} && mount -t tmpfs tmpfs /tmp && mkdir -p {root} && mount --bind {shlex.quote(keep)} {root}"
 
 
 def _alive_nodes(cluster) -> list[str]:
