@@ -9,6 +9,7 @@ resolved :class:`ExpertConfig` and the step).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,13 +19,19 @@ from safetensors.torch import load_file, save_file
 from suti.errors import InputError
 
 
+#: A checkpoint folder's name: ``step-<digits>`` and nothing else (``step-old`` or a copy named
+#: ``step-000099-bak`` is not a checkpoint).
+TAG = re.compile(r"step-(\d+)")
+
+
 def checkpoint_dirs(output: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (folders named :data:`TAG` holding ``config.json``),
+    oldest first by step."""
     root = output / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / "config.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if TAG.fullmatch(p.name) and (p / "config.json").is_file()]
+    return sorted(found, key=lambda p: int(TAG.fullmatch(p.name).group(1)))
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -61,6 +68,22 @@ def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Paramete
     tmp = root / f".tmp-step-{step:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_checkpoint(tmp, step, params, optimizer, generator, config, lr_scheduler, rank_generators)
+    except BaseException:  # a full disk, an interrupt: no half-written .tmp-step-* is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep > 0:
+        for old in checkpoint_dirs(output)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, params: dict, optimizer, generator: torch.Generator, config: dict, lr_scheduler, rank_generators) -> None:
+    """The files of one checkpoint, into the new folder ``tmp``."""
     tmp.mkdir()
     save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -71,13 +94,6 @@ def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Paramete
     if lr_scheduler is not None:
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "config.json").write_text(json.dumps({"step": step, "config": config}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if keep > 0:
-        for old in checkpoint_dirs(output)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, generator: torch.Generator, *, lr_scheduler=None, rank: int = 0) -> int:
