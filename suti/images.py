@@ -26,11 +26,18 @@ SIDECAR_EXTENSIONS = (".txt", ".json", ".yaml", ".yml", ".md", ".caption")
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha composited on white)."""
+def _to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white), each in its intended range:
+    16-bit modes span 0-65535; a float image (mode ``F``) spans 0-1 when its values lie there,
+    else 0-255 or 0-65535; a 32-bit integer image (mode ``I``) 0-255 or 0-65535.
+
+    Raises:
+        InputError: a float or integer image whose values fit none of those ranges (negative,
+            NaN, above 65535), or a mode that has no RGB conversion (``LAB``, ``HSV``...), naming it.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        hi = _intended_max(arr, img.mode, name)
         arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     if img.mode == "P":
@@ -39,7 +46,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise InputError(f"{name}: images of mode {img.mode} cannot be read as RGB ({exc}); save it as RGB") from None
+
+
+def _intended_max(arr: np.ndarray, mode: str, name: str) -> float:
+    """The value that means white in a 16-bit, 32-bit integer or float image."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 65535:
+        raise InputError(f"{name}: a mode-{mode} image with values from {lo:g} to {hi:g} fits no image range (0-1, 0-255 or 0-65535)")
+    if mode == "F" and hi <= 1.0:
+        return 1.0
+    return 255.0 if hi <= 255 else 65535.0
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -74,7 +96,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     if img.width < 1 or img.height < 1:
         raise InputError(f"{name}: image has no pixels")
     img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+    return _to_rgb(img, name)
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

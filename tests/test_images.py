@@ -93,3 +93,30 @@ def test_a_stream_of_small_unnamed_images_warns_once(caplog, monkeypatch):
     assert len(lines) == 4, lines
     assert "resolution 32 (this one 16x19)" in lines[0] and "resolution 48" in lines[1]
     assert lines[2].startswith("a.png:") and lines[3].startswith("b.png:")
+
+
+@pytest.mark.parametrize("values, grey", [
+    (0.5, 127),  # a float image in [0, 1]: mid grey, not black
+    (1.0, 255),
+    (128.0, 128),  # a float image in [0, 255]
+    (40000.0, 155),  # a float image in the 16-bit range
+])
+def test_float_images_load_in_their_intended_range(tmp_path, values, grey):
+    arr = np.full((8, 8), values, dtype=np.float32)
+    arr[0, 0] = 0.0
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    img = load_image(tmp_path / "f.tif")
+    assert img.mode == "RGB" and abs(int(np.asarray(img)[4, 4, 0]) - grey) <= 1
+
+
+@pytest.mark.parametrize("value", [-1.0, 70000.0, float("nan")])
+def test_float_images_outside_every_range_are_refused_naming_the_file(tmp_path, value):
+    arr = np.full((8, 8), value, dtype=np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "bad.tif")
+    with pytest.raises(InputError, match=r"bad\.tif: a mode-F image with values"):
+        load_image(tmp_path / "bad.tif")
+
+
+def test_32_bit_integer_images_load_in_their_range(tmp_path):
+    Image.fromarray(np.full((8, 8), 200, dtype=np.int32), mode="I").save(tmp_path / "i.tif")
+    assert int(np.asarray(load_image(tmp_path / "i.tif"))[0, 0, 0]) == 200
