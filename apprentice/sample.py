@@ -8,6 +8,7 @@ from pathlib import Path
 
 from suti.errors import InputError, ModelLoadError
 from suti.images import load_image, save_image_atomic
+from suti.outputs import numbered_images, remove_stale_images
 from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE, DEFAULT_SAMPLE_BATCH_SIZE, batches, check_prompt, check_sampler_args, resolve_dtype, seeded_generators
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,7 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
     resolve_dtype(dtype)
     images = [load_image(p) for p in demos]
     output = Path(output)
-    paths = [output / f"image_{i:03d}.png" for i in range(num_images)]
-    clash = [p for p in paths if p.exists()]
-    if clash and not overwrite:
-        raise InputError(f"{clash[0]}: already exists; pass --overwrite or choose another --output")
+    paths = numbered_images(output, num_images, overwrite=overwrite)
     pipe = load_apprentice(apprentice, dtype=dtype)
     check_prompt(pipe.tokenizer, prompt, what="--prompt")
     ctx = pipe.encode_demonstrations(images, demo_captions)
@@ -94,4 +92,6 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
         images = pipe(prompt, num_images=len(chunk), demo_context=ctx, num_inference_steps=steps, guidance_scale=guidance_scale, demo_guidance_scale=demo_guidance_scale, generator=seeded_generators([seed + i for i in chunk]), height=height, width=width).images
         for i, image in zip(chunk, images):
             save_image_atomic(image, paths[i])
+    if overwrite:
+        remove_stale_images(output, num_images)  # the older run's images beyond these
     return paths

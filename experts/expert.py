@@ -12,6 +12,7 @@ Layout of an expert folder::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from typing import Any
 
 from suti import storage
 from suti.errors import InputError, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 EXPERT_FILE = "expert.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -62,10 +65,18 @@ class ExpertInfo:
             raise InputError(f"{path}: malformed expert file ({exc})") from None
 
     def prompt(self, template: str) -> str:
-        """Fill ``{V}`` and ``{class}`` in a prompt template."""
+        """Fill ``{V}`` and ``{class}`` in a prompt template. A prompt without the identifier
+        samples the class, not the subject: that is warned about (DreamBooth's subject is bound
+        to the identifier, Ruiz et al. 2023, section 3)."""
+        import re
+
         from experts.identifier import fill_prompt
 
-        return fill_prompt(template, self.identifier, self.class_noun)
+        text = fill_prompt(template, self.identifier, self.class_noun)
+        if not re.search(rf"(?<![\w]){re.escape(self.identifier)}(?![\w])", text):
+            log.warning("prompt %r does not name the expert's identifier %r ({V}): it draws a %s, not the subject; write e.g. %r",
+                        text, self.identifier, self.class_noun, f"a {{V}} {{class}} {template.removeprefix('a ').removeprefix('an ')}")
+        return text
 
 
 def unsaved_expert_info(config, instance_prompt: str, train_seconds: float) -> ExpertInfo:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from experts.expert import ExpertInfo, load_expert
 from suti.errors import InputError
 from suti.images import save_image_atomic
+from suti.outputs import numbered_images, remove_stale_images
 from suti.models import default_device
 from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, check_prompt, check_sampler_args, resolve_dtype, seeded_generators
 
@@ -34,10 +35,7 @@ def sample_expert(expert: str | Path, prompt: str, num_images: int, output: str 
     torch_dtype = resolve_dtype(dtype, device)
     info = ExpertInfo.read(expert)
     output = Path(output)
-    paths = [output / f"image_{i:03d}.png" for i in range(num_images)]
-    clash = [p for p in paths if p.exists()]
-    if clash and not overwrite:
-        raise InputError(f"{clash[0]}: already exists; pass --overwrite or choose another --output")
+    paths = numbered_images(output, num_images, overwrite=overwrite)
     text = info.prompt(prompt)
     pipe = load_expert(expert, device=device, torch_dtype=torch_dtype)
     check_prompt(pipe.tokenizer, text, identifier=info.identifier, what="--prompt")
@@ -50,4 +48,6 @@ def sample_expert(expert: str | Path, prompt: str, num_images: int, output: str 
             for i, image in zip(chunk, images):
                 save_image_atomic(image, paths[i])
                 bar.update(1)
+    if overwrite:
+        remove_stale_images(output, num_images)  # the older run's images beyond these
     return paths
