@@ -135,6 +135,36 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_
     return info
 
 
+def check_lora_applied(pipe, weights: Path, header: dict, base: str, error: type[Exception] = ModelLoadError) -> None:
+    """After ``load_lora_weights``: refuse a LoRA that did not change the model. diffusers skips
+    unmatched keys with a warning only, so a file of another base's layers, an empty file or an
+    untrained adapter (every up-projection zero) would silently give the base model.
+
+    Args:
+        pipe: the pipeline the weights were loaded into.
+        weights: the LoRA file (named in errors); ``header``: its safetensors header.
+        base: the base model's name (named in errors).
+        error: the exception class to raise.
+
+    Raises:
+        error: naming the file and what is wrong.
+    """
+    tensors = [k for k in header if k != "__metadata__"]
+    if not tensors:
+        raise error(f"{weights}: holds no tensors, so it would leave base {base} unchanged")
+    modules = [getattr(pipe, part, None) for part in ("unet", "transformer", "text_encoder", "text_encoder_2")]
+    for part in ("unet", "text_encoder"):
+        wanted = any(k.startswith(f"{part}.") for k in tensors)
+        module = getattr(pipe, part, None)
+        if wanted and module is not None and not any("lora_" in n for n, _ in module.named_parameters()):
+            raise error(f"{weights}: no {part} layer of base {base} matches its LoRA weights (trained for another base?)")
+    ups = [p for m in modules if m is not None for n, p in m.named_parameters() if "lora_B" in n]
+    if not ups:
+        raise error(f"{weights}: none of its {len(tensors)} tensors matches a layer of base {base}, so it would leave the base unchanged (trained for another base?)")
+    if all(not p.detach().any() for p in ups):
+        raise error(f"{weights}: every LoRA up-projection is zero, so it leaves base {base} unchanged (an untrained adapter?)")
+
+
 def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=None):
     """Load a trained expert as a ready diffusers pipeline.
 
@@ -170,12 +200,7 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
                                      f"{describe_load_error(exc)})") from None
             raise ModelLoadError(f"{weights}: could not apply the LoRA weights to base "
                                  f"{info.base_model} ({describe_load_error(exc)})") from None
-        for part in ("unet", "text_encoder"):  # diffusers skips unmatched keys with a warning only
-            wanted = any(k.startswith(f"{part}.") for k in header)
-            module = getattr(pipe, part, None)
-            if wanted and module is not None and not any("lora_" in n for n, _ in module.named_parameters()):
-                raise ModelLoadError(f"{weights}: no {part} layer of base {info.base_model} matches its LoRA "
-                                     f"weights (trained for another base?)")
+        check_lora_applied(pipe, weights, header, info.base_model)
     elif info.kind == "full":
         if not weights.is_dir():
             raise ModelLoadError(f"{weights}: the expert's pipeline folder is missing")

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from experts.expert import LORA_FILE, ExpertInfo
+from experts.expert import LORA_FILE, ExpertInfo, check_lora_applied
 from suti.errors import InputError
 
 
@@ -46,6 +46,10 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
         raise InputError("--identifier and --class-noun must not be empty")
     if "{V}" not in instance_prompt:
         raise InputError(f"--instance-prompt must contain {{V}} (got {instance_prompt!r})")
+    if resolution is not None:
+        from suti.sampling import check_sampler_args
+
+        check_sampler_args(height=resolution, flags={"height": "--resolution"})  # a positive multiple of 8, as sampling needs
     output = Path(output)
     if lora is not None:
         if model is None:
@@ -63,6 +67,9 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
                 pipe.load_lora_weights(str(source.parent), weight_name=source.name)
         except Exception as exc:  # diffusers raises ValueError/KeyError/OSError for foreign files
             raise InputError(f"{source}: not a diffusers LoRA for {model} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        from suti.weights import safetensors_header
+
+        check_lora_applied(pipe, source, safetensors_header(source), model, error=InputError)  # an empty or foreign file loads as a no-op
         prepare_output(output, None, overwrite)
         output.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, output / LORA_FILE)

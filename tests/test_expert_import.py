@@ -1,0 +1,71 @@
+"""``suti expert import`` refuses a LoRA that would leave the base unchanged (an empty file, a
+file of another model's layers, an untrained adapter) and a resolution sampling cannot use; a
+loaded expert whose LoRA file was emptied is refused the same way."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from experts import load_expert, load_pipeline
+from orchestration.cli import main
+
+
+def _diffusers_lora(folder, scale):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_pipeline("tiny")
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_q"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.fill_(scale)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)), safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _import(lora, out, *extra):
+    return main(["expert", "import", "--lora", str(lora), "--identifier", "sks", "--class-noun", "dog", "--model", "tiny", "--output", str(out), *extra])
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "holds no tensors"),
+    ("foreign", "matches a layer of base tiny"),
+    ("untrained", "every LoRA up-projection is zero"),
+])
+def test_import_refuses_a_lora_that_changes_nothing(tmp_path, capsys, kind, message):
+    if kind == "empty":
+        lora = tmp_path / "empty.safetensors"
+        save_file({}, str(lora))
+    elif kind == "foreign":
+        lora = tmp_path / "foreign.safetensors"
+        save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 8), "transformer.blocks.0.attn.to_q.lora_B.weight": torch.ones(8, 2)}, str(lora))
+    else:
+        lora = _diffusers_lora(tmp_path / "untrained", 0.0)
+    assert _import(lora, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and str(lora.name) in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("resolution", ["-8", "500", "0"])
+def test_import_refuses_a_resolution_sampling_cannot_use(tmp_path, capsys, resolution):
+    lora = _diffusers_lora(tmp_path / "l", 0.3)
+    assert _import(lora, tmp_path / "out", "--resolution", resolution) == 2
+    assert "--resolution" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_loaded_expert_whose_lora_file_was_emptied_is_refused(tmp_path):
+    from suti.errors import ModelLoadError
+
+    lora = _diffusers_lora(tmp_path / "l", 0.3)
+    assert _import(lora, tmp_path / "out") == 0
+    load_expert(tmp_path / "out")
+    save_file({}, str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ModelLoadError, match="holds no tensors"):
+        load_expert(tmp_path / "out")
