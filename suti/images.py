@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -110,16 +111,21 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
 def list_image_files(folder: str | Path) -> list[Path]:
     """Return the image files of a folder, sorted by name.
 
-    Hidden files and caption/metadata sidecars are skipped; any other file is treated as an image
-    (and so fails validation later if it is not one). Raises :class:`InputError` if the folder is
-    missing or holds no image.
+    Hidden files, sub-folders and caption/metadata sidecars are skipped; any other file is treated
+    as an image (and so fails validation later if it is not one). Raises :class:`InputError` if
+    the folder is missing, holds no image, or holds a broken link (a photo the user meant but
+    that cannot be read: never dropped without a word).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of images")
     files = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):
+            continue
+        if path.is_symlink() and not path.exists():
+            raise InputError(f"{path}: a broken link (to {os.readlink(path)}); remove it or restore its target")
+        if not path.is_file():
             continue
         if path.suffix.lower() in SIDECAR_EXTENSIONS:
             continue

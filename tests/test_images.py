@@ -120,3 +120,10 @@ def test_float_images_outside_every_range_are_refused_naming_the_file(tmp_path, 
 def test_32_bit_integer_images_load_in_their_range(tmp_path):
     Image.fromarray(np.full((8, 8), 200, dtype=np.int32), mode="I").save(tmp_path / "i.tif")
     assert int(np.asarray(load_image(tmp_path / "i.tif"))[0, 0, 0]) == 200
+
+
+def test_a_broken_link_in_an_image_folder_is_refused_naming_it(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(InputError, match=r"b\.png: a broken link"):
+        list_image_files(tmp_path)
