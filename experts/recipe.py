@@ -232,5 +232,10 @@ def resolve_config(recipe: str | dict, overrides: dict[str, Any]) -> ExpertConfi
     data.update(overrides)
     config = ExpertConfig.from_dict(data)
     config.instance_prompt = config.instance_prompt_template  # recorded resolved in expert.json
+    from suti.storage import absolute_if_local
+
+    for name in ("instance_dir", "class_data_dir"):  # recorded in expert.json: valid from any working directory
+        if getattr(config, name):
+            setattr(config, name, absolute_if_local(getattr(config, name)))
     config.validate()
     return config
