@@ -2,9 +2,11 @@
 
 The paper looks up rare tokens in the vocabulary, keeps those that decode to at most 3 characters
 without spaces, and samples from a rare id range, so the identifier starts with a weak prior. In
-CLIP's BPE vocabulary ids follow merge order, i.e. frequency: high ids are rare. We further keep
-only whole-word tokens made of consonants (no vowels), which are almost never English words
-("sks" is the classic example).
+CLIP's BPE vocabulary ids follow merge order, i.e. frequency: high ids are rare. We keep
+whole-word tokens of 2-4 consonants (no vowels) in that range, and drop every one that is a
+word, an acronym, slang or profanity: ``configs/identifiers/denylist.txt`` holds the 2-4
+consonant strings of wordfreq's large English list plus tokens notorious among DreamBooth users
+("sks", the paper's own example, is also a rifle; ``scripts/identifier_denylist.py`` rebuilds it).
 """
 
 from __future__ import annotations
@@ -18,23 +20,37 @@ from suti.errors import ModelLoadError
 RARE_ID_RANGE = (40000, 49405)
 _VOWELS = set("aeiouy")
 _INTERJECTIONS = {"hmm", "brr", "shh", "tsk", "pst", "nth", "zzz", "cwm", "hm", "mm", "pfft", "grr", "sh", "st", "mr", "ms", "dr", "jr", "sr", "th", "nd", "rd"}
+_DENYLIST: frozenset[str] | None = None
+
+
+def denylist() -> frozenset[str]:
+    """The strings an identifier must never be (``configs/identifiers/denylist.txt``)."""
+    global _DENYLIST
+    if _DENYLIST is None:
+        from suti.models import config_dir
+
+        lines = (config_dir() / "identifiers" / "denylist.txt").read_text().splitlines()
+        _DENYLIST = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    return _DENYLIST
 
 
 def rare_token_candidates(tokenizer, id_range: tuple[int, int] = RARE_ID_RANGE) -> list[str]:
-    """Whole-word tokens in ``id_range`` that decode to 2-3 consonant letters.
+    """Whole-word tokens in ``id_range`` that decode to 2-4 consonant letters and are no word,
+    acronym, slang or profanity (:func:`denylist`).
 
     Each candidate encodes back to exactly one token, so "[V]" costs one position in the prompt.
     """
     vocab = tokenizer.get_vocab()
     lo, hi = id_range
+    deny = denylist()
     out = []
     for token, idx in vocab.items():
         if not (lo <= idx <= hi) or not token.endswith("</w>"):
             continue
         word = token[: -len("</w>")]
-        if not (2 <= len(word) <= 3 and word.isascii() and word.isalpha() and word.islower()):
+        if not (2 <= len(word) <= 4 and word.isascii() and word.isalpha() and word.islower()):
             continue
-        if _VOWELS & set(word) or word in _INTERJECTIONS:
+        if _VOWELS & set(word) or word in _INTERJECTIONS or word in deny:
             continue
         out.append(word)
     return sorted(out, key=lambda w: vocab[w + "</w>"])

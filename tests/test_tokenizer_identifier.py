@@ -28,7 +28,7 @@ def test_identifier_is_rare_short_and_single_token(tokenizer):
     for seed in range(20):
         ident = sample_identifier(tokenizer, seed=seed)
         assert token_count(tokenizer, ident) == 1
-        assert 2 <= len(ident) <= 3 and ident.isalpha() and " " not in ident
+        assert 2 <= len(ident) <= 4 and ident.isalpha() and " " not in ident
         assert RARE_ID_RANGE[0] <= vocab[ident + "</w>"] <= RARE_ID_RANGE[1]
         assert not set("aeiouy") & set(ident), "consonant-only tokens are not English words"
         assert ident not in COMMON_WORDS
@@ -43,8 +43,19 @@ def test_identifier_with_several_tokens(tokenizer):
 
 def test_rare_candidates_exclude_frequent_tokens(tokenizer):
     candidates = rare_token_candidates(tokenizer)
-    assert len(candidates) > 50
+    assert len(candidates) >= 8
     assert "dog" not in candidates and "the" not in candidates
+
+
+@pytest.mark.parametrize("token", ["sks", "fck", "sdk", "lsd", "ftp", "ssh", "bpm", "hdd", "wtf", "szn", "grl", "knw", "thn", "chk"])
+def test_identifiers_are_never_words_acronyms_slang_or_profanity(tokenizer, token):
+    """"sks" (a rifle), "fck", "sdk", "lsd", "chk" ... all sit in CLIP's rare-id range as whole
+    consonant tokens; none may be drawn, for any seed."""
+    from experts.identifier import denylist
+
+    assert token in denylist()
+    assert token not in rare_token_candidates(tokenizer)
+    assert token not in {sample_identifier(tokenizer, seed=s) for s in range(200)}
 
 
 def test_prompts():
