@@ -97,6 +97,19 @@ def instance_prompt(identifier: str, class_noun: str, use_class_noun: bool = Tru
     return f"a {identifier} {class_noun}" if use_class_noun else f"a {identifier}"
 
 
+def check_identifier(identifier: str, flag: str = "--identifier") -> None:
+    """Refuse an identifier that would train or sample the wrong prompt: empty, with braces
+    (``{class}`` would train "a dog dog"), or with surrounding spaces ("a  dog").
+
+    Raises:
+        InvalidValueError: naming ``flag`` and the value.
+    """
+    from suti.errors import InvalidValueError
+
+    if not identifier.strip() or any(c in identifier for c in "{}") or identifier != identifier.strip():
+        raise InvalidValueError(f"{flag} must be a token such as 'nhq', without braces or surrounding spaces (got {identifier!r}); leave it out to sample a rare one")
+
+
 def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
     """Fill ``{V}`` and ``{class}`` placeholders of a user prompt."""
     return template.replace("{V}", identifier).replace("{class}", class_noun)

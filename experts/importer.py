@@ -42,8 +42,11 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
 
     if (lora is None) == (pipeline is None):
         raise InputError("give exactly one of --lora FILE and --pipeline DIR")
-    if not identifier.strip() or not class_noun.strip():
-        raise InputError("--identifier and --class-noun must not be empty")
+    from experts.identifier import check_identifier
+
+    check_identifier(identifier)
+    if not class_noun.strip():
+        raise InputError("--class-noun must not be empty")
     if "{V}" not in instance_prompt:
         raise InputError(f"--instance-prompt must contain {{V}} (got {instance_prompt!r})")
     if resolution is not None:

@@ -130,8 +130,10 @@ class ExpertConfig:
             raise InputError("--class-noun must not be empty")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise InputError(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
-        if self.identifier is not None and (not self.identifier.strip() or any(c in self.identifier for c in "{}") or self.identifier != self.identifier.strip()):
-            raise InputError(f"--identifier must be a token such as 'nhq', without braces or surrounding spaces (got {self.identifier!r}); leave it out to sample a rare one")
+        if self.identifier is not None:
+            from experts.identifier import check_identifier
+
+            check_identifier(self.identifier)
         if "{V}" in self.class_prompt:
             raise InputError(f"--class-prompt must not contain the identifier {{V}}: prior preservation needs images of the class, not the subject (got {self.class_prompt!r})")
         if "{V}" not in self.instance_prompt_template:
