@@ -24,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -137,35 +138,54 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
         InputError: as :func:`check_batchable`, or a bad instance image (named); nothing is
             trained then.
     """
-    from diffusers import DDPMScheduler
-
-    from experts.data import real_class_images
-    from experts.latents import load_training_pixels
-    from suti.losses import per_sample_mse, snr_weights
-    from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
-    from experts.train import add_lora, cached_inputs, class_training_pixels, draw_training_batch, expert_prompts
-    from suti.conditioning import Conditioning
-    from suti.images import list_image_files
-    from suti.models import default_device, default_resolution
+    from suti.models import default_device
 
     check_batchable(configs)
     if len(adapters) != len(configs) or len(set(adapters)) != len(adapters):
         raise ValueError("one distinct adapter name per expert is needed")
     outputs = outputs or [None] * len(configs)
-    first = configs[0]
+    pixels = _checked_instance_pixels(configs)
+    device = default_device()
+    _freeze_base(pipe)
+    experts = _add_experts(pipe, configs, adapters, pixels)
+    if configs[0].gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    elapsed = _train_together(pipe, experts, device)
+    return _expert_infos(pipe, experts, outputs, elapsed)
+
+
+def _checked_instance_pixels(configs: list[ExpertConfig]) -> list[list[torch.Tensor]]:
+    """Validate every config (filling in its resolution) and load every expert's instance images
+    as (3, R, R) tensors, so that a bad image fails before any work."""
+    from experts.latents import load_training_pixels
+    from experts.optim import adamw_class
+    from suti.images import list_image_files
+    from suti.models import default_resolution
+
     for config in configs:
         config.validate()
         config.resolution = config.resolution or default_resolution(config.model)
     pixels = [load_training_pixels(list_image_files(c.instance_dir), c.resolution, c.center_crop) for c in configs]  # every image checked before any work
-    if first.optimizer == "adamw":
-        adamw_class(first)
-    device = default_device()
-    unet = pipe.unet
+    if configs[0].optimizer == "adamw":
+        adamw_class(configs[0])
+    return pixels
+
+
+def _freeze_base(pipe) -> None:
+    """No gradient for the base: VAE, text encoders and U-Net (the adapters train)."""
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     if getattr(pipe, "text_encoder_2", None) is not None:
         pipe.text_encoder_2.requires_grad_(False)
-    unet.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+
+
+def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels: list[list[torch.Tensor]]) -> list[_Expert]:
+    """Each expert's prompts, class images, LoRA adapter, cached inputs and generator, set up in
+    :func:`experts.train.train_expert`'s order; then every adapter's parameters made trainable
+    (fp32)."""
+    from experts.data import real_class_images
+    from experts.train import add_lora, cached_inputs, class_training_pixels, expert_prompts
 
     experts: list[_Expert] = []
     for config, adapter, instance_pixels in zip(configs, adapters, pixels):
@@ -180,61 +200,105 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
         generator = torch.Generator().manual_seed(config.seed)  # train_expert's generator (process 0)
         experts.append(_Expert(config, adapter, prompt, inst, cls, cond_inst, cond_cls, [], generator))
     for expert in experts:  # peft trains only the adapter added last: all of them train here
-        expert.params = adapter_parameters(unet, expert.adapter)
+        expert.params = adapter_parameters(pipe.unet, expert.adapter)
         for p in expert.params:
             p.requires_grad_(True)
             p.data = p.data.float()
-    if first.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    return experts
 
+
+def _train_together(pipe, experts: list[_Expert], device: str) -> float:
+    """``steps`` optimizer steps of all the experts at once (one optimizer, per-parameter state;
+    each expert's gradient clipped on its own); returns the seconds they took."""
+    from diffusers import DDPMScheduler
+
+    from experts.optim import make_lr_scheduler, make_optimizer
+    from experts.train import mixed_precision
+
+    first = experts[0].config
+    unet = pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = make_optimizer([p for e in experts for p in e.params], first)  # per-parameter state: K optimizers in one
     lr_scheduler = make_lr_scheduler(optimizer, first)
-    use_amp = device.startswith("cuda") and first.mixed_precision != "no"
-    amp_dtype = torch.bfloat16 if first.mixed_precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    precision = mixed_precision(first, device)
     scale = pipe.vae.config.scaling_factor
-    b = first.batch_size
     log.info("training %d LoRA experts in one batch (%s), %d steps", len(experts), ", ".join(e.config.identifier for e in experts), first.steps)
     unet.train()
     started = time.perf_counter()
     with routed_adapters(unet) as route:
         for _ in range(first.steps):
-            noisy, timesteps, target, conds, names, spans = [], [], [], [], [], []
-            for e in experts:
-                x, t, y = draw_training_batch(e.inst, e.cls, b, e.generator, noise_scheduler, scale, e.config.offset_noise, device)
-                spans.append((sum(len(v) for v in noisy), len(x)))
-                noisy.append(x)
-                timesteps.append(t)
-                target.append(y)
-                conds += [e.cond_inst] * b + ([e.cond_cls] * b if e.cls is not None else [])
-                names += [e.adapter] * len(x)
-            timesteps_all = torch.cat(timesteps)
-            route["names"] = names
+            batch = _draw_batch(experts, noise_scheduler, scale, device)
+            route["names"] = batch.names
             optimizer.zero_grad(set_to_none=True)
-            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-            with autocast:
-                pred = unet(torch.cat(noisy), timesteps_all, **Conditioning.cat(conds).to(device).unet_kwargs()).sample
-            losses = per_sample_mse(pred, torch.cat(target))
-            if first.snr_gamma:
-                losses = losses * snr_weights(noise_scheduler, timesteps_all, first.snr_gamma)
-            total = 0.0
-            for e, (start, rows) in zip(experts, spans):
-                total = total + losses[start : start + b].mean()
-                if e.cls is not None:
-                    total = total + first.prior_loss_weight * losses[start + b : start + rows].mean()
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
+            total = _batch_loss(unet, experts, batch, noise_scheduler, precision, device)
+            precision.scaler.scale(total).backward()
+            precision.scaler.unscale_(optimizer)
             for e in experts:
                 torch.nn.utils.clip_grad_norm_(e.params, first.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
             lr_scheduler.step()
     elapsed = time.perf_counter() - started
     unet.eval()
     if first.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     log.info("%d LoRA experts trained together (%d steps, %.1f s)", len(experts), first.steps, elapsed)
+    return elapsed
+
+
+class _Batch(NamedTuple):
+    """One step's rows of all the experts, expert after expert."""
+
+    noisy: list[torch.Tensor]  # per expert: (rows, C, h, w)
+    timesteps: torch.Tensor  # (all rows,)
+    target: list[torch.Tensor]  # per expert: (rows, C, h, w)
+    conds: list  # per row: its Conditioning (batch 1)
+    names: list[str]  # per row: its expert's adapter
+    spans: list[tuple[int, int]]  # per expert: (first row, rows)
+
+
+def _draw_batch(experts: list[_Expert], noise_scheduler, scale: float, device: str) -> _Batch:
+    """Every expert's batch, drawn from its own generator as
+    :func:`experts.train.draw_training_batch` draws one expert's."""
+    from experts.train import draw_training_batch
+
+    b = experts[0].config.batch_size
+    noisy, timesteps, target, conds, names, spans = [], [], [], [], [], []
+    for e in experts:
+        x, t, y = draw_training_batch(e.inst, e.cls, b, e.generator, noise_scheduler, scale, e.config.offset_noise, device)
+        spans.append((sum(len(v) for v in noisy), len(x)))
+        noisy.append(x)
+        timesteps.append(t)
+        target.append(y)
+        conds += [e.cond_inst] * b + ([e.cond_cls] * b if e.cls is not None else [])
+        names += [e.adapter] * len(x)
+    return _Batch(noisy, torch.cat(timesteps), target, conds, names, spans)
+
+
+def _batch_loss(unet, experts: list[_Expert], batch: _Batch, noise_scheduler, precision, device: str) -> torch.Tensor:
+    """One U-Net forward of all the rows (routed to their adapters by the caller); returns the
+    sum over experts of each one's loss (instance, plus the weighted prior loss), a scalar."""
+    from suti.conditioning import Conditioning
+    from suti.losses import per_sample_mse, snr_weights
+
+    first = experts[0].config
+    b = first.batch_size
+    with precision.autocast():
+        pred = unet(torch.cat(batch.noisy), batch.timesteps, **Conditioning.cat(batch.conds).to(device).unet_kwargs()).sample
+    losses = per_sample_mse(pred, torch.cat(batch.target))
+    if first.snr_gamma:
+        losses = losses * snr_weights(noise_scheduler, batch.timesteps, first.snr_gamma)
+    total = 0.0
+    for e, (start, rows) in zip(experts, batch.spans):
+        total = total + losses[start : start + b].mean()
+        if e.cls is not None:
+            total = total + first.prior_loss_weight * losses[start + b : start + rows].mean()
+    return total
+
+
+def _expert_infos(pipe, experts: list[_Expert], outputs: list[Path | None], elapsed: float) -> list[ExpertInfo]:
+    """Each expert saved into its output folder (or only described where that is ``None``),
+    charged an equal share of the ``elapsed`` seconds."""
     infos = []
     for e, output in zip(experts, outputs):
         c = e.config

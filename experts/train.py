@@ -14,7 +14,9 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -105,7 +107,7 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             ``grad_norm`` (before clipping)); an exception it raises stops the run (a serving
             job uses this to stop a cancelled job).
         pipeline: an already loaded base pipeline of ``config.model`` to train in place (a
-            resident expert worker, :class:`mining.expert_task.ResidentExpertWorker`): LoRA adds
+            resident expert worker, :class:`generation.resident.ResidentExpertWorker`): LoRA adds
             the adapter ``default`` to it, full fine-tuning changes its weights; the caller
             restores it. ``None``: load the model.
         save: write the expert to ``output`` (``False``: only the returned info; the trained
@@ -115,31 +117,115 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         InputError: a bad instance or class image (named), a non-empty output, an unknown
             checkpoint, a missing optional package (bitsandbytes, wandb), inconsistent settings.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, gather_object
-
-    save_weights = save  # the name ``save`` is the checkpoint closure below
     config.validate()
     if pipeline is None:
         check_model(config.model)  # a misspelt model before any write (not after minutes of hub retries)
     output = Path(output)
+    resolution, instance_pixels, real_class, log_with = _checked_inputs(config)  # everything checked before any write
+    accelerator, device = _start_accelerator(output, log_with)
+    start_ckpt = _claim_output(accelerator, output, config, resume, overwrite)
+    if (output / EXPERT_FILE).is_file() and start_ckpt is not None and ckpt.checkpoint_step(start_ckpt) >= config.steps:
+        log.info("%s is already trained to %d steps", output, config.steps)
+        return ExpertInfo.read(output)
+
+    pipe = _load_base(config, accelerator, device, pipeline)
+    config.resolution = resolution
+    prompt, class_prompt = expert_prompts(pipe, config)
+    log.info("expert: identifier %r, prompt %r, %d instance images at %d px on %s", config.identifier, prompt, len(instance_pixels), resolution, device)
+    class_pixels = class_training_pixels(pipe, config, real_class, class_prompt, resolution, accelerator.main_process_first, progress_callback)
+    output.mkdir(parents=True, exist_ok=True)
+    params = _trainable_parameters(pipe, config)
+    inputs = cached_inputs(pipe, config, instance_pixels, class_pixels, prompt, class_prompt)
+    run = _build_run(config, pipe, accelerator, output, device, (prompt, class_prompt), params, inputs)
+    step = _resume_step(run, start_ckpt)
+
+    start_trackers(accelerator, config.report_to, output, config.to_dict())
+    step, elapsed = _train_steps(run, step, progress, progress_callback)
+    return _finish(run, step, elapsed, save_weights=save)
+
+
+@dataclass
+class MixedPrecision:
+    """``mixed_precision`` of expert training: autocast on CUDA (bf16 or fp16), and the gradient
+    scaler that fp16 needs (a disabled one, a pass-through, otherwise)."""
+
+    dtype: torch.dtype | None  # the autocast dtype; None: fp32, no autocast
+    scaler: torch.amp.GradScaler
+
+    def autocast(self):
+        """A fresh autocast context for one forward (a null context in fp32)."""
+        return torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+
+def mixed_precision(config: ExpertConfig, device: str) -> MixedPrecision:
+    """``config.mixed_precision`` (``"no"``, ``"fp16"`` or ``"bf16"``) as it acts on ``device``:
+    autocast only on a ``cuda`` device (CPU training stays fp32), loss scaling only for fp16."""
+    use_amp = device.startswith("cuda") and config.mixed_precision != "no"
+    amp_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return MixedPrecision(amp_dtype if use_amp else None, scaler)
+
+
+@dataclass
+class _Run:
+    """One expert's training state: what the step loop, the checkpoints and the final save use."""
+
+    config: ExpertConfig
+    pipe: Any
+    accelerator: Any
+    output: Path
+    device: str
+    prompt: str
+    class_prompt: str
+    params: dict[str, torch.nn.Parameter]  # by name: unet.*, text_encoder.*, text_encoder_2.*
+    inputs: tuple  # (inst, cls, cond_inst, cond_cls) of cached_inputs
+    noise_scheduler: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_unet: torch.nn.Module  # the U-Net as DDP wraps it (pipe.unet stays the plain module)
+    train_texts: list  # the text encoders, DDP-wrapped when they train
+    generator: torch.Generator  # this process's data generator
+    precision: MixedPrecision
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def distributed(self) -> bool:
+        return self.accelerator.num_processes > 1
+
+
+def _checked_inputs(config: ExpertConfig):
+    """Everything ``train_expert`` checks before it writes: ``(resolution, instance_pixels,
+    real_class, log_with)``, the instance images as (3, R, R) tensors (or shorter side R), the
+    real class images to use, and the trackers to log with."""
     resolution = config.resolution or default_resolution(config.model)
-    # validate everything before any write
     instance_pixels = load_training_pixels(list_image_files(config.instance_dir), resolution, config.center_crop)
     real_class = real_class_images(config.class_data_dir, config.num_class_images) if config.prior_preservation and config.class_data_dir else []
     if config.class_data_dir and not config.prior_preservation:
         log.warning("--class-data-dir %s is unused without prior preservation", config.class_data_dir)
     if config.optimizer == "adamw":
         adamw_class(config)
-    log_with = check_tracker(config.report_to)
+    return resolution, instance_pixels, real_class, check_tracker(config.report_to)
+
+
+def _start_accelerator(output: Path, log_with):
+    """The run's :class:`accelerate.Accelerator` (logs in ``output/logs``) and its device."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     device = default_device()
     accelerator = Accelerator(mixed_precision="no", cpu=device == "cpu", log_with=log_with, project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")))
-    distributed = accelerator.num_processes > 1
-    if distributed:
+    if accelerator.num_processes > 1:
         device = str(accelerator.device)
-    main = accelerator.is_main_process
-    if main:
+    return accelerator, device
+
+
+def _claim_output(accelerator, output: Path, config: ExpertConfig, resume: str | None, overwrite: bool) -> Path | None:
+    """Check (or clear) ``output`` on the main process and find the checkpoint to resume from
+    (``None``: start at step 0); resuming keeps the checkpoint's identifier."""
+    if accelerator.is_main_process:
         prepare_output(output, resume, overwrite)
     accelerator.wait_for_everyone()
     start_ckpt = None
@@ -151,22 +237,23 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
             saved = ckpt.checkpoint_config(start_ckpt)
             ckpt.check_resumable(start_ckpt, saved, config.to_dict())  # e.g. a full fine-tune resumed as LoRA
             config.identifier = saved["identifier"]  # the identifier must not change mid-run
-    if (output / EXPERT_FILE).is_file() and start_ckpt is not None and ckpt.checkpoint_step(start_ckpt) >= config.steps:
-        log.info("%s is already trained to %d steps", output, config.steps)
-        return ExpertInfo.read(output)
+    return start_ckpt
 
+
+def _load_base(config: ExpertConfig, accelerator, device: str, pipeline):
+    """The base pipeline (``pipeline``, or ``config.model`` loaded), with torch's global RNG seeded."""
     torch.manual_seed(config.seed)
     with accelerator.main_process_first():  # a preset is built into the cache once, by the main process
         pipe = pipeline if pipeline is not None else load_pipeline(config.model, device=device)
     # loading may draw from the global RNG (first loads of some models do): re-seed, so the LoRA
     # initialisation is the same for a fresh and a resident (already loaded) pipeline
     torch.manual_seed(config.seed)
-    config.resolution = resolution
-    prompt, class_prompt = expert_prompts(pipe, config)
-    log.info("expert: identifier %r, prompt %r, %d instance images at %d px on %s", config.identifier, prompt, len(instance_pixels), resolution, device)
-    class_pixels = class_training_pixels(pipe, config, real_class, class_prompt, resolution, accelerator.main_process_first, progress_callback)
+    return pipe
 
-    output.mkdir(parents=True, exist_ok=True)
+
+def _trainable_parameters(pipe, config: ExpertConfig) -> dict[str, torch.nn.Parameter]:
+    """Freeze what does not train, add LoRA or unfreeze the text encoders, turn on gradient
+    checkpointing; the trainable parameters by name, made fp32."""
     vae, unet = pipe.vae, pipe.unet
     encoders = text_encoders(pipe)  # SDXL: both text encoders train together
     vae.requires_grad_(False)
@@ -188,104 +275,150 @@ def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None
         params.update({f"{name}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
     for p in params.values():
         p.data = p.data.float()
+    return params
 
-    inst, cls, cond_inst, cond_cls = cached_inputs(pipe, config, instance_pixels, class_pixels, prompt, class_prompt)
 
+def _build_run(config: ExpertConfig, pipe, accelerator, output: Path, device: str, prompts: tuple[str, str], params: dict, inputs: tuple) -> _Run:
+    """The noise scheduler, optimizer, learning-rate schedule, DDP-wrapped models and data
+    generator of a run."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = make_optimizer(list(params.values()), config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     # DDP wraps only what trains; pipe.unet / pipe.text_encoder stay the plain modules
-    train_unet = accelerator.prepare(unet)
+    train_unet = accelerator.prepare(pipe.unet)
+    encoders = text_encoders(pipe)
     train_texts = [accelerator.prepare(e) for e in encoders] if config.train_text_encoder else encoders
     generator = torch.Generator().manual_seed(config.seed + 1000003 * accelerator.process_index)
-    step = 0
-    if start_ckpt is not None:
-        step = ckpt.load_checkpoint(start_ckpt, params, optimizer, generator, lr_scheduler=lr_scheduler, rank=accelerator.process_index)
-        log.info("resumed from %s at step %d", start_ckpt, step)
+    return _Run(config, pipe, accelerator, output, device, *prompts, params, inputs, noise_scheduler, optimizer, lr_scheduler,
+                train_unet, train_texts, generator, mixed_precision(config, device))
 
-    def save(step: int) -> None:
-        states = gather_object([generator.get_state()]) if distributed else None
-        if main:
-            ckpt.save_checkpoint(output, step, params, optimizer, generator, config.to_dict(), config.checkpoints_total_limit, lr_scheduler=lr_scheduler, rank_generators=states)
 
-    use_amp = device.startswith("cuda") and config.mixed_precision != "no"
-    amp_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    start_trackers(accelerator, config.report_to, output, config.to_dict())
-    scale = vae.config.scaling_factor
-    b, accum = config.batch_size, config.gradient_accumulation_steps
-    n = b * accum  # instance images per optimizer step and process
-    unet.train()
+def _resume_step(run: _Run, start_ckpt: Path | None) -> int:
+    """Load ``start_ckpt`` into the run (weights, optimizer, schedule, generator); its step, or 0."""
+    if start_ckpt is None:
+        return 0
+    step = ckpt.load_checkpoint(start_ckpt, run.params, run.optimizer, run.generator, lr_scheduler=run.lr_scheduler, rank=run.accelerator.process_index)
+    log.info("resumed from %s at step %d", start_ckpt, step)
+    return step
+
+
+def _train_steps(run: _Run, step: int, progress: bool, progress_callback) -> tuple[int, float]:
+    """Optimizer steps from ``step`` to ``config.steps``, each reported (progress bar, callback,
+    trackers), with checkpoints and validation images at their intervals. Returns the last step
+    and the seconds they took."""
+    config, accelerator = run.config, run.accelerator
+    run.pipe.unet.train()
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="expert", unit="step", disable=not progress or not main)
+    bar = tqdm(total=config.steps, initial=step, desc="expert", unit="step", disable=not progress or not run.main)
     while step < config.steps:
-        noisy, timesteps, target = draw_training_batch(inst, cls, n, generator, noise_scheduler, scale, config.offset_noise, device)
-
-        lr = lr_scheduler.get_last_lr()[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss_inst = loss_prior = 0.0
-        for k in range(accum):
-            rows = torch.arange(k * b, (k + 1) * b)
-            if cls is not None:
-                rows = torch.cat([rows, rows + n])
-            row_prompts = [prompt] * b + ([class_prompt] * b if cls is not None else [])
-            cond = None
-            if cond_inst is not None:
-                cond = Conditioning.cat([cond_inst] * b + ([cond_cls] * b if cls is not None else []))
-            sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(accelerator, train_unet, *(train_texts if config.train_text_encoder else []))
-            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    if cond is None:
-                        cond = encode_prompt(pipe, row_prompts, resolution=resolution, text_encoder=train_texts[0], text_encoder_2=train_texts[1] if len(train_texts) > 1 else None)
-                    pred = train_unet(noisy[rows], timesteps[rows], **cond.to(device).unet_kwargs()).sample
-                losses = per_sample_mse(pred, target[rows])  # (b or 2b,)
-                if config.snr_gamma:
-                    losses = losses * snr_weights(noise_scheduler, timesteps[rows], config.snr_gamma)
-                micro_inst = losses[:b].mean()
-                micro_prior = losses[b:].mean() if cls is not None else torch.zeros((), device=device)
-                scaler.scale((micro_inst + config.prior_loss_weight * micro_prior) / accum).backward()
-            loss_inst = loss_inst + micro_inst.detach() / accum
-            loss_prior = loss_prior + micro_prior.detach() / accum
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_scheduler.step()
+        metrics = _optimizer_step(run)
         step += 1
-        if distributed:  # report the mean over processes
-            loss_inst, loss_prior = accelerator.reduce(torch.stack([loss_inst, loss_prior]).to(accelerator.device), "mean").tolist()
-        else:
-            loss_inst, loss_prior = float(loss_inst), float(loss_prior)
-        loss = loss_inst + config.prior_loss_weight * loss_prior
-        metrics = {"loss": loss, "instance_loss": loss_inst, "prior_loss": loss_prior, "lr": lr, "grad_norm": float(grad_norm)}
+        loss, loss_inst, loss_prior, lr = metrics["loss"], metrics["instance_loss"], metrics["prior_loss"], metrics["lr"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", inst=f"{loss_inst:.4f}", prior=f"{loss_prior:.4f}")
         if progress_callback is not None:
             progress_callback("training", step, config.steps, metrics)
         accelerator.log({"loss/total": loss, "loss/instance": loss_inst, "loss/prior": loss_prior, "lr": lr, "grad_norm": metrics["grad_norm"]}, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < config.steps:
-            save(step)
-        if config.validation_steps and step % config.validation_steps == 0 and main:
-            _validate(pipe, config, output, step, accelerator)
+            _save_checkpoint(run, step)
+        if config.validation_steps and step % config.validation_steps == 0 and run.main:
+            _validate(run.pipe, config, run.output, step, accelerator)
     bar.close()
     elapsed = time.perf_counter() - started
-    unet.eval()
+    run.pipe.unet.eval()
+    return step, elapsed
+
+
+def _optimizer_step(run: _Run) -> dict[str, float]:
+    """One optimizer step: its data drawn at once, ``gradient_accumulation_steps`` micro-batches
+    forward and backward, gradients clipped, the optimizer and schedule stepped. Returns the
+    step's metrics (losses averaged over processes, the rate it used, the norm before clipping)."""
+    config = run.config
+    b, accum = config.batch_size, config.gradient_accumulation_steps
+    inst, cls = run.inputs[:2]
+    noisy, timesteps, target = draw_training_batch(inst, cls, b * accum, run.generator, run.noise_scheduler, run.pipe.vae.config.scaling_factor, config.offset_noise, run.device)
+
+    lr = run.lr_scheduler.get_last_lr()[0]
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_inst = loss_prior = 0.0
+    for k in range(accum):
+        micro_inst, micro_prior = _micro_batch_backward(run, k, noisy, timesteps, target)
+        loss_inst = loss_inst + micro_inst.detach() / accum
+        loss_prior = loss_prior + micro_prior.detach() / accum
+    scaler = run.precision.scaler
+    scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), config.max_grad_norm)
+    scaler.step(run.optimizer)
+    scaler.update()
+    run.lr_scheduler.step()
+    if run.distributed:  # report the mean over processes
+        loss_inst, loss_prior = run.accelerator.reduce(torch.stack([loss_inst, loss_prior]).to(run.accelerator.device), "mean").tolist()
+    else:
+        loss_inst, loss_prior = float(loss_inst), float(loss_prior)
+    loss = loss_inst + config.prior_loss_weight * loss_prior
+    return {"loss": loss, "instance_loss": loss_inst, "prior_loss": loss_prior, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def _micro_batch_backward(run: _Run, k: int, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of micro-batch ``k`` of a step's rows (its instance rows, then its
+    class rows); gradients are all-reduced only on the last. Returns its instance and prior
+    losses (scalars; the prior loss is 0 without class images)."""
+    config = run.config
+    inst, cls, cond_inst, cond_cls = run.inputs
+    b, accum = config.batch_size, config.gradient_accumulation_steps
+    n = b * accum
+    rows = torch.arange(k * b, (k + 1) * b)
+    if cls is not None:
+        rows = torch.cat([rows, rows + n])
+    row_prompts = [run.prompt] * b + ([run.class_prompt] * b if cls is not None else [])
+    cond = None
+    if cond_inst is not None:
+        cond = Conditioning.cat([cond_inst] * b + ([cond_cls] * b if cls is not None else []))
+    texts = run.train_texts
+    sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(run.accelerator, run.train_unet, *(texts if config.train_text_encoder else []))
+    autocast = run.precision.autocast()
+    with sync:
+        with autocast:
+            if cond is None:
+                cond = encode_prompt(run.pipe, row_prompts, resolution=config.resolution, text_encoder=texts[0], text_encoder_2=texts[1] if len(texts) > 1 else None)
+            pred = run.train_unet(noisy[rows], timesteps[rows], **cond.to(run.device).unet_kwargs()).sample
+        losses = per_sample_mse(pred, target[rows])  # (b or 2b,)
+        if config.snr_gamma:
+            losses = losses * snr_weights(run.noise_scheduler, timesteps[rows], config.snr_gamma)
+        micro_inst = losses[:b].mean()
+        micro_prior = losses[b:].mean() if cls is not None else torch.zeros((), device=run.device)
+        run.precision.scaler.scale((micro_inst + config.prior_loss_weight * micro_prior) / accum).backward()
+    return micro_inst, micro_prior
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """Every process's generator state gathered; the main process writes the checkpoint."""
+    from accelerate.utils import gather_object
+
+    states = gather_object([run.generator.get_state()]) if run.distributed else None
+    if run.main:
+        ckpt.save_checkpoint(run.output, step, run.params, run.optimizer, run.generator, run.config.to_dict(), run.config.checkpoints_total_limit, lr_scheduler=run.lr_scheduler, rank_generators=states)
+
+
+def _finish(run: _Run, step: int, elapsed: float, *, save_weights: bool) -> ExpertInfo:
+    """The final checkpoint, the expert written (or only described) by the main process, the
+    trackers closed; every process returns the expert's info."""
+    config, accelerator = run.config, run.accelerator
     if config.checkpointing_steps:  # the final state, so that --resume can extend the run
-        save(step)
+        _save_checkpoint(run, step)
     info = None
-    if main and save_weights:
-        info = save_expert(pipe, config, output, train_seconds=elapsed)
-    elif main:
-        info = unsaved_expert_info(config, prompt, elapsed)
+    if run.main and save_weights:
+        info = save_expert(run.pipe, config, run.output, train_seconds=elapsed)
+    elif run.main:
+        info = unsaved_expert_info(config, run.prompt, elapsed)
     for tracker in accelerator.trackers:  # not end_training(): it would end a launcher's process group
         tracker.finish()
     accelerator.wait_for_everyone()
     if info is None:
-        info = ExpertInfo.read(output)
-    log.info("expert written to %s (%d steps, %.1f s)", output, step, elapsed)
+        info = ExpertInfo.read(run.output)
+    log.info("expert written to %s (%d steps, %.1f s)", run.output, step, elapsed)
     return info
 
 
