@@ -115,7 +115,12 @@ class ExpertConfig:
         return cls(**data)
 
     def validate(self) -> None:
-        """Raise :class:`InputError` on inconsistent settings."""
+        """Raise :class:`InputError` on a number out of its kind (every numeric field, finite,
+        in range: :func:`expert_number`) or inconsistent settings."""
+        for name, kind in _expert_numbers().items():
+            value = getattr(self, name)
+            if value is not None:
+                kind.check(value, "--" + name.replace("_", "-"))
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1 (got {self.steps})")
         if self.lora_rank < 0:
@@ -159,6 +164,58 @@ class ExpertConfig:
         check_sampler_args(sample_batch_size=self.sample_batch_size, flags=True)
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise InputError("--use-8bit-adam needs --optimizer adamw")
+
+
+def _expert_numbers() -> dict:
+    """The kind of every numeric :class:`ExpertConfig` field (:mod:`suti.checks`): one table for
+    the command line's flags (``type=``), recipes, YAML files and HTTP forms (:meth:`ExpertConfig.validate`)."""
+    from suti import checks
+    from suti.sampling import MAX_GUIDANCE_SCALE, MAX_NUM_IMAGES, MAX_SIDE, MAX_STEPS
+
+    return {
+        "identifier_tokens": checks.whole(1, 8),
+        "prior_loss_weight": checks.real(0.0, 1e3),
+        "num_class_images": checks.whole(0, 1_000_000),
+        "class_seed": checks.SEED,
+        "seed": checks.SEED,
+        "learning_rate": checks.LEARNING_RATE,
+        "lora_learning_rate": checks.LEARNING_RATE,
+        "learning_rate_scale": checks.real(0.0, 1e4, lo_open=True),
+        "lr_warmup_steps": checks.whole(0, 10_000_000),
+        "lr_num_cycles": checks.whole(1, 10_000),
+        "lr_power": checks.real(0.0, 100.0, lo_open=True),
+        "adam_beta1": checks.BETA,
+        "adam_beta2": checks.BETA,
+        "adam_weight_decay": checks.real(0.0, 1.0),
+        "adam_epsilon": checks.EPSILON,
+        "max_grad_norm": checks.POSITIVE,
+        "steps": checks.whole(1, 10_000_000),
+        "batch_size": checks.whole(1, 4096),
+        "gradient_accumulation_steps": checks.whole(1, 4096),
+        "lora_rank": checks.whole(0, MAX_LORA_RANK),
+        "lora_alpha": checks.real(0.0, 1e4, lo_open=True),
+        "resolution": checks.whole(8, MAX_SIDE),
+        "snr_gamma": checks.real(0.0, 1e3, lo_open=True),
+        "offset_noise": checks.real(0.0, 1.0),
+        "checkpointing_steps": checks.whole(0, 10_000_000),
+        "checkpoints_total_limit": checks.whole(0, 100_000),
+        "validation_steps": checks.whole(0, 10_000_000),
+        "sample_steps": checks.whole(1, MAX_STEPS),
+        "guidance_scale": checks.real(0.0, MAX_GUIDANCE_SCALE),
+        "class_sample_steps": checks.whole(1, MAX_STEPS),
+        "sample_batch_size": checks.whole(1, MAX_NUM_IMAGES),
+        "vae_encode_batch_size": checks.whole(1, 4096),
+    }
+
+
+#: LoRA ranks above this are refused (diffusers' scripts offer up to a few hundred; a rank at
+#: least the layers' width is no low-rank adapter and writes a file larger than the model).
+MAX_LORA_RANK = 1024
+
+
+def expert_number(name: str):
+    """The :class:`suti.checks.Number` of an :class:`ExpertConfig` field (an ``argparse`` type)."""
+    return _expert_numbers()[name]
 
 
 def list_recipes() -> list[str]:

@@ -25,6 +25,8 @@ import logging
 import math
 import numbers
 
+from suti import checks
+from suti.checks import MAX_SEED, SEED  # noqa: F401 (seeds: 0 to 2**63 - 1, one bound for every seed)
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,16 @@ DEFAULT_SAMPLE_BATCH_SIZE = 4
 DEFAULT_DEMO_GUIDANCE_SCALE = 6.0
 #: Classifier-free guidance scales (text and demonstrations): finite, 0 to this.
 MAX_GUIDANCE_SCALE = 50.0
-#: Seeds: 0 to 2**63 - 1 (``torch.Generator.manual_seed``; image i uses seed + i).
-MAX_SEED = 2**63 - 1
 #: Image height and width in pixels: positive multiples of 8, at most this.
 MAX_SIDE = 4096
 SIDE_MULTIPLE = 8
+
+#: The sampler's kinds of numbers (:mod:`suti.checks`), the ``type=`` of every sampling command's
+#: flags; :func:`check_sampler_args` checks the same bounds for values from forms and callers.
+STEPS = checks.whole(1, MAX_STEPS)
+NUM_IMAGES = checks.whole(1, MAX_NUM_IMAGES)
+GUIDANCE_SCALE = checks.real(0.0, MAX_GUIDANCE_SCALE)
+SIDE = checks.whole(SIDE_MULTIPLE, MAX_SIDE)
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
@@ -205,11 +212,11 @@ def add_sampler_flags(parser, *, dtype: bool = True, size: bool = False, batch: 
     if dtype:
         parser.add_argument("--dtype", choices=DTYPE_NAMES, help="weights and activations dtype for sampling (default: fp16 on CUDA, fp32 on CPU)")
     if size:
-        parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's trained resolution)")
-        parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's trained resolution)")
+        parser.add_argument("--height", type=SIDE, help="image height in pixels, a multiple of 8 (default: the model's trained resolution)")
+        parser.add_argument("--width", type=SIDE, help="image width in pixels, a multiple of 8 (default: the model's trained resolution)")
 
 
 def add_sample_batch_flag(parser, what: str = "images") -> None:
     """``--sample-batch-size``: images per pipeline call (default :data:`DEFAULT_SAMPLE_BATCH_SIZE`)."""
-    parser.add_argument("--sample-batch-size", type=int, default=DEFAULT_SAMPLE_BATCH_SIZE,
+    parser.add_argument("--sample-batch-size", type=NUM_IMAGES, default=DEFAULT_SAMPLE_BATCH_SIZE,
                         help=f"{what} per pipeline call; each keeps its own seed, so the images do not depend on it (lower it if sampling runs out of memory)")
