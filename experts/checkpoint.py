@@ -145,6 +145,36 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
     return step
 
 
+def apply_hyperparameters(optimizer, lr_scheduler, asked: list[dict]) -> dict[str, tuple[float, float]]:
+    """After ``load_checkpoint``: put back this run's optimizer hyperparameters (``asked``: each
+    param group's settings before loading, ``lr``/``initial_lr`` included), so that the
+    checkpoint's learning rate, betas, epsilon and weight decay do not silently win. The
+    schedule's base rates follow, and each group's current rate is the new base times the
+    schedule's factor at the resumed step (``LambdaLR``, as every diffusers schedule is).
+
+    Returns:
+        What changed: ``{name: (checkpoint value, new value)}`` (``learning_rate`` for the base rate).
+    """
+    changes: dict[str, tuple[float, float]] = {}
+    for group, wanted in zip(optimizer.param_groups, asked):
+        for key, value in wanted.items():
+            if key in ("lr", "params") or key not in group or group[key] == value:
+                continue
+            if isinstance(value, (int, float)) or (isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)):
+                name = "learning_rate" if key == "initial_lr" else key
+                for i, (a, b) in enumerate(zip(group[key], value) if isinstance(value, tuple) else [(group[key], value)]):
+                    if a != b:
+                        changes[f"{name}{'' if not isinstance(value, tuple) else f'[{i}]'}"] = (float(a), float(b))
+            group[key] = value
+    if lr_scheduler is not None and asked and "initial_lr" in asked[0]:
+        lr_scheduler.base_lrs = [wanted["initial_lr"] for wanted in asked]
+        factors = getattr(lr_scheduler, "lr_lambdas", None)
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, factors or [None] * len(asked)):
+            group["lr"] = base * factor(lr_scheduler.last_epoch) if factor else base
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes
+
+
 #: Settings a resumed run must share with its checkpoint (they decide what is trained).
 RESUME_KEYS = ("model", "lora_rank", "train_text_encoder")
 

@@ -296,10 +296,21 @@ def _build_run(config: ExpertConfig, pipe, accelerator, output: Path, device: st
 
 
 def _resume_step(run: _Run, start_ckpt: Path | None) -> int:
-    """Load ``start_ckpt`` into the run (weights, optimizer, schedule, generator); its step, or 0."""
+    """Load ``start_ckpt`` into the run (weights, optimizer, schedule, generator); its step, or 0.
+
+    The optimizer's and the schedule's hyperparameters are this run's, not the checkpoint's: a
+    resume with another ``--learning-rate`` (or Adam setting) trains at the new value from the
+    resume step on, as asked; the change is logged and recorded in ``expert.json``
+    (``config.extra["resumes"]``)."""
     if start_ckpt is None:
         return 0
+    asked = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
     step = ckpt.load_checkpoint(start_ckpt, run.params, run.optimizer, run.generator, lr_scheduler=run.lr_scheduler, rank=run.accelerator.process_index)
+    changes = ckpt.apply_hyperparameters(run.optimizer, run.lr_scheduler, asked)
+    if changes:
+        said = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
+        log.warning("resuming %s at step %d with other settings than it was saved with: %s (from step %d on)", start_ckpt, step, said, step + 1)
+        run.config.extra.setdefault("resumes", []).append({"checkpoint": start_ckpt.name, "step": step, "changed": {k: list(v) for k, v in changes.items()}})
     log.info("resumed from %s at step %d", start_ckpt, step)
     return step
 

@@ -40,3 +40,52 @@ def test_a_checkpoint_save_that_fails_leaves_no_temporary_folder(tmp_path, monke
     with pytest.raises(OSError, match="No space left"):
         _save(tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"], "no .tmp-step-* left, the earlier checkpoint kept"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_a_resume_with_another_learning_rate_trains_at_the_new_rate(tmp_path, schedule):
+    """The optimizer and schedule state of the checkpoint carry the old rate; the run asked for
+    another: from the resume step on, the new base rate times the schedule's factor acts."""
+    from diffusers.optimization import get_scheduler
+
+    def run(lr, betas=(0.9, 0.999)):
+        param = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.AdamW([param], lr=lr, betas=betas)
+        return param, optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=2, num_training_steps=10)
+
+    param, optimizer, scheduler = run(1e-4)
+    for _ in range(4):
+        param.grad = torch.ones(2)
+        optimizer.step()
+        scheduler.step()
+    saved = ckpt.save_checkpoint(tmp_path, 4, {"w": param}, optimizer, torch.Generator(), {"model": "tiny"}, keep=0, lr_scheduler=scheduler)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+    param2, optimizer2, scheduler2 = run(5e-4, betas=(0.8, 0.999))
+    asked = [{k: v for k, v in g.items() if k != "params"} for g in optimizer2.param_groups]
+    ckpt.load_checkpoint(saved, {"w": param2}, optimizer2, torch.Generator(), lr_scheduler=scheduler2)
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(1e-4 * factor), "the checkpoint's rate is loaded first"
+    changes = ckpt.apply_hyperparameters(optimizer2, scheduler2, asked)
+    assert changes == {"learning_rate": (1e-4, 5e-4), "betas[0]": (0.9, 0.8)}
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(5e-4 * factor) and scheduler2.get_last_lr()[0] == pytest.approx(5e-4 * factor)
+    assert scheduler2.last_epoch == 4 and optimizer2.param_groups[0]["betas"] == (0.8, 0.999)
+    scheduler2.step()
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(5e-4 * scheduler2.lr_lambdas[0](5))
+
+
+def test_expert_train_resumed_with_a_new_rate_records_what_ran(instance_dir, tmp_path, caplog):
+    import logging
+
+    from orchestration.cli import main
+
+    out = tmp_path / "e"
+    base = ["expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "toy", "--output", str(out),
+            "--no-prior-preservation", "--lora-rank", "2", "--checkpointing-steps", "1"]
+    assert main([*base, "--steps", "2", "--learning-rate", "1e-4"]) == 0
+    with caplog.at_level(logging.WARNING, logger="experts.train"):
+        assert main([*base, "--steps", "3", "--learning-rate", "5e-4", "--resume", "latest"]) == 0
+    # the rates as they act: the tiny preset scales the learning rate by 100
+    assert any("learning_rate 0.01 -> 0.05" in r.getMessage() and "from step 3 on" in r.getMessage() for r in caplog.records)
+    config = json.loads((out / "expert.json").read_text())["config"]
+    assert config["lora_learning_rate"] == 5e-4
+    assert config["extra"]["resumes"] == [{"checkpoint": "step-000002", "step": 2, "changed": {"learning_rate": [pytest.approx(0.01), pytest.approx(0.05)]}}]
