@@ -42,9 +42,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
     """Run ``func(*args, **kwargs)`` as a command: a :class:`SutiError` becomes one line on
-    stderr and its exit code (2); so does an ``OSError`` of the file system (a full disk, a
-    read-only or missing folder, a file where a folder should be: :func:`suti.errors.describe_os_error`,
-    the traceback at debug level); Ctrl-C exit code 130; otherwise ``func``'s return value.
+    stderr and its exit code (2); so does an error of the file system (an ``OSError`` or a writer
+    library's own, :func:`as_os_error`: a full disk, a read-only or missing folder, a file where a
+    folder should be; :func:`suti.errors.describe_os_error`, the traceback at debug level); Ctrl-C
+    exit code 130; otherwise ``func``'s return value.
 
     Every entry point uses it: ``suti ...`` and the modules run with ``python -m`` (the
     launcher targets ``apprentice.train``, the world model scripts, ``mining.evaluate``).
@@ -54,10 +55,34 @@ def report_errors(func, *args, prog: str = "suti", **kwargs) -> int:
     except SutiError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        logging.getLogger("suti").debug("%s", exc, exc_info=True)
-        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        failed = as_os_error(exc)
+        if failed is None:
+            raise
+        logging.getLogger("suti").debug("%s", exc, exc_info=True)
+        print(f"{prog}: error: {describe_os_error(failed)}", file=sys.stderr)
+        return 2
+
+
+def as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the file-system error it is, or ``None``: an ``OSError``, or a writer library's
+    own error for one (safetensors' ``SafetensorError`` "... (os error 28)"; torch.save's
+    "PytorchStreamWriter failed writing file", which a full disk causes)."""
+    import errno
+    import os
+    import re
+
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    found = re.search(r"os error (\d+)", text)
+    if type(exc).__name__ == "SafetensorError" and found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if isinstance(exc, RuntimeError) and "PytorchStreamWriter failed writing file" in text:
+        return OSError(errno.EIO, "a file write failed (torch.save): is the disk full?")
+    return None
+
