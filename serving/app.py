@@ -88,7 +88,8 @@ class Runtime:
             queued = self.store.counts()["queued"]
             if queued + self._pending_jobs >= self.settings.max_queued_jobs:
                 self.metrics.inc("suti_jobs_rejected_total", help="Expert jobs refused because the job queue was full.")
-                raise ApiError(429, f"{queued} expert jobs are already queued (the limit is {self.settings.max_queued_jobs}); retry later", {"Retry-After": "60"})
+                raise ApiError(429, f"{queued + self._pending_jobs} expert jobs are already queued or uploading ({queued} queued, {self._pending_jobs} uploading; "
+                                    f"the limit is {self.settings.max_queued_jobs}); retry later", {"Retry-After": "60"})
             self._pending_jobs += 1
 
     def decode(self, datas: list[bytes], field: str) -> list:

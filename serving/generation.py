@@ -364,8 +364,18 @@ class GenerationService:
         def work(check) -> Result:
             from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, seeded_generators
 
+            from serving.limits import ApiError
+
             started = time.perf_counter()
-            pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device, getattr(settings, "dtype", None))
+            gone = ApiError(410, f"job {folder.name}: the expert files are missing (the job was deleted while the request waited)")
+            if not (folder / "expert.json").is_file():
+                raise gone
+            try:
+                pipe, info = _load("the expert", get_expert, folder, settings.expert_cache, settings.device, getattr(settings, "dtype", None))
+            except ModelUnavailable:
+                if not (folder / "expert.json").is_file():  # deleted while it loaded
+                    raise gone from None
+                raise
             check()
             prompt = info.prompt(template)
             view = request_copy(pipe, check)

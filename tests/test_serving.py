@@ -617,7 +617,7 @@ def test_queued_job_limit_answers_429_before_decoding(tmp_path, apprentice_dir, 
         rt.jobs = None
         ids = [c.post("/v1/experts", files=files(3), data={"class_noun": "star"}).json()["id"] for _ in range(2)]
         r = c.post("/v1/experts", files=files(3), data={"class_noun": "star"})
-        assert r.status_code == 429 and "2 expert jobs are already queued (the limit is 2)" in r.json()["error"]
+        assert r.status_code == 429 and "2 expert jobs are already queued or uploading (2 queued, 0 uploading; the limit is 2)" in r.json()["error"]
         assert int(r.headers["retry-after"]) >= 1
         assert decodes == [3, 3]
         assert c.delete(f"/v1/experts/{ids[0]}").json()["status"] == "cancelled"
