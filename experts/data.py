@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -11,8 +10,9 @@ import torch
 from tqdm import tqdm
 
 from suti import storage
+from suti.fingerprint import digest
 from suti.images import fit_square, list_image_files, load_cached_image, load_image, save_image_atomic, to_tensor
-from suti.models import cache_dir, list_presets, load_preset, preset_fingerprint
+from suti.models import cache_dir, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -28,41 +28,47 @@ def load_instance_images(folder: str | Path, resolution: int) -> torch.Tensor:
     return torch.stack([to_tensor(fit_square(img, resolution, name=str(p))) for p, img in zip(paths, images)])
 
 
-def model_fingerprint(model: str) -> str:
-    """A stable id of a model for cache keys: preset content, folder path or hub id."""
-    if model in list_presets():
-        return f"preset:{model}:{preset_fingerprint(load_preset(model))}"
-    if storage.is_remote(model):  # a folder on object storage: its objects' ETags and sizes
-        return f"uri:{storage.resolve(model)}:{storage.fingerprint(model)}"
-    path = storage.local_path(model)  # a plain path or file:// URL
-    if path.exists():
-        index = path / "model_index.json"
-        stamp = index.stat().st_mtime_ns if index.exists() else 0
-        return f"folder:{path.resolve()}:{stamp}"
-    return f"hub:{model}"
-
-
-def class_images_folder(model: str, prompt: str, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5) -> Path:
+def class_images_folder(model: str, prompt: str, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5, precision: str | None = None) -> Path:
     """Cache folder of generated prior-preservation images.
 
-    Keyed by what determines the images (model, prompt, resolution and the sampler settings:
-    seed, steps, guidance scale), not by their count, so experts of the same class share one
-    folder and a larger count tops it up. ``seed`` is the class sampler's seed
-    (``ExpertConfig.class_seed``, the same for every expert), never an expert's own seed.
+    Keyed by everything that determines the images: the model's weights
+    (:func:`suti.models.model_fingerprint`: preset content, a folder's files, an object store's
+    ETags, a hub snapshot), the prompt (the class prompt filled in), the resolution, the sampler
+    settings (seed, steps, guidance scale) and the sampling ``precision`` (:func:`sampling_precision`;
+    ``None``, the float32 default, adds nothing, so earlier float32 folders stay valid). Not by
+    their count, so experts of the same class share one folder and a larger count tops it up, nor
+    by the batch size (images do not depend on it). The scheduler is part of the model. ``seed``
+    is the class sampler's seed (``ExpertConfig.class_seed``, the same for every expert), never an
+    expert's own seed.
     """
-    key = json.dumps(
-        {"model": model_fingerprint(model), "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": float(guidance_scale)},
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "class_images" / digest
+    key = {"model": model_fingerprint(model), "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": float(guidance_scale)}
+    if precision is not None:
+        key["precision"] = precision
+    return cache_dir() / "class_images" / digest(key)
+
+
+def sampling_precision(pipe) -> str | None:
+    """How ``pipe`` computes now, where that is not plain float32: its weights' dtype and any
+    autocast in force on its device (``"bfloat16"``, ``"float32+autocast-float16"``); ``None``
+    for float32 weights without autocast."""
+    dtype = getattr(pipe, "dtype", torch.float32)
+    device = getattr(getattr(pipe, "device", None), "type", "cpu")
+    autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+    if dtype == torch.float32 and not autocast:
+        return None
+    return _dtype_name(dtype) + (f"+autocast-{_dtype_name(torch.get_autocast_dtype(device))}" if autocast else "")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int, seed: int, steps: int, guidance_scale: float = 7.5, progress_callback=None, sample_batch_size: int = 4) -> list[Path]:
     """Generate (or reuse) ``num`` images of ``prompt`` with the frozen base ``pipe``.
 
     Image ``i`` is ``class_{i:04d}.png``, sampled with the seed ``seed * 100003 + i`` whatever
-    ``num`` is, under :func:`class_images_folder`. Only missing files are generated, up to
+    ``num`` is, under :func:`class_images_folder` (keyed also on ``pipe``'s precision,
+    :func:`sampling_precision`). Only missing files are generated, up to
     ``sample_batch_size`` per pipeline call, each from its own seed (:func:`suti.sampling.seeded_generators`:
     the image of a call of its own, up to float rounding). An interrupted run resumes, a second run with the same
     key generates nothing, and a larger ``num`` keeps the existing files and adds the rest. Each
@@ -72,13 +78,14 @@ def ensure_class_images(pipe, model: str, prompt: str, num: int, resolution: int
     """
     from suti.sampling import batches, seeded_generators
 
-    folder = class_images_folder(model, prompt, resolution, seed, steps, guidance_scale)
+    precision = sampling_precision(pipe)
+    folder = class_images_folder(model, prompt, resolution, seed, steps, guidance_scale, precision)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"class_{i:04d}.png" for i in range(num)]
     missing = [i for i, p in enumerate(paths) if load_cached_image(p) is None]  # a cut file: warned, regenerated
     if missing:
         log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
-        meta = {"model": model, "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
+        meta = {"model": model, "model_fingerprint": model_fingerprint(model), "prompt": prompt, "resolution": resolution, "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "precision": precision}
         storage.write_bytes(folder / "meta.json", json.dumps(meta, indent=2).encode())
     done = 0
     with tqdm(total=len(missing), desc="class images", unit="img", disable=not missing) as bar:

@@ -12,6 +12,10 @@ distributions (mean, std) wherever the result does not depend on the step:
 
 Encoding runs in chunks of ``vae_encode_batch_size`` images, so peak memory does not grow with
 the number of class images (issue 15: 0.64 GiB per 512-px image in one call).
+
+The cache lives in memory for one training run and is never written to disk: every run encodes
+its own images with its own VAE again, so no earlier run's latents can be served (it needs no
+cache key; the persistent caches are the class images, :mod:`experts.data`).
 """
 
 from __future__ import annotations

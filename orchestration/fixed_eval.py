@@ -24,10 +24,15 @@ prompts, paired seeds, every method on the same images' settings, cached baselin
 Cache (``work_dir``): ``photos/<subject>/`` (5 renders; the first 3 are the demonstrations and the
 expert's instance images), ``experts/<subject>-<key>/`` (complete when ``expert.json`` exists) and
 ``images/<method>-<key>/<subject>/<prompt hash>-s<seed>.png`` where ``<key>`` hashes every setting
-that determines the images (model fingerprint, sampler steps, guidance, expert recipe and steps,
-seed; for the apprentice a hash of its weights). Base, expert and reference images are reused
-across runs, and so are an unchanged apprentice's: a new or retrained apprentice costs only its
-own images (``cache_apprentice=False`` regenerates them, e.g. to time them).
+that determines the images: the model's fingerprint (:func:`suti.models.model_fingerprint`:
+preset content, a folder's files), sampler steps and guidance, the precision and scheduler of the
+pipeline that samples (:func:`pipeline_key`: a bfloat16 base is another base), the expert's fully
+resolved training config (:func:`expert_key`: recipe file content and the preset's expert
+defaults included, not just the recipe's name) and the photo seed; for the apprentice a hash of
+its weights plus its scheduler and trained resolution. A changed setting is a new cache entry
+(nothing is overwritten). Base, expert and reference images are reused across runs, and so are an
+unchanged apprentice's: a new or retrained apprentice costs only its own images
+(``cache_apprentice=False`` regenerates them, e.g. to time them).
 """
 
 from __future__ import annotations
@@ -164,12 +169,36 @@ def subject_photos(world, subject, work: Path, seed: int) -> list[Path]:
     return paths
 
 
+def _expert_overrides(config: FixedEvalConfig, class_noun: str, instance_dir: str) -> dict:
+    """The command-line settings of a subject's expert (on top of the ``dreambooth`` recipe)."""
+    return dict(model=config.model, instance_dir=instance_dir, class_noun=class_noun, steps=config.expert_steps,
+                seed=config.seed, num_class_images=config.num_class_images)
+
+
 def expert_key(config: FixedEvalConfig) -> dict:
-    """Everything that determines an expert (its cache key)."""
+    """Everything that determines an expert (its cache key): the training config resolved as
+    :func:`experts.train.train_expert` gets it (recipe file, the preset's expert defaults and the
+    overrides), the model as its fingerprint, without the per-subject instance folder and class
+    noun (the folder name carries the subject)."""
+    from experts import resolve_config
     from experts.data import model_fingerprint
 
-    return {"model": model_fingerprint(config.model), "recipe": "dreambooth", "steps": config.expert_steps,
-            "num_class_images": config.num_class_images, "seed": config.seed, "photos": EXPERT_PHOTOS}
+    resolved = resolve_config("dreambooth", _expert_overrides(config, "{class}", "")).to_dict()
+    for name in ("model", "instance_dir", "class_noun"):
+        resolved.pop(name)
+    return {"model": model_fingerprint(config.model), "config": resolved, "photos": EXPERT_PHOTOS}
+
+
+def pipeline_key(pipe) -> dict:
+    """What of a loaded sampling pipeline changes its images beyond the model's weights: the
+    precision (:func:`experts.data.sampling_precision`, ``None`` for float32) and the scheduler
+    (class and config, diffusers' bookkeeping ``_`` keys left out)."""
+    from experts.data import sampling_precision
+    from suti.fingerprint import digest
+
+    scheduler = getattr(pipe, "scheduler", None)
+    config = {k: v for k, v in dict(getattr(scheduler, "config", {}) or {}).items() if not str(k).startswith("_")}
+    return {"precision": sampling_precision(pipe), "scheduler": type(scheduler).__name__, "scheduler_config": digest(config)}
 
 
 def ensure_expert(subject, photos: list[Path], work: Path, config: FixedEvalConfig) -> tuple[Path, bool]:
@@ -187,9 +216,7 @@ def ensure_expert(subject, photos: list[Path], work: Path, config: FixedEvalConf
     folder = work / "experts" / f"{subject.subject_id}-{_digest(expert_key(config))}"
     if (folder / EXPERT_FILE).is_file():
         return folder, False
-    overrides = dict(model=config.model, instance_dir=str(photos[0].parent.parent / "instance"),
-                     class_noun=subject.class_noun, steps=config.expert_steps, seed=config.seed,
-                     num_class_images=config.num_class_images)
+    overrides = _expert_overrides(config, subject.class_noun, str(photos[0].parent.parent / "instance"))
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     train_expert(resolve_config("dreambooth", overrides), tmp, overwrite=True, progress=False)
     if (folder / EXPERT_FILE).is_file():  # another process finished it meanwhile
@@ -211,8 +238,8 @@ def apprentice_fingerprint(pipe) -> str:
     return h.hexdigest()[:16]
 
 
-def _image_key(method: str, config: FixedEvalConfig, apprentice=None) -> str:
-    """Cache folder name of a method's images: ``<method>-<hash of its settings>``."""
+def _image_key(method: str, config: FixedEvalConfig, apprentice=None, base=None) -> str:
+    """Cache folder name of a method's images: ``<method>-<hash of its settings>`` (module docstring)."""
     from experts.data import model_fingerprint
 
     settings = {"model": model_fingerprint(config.model), "sample_steps": config.sample_steps,
@@ -222,9 +249,12 @@ def _image_key(method: str, config: FixedEvalConfig, apprentice=None) -> str:
             apprentice._fixed_eval_fingerprint = apprentice_fingerprint(apprentice)
         settings.update(apprentice=apprentice._fixed_eval_fingerprint, demo_guidance_scale=config.demo_guidance_scale,
                         **({"guidance_scale": config.apprentice_guidance_scale} if config.apprentice_guidance_scale is not None else {}),
-                        demo_captions="a {class}", photo_seed=config.seed)
+                        demo_captions="a {class}", photo_seed=config.seed, pipeline=pipeline_key(apprentice),
+                        trained_resolution=getattr(apprentice, "trained_resolution", None))
     if method == "expert":
         settings["expert"] = expert_key(config)
+    if method in ("base", "reference") and base is not None:
+        settings["pipeline"] = pipeline_key(base)
     if method == "reference":
         settings.update(reference_prompt="a {class}", references=EXPERT_PHOTOS, photo_seed=config.seed)
     return f"{method}-{_digest(settings)}"
@@ -249,7 +279,7 @@ def method_images(method: str, subject, demos: list[Image.Image], photos: list[P
     ``stats`` counts ``generated``/``cached`` images and ``experts_trained``.
     """
     kw = dict(num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale)
-    folder = work / "images" / _image_key(method, config, apprentice) / subject.subject_id
+    folder = work / "images" / _image_key(method, config, apprentice, base) / subject.subject_id
     use_cache = config.cache_apprentice or not method.startswith("apprentice-")
     state: dict = {}
 

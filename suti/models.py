@@ -103,6 +103,37 @@ def preset_fingerprint(preset: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def model_fingerprint(model: str) -> str:
+    """What identifies a model's weights now, for cache keys (class images, experts, eval images):
+
+    * a preset: its name and :func:`preset_fingerprint` (the keys that define its weights);
+    * a folder on object storage: the URI and its objects' sizes and ETags (:func:`suti.storage.fingerprint`);
+    * a local folder: its path and every file's size and modification time (a model retrained
+      or copied over in place is another model, whichever of its files changed);
+    * a hub id: the id and, when it is in the local hub cache, the snapshot's commit (a newer
+      download of the same id is another model).
+    """
+    if model in list_presets():
+        return f"preset:{model}:{preset_fingerprint(load_preset(model))}"
+    if storage.is_remote(model):
+        return f"uri:{storage.resolve(model)}:{storage.fingerprint(model)}"
+    path = storage.local_path(model)  # a plain path or file:// URL
+    if path.exists():
+        return f"folder:{path.resolve()}:{storage.fingerprint(str(path.resolve()))}"
+    return f"hub:{model}{_hub_revision(model)}"
+
+
+def _hub_revision(model: str) -> str:
+    """``@<commit>`` of the hub id's snapshot in the local hub cache, else ``""``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "model_index.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id: no revision to add
+        return ""
+    return f"@{Path(found).parent.name}" if isinstance(found, str) else ""
+
+
 def default_resolution(model: str) -> int:
     """Native resolution of ``model`` (preset field, or 512 for checkpoints)."""
     if model in list_presets():
@@ -313,8 +344,9 @@ def check_model(model: str, flag: str = "--model") -> None:
 def local_model_folder(uri: str) -> Path:
     """The local folder of a pipeline at a storage URI (``s3://bucket/sd15``, ``file:///models/sd``):
     the folder itself when local, else a copy made once per machine in ``<suti cache>/remote``
-    (:func:`suti.storage.cached_copy`: keyed by the URI and the objects' ETags/sizes, under a file
-    lock), so that the nodes of a cluster without a shared filesystem each download it once.
+    (:func:`suti.storage.cached_copy`: keyed by the URI and the objects' sizes and ETags or
+    modification times, under a file lock), so that the nodes of a cluster without a shared
+    filesystem each download it once, and again whenever an object there changes.
 
     Raises:
         ModelLoadError: nothing at ``uri`` (or its protocol's package is missing).

@@ -353,10 +353,29 @@ def local_copy(uri: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: ``fs.info`` fields that change when an object's content changes, in order of preference: the
+#: first one present stamps the object (S3 ``ETag``, GCS/Azure ``etag``, local and SFTP ``mtime``,
+#: ``LastModified``/``last_modified``/``updated``, GCS ``generation``/``md5Hash``/``crc32c``, and
+#: last the memory filesystem's ``created``, which it renews on every write).
+STAMP_FIELDS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "generation", "md5Hash", "crc32c", "created")
+
+
+def _stamp(fs, path: str, info: dict) -> str:
+    """What identifies the object's current content: its first :data:`STAMP_FIELDS` value, else
+    (a filesystem that reports none) a hash of its bytes, so a changed object never keeps its key."""
+    import hashlib
+
+    for key in STAMP_FIELDS:
+        if info.get(key):
+            return str(info[key])
+    return "sha256:" + hashlib.sha256(fs.cat_file(path)).hexdigest()
+
+
 def fingerprint(uri: str | os.PathLike) -> str:
-    """What identifies the current content of a file or folder URI without reading it: the
-    sorted (relative path, size, ETag or modification time) of every file below it (fsspec's
-    ``find(detail=True)``), hashed.
+    """What identifies the current content of a file or folder URI: the sorted (relative path,
+    size, stamp) of every file below it (fsspec's ``find(detail=True)``; the stamp is the
+    object's ETag or modification time, :func:`_stamp`), hashed. fsspec's listing cache is
+    dropped first, so an object another process changed since is seen changed.
 
     Raises:
         MissingInputError: nothing exists at ``uri``.
@@ -365,14 +384,14 @@ def fingerprint(uri: str | os.PathLike) -> str:
     import json
 
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # s3fs caches listings: another writer's change must show
     try:
         found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
     except FileNotFoundError:
         found = {}
     if not found:
         raise MissingInputError(f"{resolve(uri)}: no such file or folder")
-    rows = sorted((posixpath.relpath(p, path) if p != path else "", info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""))
-                  for p, info in found.items())
+    rows = sorted((posixpath.relpath(p, path) if p != path else "", info.get("size"), _stamp(fs, p, info)) for p, info in found.items())
     return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
 
 
@@ -380,9 +399,10 @@ def cached_copy(uri: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
     """A local path for ``uri`` that lasts: ``uri`` itself when local; else a copy of the file or
     folder made once per machine under ``cache_root/<hash of uri and its fingerprint>/``, so that
     every process of a node (Ray workers, DeepSpeed ranks) reuses one download of a 1-7 GB model,
-    and a changed object (another ETag or size) is downloaded again. Concurrent callers wait on a
-    file lock; the copy is made in a temporary folder and renamed into place, so a killed
-    download is never used.
+    and a changed object (another size or stamp: ETag, modification time, :func:`fingerprint`)
+    is downloaded again: the cache is keyed on what is there now, never on the URI alone.
+    Concurrent callers wait on a file lock; the copy is made in a temporary folder and renamed
+    into place, so a killed download is never used.
 
     Raises:
         MissingInputError: nothing exists at ``uri``.

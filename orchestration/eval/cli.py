@@ -18,9 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="toy", help="base model (expert, base)")
     p.add_argument("--apprentice", default="toy", help="apprentice folder or toy (apprentice)")
     p.add_argument("--subjects", help="comma-separated subject names (default: all)")
-    p.add_argument("--prompts", type=int, help="first n prompt templates (default: all 25)")
+    p.add_argument("--prompts", type=int, help="first n prompt templates, n >= 1 (default: all of the subject's list, 25 in DreamBench)")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--output", required=True, help="results folder (rerunning reuses its images)")
+    p.add_argument("--output", required=True, help="results folder (rerunning reuses its images when the settings that made them are the same; else it is refused)")
     p.add_argument("--recipe", default="dreambooth", help="expert recipe")
     p.add_argument("--expert-steps", type=int, help="expert training steps (default: the recipe's)")
     p.add_argument("--num-class-images", type=int, help="prior-preservation images per expert")
@@ -35,12 +35,14 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from orchestration.eval.run import check_args, json_safe, run_eval
+    from orchestration.eval.run import check_args, check_reuse, json_safe, run_eval
 
     check_args(args)  # before the world dataset is written
     if args.dataset.startswith("world"):
         from orchestration.eval.worldbench import world_dataset
 
+        args.dataset_spec = args.dataset
+        check_reuse(args, None)  # a results folder of other settings is refused before its dataset is touched
         args.dataset = str(world_dataset(args.dataset, Path(args.output) / "dataset", seed=args.seed))
     overall = run_eval(args)
     print(json.dumps(json_safe(overall), allow_nan=False))

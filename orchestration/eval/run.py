@@ -2,13 +2,31 @@
 
 Layout of a results folder::
 
-    settings.json           method, model, backbones, prompts, seeds (and the PRES/DIV definitions)
+    settings.json           method, model, backbones, prompts, seeds (and the PRES/DIV definitions),
+                            every value as resolved (``dtype``, the number of prompts used), and
+                            ``images_key``: what made the images (below)
     images/<subject>/p{prompt:02d}_{k}.png      generated images (existing ones are never redone)
     experts/<subject>/      DreamBooth experts (method expert), reused when present
     per_image.csv|json      one row per image: subject, prompt, DINO, CLIP-I, CLIP-T (+ probe)
     per_subject.csv|json    means per subject, plus PRES and DIV where defined
     overall.csv|json        means over subjects
     grids/<subject>.png     real photos on top, one row per prompt
+
+Reuse: one results folder holds the images of one set of settings. Rerunning into it reuses its
+images and experts (and a ``world:N`` dataset written there) only when everything that made them
+is the same (:func:`images_key`): the method, the model (its fingerprint: preset content, a
+folder's files, an object store's ETags), the apprentice (its weights), the seed, ``--sample-steps``,
+``--guidance-scale``, the resolved ``--dtype``, ``--num-demos``, the expert's fully resolved
+training config (``--recipe`` content, ``--expert-steps``, ``--num-class-images``), ``--dataset``
+(for ``world:N`` the spec) and, per subject, its class, its prompt templates and (apprentice,
+expert) the photo contents. Otherwise the run is refused before anything is written, with one
+line naming each setting that differs: a folder is a record of one experiment, and silently
+scoring one method's table on another's images (or rewriting its images) would lose that
+record. What only chooses *which* images are made or how they are scored may change between
+runs: ``--subjects``, ``--prompts``, ``--images-per-prompt`` (more are added, fewer are scored),
+``--clip``/``--dino`` and ``--sample-batch-size`` (images do not depend on it, up to float
+rounding). The device is not keyed beyond the dtype it implies (CPU and GPU float32 images differ
+only by float rounding).
 """
 
 from __future__ import annotations
@@ -26,10 +44,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from suti.errors import InputError, ModelLoadError
+from suti.errors import InputError, ModelLoadError, OutputExistsError
 from orchestration.eval.dataset import EvalDataset, EvalSubject, load_dataset
 from orchestration.eval.metrics import diversity, mean_cosine_to_set, paired_cosine
 from suti import storage
+from suti.fingerprint import describe_differences, differences, digest, file_digest
 from suti.images import load_cached_image, load_image, save_image_atomic
 
 log = logging.getLogger(__name__)
@@ -125,10 +144,7 @@ class Generator:
                 instance.mkdir(parents=True, exist_ok=True)
                 for p in subject.images:
                     storage.write_bytes(instance / p.name, p.read_bytes())
-                overrides = dict(model=self.model, instance_dir=str(instance), class_noun=subject.class_noun, steps=self.args.expert_steps, seed=self.args.seed)
-                if self.args.num_class_images is not None:
-                    overrides["num_class_images"] = self.args.num_class_images
-                train_expert(resolve_config(self.args.recipe, overrides), folder, overwrite=True, progress=False)
+                train_expert(resolve_config(self.args.recipe, expert_overrides(self.args, subject.class_noun, str(instance))), folder, overwrite=True, progress=False)
             info = ExpertInfo.read(folder)
             pipe = load_expert(folder, device=device, torch_dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
@@ -146,8 +162,9 @@ def check_args(args) -> None:
     """Every check of the command line that needs no data, before anything is written.
 
     Raises:
-        InputError: an unknown method, a sampler number out of range, an unknown dtype, or a
-            model that cannot be loaded (:func:`suti.models.check_model`).
+        InputError: an unknown method, a sampler number out of range, ``--prompts``,
+            ``--num-demos`` or ``--expert-steps`` below 1, an unknown dtype, or a model that
+            cannot be loaded (:func:`suti.models.check_model`).
     """
     if args.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}")
@@ -156,10 +173,166 @@ def check_args(args) -> None:
     check_sampler_args(steps=args.sample_steps, num_images=args.images_per_prompt, guidance_scale=args.guidance_scale, seed=args.seed, sample_batch_size=getattr(args, "sample_batch_size", None),
                        flags={"steps": "--sample-steps", "num_images": "--images-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"})
     resolve_dtype(getattr(args, "dtype", None))
+    for flag, value in (("--prompts", getattr(args, "prompts", None)), ("--num-demos", getattr(args, "num_demos", None)), ("--expert-steps", getattr(args, "expert_steps", None))):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1 (got {value}){'; leave it out for all prompts' if flag == '--prompts' else ''}")
     if args.method in ("base", "expert"):
         from suti.models import check_model
 
         check_model(args.model)
+
+
+#: The entries of :func:`images_key` by the flag a user knows them by (for the refusal's line).
+KEY_FLAGS = {"method": "--method", "model": "--model", "apprentice": "--apprentice", "seed": "--seed", "sample_steps": "--sample-steps",
+             "guidance_scale": "--guidance-scale", "dtype": "--dtype", "num_demos": "--num-demos", "dataset": "--dataset",
+             "expert.steps": "--expert-steps", "expert.num_class_images": "--num-class-images", "expert.recipe": "--recipe"}
+#: Bumped whenever :func:`images_key` gains an entry, so an older key is never taken as equal.
+KEY_VERSION = 1
+
+
+def expert_overrides(args, class_noun: str, instance_dir: str) -> dict:
+    """The settings given to a subject's expert on top of ``--recipe`` (``None`` values: the recipe's)."""
+    return dict(model=args.model, instance_dir=instance_dir, class_noun=class_noun, steps=args.expert_steps,
+                seed=args.seed, num_class_images=args.num_class_images)
+
+
+def dataset_spec(args) -> str:
+    """``world:N`` for the synthetic world (N resolved), ``folder`` for a DreamBench folder (whose
+    content is keyed per subject, wherever it lives)."""
+    spec = str(getattr(args, "dataset_spec", None) or args.dataset)
+    if not spec.startswith("world"):
+        return "folder"
+    count = spec.split(":", 1)[1] if ":" in spec else "8"
+    return f"world:{int(count) if count.strip().isdigit() else count}"
+
+
+def resolved_dtype(args) -> str:
+    """The dtype the images are sampled in (``--dtype``, else fp16 on CUDA and fp32 on CPU)."""
+    from suti.models import default_device
+    from suti.sampling import resolve_dtype
+
+    return str(resolve_dtype(getattr(args, "dtype", None), default_device())).replace("torch.", "")
+
+
+def apprentice_fingerprint(value: str) -> str:
+    """What identifies ``--apprentice``: ``toy`` by the toy preset and the shipped adapter files'
+    content; a folder by its files' sizes and modification times."""
+    from suti.models import load_preset, preset_fingerprint
+
+    if value == "toy":
+        from apprentice.toy import WEIGHTS
+
+        files = sorted(p for p in WEIGHTS.rglob("*") if p.is_file()) if WEIGHTS.is_dir() else []
+        return f"toy:{preset_fingerprint(load_preset('toy'))}:{file_digest(files)}"
+    if Path(value).expanduser().exists():
+        return f"folder:{Path(value).expanduser().resolve()}:{storage.fingerprint(str(Path(value).expanduser().resolve()))}"
+    return value
+
+
+def expert_settings(args) -> dict:
+    """The experts' training config, resolved as :func:`experts.train.train_expert` gets it, less
+    the per-subject parts (model given as its fingerprint in the key, instance folder, class)."""
+    from experts import resolve_config
+
+    resolved = resolve_config(args.recipe, expert_overrides(args, "{class}", "")).to_dict()
+    return {k: v for k, v in resolved.items() if k not in ("model", "instance_dir", "class_noun")}
+
+
+def subject_key(dataset: EvalDataset, subject: EvalSubject, method: str, num_demos: int) -> dict:
+    """What of the dataset makes a subject's images: its class, its prompt templates and, for the
+    methods that see them, the content of its photos (the apprentice's first ``num_demos``)."""
+    out = {"class": subject.class_noun, "templates": digest(dataset.prompts_for(subject))}
+    if method in ("apprentice", "expert"):
+        out["photos"] = file_digest(subject.images[:num_demos] if method == "apprentice" else subject.images)
+    return out
+
+
+def images_key(args, dataset: EvalDataset | None) -> dict:
+    """Everything that makes a results folder's images and experts (module docstring), resolved;
+    ``subjects`` only when ``dataset`` is given."""
+    from suti.models import model_fingerprint
+
+    key = {"version": KEY_VERSION, "method": args.method, "dataset": dataset_spec(args)}
+    if args.method == "real":
+        return {**key, "seed": args.seed} if key["dataset"] != "folder" else key  # the world's photos depend on it
+    key.update(seed=args.seed, sample_steps=args.sample_steps, guidance_scale=float(args.guidance_scale), dtype=resolved_dtype(args))
+    if args.method in ("base", "expert"):
+        key["model"] = model_fingerprint(args.model)
+    if args.method == "apprentice":
+        key.update(apprentice=apprentice_fingerprint(args.apprentice), num_demos=args.num_demos)
+    if args.method == "expert":
+        key["expert"] = expert_settings(args)
+    if dataset is not None:
+        key["subjects"] = {s.name: subject_key(dataset, s, args.method, args.num_demos) for s in dataset.subjects}
+    return key
+
+
+def _has_cached_outputs(output: Path) -> bool:
+    """Whether ``output`` holds generated images or experts."""
+    return any(p.is_file() for d in ("images", "experts") for p in (output / d).rglob("*"))
+
+
+def key_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """The entries that differ between a recorded key and this run's; subjects are compared only
+    where both runs have them (``--subjects`` may change), and not at all without this run's.
+    Another method is named without the entries that only one of the two methods has."""
+    diffs = differences({k: v for k, v in old.items() if k != "subjects"}, {k: v for k, v in new.items() if k != "subjects"})
+    if "subjects" in new:
+        old_subjects = old.get("subjects") or {}
+        for name in sorted(set(old_subjects) & set(new["subjects"])):
+            diffs += differences(old_subjects[name], new["subjects"][name], f"subjects.{name}")
+    if any(name == "method" for name, _, _ in diffs):  # entries only one method has follow from it
+        diffs = [d for d in diffs if d[1] is not None and d[2] is not None]
+    return diffs
+
+
+def check_reuse(args, dataset: EvalDataset | None) -> dict:
+    """This run's :func:`images_key`, after refusing an ``--output`` whose cached images,
+    experts or world dataset were made with other settings. Writes nothing.
+
+    Raises:
+        OutputExistsError: one line naming each setting that differs (and the folder).
+    """
+    output = Path(args.output)
+    key = images_key(args, dataset)
+    path = output / "settings.json"
+    if not path.is_file():
+        if _has_cached_outputs(output):
+            raise OutputExistsError(f"--output {output}: holds images or experts but no settings.json, so what made them is unknown; use another --output")
+        return key
+    try:
+        old = json.loads(path.read_text()).get("images_key")
+    except (json.JSONDecodeError, AttributeError):
+        raise InputError(f"{path}: not a settings file of suti eval (not JSON); use another --output") from None
+    cached = _has_cached_outputs(output) or (key["dataset"] != "folder" and (output / "dataset").is_dir())
+    if not cached:
+        return key
+    if old is None:
+        raise OutputExistsError(f"--output {output}: its images were made by an older suti that did not record their settings; use another --output")
+    diffs = key_differences(old, key)
+    if diffs:
+        names = {n: _flag_name(n) for n, _, _ in diffs}
+        raise OutputExistsError(f"--output {output}: its images were made with other settings ({describe_differences(diffs, names)}); "
+                                f"use another --output, or delete {output / 'images'} and {output / 'experts'} to make them again")
+    return key
+
+
+def _flag_name(entry: str) -> str:
+    """How the refusal names a key entry: its flag (``--sample-steps``), ``--recipe <field>`` for
+    another expert setting, ``--dataset subject <name> <what>`` for a subject's data."""
+    if entry in KEY_FLAGS:
+        return KEY_FLAGS[entry]
+    if entry.startswith("subjects."):
+        name, what = entry.split(".", 1)[1].rsplit(".", 1)
+        return f"--dataset subject {name} {what}"
+    return f"--recipe {entry.split('.', 1)[1]}" if entry.startswith("expert.") else entry
+
+
+def prompts_used(args, dataset: EvalDataset) -> int | dict[str, int]:
+    """How many prompt templates each subject gets (``--prompts``, else all of its list): one
+    number, or one per subject where their lists differ in length."""
+    counts = {s.name: len(dataset.prompts_for(s)[: args.prompts or None]) for s in dataset.subjects}
+    return counts[dataset.subjects[0].name] if len(set(counts.values())) == 1 else counts
 
 
 def run_eval(args) -> dict:
@@ -170,12 +343,14 @@ def run_eval(args) -> dict:
     subjects = [s for s in args.subjects.split(",")] if args.subjects else None
     dataset = load_dataset(args.dataset, subjects)
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    key = check_reuse(args, dataset)  # before anything is written
     backbones, clip, dino = resolve_backbones(args.clip, args.dino)
+    output.mkdir(parents=True, exist_ok=True)
     settings = {
-        "dataset": str(Path(args.dataset).resolve()), "method": args.method, "model": args.model, "apprentice": args.apprentice,
-        "subjects": [s.name for s in dataset.subjects], "prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
-        "seed": args.seed, "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "dtype": getattr(args, "dtype", None), "backbones": backbones,
+        "dataset": str(Path(args.dataset).resolve()), "dataset_spec": getattr(args, "dataset_spec", None), "method": args.method, "model": args.model, "apprentice": args.apprentice,
+        "subjects": [s.name for s in dataset.subjects], "prompts": prompts_used(args, dataset), "images_per_prompt": args.images_per_prompt,
+        "seed": args.seed, "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "dtype": resolved_dtype(args), "backbones": backbones,
+        "num_demos": args.num_demos if args.method == "apprentice" else None, "images_key": key,
         "metrics": {"CLIP-I": "mean cosine of CLIP image embeddings, generated vs each real photo", "CLIP-T": "cosine of CLIP image and prompt (identifier removed) embeddings", "DINO": "mean cosine of DINO embeddings, generated vs each real photo", "PRES": "mean DINO cosine of images generated for 'a [class]' to the real photos (expert only; lower is better)", "DIV": "1 - mean pairwise DINO cosine among images of the same prompt (embedding-based, not LPIPS)"},
     }
     storage.write_text(output / "settings.json", json.dumps(settings, indent=2))
