@@ -73,6 +73,9 @@ def save_checkpoint(output: Path, step: int, params: dict[str, torch.nn.Paramete
     except BaseException:  # a full disk, an interrupt: no half-written .tmp-step-* is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from suti.storage import umask_modes
+
+    umask_modes(tmp)  # safetensors writes 0o600
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

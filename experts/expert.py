@@ -111,6 +111,7 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_
                 StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True)
             else:
                 StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+            storage.umask_modes(Path(tmp) / LORA_FILE)  # safetensors writes 0o600
             os.replace(Path(tmp) / LORA_FILE, output / LORA_FILE)
         kind, weights = "lora", LORA_FILE
     else:

@@ -207,6 +207,9 @@ def cached_build(folder: Path, build, marker: str = "model_index.json") -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             build(tmp)
+            from suti.storage import umask_modes
+
+            umask_modes(tmp)  # mkdtemp's 0o700 would hide the cache from other users
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)

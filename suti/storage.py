@@ -222,6 +222,7 @@ def save_pretrained_atomic(model, folder: str | os.PathLike, *, last: tuple[str,
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
     try:
         model.save_pretrained(str(tmp), **kwargs)
+        umask_modes(tmp)
         entries = sorted(tmp.iterdir(), key=lambda p: (p.name in last, p.name))
         for entry in entries:
             dest = folder / entry.name
@@ -231,6 +232,21 @@ def save_pretrained_atomic(model, folder: str | os.PathLike, *, last: tuple[str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def umask_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the modes a plain ``open`` or
+    ``mkdir`` would have: ``0o666`` / ``0o777`` less the process's umask. Temporary files and
+    folders (``tempfile``, safetensors' own temporary file) are created ``0o600`` / ``0o700``, so
+    without this a renamed-into-place weight file or cache folder is unreadable to the other
+    users and containers that share it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root = Path(path)
+    for entry in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -249,6 +265,7 @@ def atomic_local_path(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask_modes(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -433,6 +450,7 @@ def cached_copy(uri: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
             else:
                 fs.get_file(remote, str(part))
             shutil.rmtree(entry, ignore_errors=True)  # a leftover without its content
+            umask_modes(tmp)
             os.replace(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -89,3 +89,27 @@ def test_expert_train_resumed_with_a_new_rate_records_what_ran(instance_dir, tmp
     config = json.loads((out / "expert.json").read_text())["config"]
     assert config["lora_learning_rate"] == 5e-4
     assert config["extra"]["resumes"] == [{"checkpoint": "step-000002", "step": 2, "changed": {"learning_rate": [pytest.approx(0.01), pytest.approx(0.05)]}}]
+
+
+def test_weights_and_checkpoints_are_written_with_the_umasks_modes(instance_dir, tmp_path):
+    """safetensors writes its file 0o600 and tempfile makes folders 0o700: renamed into place
+    they would be unreadable to other users; every weight writer gives them the umask's modes."""
+    import os
+    import stat
+
+    from orchestration.cli import main
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "e"
+        assert main(["expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "toy", "--output", str(out),
+                     "--no-prior-preservation", "--lora-rank", "2", "--steps", "1", "--checkpointing-steps", "1"]) == 0
+        full = tmp_path / "f"
+        assert main(["expert", "train", "--model", "tiny", "--instance-dir", str(instance_dir), "--class-noun", "toy", "--output", str(full),
+                     "--no-prior-preservation", "--steps", "1"]) == 0
+    finally:
+        os.umask(old)
+    files = [out / "pytorch_lora_weights.safetensors", *(out / "checkpoints").rglob("*.safetensors"), *(full / "pipeline").rglob("*.safetensors")]
+    assert len(files) >= 3
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in (out / "checkpoints").iterdir()} == {"0o755"}
