@@ -42,6 +42,18 @@ def no_leaked_distributed_state():
             os.environ[key] = value
 
 
+def exit_code(argv: list[str]) -> int:
+    """The exit status of ``suti ARGV``: ``main``'s return value, or the code of the
+    ``SystemExit`` that argparse raises for a value refused while parsing (exit 2: a numeric flag
+    whose kind, :mod:`suti.checks`, refuses it)."""
+    from orchestration.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def draw_subject(seed: int, size: int = 48) -> Image.Image:
     """A red-and-yellow striped star on a random pastel background, in a random pose."""
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import draw_subject
+from conftest import draw_subject, exit_code
 from orchestration.cli import main
 
 PROMPTS = """Classes
@@ -52,7 +52,7 @@ def _eval(root, out, method, *extra):
             "--dino", "toy-identity", "--images-per-prompt", "1", "--sample-steps", "2", *extra]
     if "--prompts" not in extra:
         args += ["--prompts", "1"]
-    return main(args)
+    return exit_code(args)
 
 
 def _tree(folder: Path) -> dict:
@@ -93,7 +93,7 @@ def test_eval_refuses_another_methods_or_samplers_images_naming_the_settings(tmp
 def test_eval_prompts_must_be_positive_and_settings_record_the_resolved_values(tmp_path, capsys):
     root = make_bench(tmp_path / "bench")
     assert _eval(root, tmp_path / "zero", "base", "--prompts", "0") == 2  # was: all prompts, settings saying 0
-    _refused(capsys, "--prompts must be at least 1 (got 0)")
+    _refused(capsys, "--prompts: must be a whole number from 1 to 10000, got 0")
     assert not (tmp_path / "zero").exists()
     assert main(["eval", "--dataset", str(root), "--method", "base", "--model", "tiny", "--output", str(tmp_path / "all"), "--clip", "toy-clip",
                  "--dino", "toy-identity", "--images-per-prompt", "1", "--sample-steps", "2"]) == 0

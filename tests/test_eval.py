@@ -138,3 +138,12 @@ def test_world_dataset_is_scored_by_the_probe(tmp_path, capsys):
     assert overall["probe_attributes"] >= overall["probe_identity"]
     assert overall["probe_class"] > 0.9 and overall["probe_attributes"] > 0.8, overall
     assert "probe_attributes" in capsys.readouterr().out
+
+
+def test_a_subject_named_twice_counts_once(tmp_path, caplog):
+    root = make_bench(tmp_path / "bench")
+    names = [s.name for s in load_dataset(root).subjects]
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(root, [names[0], names[0], " ", names[-1]])
+    assert [s.name for s in ds.subjects] == [names[0], names[-1]]
+    assert any("each subject counts once" in r.getMessage() for r in caplog.records)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from suti import checks
 from suti.cli_format import HelpFormatter
+from suti.sampling import GUIDANCE_SCALE, NUM_IMAGES, SEED, STEPS
 
 
 def register(subparsers) -> None:
@@ -18,16 +20,16 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="toy", help="base model (expert, base)")
     p.add_argument("--apprentice", default="toy", help="apprentice folder or toy (apprentice)")
     p.add_argument("--subjects", help="comma-separated subject names (default: all)")
-    p.add_argument("--prompts", type=int, help="first n prompt templates, n >= 1 (default: all of the subject's list, 25 in DreamBench)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--prompts", type=checks.whole(1, 10_000), help="first n prompt templates, n >= 1 (default: all of the subject's list, 25 in DreamBench)")
+    p.add_argument("--images-per-prompt", type=NUM_IMAGES, default=4)
     p.add_argument("--output", required=True, help="results folder (rerunning reuses its images when the settings that made them are the same; else it is refused)")
     p.add_argument("--recipe", default="dreambooth", help="expert recipe")
-    p.add_argument("--expert-steps", type=int, help="expert training steps (default: the recipe's)")
-    p.add_argument("--num-class-images", type=int, help="prior-preservation images per expert")
-    p.add_argument("--num-demos", type=int, default=3, help="apprentice demonstrations (the first n photos)")
-    p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert-steps", type=checks.whole(1, 10_000_000), help="expert training steps (default: the recipe's)")
+    p.add_argument("--num-class-images", type=checks.whole(0, 1_000_000), help="prior-preservation images per expert")
+    p.add_argument("--num-demos", type=checks.whole(1, 8), default=3, help="apprentice demonstrations (the first n photos)")
+    p.add_argument("--sample-steps", type=STEPS, default=25)
+    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=5.0)
+    p.add_argument("--seed", type=SEED, default=0)
     add_sampler_flags(p)
     p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
     p.add_argument("--dino", default="auto", help="DINO backbone: auto (dino-vits16, else toy-identity), or a scorer name")

@@ -8,6 +8,7 @@ templates with ``{V}`` (identifier) and ``{class}`` placeholders.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from suti.images import list_image_files, load_image
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = {"dog", "cat"}  # DreamBooth's live subjects
 _PROMPT_RE = re.compile(r"""^\s*['"](.*)['"]\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?\s*$""")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,7 +90,8 @@ def parse_prompts_and_classes(path: str | Path) -> tuple[dict[str, str], list[st
 
 
 def load_dataset(root: str | Path, subjects: list[str] | None = None, validate_images: bool = True) -> EvalDataset:
-    """Read a DreamBench-layout folder; ``subjects`` restricts to those names (in that order).
+    """Read a DreamBench-layout folder; ``subjects`` restricts to those names (in that order; a
+    name given twice counts once, with a warning: ``--subjects dog,dog`` is one subject).
 
     Raises :class:`InputError` for a subject listed without a folder, a requested subject that is
     not listed, an empty folder or (with ``validate_images``) a bad image, naming it.
@@ -96,7 +100,9 @@ def load_dataset(root: str | Path, subjects: list[str] | None = None, validate_i
     if not root.is_dir():
         raise InputError(f"{root}: no such dataset folder")
     classes, objects, live = parse_prompts_and_classes(root / PROMPTS_FILE)
-    names = subjects or sorted(classes)
+    names = list(dict.fromkeys(n.strip() for n in subjects if n.strip())) if subjects else sorted(classes)
+    if subjects and len(names) < len(subjects):
+        log.warning("--subjects %s: each subject counts once (%s)", ",".join(subjects), ",".join(names))
     out = []
     for name in names:
         if name not in classes:
