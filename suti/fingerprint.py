@@ -44,7 +44,11 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, An
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal as JSON would store them (a tuple equals a list, 5 equals 5.0)."""
+    """Equal as JSON would store them (a tuple equals a list, 5 equals 5.0). A hub model
+    recorded before it was downloaded (``hub:ID``, no revision known) is the same as the snapshot
+    that the download then brought (``hub:ID@commit``, :func:`suti.models.model_fingerprint`)."""
+    if isinstance(a, str) and isinstance(b, str) and a.startswith("hub:") and b.startswith("hub:") and "@" in a + b:
+        return a.split("@")[0] == b.split("@")[0] and ("@" not in a or "@" not in b or a == b)
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str) or a == b
 
 

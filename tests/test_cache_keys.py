@@ -230,3 +230,11 @@ def test_fingerprint_hashes_the_bytes_where_the_filesystem_reports_no_stamp(memo
     first = storage.fingerprint(f"memory://{path}/weights.bin")
     fs.pipe_file(f"{path}/weights.bin", b"owt")
     assert storage.fingerprint(f"memory://{path}/weights.bin") != first
+
+
+def test_a_hub_model_recorded_before_its_download_matches_the_snapshot_it_then_got():
+    from suti.fingerprint import differences
+
+    assert differences({"model": "hub:org/model"}, {"model": "hub:org/model@abc123"}) == []
+    assert differences({"model": "hub:org/model@abc123"}, {"model": "hub:org/model@def456"}) != [], "another snapshot is another model"
+    assert differences({"model": "hub:org/model"}, {"model": "hub:org/other@abc123"}) != []
