@@ -16,8 +16,8 @@ from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE
 def register(subparsers):
     """Add the ``apprentice`` command group; returns its subcommands' action, to which the root
     command line adds ``pack-photos`` (:func:`mining.cli.register_pack_photos`)."""
-    from apprentice.train_config import build_arg_parser
-    from suti.sampling import add_sampler_flags
+    from apprentice.train_config import build_arg_parser, launch_number
+    from suti.sampling import GUIDANCE_SCALE, NUM_IMAGES, SEED, STEPS, add_sampler_flags
 
     group = subparsers.add_parser("apprentice", help="train and query the in-context apprentice")
     sub = group.add_subparsers(dest="apprentice_command", metavar="SUBCOMMAND")
@@ -25,11 +25,11 @@ def register(subparsers):
     train = sub.add_parser("train", help="train the apprentice with DeepSpeed on generation shards", formatter_class=HelpFormatter)
     build_arg_parser(train)
     launch = train.add_argument_group("launch (torchrun, or the deepspeed launcher with --hostfile)")
-    launch.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs per node)")
-    launch.add_argument("--nnodes", type=int, default=1, help="nodes; run the same command on each node with its --node-rank")
-    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
+    launch.add_argument("--nproc", type=launch_number("nproc"), default=1, help="processes per node (GPUs per node)")
+    launch.add_argument("--nnodes", type=launch_number("nnodes"), default=1, help="nodes; run the same command on each node with its --node-rank")
+    launch.add_argument("--node-rank", type=launch_number("node_rank"), default=0, help="this node's rank, 0 .. nnodes-1")
     launch.add_argument("--master-addr", help="address of node 0, reachable from every node (multi-node)")
-    launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 for the rendezvous")
+    launch.add_argument("--master-port", type=launch_number("master_port"), default=29500, help="TCP port (1-65535) on node 0 for the rendezvous")
     launch.add_argument("--hostfile", help="a DeepSpeed hostfile (\"host slots=N\" lines): launch on all its hosts over ssh with the deepspeed launcher, from one node")
     train.set_defaults(func=_train, local_paths=("hostfile",))
 
@@ -38,12 +38,12 @@ def register(subparsers):
     sample.add_argument("--demos", nargs="+", required=True, help="1-8 photos of the subject")
     sample.add_argument("--demo-captions", nargs="+", help="one caption per photo")
     sample.add_argument("--prompt", required=True, help="the target prompt, e.g. \"a cup in the snow\"")
-    sample.add_argument("--num-images", type=int, default=4)
+    sample.add_argument("--num-images", type=NUM_IMAGES, default=4, help="images to generate")
     sample.add_argument("--output", required=True, help="folder for the PNG files")
-    sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--guidance-scale", type=float, default=5.0, help="text guidance")
-    sample.add_argument("--demo-guidance-scale", type=float, default=DEFAULT_DEMO_GUIDANCE_SCALE, help="demonstration guidance s_demo: higher carries more of the subject, less of the prompt (default: %(default)s)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=STEPS, default=25, help="denoising steps")
+    sample.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=5.0, help="text guidance")
+    sample.add_argument("--demo-guidance-scale", type=GUIDANCE_SCALE, default=DEFAULT_DEMO_GUIDANCE_SCALE, help="demonstration guidance s_demo: higher carries more of the subject, less of the prompt (default: %(default)s)")
+    sample.add_argument("--seed", type=SEED, default=0, help="image k uses seed + k")
     add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true")
     sample.set_defaults(func=_sample, local_paths=("apprentice", "demos", "output"))

@@ -66,17 +66,36 @@ _ds_config = load_deepspeed_config  # the name tests and older callers import
 
 
 def check_inputs(config: ApprenticeTrainConfig) -> None:
-    """Every check that needs no model: option ranges, the shard patterns, the DeepSpeed config
-    (``InputError`` naming the option, pattern or file). Run by the launching process too, so a
-    bad option never reaches torchrun's workers."""
+    """Every check that needs no model: option ranges (each numeric option by its kind, as the
+    command line parses it), the shard patterns (each weighted pattern on its own), the DeepSpeed
+    config (``InputError`` naming the option, pattern or file). Run by the launching process too,
+    so a bad option never reaches torchrun's workers, and before the output is claimed, so a
+    refused run writes nothing (not even ``logs/``) and the next run does not find the output
+    "not empty"."""
     from apprentice.data import expand_shards
-    from suti.models import check_model, config_path
+    from suti.models import check_model
 
     config.validate()
     check_model(config.model)
     expand_shards(config.shards)
-    if not config_path("deepspeed", config.deepspeed_config, ".json").is_file():
-        raise InputError(f"{config.deepspeed_config}: no such DeepSpeed config")
+    if config.shard_weights is not None:  # each weighted pattern is read as a stream of its own
+        patterns = [config.shards] if isinstance(config.shards, str) else list(config.shards)
+        for pattern, weight in zip(patterns, config.shard_weights):
+            if weight > 0:
+                expand_shards(pattern)
+    load_deepspeed_config(config.deepspeed_config, config, "cpu")  # exists, is a JSON object, its precision fits
+
+
+def warn_about_schedule(config: ApprenticeTrainConfig) -> None:
+    """Log one warning when the DeepSpeed config's learning-rate schedule warms up for at least
+    ``--steps`` steps: the run ends before the rate reaches ``--learning-rate``."""
+    ds = load_deepspeed_config(config.deepspeed_config, config, "cpu")
+    scheduler = ds.get("scheduler") if isinstance(ds.get("scheduler"), dict) else {}
+    params = scheduler.get("params") if isinstance(scheduler.get("params"), dict) else {}
+    warmup = params.get("warmup_num_steps")
+    if isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and warmup >= config.steps:
+        log.warning("the DeepSpeed config's %s scheduler warms up for %s steps, not fewer than --steps %d: the learning rate never reaches "
+                    "its set value in this run (shorten warmup_num_steps or raise --steps)", scheduler.get("type", "learning-rate"), warmup, config.steps)
 
 
 def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path | str:
@@ -114,6 +133,8 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
     config.image_encoder = image_encoder_for(config)
     check_inputs(config)  # fail early (bad options, shard patterns), before any process group or model
     rank, world, device = init_distributed()
+    if rank == 0:
+        warn_about_schedule(config)
     decision = agree_on_output(config, resume, overwrite, rank)
     if decision.get("finished"):
         msg = f"{output}: this run already finished at step {decision['state']['step']} (--steps {config.steps}); nothing to do (raise --steps to train on)"
@@ -132,7 +153,7 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
     data = training_batches(config, data_seed)
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None
-    gen = torch.Generator().manual_seed(config.seed * 7919 + rank + 104729 * step)
+    gen = torch.Generator().manual_seed((config.seed * 7919 + rank + 104729 * step) % 2**64)  # any --seed (up to 2**63 - 1): torch takes 64 bits
     run = _Run(config, rank, world, device, base, module, engine, trainable, dtype, scorer, teacher, ema, scheduler, gen, encode_text(base, [""], device, config.resolution))
 
     start_step = step

@@ -55,28 +55,35 @@ class ApprenticeTrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise :class:`~suti.errors.InvalidValueError` naming the first out-of-range option."""
+        """Raise :class:`~suti.errors.InvalidValueError` naming the first out-of-range option.
+
+        Every numeric field is checked by its kind (:func:`apprentice_number`, the same kinds the
+        command line's flags parse with), so a config built without the command line (a Python
+        caller, a benchmark, a checkpoint's config) is refused the same way: ``nan``, ``inf`` and
+        out-of-range values never reach the training loop."""
         from suti.errors import InvalidValueError
 
         def need(ok: bool, option: str, rule: str, value) -> None:
             if not ok:
                 raise InvalidValueError(f"{option} must be {rule}, got {value}")
 
-        need(self.steps >= 1, "--steps", ">= 1", self.steps)
-        need(self.batch_size >= 1, "--batch-size", ">= 1", self.batch_size)
-        need(self.learning_rate > 0 and self.learning_rate == self.learning_rate, "--learning-rate", "> 0", self.learning_rate)
-        need(self.base_learning_rate is None or self.base_learning_rate > 0, "--base-learning-rate", "> 0", self.base_learning_rate)
+        for name, kind in _apprentice_numbers().items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            option = _OPTION.get(name, "--" + name.replace("_", "-"))
+            if name == "shard_weights":
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                    raise InvalidValueError(f"{option} must be a list of weights, one per --shards pattern, got {value!r}")
+                for weight in value:
+                    kind.check(weight, option)
+            else:  # a whole number given as 2.0 is stored as 2
+                setattr(self, name, kind.check(value, option))
         need(self.base_learning_rate is None or not self.freeze_base, "--base-learning-rate", "unset with --freeze-base (the U-Net does not train)", self.base_learning_rate)
-        need(1 <= self.num_demos <= 8, "--num-demos", "in 1..8", self.num_demos)
-        need(self.save_steps >= 0, "--save-steps", ">= 0 (0: a checkpoint only at the end)", self.save_steps)
-        need(self.keep_checkpoints >= 1, "--keep-checkpoints", ">= 1", self.keep_checkpoints)
-        need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
-        need(0.0 <= self.ema_decay < 1.0, "--ema-decay", "in [0, 1)", self.ema_decay)
-        for option, value in (("--self-target", self.self_target), ("--caption-prompt", self.caption_prompt), ("--demo-caption", self.demo_caption),
-                              ("--caption-distillation", self.caption_distillation), ("--copy-view", self.copy_view), ("drop_text", self.drop_text), ("drop_demos", self.drop_demos), ("drop_both", self.drop_both)):
-            need(0.0 <= value <= 1.0, option, "in [0, 1]", value)
-        need(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma", "> 0", self.snr_gamma)
-        need(self.subject_tokens >= 0, "--subject-tokens", ">= 0", self.subject_tokens)
+        if self.shard_weights is not None:
+            patterns = 1 if isinstance(self.shards, str) else len(self.shards)
+            need(len(self.shard_weights) == patterns, "--shard-weights", f"one weight per --shards pattern ({patterns})", " ".join(map(str, self.shard_weights)))
+            need(any(w > 0 for w in self.shard_weights), "--shard-weights", "not all 0", " ".join(map(str, self.shard_weights)))
         need(self.subject_tokens == 0 or self.method == "attention", "--subject-tokens", "0 with --method reference", self.subject_tokens)
         need(not self.demo_position_bias or self.method == "attention", "--demo-position-bias", "off with --method reference (its attention has no trained weights)", "on")
         if self.subject_tokens and self.image_encoder not in (None, "unet-features"):  # apprentice.adapter.UNET_FEATURES needs no scorer
@@ -84,49 +91,103 @@ class ApprenticeTrainConfig:
 
             check_scorer_for_model(self.image_encoder, self.model)
         if self.resolution is not None:
-            need(self.resolution >= 8 and self.resolution % 8 == 0, "--resolution", "a positive multiple of 8", self.resolution)
+            need(self.resolution % 8 == 0, "--resolution", "a positive multiple of 8", self.resolution)
+
+
+#: Fields whose option is not ``--`` + the field's name with dashes (not flags of their own).
+_OPTION = {"drop_text": "drop_text", "drop_demos": "drop_demos", "drop_both": "drop_both", "demo_timestep": "demo_timestep"}
+
+
+def _apprentice_numbers() -> dict:
+    """The kind of every numeric :class:`ApprenticeTrainConfig` field (:mod:`suti.checks`): one
+    table for the command line's flags (``type=``) and :meth:`ApprenticeTrainConfig.validate`
+    (``shard_weights``: the kind of each weight)."""
+    from suti import checks
+    from suti.sampling import MAX_SIDE
+
+    return {
+        "steps": checks.whole(1, 10_000_000),
+        "batch_size": checks.whole(1, 4096),
+        "learning_rate": checks.LEARNING_RATE,
+        "base_learning_rate": checks.LEARNING_RATE,
+        "num_demos": checks.whole(1, 8),
+        "drop_text": checks.PROBABILITY,
+        "drop_demos": checks.PROBABILITY,
+        "drop_both": checks.PROBABILITY,
+        "demo_timestep": checks.whole(0, 999),  # a DDPM timestep (num_train_timesteps 1000)
+        "ema_decay": checks.BETA,  # [0, 1); 0: no EMA
+        "save_steps": checks.whole(0, 10_000_000),  # 0: a checkpoint only at the end
+        "keep_checkpoints": checks.whole(1, 100_000),
+        "seed": checks.SEED,
+        "resolution": checks.whole(8, MAX_SIDE),  # and a multiple of 8
+        "min_delta_clip": checks.real(-2.0, 2.0),  # delta-CLIP: a difference of two cosines
+        "self_target": checks.PROBABILITY,
+        "caption_prompt": checks.PROBABILITY,
+        "demo_caption": checks.PROBABILITY,
+        "shard_weights": checks.real(0.0, 1e6),  # each weight; not all 0
+        "num_workers": checks.whole(0, 1024),  # 0: load in the training process
+        "subject_tokens": checks.whole(0, 256),  # 0: no subject channel
+        "snr_gamma": checks.real(0.0, 1e3, lo_open=True),
+        "copy_view": checks.PROBABILITY,
+        "caption_distillation": checks.PROBABILITY,
+    }
+
+
+def apprentice_number(name: str):
+    """The :class:`suti.checks.Number` of an :class:`ApprenticeTrainConfig` field (an ``argparse`` type)."""
+    return _apprentice_numbers()[name]
+
+
+def launch_number(name: str):
+    """The :class:`suti.checks.Number` of a launcher flag: ``suti apprentice train --nproc``
+    (processes per node), ``--nnodes``, ``--node-rank``, ``--master-port`` (a TCP port) and the
+    DeepSpeed launcher's ``--local_rank``."""
+    from suti import checks
+
+    return {"nproc": checks.whole(1, 1024), "nnodes": checks.whole(1, 100_000), "node_rank": checks.whole(0, 99_999),
+            "master_port": checks.whole(1, 65535), "local_rank": checks.whole(0, 1023)}[name]
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``suti apprentice train`` (also ``python -m apprentice.train``)."""
     p = parser or ArgumentParser(prog="apprentice.train", description=_train_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, nargs="+", help='shards of `suti generate` and/or `suti apprentice pack-photos`: folders, globs, brace ranges or single shards, local or any fsspec URI (s3://...), e.g. "SH/*.tar" "PH/*.tar"')
-    p.add_argument("--shard-weights", type=float, nargs="+", help="one weight per --shards pattern: the share of examples drawn from each (e.g. 3 1 for expert shards 3 : 1 photo shards); default: all patterns read as one list")
+    p.add_argument("--shard-weights", type=apprentice_number("shard_weights"), nargs="+", help="one weight per --shards pattern: the share of examples drawn from each (e.g. 3 1 for expert shards 3 : 1 photo shards); default: all patterns read as one list")
     p.add_argument("--resampled-shards", action="store_true", help="each process draws shards with replacement (reads only those; for many shards and processes) instead of reading all shards for an equal share of samples")
     p.add_argument("--model", default="toy", help="base model preset, folder or hub id")
     p.add_argument("--output", required=True, help="apprentice folder or URI (s3://...) to write; checkpoints go to OUTPUT/checkpoints")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
-    p.add_argument("--learning-rate", type=float, default=1e-4, help="learning rate of the trainable weights (AdamW or Adafactor; default 1e-4); a resume may change it, with a warning")
-    p.add_argument("--base-learning-rate", type=float, help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate. A resume takes the rates given now, not the checkpoint's: repeat it (a resume warns when a rate changes)")
+    p.add_argument("--steps", type=apprentice_number("steps"), default=1000, help="optimizer steps of the whole run (a resume may raise it)")
+    p.add_argument("--batch-size", type=apprentice_number("batch_size"), default=4, help="micro-batch per process")
+    p.add_argument("--learning-rate", type=apprentice_number("learning_rate"), default=1e-4, help="learning rate of the trainable weights (AdamW or Adafactor; default 1e-4); a resume may change it, with a warning")
+    p.add_argument("--base-learning-rate", type=apprentice_number("base_learning_rate"), help="learning rate of the U-Net's own weights when they train (without --freeze-base), so that the demonstration layers can learn fast while the base stays near its prior; default: --learning-rate. A resume takes the rates given now, not the checkpoint's: repeat it (a resume warns when a rate changes)")
     p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     p.add_argument("--freeze-base", action="store_true", help="train only the demonstration-attention layers")
-    p.add_argument("--num-demos", type=int, default=3)
+    p.add_argument("--num-demos", type=apprentice_number("num_demos"), default=3, help="demonstrations per example, 1 to 8")
     p.add_argument("--method", choices=["attention", "reference"], default="attention")
-    p.add_argument("--subject-tokens", type=int, default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
+    p.add_argument("--subject-tokens", type=apprentice_number("subject_tokens"), default=0, help="add a global subject channel of N tokens beside the demonstration attention (IP-Adapter-style: the demos' mean image embedding, attended to by every cross-attention); 0: none")
     p.add_argument("--image-encoder", help="scorer that embeds the demos for --subject-tokens (toy-clip, openai-clip-vit-b-32...; default: the model's scorer), or unet-features: a learned resampler (IP-Adapter-Plus's) reads the demos' own U-Net features at the first self-attention on the down path, every token with its place, instead of one pooled embedding per demo")
-    p.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 is the usual value): down-weights the low-noise timesteps whose large noise-prediction error otherwise dominates the loss; default: plain MSE")
+    p.add_argument("--snr-gamma", type=apprentice_number("snr_gamma"), help="Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 is the usual value): down-weights the low-noise timesteps whose large noise-prediction error otherwise dominates the loss; default: plain MSE")
     p.add_argument("--demo-position-bias", action="store_true", help="add a learned per-head bias -w*d^2 (d: distance between a token's position and a demonstration token's; w starts at 0) to the demonstration attention, so that a noisy image can take each position's content from the same place in the demos (layout, silhouette)")
-    p.add_argument("--caption-distillation", type=float, default=0.0, metavar="W", help="learning from a privileged caption: in reconstruction examples prompted with the class only, the target becomes (1-W) * the true target + W * the frozen base's prediction given the target photo's own alt text (in the world: class, colour, pattern and scene), so the demos learn what that caption adds, with far less noise than the true target alone; 0 (default): off, 1: only the teacher")
-    p.add_argument("--copy-view", type=float, default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a view of the target photo itself (mirrored half the time, re-cropped) in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
-    p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--caption-distillation", type=apprentice_number("caption_distillation"), default=0.0, metavar="W", help="learning from a privileged caption: in reconstruction examples prompted with the class only, the target becomes (1-W) * the true target + W * the frozen base's prediction given the target photo's own alt text (in the world: class, colour, pattern and scene), so the demos learn what that caption adds, with far less noise than the true target alone; 0 (default): off, 1: only the teacher")
+    p.add_argument("--copy-view", type=apprentice_number("copy_view"), default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a view of the target photo itself (mirrored half the time, re-cropped) in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
+    p.add_argument("--ema-decay", type=apprentice_number("ema_decay"), default=0.0, help="decay of an exponential moving average of the trainable weights, saved instead of them, in [0, 1) (0: no EMA)")
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
-    p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
+    p.add_argument("--resolution", type=apprentice_number("resolution"), help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute U-Net activations in the backward pass (less memory, ~30%% slower)")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per training process")
-    p.add_argument("--save-steps", type=int, default=500)
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in OUTPUT/checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-delta-clip", type=float, help="train only on samples whose delta-CLIP exceeds this (lambda ablation)")
-    p.add_argument("--self-target", type=float, default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
-    p.add_argument("--caption-prompt", type=float, default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
-    p.add_argument("--demo-caption", type=float, default=1.0, help="share of examples whose demonstrations are encoded with their own alt texts; the rest get 'a <class noun>', as a class-only query does")
+    p.add_argument("--num-workers", type=apprentice_number("num_workers"), default=0, help="data-loader worker processes per training process")
+    p.add_argument("--save-steps", type=apprentice_number("save_steps"), default=500, help="a checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=apprentice_number("keep_checkpoints"), default=2, help="newest checkpoints kept in OUTPUT/checkpoints")
+    p.add_argument("--seed", type=apprentice_number("seed"), default=0, help="seed of the data order, dropout and noise")
+    p.add_argument("--min-delta-clip", type=apprentice_number("min_delta_clip"), help="train only on samples whose delta-CLIP exceeds this, in [-2, 2] (lambda ablation)")
+    p.add_argument("--self-target", type=apprentice_number("self_target"), default=0.0, help="share of expert examples whose target is one of the cluster's own photos instead of the expert's sample (0: the paper's training)")
+    p.add_argument("--caption-prompt", type=apprentice_number("caption_prompt"), default=0.5, help="share of reconstruction examples (photo shards, --self-target) prompted with the target photo's alt text instead of 'a <class noun>'")
+    p.add_argument("--demo-caption", type=apprentice_number("demo_caption"), default=1.0, help="share of examples whose demonstrations are encoded with their own alt texts; the rest get 'a <class noun>', as a class-only query does")
     p.add_argument("--resume", help='"latest" (the newest intact checkpoint) or a checkpoint tag (step-N) under OUTPUT/checkpoints; pass the same '
                    "settings again: those that decide what trains (model, --freeze-base, --method, --optimizer, the subject channel...) must match, "
                    "the learning rates may change (with a warning), --steps may grow")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty OUTPUT and start again (without it and without --resume, a non-empty OUTPUT is an error)")
     # the deepspeed launcher passes --local_rank=N to every process (torchrun sets LOCAL_RANK instead)
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=launch_number("local_rank"), default=None, help=argparse.SUPPRESS)
     return p
 
 

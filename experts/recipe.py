@@ -164,6 +164,24 @@ class ExpertConfig:
         check_sampler_args(sample_batch_size=self.sample_batch_size, flags=True)
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise InputError("--use-8bit-adam needs --optimizer adamw")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":  # diffusers' constant schedule has no warmup
+            _warn_once(f"--lr-warmup-steps {self.lr_warmup_steps} has no effect with --lr-scheduler constant (use constant_with_warmup to warm up)")
+        elif self.lr_warmup_steps >= self.steps:
+            _warn_once(f"--lr-warmup-steps {self.lr_warmup_steps} is not below --steps {self.steps}: the {self.lr_scheduler} schedule is still warming up when "
+                       f"the run ends, so the learning rate never reaches its set value (shorten the warmup or raise --steps)")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning once per process (a config is validated by the command, by
+    :func:`experts.train.train_expert` and by each generation task: one line is enough)."""
+    if message not in _warned:
+        _warned.add(message)
+        import logging
+
+        logging.getLogger(__name__).warning(message)
 
 
 def _expert_numbers() -> dict:

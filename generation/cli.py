@@ -10,6 +10,8 @@ from suti.cli_format import HelpFormatter
 
 def register(subparsers) -> None:
     """Add ``suti generate``."""
+    from experts.recipe import expert_number
+    from generation.config import generate_number
     from suti.sampling import add_sample_batch_flag
 
     p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=HelpFormatter)
@@ -18,29 +20,29 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="folder or object-store prefix for the shards, manifest and staging (local path or URI)")
     p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, tiny-sdxl, sd15-arch, sdxl-arch), a diffusers folder or a hub id")
     p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
-    p.add_argument("--steps", type=int, help="expert steps (overrides the recipe)")
-    p.add_argument("--lora-rank", type=int, help="train LoRA experts of this rank")
-    p.add_argument("--lambda", dest="lambda_", type=float, default=0.02, help="keep samples with delta-CLIP > lambda")
+    p.add_argument("--steps", type=generate_number("steps"), help="expert steps (overrides the recipe)")
+    p.add_argument("--lora-rank", type=expert_number("lora_rank"), help="train LoRA experts of this rank (0: full fine-tuning)")
+    p.add_argument("--lambda", dest="lambda_", type=generate_number("lambda_"), default=0.02, help="keep samples with delta-CLIP > lambda, in [-2, 2]")
     p.add_argument("--no-filter", action="store_true", help="keep every sample (the lambda=none ablation)")
-    p.add_argument("--samples-per-prompt", type=int, default=1)
-    p.add_argument("--prompts-per-cluster", type=int, default=4, help="unseen prompts sampled per cluster (0: all)")
-    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per sample")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
+    p.add_argument("--samples-per-prompt", type=generate_number("samples_per_prompt"), default=1, help="candidate images per prompt")
+    p.add_argument("--prompts-per-cluster", type=generate_number("prompts_per_cluster_or_all"), default=4, help="unseen prompts sampled per cluster (0: all)")
+    p.add_argument("--sample-steps", type=generate_number("sample_steps"), default=25, help="denoising steps per sample")
+    p.add_argument("--guidance-scale", type=generate_number("guidance_scale"), default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
     add_sample_batch_flag(p, "candidate images")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the experts (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--scorer", help="CLIP used for delta-CLIP (default: the model's own: toy-clip for the world presets tiny/toy, openai-clip-vit-b-32 otherwise)")
-    p.add_argument("--samples-per-shard", type=int, default=64)
-    p.add_argument("--max-clusters", type=int, help="only the first n clusters")
+    p.add_argument("--samples-per-shard", type=generate_number("samples_per_shard"), default=64, help="samples per webdataset shard")
+    p.add_argument("--max-clusters", type=generate_number("max_clusters"), help="only the first n clusters")
     p.add_argument("--keep-experts", action="store_true", help="keep expert weights under OUTPUT/experts/")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=generate_number("seed"), default=0, help="the job's seed (each cluster's is derived from it)")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--gpus-per-expert", type=float, help="GPUs per expert task (default: 1 on a Ray cluster with GPUs, else 0; fractions such as 0.25 pack LoRA experts)")
-    p.add_argument("--cpus-per-expert", type=float, default=1.0)
-    p.add_argument("--max-workers", type=int, help="experts in flight at once (default: as resources allow)")
-    p.add_argument("--max-retries", type=int, default=2, help="retries of a cluster whose worker died or hit a transient error")
+    p.add_argument("--gpus-per-expert", type=generate_number("gpus_per_expert"), help="GPUs per expert task (default: 1 on a Ray cluster with GPUs, else 0; fractions such as 0.25 pack LoRA experts)")
+    p.add_argument("--cpus-per-expert", type=generate_number("cpus_per_expert"), default=1.0, help="CPUs per expert task (> 0; fractions allowed)")
+    p.add_argument("--max-workers", type=generate_number("max_workers"), help="experts in flight at once (default: as resources allow)")
+    p.add_argument("--max-retries", type=generate_number("max_retries"), default=2, help="retries of a cluster whose worker died or hit a transient error")
     p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
     p.add_argument("--resident-workers", action="store_true", help="resident expert workers: one Ray actor per GPU (or CPU) slot loads the base model and scorer once and trains experts back to back, sampling from memory")
-    p.add_argument("--expert-batch-size", type=int, default=1, help="with --resident-workers and LoRA experts: each worker trains this many experts together, one U-Net pass per step "
+    p.add_argument("--expert-batch-size", type=generate_number("expert_batch_size"), default=1, help="with --resident-workers and LoRA experts: each worker trains this many experts together, one U-Net pass per step "
                    "(peft mixed-adapter batches); their samples equal one-at-a-time experts' up to float rounding, not byte for byte")
     p.set_defaults(func=_run)
 

@@ -58,35 +58,23 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         """Refuse bad settings at once, before anything is written (InputError naming the flag):
-        the sampler's, as every sampler does, and the job's counts, sizes and thresholds."""
-        import math
-
+        every numeric setting by its kind (:func:`generate_number`, the kinds ``suti generate``
+        parses its flags with: the sampler's as every sampler's), then the job's combinations."""
         from suti.errors import InvalidValueError
-        from suti.sampling import check_sampler_args, resolve_dtype
+        from suti.sampling import resolve_dtype
 
         for flag, value in (("--clusters", self.clusters), ("--crawl", self.crawl), ("--output", self.output)):
             if not str(value).strip():
                 raise InvalidValueError(f"{flag} must name a file, folder or URI, got an empty string")
-        positive = {"--samples-per-shard": self.samples_per_shard, "--max-clusters": self.max_clusters, "--max-workers": self.max_workers,
-                    "--prompts-per-cluster": self.prompts_per_cluster, "--threads-per-expert": self.threads_per_expert, "--expert-batch-size": self.expert_batch_size}
-        for flag, value in positive.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InvalidValueError(f"{flag} must be a whole number >= 1, got {value!r}")
-        if self.expert_batch_size > MAX_EXPERT_BATCH_SIZE:
-            raise InvalidValueError(f"--expert-batch-size must be at most {MAX_EXPERT_BATCH_SIZE} (experts in one U-Net pass), got {self.expert_batch_size}")
+        for name, kind in _generate_numbers().items():
+            value = getattr(self, name)
+            if value is not None:  # a whole number given as 2.0 is stored as 2
+                setattr(self, name, kind.check(value, _FLAGS.get(name, "--" + name.replace("_", "-"))))
         if self.expert_batch_size > 1 and not self.resident_workers:
             raise InvalidValueError(f"--expert-batch-size {self.expert_batch_size} needs --resident-workers (a plain task trains one expert)")
-        if self.max_workers is not None and 1 <= self.max_workers < self.expert_batch_size:
+        if self.max_workers is not None and self.max_workers < self.expert_batch_size:
             raise InvalidValueError(f"--max-workers {self.max_workers} (experts in flight) is below --expert-batch-size {self.expert_batch_size}: no batch could fill; "
                                     f"use --max-workers {self.expert_batch_size} or more")
-        if not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise InvalidValueError(f"--max-retries must be a whole number >= 0, got {self.max_retries!r}")
-        for flag, value in (("--lambda", self.lambda_), ("--gpus-per-expert", self.gpus_per_expert), ("--cpus-per-expert", self.cpus_per_expert)):
-            if value is not None and not math.isfinite(float(value)):
-                raise InvalidValueError(f"{flag} must be a finite number, got {value} (--no-filter keeps every sample)")
-
-        flags = {"steps": "--sample-steps", "num_images": "--samples-per-prompt", "guidance_scale": "--guidance-scale", "seed": "--seed", "sample_batch_size": "--sample-batch-size"}
-        check_sampler_args(steps=self.sample_steps, num_images=self.samples_per_prompt, guidance_scale=self.guidance_scale, seed=self.seed, sample_batch_size=self.sample_batch_size, flags=flags)
         resolve_dtype(self.dtype)
 
     def expert_job(self, device: str) -> "ExpertJob":
@@ -108,15 +96,11 @@ class GenerateConfig:
         Raises:
             InputError: a model that cannot be loaded (:func:`suti.models.check_model`), expert
                 settings the recipe refuses (``--steps 0``), a toy scorer with a real model, an
-                unknown scorer, a negative GPU count, a missing crawl, or a URI whose
+                unknown scorer, a missing crawl, or a URI whose
                 filesystem package is missing.
         """
         from suti.scoring import check_scorer_for_model, model_scorer
 
-        if self.gpus_per_expert is not None and self.gpus_per_expert < 0:
-            raise InputError(f"--gpus-per-expert must be >= 0, got {self.gpus_per_expert}")
-        if self.cpus_per_expert <= 0:
-            raise InputError(f"--cpus-per-expert must be > 0, got {self.cpus_per_expert}")
         from experts import resolve_config
         from experts.recipe import load_recipe
         from suti.models import check_model, hub_offline, portable_model
@@ -143,6 +127,49 @@ class GenerateConfig:
 
             get_scorer(scorer)  # offline, weights that are not cached fail here (exit 2), not in every task minutes later
         return out
+
+
+#: :class:`GenerateConfig` fields whose flag is not ``--`` + the name with dashes.
+_FLAGS = {"lambda_": "--lambda", "threads_per_expert": "threads_per_expert"}
+
+def _generate_numbers() -> dict:
+    """The kind of every numeric :class:`GenerateConfig` field (:mod:`suti.checks`): one table for
+    ``suti generate``'s flags (``type=``) and :meth:`GenerateConfig.__post_init__` (a config made
+    by a Python caller or a benchmark is checked the same way)."""
+    from experts.recipe import expert_number
+    from mining.cli import MAX_PROMPTS_PER_CLUSTER, SAMPLES_PER_SHARD
+    from suti import checks
+    from suti.sampling import GUIDANCE_SCALE, NUM_IMAGES, SEED, STEPS
+
+    return {
+        "steps": expert_number("steps"),  # the experts' steps (over the recipe's)
+        "lambda_": checks.real(-2.0, 2.0),  # a delta-CLIP threshold: a difference of two cosines
+        "samples_per_prompt": NUM_IMAGES,
+        "prompts_per_cluster": checks.whole(1, MAX_PROMPTS_PER_CLUSTER),  # None: every prompt
+        "sample_steps": STEPS,
+        "guidance_scale": GUIDANCE_SCALE,
+        "sample_batch_size": NUM_IMAGES,
+        "samples_per_shard": SAMPLES_PER_SHARD,
+        "max_clusters": checks.COUNT,
+        "seed": SEED,
+        "gpus_per_expert": checks.real(0.0, 1024.0),  # 0: CPU tasks; fractions pack experts on a GPU
+        "cpus_per_expert": checks.real(0.0, 1024.0, lo_open=True),
+        "max_workers": checks.whole(1, 1_000_000),
+        "max_retries": checks.whole(0, 100),
+        "threads_per_expert": checks.whole(1, 1024),
+        "expert_batch_size": checks.whole(1, MAX_EXPERT_BATCH_SIZE),
+    }
+
+
+def generate_number(name: str):
+    """The :class:`suti.checks.Number` of a :class:`GenerateConfig` field (an ``argparse`` type);
+    ``"prompts_per_cluster_or_all"``: the flag's kind, whose 0 means every prompt."""
+    if name == "prompts_per_cluster_or_all":
+        from mining.cli import MAX_PROMPTS_PER_CLUSTER
+        from suti import checks
+
+        return checks.whole(0, MAX_PROMPTS_PER_CLUSTER)
+    return _generate_numbers()[name]
 
 
 @dataclass(frozen=True)

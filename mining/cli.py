@@ -23,10 +23,15 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from suti import storage
+from suti import checks, storage
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
+
+#: Samples per webdataset shard (``suti apprentice pack-photos``; ``suti generate``'s too).
+SAMPLES_PER_SHARD = checks.whole(1, 1_000_000)
+#: The most prompts per cluster (``suti mine`` writes them, ``suti generate`` samples them).
+MAX_PROMPTS_PER_CLUSTER = 10_000
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -56,6 +61,9 @@ def run_mine(args: argparse.Namespace) -> dict:
     from mining.embed import check_embedder, embed_crawl
 
     start = time.time()
+    for name, kind in mine_numbers().items():  # a namespace built without the parser is checked as it parses
+        if getattr(args, name, None) is not None:
+            kind.check(getattr(args, name), "--" + name.replace("_", "-"))
     # absolute (or URIs) on the driver, before any path reaches a Ray worker
     out, crawl = storage.resolve(args.output), storage.resolve(args.crawl)
     storage.require_bucket(out)  # before any work: a missing bucket is one line, never created
@@ -66,9 +74,6 @@ def run_mine(args: argparse.Namespace) -> dict:
     if args.prompt_generator == "llm" and not (args.llm_model and Path(args.llm_model).exists()):
         raise InputError(f"--llm-model {args.llm_model!r}: no such local model folder "
                          "(--prompt-generator llm needs a local text-generation model)")
-    for name in ("prompts_per_cluster", "batch_size", "min_side"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     th = default_thresholds(args.model, min_images=args.min_images, max_images=args.max_images,
                             min_image_sim=args.min_image_sim, min_pair_sim=args.min_pair_sim,
                             min_text_sim=args.min_text_sim, min_noun_support=args.min_noun_support,
@@ -149,12 +154,35 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def mine_numbers() -> dict:
+    """The kind of every numeric option of ``suti mine`` (:mod:`suti.checks`), by its ``args``
+    name: one table for the flags (``type=``) and :func:`run_mine` (a namespace built by a
+    caller). Thresholds are cosines, in [-1, 1]; ``min_noun_support`` is a share."""
+    cosine = checks.real(-1.0, 1.0)
+    return {
+        "min_images": checks.whole(2, 10_000),  # a cluster is at least a pair
+        "max_images": checks.whole(2, 10_000),
+        "min_image_sim": cosine,
+        "min_pair_sim": cosine,
+        "min_text_sim": cosine,
+        "min_noun_support": checks.PROBABILITY,
+        "dedup_threshold": cosine,
+        "outlier_threshold": cosine,
+        "min_side": checks.whole(1, 65_535),  # pixels
+        "seed": checks.SEED,
+        "prompts_per_cluster": checks.whole(1, MAX_PROMPTS_PER_CLUSTER),
+        "batch_size": checks.whole(1, 65_536),
+        "ray_threshold": checks.COUNT_OR_ZERO,  # 0: always Ray
+    }
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``suti mine`` (also used by tests to build a namespace)."""
     from mining.crawl import DEFAULT_MIN_SIDE, FORMATS
     from mining.embed import DEFAULT_BATCH_SIZE, DEFAULT_RAY_THRESHOLD
     from mining.prompts import DEFAULT_PROMPTS_PER_CLUSTER
 
+    kind = mine_numbers()
     p.add_argument("--crawl", required=True, help="webdataset shards (folder, .tar, glob or "
                    "brace pattern), an image folder, a .jsonl or .parquet manifest, or a "
                    "`suti world make` folder; a local path or a storage URI (s3://, gs://)")
@@ -166,40 +194,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "tiny, sd15-arch: the preset's own CLIP), toy-clip, a suti.scoring name, or an "
                    "open_clip architecture (ViT-B-32) with --pretrained")
     p.add_argument("--pretrained", help="open_clip pretrained tag for --model, e.g. openai")
-    p.add_argument("--min-images", type=int, help="fewest images of a cluster (model default: 3)")
-    p.add_argument("--max-images", type=int, help="most images of a cluster (model default: 10)")
-    p.add_argument("--min-image-sim", type=float,
+    p.add_argument("--min-images", type=kind["min_images"], help="fewest images of a cluster (model default: 3)")
+    p.add_argument("--max-images", type=kind["max_images"], help="most images of a cluster (model default: 10)")
+    p.add_argument("--min-image-sim", type=kind["min_image_sim"],
                    help="mean pairwise image-image cosine a cluster needs (model default)")
-    p.add_argument("--min-pair-sim", type=float,
+    p.add_argument("--min-pair-sim", type=kind["min_pair_sim"],
                    help="image-image cosine the least similar pair of a cluster needs "
                    "(model default)")
-    p.add_argument("--min-text-sim", type=float,
+    p.add_argument("--min-text-sim", type=kind["min_text_sim"],
                    help="mean image/alt-text cosine a cluster needs (model default)")
-    p.add_argument("--min-noun-support", type=float,
+    p.add_argument("--min-noun-support", type=kind["min_noun_support"],
                    help="share of the informative alt texts that must name the cluster's "
                    "class noun, in [0, 1] (model default)")
-    p.add_argument("--dedup-threshold", type=float,
+    p.add_argument("--dedup-threshold", type=kind["dedup_threshold"],
                    help="image-image cosine above which an image is a near-duplicate "
                    "(model default)")
-    p.add_argument("--outlier-threshold", type=float,
+    p.add_argument("--outlier-threshold", type=kind["outlier_threshold"],
                    help="mean cosine to the rest of its page below which an image is dropped "
                    "(model default)")
-    p.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE,
+    p.add_argument("--min-side", type=kind["min_side"], default=DEFAULT_MIN_SIDE,
                    help="skip images with a side below this many pixels")
     p.add_argument("--on-bad-line", choices=("error", "skip"), default="error",
                    help="a malformed manifest line stops the run (error) or is skipped, "
                    "counted and listed in a warning (skip)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
-    p.add_argument("--prompts-per-cluster", type=int, default=DEFAULT_PROMPTS_PER_CLUSTER,
+    p.add_argument("--seed", type=kind["seed"], default=0, help="seed of the prompts")
+    p.add_argument("--prompts-per-cluster", type=kind["prompts_per_cluster"], default=DEFAULT_PROMPTS_PER_CLUSTER,
                    help="prompts per cluster, levels 1-3 in turn")
     p.add_argument("--prompt-generator", choices=("template", "llm"), default="template",
                    help="template: the world's vocabulary; llm: a local text-generation model")
     p.add_argument("--llm-model", help="local transformers text-generation model folder "
                    "(for --prompt-generator llm)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=kind["batch_size"], default=DEFAULT_BATCH_SIZE,
                    help="images per embedding batch")
     p.add_argument("--ray", action="store_true", help="embed with Ray Data whatever the size")
-    p.add_argument("--ray-threshold", type=int, default=DEFAULT_RAY_THRESHOLD,
+    p.add_argument("--ray-threshold", type=kind["ray_threshold"], default=DEFAULT_RAY_THRESHOLD,
                    help="embed with Ray Data above this many images")
     p.add_argument("--ray-address", help="Ray cluster address (implies --ray)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -233,7 +261,7 @@ def register_pack_photos(sub) -> None:
     pack.add_argument("--clusters", required=True, help="clusters.jsonl of `suti mine`")
     pack.add_argument("--crawl", required=True, help="the crawl the clusters were mined from")
     pack.add_argument("--output", required=True, help="folder for shard-*.tar (a rerun adds only missing clusters)")
-    pack.add_argument("--samples-per-shard", type=int, default=256)
+    pack.add_argument("--samples-per-shard", type=SAMPLES_PER_SHARD, default=256, help="photo examples per webdataset shard")
     pack.set_defaults(func=_pack_photos)
 
 

@@ -44,23 +44,28 @@ def demo_args(argv: list[str]) -> argparse.Namespace:
 
 def register(subparsers) -> None:
     """Add ``suti demo``."""
+    from apprentice.train_config import apprentice_number
+    from experts.recipe import expert_number
+    from generation.config import generate_number
+    from suti import checks
+
     p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded default (synthetic world, CPU)")
     p.add_argument("--output", default="runs/demo", help="folder of every stage's outputs")
     p.add_argument("--model", default="toy", help="base model")
-    p.add_argument("--subjects", type=int, default=1400, help="subjects in the synthetic crawl (3/4 are crawled)")
-    p.add_argument("--noise-pages", type=float, default=0.2)
-    p.add_argument("--expert-clusters", type=int, default=30, help="clusters that get a data-generating DreamBooth expert (all get photo shards)")
-    p.add_argument("--expert-steps", type=int, default=120, help="steps of each data-generating expert")
-    p.add_argument("--apprentice-steps", type=int, default=3000)
-    p.add_argument("--apprentice-lr", type=float, default=1e-3, help="learning rate of the demonstration-attention layers (the base is frozen)")
-    p.add_argument("--self-target", type=float, default=0.5, help="share of apprentice examples that reconstruct a held-out cluster photo (apprentice train --self-target)")
-    p.add_argument("--caption-prompt", type=float, default=0.0, help="share of reconstruction examples prompted with the photo's alt text instead of 'a <class noun>' (apprentice train --caption-prompt; 0: no identity in the text, so the demos must carry it)")
-    p.add_argument("--demo-caption", type=float, default=0.0, help="share of examples whose demos keep their alt texts as captions, else 'a <class noun>' (apprentice train --demo-caption)")
-    p.add_argument("--subject-tokens", type=int, default=4, help="tokens of the apprentice's global subject channel, embedded by the model's CLIP (apprentice train --subject-tokens; 0: none)")
-    p.add_argument("--query-subjects", type=int, default=3, help="held-out subjects queried at the end")
-    p.add_argument("--query-expert-steps", type=int, default=200, help="steps of the DreamBooth expert compared at the end")
-    p.add_argument("--workers", type=int, default=2, help="experts trained in parallel")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--subjects", type=checks.whole(1, 1_000_000), default=1400, help="subjects in the synthetic crawl (3/4 are crawled)")
+    p.add_argument("--noise-pages", type=checks.PROBABILITY, default=0.2, help="share of the crawl's pages that show several subjects, in [0, 1]")
+    p.add_argument("--expert-clusters", type=generate_number("max_clusters"), default=30, help="clusters that get a data-generating DreamBooth expert (all get photo shards)")
+    p.add_argument("--expert-steps", type=expert_number("steps"), default=120, help="steps of each data-generating expert")
+    p.add_argument("--apprentice-steps", type=apprentice_number("steps"), default=3000, help="apprentice training steps")
+    p.add_argument("--apprentice-lr", type=apprentice_number("learning_rate"), default=1e-3, help="learning rate of the demonstration-attention layers (the base is frozen)")
+    p.add_argument("--self-target", type=apprentice_number("self_target"), default=0.5, help="share of apprentice examples that reconstruct a held-out cluster photo (apprentice train --self-target)")
+    p.add_argument("--caption-prompt", type=apprentice_number("caption_prompt"), default=0.0, help="share of reconstruction examples prompted with the photo's alt text instead of 'a <class noun>' (apprentice train --caption-prompt; 0: no identity in the text, so the demos must carry it)")
+    p.add_argument("--demo-caption", type=apprentice_number("demo_caption"), default=0.0, help="share of examples whose demos keep their alt texts as captions, else 'a <class noun>' (apprentice train --demo-caption)")
+    p.add_argument("--subject-tokens", type=apprentice_number("subject_tokens"), default=4, help="tokens of the apprentice's global subject channel, embedded by the model's CLIP (apprentice train --subject-tokens; 0: none)")
+    p.add_argument("--query-subjects", type=checks.whole(1, 10_000), default=3, help="held-out subjects queried at the end")
+    p.add_argument("--query-expert-steps", type=expert_number("steps"), default=200, help="steps of the DreamBooth expert compared at the end")
+    p.add_argument("--workers", type=generate_number("max_workers"), default=2, help="experts trained in parallel")
+    p.add_argument("--seed", type=checks.SEED, default=7, help="seed of the world, the crawl and the final comparison")
     p.set_defaults(func=run_demo, local_paths=("output",))
 
 

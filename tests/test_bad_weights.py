@@ -11,6 +11,7 @@ import struct
 import pytest
 from safetensors.torch import load_file, save_file
 
+from conftest import exit_code
 from experts import load_expert
 from orchestration.cli import main
 from suti.errors import ModelLoadError
@@ -171,20 +172,21 @@ def test_world_library_value_errors_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("--self-target", "2", "--self-target must be in [0, 1], got 2.0"),
-    ("--num-demos", "0", "--num-demos must be in 1..8, got 0"),
-    ("--steps", "0", "--steps must be >= 1, got 0"),
-    ("--nproc", "0", "--nproc must be >= 1, got 0"),
-    ("--deepspeed-config", "zero9", "zero9: no such DeepSpeed config"),
+    ("--self-target", "2", "suti apprentice train: error: argument --self-target: must be a finite number in [0, 1], got 2"),
+    ("--num-demos", "0", "suti apprentice train: error: argument --num-demos: must be a whole number from 1 to 8, got 0"),
+    ("--steps", "0", "suti apprentice train: error: argument --steps: must be a whole number from 1 to 10000000, got 0"),
+    ("--nproc", "0", "suti apprentice train: error: argument --nproc: must be a whole number from 1 to 1024, got 0"),
+    ("--deepspeed-config", "zero9", "suti: error: zero9: no such DeepSpeed config"),
 ])
 def test_apprentice_train_options_exit_2_before_any_worker(tmp_path, capsys, option, value, message):
     import tarfile
 
     with tarfile.open(tmp_path / "shard-000000.tar", "w"):
         pass
-    code = main(["apprentice", "train", "--shards", str(tmp_path / "shard-*.tar"), "--output", str(tmp_path / "o"),
-                 "--nproc", "2", option, value])
-    assert (code, capsys.readouterr().err.strip()) == (2, f"suti: error: {message}")
+    code = exit_code(["apprentice", "train", "--shards", str(tmp_path / "shard-*.tar"), "--output", str(tmp_path / "o"),
+                      "--nproc", "2", option, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(message), err
     assert not (tmp_path / "o").exists()
 
 

@@ -49,9 +49,9 @@ def job_inputs(tmp_path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("extra,message", [
     (["--model", "tyni"], "--model 'tyni': not a preset"),
-    (["--steps", "0"], "--steps must be a whole number from 1 to 10000000, got 0"),
-    (["--steps", "-3"], "--steps must be a whole number from 1 to 10000000, got -3"),
-    (["--lora-rank", "-1"], "--lora-rank must be a whole number from 0 to 1024, got -1"),
+    (["--steps", "0"], "--steps: must be a whole number from 1 to 10000000, got 0"),
+    (["--steps", "-3"], "--steps: must be a whole number from 1 to 10000000, got -3"),
+    (["--lora-rank", "-1"], "--lora-rank: must be a whole number from 0 to 1024, got -1"),
     (["--sample-batch-size", "0"], "--sample-batch-size: must be a whole number from 1 to 256, got 0"),
     (["--crawl", "NOWHERE"], "no such crawl file or folder (--crawl)"),
 ])
@@ -154,7 +154,7 @@ def test_demo_refuses_a_bad_model_before_any_stage_writes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["generate", "--clusters", "c", "--crawl", "w", "--output", "o", "--expert-batch-size", "abc"], "suti generate: error: argument --expert-batch-size: invalid int value: 'abc' (see suti generate --help)"),
+    (["generate", "--clusters", "c", "--crawl", "w", "--output", "o", "--expert-batch-size", "abc"], "suti generate: error: argument --expert-batch-size: must be a whole number from 1 to 256, got 'abc' (see suti generate --help)"),
     (["expert", "train", "--steps", "1.5"], "suti expert train: error: argument --steps: must be a whole number from 1 to 10000000, got '1.5'"),
     (["world", "make", "--output", "w", "--bogus"], "suti: error: unrecognized arguments: --bogus"),
     (["mine"], "suti mine: error: the following arguments are required: --crawl"),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import exit_code
 from orchestration.cli import main
 from suti.errors import InputError
 from suti.sampling import MAX_SEED, PromptTruncatedError, check_prompt, check_sampler_args, resolve_dtype
@@ -136,12 +137,12 @@ def demo_png(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--steps", "0", "--steps: 0 is out of range"),
-    ("--guidance-scale", "nan", "--guidance-scale: nan is not a finite number"),
-    ("--seed", "-1", "--seed: -1 is out of range"),
-    ("--num-images", "0", "--num-images: 0 is out of range"),
-    ("--height", "20", "--height: 20 is not a multiple of 8"),
-    ("--sample-batch-size", "0", "--sample-batch-size: 0 is out of range"),
+    ("--steps", "0", "--steps: must be a whole number from 1 to 1000, got 0"),  # refused while parsing (suti.checks kinds)
+    ("--guidance-scale", "nan", "--guidance-scale: must be a finite number in [0, 50], got nan"),
+    ("--seed", "-1", "--seed: must be a whole number from 0 to 9223372036854775807, got -1"),
+    ("--num-images", "0", "--num-images: must be a whole number from 1 to 256, got 0"),
+    ("--height", "20", "--height: 20 is not a multiple of 8"),  # a whole number in range: refused by check_sampler_args
+    ("--sample-batch-size", "0", "--sample-batch-size: must be a whole number from 1 to 256, got 0"),
 ])
 def test_cli_samplers_refuse_bad_numbers_with_one_line(flag, value, message, tmp_path, demo_png, capsys):
     # checked before anything is loaded: the expert and apprentice folders need not exist
@@ -150,12 +151,12 @@ def test_cli_samplers_refuse_bad_numbers_with_one_line(flag, value, message, tmp
         ["apprentice", "sample", "--apprentice", str(tmp_path / "none"), "--demos", str(demo_png), "--prompt", "a cup", "--output", str(tmp_path / "o2")],
     ]
     for argv in runs:
-        assert main(argv + [flag, value]) == 2
+        assert exit_code(argv + [flag, value]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    assert main(["apprentice", "sample", "--apprentice", "x", "--demos", str(demo_png), "--prompt", "a", "--output", str(tmp_path / "o3"), "--demo-guidance-scale", "inf"]) == 2
-    assert "--demo-guidance-scale: inf is not a finite number" in capsys.readouterr().err
+    assert exit_code(["apprentice", "sample", "--apprentice", "x", "--demos", str(demo_png), "--prompt", "a", "--output", str(tmp_path / "o3"), "--demo-guidance-scale", "inf"]) == 2
+    assert "--demo-guidance-scale: must be a finite number in [0, 50], got inf" in capsys.readouterr().err
 
 
 def test_expert_sample_long_prompt_that_cuts_the_identifier_exits_2(expert_dir, tmp_path, capsys, caplog):
@@ -274,19 +275,22 @@ def test_generation_job_config_validates():
     from generation.job import GenerateConfig
 
     base = dict(clusters="c.jsonl", crawl="crawl", output="out")
-    for kwargs, message in [(dict(sample_steps=0), "--sample-steps: 0"), (dict(guidance_scale=float("nan")), "--guidance-scale: nan is not a finite number"),
-                            (dict(samples_per_prompt=0), "--samples-per-prompt: 0"), (dict(seed=-1), "--seed: -1"), (dict(dtype="fp8"), "--dtype")]:
+    for kwargs, message in [(dict(sample_steps=0), "--sample-steps must be a whole number from 1 to 1000, got 0"),
+                            (dict(guidance_scale=float("nan")), r"--guidance-scale must be a finite number in \[0, 50\], got nan"),
+                            (dict(samples_per_prompt=0), "--samples-per-prompt must be a whole number from 1 to 256, got 0"),
+                            (dict(seed=-1), "--seed must be a whole number from 0 to 9223372036854775807, got -1"), (dict(dtype="fp8"), "--dtype")]:
         with pytest.raises(InputError, match=message):
             GenerateConfig(**base, **kwargs)
     assert GenerateConfig(**base, dtype="bf16").expert_job("cpu").dtype == "bf16"
-    assert main(["generate", "--clusters", "c.jsonl", "--crawl", "x", "--output", "o", "--sample-steps", "0"]) == 2
+    assert exit_code(["generate", "--clusters", "c.jsonl", "--crawl", "x", "--output", "o", "--sample-steps", "0"]) == 2
 
 
 def test_eval_validates_before_generating(tmp_path, capsys):
-    assert main(["eval", "--dataset", str(tmp_path / "none"), "--method", "base", "--output", str(tmp_path / "o"), "--sample-steps", "0"]) == 2
-    assert "--sample-steps: 0 is out of range" in capsys.readouterr().err
-    assert main(["eval", "--dataset", str(tmp_path / "none"), "--method", "base", "--output", str(tmp_path / "o"), "--guidance-scale", "inf"]) == 2
-    assert "--guidance-scale: inf is not a finite number" in capsys.readouterr().err
+    assert exit_code(["eval", "--dataset", str(tmp_path / "none"), "--method", "base", "--output", str(tmp_path / "o"), "--sample-steps", "0"]) == 2
+    assert "--sample-steps: must be a whole number from 1 to 1000, got 0" in capsys.readouterr().err
+    assert exit_code(["eval", "--dataset", str(tmp_path / "none"), "--method", "base", "--output", str(tmp_path / "o"), "--guidance-scale", "inf"]) == 2
+    assert "--guidance-scale: must be a finite number in [0, 50], got inf" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # --- demonstration keys/values shared across guidance branches ------------------------------------
@@ -490,7 +494,7 @@ def test_eval_images_do_not_depend_on_the_batch(tmp_path):
     two = {str(p.relative_to(tmp_path / "2")): p.read_bytes() for p in (tmp_path / "2" / "images").rglob("*.png")}
     assert len(one) == 6 and _same_folders(one, two)
     assert not (tmp_path / "3").exists()
-    assert main([*args, "--output", str(tmp_path / "3"), "--sample-batch-size", "0"]) == 2
+    assert exit_code([*args, "--output", str(tmp_path / "3"), "--sample-batch-size", "0"]) == 2
     assert not (tmp_path / "3").exists()
 
 
