@@ -41,7 +41,8 @@ def wrong_captions(metas: list[dict], kind: str, seed: int = 0) -> list[str]:
     """Captions of the scenes ``metas`` with one part replaced at random (``context``,
     ``color`` or ``class``), or the whole caption taken from another scene (``shuffled``)."""
     from suti.world.spec import CLASSES, COLORS, CONTEXTS
-    from suti.world.toy_t2i import compose_caption, pretrain_world
+    from suti.world.captions import compose_caption
+    from suti.world.toy_t2i import pretrain_world
 
     world = pretrain_world()
     subjects = {s.subject_id: s for s in world.subjects}
@@ -73,7 +74,7 @@ def caption_losses(pipe, n: int = 128, seed: int = 0, draws: int = 4,
     """Denoising loss of ``pipe`` on ``n`` held-out scenes with the right and wrong captions
     (same images, noise and timesteps): ``{"right": ..., "shuffled": ..., ...}``."""
     from experts.evaluate import denoising_loss
-    from suti.world.toy_t2i import heldout_scenes
+    from suti.world.training.scenes import heldout_scenes
 
     images, captions, metas = heldout_scenes(n, seed)
     out = {"right": denoising_loss(pipe, images, captions, seed=seed, draws=draws)}

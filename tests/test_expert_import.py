@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from experts import load_expert, load_pipeline
-from orchestration.cli import main
+from conftest import exit_code
 
 
 def _diffusers_lora(folder, scale):
@@ -30,7 +30,7 @@ def _diffusers_lora(folder, scale):
 
 
 def _import(lora, out, *extra):
-    return main(["expert", "import", "--lora", str(lora), "--identifier", "sks", "--class-noun", "dog", "--model", "tiny", "--output", str(out), *extra])
+    return exit_code(["expert", "import", "--lora", str(lora), "--identifier", "sks", "--class-noun", "dog", "--model", "tiny", "--output", str(out), *extra])
 
 
 @pytest.mark.parametrize("kind, message", [

@@ -17,11 +17,10 @@ from suti.world.toy_clip import (
     encode_images,
     encode_texts,
     load_toy_clip,
-    positives,
     retrieval_accuracy,
-    scene_caption,
     training_world,
 )
+from suti.world.training.clip import positives, scene_caption
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +81,7 @@ def test_multi_positive_targets():
     full, stated_full = scene_caption(s, meta, "full")
     short, stated_short = scene_caption(s, meta, "nocontext")
     assert full.endswith("on the beach") and "context" not in stated_short
-    from suti.world.toy_clip import _codes, scene_truth
+    from suti.world.training.clip import _codes, scene_truth
 
     truth = np.array([_codes(scene_truth(s, meta)), _codes(scene_truth(s, other))])
     caps = np.array([_codes(stated_full), _codes(stated_short)])

@@ -14,7 +14,8 @@ from experts.evaluate import denoising_loss
 from experts.train import train_expert
 from suti.models import default_resolution, load_pipeline, load_preset, preset_folder
 from suti.world import export_subject, make_world
-from suti.world.toy_t2i import WEIGHTS_DIR, heldout_scenes
+from suti.world.toy_t2i import WEIGHTS_DIR
+from suti.world.training.scenes import heldout_scenes
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").is_file(),
                                 reason="no shipped toy weights (building them takes ~25 min)")
@@ -132,7 +133,8 @@ def test_continue_pretraining_keeps_the_latent_space_and_records_its_history(tmp
     ``from_pretrained`` and its summary carries the earlier run's."""
     from diffusers import StableDiffusionPipeline
 
-    from suti.world.toy_t2i import SUMMARY_FILE, continue_t2i
+    from suti.world.toy_t2i import SUMMARY_FILE
+    from suti.world.training.t2i import continue_t2i
 
     out = tmp_path / "t2i"
     summary = continue_t2i(out, minutes=None, steps=3, decoder_minutes=0.05, subjects=300,

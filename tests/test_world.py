@@ -285,7 +285,7 @@ def test_crawl_rejects_non_empty_output(tmp_path):
 # --- CLI ---------------------------------------------------------------------------------------
 
 def test_cli_make_show_export(tmp_path, capsys):
-    from suti.cli import main
+    from orchestration.cli import main
 
     out = tmp_path / "w"
     assert main(["world", "make", "--output", str(out), "--subjects", "6", "--noise-pages",
@@ -309,7 +309,7 @@ def test_cli_make_show_export(tmp_path, capsys):
 def test_cli_pretrain_continue_rejects_bad_input_before_training(tmp_path, capsys):
     """``suti world pretrain --continue-from``: a folder that is not a toy pipeline, another
     model than t2i, or a non-empty output stop with exit code 2 and say which."""
-    from suti.cli import main
+    from orchestration.cli import main
 
     out = tmp_path / "p"
     assert main(["world", "pretrain", "--continue-from", str(tmp_path / "nope"), "--output", str(out)]) == 2

@@ -9,6 +9,12 @@ the SuTI edits (colour change, accessory, style) and a DreamBench-style :func:`c
 for subject mining; :func:`subject_images`, :func:`export_subject` and :func:`dataset_iter`
 give DreamBooth instance sets and pretraining streams.
 
+Modules: :mod:`~suti.world.vocab` (the words), :mod:`~suti.world.captions` (the one caption
+grammar), :mod:`~suti.world.spec` (subjects and worlds), :mod:`~suti.world.render` (pixels and
+the one scene sampler, :func:`sample_scene`), :mod:`~suti.world.crawl`, :mod:`~suti.world.data`;
+the models :mod:`~suti.world.toy_t2i`, :mod:`~suti.world.toy_clip`, :mod:`~suti.world.probe`,
+and their training in :mod:`suti.world.training`.
+
 Example::
 
     from suti.world import make_world, sample_scene
@@ -18,17 +24,10 @@ Example::
     image, text, meta = sample_scene(world.subjects[0], np.random.default_rng(0), edit_prob=0.5)
 """
 
+from suti.world.captions import caption
 from suti.world.crawl import load_ground_truth, make_crawl
 from suti.world.data import dataset_iter, export_subject, subject_images
-from suti.world.render import (
-    EDIT_KINDS,
-    Pose,
-    apply_style,
-    caption,
-    render,
-    render_background,
-    sample_scene,
-)
+from suti.world.render import EDIT_KINDS, Pose, apply_style, render, render_background, sample_scene
 from suti.world.spec import (
     ACCESSORIES,
     ASPECTS,

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from suti.checks import COUNT, COUNT_OR_ZERO, POSITIVE, PROBABILITY, SEED, whole
 from suti.errors import InputError
+
+#: Image sides of the world: 16 px (the smallest a subject is drawn at) to 4096.
+WORLD_SIDE = whole(16, 4096)
 
 
 def _load(path: str):
@@ -79,7 +83,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.continue_from is not None:
         if args.what != "t2i":
             raise InputError("--continue-from applies to --what t2i only")
-        from suti.world.toy_t2i import WEIGHTS_DIR, continue_t2i
+        from suti.world.toy_t2i import WEIGHTS_DIR
+        from suti.world.training.t2i import continue_t2i
 
         # continue_t2i checks the folders before training (InputError: exit code 2)
         init = WEIGHTS_DIR if args.continue_from == "shipped" else Path(args.continue_from)
@@ -89,10 +94,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                      subjects=args.subjects, **kwargs)
         print(f"continue_t2i: wrote {target}")
         return 0
-    jobs = {"t2i": [("suti.world.toy_t2i", "pretrain_t2i")],
-            "clip": [("suti.world.toy_clip", "pretrain_clip")],
-            "all": [("suti.world.toy_t2i", "pretrain_t2i"), ("suti.world.toy_clip", "pretrain_clip"),
-                    ("suti.world.probe", "pretrain_probe")]}[args.what]
+    jobs = {"t2i": [("suti.world.training.t2i", "pretrain_t2i")],
+            "clip": [("suti.world.training.clip", "pretrain_clip")],
+            "all": [("suti.world.training.t2i", "pretrain_t2i"),
+                    ("suti.world.training.clip", "pretrain_clip"),
+                    ("suti.world.training.probe", "pretrain_probe")]}[args.what]
     out = Path(args.output)
     done = 0
     for module, name in jobs:
@@ -121,22 +127,24 @@ def register(subparsers) -> None:
 
     make = sub.add_parser("make", help="generate a world and its synthetic web crawl")
     make.add_argument("--output", required=True, help="new or empty output folder")
-    make.add_argument("--subjects", type=int, default=24, help="subjects in the world (24)")
-    make.add_argument("--noise-pages", type=float, default=0.2,
+    make.add_argument("--subjects", type=COUNT, default=24, help="subjects in the world (24)")
+    make.add_argument("--noise-pages", type=PROBABILITY, default=0.2,
                       help="fraction of crawl pages that are noise, in [0, 1] (0.2)")
-    make.add_argument("--seed", type=int, default=0, help="world and crawl seed (0)")
-    make.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
-    make.add_argument("--images-per-page-min", type=int, default=3)
-    make.add_argument("--images-per-page-max", type=int, default=8)
-    make.add_argument("--pages-per-subject", type=int, default=1,
+    make.add_argument("--seed", type=SEED, default=0, help="world and crawl seed (0)")
+    make.add_argument("--size", type=WORLD_SIDE, default=64, help="image side in pixels (64)")
+    make.add_argument("--images-per-page-min", type=COUNT, default=3,
+                      help="fewest images on a page (3)")
+    make.add_argument("--images-per-page-max", type=COUNT, default=8,
+                      help="most images on a page (8)")
+    make.add_argument("--pages-per-subject", type=COUNT, default=1,
                       help="clean pages per crawled subject (1)")
-    make.add_argument("--heldout-fraction", type=float, default=0.25,
+    make.add_argument("--heldout-fraction", type=PROBABILITY, default=0.25,
                       help="fraction of subjects held out, never crawled (0.25)")
     make.add_argument("--include-heldout", action="store_true",
                       help="also crawl the held-out subjects")
     make.add_argument("--image-format", choices=["jpg", "png"], default="jpg",
                       help="jpg (quality 90, like crawled photos) or png (lossless) (jpg)")
-    make.add_argument("--shard-size", type=int, default=1000,
+    make.add_argument("--shard-size", type=COUNT_OR_ZERO, default=1000,
                       help="images per webdataset tar shard; 0: no shards (1000)")
     make.set_defaults(func=cmd_make, local_paths=("output",))
 
@@ -149,9 +157,9 @@ def register(subparsers) -> None:
     export.add_argument("--world", required=True, help="world folder or world.json")
     export.add_argument("--subject", required=True, help="subject id, e.g. subject_0003")
     export.add_argument("--output", required=True, help="new or empty output folder")
-    export.add_argument("--n", type=int, default=4, help="number of photos (4)")
-    export.add_argument("--seed", type=int, default=0)
-    export.add_argument("--size", type=int, default=64)
+    export.add_argument("--n", type=COUNT, default=4, help="number of photos (4)")
+    export.add_argument("--seed", type=SEED, default=0, help="photo seed (0)")
+    export.add_argument("--size", type=WORLD_SIDE, default=64, help="image side in pixels (64)")
     export.set_defaults(func=cmd_export_subject, local_paths=("world", "output"))
 
     pretrain = sub.add_parser("pretrain", help="pretrain the world models (toy t2i, CLIP, probe)")
@@ -160,9 +168,9 @@ def register(subparsers) -> None:
                                "OUTPUT/clip, OUTPUT/probe")
     pretrain.add_argument("--what", choices=("t2i", "clip", "all"), default="t2i",
                           help="which models (t2i)")
-    pretrain.add_argument("--minutes", type=float, default=None,
+    pretrain.add_argument("--minutes", type=POSITIVE, default=None,
                           help="time budget per model (default: each model's own, ~25 for t2i)")
-    pretrain.add_argument("--seed", type=int, default=None,
+    pretrain.add_argument("--seed", type=SEED, default=None,
                           help="randomness of the run (default 0; 1 with --continue-from, so the "
                                "continued run sees other scenes than the first)")
     pretrain.add_argument("--continue-from", default=None, metavar="FOLDER|shipped",
@@ -170,7 +178,7 @@ def register(subparsers) -> None:
                                "weights in suti/world/weights/toy) instead of starting from "
                                "scratch; the VAE encoder is kept, the decoder fine-tuned "
                                "(default budget 45 min for the U-Net + 5 for the decoder)")
-    pretrain.add_argument("--subjects", type=int, default=2000,
+    pretrain.add_argument("--subjects", type=COUNT, default=2000,
                           help="with --continue-from: train on the train split of the seed-0 "
                                "world of this many subjects (2000)")
     pretrain.set_defaults(func=cmd_pretrain, local_paths=("output", "continue_from"))

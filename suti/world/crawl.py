@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from tqdm import tqdm
 
 from suti import storage
 from suti.errors import InputError
-from suti.world.render import caption, render_background, sample_scene
+from suti.world.captions import caption
+from suti.world.render import render_background, sample_scene
 from suti.world.spec import CONTEXTS, Subject, make_world
 
 HOST = "https://world.suti.invalid"
@@ -194,6 +196,35 @@ def make_crawl(output_dir: str | Path, num_subjects: int, noise_pages_fraction: 
     out = Path(output_dir)
     _check_args(out, num_subjects, noise_pages_fraction, tuple(images_per_page), size,
                 pages_per_subject, heldout_fraction, shard_size, image_format)
+    existed = out.exists()
+    try:
+        return _write_crawl(out, num_subjects, noise_pages_fraction, seed, images_per_page,
+                            size, pages_per_subject, heldout_fraction, include_heldout,
+                            shard_size, image_format, progress)
+    except BaseException:
+        # The folder was new or empty (checked above): leave it as it was, so that a rerun
+        # (after freeing space, say) is not refused for a half-written crawl.
+        _remove_partial(out, existed)
+        raise
+
+
+def _remove_partial(out: Path, existed: bool) -> None:
+    """Remove what a failed :func:`make_crawl` wrote into ``out`` (new, or empty before)."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in list(out.iterdir()) if out.is_dir() else []:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _write_crawl(out: Path, num_subjects: int, noise_pages_fraction: float, seed: int,
+                 images_per_page: tuple[int, int], size: int, pages_per_subject: int,
+                 heldout_fraction: float, include_heldout: bool, shard_size: int,
+                 image_format: str, progress: bool) -> dict:
+    """The body of :func:`make_crawl` (arguments checked)."""
     world = make_world(num_subjects, seed, heldout_fraction)
     crawled = world.subjects if include_heldout else world.train_subjects
     rng = np.random.default_rng([seed, 7])

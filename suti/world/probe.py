@@ -7,10 +7,12 @@ multi-head classifier predicting a scene's identity attributes - ``class_name``,
 ``accessory`` and ``style``. Identity and prompt heads sit on two separate branches of a shared
 trunk, so the identity branch can stay invariant to context, accessory and style.
 
-It is trained on scenes (half of them edited) of the train subjects of the seed-0 world of
-:data:`PROBE_WORLD_SUBJECTS` subjects - thousands of subjects, so the heads read attributes
-instead of memorising subjects - and evaluated on held-out subjects of the 1024-subject world
-(held out in every smaller seed-0 world too, the default 24-subject one included).
+It is trained (:mod:`suti.world.training.probe`, ``python -m suti.world.training.probe``) on
+scenes (half of them edited) of the train subjects of the seed-0 world of 6144 subjects -
+thousands of subjects, so the heads read attributes instead of memorising subjects - and
+evaluated on held-out subjects of the 1024-subject world (held out in every smaller seed-0
+world too, the default 24-subject one included). This module is the network, its loading and
+its use (:class:`Probe`, :func:`load_probe`, :func:`evaluate_probe`).
 
 Labels follow what the image *shows*: with a colour edit the body colour is the displayed one;
 in a sketch colours cannot be seen, so the colour losses are masked there and
@@ -36,28 +38,13 @@ Usage::
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from suti import storage
 from suti.errors import InputError, ModelLoadError
-from suti.world.toy_clip import (
-    IMAGE_SIZE,
-    SceneBuffer,
-    TRAIN_WORLD_SEED,
-    TRAIN_WORLD_SUBJECTS,
-    _lr_factor,
-    _weights_folder,
-    images_to_tensor,
-    training_world,
-)
-
-log = logging.getLogger(__name__)
+from suti.world.toy_clip import IMAGE_SIZE, _weights_folder, images_to_tensor
 
 #: Heads of the probe: output name -> labels (``None``: no pattern colour/accessory/style).
 #: ``part`` labels are ``"class_name/part"``.
@@ -66,8 +53,6 @@ PROMPT_HEADS = ("context", "accessory", "style")
 #: Attributes :meth:`Probe.identity_accuracy` checks by default (``pattern_color`` optional).
 IDENTITY_ATTRS = ("class_name", "body_color", "pattern", "part", "aspect")
 COLOR_ATTRS = ("body_color", "pattern_color")
-#: Size of the seed-0 world whose train split the probe learns from.
-PROBE_WORLD_SUBJECTS = 6144
 _ALIASES = {"class": "class_name", "color": "body_color"}
 
 
@@ -93,7 +78,9 @@ DEFAULT_CONFIG: dict = {"stages": [[32], [64], [128], [128]], "branch_dim": 128,
                         "image_size": IMAGE_SIZE}
 
 
-def _build_net(config: dict):
+def build_probe_net(config: dict):
+    """A randomly initialised probe network (``ProbeNet``, a ``torch.nn.Module``) of ``config``
+    (:data:`DEFAULT_CONFIG`'s keys: conv ``stages``, ``branch_dim``, ``embed_dim``)."""
     import torch
     import torch.nn as nn
 
@@ -260,158 +247,6 @@ class Probe:
         return sum(p.numel() for p in self.net.parameters())
 
 
-# --------------------------------------------------------------------------- training
-
-
-def _targets(subject, meta: dict) -> list[int]:
-    labels = head_labels()
-    values = {"class_name": subject.class_name, "body_color": meta["color"],
-              "pattern": subject.pattern, "pattern_color": subject.pattern_color,
-              "part": f"{subject.class_name}/{subject.part}", "aspect": subject.aspect,
-              "context": meta["context"], "accessory": meta["accessory"],
-              "style": meta["style"]}
-    return [labels[h].index(values[h]) for h in (*IDENTITY_HEADS, *PROMPT_HEADS)]
-
-
-def probe_batch(buffer: SceneBuffer, pairs: int):
-    """Two stored scenes of each of ``pairs`` random subjects of ``buffer``.
-
-    Returns ``(images (2P,3,32,32), targets (2P, heads) long, identity labels (2P,) long,
-    sketch mask (2P,) bool)``; identity label = subject index * 16 + displayed colour index (a
-    colour-edited scene only pairs with scenes of the same displayed colour).
-    """
-    import torch
-
-    labels = head_labels()
-    x, ks, metas = buffer.sample(pairs, 2)
-    targets = [_targets(buffer.subjects[k], m) for k, m in zip(ks, metas)]
-    ident = [k * 16 + labels["body_color"].index(m["color"]) for k, m in zip(ks, metas)]
-    sketch = [m["style"] == "sketch" for m in metas]
-    return x, torch.tensor(targets), torch.tensor(ident), torch.tensor(sketch)
-
-
-def supcon_loss(emb, labels, temperature: float = 0.1):
-    """Supervised contrastive loss (Khosla et al. 2020) over L2-normalised ``emb`` (B, D);
-    anchors without a positive are skipped."""
-    import torch
-    import torch.nn.functional as F
-
-    z = F.normalize(emb, dim=1)
-    sim = z @ z.T / temperature  # (B, B)
-    eye = torch.eye(len(z), dtype=torch.bool)
-    sim = sim.masked_fill(eye, -1e9)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
-    logp = F.log_softmax(sim, 1)
-    has = pos.any(1)
-    if not has.any():
-        return sim.new_zeros(())
-    per = -(logp * pos).sum(1)[has] / pos.sum(1)[has]
-    return per.mean()
-
-
-def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
-                   steps: int = 4000, pairs: int = 64, fresh: int = 32, lr: float = 2e-3,
-                   world_subjects: int = PROBE_WORLD_SUBJECTS,
-                   head_weights: dict[str, float] | None = None,
-                   supcon_weight: float = 1.0, config: dict | None = None,
-                   progress: bool = True) -> dict:
-    """Train the probe on the training world; write ``probe.safetensors`` + ``probe.json``.
-
-    The subjects are the train split of the seed-0 world of ``world_subjects`` subjects (many
-    subjects, so the heads learn attributes rather than memorise subjects; held-out subjects of
-    every smaller seed-0 world stay unseen). Scenes come from a
-    :class:`~suti.world.toy_clip.SceneBuffer` (8 per subject) that gets ``fresh`` newly
-    rendered scenes per step. Each step sees ``2 * pairs`` scenes (two per subject, half of
-    them edited); the loss is the sum of the head cross-entropies (colour heads masked on
-    sketches) plus ``supcon_weight`` times the supervised contrastive loss of the identity
-    embedding; ``head_weights`` scales single heads (default: ``part`` x2, the hardest).
-    Stops after ``steps`` steps
-    or ``minutes`` of wall time; warm-up + cosine learning rate over that budget; fp16 weights.
-    The defaults are those of the shipped weights.
-
-    Returns:
-        The metadata written to ``probe.json`` (config, steps, time, held-out accuracies).
-    """
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-
-    cfg = dict(config or DEFAULT_CONFIG)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    net = _build_net(cfg)
-    net.train()
-    train = training_world(world_subjects).train_subjects
-    heldout = training_world().heldout_subjects
-    decay = [p for p in net.parameters() if p.ndim >= 2]
-    other = [p for p in net.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": other, "weight_decay": 0.0}], lr=lr)
-    heads = (*IDENTITY_HEADS, *PROMPT_HEADS)
-    color_cols = [heads.index(h) for h in COLOR_ATTRS]
-    weights = {"part": 2.0} if head_weights is None else dict(head_weights)
-    net = net.to(memory_format=torch.channels_last)
-    budget = minutes * 60.0
-    start = time.time()
-    buffer = SceneBuffer(train, seed + 1, per_subject=8)
-    buffer.fill(2)
-    step, losses = 0, []
-    while step < steps:
-        frac = max(step / steps, (time.time() - start) / budget)
-        if frac >= 1.0:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(frac)
-        buffer.add(fresh)
-        x, y, ident, sketch = probe_batch(buffer, pairs)
-        out_ = net(x)
-        loss = x.new_zeros(())
-        for j, h in enumerate(heads):
-            ce = F.cross_entropy(out_[h], y[:, j], reduction="none")  # (B,)
-            if j in color_cols:
-                keep = (~sketch).float()
-                ce = (ce * keep).sum() / keep.sum().clamp(min=1)
-            loss = loss + weights.get(h, 1.0) * ce.mean()
-        if supcon_weight:
-            loss = loss + supcon_weight * supcon_loss(out_["embedding"], ident)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        if progress and step % 50 == 0:
-            log.info("probe step %d  %.0fs  loss %.3f", step, time.time() - start,
-                     float(np.mean(losses[-50:])))
-    elapsed = time.time() - start
-    net.eval()
-    probe = Probe(net, cfg)
-    metrics = evaluate_probe(probe, heldout)
-    if progress:
-        log.info("probe done: %d steps in %.0fs; held-out %s", step, elapsed, metrics)
-    state = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v
-             for k, v in net.state_dict().items()}
-    with storage.atomic_local_path(out / "probe.safetensors") as tmp:
-        save_file(state, str(tmp))
-    meta = {
-        "config": cfg, "heads": {h: head_labels()[h] for h in heads},
-        "training": {"seed": seed, "steps": step, "batch_size": 2 * pairs, "lr": lr,
-                     "scenes_rendered": buffer.rendered,
-                     "supcon_weight": supcon_weight, "head_weights": weights,
-                     "seconds": round(elapsed, 1),
-                     "final_loss": float(np.mean(losses[-50:])),
-                     "world": {"num_subjects": world_subjects, "seed": TRAIN_WORLD_SEED,
-                               "split": "train", "train_subjects": len(train)},
-                     "evaluated_on": {"num_subjects": TRAIN_WORLD_SUBJECTS,
-                                      "seed": TRAIN_WORLD_SEED, "split": "heldout"},
-                     "edit_prob": 0.5, "torch_threads": torch.get_num_threads()},
-        "parameters": probe.parameter_count(),
-        "metrics": metrics,
-    }
-    storage.write_text(out / "probe.json", json.dumps(meta, indent=1) + "\n")
-    return meta
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -492,7 +327,7 @@ def _load_from(folder: Path) -> Probe:
     meta = read_json_file(folder / "probe.json")
     check_safetensors(folder / "probe.safetensors")
     with loading(folder / "probe.safetensors"):
-        net = _build_net(meta["config"])
+        net = build_probe_net(meta["config"])
         state = {k: v.float() if v.is_floating_point() else v
                  for k, v in load_file(str(folder / "probe.safetensors")).items()}
     try:
@@ -513,7 +348,7 @@ def load_probe(weights_dir: str | Path | None = None) -> Probe:
     several minutes).
     """
     folder = _weights_folder("probe", ("probe.safetensors", "probe.json"),
-                             lambda d: pretrain_probe(d, progress=True), weights_dir)
+                             "suti.world.training.probe:pretrain_probe", weights_dir)
     return _load_from(folder)
 
 
@@ -541,31 +376,3 @@ def attribute_accuracy(images, expected: dict) -> dict[str, float]:
 def identity_embedding(images):
     """:meth:`Probe.identity_embedding` with the default probe: ``(N, D)`` normalised."""
     return default_probe().identity_embedding(images)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m suti.world.probe OUT_DIR [--minutes M] [--steps N] [--seed S]``."""
-    import torch
-
-    from suti.cli_format import ArgumentParser
-
-    parser = ArgumentParser(description="pretrain the attribute probe of the world")
-    parser.add_argument("out_dir")
-    parser.add_argument("--minutes", type=float, default=40.0)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--supcon-weight", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    meta = pretrain_probe(args.out_dir, seed=args.seed, minutes=args.minutes, steps=args.steps,
-                          supcon_weight=args.supcon_weight)
-    print(json.dumps(meta["metrics"], indent=1))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from suti.cli_format import report_errors
-
-    raise SystemExit(report_errors(main))

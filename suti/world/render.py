@@ -1,4 +1,5 @@
-"""Scenes of the synthetic world: a subject, posed in a context, optionally edited, plus caption.
+"""Scenes of the synthetic world: a subject, posed in a context, optionally edited, plus caption
+(:mod:`suti.world.captions`).
 
 Subjects and backgrounds are drawn at 4x the output size with PIL primitives and downsampled
 with LANCZOS (both cached, see :mod:`suti.world.shapes` and :mod:`suti.world.backgrounds`), so
@@ -18,8 +19,13 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from suti.errors import InvalidValueError
 from suti.world.backgrounds import VARIANTS, background
+from suti.world.captions import caption
 from suti.world.shapes import sprite_2x
-from suti.world.spec import ACCESSORIES, COLORS, CONTEXTS, STYLES, Context, Subject
+from suti.world.spec import Subject
+from suti.world.vocab import ACCESSORIES, COLORS, CONTEXTS, STYLES, Context, check_edit, context_named
+
+__all__ = ["EDIT_KINDS", "Pose", "apply_style", "caption", "render", "render_background",
+           "sample_scene"]
 
 #: The edits of the SuTI skills that :func:`sample_scene` can apply on top of a context.
 EDIT_KINDS = ("attribute", "accessory", "style")
@@ -47,22 +53,6 @@ class Pose:
         ground = float(rng.uniform(0.84, 0.96))
         return cls(x=float(rng.uniform(0.38, 0.62)), y=ground - 0.43 * scale, scale=scale,
                    rotation=float(rng.uniform(-12, 12)), flip=bool(rng.random() < 0.5))
-
-
-def _context(context: str | Context) -> Context:
-    name = context.name if isinstance(context, Context) else context
-    if name not in CONTEXTS:
-        raise InvalidValueError(f"unknown context {name!r}; known: {', '.join(CONTEXTS)}")
-    return CONTEXTS[name]
-
-
-def _check_edit(color_override, accessory, style) -> None:
-    if color_override is not None and color_override not in COLORS:
-        raise InvalidValueError(f"unknown colour {color_override!r}; known: {', '.join(COLORS)}")
-    if accessory is not None and accessory not in ACCESSORIES:
-        raise InvalidValueError(f"unknown accessory {accessory!r}; known: {', '.join(ACCESSORIES)}")
-    if style is not None and style not in STYLES:
-        raise InvalidValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
 
 
 @lru_cache(maxsize=8)
@@ -114,7 +104,7 @@ def render_background(context: str | Context, rng: np.random.Generator | None = 
                       size: int = 64) -> Image.Image:
     """A context without any subject (a random variant drawn from ``rng``)."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    return background(_context(context).name, int(rng.integers(VARIANTS)), size).copy()
+    return background(context_named(context).name, int(rng.integers(VARIANTS)), size).copy()
 
 
 def render(subject: Subject, context: str | Context, *, pose: Pose | None = None,
@@ -136,8 +126,8 @@ def render(subject: Subject, context: str | Context, *, pose: Pose | None = None
     """
     if size < 16:
         raise InvalidValueError(f"image size must be >= 16 px, got {size}")
-    _check_edit(color_override, accessory, style)
-    ctx = _context(context)
+    check_edit(color_override, accessory, style)
+    ctx = context_named(context)
     rng = rng if rng is not None else np.random.default_rng(0)
     img = background(ctx.name, int(rng.integers(VARIANTS)), size).copy()
     pose = pose if pose is not None else Pose.random(rng)
@@ -158,41 +148,46 @@ def render(subject: Subject, context: str | Context, *, pose: Pose | None = None
     return apply_style(img, style, mask)
 
 
-def caption(subject: Subject, context: str | Context | None = None, *,
-            color_override: str | None = None, accessory: str | None = None,
-            style: str | None = None, identifier: str | None = None) -> str:
-    """DreamBench-style caption of a scene.
-
-    ``"a red checkered star toy on the beach"``, ``"a sketch of a red checkered star toy
-    wearing a hat in the snow"``. With ``identifier`` (e.g. ``"sks"``) the subject is named
-    DreamBooth-style instead of described: ``"a green sks star toy in the jungle"``.
-    """
-    _check_edit(color_override, accessory, style)
-    if identifier:
-        noun = " ".join(w for w in (color_override, identifier, subject.class_noun) if w)
-    else:
-        noun = subject.description(color=color_override)
-    article = "an" if noun[0] in "aeiou" else "a"
-    words = [STYLES[style]] if style else []
-    words.append(f"{article} {noun}")
-    if accessory:
-        words.append(ACCESSORIES[accessory])
-    if context is not None:
-        words.append(_context(context).phrase)
-    return " ".join(words)
-
-
 def sample_scene(subject: Subject, rng: np.random.Generator, *, size: int = 64,
                  contexts: list[str] | None = None, edit_prob: float = 0.0,
                  edit_kinds: tuple[str, ...] = EDIT_KINDS, identifier: str | None = None,
+                 hires: float | None = None,
+                 downsample: Image.Resampling = Image.Resampling.LANCZOS,
                  ) -> tuple[Image.Image, str, dict]:
     """Render ``subject`` in a random context and pose, with probability ``edit_prob`` also one
     random edit of ``edit_kinds`` (``attribute``, ``accessory``, ``style``).
 
-    Returns ``(image, caption, meta)``; ``meta`` holds ``subject_id``, ``class_noun``,
-    ``context``, ``color`` (the colour shown), ``accessory``, ``style``, ``edit`` (the edit kind
-    or ``None``) and ``pose``.
+    The world's one scene sampler: the models' training scenes
+    (:mod:`suti.world.training.scenes`), the crawl, DreamBooth instance sets and the evaluations
+    all draw their scenes here.
+
+    Args:
+        subject: who to draw.
+        rng: all randomness; draws, in order: the high-resolution coin (only when ``hires`` is
+            not ``None``), the context, the edit coin (only with ``edit_kinds``) and edit, the
+            pose, the background variant.
+        size: side of the returned image in pixels (>= 16).
+        contexts: context names to draw from (default: all of
+            :data:`~suti.world.vocab.CONTEXTS`).
+        edit_prob: probability of one edit, in [0, 1].
+        edit_kinds: the edit kinds to draw from.
+        identifier: name the subject DreamBooth-style in the caption (:func:`caption`).
+        hires: probability of rendering at ``2 * size`` and downsampling to ``size`` with
+            ``downsample``, as photos of the subject are (the toy models' training scenes);
+            ``None`` (default): always render at ``size``, drawing nothing.
+        downsample: the resampling filter of high-resolution scenes.
+
+    Returns ``(image, caption, meta)``: an RGB ``size`` x ``size`` PIL image, the scene's
+    :func:`caption`, and ``meta`` with ``subject_id``, ``class_noun``, ``context``, ``color``
+    (the colour shown), ``accessory``, ``style``, ``edit`` (the edit kind or ``None``) and
+    ``pose`` (a dict of :class:`Pose`). Raises :class:`~suti.errors.InvalidValueError` for an
+    unknown edit kind (when one is drawn) or a rendering size below 16 px.
     """
+    if hires is not None and rng.random() < hires:
+        img, text, meta = sample_scene(subject, rng, size=2 * size, contexts=contexts,
+                                       edit_prob=edit_prob, edit_kinds=edit_kinds,
+                                       identifier=identifier)
+        return img.resize((size, size), downsample), text, meta
     names = list(contexts) if contexts else list(CONTEXTS)
     ctx = names[int(rng.integers(len(names)))]
     color = accessory = style = edit = None

@@ -13,7 +13,10 @@ The edits mirror the four SuTI skills, in DreamBench language:
 * accessorisation: one of :data:`ACCESSORIES` (``"wearing a hat"``...),
 * stylisation: one of :data:`STYLES` (``"a sketch of ..."``...).
 
-Nothing here draws; :mod:`suti.world.render` turns these descriptions into pixels.
+The vocabularies (:data:`COLORS`, :data:`PATTERNS`, :data:`ASPECTS`, :data:`CLASSES`,
+:data:`CONTEXTS`, :data:`ACCESSORIES`, :data:`STYLES`) live in :mod:`suti.world.vocab` and are
+re-exported here; :mod:`suti.world.captions` puts them into words. Nothing here draws;
+:mod:`suti.world.render` turns these descriptions into pixels.
 """
 
 from __future__ import annotations
@@ -25,106 +28,25 @@ from pathlib import Path
 import numpy as np
 
 from suti.errors import InvalidValueError
+from suti.world.captions import describe
+from suti.world.vocab import (
+    ACCESSORIES,
+    ASPECTS,
+    CLASSES,
+    COLORS,
+    CONTEXTS,
+    PATTERNS,
+    STYLES,
+    ClassSpec,
+    Context,
+)
+
+__all__ = [
+    "ACCESSORIES", "ASPECTS", "CLASSES", "COLORS", "CONTEXTS", "PATTERNS", "STYLES", "WORLD_FORMAT",
+    "ClassSpec", "Context", "Subject", "World", "load_world", "make_world",
+]
 
 WORLD_FORMAT = 1
-
-#: Named colours: name -> RGB. Names are the words used in captions.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (214, 40, 40),
-    "orange": (245, 130, 30),
-    "yellow": (245, 205, 40),
-    "green": (60, 170, 75),
-    "blue": (40, 90, 210),
-    "purple": (130, 60, 180),
-    "pink": (240, 120, 170),
-    "brown": (130, 80, 40),
-    "white": (240, 240, 240),
-    "black": (35, 35, 35),
-    "teal": (20, 150, 150),
-    "grey": (140, 140, 140),
-}
-
-#: Surface patterns: name -> adjective used in descriptions ("" for plain).
-PATTERNS: dict[str, str] = {
-    "plain": "",
-    "stripes": "striped",
-    "dots": "polka-dot",
-    "checkered": "checkered",
-}
-
-#: Proportions: name -> width factor of the body (descriptions omit "regular").
-ASPECTS: dict[str, float] = {"slim": 0.78, "regular": 1.0, "wide": 1.22}
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """A subject class: its prompt noun and the part variants its subjects can have.
-
-    ``parts`` maps a part id to the adjective/phrase describing it (e.g. ``"six-pointed"``).
-    """
-
-    name: str
-    class_noun: str
-    parts: dict[str, str]
-
-
-#: The subject classes, keyed by class name (``"star_toy"``...).
-CLASSES: dict[str, ClassSpec] = {
-    c.name: c
-    for c in (
-        ClassSpec("star_toy", "star toy", {"five": "five-pointed", "six": "six-pointed",
-                                            "four": "four-pointed"}),
-        ClassSpec("ball", "ball", {"shine": "shiny", "seam": "seamed", "emblem": "star-emblem"}),
-        ClassSpec("cube_box", "cube box", {"ribbon": "ribboned", "lid": "lidded",
-                                            "clasp": "clasped"}),
-        ClassSpec("cup", "cup", {"round": "round-handled", "square": "square-handled",
-                                 "saucer": "saucered"}),
-        ClassSpec("robot", "robot", {"antenna": "antennaed", "horns": "two-antennaed",
-                                     "roundhead": "round-headed"}),
-        ClassSpec("teddy", "teddy bear", {"round": "round-eared", "pointy": "pointy-eared",
-                                          "long": "long-eared"}),
-    )
-}
-
-
-@dataclass(frozen=True)
-class Context:
-    """A background: ``phrase`` is the DreamBench wording, ``short`` a casual variant."""
-
-    name: str
-    phrase: str
-    short: str
-
-
-#: The backgrounds for re-contextualisation, keyed by name.
-CONTEXTS: dict[str, Context] = {
-    c.name: c
-    for c in (
-        Context("beach", "on the beach", "at the beach"),
-        Context("snow", "in the snow", "in the snow"),
-        Context("jungle", "in the jungle", "in the jungle"),
-        Context("city", "in a city", "downtown"),
-        Context("wooden_floor", "on a wooden floor", "on the floor"),
-        Context("blue_carpet", "on a blue carpet", "on the carpet"),
-        Context("grass", "on the grass", "in the garden"),
-        Context("brick_wall", "in front of a red brick wall", "by the wall"),
-    )
-}
-
-#: Accessories: name -> caption phrase.
-ACCESSORIES: dict[str, str] = {
-    "hat": "wearing a hat",
-    "sunglasses": "wearing sunglasses",
-    "bow_tie": "wearing a bow tie",
-    "crown": "wearing a crown",
-}
-
-#: Styles: name -> caption prefix (followed by "a <subject> ...").
-STYLES: dict[str, str] = {
-    "sketch": "a sketch of",
-    "watercolor": "a watercolor painting of",
-    "pixel_art": "a pixel art image of",
-}
 
 
 @dataclass(frozen=True)
@@ -157,26 +79,15 @@ class Subject:
                 self.part, self.aspect)
 
     def description(self, color: str | None = None, detailed: bool = False) -> str:
-        """DreamBench-like noun phrase without article, e.g. ``"red checkered star toy"``.
+        """DreamBench-like noun phrase without article, e.g. ``"red checkered star toy"``
+        (the grammar is :func:`suti.world.captions.describe`).
 
         Args:
             color: colour word to use instead of the body colour (attribute edit).
             detailed: also name proportions, part and pattern colour
                 (``"slim red six-pointed star toy with yellow checks"``).
         """
-        words = [color or self.body_color]
-        if self.pattern != "plain" and not detailed:
-            words.append(PATTERNS[self.pattern])
-        if detailed:
-            if self.aspect != "regular":
-                words.insert(0, self.aspect)
-            words.append(CLASSES[self.class_name].parts[self.part])
-        words.append(self.class_noun)
-        text = " ".join(words)
-        if detailed and self.pattern != "plain":
-            noun = {"stripes": "stripes", "dots": "dots", "checkered": "checks"}[self.pattern]
-            text += f" with {self.pattern_color} {noun}"
-        return text
+        return describe(self, color, detailed)
 
     def to_dict(self) -> dict:
         """JSON-ready dict of all attributes (the inverse of ``Subject(**d)``)."""
