@@ -285,6 +285,7 @@ def test_crawl_rejects_non_empty_output(tmp_path):
 # --- CLI ---------------------------------------------------------------------------------------
 
 def test_cli_make_show_export(tmp_path, capsys):
+    from conftest import exit_code
     from orchestration.cli import main
 
     out = tmp_path / "w"
@@ -299,8 +300,9 @@ def test_cli_make_show_export(tmp_path, capsys):
     assert len(list((tmp_path / "inst").glob("*.png"))) == 3
     capsys.readouterr()
     assert main(["world", "make", "--output", str(out)]) == 2  # not empty
-    assert main(["world", "make", "--output", str(tmp_path / "n"), "--subjects", "-2"]) == 2
-    assert main(["world", "make", "--output", str(tmp_path / "n"), "--noise-pages", "2"]) == 2
+    assert exit_code(["world", "make", "--output", str(tmp_path / "n"), "--subjects", "-2"]) == 2
+    assert exit_code(["world", "make", "--output", str(tmp_path / "n"), "--noise-pages", "2"]) == 2
+    assert not (tmp_path / "n").exists()
     assert main(["world", "export-subject", "--world", str(tmp_path), "--subject", sid,
                  "--output", str(tmp_path / "e")]) == 2
     assert "suti: error:" in capsys.readouterr().err

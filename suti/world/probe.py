@@ -56,22 +56,12 @@ COLOR_ATTRS = ("body_color", "pattern_color")
 _ALIASES = {"class": "class_name", "color": "body_color"}
 
 
-@lru_cache(maxsize=1)
 def head_labels() -> dict[str, list]:
-    """Label list of every head, in output order."""
-    from suti.world.spec import ACCESSORIES, ASPECTS, CLASSES, COLORS, CONTEXTS, PATTERNS, STYLES
+    """Label list of every head, in output order (:func:`suti.world.vocab.attribute_labels`,
+    with ``class`` and ``color`` named ``class_name`` and ``body_color`` as on a subject)."""
+    from suti.world.vocab import attribute_labels
 
-    return {
-        "class_name": list(CLASSES),
-        "body_color": list(COLORS),
-        "pattern": list(PATTERNS),
-        "pattern_color": [None, *COLORS],
-        "part": [f"{c}/{p}" for c, spec in CLASSES.items() for p in spec.parts],
-        "aspect": list(ASPECTS),
-        "context": list(CONTEXTS),
-        "accessory": [None, *ACCESSORIES],
-        "style": [None, *STYLES],
-    }
+    return {_ALIASES.get(k, k): v for k, v in attribute_labels().items()}
 
 
 DEFAULT_CONFIG: dict = {"stages": [[32], [64], [128], [128]], "branch_dim": 128, "embed_dim": 64,

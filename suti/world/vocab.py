@@ -9,6 +9,7 @@ them into words, :mod:`suti.world.render` into pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from suti.errors import InvalidValueError
 
@@ -134,3 +135,24 @@ def check_edit(color_override: str | None, accessory: str | None, style: str | N
         raise InvalidValueError(f"unknown accessory {accessory!r}; known: {', '.join(ACCESSORIES)}")
     if style is not None and style not in STYLES:
         raise InvalidValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+
+
+@lru_cache(maxsize=1)
+def attribute_labels() -> dict[str, list]:
+    """Every attribute of a scene and its labels, in the order models number them: ``class``,
+    ``color``, ``pattern``, ``pattern_color``, ``part`` (``"class/part"``), ``aspect``,
+    ``context``, ``accessory``, ``style`` (``None``: no pattern colour, accessory or style).
+
+    The toy CLIP's attribute targets and the probe's heads both read this one list.
+    """
+    return {
+        "class": list(CLASSES),
+        "color": list(COLORS),
+        "pattern": list(PATTERNS),
+        "pattern_color": [None, *COLORS],
+        "part": [f"{c}/{p}" for c, spec in CLASSES.items() for p in spec.parts],
+        "aspect": list(ASPECTS),
+        "context": list(CONTEXTS),
+        "accessory": [None, *ACCESSORIES],
+        "style": [None, *STYLES],
+    }

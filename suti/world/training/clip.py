@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ from suti.world.toy_clip import (
 )
 from suti.world.training.scenes import SceneBuffer
 from suti.world.training.schedule import progress_warmup_cosine, set_lr
-from suti.world.vocab import ACCESSORIES, ASPECTS, CLASSES, COLORS, CONTEXTS, PATTERNS, STYLES
+from suti.world.vocab import attribute_labels
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +59,9 @@ FIELDS = ("class", "color", "pattern", "pattern_color", "part", "aspect", "conte
 CAPTION_FORMS = {"full": 0.55, "class": 0.2, "detailed": 0.15, "nocontext": 0.1}
 
 
-@lru_cache(maxsize=1)
 def vocabularies() -> dict[str, list]:
-    """Per-field label lists (``None`` is "no accessory"/"no style"/"no pattern colour")."""
-    return {
-        "class": list(CLASSES),
-        "color": list(COLORS),
-        "pattern": list(PATTERNS),
-        "pattern_color": [None, *COLORS],
-        "part": [f"{c}/{p}" for c, spec in CLASSES.items() for p in spec.parts],
-        "aspect": list(ASPECTS),
-        "context": list(CONTEXTS),
-        "accessory": [None, *ACCESSORIES],
-        "style": [None, *STYLES],
-    }
+    """Per-field label lists (:func:`suti.world.vocab.attribute_labels`)."""
+    return attribute_labels()
 
 
 def scene_truth(subject, meta: dict) -> dict[str, object]:
@@ -278,22 +266,9 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
 def main(argv: list[str] | None = None) -> int:
     """``python -m suti.world.training.clip OUT_DIR [--minutes M] [--steps N] [--seed S]
     [--threads T]``: pretrain the toy CLIP into ``OUT_DIR``, print the metrics."""
-    import torch
+    from suti.world.training.schedule import run_pretrain_cli
 
-    from suti.cli_format import ArgumentParser
-
-    parser = ArgumentParser(description="pretrain the toy CLIP of the synthetic world")
-    parser.add_argument("out_dir")
-    parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    meta = pretrain_clip(args.out_dir, seed=args.seed, minutes=args.minutes, steps=args.steps)
-    print(json.dumps(meta["metrics"], indent=1))
-    return 0
+    return run_pretrain_cli(argv, "pretrain the toy CLIP of the synthetic world", pretrain_clip, minutes=20.0, steps=500)
 
 
 if __name__ == "__main__":  # pragma: no cover

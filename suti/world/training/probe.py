@@ -209,24 +209,11 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
 def main(argv: list[str] | None = None) -> int:
     """``python -m suti.world.training.probe OUT_DIR [--minutes M] [--steps N] [--seed S]
     [--supcon-weight W] [--threads T]``: train the probe into ``OUT_DIR``, print the metrics."""
-    import torch
+    from suti.checks import NON_NEGATIVE
+    from suti.world.training.schedule import run_pretrain_cli
 
-    from suti.cli_format import ArgumentParser
-
-    parser = ArgumentParser(description="pretrain the attribute probe of the world")
-    parser.add_argument("out_dir")
-    parser.add_argument("--minutes", type=float, default=40.0)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--supcon-weight", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    meta = pretrain_probe(args.out_dir, seed=args.seed, minutes=args.minutes, steps=args.steps,
-                          supcon_weight=args.supcon_weight)
-    print(json.dumps(meta["metrics"], indent=1))
-    return 0
+    return run_pretrain_cli(argv, "pretrain the attribute probe of the world", pretrain_probe, minutes=40.0, steps=4000,
+                            extra={"supcon_weight": (NON_NEGATIVE, 1.0, "weight of the supervised contrastive loss (1)")})
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,3 +51,34 @@ def set_lr(optimizer, base: float, factor: float) -> None:
     """Set every parameter group's learning rate to ``base * factor``."""
     for group in optimizer.param_groups:
         group["lr"] = base * factor
+
+
+def run_pretrain_cli(argv, description: str, pretrain, *, minutes: float, steps: int,
+                     extra: dict[str, tuple[object, float, str]] | None = None) -> int:
+    """The ``python -m suti.world.training.<model> OUT_DIR [--minutes M] [--steps N] [--seed S]
+    [--threads T] ...`` entry of a world model's training: parse, run ``pretrain(out_dir,
+    seed=, minutes=, steps=, **extra)``, print its ``metrics`` as JSON. ``extra``: more flags,
+    ``{"supcon_weight": (kind, default, help)}`` (flag ``--supcon-weight``)."""
+    import json
+    import logging
+
+    import torch
+
+    from suti.checks import COUNT, POSITIVE, SEED
+    from suti.cli_format import ArgumentParser
+
+    parser = ArgumentParser(description=description)
+    parser.add_argument("out_dir")
+    parser.add_argument("--minutes", type=POSITIVE, default=minutes, help=f"time budget ({minutes:g})")
+    parser.add_argument("--steps", type=COUNT, default=steps, help=f"step budget ({steps})")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed (0)")
+    parser.add_argument("--threads", type=COUNT, default=1, help="torch threads (1)")
+    for name, (kind, default, text) in (extra or {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    kwargs = {name: getattr(args, name) for name in (extra or {})}
+    meta = pretrain(args.out_dir, seed=args.seed, minutes=args.minutes, steps=args.steps, **kwargs)
+    print(json.dumps(meta["metrics"], indent=1))
+    return 0
