@@ -1,30 +1,30 @@
-"""Several LoRA experts trained together, in one U-Net pass per step (a resident expert worker's
-``--expert-batch-size``).
+"""Several LoRA experts trained together on one frozen base, one model pass per step (a
+resident expert worker's ``--expert-batch-size``).
 
-Each expert is its own peft adapter on the shared frozen base. Every step draws each expert's
-batch from that expert's own generator, exactly as :func:`experts.train.train_expert` does, and
-runs all of them through one U-Net forward. The LoRA layers route each row to its expert's
-adapter with peft's mixed-adapter batches (the ``adapter_names`` argument of peft's LoRA layers,
-passed in by forward pre-hooks). Because the base is frozen and the loss is the sum of the
-experts' losses, each adapter's gradient is its own expert's. Gradients are clipped per expert,
-and Adafactor and AdamW update each parameter from its own state. The result therefore equals K
-runs of ``train_expert``, up to float rounding (batched kernels sum in another order), with one
-exception: with fp16 loss scaling, a step that overflows is skipped for all the experts together.
+Each expert is first its own peft adapter on the shared base, initialised exactly as
+:func:`experts.train.train_expert` initialises a lone expert (``torch.manual_seed(seed)`` before
+its adapter). For training, the adapters are stacked (:mod:`experts.stacked`): every targeted
+``Linear`` holds one (K, r, in) ``lora_A`` and one (K, out, r) ``lora_B``, and each layer's LoRA
+term is one batched matmul whatever K is. Every step draws each expert's batch from that
+expert's own generator (:mod:`experts.stacked_data`), runs all the rows through one forward and
+backward, clips each expert's gradient over its own slices, and steps one optimizer whose
+update is per expert (AdamW is elementwise; Adafactor is factored and clipped per slice). The
+base is frozen and the loss is the sum of the experts' losses, so each expert's gradient is its
+own. The result therefore equals K runs of ``train_expert``, up to float rounding (batched
+kernels sum in another order), with one exception: with fp16 loss scaling, a step that
+overflows is skipped for all the experts together.
 
-What batching buys is the base model's work: one forward and backward of K rows instead of K
-of one row, which on a GPU (batch 1 uses a fraction of it) and in Python overhead is most of a
-LoRA step. The adapters' own work and the optimizer are not shared.
+At the end the stacked weights go back into the peft adapters, which save and sample as lone
+experts do (the keys and layout of ``pytorch_lora_weights.safetensors`` are the same).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -65,38 +65,6 @@ def check_batchable(configs: list[ExpertConfig]) -> None:
             raise InputError(f"experts of one batch must share their training settings; {', '.join(differ)} differ")
 
 
-@contextlib.contextmanager
-def routed_adapters(module: torch.nn.Module):
-    """Route each row of a batch to its own LoRA adapter (peft's mixed-adapter batches).
-
-    Yields a dict; set ``["names"]`` to the adapter name of every row (a list as long as the
-    batch) before calling ``module``; ``None`` leaves peft's active adapter in charge. A layer
-    input with a whole multiple of that many rows gets the list repeated: a diffusers pipeline
-    with classifier-free guidance runs ``cat([uncond, cond])``, each block in prompt order.
-    Forward pre-hooks on every peft LoRA layer of ``module`` pass the list as
-    ``adapter_names``; they are removed on exit.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    route: dict = {"names": None}
-
-    def hook(_module, args, kwargs):
-        names = route["names"]
-        if names is not None:
-            rows = len(args[0]) if args else len(next(iter(kwargs.values())))
-            if rows != len(names) and rows % len(names) == 0:
-                names = names * (rows // len(names))
-            kwargs["adapter_names"] = names
-        return args, kwargs
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules() if isinstance(m, LoraLayer)]
-    try:
-        yield route
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @dataclass
 class _Expert:
     config: ExpertConfig
@@ -115,7 +83,8 @@ def adapter_parameters(unet: torch.nn.Module, adapter: str) -> list[torch.nn.Par
     return [p for n, p in unet.named_parameters() if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n]
 
 
-def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], outputs: list[Path | None] | None = None) -> list[ExpertInfo]:
+def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], outputs: list[Path | None] | None = None, *, compile: bool = False, timings: dict | None = None,
+                       on_step=None) -> list[ExpertInfo]:
     """Train the LoRA experts ``configs`` together on ``pipe`` (loaded once, frozen).
 
     Expert ``i`` becomes the U-Net adapter ``adapters[i]``, which is left on ``pipe`` for
@@ -129,6 +98,10 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
             :func:`check_batchable`.
         adapters: one new adapter name per config.
         outputs: a folder per expert to save it into (``None`` entries: not saved).
+        compile: train through ``torch.compile`` (measure it: it is not always faster).
+        timings: a dict to add the seconds of each phase of the steps to (``data``,
+            ``forward``, ``backward``, ``optimizer``), for benchmarks; it synchronises the device.
+        on_step: called after every optimizer step (``torch.profiler.profile.step``).
 
     Returns:
         One :class:`ExpertInfo` per expert; ``train_seconds`` is the batch's training time
@@ -150,7 +123,7 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
     experts = _add_experts(pipe, configs, adapters, pixels)
     if configs[0].gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    elapsed = _train_together(pipe, experts, device)
+    elapsed = _train_together(pipe, experts, device, compile=compile, timings=timings, on_step=on_step)
     return _expert_infos(pipe, experts, outputs, elapsed)
 
 
@@ -188,6 +161,7 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
     from experts.train import add_lora, cached_inputs, class_training_pixels, expert_prompts
 
     experts: list[_Expert] = []
+    class_sets: dict[tuple, object] = {}  # one class latent set per class prompt and class images
     for config, adapter, instance_pixels in zip(configs, adapters, pixels):
         torch.manual_seed(config.seed)  # as train_expert: the adapter's initialisation follows the seed
         prompt, class_prompt = expert_prompts(pipe, config)
@@ -196,7 +170,12 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
         with warnings.catch_warnings():  # several adapters on one model is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             add_lora(pipe, config, adapter_name=adapter)
-        inst, cls, cond_inst, cond_cls = cached_inputs(pipe, config, instance_pixels, class_pixels, prompt, class_prompt)
+        key = (class_prompt, tuple(str(p) for p in real_class))
+        shared = class_sets.get(key) if class_pixels is not None else None
+        inst, cls, cond_inst, cond_cls = cached_inputs(pipe, config, instance_pixels, None if shared is not None else class_pixels, prompt, class_prompt)
+        cls = shared if shared is not None else cls
+        if cls is not None:
+            class_sets.setdefault(key, cls)
         generator = torch.Generator().manual_seed(config.seed)  # train_expert's generator (process 0)
         experts.append(_Expert(config, adapter, prompt, inst, cls, cond_inst, cond_cls, [], generator))
     for expert in experts:  # peft trains only the adapter added last: all of them train here
@@ -207,37 +186,55 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
     return experts
 
 
-def _train_together(pipe, experts: list[_Expert], device: str) -> float:
-    """``steps`` optimizer steps of all the experts at once (one optimizer, per-parameter state;
-    each expert's gradient clipped on its own); returns the seconds they took."""
+def _train_together(pipe, experts: list[_Expert], device: str, *, compile: bool = False, timings: dict | None = None, on_step=None) -> float:
+    """``steps`` optimizer steps of all the experts at once on their stacked adapters; returns
+    the seconds they took. ``timings``: add each phase's seconds (``data``, ``forward``,
+    ``backward``, ``optimizer``; the device is synchronised between phases, which costs a
+    little). ``on_step()``: called after every step (a ``torch.profiler`` schedule's ``step``).
+    ``compile``: train through ``torch.compile`` of the U-Net with its stacked layers."""
     from diffusers import DDPMScheduler
 
-    from experts.optim import make_lr_scheduler, make_optimizer
+    from experts.optim import make_lr_scheduler
+    from experts.stacked import clip_grad_norm_per_expert, make_stacked_optimizer, stacked_lora
+    from experts.stacked_data import ExpertData, StackedBatches
     from experts.train import mixed_precision
 
     first = experts[0].config
     unet = pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = make_optimizer([p for e in experts for p in e.params], first)  # per-parameter state: K optimizers in one
-    lr_scheduler = make_lr_scheduler(optimizer, first)
     precision = mixed_precision(first, device)
-    scale = pipe.vae.config.scaling_factor
-    log.info("training %d LoRA experts in one batch (%s), %d steps", len(experts), ", ".join(e.config.identifier for e in experts), first.steps)
+    data = StackedBatches([ExpertData(e.inst, e.cls, e.cond_inst, e.cond_cls, e.generator) for e in experts], first.batch_size, noise_scheduler,
+                          pipe.vae.config.scaling_factor, first.offset_noise, first.prior_loss_weight, first.snr_gamma, device)
+    log.info("training %d LoRA experts stacked (%s), %d steps", len(experts), ", ".join(e.config.identifier for e in experts), first.steps)
+    clock = _PhaseClock(timings, device)
     unet.train()
     started = time.perf_counter()
-    with routed_adapters(unet) as route:
+    with stacked_lora(unet, [e.adapter for e in experts]) as stack:
+        params = stack.parameters()
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = make_stacked_optimizer(params, first, device)
+        lr_scheduler = make_lr_scheduler(optimizer, first)
+        stack.route.set_grouped(data.rows_per_expert)
+        model = _compiled(unet, compile)
         for _ in range(first.steps):
-            batch = _draw_batch(experts, noise_scheduler, scale, device)
-            route["names"] = batch.names
+            noisy, timesteps, target = data.draw()
+            clock.lap("data")
             optimizer.zero_grad(set_to_none=True)
-            total = _batch_loss(unet, experts, batch, noise_scheduler, precision, device)
+            with precision.autocast():
+                pred = model(noisy, timesteps, **data.unet_kwargs).sample
+            total, _ = data.loss(pred, target, timesteps)
+            clock.lap("forward")
             precision.scaler.scale(total).backward()
+            clock.lap("backward")
             precision.scaler.unscale_(optimizer)
-            for e in experts:
-                torch.nn.utils.clip_grad_norm_(e.params, first.max_grad_norm)
+            clip_grad_norm_per_expert(params, first.max_grad_norm)
             precision.scaler.step(optimizer)
             precision.scaler.update()
             lr_scheduler.step()
+            clock.lap("optimizer")
+            if on_step is not None:
+                on_step()
     elapsed = time.perf_counter() - started
     unet.eval()
     if first.gradient_checkpointing:
@@ -246,54 +243,27 @@ def _train_together(pipe, experts: list[_Expert], device: str) -> float:
     return elapsed
 
 
-class _Batch(NamedTuple):
-    """One step's rows of all the experts, expert after expert."""
-
-    noisy: list[torch.Tensor]  # per expert: (rows, C, h, w)
-    timesteps: torch.Tensor  # (all rows,)
-    target: list[torch.Tensor]  # per expert: (rows, C, h, w)
-    conds: list  # per row: its Conditioning (batch 1)
-    names: list[str]  # per row: its expert's adapter
-    spans: list[tuple[int, int]]  # per expert: (first row, rows)
+def _compiled(unet, compile: bool):
+    """``torch.compile(unet)`` (with the stacked layers in it) when asked, else ``unet``."""
+    return torch.compile(unet) if compile else unet
 
 
-def _draw_batch(experts: list[_Expert], noise_scheduler, scale: float, device: str) -> _Batch:
-    """Every expert's batch, drawn from its own generator as
-    :func:`experts.train.draw_training_batch` draws one expert's."""
-    from experts.train import draw_training_batch
+class _PhaseClock:
+    """Adds the seconds since the last lap to ``timings[phase]`` (no-op without ``timings``);
+    synchronises a CUDA device first, so that each phase is charged its own kernels."""
 
-    b = experts[0].config.batch_size
-    noisy, timesteps, target, conds, names, spans = [], [], [], [], [], []
-    for e in experts:
-        x, t, y = draw_training_batch(e.inst, e.cls, b, e.generator, noise_scheduler, scale, e.config.offset_noise, device)
-        spans.append((sum(len(v) for v in noisy), len(x)))
-        noisy.append(x)
-        timesteps.append(t)
-        target.append(y)
-        conds += [e.cond_inst] * b + ([e.cond_cls] * b if e.cls is not None else [])
-        names += [e.adapter] * len(x)
-    return _Batch(noisy, torch.cat(timesteps), target, conds, names, spans)
+    def __init__(self, timings: dict | None, device: str):
+        self.timings, self.cuda = timings, str(device).startswith("cuda")
+        self.last = time.perf_counter()
 
-
-def _batch_loss(unet, experts: list[_Expert], batch: _Batch, noise_scheduler, precision, device: str) -> torch.Tensor:
-    """One U-Net forward of all the rows (routed to their adapters by the caller); returns the
-    sum over experts of each one's loss (instance, plus the weighted prior loss), a scalar."""
-    from suti.conditioning import Conditioning
-    from suti.losses import per_sample_mse, snr_weights
-
-    first = experts[0].config
-    b = first.batch_size
-    with precision.autocast():
-        pred = unet(torch.cat(batch.noisy), batch.timesteps, **Conditioning.cat(batch.conds).to(device).unet_kwargs()).sample
-    losses = per_sample_mse(pred, torch.cat(batch.target))
-    if first.snr_gamma:
-        losses = losses * snr_weights(noise_scheduler, batch.timesteps, first.snr_gamma)
-    total = 0.0
-    for e, (start, rows) in zip(experts, batch.spans):
-        total = total + losses[start : start + b].mean()
-        if e.cls is not None:
-            total = total + first.prior_loss_weight * losses[start + b : start + rows].mean()
-    return total
+    def lap(self, phase: str) -> None:
+        if self.timings is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _expert_infos(pipe, experts: list[_Expert], outputs: list[Path | None], elapsed: float) -> list[ExpertInfo]:

@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
     p.add_argument("--resident-workers", action="store_true", help="resident expert workers: one Ray actor per GPU (or CPU) slot loads the base model and scorer once and trains experts back to back, sampling from memory")
     p.add_argument("--expert-batch-size", type=generate_number("expert_batch_size"), default=1, help="with --resident-workers and LoRA experts: each worker trains this many experts together, one U-Net pass per step "
-                   "(peft mixed-adapter batches); their samples equal one-at-a-time experts' up to float rounding, not byte for byte")
+                   "(stacked LoRA layers: one batched matmul per layer whatever the size); their samples equal one-at-a-time experts' up to float rounding, not byte for byte")
+    p.add_argument("--compile", action="store_true", help="with --expert-batch-size: train through torch.compile of the U-Net with its stacked LoRA layers (measure it: benchmarks/generation_throughput.py)")
     p.set_defaults(func=_run)
 
 
@@ -60,7 +61,7 @@ def _run(args) -> int:
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
-        max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers, expert_batch_size=args.expert_batch_size, dtype=args.dtype,
+        max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers, expert_batch_size=args.expert_batch_size, compile=args.compile, dtype=args.dtype,
     )
     summary = run_generation(config)
     print(json.dumps(summary))

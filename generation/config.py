@@ -53,6 +53,7 @@ class GenerateConfig:
     threads_per_expert: int = 1
     resident_workers: bool = False
     expert_batch_size: int = 1  # LoRA experts a resident worker trains together (not part of the job's identity: samples equal up to float rounding)
+    compile: bool = False  # train stacked experts through torch.compile (not part of the identity)
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
     recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
 
@@ -193,6 +194,7 @@ class ExpertJob:
         keep_experts: upload each expert to ``output/experts``.
         threads_per_expert: torch threads per task.
         expert_batch_size: LoRA experts a resident worker trains together.
+        compile: train them through ``torch.compile`` (:func:`experts.batched.train_lora_experts`).
         device: ``"cuda"`` when the task holds a GPU, else ``"cpu"``.
     """
 
@@ -215,6 +217,7 @@ class ExpertJob:
     keep_experts: bool = False
     threads_per_expert: int = 1
     expert_batch_size: int = 1
+    compile: bool = False
     device: str = "cpu"
 
 

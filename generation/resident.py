@@ -120,7 +120,8 @@ class ResidentExpertWorker:
         """
         if len(clusters) == 1:
             return [self._run_one(clusters[0], demos[0])]
-        from experts.batched import routed_adapters, train_lora_experts
+        from experts.batched import train_lora_experts
+        from experts.stacked import stacked_lora
         from suti import storage
 
         device = self.job.device
@@ -137,7 +138,7 @@ class ResidentExpertWorker:
                     workdirs.append(Path(tempfile.mkdtemp(prefix=f"suti-expert-{cluster['cluster_id']}-")))
                     configs.append(expert_config(cluster, images, self.job, workdirs[-1], seeds[-1]))
                 adapters = [f"expert_{i}" for i in range(len(clusters))]
-                infos = train_lora_experts(self.pipe, configs, adapters, outputs=[w / "expert" for w in workdirs] if keep else None)
+                infos = train_lora_experts(self.pipe, configs, adapters, outputs=[w / "expert" for w in workdirs] if keep else None, compile=self.job.compile)
             except Exception as exc:  # noqa: BLE001
                 log.warning("a batch of %d experts failed (%s); running them one at a time", len(clusters), exc)
                 self.restore()
@@ -156,10 +157,10 @@ class ResidentExpertWorker:
             todos = [candidate_prompts(c, self.job, info, config, self.pipe.tokenizer) for c, info, config in zip(clusters, infos, configs)]
             texts = [text for todo in todos for *_, text in todo]
             seeds_of = [s for todo, seed in zip(todos, seeds) for s in candidate_seeds(todo, seed)]
-            owners = [adapter for todo, adapter in zip(todos, adapters) for _ in todo]
+            owners = [k for k, todo in enumerate(todos) for _ in todo]
             per_call = self.job.sample_batch_size * len(clusters)
-            with routed_adapters(self.pipe.unet) as route:
-                images = sample_candidates(self.pipe, texts, seeds_of, infos[0].resolution, self.job, device, adapters=owners, route=route, per_call=per_call)
+            with stacked_lora(self.pipe.unet, adapters, write_back=False) as stack:
+                images = sample_candidates(self.pipe, texts, seeds_of, infos[0].resolution, self.job, device, experts=owners, route=stack.route, per_call=per_call)
             share = (time.perf_counter() - started) / len(clusters)  # training and sampling, per expert
             results, at = [], 0
             for cluster, images_of, info, todo in zip(clusters, demos, infos, todos):

@@ -164,24 +164,24 @@ def candidate_seeds(todo: list[tuple], seed: int) -> list[int]:
     return [seed + 1000 * pi + si for pi, si, _, _ in todo]
 
 
-def sample_candidates(pipe, texts: list[str], seeds: list[int], resolution: int, job: ExpertJob, device: str, *, adapters: list[str] | None = None, route: dict | None = None, per_call: int | None = None) -> list:
+def sample_candidates(pipe, texts: list[str], seeds: list[int], resolution: int, job: ExpertJob, device: str, *, experts: list[int] | None = None, route=None, per_call: int | None = None) -> list:
     """Sample image ``i`` of ``texts[i]`` from its own seed ``seeds[i]`` (the images of one
     call per seed, up to rounding: :func:`suti.sampling.batches`), ``sample_batch_size`` per
-    pipeline call (or ``per_call``). With ``adapters`` and a ``route`` of
-    :func:`experts.batched.routed_adapters`, image ``i`` comes from the LoRA adapter
-    ``adapters[i]``, so that one call samples several experts."""
+    pipeline call (or ``per_call``). With ``experts`` and the :class:`experts.stacked.Route` of
+    stacked LoRA experts on ``pipe`` (:func:`experts.stacked.stacked_lora`), image ``i`` comes
+    from expert ``experts[i]``, so that one call samples several experts."""
     from suti.sampling import batches, seeded_generators
 
-    items = list(zip(texts, seeds, adapters or [None] * len(texts)))
+    items = list(zip(texts, seeds, experts or [None] * len(texts)))
     images = []
     for chunk in batches(items, per_call or job.sample_batch_size):
         if route is not None:
-            route["names"] = [adapter for *_, adapter in chunk]
+            route.set([expert for *_, expert in chunk])
         with _sampling_precision(device):
             images += pipe([text for text, *_ in chunk], height=resolution, width=resolution, num_inference_steps=job.sample_steps, guidance_scale=job.guidance_scale,
                            generator=seeded_generators([s for _, s, _ in chunk])).images
     if route is not None:
-        route["names"] = None
+        route.set(None)
     return images
 
 

@@ -1,0 +1,282 @@
+"""Stacked multi-LoRA: K LoRA experts on one frozen base, one batched matmul per layer.
+
+Each LoRA-targeted ``nn.Linear`` of the model becomes a :class:`StackedLoRALinear` holding one
+stacked ``lora_A`` (K, r, in) and one ``lora_B`` (K, out, r). The rows of a batch belong to
+experts (:meth:`StackedLoRA.route`); the LoRA term of every row is computed for all experts at
+once:
+
+* rows grouped by expert, the same number each (training: expert after expert):
+  ``x.view(K, m, in) @ A^T @ B^T`` - two ``bmm`` per layer, forward and backward, whatever K;
+* any other routing (sampling with classifier-free guidance runs ``cat([uncond, cond])``): the
+  rows' own matrices are gathered (``A[idx]``) and multiplied row by row - still two ``bmm``.
+
+The kernels per step therefore do not grow with K, unlike peft's mixed-adapter batches, which
+loop over the adapters in every layer. The layers are built from peft adapters already on the
+model (:meth:`StackedLoRA.from_peft`: the initialisation of each expert is its own adapter's,
+drawn as a lone run draws it) and written back into them (:meth:`StackedLoRA.write_back`), so
+each expert saves through peft and diffusers exactly as an expert trained alone
+(``pytorch_lora_weights.safetensors``, the ``load_lora_weights`` layout, the same keys). They
+wrap any ``nn.Linear`` that peft targets, in a U-Net or a diffusion transformer alike.
+
+The optimizer side (:class:`StackedAdafactor`, :func:`clip_grad_norm_per_expert`) keeps every
+expert's update equal to its own run's: AdamW is elementwise; Adafactor factors its second
+moment per matrix, so it is factored per expert slice, and its update is clipped by each
+slice's RMS; gradients are clipped per expert over that expert's slices only.
+
+Sources: Hu et al. 2021 (LoRA); Sheng et al. 2023 (S-LoRA) and Chen et al. 2023 (Punica) for
+batched multi-adapter LoRA; Shazeer & Stern 2018 (Adafactor), as ``transformers.Adafactor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class Route:
+    """Which expert each row of the current batch belongs to, shared by every stacked layer.
+
+    ``experts``: a LongTensor (rows,) of expert indices, or ``None`` (the layers add no LoRA
+    term: the base model). ``group``: the rows are ``experts`` grouped contiguously, ``group``
+    rows each, in expert order 0..K-1 (the fast path), else 0. A layer input with a whole
+    multiple of the routed rows repeats the routing (classifier-free guidance).
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.experts: torch.Tensor | None = None
+        self.group = 0
+        self._on: dict[tuple, torch.Tensor] = {}
+
+    def set(self, experts: list[int] | torch.Tensor | None) -> None:
+        """Route row ``i`` to expert ``experts[i]`` (``None``: no expert, the base model)."""
+        self._on = {}
+        if experts is None:
+            self.experts, self.group = None, 0
+            return
+        idx = torch.as_tensor(experts, dtype=torch.long).flatten()
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.num_experts):
+            raise ValueError(f"expert indices must be in [0, {self.num_experts}), got {idx.tolist()}")
+        self.experts = idx
+        rows = len(idx)
+        k = self.num_experts
+        self.group = 0
+        if rows % k == 0 and torch.equal(idx, torch.arange(k).repeat_interleave(rows // k)):
+            self.group = rows // k
+
+    def set_grouped(self, rows_per_expert: int) -> None:
+        """Rows expert after expert, ``rows_per_expert`` each (training); no host copy."""
+        self._on = {}
+        self.experts = torch.arange(self.num_experts).repeat_interleave(rows_per_expert)
+        self.group = rows_per_expert
+
+    def indices(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The expert of each of ``rows`` layer-input rows, on ``device`` (cached per call)."""
+        key = (rows, device)
+        if key not in self._on:
+            idx = self.experts
+            if rows != len(idx):
+                if rows % len(idx):
+                    raise ValueError(f"a layer input of {rows} rows cannot be routed by {len(idx)} expert indices")
+                idx = idx.repeat(rows // len(idx))
+            self._on[key] = idx.to(device)
+        return self._on[key]
+
+
+class StackedLoRALinear(nn.Module):
+    """``base(x) + scaling[k] * B[k] @ A[k] @ x`` for each row's expert ``k``.
+
+    Args:
+        base: the frozen ``nn.Linear`` (in -> out).
+        lora_A: (K, r, in) initial down-projections (copied into a trainable fp32 parameter).
+        lora_B: (K, out, r) initial up-projections.
+        scaling: (K,) ``lora_alpha / r`` of each expert.
+        route: the :class:`Route` every layer of the model shares.
+
+    Shapes: ``x`` is (rows, ..., in) with rows a whole multiple of the routed rows; the result
+    has ``base(x)``'s shape and dtype.
+    """
+
+    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor, route: Route):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Parameter(lora_A.detach().float().clone())
+        self.lora_B = nn.Parameter(lora_B.detach().float().clone())
+        self.register_buffer("scaling", scaling.detach().float().clone(), persistent=False)
+        self.route = route
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        route = self.route
+        if route.experts is None:
+            return out
+        rows = x.shape[0]
+        flat = x.reshape(rows, -1, x.shape[-1]).to(self.lora_A.dtype)  # (rows, L, in)
+        A, B, scale = self.lora_A, self.lora_B, self.scaling
+        if route.group and rows == len(route.experts):
+            k, m = A.shape[0], route.group
+            h = torch.bmm(flat.reshape(k, m * flat.shape[1], -1), A.transpose(1, 2))  # (K, mL, r)
+            delta = torch.bmm(h, B.transpose(1, 2)) * scale.view(k, 1, 1)  # (K, mL, out)
+        else:
+            idx = route.indices(rows, x.device)
+            h = torch.bmm(flat, A[idx].transpose(1, 2))  # (rows, L, r)
+            delta = torch.bmm(h, B[idx].transpose(1, 2)) * scale[idx].view(rows, 1, 1)
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+class StackedLoRA:
+    """The stacked LoRA layers of ``K`` experts put into a model in place of its peft LoRA
+    layers (:meth:`from_peft`); :meth:`remove` puts the peft layers back.
+
+    Attributes:
+        adapters: the peft adapter name of each expert, in stack order.
+        layers: ``{module name: StackedLoRALinear}``.
+        route: the shared :class:`Route`.
+    """
+
+    def __init__(self, model: nn.Module, adapters: list[str], layers: dict[str, StackedLoRALinear], originals: dict[str, nn.Module], route: Route):
+        self.model, self.adapters, self.layers, self._originals, self.route = model, list(adapters), layers, originals, route
+
+    @classmethod
+    def from_peft(cls, model: nn.Module, adapters: list[str]) -> "StackedLoRA":
+        """Replace every peft LoRA ``Linear`` of ``model`` that carries all of ``adapters`` by a
+        :class:`StackedLoRALinear` initialised from those adapters' weights.
+
+        Raises:
+            ValueError: no adapters, a LoRA layer that is not a ``Linear``, or an adapter with
+                dropout (each expert's rows would need their own dropout draws).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if not adapters:
+            raise ValueError("no adapters to stack")
+        route = Route(len(adapters))
+        layers, originals = {}, {}
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, LoraLayer) or not all(a in module.lora_A for a in adapters):
+                continue
+            base = module.get_base_layer()
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"{name}: stacked LoRA wraps nn.Linear layers, not {type(base).__name__}")
+            for a in adapters:
+                dropout = module.lora_dropout[a]
+                if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                    raise ValueError(f"{name}: adapter {a} has LoRA dropout {dropout.p}; stacked experts need none")
+            A = torch.stack([module.lora_A[a].weight.detach() for a in adapters])
+            B = torch.stack([module.lora_B[a].weight.detach() for a in adapters])
+            scaling = torch.tensor([float(module.scaling[a]) for a in adapters])
+            layer = StackedLoRALinear(base, A, B, scaling, route).to(A.device)
+            parent, child = _parent(model, name)
+            setattr(parent, child, layer)
+            layers[name], originals[name] = layer, module
+        if not layers:
+            raise ValueError(f"the model has no LoRA layer carrying the adapters {adapters}")
+        return cls(model, adapters, layers, originals, route)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The stacked parameters, ``lora_A`` then ``lora_B`` of each layer in model order."""
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy each expert's slices into its peft adapter (``lora_A[adapter].weight`` ...), in
+        the adapter's dtype, so that peft and diffusers save or use it as a lone expert."""
+        for name, layer in self.layers.items():
+            peft_layer = self._originals[name]
+            for k, adapter in enumerate(self.adapters):
+                peft_layer.lora_A[adapter].weight.copy_(layer.lora_A[k])
+                peft_layer.lora_B[adapter].weight.copy_(layer.lora_B[k])
+
+    def remove(self) -> None:
+        """Put the peft LoRA layers back (without writing the stacked weights into them)."""
+        for name, peft_layer in self._originals.items():
+            parent, child = _parent(self.model, name)
+            setattr(parent, child, peft_layer)
+        self.layers = {}
+
+
+@contextlib.contextmanager
+def stacked_lora(model: nn.Module, adapters: list[str], *, write_back: bool = True) -> Iterator[StackedLoRA]:
+    """:meth:`StackedLoRA.from_peft` for the ``with`` block; on leaving it the trained weights
+    go back into the peft adapters (``write_back``) and the peft layers back into the model,
+    also when the block raises."""
+    stack = StackedLoRA.from_peft(model, adapters)
+    try:
+        yield stack
+    finally:
+        if write_back:
+            stack.write_back()
+        stack.remove()
+
+
+@torch.no_grad()
+def clip_grad_norm_per_expert(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of stacked parameters (K, ...) per expert: expert ``k``'s slices
+    ``p.grad[k]`` of all ``params`` are scaled together so that their joint L2 norm is at most
+    ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` clips one expert's parameters
+    (coefficient ``max_norm / (norm + 1e-6)``, at most 1). No host sync.
+
+    Returns:
+        (K,) the norms before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads])  # (tensors, K)
+    norms = squares.sum(0).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, [coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grads])
+    return norms
+
+
+class StackedAdafactor:
+    """``transformers.Adafactor`` over stacked parameters, exact per expert.
+
+    Adafactor factors the second moment of a matrix into row and column statistics; over a
+    (K, rows, cols) stack transformers' implementation already keeps them per leading slice,
+    but clips the update by the RMS of the whole tensor. This class clips it by each slice's
+    RMS, so that expert ``k``'s update equals that of its own Adafactor. Tensors of other
+    dimensions are handled as ``transformers.Adafactor`` does.
+    """
+
+    def __new__(cls, params, **kwargs):
+        from transformers.optimization import Adafactor
+
+        class _Stacked(Adafactor):
+            @staticmethod
+            def _rms(tensor):
+                if tensor.dim() == 3:
+                    return tensor.flatten(1).norm(2, dim=1).view(-1, 1, 1) / math.sqrt(tensor[0].numel())
+                return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+        _Stacked.__name__ = _Stacked.__qualname__ = "StackedAdafactor"
+        return _Stacked(params, **kwargs)
+
+
+def make_stacked_optimizer(params: list[nn.Parameter], config, device: str):
+    """The optimizer of :func:`experts.optim.make_optimizer` for stacked parameters: Adafactor
+    per slice (:class:`StackedAdafactor`), AdamW with ``foreach`` (``fused`` on CUDA), or 8-bit
+    AdamW (its quantisation blocks span experts: close to, not equal to, separate runs)."""
+    from experts.optim import adamw_class
+
+    lr = config.effective_learning_rate
+    if config.optimizer == "adafactor":
+        return StackedAdafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    cls = adamw_class(config)
+    kwargs = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if cls is torch.optim.AdamW:
+        kwargs.update(fused=True) if str(device).startswith("cuda") else kwargs.update(foreach=True)
+    return cls(params, **kwargs)

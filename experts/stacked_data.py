@@ -1,0 +1,151 @@
+"""The training data of K experts trained together (:mod:`experts.batched`): every expert draws
+from its own generator, exactly as :func:`experts.train.draw_training_batch` draws a lone
+expert's batch, and the tensor work of a step is done once for all of them.
+
+All the experts' cached latent distributions sit in one stacked table (instance sets expert
+after expert, then the class sets; experts with the same class prompt and class images share
+one class set). A step draws each expert's random numbers (indices, flips, the latent sample's
+noise, the diffusion noise and timesteps) from its generator on the CPU, in the lone run's
+order, then gathers, samples and noises all rows at once on the device. Rows are grouped by
+expert: ``batch_size`` instance rows, then as many class rows with prior preservation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ExpertData:
+    """One expert's inputs: cached instance and class latents (:class:`experts.latents.
+    TrainingLatents`; ``cls`` ``None`` without prior preservation), its batch-1 conditionings
+    and its generator."""
+
+    inst: object
+    cls: object | None
+    cond_inst: object
+    cond_cls: object | None
+    generator: torch.Generator
+
+
+class StackedBatches:
+    """Draws the K experts' rows of every step (see the module docstring).
+
+    Args:
+        experts: one :class:`ExpertData` per expert, in stack order; all with or all without
+            class images.
+        batch_size: instance rows per expert (and class rows with prior preservation).
+        noise_scheduler: the DDPM training scheduler.
+        scale: the VAE's ``scaling_factor``.
+        offset_noise: per-channel noise standard deviation (0: none).
+        prior_loss_weight: weight of each expert's class loss.
+        snr_gamma: Min-SNR-gamma weighting (0 or ``None``: none).
+        device: where the rows go.
+    """
+
+    def __init__(self, experts: list[ExpertData], batch_size: int, noise_scheduler, scale: float, offset_noise: float, prior_loss_weight: float, snr_gamma: float | None, device: str):
+        from suti.conditioning import Conditioning
+
+        self.experts, self.b, self.noise_scheduler, self.scale = experts, batch_size, noise_scheduler, scale
+        self.offset_noise, self.prior_loss_weight, self.snr_gamma, self.device = offset_noise, prior_loss_weight, snr_gamma, device
+        self.prior = experts[0].cls is not None
+        if any((e.cls is not None) != self.prior for e in experts):
+            raise ValueError("experts trained together all use prior preservation or none does")
+        self.rows_per_expert = batch_size * (2 if self.prior else 1)
+        self.cached = all(t.cached is not None for e in experts for t in (e.inst, e.cls) if t is not None)
+        self._stack_tables()
+        conds = []
+        for e in experts:
+            conds += [e.cond_inst] * batch_size + ([e.cond_cls] * batch_size if self.prior else [])
+        self.unet_kwargs = Conditioning.cat(conds).to(device).unet_kwargs()  # the same every step
+
+    def _stack_tables(self) -> None:
+        """One table of every distinct latent set (shared class sets counted once), with each
+        expert's offsets into it."""
+        tables, where = [], {}
+        for t in [e.inst for e in self.experts] + [e.cls for e in self.experts if e.cls is not None]:
+            if id(t) not in where:
+                where[id(t)] = sum(len(x) for x in tables)
+                tables.append(t)
+        self.inst_at = torch.tensor([where[id(e.inst)] for e in self.experts])
+        self.cls_at = torch.tensor([where[id(e.cls)] for e in self.experts]) if self.prior else None
+        self.tables = tables
+        if self.cached:
+            self.mean = torch.cat([t.cached[0][0] for t in tables])
+            self.std = torch.cat([t.cached[0][1] for t in tables])
+            self.flipped = (torch.cat([t.cached[1][0] for t in tables]), torch.cat([t.cached[1][1] for t in tables])) if len(tables[0].cached) > 1 else None
+
+    def _draws(self, e: ExpertData) -> tuple:
+        """One expert's random numbers, in :func:`experts.train.draw_training_batch`'s order."""
+        g, b = e.generator, self.b
+        idx = torch.randint(0, len(e.inst), (b,), generator=g)
+        flips, crops = e.inst.draw_augmentation(b, g)
+        cidx = cflips = ccrops = None
+        if e.cls is not None:
+            cidx = torch.randint(0, len(e.cls), (b,), generator=g)
+            cflips, ccrops = e.cls.draw_augmentation(b, g)
+        return idx, flips, crops, cidx, cflips, ccrops
+
+    def _noise(self, e: ExpertData, shape: tuple, dtype: torch.dtype) -> tuple:
+        g = e.generator
+        eps = torch.randn(shape, generator=g, dtype=dtype)
+        noise = torch.randn(shape, generator=g)
+        if self.offset_noise:
+            noise = noise + self.offset_noise * torch.randn(shape[:2] + (1, 1), generator=g)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],), generator=g)
+        return eps, noise, timesteps
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noisy, timesteps, target)`` of all K experts' rows, expert after expert: (K*rows,
+        C, h, w), (K*rows,), (K*rows, C, h, w)."""
+        from suti.losses import denoising_target
+
+        if not self.cached:
+            return self._draw_encoding()
+        rows = self.rows_per_expert
+        shape = (rows, *self.mean.shape[1:])
+        index, flip, eps, noise, timesteps = [], [], [], [], []
+        for k, e in enumerate(self.experts):
+            idx, flips, _, cidx, cflips, _ = self._draws(e)
+            index.append(idx + self.inst_at[k])
+            flip.append(flips if flips is not None else torch.zeros(0, dtype=torch.bool))
+            if cidx is not None:
+                index.append(cidx + self.cls_at[k])
+                flip.append(cflips if cflips is not None else torch.zeros(0, dtype=torch.bool))
+            drawn = self._noise(e, shape, self.mean.dtype)
+            eps.append(drawn[0])
+            noise.append(drawn[1])
+            timesteps.append(drawn[2])
+        index = torch.cat(index)
+        mean, std = self.mean[index], self.std[index]
+        if self.flipped is not None:
+            m = torch.cat(flip).view(-1, 1, 1, 1).to(mean.device)
+            mean, std = torch.where(m, self.flipped[0][index], mean), torch.where(m, self.flipped[1][index], std)
+        latents = ((mean.cpu() + std.cpu() * torch.cat(eps)) * self.scale).to(self.device)
+        noise = torch.cat(noise).to(self.device)
+        timesteps = torch.cat(timesteps).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return noisy, timesteps, denoising_target(self.noise_scheduler, latents, noise, timesteps)
+
+    def _draw_encoding(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random crops: each expert's batch is encoded per step (as a lone run does)."""
+        from experts.train import draw_training_batch
+
+        parts = [draw_training_batch(e.inst, e.cls, self.b, e.generator, self.noise_scheduler, self.scale, self.offset_noise, self.device) for e in self.experts]
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, per_expert)``: the sum over experts of each one's loss (instance mean plus
+        ``prior_loss_weight`` times the class mean), and those K losses (K,), detached."""
+        from suti.losses import per_sample_mse, snr_weights
+
+        losses = per_sample_mse(pred, target)
+        if self.snr_gamma:
+            losses = losses * snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
+        rows = losses.view(len(self.experts), self.rows_per_expert)
+        each = rows[:, : self.b].mean(1)
+        if self.prior:
+            each = each + self.prior_loss_weight * rows[:, self.b :].mean(1)
+        return each.sum(), each.detach()
