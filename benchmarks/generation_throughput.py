@@ -20,6 +20,12 @@ one-at-a-time experts' up to float rounding, not byte for byte.
 
     python benchmarks/generation_throughput.py --model toy --clusters 8 --steps 60 --lora-rank 4 --expert-batch-size 4
 
+``--expert-batch-size 1,2,4,8,16`` (a list) runs the stacked-expert K sweep instead
+(:mod:`expert_sweep`: one resident worker in process, steady experts per hour per K, the time per
+expert by phase, aten operators per training step; ``--trace DIR`` writes the profiled step)::
+
+    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 32 --expert-batch-size 1,2,4,8
+
 ``--in-process`` runs the same expert code without Ray, in this process, one expert at a time:
 per-task experts (``generation.task.run_cluster``: load the base and the scorer, train, save,
 load the expert back) against one resident worker (``ResidentExpertWorker``: load once, train in
@@ -137,9 +143,16 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 2-worker run (one GPU)")
     parser.add_argument("--in-process", action="store_true", help="no Ray: per-task experts vs one resident worker in this process (no scaling row)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per expert (--in-process)")
-    parser.add_argument("--expert-batch-size", type=int, default=1, help="also resident workers training this many LoRA experts together (needs --lora-rank)")
+    parser.add_argument("--expert-batch-size", default="1", help="also resident workers training this many LoRA experts together (needs --lora-rank); "
+                        "a list (1,2,4,8): the stacked-expert K sweep (benchmarks/expert_sweep.py)")
+    parser.add_argument("--trace", help="K sweep: write the profiled training step's Chrome trace here")
+    parser.add_argument("--compile", action="store_true", help="K sweep: train through torch.compile")
     parser.add_argument("--random-clip", action="store_true", help="random-weight OpenAI CLIP ViT-B/32 in a temporary hub cache (no weights on the machine; timing only)")
     args = parser.parse_args()
+    sizes = [int(k) for k in str(args.expert_batch_size).split(",")]
+    args.expert_batch_size = sizes[0]
+    if len(sizes) > 1 and not args.lora_rank:
+        parser.error("the K sweep trains LoRA experts: give --lora-rank")
     if args.random_clip:
         from bench_models import random_clip_hub_cache
 
@@ -152,6 +165,11 @@ def main() -> None:
         suti(["world", "make", "--output", str(root / "crawl"), "--subjects", str(args.clusters * 2), "--noise-pages", "0.2", "--seed", "3", "--size", "32"])
         suti(["mine", "--crawl", str(root / "crawl"), "--output", str(root / "mined")])
         args.clusters = min(args.clusters, len((root / "mined" / "clusters.jsonl").read_text().splitlines()))
+        if len(sizes) > 1:
+            from expert_sweep import run
+
+            run(root, args, sizes)
+            return
         if args.in_process:
             result = in_process(root, args)
             unit = "experts per GPU-hour" if args.device == "cuda" else "experts/hour"

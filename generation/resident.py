@@ -109,7 +109,7 @@ class ResidentExpertWorker:
             self.restore()
             self.experts += 1
 
-    def run_batch(self, clusters: list[dict], demos: list[list]) -> list:
+    def run_batch(self, clusters: list[dict], demos: list[list], *, timings: dict | None = None, on_step=None) -> list:
         """Train the clusters' LoRA experts together (:func:`experts.batched.train_lora_experts`),
         then sample and filter each from its own adapter.
 
@@ -117,8 +117,13 @@ class ResidentExpertWorker:
         is the batch's training time over its size), or the exception that cluster raised. When
         the batch itself fails (a bad cluster among good ones), its clusters run one at a time,
         so that only the bad one fails.
+
+        ``timings`` (benchmarks): a dict that gets the seconds of each phase added: the training
+        steps' ``data``, ``forward``, ``backward``, ``optimizer`` (device synchronised), then
+        ``sampling`` and ``scoring``; with it, one cluster also trains on the stacked path.
+        ``on_step``: called after every training step (``torch.profiler.profile.step``).
         """
-        if len(clusters) == 1:
+        if len(clusters) == 1 and timings is None and on_step is None:
             return [self._run_one(clusters[0], demos[0])]
         from experts.batched import train_lora_experts
         from experts.stacked import stacked_lora
@@ -138,7 +143,8 @@ class ResidentExpertWorker:
                     workdirs.append(Path(tempfile.mkdtemp(prefix=f"suti-expert-{cluster['cluster_id']}-")))
                     configs.append(expert_config(cluster, images, self.job, workdirs[-1], seeds[-1]))
                 adapters = [f"expert_{i}" for i in range(len(clusters))]
-                infos = train_lora_experts(self.pipe, configs, adapters, outputs=[w / "expert" for w in workdirs] if keep else None, compile=self.job.compile)
+                infos = train_lora_experts(self.pipe, configs, adapters, outputs=[w / "expert" for w in workdirs] if keep else None, compile=self.job.compile,
+                                           timings=timings, on_step=on_step)
             except Exception as exc:  # noqa: BLE001
                 log.warning("a batch of %d experts failed (%s); running them one at a time", len(clusters), exc)
                 self.restore()
@@ -159,8 +165,12 @@ class ResidentExpertWorker:
             seeds_of = [s for todo, seed in zip(todos, seeds) for s in candidate_seeds(todo, seed)]
             owners = [k for k, todo in enumerate(todos) for _ in todo]
             per_call = self.job.sample_batch_size * len(clusters)
+            sampling_started = time.perf_counter()
             with stacked_lora(self.pipe.unet, adapters, write_back=False) as stack:
                 images = sample_candidates(self.pipe, texts, seeds_of, infos[0].resolution, self.job, device, experts=owners, route=stack.route, per_call=per_call)
+            scoring_started = time.perf_counter()
+            if timings is not None:
+                timings["sampling"] = timings.get("sampling", 0.0) + scoring_started - sampling_started
             share = (time.perf_counter() - started) / len(clusters)  # training and sampling, per expert
             results, at = [], 0
             for cluster, images_of, info, todo in zip(clusters, demos, infos, todos):
@@ -170,6 +180,8 @@ class ResidentExpertWorker:
                 except Exception as exc:  # noqa: BLE001 - this cluster's own error
                     results.append(exc)
                 at += len(todo)
+            if timings is not None:
+                timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - scoring_started
             return results
         finally:
             for workdir in workdirs:

@@ -166,9 +166,16 @@ def test_apprentice_train_entry_point_exits_2_with_one_line(tmp_path):
 def test_world_library_value_errors_exit_2(tmp_path, capsys):
     assert main(["world", "make", "--output", str(tmp_path / "w"), "--subjects", "2", "--shard-size", "0"]) == 0
     capsys.readouterr()
-    code = main(["world", "export-subject", "--world", str(tmp_path / "w"), "--subject", "subject_0000",
-                 "--output", str(tmp_path / "e"), "--size", "4"])
-    assert (code, capsys.readouterr().err.strip()) == (2, "suti: error: image size must be >= 16 px, got 4")
+    code = exit_code(["world", "export-subject", "--world", str(tmp_path / "w"), "--subject", "subject_0000",
+                      "--output", str(tmp_path / "e"), "--size", "4"])
+    assert code == 2 and "argument --size: must be a whole number from 16 to 4096, got 4" in capsys.readouterr().err
+    from suti.errors import InputError
+    from suti.world import export_subject
+    from suti.world.spec import load_world
+
+    with pytest.raises(InputError, match="image size must be >= 16 px, got 4"):  # the library checks it too
+        export_subject(load_world(tmp_path / "w"), "subject_0000", tmp_path / "e", size=4)
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("option,value,message", [
