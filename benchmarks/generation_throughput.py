@@ -24,7 +24,7 @@ one-at-a-time experts' up to float rounding, not byte for byte.
 (:mod:`expert_sweep`: one resident worker in process, steady experts per hour per K, the time per
 expert by phase, aten operators per training step; ``--trace DIR`` writes the profiled step)::
 
-    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 32 --expert-batch-size 1,2,4,8
+    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 40 --expert-batch-size 1,2,4,8
 
 ``--in-process`` runs the same expert code without Ray, in this process, one expert at a time:
 per-task experts (``generation.task.run_cluster``: load the base and the scorer, train, save,
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--expert-batch-size", default="1", help="also resident workers training this many LoRA experts together (needs --lora-rank); "
                         "a list (1,2,4,8): the stacked-expert K sweep (benchmarks/expert_sweep.py)")
     parser.add_argument("--trace", help="K sweep: write the profiled training step's Chrome trace here")
+    parser.add_argument("--steady-batches", type=int, default=4, help="K sweep: timed batches per K after a warm-up batch (needs (1 + this) x largest K clusters)")
     parser.add_argument("--compile", action="store_true", help="K sweep: train through torch.compile")
     parser.add_argument("--random-clip", action="store_true", help="random-weight OpenAI CLIP ViT-B/32 in a temporary hub cache (no weights on the machine; timing only)")
     args = parser.parse_args()

@@ -17,10 +17,17 @@ Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub
    job's expert code without Ray: per-task experts against one resident worker, LoRA rank 4,
    ``--throughput-clusters`` clusters, ``--throughput-steps`` steps, and the same worker
    training ``--throughput-batch`` experts together (``--expert-batch-size``); the scorer is OpenAI CLIP
-   ViT-B/32's architecture with random weights, as the machine has no hub access).
+   ViT-B/32's architecture with random weights, as the machine has no hub access) - row
+   ``resident``;
+8. stacked experts, the K sweep (``throughput``): ``generation_throughput.py --expert-batch-size
+   --sweep`` (``benchmarks/expert_sweep.py``: one resident worker, LoRA rank 4, one warm-up and
+   ``--sweep-batches`` timed batches per K, ``--throughput-steps`` steps): steady experts per
+   GPU-hour per K and its ratio to K = 1, training steps per second, the 500-step experts per
+   GPU-hour that follow, seconds per expert by phase, aten operators per step; the profiler
+   trace of one stacked step of K = 1 and of the largest K goes to ``traces/`` beside ``--json``.
 
 A row that fails prints ``ROW <name>: error ...`` and the suite goes on with the next one;
-``--rows`` picks rows (``experts,apprentice,training,throughput``). The exit status is 1 when
+``--rows`` picks rows (``experts,apprentice,training,resident,throughput``). The exit status is 1 when
 a row failed.
 
 ``--dry-run`` runs every row on the CPU with the ``tiny`` preset and tiny sizes (CI).
@@ -295,6 +302,28 @@ def experts_per_hour_rows(a, experts: dict) -> None:
         row(f"experts per GPU-hour, {kind} ({a.preset}, {a.expert_steps} steps + {a.prompts_per_expert} samples each)", experts_per_hour=round(3600 / per_expert, 2), seconds_per_expert=round(per_expert, 2))
 
 
+def sweep_row(a) -> None:
+    """Row 8: the stacked-expert K sweep (generation_throughput.py --expert-batch-size 1,2,...)."""
+    import subprocess
+
+    world = a.preset in ("tiny", "toy", "tiny-sdxl")
+    traces = (Path(a.json).parent if a.json else Path.cwd()) / "traces"
+    cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--model", a.preset if world else a.model, "--lora-rank", "4",
+           "--clusters", str((1 + a.sweep_batches) * max(int(k) for k in a.sweep.split(","))), "--steps", str(a.throughput_steps), "--sample-steps", str(a.sample_steps),
+           "--prompts", "2", "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1",
+           "--expert-batch-size", a.sweep, "--steady-batches", str(a.sweep_batches), "--trace", str(traces)]
+    if not world:
+        cmd.append("--random-clip")
+    print("$ " + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    for k, values in r["rows"].items():
+        row(f"stacked experts K={k}, LoRA rank 4 ({a.preset}, {a.throughput_steps} steps, 2 prompts x {a.sample_steps} sample steps)", **values, traces=str(traces))
+
+
 def throughput_row(a) -> None:
     """Row 7: resident worker vs per-task experts, in process (generation_throughput.py)."""
     import subprocess
@@ -338,18 +367,21 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-clusters", type=int, default=3)
     p.add_argument("--throughput-steps", type=int, default=100)
     p.add_argument("--throughput-batch", type=int, default=4, help="row 7 also times a resident worker training this many LoRA experts together (1: not)")
-    p.add_argument("--rows", default="experts,apprentice,training,throughput", help="comma-separated, run in this order: experts,apprentice,training,throughput")
+    p.add_argument("--sweep", default="1,2,4,8", help="row 8: the K values of the stacked-expert sweep")
+    p.add_argument("--sweep-batches", type=int, default=4, help="row 8: timed batches per K (after one warm-up)")
+    p.add_argument("--rows", default="experts,apprentice,training,resident,throughput", help="comma-separated, run in this order: experts,apprentice,training,resident,throughput")
     p.add_argument("--json", help="write the rows here (after every row)")
     a = p.parse_args(argv)
     global JSON_PATH
     JSON_PATH = Path(a.json) if a.json else None
     wanted = set(a.rows.split(","))
-    if wanted - {"experts", "apprentice", "training", "throughput"}:
-        p.error(f"--rows: unknown {sorted(wanted - {'experts', 'apprentice', 'training', 'throughput'})}")
+    known = {"experts", "apprentice", "training", "resident", "throughput"}
+    if wanted - known:
+        p.error(f"--rows: unknown {sorted(wanted - known)}")
     if a.dry_run:
         a.model, a.resolution, a.expert_steps, a.class_images, a.sample_steps = "tiny", 32, 2, 2, 2
         a.timed_images, a.train_steps, a.train_batch, a.prompts_per_expert = 1, 2, 2, 1
-        a.throughput_clusters, a.throughput_steps = 2, 2
+        a.throughput_clusters, a.throughput_steps, a.sweep, a.sweep_batches = 2, 2, "1,2", 1
     elif not torch.cuda.is_available():
         print("warning: no CUDA device; the rows measure the CPU (use --dry-run for a quick check)", flush=True)
     started = time.perf_counter()
@@ -374,8 +406,10 @@ def main(argv=None) -> int:
                     guarded(f"apprentice sampling ({run.preset})", apprentice_rows, run, work, photos, experts)
                 elif name == "training":
                     guarded(f"apprentice training ({run.preset})", apprentice_training_row, run, work)
-                elif name == "throughput":
+                elif name == "resident":
                     guarded(f"generation throughput ({run.preset})", throughput_row, run)
+                elif name == "throughput":
+                    guarded(f"stacked experts ({run.preset})", sweep_row, run)
     print(f"suite finished in {time.perf_counter() - started:.1f} s")
     print(json.dumps(ROWS))
     return 1 if any("error" in r for r in ROWS) else 0

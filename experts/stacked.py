@@ -41,48 +41,69 @@ class Route:
     """Which expert each row of the current batch belongs to, shared by every stacked layer.
 
     ``experts``: a LongTensor (rows,) of expert indices, or ``None`` (the layers add no LoRA
-    term: the base model). ``group``: the rows are ``experts`` grouped contiguously, ``group``
-    rows each, in expert order 0..K-1 (the fast path), else 0. A layer input with a whole
-    multiple of the routed rows repeats the routing (classifier-free guidance).
+    term: the base model). When the rows come in runs of equal length ``group``, one expert per
+    run (``runs``: those experts in order; training and most sampling calls), a layer multiplies
+    each run by its expert's matrices with one ``bmm`` (the fast path); otherwise every row's
+    matrices are gathered. A layer input with a whole multiple of the routed rows repeats the
+    routing (classifier-free guidance's ``cat([uncond, cond])``).
     """
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.experts: torch.Tensor | None = None
+        self.runs: torch.Tensor | None = None
         self.group = 0
         self._on: dict[tuple, torch.Tensor] = {}
 
     def set(self, experts: list[int] | torch.Tensor | None) -> None:
-        """Route row ``i`` to expert ``experts[i]`` (``None``: no expert, the base model)."""
+        """Route row ``i`` to expert ``experts[i]`` (``None``: no expert, the base model).
+
+        Raises:
+            ValueError: an index outside ``[0, num_experts)``.
+        """
         self._on = {}
+        self.runs, self.group = None, 0
         if experts is None:
-            self.experts, self.group = None, 0
+            self.experts = None
             return
         idx = torch.as_tensor(experts, dtype=torch.long).flatten()
         if len(idx) and (idx.min() < 0 or idx.max() >= self.num_experts):
             raise ValueError(f"expert indices must be in [0, {self.num_experts}), got {idx.tolist()}")
         self.experts = idx
-        rows = len(idx)
-        k = self.num_experts
-        self.group = 0
-        if rows % k == 0 and torch.equal(idx, torch.arange(k).repeat_interleave(rows // k)):
-            self.group = rows // k
+        starts = [0] + [i for i in range(1, len(idx)) if idx[i] != idx[i - 1]]
+        lengths = {b - a for a, b in zip(starts, starts[1:] + [len(idx)])}
+        if len(lengths) == 1:
+            self.group, self.runs = lengths.pop(), idx[starts]
+
+    @property
+    def runs_are_all(self) -> bool:
+        """The runs are experts 0..K-1 in order (each layer can use its stacks as they are)."""
+        if not hasattr(self, "_all") or self._all[0] is not self.runs:
+            self._all = (self.runs, self.runs is not None and torch.equal(self.runs, torch.arange(self.num_experts)))
+        return self._all[1]
 
     def set_grouped(self, rows_per_expert: int) -> None:
-        """Rows expert after expert, ``rows_per_expert`` each (training); no host copy."""
-        self._on = {}
-        self.experts = torch.arange(self.num_experts).repeat_interleave(rows_per_expert)
-        self.group = rows_per_expert
+        """Rows expert after expert, ``rows_per_expert`` each, every expert once (training)."""
+        self.set(torch.arange(self.num_experts).repeat_interleave(rows_per_expert))
 
     def indices(self, rows: int, device: torch.device) -> torch.Tensor:
         """The expert of each of ``rows`` layer-input rows, on ``device`` (cached per call)."""
-        key = (rows, device)
+        return self._cached("rows", rows, device, lambda: self.experts)
+
+    def run_experts(self, repeats: int, device: torch.device) -> torch.Tensor:
+        """The expert of each run, the routing repeated ``repeats`` times, on ``device``."""
+        return self._cached("runs", repeats, device, lambda: self.runs)
+
+    def _cached(self, kind: str, n: int, device, source) -> torch.Tensor:
+        key = (kind, n, device)
         if key not in self._on:
-            idx = self.experts
-            if rows != len(idx):
-                if rows % len(idx):
-                    raise ValueError(f"a layer input of {rows} rows cannot be routed by {len(idx)} expert indices")
-                idx = idx.repeat(rows // len(idx))
+            idx = source()
+            if kind == "rows" and n != len(idx):
+                if n % len(idx):
+                    raise ValueError(f"a layer input of {n} rows cannot be routed by {len(idx)} expert indices")
+                idx = idx.repeat(n // len(idx))
+            elif kind == "runs":
+                idx = idx.repeat(n)
             self._on[key] = idx.to(device)
         return self._on[key]
 
@@ -121,10 +142,17 @@ class StackedLoRALinear(nn.Module):
         rows = x.shape[0]
         flat = x.reshape(rows, -1, x.shape[-1]).to(self.lora_A.dtype)  # (rows, L, in)
         A, B, scale = self.lora_A, self.lora_B, self.scaling
-        if route.group and rows == len(route.experts):
-            k, m = A.shape[0], route.group
-            h = torch.bmm(flat.reshape(k, m * flat.shape[1], -1), A.transpose(1, 2))  # (K, mL, r)
-            delta = torch.bmm(h, B.transpose(1, 2)) * scale.view(k, 1, 1)  # (K, mL, out)
+        routed = len(route.experts)
+        if route.group and rows % routed == 0:  # runs of `group` rows, one expert each
+            repeats = rows // routed
+            runs = route.run_experts(repeats, x.device)
+            if repeats == 1 and len(runs) == A.shape[0] and route.runs_are_all:
+                A_r, B_r, s_r = A, B, scale  # training: every expert once, in order (no gather)
+            else:
+                A_r, B_r, s_r = A[runs], B[runs], scale[runs]
+            n = len(runs)
+            h = torch.bmm(flat.reshape(n, route.group * flat.shape[1], -1), A_r.transpose(1, 2))  # (runs, group*L, r)
+            delta = torch.bmm(h, B_r.transpose(1, 2)) * s_r.view(n, 1, 1)  # (runs, group*L, out)
         else:
             idx = route.indices(rows, x.device)
             h = torch.bmm(flat, A[idx].transpose(1, 2))  # (rows, L, r)
@@ -280,3 +308,55 @@ def make_stacked_optimizer(params: list[nn.Parameter], config, device: str):
     if cls is torch.optim.AdamW:
         kwargs.update(fused=True) if str(device).startswith("cuda") else kwargs.update(foreach=True)
     return cls(params, **kwargs)
+
+
+#: The most experts an automatic batch holds (``suti generate --resident-workers`` without
+#: ``--expert-batch-size``).
+MAX_AUTO_EXPERTS = 16
+
+
+def experts_that_fit(free_bytes: int, bytes_per_expert: int, *, reserve: float = 0.15, most: int = MAX_AUTO_EXPERTS) -> int:
+    """How many stacked experts fit in ``free_bytes`` of accelerator memory when each adds
+    ``bytes_per_expert`` (its training rows' activations and gradients, its LoRA weights and
+    optimizer state), keeping ``reserve`` of the free memory for sampling and fragmentation:
+    ``floor(free * (1 - reserve) / per_expert)``, from 1 to ``most``."""
+    if bytes_per_expert <= 0:
+        return 1
+    return int(max(1, min(most, free_bytes * (1.0 - reserve) // bytes_per_expert)))
+
+
+def measure_bytes_per_expert(pipe, config, device: str) -> int:
+    """The accelerator memory one more stacked expert takes: the peak of a LoRA training step
+    on one expert's rows (``batch_size``, twice with prior preservation) at ``config``'s
+    resolution, above the memory held before it (``torch.cuda.max_memory_allocated``). 0 on a
+    device that is not CUDA. The step runs on a throwaway adapter, removed afterwards."""
+    if not str(device).startswith("cuda"):
+        return 0
+    from experts.train import add_lora
+    from suti.models import default_resolution
+
+    unet = pipe.unet
+    resolution = config.resolution or default_resolution(config.model)
+    rows = config.batch_size * (2 if config.prior_preservation else 1)
+    latent = resolution // pipe.vae_scale_factor
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    add_lora(pipe, config, adapter_name="_memory_probe")
+    try:
+        params = [p for n, p in unet.named_parameters() if "_memory_probe" in n]
+        for p in params:
+            p.requires_grad_(True)
+        x = torch.randn(rows, unet.config.in_channels, latent, latent, device=device, dtype=unet.dtype)
+        emb = torch.randn(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+        kwargs = {}
+        if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 1280, device=device, dtype=unet.dtype), "time_ids": torch.zeros(rows, 6, device=device, dtype=unet.dtype)}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            unet(x, torch.full((rows,), 500, device=device), emb, **kwargs).sample.float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    finally:
+        unet.delete_adapters(["_memory_probe"])
+        unet.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()

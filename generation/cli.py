@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-retries", type=generate_number("max_retries"), default=2, help="retries of a cluster whose worker died or hit a transient error")
     p.add_argument("--retry-failed", action="store_true", help="run clusters recorded as failed again")
     p.add_argument("--resident-workers", action="store_true", help="resident expert workers: one Ray actor per GPU (or CPU) slot loads the base model and scorer once and trains experts back to back, sampling from memory")
-    p.add_argument("--expert-batch-size", type=generate_number("expert_batch_size"), default=1, help="with --resident-workers and LoRA experts: each worker trains this many experts together, one U-Net pass per step "
+    p.add_argument("--expert-batch-size", type=generate_number("expert_batch_size"), default=None, help="with --resident-workers and LoRA experts: each worker trains this many experts together, one U-Net pass per step "
+                   "(default: as many as fit the GPU's free memory, measured by the worker; 1 on CPUs) "
                    "(stacked LoRA layers: one batched matmul per layer whatever the size); their samples equal one-at-a-time experts' up to float rounding, not byte for byte")
     p.add_argument("--compile", action="store_true", help="with --expert-batch-size: train through torch.compile of the U-Net with its stacked LoRA layers (measure it: benchmarks/generation_throughput.py)")
     p.set_defaults(func=_run)

@@ -52,7 +52,7 @@ class GenerateConfig:
     retry_failed: bool = False
     threads_per_expert: int = 1
     resident_workers: bool = False
-    expert_batch_size: int = 1  # LoRA experts a resident worker trains together (not part of the job's identity: samples equal up to float rounding)
+    expert_batch_size: int | None = None  # LoRA experts a resident worker trains together; None: as many as fit its GPU, 1 on CPU (not part of the job's identity: samples equal up to float rounding)
     compile: bool = False  # train stacked experts through torch.compile (not part of the identity)
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
     recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
@@ -71,9 +71,9 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None:  # a whole number given as 2.0 is stored as 2
                 setattr(self, name, kind.check(value, _FLAGS.get(name, "--" + name.replace("_", "-"))))
-        if self.expert_batch_size > 1 and not self.resident_workers:
+        if (self.expert_batch_size or 1) > 1 and not self.resident_workers:
             raise InvalidValueError(f"--expert-batch-size {self.expert_batch_size} needs --resident-workers (a plain task trains one expert)")
-        if self.max_workers is not None and self.max_workers < self.expert_batch_size:
+        if self.max_workers is not None and self.max_workers < (self.expert_batch_size or 1):
             raise InvalidValueError(f"--max-workers {self.max_workers} (experts in flight) is below --expert-batch-size {self.expert_batch_size}: no batch could fill; "
                                     f"use --max-workers {self.expert_batch_size} or more")
         resolve_dtype(self.dtype)
@@ -110,7 +110,7 @@ class GenerateConfig:
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
         recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
         expert = resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
-        if self.expert_batch_size > 1:
+        if (self.expert_batch_size or 1) > 1:
             from experts.batched import check_batchable
 
             check_batchable([expert])  # LoRA, no text encoder training, no accumulation: before job.json
@@ -193,7 +193,9 @@ class ExpertJob:
         seed: the job's seed (each cluster's is derived from it and the cluster id).
         keep_experts: upload each expert to ``output/experts``.
         threads_per_expert: torch threads per task.
-        expert_batch_size: LoRA experts a resident worker trains together.
+        expert_batch_size: LoRA experts a resident worker trains together (``None``: as many as
+            fit its GPU's free memory, :meth:`generation.resident.ResidentExpertWorker.capacity`;
+            1 on a CPU or for full fine-tuning).
         compile: train them through ``torch.compile`` (:func:`experts.batched.train_lora_experts`).
         device: ``"cuda"`` when the task holds a GPU, else ``"cpu"``.
     """
@@ -216,7 +218,7 @@ class ExpertJob:
     seed: int = 0
     keep_experts: bool = False
     threads_per_expert: int = 1
-    expert_batch_size: int = 1
+    expert_batch_size: int | None = None
     compile: bool = False
     device: str = "cpu"
 

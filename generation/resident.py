@@ -49,9 +49,9 @@ class ResidentExpertWorker:
 
         torch.set_num_threads(job.threads_per_expert)
         self.job = job
-        self.batch_size = job.expert_batch_size
         self.pipe = load_pipeline(job.model, device=device)
         self.scorer = get_scorer(job.scorer)
+        self.batch_size = job.expert_batch_size or self._experts_that_fit()
         # the modules an expert may change (SDXL: also the second text encoder)
         self.trained = [n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
         self.base: dict = {}  # the base weights, copied before the first full fine-tuning expert (keep_base_copy)
@@ -59,6 +59,34 @@ class ResidentExpertWorker:
         self._queue: list = []
         self._ready = threading.Condition()
         self._batcher: threading.Thread | None = None
+
+    def capacity(self) -> int:
+        """The experts this worker trains together (``--expert-batch-size``, or what fits)."""
+        return self.batch_size
+
+    def _experts_that_fit(self) -> int:
+        """``--expert-batch-size`` left to the worker: on a GPU, as many stacked LoRA experts
+        as its free memory holds after the base and the scorer, at the memory one expert's
+        training step measures here (:func:`experts.stacked.measure_bytes_per_expert`); 1 on a
+        CPU (no gain there beyond what a sweep shows) or for experts that cannot stack."""
+        import torch
+
+        from experts import resolve_config
+        from experts.batched import check_batchable
+        from experts.stacked import experts_that_fit, measure_bytes_per_expert
+        from suti.errors import InputError
+
+        if not self.job.device.startswith("cuda"):
+            return 1
+        config = resolve_config(self.job.recipe_data or self.job.recipe, {"model": self.job.model, "instance_dir": ".", "class_noun": "object", "steps": self.job.steps, **self.job.recipe_overrides})
+        try:
+            check_batchable([config])
+        except InputError:
+            return 1
+        per_expert = measure_bytes_per_expert(self.pipe, config, self.job.device)
+        k = experts_that_fit(torch.cuda.mem_get_info()[0], per_expert)
+        log.info("resident worker: %.2f GiB per expert, %.1f GiB free: %d experts per batch", per_expert / 2**30, torch.cuda.mem_get_info()[0] / 2**30, k)
+        return k
 
     def run(self, cluster: dict, demos: list) -> dict:
         """:func:`run_cluster` on the resident pipeline; the base is restored afterwards. With an

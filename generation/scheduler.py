@@ -59,12 +59,23 @@ def experts_in_flight(config: GenerateConfig, gpus: float, resources: dict) -> i
     fit = int(resources.get("CPU", 0) // config.cpus_per_expert)
     if gpus > 0:
         fit = min(fit, int(resources.get("GPU", 0) / gpus + 1e-9))
-    if config.resident_workers:  # each worker holds expert_batch_size experts
-        experts = max(1, fit) * config.expert_batch_size
+    if config.resident_workers:  # each worker holds expert_batch_size experts (auto: at most MAX_AUTO_EXPERTS)
+        experts = max(1, fit) * worker_capacity_bound(config, gpus)
         return max(1, min(experts, config.max_workers)) if config.max_workers else experts
     if config.max_workers:
         return max(1, min(fit, config.max_workers)) if fit else 1
     return max(1, fit) + 1
+
+
+def worker_capacity_bound(config: GenerateConfig, gpus: float) -> int:
+    """The most experts one resident worker holds: ``--expert-batch-size``; when it is left to
+    the worker (``None``), 1 for a worker without a GPU (``gpus`` 0), else
+    :data:`experts.stacked.MAX_AUTO_EXPERTS` (the worker says how many fit once it started)."""
+    from experts.stacked import MAX_AUTO_EXPERTS
+
+    if config.expert_batch_size:
+        return config.expert_batch_size
+    return MAX_AUTO_EXPERTS if gpus > 0 else 1
 
 
 def load_demos(config: GenerateConfig, rows: list[dict]) -> dict[str, list | str]:
@@ -120,7 +131,8 @@ class ActorPool:
 
         from generation.resident import ResidentExpertWorker
 
-        self.per_actor = config.expert_batch_size
+        self.per_actor = worker_capacity_bound(config, gpus)
+        self.capacity: dict = {}  # ready actor -> the experts it holds (ResidentExpertWorker.capacity)
         self.cls = ray.remote(ResidentExpertWorker).options(num_cpus=config.cpus_per_expert, num_gpus=gpus, max_restarts=0, max_concurrency=self.per_actor,
                                                            runtime_env={"env_vars": worker_env()})
         self.job = job
@@ -147,7 +159,7 @@ class ActorPool:
         return sum(a is actor for a in self.busy.values())
 
     def _free(self) -> list:
-        return [a for a in self.ready if self._load(a) < self.per_actor]
+        return [a for a in self.ready if self._load(a) < self.capacity.get(a, self.per_actor)]
 
     def available(self) -> bool:
         return bool(self._free())
@@ -173,6 +185,7 @@ class ActorPool:
             log.warning("a resident expert worker failed to start (%s); starting another", exc)
             return True
         self.start_failures = 0
+        self.capacity[actor] = ray.get(actor.capacity.remote())
         self.ready.append(actor)
         return True
 
@@ -188,6 +201,7 @@ class ActorPool:
         actor = self.busy.pop(ref)
         if lost and actor in self.ready:  # dead: grow() starts another when the cluster has room
             self.ready.remove(actor)
+            self.capacity.pop(actor, None)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
 

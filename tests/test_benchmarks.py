@@ -22,6 +22,8 @@ SUITE_ROWS = [
     "experts per GPU-hour, full ({m}",
     "experts per GPU-hour, lora ({m}",
     "generation throughput, LoRA rank 4 ({m}, 2 steps",
+    "stacked experts K=1, LoRA rank 4 ({m}, 2 steps",
+    "stacked experts K=2, LoRA rank 4 ({m}, 2 steps",
 ]
 
 
@@ -45,6 +47,10 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     assert throughput["identical_samples"] == "2/2"  # the resident worker's samples are the per-task experts', byte for byte
     assert throughput["resident_max_delta_clip_diff"] == 0.0  # and so are their scores (the measure a GPU run is read by)
     assert throughput["batched_4_per_hour"] > 0 and throughput["batched_max_delta_clip_diff"] < 0.01  # a batch's samples: the same up to rounding
+    stacked = data["stacked experts K=2, LoRA rank 4"]
+    assert stacked["experts_per_hour"] > 0 and stacked["aten_ops_per_step"] > 0 and stacked["expert_steps_per_second"] > 0
+    assert set(stacked["seconds_per_expert"]) == {"data", "forward", "backward", "optimizer", "sampling", "scoring"}
+    assert (tmp_path / "traces" / "stacked_step_k2.json").is_file()  # the profiled step, beside the rows
 
 
 def _benchmark(name: str):

@@ -131,12 +131,15 @@ def test_stacked_layers_send_each_row_to_its_expert():
         grouped = net(x)
         stack.route.set([0, 1, 1, 0])
         mixed = net(x)
+        stack.route.set([1, 1, 0, 0])  # runs of equal length in another order
+        swapped = net(x)
         stack.route.set([0, 1])
         doubled = net(x)
         stack.route.set(None)
         base = net(x)
     assert torch.allclose(grouped[:2], expected["a"][:2], atol=1e-5) and torch.allclose(grouped[2:], expected["b"][2:], atol=1e-5)
     assert torch.allclose(mixed[[0, 3]], expected["a"][[0, 3]], atol=1e-5) and torch.allclose(mixed[[1, 2]], expected["b"][[1, 2]], atol=1e-5)
+    assert torch.allclose(swapped[:2], expected["b"][:2], atol=1e-5) and torch.allclose(swapped[2:], expected["a"][2:], atol=1e-5)
     assert torch.allclose(doubled[[0, 2]], expected["a"][[0, 2]], atol=1e-5) and torch.allclose(doubled[[1, 3]], expected["b"][[1, 3]], atol=1e-5)
     assert torch.allclose(base, net[1].get_base_layer()(net[0].get_base_layer()(x)), atol=1e-6)
     assert all(type(layer).__name__ == "Linear" and hasattr(layer, "lora_A") for layer in net), "the peft layers are back"
