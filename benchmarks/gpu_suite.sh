@@ -14,6 +14,9 @@
 #     --timed-images 2 --train-steps 10 --throughput-clusters 3 --throughput-steps 100 \
 #     --rows experts,apprentice,training,throughput --json rows.json
 # (one H200: 437 s, plus the machine's start; docs/results.md "On one H200" has the rows)
+# The stacked-expert K sweep alone (issue 32; traces go to traces/ beside rows.json), sized for about
+# 6 minutes on one H100 (not yet run on a GPU):
+#   bash benchmarks/gpu_suite.sh --rows throughput --throughput-steps 30 --sample-steps 10 --sweep 1,2,4,8 --json rows.json
 #
 # Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
 # installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.

@@ -245,7 +245,7 @@ def _train_together(pipe, experts: list[_Expert], device: str, *, compile: bool 
 
 def _compiled(unet, compile: bool):
     """``torch.compile(unet)`` (with the stacked layers in it) when asked, else ``unet``."""
-    return torch.compile(unet) if compile else unet
+    return torch.compile(unet, dynamic=False) if compile else unet
 
 
 class _PhaseClock:

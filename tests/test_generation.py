@@ -162,9 +162,12 @@ def test_killed_worker_is_retried(mined, tmp_path, extra):
     assert len(keys) == len(set(keys)) == 2 * 2  # 2 clusters x 2 prompts x 1 sample
 
 
-def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, tmp_path):
+@pytest.mark.parametrize("extra", [["--max-workers", "1"], ["--resident-workers", "--lora-rank", "4", "--expert-batch-size", "2", "--max-workers", "2"]], ids=["task", "stacked-batch"])
+def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, tmp_path, extra):
+    """kill -9 of the driver (with its workers) midway, then a rerun: every cluster once, no
+    sample lost or written twice - one expert per task, or stacked batches of two."""
     out = tmp_path / "sh"
-    cmd = [sys.executable, "-m", "orchestration.cli", "generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), *FAST, "--lambda", "-1", "--max-workers", "1"]
+    cmd = [sys.executable, "-m", "orchestration.cli", "generate", "--clusters", str(mined / "mined" / "clusters.jsonl"), "--crawl", str(mined / "crawl"), "--output", str(out), *FAST, "--lambda", "-1", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -175,7 +178,7 @@ def test_killed_driver_then_rerun_loses_nothing_and_writes_nothing_twice(mined, 
     proc.wait()
     total = len((mined / "mined" / "clusters.jsonl").read_text().splitlines())
     assert len(_manifest(out)) < total, "the driver was killed midway"
-    rerun = _generate(mined, out, "--lambda", "-1", "--max-workers", "1")
+    rerun = _generate(mined, out, "--lambda", "-1", *extra)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     manifest = _manifest(out)
     assert len(manifest) == total
