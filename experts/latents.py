@@ -109,6 +109,12 @@ class TrainingLatents:
     def __len__(self) -> int:
         return len(self.pixels)
 
+    def draw_indices(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` image indices drawn uniformly with replacement from ``generator`` (n,). A
+        subclass may draw in another order (an epoch-wise shuffle, as a PyTorch DataLoader with
+        ``shuffle=True``); every trainer (one expert or a stack) draws through here."""
+        return torch.randint(0, len(self), (n,), generator=generator)
+
     def draw_augmentation(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Random flips (n,) bool and crop positions (n, 2) uniform in [0, 1) (top, left, as a
         fraction of each image's free range); ``None`` where unused.

@@ -80,11 +80,11 @@ class StackedBatches:
     def _draws(self, e: ExpertData) -> tuple:
         """One expert's random numbers, in :func:`experts.train.draw_training_batch`'s order."""
         g, b = e.generator, self.b
-        idx = torch.randint(0, len(e.inst), (b,), generator=g)
+        idx = e.inst.draw_indices(b, g)
         flips, crops = e.inst.draw_augmentation(b, g)
         cidx = cflips = ccrops = None
         if e.cls is not None:
-            cidx = torch.randint(0, len(e.cls), (b,), generator=g)
+            cidx = e.cls.draw_indices(b, g)
             cflips, ccrops = e.cls.draw_augmentation(b, g)
         return idx, flips, crops, cidx, cflips, ccrops
 

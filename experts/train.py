@@ -488,10 +488,10 @@ def draw_training_batch(inst: TrainingLatents, cls: TrainingLatents | None, n: i
     standard deviation (Guttenberg 2023). The draws are in a fixed order, so a run is a function
     of the generator's seed.
     """
-    idx = torch.randint(0, len(inst), (n,), generator=generator)
+    idx = inst.draw_indices(n, generator)
     mean, std = inst.latents(idx, *inst.draw_augmentation(n, generator))
     if cls is not None:
-        cidx = torch.randint(0, len(cls), (n,), generator=generator)
+        cidx = cls.draw_indices(n, generator)
         c_mean, c_std = cls.latents(cidx, *cls.draw_augmentation(n, generator))
         mean, std = torch.cat([mean, c_mean]), torch.cat([std, c_std])
     latents = sample_latents(mean.cpu(), std.cpu(), scale, generator).to(device)  # (n or 2n, C, h, w)
