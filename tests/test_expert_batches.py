@@ -193,3 +193,25 @@ def test_stacked_adafactor_equals_one_adafactor_per_expert():
             o.step()
     for i in range(3):
         assert torch.allclose(stacked[i], alone[i], atol=1e-6), i
+
+
+def test_stacked_sdxl_experts_equal_experts_trained_one_at_a_time(instance_dir, tmp_path):
+    """SDXL's U-Net (pooled text embeddings and time ids in the conditioning): each of two
+    stacked experts with prior preservation ends within 1e-4 of its own run."""
+    dirs = _instance_dirs(instance_dir, tmp_path, 2)
+
+    def config(i):
+        return resolve_config("dreambooth-lora", dict(model="tiny-sdxl", instance_dir=str(dirs[i]), class_noun=CLASSES[i], steps=5, lora_rank=4, seed=20 + i,
+                                                      report_to="none", num_class_images=2, class_sample_steps=2, adam_epsilon=1e-6))
+
+    pipe = load_pipeline("tiny-sdxl", device="cpu")
+    alone = []
+    for i in range(2):
+        train_expert(config(i), tmp_path / f"alone{i}", progress=False, pipeline=pipe, save=False)
+        alone.append({key: v.clone() for key, v in get_peft_model_state_dict(pipe.unet).items()})
+        pipe.unet.delete_adapters(["default"])
+    train_lora_experts(pipe, [config(0), config(1)], ["x0", "x1"])
+    for name, weights in zip(["x0", "x1"], alone):
+        stacked = get_peft_model_state_dict(pipe.unet, adapter_name=name)
+        assert max(weights[key].abs().max().item() for key in weights if "lora_B" in key) > 1e-3
+        assert max((stacked[key] - weights[key]).abs().max().item() for key in weights) < 1e-4, name
