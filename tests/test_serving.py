@@ -1066,3 +1066,36 @@ def test_web_page_loads_jobs_when_the_api_key_is_typed(tmp_path, apprentice_dir,
                 browser.close()
     finally:
         server.stop()
+
+
+def test_every_numeric_form_field_is_bounded_and_refuses_nan_inf_and_huge_values(shared_client):
+    """The HTTP side of the numeric-flag walk (tests/test_numeric_flags.py): every numeric field
+    of every form and query has both bounds in the schema (so a new unbounded field fails
+    here), and each field refuses nan, inf, -1e30, 1e30 and 2**64 with a 422 naming it, before
+    any handler runs (never a 500, never a success)."""
+    spec = shared_client.get("/openapi.json").json()
+    fields = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            content = op.get("requestBody", {}).get("content", {})
+            body = (content.get("multipart/form-data") or content.get("application/x-www-form-urlencoded") or {}).get("schema", {})
+            if "$ref" in body:
+                body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+            params = {p["name"]: p.get("schema", {}) for p in op.get("parameters", []) if p.get("in") == "query"}
+            for name, schema in {**body.get("properties", {}), **params}.items():
+                kinds = [schema] + schema.get("anyOf", [])
+                numeric = [k for k in kinds if k.get("type") in ("integer", "number")]
+                if numeric:
+                    fields.append((method, path, name, "query" if name in params else "form", numeric[0]))
+    assert {(p, n) for _, p, n, _, _ in fields} >= {("/v1/generate", "steps"), ("/v1/generate", "guidance_scale"), ("/v1/experts", "steps"),
+                                                    ("/v1/experts/{job_id}/generate", "guidance_scale")}, fields
+    unbounded = [f"{m.upper()} {p} {n}" for m, p, n, _, s in fields if not (("minimum" in s or "exclusiveMinimum" in s) and ("maximum" in s or "exclusiveMaximum" in s))]
+    assert not unbounded, f"numeric fields without both bounds: {unbounded}"
+    for method, path, name, where, _ in fields:
+        url = path.replace("{job_id}", "no-such-job")
+        for bad in ("nan", "inf", "-1e30", "1e30", str(2**64)):
+            if where == "query":
+                response = shared_client.request(method.upper(), url, params={name: bad})
+            else:
+                response = shared_client.request(method.upper(), url, data={name: bad, "prompt": "a cup", "class_noun": "cup"})
+            assert response.status_code == 422 and name in response.text, (method, path, name, bad, response.status_code, response.text[:300])
