@@ -341,9 +341,16 @@ def test_gpus_and_experts_in_flight_follow_the_cluster():
     assert experts_in_flight(frac, 0.25, {"CPU": 16, "GPU": 2}) == 9
     assert experts_in_flight(cfg, 0.0, {"CPU": 4}) == 5
     # resident actors hold their slot while they live: no queued extra one (it would never start)
-    resident = GenerateConfig(clusters="c", crawl="w", output="o", resident_workers=True)
+    # (one expert each with --expert-batch-size 1; left to the worker, each may hold up to
+    # MAX_AUTO_EXPERTS stacked experts on a GPU, and one on a CPU)
+    from experts.stacked import MAX_AUTO_EXPERTS
+
+    resident = GenerateConfig(clusters="c", crawl="w", output="o", resident_workers=True, expert_batch_size=1)
     assert experts_in_flight(resident, 1.0, {"CPU": 16, "GPU": 2}) == 2
     assert experts_in_flight(resident, 1.0, {"CPU": 16, "GPU": 0}) == 1
+    auto = GenerateConfig(clusters="c", crawl="w", output="o", resident_workers=True)
+    assert experts_in_flight(auto, 1.0, {"CPU": 16, "GPU": 2}) == 2 * MAX_AUTO_EXPERTS
+    assert experts_in_flight(auto, 0.0, {"CPU": 3}) == 3
     capped = GenerateConfig(clusters="c", crawl="w", output="o", max_workers=2)
     assert experts_in_flight(capped, 0.0, {"CPU": 4}) == 2
 
