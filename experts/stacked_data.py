@@ -118,16 +118,29 @@ class StackedBatches:
             eps.append(drawn[0])
             noise.append(drawn[1])
             timesteps.append(drawn[2])
-        index = torch.cat(index)
+        index = self._to(torch.cat(index), self.mean.device)
         mean, std = self.mean[index], self.std[index]
         if self.flipped is not None:
-            m = torch.cat(flip).view(-1, 1, 1, 1).to(mean.device)
+            m = self._to(torch.cat(flip), mean.device).view(-1, 1, 1, 1)
             mean, std = torch.where(m, self.flipped[0][index], mean), torch.where(m, self.flipped[1][index], std)
-        latents = ((mean.cpu() + std.cpu() * torch.cat(eps)) * self.scale).to(self.device)
-        noise = torch.cat(noise).to(self.device)
-        timesteps = torch.cat(timesteps).to(self.device)
+        eps = torch.cat(eps)
+        if mean.device.type == "cpu":  # as sample_latents: on the CPU, then moved
+            latents = ((mean + std * eps) * self.scale).to(self.device)
+        else:  # on the accelerator: no copy back to the host (no sync in the step)
+            latents = (mean + std * self._to(eps, mean.device)) * self.scale
+        noise = self._to(torch.cat(noise), self.device)
+        timesteps = self._to(torch.cat(timesteps), self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         return noisy, timesteps, denoising_target(self.noise_scheduler, latents, noise, timesteps)
+
+    @staticmethod
+    def _to(t: torch.Tensor, device) -> torch.Tensor:
+        """A host tensor on ``device``; to CUDA through pinned memory without blocking, so that
+        the step queues its copies behind the kernels before it instead of waiting for them."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
 
     def _draw_encoding(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Random crops: each expert's batch is encoded per step (as a lone run does)."""
