@@ -2,7 +2,7 @@
 
 ``--model`` (and :func:`load_pipeline`) accepts:
 
-* a preset name from ``configs/models/*.yaml`` (``tiny``, ``sd15-arch``, ...). A preset with
+* a preset name from ``configs/models/*.yaml`` (``tiny``, ``sd15-arch``, ``tiny-flux``, ...). A preset with
   ``source: random`` is built from its configs with a fixed seed; with ``cache: true`` it is saved
   once with ``save_pretrained`` into the suti cache and always loaded back with
   ``from_pretrained``, the same path a real checkpoint takes. A preset with ``source: builder``
@@ -13,7 +13,7 @@
 
 Presets are data; weight sources are separate (the preset says where weights come from).
 
-Pipeline families (:data:`FAMILIES`): Stable Diffusion 1.x/2.x and SDXL. A family says which
+Pipeline families (:data:`FAMILIES`): Stable Diffusion 1.x/2.x, SDXL and FLUX.1. A family says which
 diffusers class loads a folder (by its ``model_index.json`` ``_class_name``), what builds a random
 preset of it, and which keyword arguments its ``from_pretrained`` takes; every place that depends
 on the family asks :func:`preset_family`, :func:`folder_family` or :func:`pipeline_family`.
@@ -150,6 +150,7 @@ def default_resolution(model: str) -> int:
 #: ``model_index.json`` ``_class_name`` values of each family's pipelines.
 SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+FLUX_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class Family:
     """One family of text-to-image pipelines: how the factory builds and loads it.
 
     Attributes:
-        name: ``sd`` or ``sdxl`` (a preset's ``family`` key).
+        name: ``sd``, ``sdxl`` or ``flux`` (a preset's ``family`` key).
         pipeline: the diffusers class that loads a folder of this family.
         class_names: the ``model_index.json`` ``_class_name`` values that belong to it.
         builder: ``module:function`` that builds a seeded random-weight pipeline from a preset.
@@ -182,6 +183,7 @@ FAMILIES: dict[str, Family] = {
     "sd": Family("sd", "StableDiffusionPipeline", SD_CLASSES, "suti.models:build_stable_diffusion",
                  {"safety_checker": None, "requires_safety_checker": False}),
     "sdxl": Family("sdxl", "StableDiffusionXLPipeline", SDXL_CLASSES, "suti.models:build_stable_diffusion"),
+    "flux": Family("flux", "FluxPipeline", FLUX_CLASSES, "suti.flux_presets:build_flux_pipeline"),
 }
 DEFAULT_FAMILY = "sd"
 
@@ -233,7 +235,8 @@ def is_sdxl_preset(preset: dict[str, Any]) -> bool:
 
 def is_sdxl(pipe) -> bool:
     """Whether ``pipe`` is SDXL-class: two CLIP text encoders and ``text_time`` added conditioning
-    (``unet.config.addition_embed_type``), as in diffusers' ``StableDiffusionXLPipeline``."""
+    (``unet.config.addition_embed_type``), as in diffusers' ``StableDiffusionXLPipeline``; a FLUX
+    pipeline (whose ``text_encoder_2`` is T5) is not."""
     return pipeline_family(pipe).name == "sdxl"
 
 
@@ -245,7 +248,8 @@ def _resolve(target: str):
 
 def build_random_pipeline(preset: dict[str, Any]):
     """Build a seeded random-weight pipeline from a preset's configs, with its family's builder
-    (:func:`build_stable_diffusion` for SD and SDXL)."""
+    (:func:`build_stable_diffusion` for SD and SDXL, :func:`suti.flux_presets.build_flux_pipeline`
+    for FLUX)."""
     return _resolve(preset_family(preset).builder)(preset)
 
 
@@ -347,7 +351,7 @@ def _pipeline_class_name(folder: str | Path, **kwargs) -> str:
 
 def _from_folder(folder: str | Path, **kwargs):
     """Load a pipeline folder or hub id with its family's class (:func:`folder_family`: SD
-    1.x/2.x or SDXL, chosen by its ``model_index.json``)."""
+    1.x/2.x, SDXL or FLUX, chosen by its ``model_index.json``)."""
     family = folder_family(folder, **kwargs)
     return family.pipeline_class().from_pretrained(str(folder), use_safetensors=True, **family.load_kwargs, **kwargs)
 
@@ -450,9 +454,9 @@ def local_model_folder(uri: str) -> Path:
 
 
 def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
-    """Load a ``StableDiffusionPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLPipeline`` (SDXL) for
-    a preset name, local folder or hub id: the family (:data:`FAMILIES`) comes from the folder's
-    ``model_index.json`` or the preset.
+    """Load a ``StableDiffusionPipeline`` (SD 1.x/2.x), ``StableDiffusionXLPipeline`` (SDXL) or
+    ``FluxPipeline`` (FLUX.1) for a preset name, local folder or hub id: the family
+    (:data:`FAMILIES`) comes from the folder's ``model_index.json`` or the preset.
 
     Args:
         model: a preset name, a local diffusers folder, a folder at a storage URI (``s3://``,
