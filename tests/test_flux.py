@@ -1,5 +1,5 @@
 """FLUX-family presets: tiny-flux built offline, cached and loaded back through from_pretrained as
-a FluxPipeline; the offline T5 tokenizer."""
+a FluxPipeline; the offline T5 tokenizer; flux-arch is FLUX.1-dev's architecture (on meta only)."""
 
 import json
 
@@ -81,6 +81,30 @@ def test_t5_tokenizer_is_trained_offline_and_deterministic(monkeypatch, tmp_path
     assert len(padded.input_ids) == 64 and padded.input_ids[-1] == tok.pad_token_id
     tok.save_pretrained(tmp_path / "t5")
     assert T5TokenizerFast.from_pretrained(tmp_path / "t5")(text).input_ids == ids
+
+
+def test_flux_arch_is_flux1_dev():
+    """FLUX.1-dev's transformer config, and its parameter counts on the meta device (transformer
+    11.90B, 16-channel VAE 83.8M, T5-XXL encoder 4.76B); never instantiated."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    preset = load_preset("flux-arch")
+    assert preset_family(preset).name == "flux" and preset["cache"] is False
+    assert preset["transformer"] == {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+    }
+    assert default_resolution("flux-arch") == 1024
+    with torch.device("meta"):  # not accelerate.init_empty_weights: it unties T5's embeddings
+        transformer = FluxTransformer2DModel(**preset["transformer"])
+        vae = AutoencoderKL(**preset["vae"])
+        t5 = T5EncoderModel(T5Config(**preset["text_encoder_2"]))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(transformer) == 11_901_408_320 and abs(count(transformer) - 11.9e9) < 0.01e9
+    assert count(vae) == 83_819_683
+    assert count(t5) == 4_762_310_656
 
 
 def test_families_are_one_table(tmp_path):
