@@ -2,7 +2,7 @@
 
 ``--model`` (and :func:`load_pipeline`) accepts:
 
-* a preset name from ``configs/models/*.yaml`` (``tiny``, ``sd15-arch``, ...). A preset with
+* a preset name from ``configs/models/*.yaml`` (``tiny``, ``sd15-arch``, ``tiny-flux``, ...). A preset with
   ``source: random`` is built from its configs with a fixed seed; with ``cache: true`` it is saved
   once with ``save_pretrained`` into the suti cache and always loaded back with
   ``from_pretrained``, the same path a real checkpoint takes. A preset with ``source: builder``
@@ -12,6 +12,11 @@
   not in the local hub cache fails with one message that says how to provide a local copy.
 
 Presets are data; weight sources are separate (the preset says where weights come from).
+
+Pipeline families (:data:`FAMILIES`): Stable Diffusion 1.x/2.x, SDXL and FLUX.1. A family says which
+diffusers class loads a folder (by its ``model_index.json`` ``_class_name``), what builds a random
+preset of it, and which keyword arguments its ``from_pretrained`` takes; every place that depends
+on the family asks :func:`preset_family`, :func:`folder_family` or :func:`pipeline_family`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -141,23 +147,118 @@ def default_resolution(model: str) -> int:
     return 512
 
 
+#: ``model_index.json`` ``_class_name`` values of each family's pipelines.
+SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+FLUX_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of text-to-image pipelines: how the factory builds and loads it.
+
+    Attributes:
+        name: ``sd``, ``sdxl`` or ``flux`` (a preset's ``family`` key).
+        pipeline: the diffusers class that loads a folder of this family.
+        class_names: the ``model_index.json`` ``_class_name`` values that belong to it.
+        builder: ``module:function`` that builds a seeded random-weight pipeline from a preset.
+        load_kwargs: extra keyword arguments of ``pipeline.from_pretrained``.
+    """
+
+    name: str
+    pipeline: str
+    class_names: tuple[str, ...]
+    builder: str
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+
+#: The families the factory knows, by name. A folder whose ``_class_name`` is in none of them is
+#: loaded as :data:`DEFAULT_FAMILY` (as before families existed).
+FAMILIES: dict[str, Family] = {
+    "sd": Family("sd", "StableDiffusionPipeline", SD_CLASSES, "suti.models:build_stable_diffusion",
+                 {"safety_checker": None, "requires_safety_checker": False}),
+    "sdxl": Family("sdxl", "StableDiffusionXLPipeline", SDXL_CLASSES, "suti.models:build_stable_diffusion"),
+    "flux": Family("flux", "FluxPipeline", FLUX_CLASSES, "suti.flux_presets:build_flux_pipeline"),
+}
+DEFAULT_FAMILY = "sd"
+
+
+def preset_family(preset: dict[str, Any]) -> Family:
+    """The family of a preset: its ``family`` key, else ``sdxl`` when it has ``text_encoder_2``
+    (the SDXL presets predate the key), else ``sd``.
+
+    Raises:
+        ModelLoadError: an unknown ``family``.
+    """
+    name = preset.get("family") or ("sdxl" if "text_encoder_2" in preset else DEFAULT_FAMILY)
+    if name not in FAMILIES:
+        raise ModelLoadError(f"preset {preset.get('name')!r}: unknown family {name!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_class(class_name: str) -> Family:
+    """The family whose pipelines have this ``_class_name`` (:data:`DEFAULT_FAMILY` if none)."""
+    for family in FAMILIES.values():
+        if class_name in family.class_names:
+            return family
+    return FAMILIES[DEFAULT_FAMILY]
+
+
+def folder_family(folder: str | Path, **kwargs) -> Family:
+    """The family of a local pipeline folder or hub id, by its ``model_index.json``."""
+    return family_of_class(_pipeline_class_name(folder, **kwargs))
+
+
+def pipeline_family(pipe) -> Family:
+    """The family of a loaded pipeline: by its class or a base class, else (a class no family
+    lists, such as the apprentice's) SDXL when it has a second text encoder or ``text_time``
+    added conditioning, else SD."""
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.class_names:
+                return family
+    unet = getattr(pipe, "unet", None)
+    if getattr(pipe, "text_encoder_2", None) is not None or getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
+        return FAMILIES["sdxl"]
+    return FAMILIES[DEFAULT_FAMILY]
+
+
 def is_sdxl_preset(preset: dict[str, Any]) -> bool:
-    """Whether a preset describes a Stable Diffusion XL-class model (it has ``text_encoder_2``)."""
-    return "text_encoder_2" in preset
+    """Whether a preset describes a Stable Diffusion XL-class model (:func:`preset_family`)."""
+    return preset_family(preset).name == "sdxl"
 
 
 def is_sdxl(pipe) -> bool:
-    """Whether ``pipe`` is SDXL-class: two text encoders and ``text_time`` added conditioning
-    (``unet.config.addition_embed_type``), as in diffusers' ``StableDiffusionXLPipeline``."""
-    return getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    """Whether ``pipe`` is SDXL-class: two CLIP text encoders and ``text_time`` added conditioning
+    (``unet.config.addition_embed_type``), as in diffusers' ``StableDiffusionXLPipeline``; a FLUX
+    pipeline (whose ``text_encoder_2`` is T5) is not."""
+    return pipeline_family(pipe).name == "sdxl"
+
+
+def _resolve(target: str):
+    """The function named by ``module:function``."""
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def build_random_pipeline(preset: dict[str, Any]):
-    """Build a seeded random-weight pipeline from a preset's configs.
+    """Build a seeded random-weight pipeline from a preset's configs, with its family's builder
+    (:func:`build_stable_diffusion` for SD and SDXL, :func:`suti.flux_presets.build_flux_pipeline`
+    for FLUX)."""
+    return _resolve(preset_family(preset).builder)(preset)
 
-    Returns a ``StableDiffusionPipeline``, or a ``StableDiffusionXLPipeline`` when the preset has
-    ``text_encoder_2`` (a ``CLIPTextModelWithProjection`` whose pooled output feeds the U-Net's
-    ``text_time`` add_embeds; SDXL section 2.2, diffusers' ``StableDiffusionXLPipeline``).
+
+def build_stable_diffusion(preset: dict[str, Any]):
+    """Build a seeded random-weight SD or SDXL pipeline from a preset's configs.
+
+    Returns a ``StableDiffusionPipeline``, or a ``StableDiffusionXLPipeline`` for an ``sdxl``
+    preset (``text_encoder_2``: a ``CLIPTextModelWithProjection`` whose pooled output feeds the
+    U-Net's ``text_time`` add_embeds; SDXL section 2.2, diffusers' ``StableDiffusionXLPipeline``).
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -230,17 +331,12 @@ def preset_folder(name: str) -> Path:
             log.info("building preset %r (random weights, seed %s) into %s", name, preset.get("seed", 0), folder)
             build_random_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
         elif source == "builder":
-            module, func = preset["builder"].split(":")
             log.info("building preset %r with %s into %s", name, preset["builder"], folder)
-            getattr(importlib.import_module(module), func)(preset, tmp)
+            _resolve(preset["builder"])(preset, tmp)
         else:
             raise ModelLoadError(f"preset {name!r}: unknown source {source!r}")
 
     return cached_build(folder, build)
-
-
-#: Pipeline classes the factory loads, by ``model_index.json`` ``_class_name``.
-SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 
 
 def _pipeline_class_name(folder: str | Path, **kwargs) -> str:
@@ -254,15 +350,10 @@ def _pipeline_class_name(folder: str | Path, **kwargs) -> str:
 
 
 def _from_folder(folder: str | Path, **kwargs):
-    """Load an SD 1.x/2.x (``StableDiffusionPipeline``) or SDXL (``StableDiffusionXLPipeline``)
-    pipeline, chosen by its ``model_index.json``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if _pipeline_class_name(folder, **kwargs) in SDXL_CLASSES:
-        return StableDiffusionXLPipeline.from_pretrained(str(folder), use_safetensors=True, **kwargs)
-    return StableDiffusionPipeline.from_pretrained(
-        str(folder), safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kwargs
-    )
+    """Load a pipeline folder or hub id with its family's class (:func:`folder_family`: SD
+    1.x/2.x, SDXL or FLUX, chosen by its ``model_index.json``)."""
+    family = folder_family(folder, **kwargs)
+    return family.pipeline_class().from_pretrained(str(folder), use_safetensors=True, **family.load_kwargs, **kwargs)
 
 
 def _load_cached_preset(model: str, kwargs: dict):
@@ -363,9 +454,9 @@ def local_model_folder(uri: str) -> Path:
 
 
 def load_pipeline(model: str, *, device: str | None = None, torch_dtype=None):
-    """Load a ``StableDiffusionPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLPipeline`` (SDXL, by
-    the folder's ``model_index.json`` or the preset's ``text_encoder_2``) for a preset name, local
-    folder or hub id.
+    """Load a ``StableDiffusionPipeline`` (SD 1.x/2.x), ``StableDiffusionXLPipeline`` (SDXL) or
+    ``FluxPipeline`` (FLUX.1) for a preset name, local folder or hub id: the family
+    (:data:`FAMILIES`) comes from the folder's ``model_index.json`` or the preset.
 
     Args:
         model: a preset name, a local diffusers folder, a folder at a storage URI (``s3://``,
