@@ -101,16 +101,24 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_
 
         from suti.models import is_sdxl
 
+        def adapter_config(model):  # diffusers' lora_adapter_metadata: load_lora_weights restores lora_alpha from it
+            return model.peft_config[adapter_name].to_dict() if model is not None else None
+
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name))
         text_layers = None
+        encoder = pipe.text_encoder if config.train_text_encoder else None
         if config.train_text_encoder:
             text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder, adapter_name=adapter_name))
         with tempfile.TemporaryDirectory(prefix=".lora-", dir=output) as tmp:  # then renamed: atomic
             if is_sdxl(pipe):  # the layout StableDiffusionXLPipeline.load_lora_weights reads
+                encoder_2 = pipe.text_encoder_2 if config.train_text_encoder else None
                 text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2, adapter_name=adapter_name)) if config.train_text_encoder else None
-                StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True)
+                StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True,
+                                                            unet_lora_adapter_metadata=adapter_config(pipe.unet), text_encoder_lora_adapter_metadata=adapter_config(encoder),
+                                                            text_encoder_2_lora_adapter_metadata=adapter_config(encoder_2))
             else:
-                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True)
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
+                                                          unet_lora_adapter_metadata=adapter_config(pipe.unet), text_encoder_lora_adapter_metadata=adapter_config(encoder))
             storage.umask_modes(Path(tmp) / LORA_FILE)  # safetensors writes 0o600
             os.replace(Path(tmp) / LORA_FILE, output / LORA_FILE)
         kind, weights = "lora", LORA_FILE
