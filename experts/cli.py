@@ -1,9 +1,10 @@
-"""``suti expert train|sample|import|loss``: the command line of DreamBooth experts."""
+"""``suti expert train|sample|import|export|loss``: the command line of DreamBooth experts."""
 
 from __future__ import annotations
 
 import json
 
+from experts.export import FORMATS
 from experts.recipe import LR_SCHEDULERS, REPORT_TO, expert_number
 from suti import checks
 from suti.cli_format import HelpFormatter
@@ -98,6 +99,13 @@ def register(subparsers) -> None:
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     imp.set_defaults(func=_import, local_paths=("lora", "pipeline", "output"))
 
+    export = sub.add_parser("export", help="write a LoRA expert as one .safetensors file for ComfyUI, Forge/A1111, kohya (--format kohya) or diffusers", formatter_class=HelpFormatter)
+    export.add_argument("--expert", required=True, help="LoRA expert folder")
+    export.add_argument("--format", default="kohya", choices=FORMATS, help="kohya (lora_unet_/lora_te_ keys, ss_* metadata) or diffusers (load_lora_weights' layout)")
+    export.add_argument("--output", required=True, help=".safetensors file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.set_defaults(func=_export, local_paths=("expert", "output"))
+
     loss = sub.add_parser("loss", help="denoising loss of an expert and its base model on the instance images")
     loss.add_argument("--expert", required=True, help="expert folder")
     loss.add_argument("--instance-dir", help="images to score (default: the training images)")
@@ -168,6 +176,13 @@ def _import(args) -> int:
 
     info = import_expert(args.output, identifier=args.identifier, class_noun=args.class_noun, lora=args.lora, pipeline=args.pipeline, model=args.model, instance_prompt=args.instance_prompt, resolution=args.resolution, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, "identifier": info.identifier, "instance_prompt": info.instance_prompt, "kind": info.kind, "base_model": info.base_model}))
+    return 0
+
+
+def _export(args) -> int:
+    from experts.export import export_expert
+
+    print(json.dumps(export_expert(args.expert, args.output, args.format, overwrite=args.overwrite)))
     return 0
 
 
