@@ -2,8 +2,11 @@
 
 diffusers' ``train_dreambooth_lora.py`` writes ``pytorch_lora_weights.safetensors``
 (``StableDiffusionPipeline.save_lora_weights``); ``train_dreambooth.py`` writes a pipeline folder
-(``save_pretrained``). Neither records the identifier or the class noun, which ``suti expert
-sample`` needs to fill ``{V}`` and ``{class}``; this writes them into ``expert.json``.
+(``save_pretrained``). A kohya-layout LoRA (``lora_unet_``/``lora_te_`` keys: ComfyUI, A1111,
+``suti expert export --format kohya``) imports too: diffusers' ``load_lora_weights`` converts it,
+and the same checks refuse an empty or foreign file. None of these records the identifier or the
+class noun, which ``suti expert sample`` needs to fill ``{V}`` and ``{class}``; this writes them
+into ``expert.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
         identifier: the rare token the subject was trained with (e.g. ``"sks"``).
         class_noun: the subject's class noun (e.g. ``"dog"``).
         lora: a LoRA ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors``;
-            it must load into ``model`` with diffusers' ``load_lora_weights`` (checked here).
+            in diffusers' or kohya's layout; it must load into ``model`` with diffusers'
+            ``load_lora_weights`` and change it (checked here).
         pipeline: a diffusers pipeline folder (``model_index.json``); copied to ``output/pipeline``.
         model: the base model (preset, folder or hub id); required with ``lora``; with
             ``pipeline`` it is the base that ``suti expert loss`` compares with (default: the
