@@ -15,9 +15,12 @@ def register(subparsers) -> None:
     from suti.sampling import add_sample_batch_flag
 
     p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=HelpFormatter)
-    p.add_argument("--clusters", required=True, help="clusters.jsonl written by `suti mine` (a local path or a storage URI: s3://, gs://, file://)")
-    p.add_argument("--crawl", required=True, help="the crawl the clusters were mined from (local path or URI; only the driver reads it)")
-    p.add_argument("--output", required=True, help="folder or object-store prefix for the shards, manifest and staging (local path or URI)")
+    p.add_argument("--clusters", help="clusters.jsonl written by `suti mine` (a local path or a storage URI: s3://, gs://, file://); required to run a job")
+    p.add_argument("--crawl", help="the crawl the clusters were mined from (local path or URI; only the driver reads it); required to run a job")
+    p.add_argument("--output", help="folder or object-store prefix for the shards, manifest and staging (local path or URI); required to run a job")
+    p.add_argument("--status", metavar="OUTPUT", help="print how far the job writing to OUTPUT has come (clusters finished and to go, failures, samples, experts/hour, ETA) "
+                   "and exit: read-only, no Ray, from any machine that can read OUTPUT (no other flag needed)")
+    p.add_argument("--json", action="store_true", help="with --status: print it as JSON")
     p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, tiny-sdxl, sd15-arch, sdxl-arch), a diffusers folder or a hub id")
     p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
     p.add_argument("--steps", type=generate_number("steps"), help="expert steps (overrides the recipe)")
@@ -46,10 +49,19 @@ def register(subparsers) -> None:
                    "(default: as many as fit the GPU's free memory, measured by the worker; 1 on CPUs) "
                    "(stacked LoRA layers: one batched matmul per layer whatever the size); their samples equal one-at-a-time experts' up to float rounding, not byte for byte")
     p.add_argument("--compile", action="store_true", help="with --expert-batch-size: train through torch.compile of the U-Net with its stacked LoRA layers (measure it: benchmarks/generation_throughput.py)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=lambda args: _run(args, p))
 
 
-def _run(args) -> int:
+def _run(args, parser) -> int:
+    if args.status is not None:
+        from generation.status import run_status
+
+        return run_status(args.status, as_json=args.json)
+    if args.json:
+        parser.error("--json goes with --status OUTPUT")
+    missing = [flag for flag in ("--clusters", "--crawl", "--output") if getattr(args, flag[2:]) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --status OUTPUT)")
     from generation.job import GenerateConfig, run_generation
 
     overrides = {}

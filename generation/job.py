@@ -39,7 +39,7 @@ import time
 
 from generation.config import MAX_EXPERT_BATCH_SIZE, ExpertJob, GenerateConfig  # noqa: F401 (the job's public names)
 from generation.ledger import (SUMMARY_FILE, SamplesMissingError, check_job, check_recorded_inputs, check_samples, cleanup_staging, read_manifest,  # noqa: F401
-                               read_summary, repack_staged)
+                               read_summary, repack_staged, write_run)
 from generation.scheduler import Scheduler, experts_in_flight, gpus_per_expert, init_ray, load_demos, steady_rate  # noqa: F401
 from mining.cluster import read_clusters
 from suti import storage
@@ -73,6 +73,7 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     todo = [row for row in clusters if row["cluster_id"] not in done]
     total = len(clusters)
     log.info("generation: %d clusters, %d finished earlier, %d to run", total, total - len(todo), len(todo))
+    write_run(output, time.time(), total, config.max_clusters, len(todo))  # for `suti generate --status`
     expert_started = time.perf_counter()
     unfinished, finish_times, slots = Scheduler(config, todo, packer, done, progress).run() if todo else ([], [], 0)
     expert_seconds = time.perf_counter() - expert_started

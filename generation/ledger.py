@@ -6,7 +6,12 @@
   an older job's ``manifest.jsonl`` is still read;
 * ``staging/<cluster_id>.tar``: an accepted cluster's samples, written and read back before its
   manifest row, removed once they are in shards;
+* ``run.json``: the latest run's plan, written when it starts (:func:`write_run`): its start
+  time and how many clusters it aims at (``--max-clusters`` applied), for ``suti generate --status``;
 * ``summary.json``: the counts of the whole output.
+
+Each manifest row written by the driver holds ``finished_at`` (Unix seconds, the driver's clock);
+rows of older versions do not (``--status`` then uses the object's modification time).
 
 Samples go into shards through :class:`suti.shards.ShardPacker`.
 """
@@ -30,6 +35,7 @@ LEGACY_MANIFEST = "manifest.jsonl"
 STAGING_DIR = "staging"
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"
 
 
 class SamplesMissingError(RuntimeError):
@@ -214,5 +220,22 @@ def read_summary(output: str) -> dict | None:
     """The job's previous ``summary.json`` (``None`` when absent or unreadable)."""
     try:
         return json.loads(storage.read_text(storage.join(output, SUMMARY_FILE)))
+    except (MissingInputError, ValueError):
+        return None
+
+
+def write_run(output: str, started_at: float, clusters: int, max_clusters: int | None, to_run: int) -> None:
+    """Record the run that starts: ``OUTPUT/run.json`` with ``started_at`` (Unix seconds),
+    ``clusters`` (the clusters it aims at: the clusters file's first ``max_clusters``, or all),
+    ``max_clusters`` and ``to_run`` (those not finished earlier). Not part of the job's identity:
+    each run replaces it."""
+    record = {"started_at": round(started_at, 3), "clusters": clusters, "max_clusters": max_clusters, "to_run": to_run}
+    storage.write_text(storage.join(output, RUN_FILE), json.dumps(record, indent=2))
+
+
+def read_run(output: str) -> dict | None:
+    """The latest run's ``run.json`` (``None`` when absent or unreadable: an older job)."""
+    try:
+        return json.loads(storage.read_text(storage.join(output, RUN_FILE)))
     except (MissingInputError, ValueError):
         return None

@@ -383,8 +383,10 @@ class Scheduler:
         return summary, {}
 
     def _record(self, row: dict, summary: dict) -> None:
-        """Write the cluster's manifest row (with the fingerprints of its inputs) and report progress."""
+        """Write the cluster's manifest row (with the fingerprints of its inputs and its
+        ``finished_at``) and report progress."""
         summary.update(self.inputs.get(row["cluster_id"], {}))
+        summary.setdefault("finished_at", round(time.time(), 3))  # Unix seconds (the driver's clock): `suti generate --status` rates
         write_manifest_row(self.config.output, summary)
         self.done[row["cluster_id"]] = summary
         self.finish_times.append(time.perf_counter())
