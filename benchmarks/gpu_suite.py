@@ -302,10 +302,24 @@ def experts_per_hour_rows(a, experts: dict) -> None:
         row(f"experts per GPU-hour, {kind} ({a.preset}, {a.expert_steps} steps + {a.prompts_per_expert} samples each)", experts_per_hour=round(3600 / per_expert, 2), seconds_per_expert=round(per_expert, 2))
 
 
-def sweep_row(a) -> None:
-    """Row 8: the stacked-expert K sweep (generation_throughput.py --expert-batch-size 1,2,...)."""
+def _run_json(cmd: list[str]) -> dict:
+    """Run a benchmark script, echo its output, and return the JSON of its last line.
+
+    Raises:
+        RuntimeError: the script failed (its exit status and the end of its stderr).
+    """
     import subprocess
 
+    print("$ " + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sweep_row(a) -> None:
+    """Row 8: the stacked-expert K sweep (generation_throughput.py --expert-batch-size 1,2,...)."""
     world = a.preset in ("tiny", "toy", "tiny-sdxl")
     traces = (Path(a.json).parent if a.json else Path.cwd()) / "traces"
     cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--model", a.preset if world else a.model, "--lora-rank", "4",
@@ -314,32 +328,20 @@ def sweep_row(a) -> None:
            "--expert-batch-size", a.sweep, "--steady-batches", str(a.sweep_batches), "--trace", str(traces)]
     if not world:
         cmd.append("--random-clip")
-    print("$ " + " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stdout.write(done.stdout)
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = _run_json(cmd)
     for k, values in r["rows"].items():
         row(f"stacked experts K={k}, LoRA rank 4 ({a.preset}, {a.throughput_steps} steps, 2 prompts x {a.sample_steps} sample steps)", **values, traces=str(traces))
 
 
 def throughput_row(a) -> None:
     """Row 7: resident worker vs per-task experts, in process (generation_throughput.py)."""
-    import subprocess
-
     world = a.preset in ("tiny", "toy", "tiny-sdxl")  # their own toy scorer; else the folder built once, and a random OpenAI CLIP
     cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--in-process", "--model", a.preset if world else a.model, "--lora-rank", "4",
            "--clusters", str(a.throughput_clusters), "--steps", str(a.throughput_steps), "--sample-steps", str(a.sample_steps), "--prompts", "2",
            "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1", "--expert-batch-size", str(a.throughput_batch)]
     if not world:
         cmd.append("--random-clip")
-    print("$ " + " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stdout.write(done.stdout)
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = _run_json(cmd)
     unit = "per_gpu_hour" if torch.cuda.is_available() else "per_hour"
     row(f"generation throughput, LoRA rank 4 ({a.preset}, {a.throughput_steps} steps, 2 prompts x {a.sample_steps} sample steps, in process)",
         **{f"resident_{unit}": round(r["resident_1"][0], 1), f"per_task_{unit}": round(r["per_task_1"][0], 1), "ratio_steady": round(r["resident_vs_per_task"], 3),
