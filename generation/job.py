@@ -42,6 +42,7 @@ from generation.ledger import (SUMMARY_FILE, SamplesMissingError, check_job, che
                                read_summary, repack_staged, write_run)
 from generation.scheduler import Scheduler, experts_in_flight, gpus_per_expert, init_ray, load_demos, steady_rate  # noqa: F401
 from mining.cluster import read_clusters
+from mining.crawl import check_clusters_match_crawl
 from suti import storage
 from suti.errors import InputError
 from suti.shards import ShardPacker, existing_shards
@@ -61,6 +62,7 @@ def run_generation(config: GenerateConfig, progress: bool = True) -> dict:
     clusters = read_clusters(config.clusters, config.max_clusters)
     if not clusters:
         raise InputError(f"{config.clusters}: no clusters to generate from (did `suti mine` keep none?)")
+    check_clusters_match_crawl(config.clusters, config.crawl, clusters[0])
     check_job(output, config)
     packer = ShardPacker(output, config.samples_per_shard)
     done = read_manifest(output)

@@ -480,6 +480,38 @@ def iter_records(crawl: str | Path, counts: Counter | None = None, *, fmt: str =
         yield rec
 
 
+def crawl_captions(crawl: str | Path, keys) -> dict[str, str]:
+    """The captions (alt texts) the crawl records for ``keys``: ``{key: caption}``, reading the
+    crawl until every key was found (keys it does not hold are left out)."""
+    wanted, out = {str(k) for k in keys}, {}
+    with local_crawl(crawl) as (local, _):
+        for rec in iter_records(local, on_bad_line="skip"):
+            if rec.key in wanted:
+                out[rec.key] = rec.caption
+                if len(out) == len(wanted):
+                    break
+    return out
+
+
+def check_clusters_match_crawl(clusters: str | Path, crawl: str | Path, row: dict) -> None:
+    """The crawl must be the one the clusters were mined from: the captions it holds for the
+    cluster ``row``'s images (the first one a command reads) must be those the clusters file
+    recorded - keys such as ``000000000`` recur across crawls, so a key alone proves nothing.
+    Used by ``suti generate`` and ``suti apprentice pack-photos`` before they write anything.
+
+    Raises:
+        InputError: a caption differs (naming both files, the image and both captions).
+    """
+    recorded = dict(zip(row["keys"], row.get("captions") or []))
+    if not recorded:
+        return
+    found = crawl_captions(crawl, list(recorded))
+    for key, caption in recorded.items():
+        if key in found and str(found[key]).strip() != str(caption).strip():
+            raise InputError(f"--crawl {crawl} is not the crawl --clusters {clusters} was mined from: image {key} is captioned "
+                             f"{found[key]!r} there and {caption!r} in the clusters file")
+
+
 def load_crawl_images(crawl: str | Path, keys, *, sources=None,
                       min_side: int = DEFAULT_MIN_SIDE, strict: bool = True
                       ) -> dict[str, Image.Image]:

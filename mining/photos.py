@@ -67,7 +67,7 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
         InputError: ``crawl`` does not exist, ``clusters`` is missing or malformed (names the
             file and line), or a URI's filesystem package is not installed (names the extra).
     """
-    from mining.crawl import load_crawl_images
+    from mining.crawl import check_clusters_match_crawl, load_crawl_images
     from mining.cluster import read_clusters
     from suti.shards import ShardPacker, existing_shards
 
@@ -79,6 +79,8 @@ def pack_photos(clusters: str | Path, crawl: str | Path, output: str | Path, *, 
     if min_photos < 2:
         raise InputError(f"min_photos must be at least 2 (a target and a demonstration), got {min_photos}")
     rows = read_clusters(clusters)
+    if rows:
+        check_clusters_match_crawl(clusters, crawl, rows[0])  # the crawl the clusters came from
     packer = ShardPacker(out, samples_per_shard)
     written = skipped = 0
     already = len(packer.written)

@@ -95,3 +95,20 @@ def test_a_full_output_disk_stops_the_job_without_failing_a_cluster_and_a_rerun_
     assert main(_args(first, out, "--max-clusters", "2")) == 0
     rows = [json.loads(p.read_text()) for p in (out / "manifest").glob("*.json")]
     assert len(rows) == 2 and all(r["status"] == "accepted" for r in rows)
+
+
+@pytest.mark.parametrize("command", ["generate", "pack-photos"])
+def test_clusters_of_one_crawl_with_another_crawl_are_refused_before_anything_is_written(worlds, tmp_path, capsys, command):
+    """Keys such as 000000000 recur across crawls: clusters mined from one crawl, given with
+    another, would pair one crawl's photos with the other's captions and prompts (exit 0 with
+    wrong data). The captions the crawl holds for the first cluster must be the recorded ones."""
+    first, second = worlds
+    out = tmp_path / "out"
+    clusters, crawl = str(first / "mined" / "clusters.jsonl"), str(second / "crawl")
+    argv = (["generate", "--clusters", clusters, "--crawl", crawl, "--output", str(out), *FAST] if command == "generate"
+            else ["apprentice", "pack-photos", "--clusters", clusters, "--crawl", crawl, "--output", str(out)])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the crawl --clusters" in err[0] and crawl in err[0] and "captioned" in err[0], err
+    assert not out.exists()
