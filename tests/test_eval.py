@@ -147,3 +147,19 @@ def test_a_subject_named_twice_counts_once(tmp_path, caplog):
         ds = load_dataset(root, [names[0], names[0], " ", names[-1]])
     assert [s.name for s in ds.subjects] == [names[0], names[-1]]
     assert any("each subject counts once" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("spec", ["world:abc", "world:0", "world:-3", "world:"])
+def test_a_bad_world_dataset_size_is_one_line_and_writes_nothing(tmp_path, capsys, spec):
+    assert main(["eval", "--dataset", spec, "--method", "base", "--model", "tiny", "--output", str(tmp_path / "e"), "--prompts", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--dataset {spec}" in err[0] and "whole number" in err[0], err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("flag", ["--clip", "--dino"])
+def test_an_unknown_scorer_is_refused_naming_its_flag_before_the_dataset_is_written(tmp_path, capsys, flag):
+    assert main(["eval", "--dataset", "world:1", "--method", "base", "--model", "tiny", "--output", str(tmp_path / "e"), "--prompts", "1", flag, "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} 'bogus'" in err[0], err
+    assert not (tmp_path / "e").exists()

@@ -180,6 +180,11 @@ def check_args(args) -> None:
         from suti.models import check_model
 
         check_model(args.model)
+    from suti.scoring import SCORERS
+
+    for flag, name in (("--clip", getattr(args, "clip", "auto")), ("--dino", getattr(args, "dino", "auto"))):
+        if name != "auto" and name not in SCORERS:
+            raise InputError(f"{flag} {name!r}: unknown scorer; known: auto, {', '.join(SCORERS)}")
 
 
 #: The entries of :func:`images_key` by the flag a user knows them by (for the refusal's line).

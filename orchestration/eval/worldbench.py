@@ -26,9 +26,10 @@ def world_dataset(spec: str, folder: Path, *, photos: int = 5, seed: int = 0) ->
     from suti.models import default_resolution, list_presets, load_preset
     from suti.world import export_subject, make_world
 
-    n = int(spec.split(":", 1)[1]) if ":" in spec else 8
-    if n < 1:
-        raise InputError(f"{spec}: the number of subjects must be positive")
+    count = spec.split(":", 1)[1] if ":" in spec else "8"
+    if not count.strip().isdigit() or int(count) < 1:
+        raise InputError(f"--dataset {spec}: world:N takes a whole number of subjects N >= 1, got {count!r}")
+    n = int(count)
     if (folder / "world_subjects.json").is_file():
         return folder
     preset = load_preset("toy") if "toy" in list_presets() else {}
