@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ from suti.world.toy_clip import (
     training_world,
 )
 from suti.world.training.scenes import SceneBuffer
-from suti.world.training.schedule import progress_warmup_cosine, set_lr
+from suti.world.training.schedule import Clock, progress_warmup_cosine, set_lr
 from suti.world.vocab import attribute_labels
 
 log = logging.getLogger(__name__)
@@ -228,14 +227,13 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
     train, heldout = world.train_subjects, world.heldout_subjects
     opt = _optimizer(model, lr)
     model = model.to(memory_format=torch.channels_last)
-    budget = minutes * 60.0
-    start = time.time()
+    clock = Clock(steps, minutes * 60.0)
     buffer = SceneBuffer(train, seed)
     buffer.fill(2)
     seen = torch.zeros(cfg["text_cfg"]["vocab_size"], dtype=torch.bool)  # token ids trained
     step, losses = 0, []
     while step < steps:
-        frac = max(step / steps, (time.time() - start) / budget)
+        frac = clock.progress(step)
         if frac >= 1.0:
             break
         set_lr(opt, lr, progress_warmup_cosine(frac))
@@ -244,9 +242,9 @@ def pretrain_clip(out_dir: str | Path, *, seed: int = 0, minutes: float = 20.0,
                                         seen))
         step += 1
         if progress and step % 50 == 0:
-            log.info("toy clip step %d  %.0fs  loss %.3f  temp %.1f", step, time.time() - start,
+            log.info("toy clip step %d  %.0fs  loss %.3f  temp %.1f", step, clock.elapsed(),
                      float(np.mean(losses[-50:])), float(model.logit_scale.detach().exp()))
-    elapsed = time.time() - start
+    elapsed = clock.elapsed()
     model.eval()
     metrics = {"heldout_retrieval_64": retrieval_accuracy(model, heldout, 64, tokenizer=tokenizer),
                "train_retrieval_64": retrieval_accuracy(model, train, 64, tokenizer=tokenizer)}

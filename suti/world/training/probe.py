@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from suti.world.probe import (
 )
 from suti.world.toy_clip import TRAIN_WORLD_SEED, TRAIN_WORLD_SUBJECTS, training_world
 from suti.world.training.scenes import SceneBuffer
-from suti.world.training.schedule import progress_warmup_cosine, set_lr
+from suti.world.training.schedule import Clock, progress_warmup_cosine, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +169,12 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
                              {"params": other, "weight_decay": 0.0}], lr=lr)
     weights = {"part": 2.0} if head_weights is None else dict(head_weights)
     net = net.to(memory_format=torch.channels_last)
-    budget = minutes * 60.0
-    start = time.time()
+    clock = Clock(steps, minutes * 60.0)
     buffer = SceneBuffer(train, seed + 1, per_subject=8)
     buffer.fill(2)
     step, losses = 0, []
     while step < steps:
-        frac = max(step / steps, (time.time() - start) / budget)
+        frac = clock.progress(step)
         if frac >= 1.0:
             break
         set_lr(opt, lr, progress_warmup_cosine(frac))
@@ -185,9 +183,9 @@ def pretrain_probe(out_dir: str | Path, *, seed: int = 0, minutes: float = 40.0,
                                   supcon_weight=supcon_weight))
         step += 1
         if progress and step % 50 == 0:
-            log.info("probe step %d  %.0fs  loss %.3f", step, time.time() - start,
+            log.info("probe step %d  %.0fs  loss %.3f", step, clock.elapsed(),
                      float(np.mean(losses[-50:])))
-    elapsed = time.time() - start
+    elapsed = clock.elapsed()
     net.eval()
     probe = Probe(net, cfg)
     metrics = evaluate_probe(probe, heldout)
