@@ -52,6 +52,7 @@ class Route:
         self.num_experts = num_experts
         self.experts: torch.Tensor | None = None
         self.runs: torch.Tensor | None = None
+        self.runs_are_all = False  # the runs are experts 0..K-1 in order: stacks used as they are
         self.group = 0
         self._on: dict[tuple, torch.Tensor] = {}
 
@@ -62,7 +63,7 @@ class Route:
             ValueError: an index outside ``[0, num_experts)``.
         """
         self._on = {}
-        self.runs, self.group = None, 0
+        self.runs, self.group, self.runs_are_all = None, 0, False
         if experts is None:
             self.experts = None
             return
@@ -74,13 +75,7 @@ class Route:
         lengths = {b - a for a, b in zip(starts, starts[1:] + [len(idx)])}
         if len(lengths) == 1:
             self.group, self.runs = lengths.pop(), idx[starts]
-
-    @property
-    def runs_are_all(self) -> bool:
-        """The runs are experts 0..K-1 in order (each layer can use its stacks as they are)."""
-        if not hasattr(self, "_all") or self._all[0] is not self.runs:
-            self._all = (self.runs, self.runs is not None and torch.equal(self.runs, torch.arange(self.num_experts)))
-        return self._all[1]
+            self.runs_are_all = torch.equal(self.runs, torch.arange(self.num_experts))
 
     def set_grouped(self, rows_per_expert: int) -> None:
         """Rows expert after expert, ``rows_per_expert`` each, every expert once (training)."""
@@ -332,13 +327,16 @@ def measure_bytes_per_expert(pipe, config, device: str) -> int:
     device that is not CUDA. The step runs on a throwaway adapter, removed afterwards."""
     if not str(device).startswith("cuda"):
         return 0
-    from experts.train import add_lora
+    from experts.train import add_lora, mixed_precision
+    from suti.conditioning import encode_prompt
     from suti.models import default_resolution
 
     unet = pipe.unet
     resolution = config.resolution or default_resolution(config.model)
     rows = config.batch_size * (2 if config.prior_preservation else 1)
     latent = resolution // pipe.vae_scale_factor
+    with torch.no_grad():  # the training step's conditioning (cached there too)
+        cond = encode_prompt(pipe, ["a photo of an object"] * rows, resolution=resolution).to(device).unet_kwargs()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -348,12 +346,8 @@ def measure_bytes_per_expert(pipe, config, device: str) -> int:
         for p in params:
             p.requires_grad_(True)
         x = torch.randn(rows, unet.config.in_channels, latent, latent, device=device, dtype=unet.dtype)
-        emb = torch.randn(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
-        kwargs = {}
-        if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 1280, device=device, dtype=unet.dtype), "time_ids": torch.zeros(rows, 6, device=device, dtype=unet.dtype)}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            unet(x, torch.full((rows,), 500, device=device), emb, **kwargs).sample.float().pow(2).mean().backward()
+        with mixed_precision(config, device).autocast():
+            unet(x, torch.full((rows,), 500, device=device), **cond).sample.float().pow(2).mean().backward()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
     finally:

@@ -84,8 +84,9 @@ class ResidentExpertWorker:
         except InputError:
             return 1
         per_expert = measure_bytes_per_expert(self.pipe, config, self.job.device)
-        k = experts_that_fit(torch.cuda.mem_get_info()[0], per_expert)
-        log.info("resident worker: %.2f GiB per expert, %.1f GiB free: %d experts per batch", per_expert / 2**30, torch.cuda.mem_get_info()[0] / 2**30, k)
+        free = torch.cuda.mem_get_info()[0]
+        k = experts_that_fit(free, per_expert)
+        log.info("resident worker: %.2f GiB per expert, %.1f GiB free: %d experts per batch", per_expert / 2**30, free / 2**30, k)
         return k
 
     def run(self, cluster: dict, demos: list) -> dict:
