@@ -11,7 +11,7 @@ from suti.cli_format import HelpFormatter
 def register(subparsers) -> None:
     """Add ``suti generate``."""
     from experts.recipe import expert_number
-    from generation.config import generate_number
+    from generation.config import KEEP_EXPERTS_FORMATS, generate_number
     from suti.sampling import add_sample_batch_flag
 
     p = subparsers.add_parser("generate", help="fine-tune one expert per mined cluster on Ray and write webdataset shards", formatter_class=HelpFormatter)
@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--status", metavar="OUTPUT", help="print how far the job writing to OUTPUT has come (clusters finished and to go, failures, samples, experts/hour, ETA) "
                    "and exit: read-only, no Ray, from any machine that can read OUTPUT (no other flag needed)")
     p.add_argument("--json", action="store_true", help="with --status: print it as JSON")
+    p.add_argument("--progress-plot", metavar="PNG", help="with --status: also draw samples kept and experts/hour over time into PNG (a local path or URI ending in .png; replaced if it exists)")
+    p.add_argument("--job-name", help="the 'job' tag of the driver's Ray metrics (suti_generate_*; default: the output's last path component)")
     p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, tiny-sdxl, sd15-arch, sdxl-arch), a diffusers folder or a hub id")
     p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
     p.add_argument("--steps", type=generate_number("steps"), help="expert steps (overrides the recipe)")
@@ -37,6 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples-per-shard", type=generate_number("samples_per_shard"), default=64, help="samples per webdataset shard")
     p.add_argument("--max-clusters", type=generate_number("max_clusters"), help="only the first n clusters")
     p.add_argument("--keep-experts", action="store_true", help="keep expert weights under OUTPUT/experts/")
+    p.add_argument("--keep-experts-format", choices=KEEP_EXPERTS_FORMATS, default="diffusers", help="layout of kept LoRA experts: diffusers (pytorch_lora_weights.safetensors), "
+                   "or kohya: also pytorch_lora_weights_kohya.safetensors (kohya's layout, for ComfyUI/A1111; needs --lora-rank > 0)")
     p.add_argument("--seed", type=generate_number("seed"), default=0, help="the job's seed (each cluster's is derived from it)")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--gpus-per-expert", type=generate_number("gpus_per_expert"), help="GPUs per expert task (default: 1 on a Ray cluster with GPUs, else 0; fractions such as 0.25 pack LoRA experts)")
@@ -54,11 +58,11 @@ def register(subparsers) -> None:
 
 def _run(args, parser) -> int:
     if args.status is not None:
-        from generation.status import run_status
-
-        return run_status(args.status, as_json=args.json)
+        return _status(args.status, as_json=args.json, progress_plot=args.progress_plot)
     if args.json:
         parser.error("--json goes with --status OUTPUT")
+    if args.progress_plot is not None:
+        parser.error("--progress-plot goes with --status OUTPUT")
     missing = [flag for flag in ("--clusters", "--crawl", "--output") if getattr(args, flag[2:]) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or --status OUTPUT)")
@@ -72,9 +76,10 @@ def _run(args, parser) -> int:
         steps=args.steps, recipe_overrides=overrides, lambda_=args.lambda_, samples_per_prompt=args.samples_per_prompt,
         prompts_per_cluster=args.prompts_per_cluster or None, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, sample_batch_size=args.sample_batch_size,
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
-        keep_experts=args.keep_experts, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
+        keep_experts=args.keep_experts, keep_experts_format=args.keep_experts_format, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,
         max_retries=args.max_retries, retry_failed=args.retry_failed, resident_workers=args.resident_workers, expert_batch_size=args.expert_batch_size, compile=args.compile, dtype=args.dtype,
+        job_name=args.job_name,
     )
     summary = run_generation(config)
     print(json.dumps(summary))
@@ -88,3 +93,23 @@ def _run(args, parser) -> int:
     if summary["failed"]:
         print(f"warning: {summary['failed']} cluster(s) failed; see {args.output}/manifest/ (rerun with --retry-failed)")
     return 1 if summary.get("unfinished") else 0
+
+
+def _status(output: str, as_json: bool = False, progress_plot: str | None = None) -> int:
+    """``suti generate --status OUTPUT [--json] [--progress-plot PNG]``: print the job's status
+    (:mod:`generation.status`) and draw the plot (:mod:`generation.progress_plot`; its path is
+    checked before the job is read, and the manifest is read once); exit code 0."""
+    from generation.status import format_status, job_status_and_rows
+
+    if progress_plot is not None:
+        from generation.progress_plot import check_plot_path
+
+        progress_plot = check_plot_path(progress_plot)
+    status, rows, times = job_status_and_rows(output)
+    print(json.dumps(status.to_dict(), indent=2) if as_json else format_status(status))
+    if progress_plot is not None:
+        from generation.progress_plot import write_progress_plot
+
+        write_progress_plot(progress_plot, status, rows, times)
+        print(f"progress plot: {progress_plot}", file=sys.stderr if as_json else sys.stdout)
+    return 0

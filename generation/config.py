@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from suti import storage
 from suti.errors import InputError
 
+KEEP_EXPERTS_FORMATS = ("diffusers", "kohya")  # layouts of kept LoRA experts (--keep-experts-format)
 MAX_EXPERT_BATCH_SIZE = 256  # LoRA experts a resident worker trains in one U-Net pass (also its actor's thread count)
 
 
@@ -42,6 +43,7 @@ class GenerateConfig:
     samples_per_shard: int = 64
     max_clusters: int | None = None
     keep_experts: bool = False
+    keep_experts_format: str = "diffusers"  # kohya: kept LoRA experts also hold kohya's layout (not part of the identity)
     no_filter: bool = False
     seed: int = 0
     ray_address: str | None = None
@@ -55,6 +57,7 @@ class GenerateConfig:
     expert_batch_size: int | None = None  # LoRA experts a resident worker trains together; None: as many as fit its GPU, 1 on CPU (not part of the job's identity: samples equal up to float rounding)
     compile: bool = False  # train stacked experts through torch.compile (not part of the identity)
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
+    job_name: str | None = None  # the "job" tag of the driver's Ray metrics (None: the output's last path component; not part of the identity)
     recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
 
     def __post_init__(self) -> None:
@@ -77,12 +80,27 @@ class GenerateConfig:
             raise InvalidValueError(f"--max-workers {self.max_workers} (experts in flight) is below --expert-batch-size {self.expert_batch_size}: no batch could fill; "
                                     f"use --max-workers {self.expert_batch_size} or more")
         resolve_dtype(self.dtype)
+        if self.keep_experts_format not in KEEP_EXPERTS_FORMATS:
+            raise InvalidValueError(f"--keep-experts-format {self.keep_experts_format!r}: unknown; formats: {', '.join(KEEP_EXPERTS_FORMATS)}")
+        if self.keep_experts_format != "diffusers" and not self.keep_experts:
+            raise InvalidValueError(f"--keep-experts-format {self.keep_experts_format} goes with --keep-experts (no expert is kept without it)")
+        if self.job_name is not None and not self.job_name.strip():
+            raise InvalidValueError("--job-name must not be empty (the default is the output's last path component)")
+
+    @property
+    def metrics_job(self) -> str:
+        """The ``job`` tag of the driver's Ray metrics: ``job_name``, else the output's last path
+        component (``s3://bucket/jobs/run7`` -> ``run7``)."""
+        return self.job_name or storage.resolve(self.output).rstrip("/").rsplit("/", 1)[-1]
 
     def expert_job(self, device: str) -> "ExpertJob":
         """The settings every expert task reads (:class:`ExpertJob`), for tasks placed on
         ``device`` (``"cuda"`` when a task holds a GPU, else ``"cpu"``)."""
         names = {f.name for f in dataclasses.fields(ExpertJob)} - {"device"}
-        return ExpertJob(device=device, **{k: getattr(self, k) for k in names})
+        fields = {k: getattr(self, k) for k in names}
+        if self.keep_experts and self.keep_experts_format == "kohya":  # save_expert writes the kohya file (not in the identity's overrides)
+            fields["recipe_overrides"] = {**self.recipe_overrides, "output_kohya_format": True}
+        return ExpertJob(device=device, **fields)
 
     def identity(self) -> dict:
         """The settings that make the job's samples what they are (``OUTPUT/job.json``; a rerun
@@ -110,6 +128,9 @@ class GenerateConfig:
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
         recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
         expert = resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
+        if self.keep_experts and self.keep_experts_format == "kohya" and (expert.lora_rank == 0 or expert.use_dora):
+            raise InputError(f"--keep-experts-format kohya keeps plain LoRA experts in kohya's layout; recipe {self.recipe} trains "
+                             f"{'DoRA' if expert.lora_rank else 'full fine-tunes (pass --lora-rank 4)'}")
         if (self.expert_batch_size or 1) > 1:
             from experts.batched import check_batchable
 

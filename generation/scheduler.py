@@ -5,7 +5,8 @@ workers (:class:`generation.resident.ResidentExpertWorker` actors) that keep the
 (read every loop, so it grows when an autoscaler adds nodes), retries work lost with a worker or
 node, and hands each finished cluster to the ledger (:mod:`generation.ledger`): checked, staged,
 recorded, packed. Resources are declared at launch (``num_cpus``, ``num_gpus``); each worker gets
-the driver's :func:`suti.raytools.worker_env`.
+the driver's :func:`suti.raytools.worker_env`. The driver exports the job's counters as Ray
+metrics (:mod:`generation.metrics`).
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ class Scheduler:
         self.finished = self.accepted = 0
         self.started = time.perf_counter()
         self.bar = tqdm(total=len(todo), desc="experts", unit="cluster", disable=not progress)
+        self.metrics = None  # generation.metrics.JobMetrics once Ray is up
 
     def run(self) -> tuple[list[str], list[float], int]:
         """Run every cluster; returns the ids left unfinished (their workers kept dying), the
@@ -264,6 +266,10 @@ class Scheduler:
         init_ray(self.config.ray_address)
         self.gpus = gpus_per_expert(self.config, ray.cluster_resources().get("GPU", 0))
         self.submit = self._submitter(self.config.expert_job("cuda" if self.gpus > 0 else "cpu"))
+        from generation.metrics import JobMetrics
+
+        total = len(set(self.done) | {row["cluster_id"] for row in self.todo})
+        self.metrics = JobMetrics.create(self.config.metrics_job, total, self.done, len(self.todo))
         try:
             while self.pending or self.in_flight:
                 limit = experts_in_flight(self.config, self.gpus, ray.cluster_resources())
@@ -275,6 +281,8 @@ class Scheduler:
                 for ref in ready:
                     if not self.submit.started(ref):  # else a resident worker is ready (or failed to start)
                         self._finish(ref)
+                if self.metrics:
+                    self.metrics.refresh(len(self.in_flight))
         finally:
             self.bar.close()  # an error is printed on a line of its own
         return self.unfinished, self.finish_times, self.slots
@@ -389,6 +397,8 @@ class Scheduler:
         summary.setdefault("finished_at", round(time.time(), 3))  # Unix seconds (the driver's clock): `suti generate --status` rates
         write_manifest_row(self.config.output, summary)
         self.done[row["cluster_id"]] = summary
+        if self.metrics:
+            self.metrics.record(summary)
         self.finish_times.append(time.perf_counter())
         self.finished += 1
         self.accepted += summary["status"] == "accepted"

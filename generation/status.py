@@ -8,12 +8,21 @@ the output (a local path or any fsspec URI), while the job runs or after, and wr
 Times: each manifest row of this version holds ``finished_at`` (Unix seconds, the driver's
 clock) and, for an expert that ran, ``seconds`` (its duration in the task); a row of an older
 version has no ``finished_at``, and the modification time of its object stands in for it (a row
-of a legacy ``manifest.jsonl`` has none and is left out of the rates). The last hour is counted
-back from ``now`` (the clock of the machine that asks): a clock far off the driver's shifts it.
+of a legacy ``manifest.jsonl`` has none and is left out of the rates).
+
+The last hour's rate (:class:`Throughput`, which the driver's Ray metrics share) is measured over
+the hour of work up to the *last finish*, not up to ``now``: the time since the last expert
+finished is not yet evidence of a slower job (the next ones are under way), so the rate neither
+falls between finishes nor while the first experts train. It starts at the first start of the
+latest run's experts (``run.json``), so the pause between a killed run and its rerun is not
+counted as work. A job with nothing finished in the hour before ``now`` (the clock of the
+machine that asks: a clock far off the driver's shifts it) is stalled: its rate is 0, its ETA
+unknown.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime
 import json
@@ -48,8 +57,11 @@ class JobStatus:
         acceptance_rate: accepted / finished clusters, in [0, 1] (``None`` before any).
         sample_keep_rate: samples kept / candidates, in [0, 1] (``None`` without candidates).
         finished_last_hour: clusters that finished in the hour before ``now``.
-        experts_per_hour_last_hour: experts per hour over the last hour (over the time since the
-            first expert started, when that is shorter); ``None`` before any timed row.
+        experts_per_hour_last_hour: experts per hour over the last hour of work
+            (:class:`Throughput`: the hour up to the last finish, or the time since the latest
+            run's first expert started when that is shorter); 0 when nothing finished in the
+            hour before ``now`` (stalled); ``None`` before any timed row.
+        rate_window_seconds: the seconds ``experts_per_hour_last_hour`` is measured over.
         experts_per_hour_overall: timed finished clusters / hours from the first expert's start
             to the last finish (gaps between runs count); ``None`` when that span is 0.
         eta_seconds: seconds until ``to_go`` is done at the last hour's rate: 0 when nothing is
@@ -78,6 +90,7 @@ class JobStatus:
     sample_keep_rate: float | None = None
     finished_last_hour: int = 0
     experts_per_hour_last_hour: float | None = None
+    rate_window_seconds: float | None = None
     experts_per_hour_overall: float | None = None
     eta_seconds: float | None = None
     first_started_at: float | None = None
@@ -104,6 +117,12 @@ def job_status(output: str, now: float | None = None) -> JobStatus:
         MissingInputError: nothing exists at ``output``.
         InputError: ``output`` holds no generation job (no ``job.json`` and no manifest).
     """
+    return job_status_and_rows(output, now)[0]
+
+
+def job_status_and_rows(output: str, now: float | None = None) -> tuple[JobStatus, dict[str, dict], dict[str, tuple[float, float]]]:
+    """:func:`job_status`, with the manifest rows it read (by cluster id) and their
+    :func:`row_times` (for :mod:`generation.progress_plot`: the manifest is read once)."""
     import time
 
     now = time.time() if now is None else now
@@ -121,8 +140,9 @@ def job_status(output: str, now: float | None = None) -> JobStatus:
     target, total_error = _target_ids(clusters_file, run.get("max_clusters"))
     status = _counts(output, clusters_file, rows, target, total_error)
     status.now, status.run_started_at = now, run.get("started_at")
-    _rates(status, _row_times(output, rows), now)
-    return status
+    times = row_times(output, rows)
+    _rates(status, list(times.values()), now)
+    return status, rows, times
 
 
 def _read_job(output: str) -> dict | None:
@@ -152,6 +172,12 @@ def _target_ids(clusters_file: str | None, limit: int | None) -> tuple[list[str]
     return (ids[:limit] if limit else ids), None
 
 
+def failure_kind(error: str | None) -> str:
+    """The kind of a failed cluster's ``error`` (``"InputError: ..."`` -> ``"InputError"``, the
+    exception's type name; ``"unknown"`` when empty)."""
+    return str(error or "").split(":", 1)[0].strip() or "unknown"
+
+
 def _counts(output: str, clusters_file: str | None, rows: dict[str, dict], target: list[str] | None, total_error: str | None) -> JobStatus:
     statuses = Counter(row.get("status") for row in rows.values())
     kinds: Counter = Counter()
@@ -160,7 +186,7 @@ def _counts(output: str, clusters_file: str | None, rows: dict[str, dict], targe
         row = rows[cid]
         if row.get("status") == "failed":
             error = str(row.get("error") or "unknown")
-            kind = error.split(":", 1)[0].strip() or "unknown"
+            kind = failure_kind(error)
             kinds[kind] += 1
             examples.setdefault(kind, error[:200])
     total = len(set(target) | set(rows)) if target is not None else None
@@ -178,12 +204,13 @@ def _counts(output: str, clusters_file: str | None, rows: dict[str, dict], targe
     )
 
 
-def _row_times(output: str, rows: dict[str, dict]) -> list[tuple[float, float]]:
-    """``(started, finished)`` Unix seconds of each timed row: ``finished_at`` (else its
-    object's modification time) less ``seconds``."""
+def row_times(output: str, rows: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """``(started, finished)`` Unix seconds of each timed row, by cluster id: ``finished`` is
+    ``finished_at`` (else the modification time of the row's object), ``started`` that less
+    ``seconds``; untimed rows are left out."""
     untimed = [cid for cid, row in rows.items() if not isinstance(row.get("finished_at"), (int, float))]
     stamps = _object_times(output) if untimed else {}
-    times = []
+    times = {}
     for cid, row in rows.items():
         done = row.get("finished_at")
         if not isinstance(done, (int, float)):
@@ -191,7 +218,7 @@ def _row_times(output: str, rows: dict[str, dict]) -> list[tuple[float, float]]:
         if done is None:
             continue
         seconds = row.get("seconds")
-        times.append((float(done) - (float(seconds) if isinstance(seconds, (int, float)) else 0.0), float(done)))
+        times[cid] = (float(done) - (float(seconds) if isinstance(seconds, (int, float)) else 0.0), float(done))
     return times
 
 
@@ -224,6 +251,47 @@ def _unix_time(value) -> float | None:
     return None
 
 
+class Throughput:
+    """Experts per hour over the last hour of work, fed one finished expert at a time.
+
+    With ``last`` the latest finish and ``first`` the earliest start of the experts added, the
+    rate is the number of experts that finished in ``(last - 1 h, last]`` over the window
+    ``last - max(last - 1 h, first)`` seconds. Ending the window at the last finish rather than
+    at ``now`` keeps the rate from falling between finishes and while the first experts train;
+    :meth:`rate` is 0 once nothing has finished for an hour (a stalled job). Memory: the finish
+    times of one hour.
+    """
+
+    def __init__(self) -> None:
+        self.first_started: float | None = None
+        self.last_finished: float | None = None
+        self._finishes: list[float] = []  # sorted; only those in the hour up to last_finished
+
+    def add(self, started: float, finished: float) -> None:
+        """Count an expert that ran from ``started`` to ``finished`` (Unix seconds)."""
+        self.first_started = started if self.first_started is None else min(self.first_started, started)
+        self.last_finished = finished if self.last_finished is None else max(self.last_finished, finished)
+        bisect.insort(self._finishes, finished)
+        del self._finishes[: bisect.bisect_right(self._finishes, self.last_finished - HOUR)]
+
+    def window(self) -> float:
+        """Seconds the rate is measured over (0 before any expert)."""
+        if self.last_finished is None:
+            return 0.0
+        return self.last_finished - max(self.last_finished - HOUR, self.first_started)
+
+    def rate(self, now: float) -> float | None:
+        """Experts per hour at ``now`` (Unix seconds): ``None`` before any expert or over an
+        empty window (experts that finished as they started), 0 when none finished in the hour
+        before ``now``."""
+        if self.last_finished is None:
+            return None
+        if self.last_finished <= now - HOUR:
+            return 0.0
+        window = self.window()
+        return round(len(self._finishes) / window * HOUR, 2) if window > 0 else None
+
+
 def _rates(status: JobStatus, times: list[tuple[float, float]], now: float) -> None:
     """Fill the rates, the ETA and the times of ``status`` from the rows' ``(started, finished)``."""
     status.untimed = status.finished - len(times)
@@ -231,8 +299,12 @@ def _rates(status: JobStatus, times: list[tuple[float, float]], now: float) -> N
         status.first_started_at = round(min(s for s, _ in times), 3)
         status.last_finished_at = round(max(f for _, f in times), 3)
         status.finished_last_hour = sum(now - HOUR < f <= now for _, f in times)
-        window = min(HOUR, now - status.first_started_at)
-        status.experts_per_hour_last_hour = round(status.finished_last_hour / window * HOUR, 2) if window > 0 else None
+        latest_run = [t for t in times if status.run_started_at is not None and t[1] >= status.run_started_at]
+        throughput = Throughput()
+        for started, finished in sorted(latest_run or times, key=lambda t: t[1]):
+            throughput.add(started, finished)
+        status.experts_per_hour_last_hour = throughput.rate(now)
+        status.rate_window_seconds = round(throughput.window(), 3)
         span = status.last_finished_at - status.first_started_at
         status.experts_per_hour_overall = round(len(times) / span * HOUR, 2) if span > 0 else None
     if status.to_go == 0:
@@ -255,7 +327,7 @@ def format_status(status: JobStatus) -> str:
         lines.append("rate: no timed expert yet")
     else:
         ago = status.now - status.last_finished_at
-        lines.append(f"rate: {_num(status.experts_per_hour_last_hour)} experts/hour over the last hour ({status.finished_last_hour} finished), "
+        lines.append(f"rate: {_num(status.experts_per_hour_last_hour)} experts/hour over the last hour of work ({status.finished_last_hour} finished in the hour before now), "
                      f"{_num(status.experts_per_hour_overall)} overall; last finished {_duration(ago)} ago"
                      + (f"; {status.untimed} untimed" if status.untimed else ""))
     if status.eta_seconds == 0:
@@ -282,11 +354,3 @@ def _duration(seconds: float) -> str:
     if seconds < 2 * HOUR:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / HOUR:.1f} h"
-
-
-def run_status(output: str, as_json: bool = False) -> int:
-    """``suti generate --status OUTPUT [--json]``: print the status; exit code 0."""
-    status = job_status(output)
-    print(json.dumps(status.to_dict(), indent=2) if as_json else format_status(status))
-    return 0
-
