@@ -20,7 +20,10 @@ from serving.jobs import JobManager
 from serving.limits import FORM_OVERHEAD, ApiError, BodyLimitMiddleware, decode_uploads
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.settings import Settings
+from serving.events import Event
+from serving.signing import load_secret, signed_url
 from serving.store import JobStore
+from serving.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,11 @@ class Runtime:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        for folder in (settings.data_dir, settings.experts_dir, settings.uploads_dir, settings.logs_dir):
+        for folder in (settings.data_dir, settings.experts_dir, settings.uploads_dir, settings.logs_dir, settings.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.jobs_db)
+        self.secret = load_secret(settings.webhook_secret, settings.data_dir)  # webhooks and image URLs
+        self.webhooks: WebhookSender | None = None
         self.metrics = Metrics()
         self.generation = GenerationService(settings)
         self.jobs: JobManager | None = None
@@ -48,6 +53,7 @@ class Runtime:
         m.gauge("suti_generate_in_flight", "Generation requests running.", lambda: self.generation.running)
         m.gauge("suti_generate_capacity", "Generation requests admitted at most (running + waiting).", lambda: self.generation.capacity)
         m.gauge("suti_jobs", "DreamBooth jobs by state.", lambda: self.store.counts(), label="state")
+        m.gauge("suti_webhooks_waiting", "Webhook deliveries waiting (due or backing off).", lambda: self.webhooks.waiting if self.webhooks else 0)
         m.gauge("suti_jobs_workers_running", "Job workers this server is running.", lambda: len(self.jobs.running_pids()) if self.jobs else 0)
         m.gauge("suti_apprentice_loaded", "1 once the apprentice is loaded in this process.", lambda: int(apprentice_loaded(settings.apprentice, settings.device, settings.dtype)))
 
@@ -65,6 +71,8 @@ class Runtime:
                 torch.set_num_threads(self.settings.torch_threads)
             self.jobs = JobManager(self.settings, self.store)
             self.jobs.start()
+            self.webhooks = WebhookSender(self.settings, self.store, self.secret, self.render_event, self.metrics)
+            self.webhooks.start()
         if self.settings.preload:
             threading.Thread(target=self._preload, name="suti-preload", daemon=True).start()
 
@@ -74,12 +82,29 @@ class Runtime:
             if self.jobs is not None:
                 self.jobs.stop()
                 self.jobs = None
+            if self.webhooks is not None:
+                self.webhooks.stop()
+                self.webhooks = None
         self.generation.shutdown()
         if self._saved_threads:
             import torch
 
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = None
+
+    def file_url(self, path: str, expires: int, base_url: str | None) -> str:
+        """The signed URL of ``path`` (relative to the data folder) until Unix second ``expires``,
+        absolute under ``public_url`` (else ``base_url``; relative when both are None)."""
+        return signed_url(self.secret, path, expires, self.settings.public_url or base_url or "")
+
+    def render_event(self, event: Event, base_url: str | None = None) -> Event:
+        """``event`` as clients see it: a validation image becomes ``{"url", "expires_at"}``
+        (a signed URL valid ``url_ttl_s`` from now)."""
+        if event.type != "validation" or "image" not in event.data:
+            return event
+        expires = int(time.time() + self.settings.url_ttl_s)
+        data = {"url": self.file_url(event.data["image"], expires, base_url), "expires_at": expires}
+        return Event(event.id, event.job_id, event.type, event.created_at, data)
 
     def reserve_job(self) -> None:
         """Take a place among the ``max_queued_jobs`` waiting expert jobs before the upload is
@@ -124,7 +149,7 @@ async def lifespan(app: FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The serving app for ``settings`` (default: :class:`Settings`)."""
-    from serving.routes import experts_router, generation_router, operations_router  # they import Runtime from here
+    from serving.routes import experts_router, files_router, generation_router, operations_router  # they import Runtime from here
 
     settings = settings or Settings()
     settings.validate()
@@ -144,5 +169,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(generation_router(settings))
     app.include_router(experts_router(settings))
+    app.include_router(files_router())
     app.include_router(operations_router())
     return app

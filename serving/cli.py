@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", help="jobs, uploads and experts (default: $SUTI_DATA_DIR or <suti cache>/serving)")
     p.add_argument("--db", help="SQLite job table (default: DATA_DIR/jobs.sqlite)")
     p.add_argument("--api-key-env", metavar="VAR", help="require the API key held in this environment variable on /v1 and /metrics")
+    p.add_argument("--webhook-secret-env", metavar="VAR", help="sign webhooks and image URLs with the secret in this environment variable (default: DATA_DIR/webhook_secret, made on the first start)")
+    p.add_argument("--public-url", help="base of the absolute URLs in webhooks, e.g. https://suti.example.com (default: where each job's POST came in)")
+    p.add_argument("--webhook-attempts", type=checks.whole(1, 100), default=5, help="POSTs of one webhook event at most (then it is logged and dropped)")
+    p.add_argument("--webhook-timeout", type=checks.real(0.0, 3600.0, lo_open=True), default=10.0, help="seconds one webhook POST may take")
     p.add_argument("--max-concurrency", type=checks.whole(1, 1024), default=1, help="generations running at once")
     p.add_argument("--max-queue", type=checks.whole(0, 100_000), default=8, help="generations waiting beyond those; more are answered 429")
     p.add_argument("--timeout", type=checks.real(0.0, 86_400.0, lo_open=True), default=120.0, help="seconds a generation request may take (then 504)")
@@ -66,6 +70,13 @@ def settings_from_args(args):
         api_key = os.environ.get(args.api_key_env, "")
         if not api_key:
             raise InputError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
+    webhook_secret = None
+    if args.webhook_secret_env:
+        webhook_secret = os.environ.get(args.webhook_secret_env, "")
+        if not webhook_secret:
+            raise InputError(f"--webhook-secret-env {args.webhook_secret_env}: the environment variable is not set or empty")
+    if args.public_url is not None and not args.public_url.startswith(("http://", "https://")):
+        raise InputError(f"--public-url must start with http:// or https:// (got {args.public_url!r})")
     for flag, value in (("--upload-retention-hours", args.upload_retention_hours), ("--job-retention-days", args.job_retention_days)):
         if not value >= 0:
             raise InputError(f"{flag} must be >= 0 (got {value})")
@@ -76,6 +87,10 @@ def settings_from_args(args):
         apprentice=args.apprentice if args.apprentice == "toy" else absolute_if_local(args.apprentice),
         db_path=args.db,
         api_key=api_key,
+        webhook_secret=webhook_secret,
+        public_url=args.public_url,
+        webhook_attempts=args.webhook_attempts,
+        webhook_timeout=args.webhook_timeout,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         request_timeout=args.timeout,

@@ -15,7 +15,8 @@ in a worker process (``python -m serving.worker``, the default) or a Ray task (`
   task) gets its job re-queued the same way, up to ``max_job_attempts`` runs in all; then the
   job fails with a one-line reason (the worker's log stays in the server's log folder).
 * Disk: uploaded photos are deleted ``upload_retention_s`` after their job finished, finished jobs
-  (row, expert, photos, log) ``job_retention_s`` after (:meth:`JobManager.sweep`).
+  (row, events, expert, photos, log) ``job_retention_s`` after, images answered as URLs once
+  their URLs expired (:meth:`JobManager.sweep`).
 """
 
 from __future__ import annotations
@@ -387,6 +388,9 @@ class JobManager:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             log.info("job %s: uploaded photos deleted", job_id)
+        from serving.signing import sweep_results
+
+        sweep_results(settings.results_dir, now)  # images answered as URLs, once expired
         if settings.job_retention_s is not None:
             for job_id in self.store.finished_before(now - settings.job_retention_s):
                 if self.store.delete(job_id):

@@ -69,6 +69,17 @@ class Settings:
     max_class_noun_chars: int = 40
     stored_image_side: int = 1024  # uploaded photos are stored as PNG, shorter side at most this
     api_key: str | None = None  # required on /v1/* and /metrics when set
+    # events, webhooks and signed URLs (docs/serving.md)
+    webhook_secret: str | None = None  # signs webhooks and URLs; None: DATA_DIR/webhook_secret (made once)
+    public_url: str | None = None  # base of absolute URLs in webhooks (None: where the job's POST came in)
+    webhook_attempts: int = 5  # POSTs of one event at most (the first and its retries)
+    webhook_timeout: float = 10.0  # seconds per POST
+    webhook_backoff_s: float = 1.0  # first retry after this, then doubling (at most 60 s)
+    webhook_queue: int = 1000  # deliveries waiting at most; more are dropped (logged)
+    webhook_threads: int = 2  # deliveries in flight at once
+    url_ttl_s: float = 86400.0  # validation image URLs in events expire after this
+    max_url_expires_s: int = 7 * 86400  # the most ?expires= seconds an image URL may ask for
+    event_keepalive_s: float = 15.0  # an SSE comment after this long without an event
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -91,6 +102,11 @@ class Settings:
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
 
+    @property
+    def results_dir(self) -> Path:
+        """Images answered as URLs (``?expires=``), deleted once expired."""
+        return self.data_dir / "results"
+
     def with_(self, **changes) -> "Settings":
         """A copy with some fields changed."""
         return replace(self, **changes)
@@ -99,7 +115,8 @@ class Settings:
         """Raise :class:`suti.errors.InputError` on unusable values."""
         from suti.errors import InputError
 
-        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps", "max_queued_jobs", "max_job_attempts", "max_image_pixels", "max_request_pixels", "max_decoding"):
+        for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps", "max_queued_jobs", "max_job_attempts", "max_image_pixels", "max_request_pixels", "max_decoding",
+                     "webhook_attempts", "webhook_queue", "webhook_threads", "max_url_expires_s"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.max_queue < 0:
@@ -108,6 +125,11 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise InputError(f"{name.replace('_', '-')} must be >= 0 seconds (got {value})")
+        for name in ("webhook_timeout", "webhook_backoff_s", "url_ttl_s", "event_keepalive_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise InputError(f"public-url must start with http:// or https:// (got {self.public_url!r})")
         if self.request_timeout <= 0:
             raise InputError(f"timeout must be positive (got {self.request_timeout})")
         if not 1 <= self.min_expert_images <= self.max_expert_images:

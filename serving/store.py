@@ -19,6 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from serving import events
+from serving.events import Event
+
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -49,6 +52,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at);
 """
+# columns added since the first schema: a job table of an older server gains them at start
+ADDED_COLUMNS = {
+    "step": "INTEGER",  # the current phase's step / total (training steps or class images)
+    "total": "INTEGER",
+    "webhook_url": "TEXT",
+    "webhook_events": "TEXT",  # comma-separated webhook_events_filter
+    "validation_prompt": "TEXT",
+    "base_url": "TEXT",  # where the client reached the server: absolute URLs in webhooks
+}
 
 
 def new_job_id() -> str:
@@ -67,7 +79,16 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connect().executescript(SCHEMA)  # executescript manages its own transaction
+        db = self._connect()
+        db.executescript(SCHEMA + events.SCHEMA)  # executescript manages its own transaction
+        have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                try:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -119,14 +140,50 @@ class JobStore:
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
 
+    def queue_position(self, row: dict[str, Any]) -> int | None:
+        """0 while ``row``'s job runs, 1 for the next queued job, 2 after it...; None once finished."""
+        if row["state"] == "running":
+            return 0
+        if row["state"] != "queued":
+            return None
+        ahead = self._connect().execute("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND (created_at < ? OR (created_at = ? AND id < ?))",
+                                        (row["created_at"], row["created_at"], row["id"])).fetchone()["n"]
+        return ahead + 1
+
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[Event]:
+        """``job_id``'s events with an id above ``after``, oldest first (at most ``limit``)."""
+        rows = self._connect().execute("SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+        return [Event.from_row(r) for r in rows]
+
+    def take_events(self, cursor: str, limit: int = 200) -> list[tuple[Event, dict[str, Any]]]:
+        """The next events after the persisted cursor ``cursor`` with their job's webhook fields
+        (``webhook_url``, ``webhook_events``, ``base_url``), and advance the cursor past them: of
+        several servers on one job table, each event goes to exactly one."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO serving_meta (name, value) VALUES (?, 0)", (cursor,))
+            after = db.execute("SELECT value FROM serving_meta WHERE name = ?", (cursor,)).fetchone()["value"]
+            rows = db.execute(
+                "SELECT e.*, j.webhook_url, j.webhook_events, j.base_url FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            if rows:
+                db.execute("UPDATE serving_meta SET value = ? WHERE name = ?", (rows[-1]["seq"], cursor))
+        return [(Event.from_row(r), {k: r[k] for k in ("webhook_url", "webhook_events", "base_url")}) for r in rows if r["webhook_url"]]
+
     # --- writes ------------------------------------------------------------------------------
 
-    def create(self, job_id: str, *, class_noun: str, recipe: str, model: str, steps: int | None, seed: int, num_images: int) -> dict[str, Any]:
+    def create(self, job_id: str, *, class_noun: str, recipe: str, model: str, steps: int | None, seed: int, num_images: int,
+               webhook_url: str | None = None, webhook_events: list[str] | tuple[str, ...] = (), validation_prompt: str | None = None,
+               base_url: str | None = None) -> dict[str, Any]:
+        """Queue a job (and its ``queued`` event); ``webhook_events`` is its ``webhook_events_filter``."""
+        now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (id, state, class_noun, recipe, model, steps, seed, num_images, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, class_noun, recipe, model, steps, seed, num_images, time.time()),
+                "INSERT INTO jobs (id, state, class_noun, recipe, model, steps, seed, num_images, created_at, webhook_url, webhook_events, validation_prompt, base_url)"
+                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, class_noun, recipe, model, steps, seed, num_images, now, webhook_url, ",".join(webhook_events) or None, validation_prompt, base_url),
             )
+            events.emit(db, job_id, "queued", {}, now)
         return self.get(job_id)
 
     def claim_next(self, owner: str, host: str, pid: int) -> dict[str, Any] | None:
@@ -137,10 +194,12 @@ class JobStore:
                 return None
             now = time.time()
             db.execute(
-                "UPDATE jobs SET state = 'running', progress = 0, phase = 'starting', error = NULL, run_token = ?, attempts = attempts + 1,"
-                " started_at = ?, heartbeat_at = ?, owner = ?, owner_host = ?, owner_pid = ?, worker_pid = NULL WHERE id = ?",
+                "UPDATE jobs SET state = 'running', progress = 0, phase = 'starting', step = NULL, total = NULL, error = NULL, run_token = ?,"
+                " attempts = attempts + 1, started_at = ?, heartbeat_at = ?, owner = ?, owner_host = ?, owner_pid = ?, worker_pid = NULL WHERE id = ?",
                 (uuid.uuid4().hex, now, now, owner, host, pid, row["id"]),
             )
+            attempts = db.execute("SELECT attempts FROM jobs WHERE id = ?", (row["id"],)).fetchone()["attempts"]
+            events.emit(db, row["id"], "started", {"attempt": attempts}, now)
         return self.get(row["id"])
 
     def set_worker_pid(self, job_id: str, token: str, pid: int | None) -> bool:
@@ -148,13 +207,19 @@ class JobStore:
             cur = db.execute("UPDATE jobs SET worker_pid = ? WHERE id = ? AND run_token = ? AND state = 'running'", (pid, job_id, token))
         return cur.rowcount == 1
 
-    def report(self, job_id: str, token: str, progress: float, phase: str | None = None) -> bool:
-        """Progress of a running job; False when the job is no longer this worker's (stop then)."""
+    def report(self, job_id: str, token: str, progress: float, phase: str | None = None, step: int | None = None, total: int | None = None) -> bool:
+        """Progress of a running job (fraction in [0, 1]; ``step`` of ``total`` in ``phase``; None
+        keeps the last phase's, e.g. while saving), and a ``progress`` event when the job's last one is at least
+        :data:`serving.events.PROGRESS_INTERVAL` old. False when the job is no longer this
+        worker's (stop then)."""
+        progress, now = max(0.0, min(1.0, progress)), time.time()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET progress = ?, phase = COALESCE(?, phase), heartbeat_at = ? WHERE id = ? AND run_token = ? AND state = 'running'",
-                (max(0.0, min(1.0, progress)), phase, time.time(), job_id, token),
+                "UPDATE jobs SET progress = ?, phase = COALESCE(?, phase), step = COALESCE(?, step), total = COALESCE(?, total), heartbeat_at = ? WHERE id = ? AND run_token = ? AND state = 'running'",
+                (progress, phase, step, total, now, job_id, token),
             )
+            if cur.rowcount == 1 and events.progress_due(db, job_id, now):
+                events.emit(db, job_id, "progress", {"progress": round(progress, 4), "phase": phase, "step": step, "total": total}, now)
         return cur.rowcount == 1
 
     def heartbeat(self, job_ids: list[str], owner: str) -> None:
@@ -180,11 +245,22 @@ class JobStore:
             "UPDATE jobs SET state = ?, error = ?, progress = CASE WHEN ? = 'done' THEN 1.0 ELSE progress END, phase = ?, finished_at = ?, worker_pid = NULL"
             " WHERE id = ? AND run_token = ? AND state = 'running'"
         )
-        args = (state, error, state, state, time.time(), job_id, token)
+        now = time.time()
+        args = (state, error, state, state, now, job_id, token)
         if db is not None:
-            return db.execute(sql, args).rowcount == 1
+            return self._finished(db, db.execute(sql, args).rowcount == 1, job_id, state, error, now)
         with self._tx() as conn:
-            return conn.execute(sql, args).rowcount == 1
+            return self._finished(conn, conn.execute(sql, args).rowcount == 1, job_id, state, error, now)
+
+    @staticmethod
+    def _finished(db: sqlite3.Connection, changed: bool, job_id: str, state: str, error: str | None, now: float) -> bool:
+        if changed:
+            events.emit(db, job_id, state, {"error": error} if error else {}, now)
+        return changed
+
+    def validation_image(self, db: sqlite3.Connection, job_id: str, image: str) -> None:
+        """The ``validation`` event of ``image`` (relative to the data folder), inside :meth:`finishing`."""
+        events.emit(db, job_id, "validation", {"image": image})
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """Cancel a queued or running job; returns the row as it was before (None if unknown)."""
@@ -193,13 +269,17 @@ class JobStore:
             if row is None:
                 return None
             if row["state"] in ACTIVE:
-                db.execute("UPDATE jobs SET state = 'cancelled', phase = 'cancelled', finished_at = ? WHERE id = ?", (time.time(), job_id))
+                now = time.time()
+                db.execute("UPDATE jobs SET state = 'cancelled', phase = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
+                events.emit(db, job_id, "cancelled", {}, now)
         return dict(row)
 
     def delete(self, job_id: str) -> bool:
         """Delete a finished job's row (``done``, ``failed`` or ``cancelled``); False otherwise."""
         with self._tx() as db:
             cur = db.execute("DELETE FROM jobs WHERE id = ? AND state IN ('done', 'failed', 'cancelled')", (job_id,))
+            if cur.rowcount == 1:
+                db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
         return cur.rowcount == 1
 
     def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:
@@ -216,7 +296,7 @@ class JobStore:
                 "UPDATE jobs SET state = 'failed', error = ?, phase = 'failed', finished_at = ?, worker_pid = NULL WHERE id = ? AND state = 'running' AND run_token IS ?",
                 (error, time.time(), job_id, token),
             )
-        return cur.rowcount == 1
+            return self._finished(db, cur.rowcount == 1, job_id, "failed", error, time.time())
 
     def requeue(self, job_id: str, token: str | None = None, reason: str = "interrupted") -> bool:
         """Put a running job back in the queue (its worker stopped without finishing)."""
@@ -228,6 +308,8 @@ class JobStore:
                     "UPDATE jobs SET state = 'queued', phase = ?, progress = 0, run_token = NULL, worker_pid = NULL WHERE id = ? AND state = 'running' AND run_token = ?",
                     (reason, job_id, token),
                 )
+            if cur.rowcount == 1:
+                events.emit(db, job_id, "queued", {"reason": reason})
         return cur.rowcount == 1
 
     def orphans(self, owner: str, host: str, stale_seconds: float) -> list[dict[str, Any]]:

@@ -46,9 +46,9 @@ class ProgressReporter:
         self._last = 0.0
         self._logged = -1
 
-    def send(self, progress: float, phase: str) -> None:
-        """Write ``progress`` and ``phase`` now."""
-        if not self.store.report(self.job_id, self.token, progress, phase):
+    def send(self, progress: float, phase: str, step: int | None = None, total: int | None = None) -> None:
+        """Write ``progress``, ``phase`` and its ``step`` of ``total`` now."""
+        if not self.store.report(self.job_id, self.token, progress, phase, step, total):
             raise JobAborted(f"job {self.job_id} was cancelled or re-assigned")
 
     def __call__(self, phase: str, done: int, total: int, metrics: dict) -> None:
@@ -61,7 +61,7 @@ class ProgressReporter:
             progress = self.class_share * frac
         else:
             progress = self.class_share + (0.98 - self.class_share) * frac
-        self.send(progress, phase)
+        self.send(progress, phase, done, total)
         decile = int(progress * 10)
         if decile != self._logged:
             self._logged = decile
@@ -108,6 +108,8 @@ def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: in
 
         overrides = dict(model=job["model"], instance_dir=str(uploads), class_noun=job["class_noun"], steps=job["steps"], seed=job["seed"])
         config = resolve_config(job["recipe"], overrides)
+        if job.get("validation_prompt"):  # asked for on POST: one validation image, after the last step
+            config.validation_prompt, config.validation_steps = job["validation_prompt"], config.steps
         reporter.class_share = 0.2 if config.prior_preservation else 0.0
         if partial.exists():
             shutil.rmtree(partial)
@@ -121,6 +123,9 @@ def run_job(db_path: str, data_dir: str, job_id: str, token: str, *, threads: in
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
+            images = sorted((final / "validation").glob("step-*.png")) if job.get("validation_prompt") else []
+            if images:
+                store.validation_image(db, job_id, images[-1].relative_to(data).as_posix())
             store.finish(job_id, token, "done", db=db)
         log.info("job %s done in %.1f s", job_id, time.perf_counter() - started)
         return "done"

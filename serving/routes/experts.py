@@ -1,4 +1,4 @@
-"""``/v1/experts``: DreamBooth expert jobs (start, list, status, cancel or delete) and
+"""``/v1/experts``: DreamBooth expert jobs (start, list, status, events, cancel or delete) and
 generation with a trained expert.
 
 Starting a job checks the form (422/400), then takes a place among the queued jobs (429), then
@@ -7,35 +7,46 @@ reads, checks and decodes the photos (400/413), stores them as PNG and queues th
 
 import secrets
 import shutil
+from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from serving.app import Runtime
 from serving.dependencies import RuntimeDep, function_scoped, require_key, with_job_place
+from serving.events import parse_last_event_id, sse_stream
 from serving.generation import forget_expert
 from serving.jobs import remove_job_files
 from serving.limits import ApiError, check_pixels, clean_class_noun, clean_text, read_uploads, stored_png
-from serving.routes.common import IMAGES_RESPONSE, JobId, images_response, num_images_form, prompt_form, run_generation, seed_form, steps_form
+from serving.routes.common import IMAGES_RESPONSE, JobId, expires_query, images_response, num_images_form, prompt_form, run_generation, seed_form, steps_form
 from serving.settings import Settings
-from serving.store import new_job_id
+from serving.store import JobStore, new_job_id
+from serving.webhooks import FILTERS
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+WebhookFilter = Literal["start", "progress", "output", "completed"]
+assert set(WebhookFilter.__args__) == set(FILTERS)
+MAX_URL_CHARS = 2000
 
 
-def job_view(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The public view of a job row (no paths, tokens or process ids)."""
+def job_view(row: dict[str, Any], settings: Settings, store: JobStore | None = None) -> dict[str, Any]:
+    """The public view of a job row (no paths, tokens or process ids). ``queue_position``: 0
+    while running, 1 for the next queued job...; None once finished (or without ``store``);
+    ``step`` of ``total``: in the current ``phase`` (training steps, or class images)."""
     view = {
         "id": row["id"],
         "status": row["state"],
+        "queue_position": store.queue_position(row) if store is not None else None,
         "progress": round(float(row["progress"] or 0.0), 4),
         "phase": row["phase"],
+        "step": row.get("step"),
+        "total": row.get("total"),
         "error": row["error"],
         "class_noun": row["class_noun"],
         "recipe": row["recipe"],
@@ -44,6 +55,10 @@ def job_view(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "created_at": row["created_at"],
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
+        "webhook_url": row.get("webhook_url"),
+        "webhook_events_filter": ["completed", *[f for f in (row.get("webhook_events") or "").split(",") if f and f != "completed"]] if row.get("webhook_url") else None,
+        "validation_prompt": row.get("validation_prompt"),
+        "events_url": f"/v1/experts/{row['id']}/events",
     }
     if row["state"] == "done":
         from experts.expert import ExpertInfo
@@ -76,6 +91,25 @@ class ExpertForm:
     recipe: str
     steps: int | None
     seed: int | None
+    webhook_url: str | None = None
+    webhook_events_filter: tuple[str, ...] = ()
+    validation_prompt: str | None = None
+
+
+def check_webhook_url(url: str) -> str:
+    """``url`` when it is an absolute http(s) URL with a host (422 naming ``webhook_url`` if not)."""
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ApiError(422, f"webhook_url: not a URL ({exc}): {url[:200]!r}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ApiError(422, f"webhook_url: must be an http:// or https:// URL (got {url[:200]!r})")
+    if not host or any(c.isspace() for c in url):
+        raise ApiError(422, f"webhook_url: no host, or spaces, in {url[:200]!r}")
+    return url
 
 
 def expert_form(settings: Settings) -> Callable[..., Awaitable[ExpertForm]]:
@@ -88,15 +122,25 @@ def expert_form(settings: Settings) -> Callable[..., Awaitable[ExpertForm]]:
         recipe: Annotated[str | None, Form(description=f"recipe name (default {settings.default_recipe})")] = None,
         steps: Annotated[int | None, Form(ge=1, le=settings.max_train_steps, description="training steps (default: the recipe's)")] = None,
         seed: Annotated[int | None, Form(ge=0, le=2**31 - 1)] = None,
+        webhook_url: Annotated[str | None, Form(max_length=MAX_URL_CHARS, description="POST the job's events here (http/https; signed, see X-Suti-Signature)")] = None,
+        webhook_events_filter: Annotated[list[WebhookFilter] | None, Form(description="events sent to webhook_url besides completed: start, progress, output (repeat the field)")] = None,
+        validation_prompt: Annotated[str | None, Form(max_length=settings.max_prompt_chars, description='draw this prompt after the last step (e.g. "a {V} {class} on the beach"); its URL comes as a validation event')] = None,
     ) -> ExpertForm:
         from experts.recipe import list_recipes
 
+        if webhook_url is not None:
+            webhook_url = check_webhook_url(webhook_url)
+        elif webhook_events_filter:
+            raise ApiError(422, "webhook_events_filter: given without webhook_url")
+        if validation_prompt is not None:
+            validation_prompt = clean_text(validation_prompt, "validation_prompt", settings.max_prompt_chars)
         noun = clean_class_noun(class_noun, settings.max_class_noun_chars)
         recipe = (recipe or settings.default_recipe).strip()
         recipes = list_recipes()
         if recipe not in recipes:  # a name only: never a path
             raise ApiError(400, f"recipe: unknown recipe {recipe!r}; recipes: {', '.join(recipes)}")
-        return ExpertForm(images, noun, recipe, steps, seed)
+        filters = tuple(dict.fromkeys(f for f in webhook_events_filter or () if f != "completed"))  # completed: always
+        return ExpertForm(images, noun, recipe, steps, seed, webhook_url, filters, validation_prompt)
 
     return read_expert_form
 
@@ -112,10 +156,11 @@ def save_photos(uploads_dir: Path, job_id: str, pictures: list[Image.Image], max
     return folder
 
 
-async def queue_job(rt: Runtime, form: ExpertForm) -> JSONResponse:
+async def queue_job(rt: Runtime, form: ExpertForm, base_url: str | None = None) -> JSONResponse:
     """Read, check and decode the photos of ``form`` (400 for a count outside the expert limits
     or an unreadable photo, 413 over the byte or pixel limits), store them and queue the job:
-    202 with ``{"id", "status", "url"}`` and ``Location``."""
+    202 with ``{"id", "status", "url", "events_url", "queue_position"}`` and ``Location``.
+    ``base_url``: where the client reached the server (absolute URLs in webhooks)."""
     settings = rt.settings
     datas = await read_uploads(form.images, "images", settings.min_expert_images, settings.max_expert_images, settings)
     check_pixels(datas, "images", settings.max_image_pixels, settings.max_request_pixels)  # headers only
@@ -125,7 +170,9 @@ async def queue_job(rt: Runtime, form: ExpertForm) -> JSONResponse:
     folder = await run_in_threadpool(save_photos, settings.uploads_dir, job_id, pictures, settings.stored_image_side)
     try:
         row = await run_in_threadpool(
-            lambda: rt.store.create(job_id, class_noun=form.class_noun, recipe=form.recipe, model=settings.model, steps=form.steps, seed=form.seed or 0, num_images=len(pictures))
+            lambda: rt.store.create(job_id, class_noun=form.class_noun, recipe=form.recipe, model=settings.model, steps=form.steps, seed=form.seed or 0, num_images=len(pictures),
+                                    webhook_url=form.webhook_url, webhook_events=form.webhook_events_filter, validation_prompt=form.validation_prompt,
+                                    base_url=settings.public_url or base_url)
         )
     except Exception:
         shutil.rmtree(folder, ignore_errors=True)
@@ -133,7 +180,9 @@ async def queue_job(rt: Runtime, form: ExpertForm) -> JSONResponse:
     if rt.jobs is not None:
         rt.jobs.wake()
     url = f"/v1/experts/{job_id}"
-    return JSONResponse({"id": job_id, "status": row["state"], "url": url}, status_code=202, headers={"Location": url})
+    position = await run_in_threadpool(rt.store.queue_position, row)
+    body = {"id": job_id, "status": row["state"], "url": url, "events_url": f"{url}/events", "queue_position": position}
+    return JSONResponse(body, status_code=202, headers={"Location": url})
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -149,17 +198,39 @@ def list_experts(
     ``{"jobs": [job, ...]}``, newest first, at most ``limit``, only ``status`` when given.
     401 without the API key; 422 for an unknown state or a limit outside 1-1000.
     """
-    return {"jobs": [job_view(r, rt.settings) for r in rt.store.list(status, limit)]}
+    return {"jobs": [job_view(r, rt.settings, rt.store) for r in rt.store.list(status, limit)]}
 
 
 def get_expert(rt: RuntimeDep, job_id: JobId):
     """
     \f
-    The job's public view: status, progress, phase, error, timings; once done the expert's
-    identifier and instance prompt. 401 without the API key; 422 for a malformed id; 404 for
-    an unknown job.
+    The job's public view: status, queue position, progress, phase, step/total, error,
+    timings; once done the expert's identifier and instance prompt. 401 without the API key;
+    422 for a malformed id; 404 for an unknown job.
     """
-    return job_view(job_or_404(rt, job_id), rt.settings)
+    return job_view(job_or_404(rt, job_id), rt.settings, rt.store)
+
+
+def expert_events(rt: RuntimeDep, job_id: JobId, request: Request, last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None):
+    """The job's events as Server-Sent Events, ending after done, failed or cancelled.
+
+    Each message has ``id`` (resume with ``Last-Event-ID``), ``event`` (queued, started,
+    progress, validation, done, failed, cancelled: :mod:`serving.events`) and ``data`` (the
+    event as JSON). Progress comes at most every 500 ms; a ``: keep-alive`` comment after
+    ``event_keepalive_s`` without one. The stream ends when the job is deleted. Errors: 401
+    without the API key; 422 for a malformed id; 404 for an unknown job.
+    """
+    job_or_404(rt, job_id)
+    base_url = str(request.base_url)
+    body = sse_stream(
+        lambda after: rt.store.events(job_id, after),
+        parse_last_event_id(last_event_id),
+        render=lambda event: rt.render_event(event, base_url),
+        gone=lambda: rt.store.get(job_id) is None,
+        disconnected=request.is_disconnected,
+        keepalive=rt.settings.event_keepalive_s,
+    )
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def delete_expert(rt: RuntimeDep, job_id: JobId):
@@ -174,7 +245,7 @@ def delete_expert(rt: RuntimeDep, job_id: JobId):
     if before is None:
         raise ApiError(404, f"no job {job_id}")
     if before["state"] in ("queued", "running"):
-        return job_view(job_or_404(rt, job_id), rt.settings)
+        return job_view(job_or_404(rt, job_id), rt.settings, rt.store)
     if not rt.store.delete(job_id):  # deleted meanwhile
         raise ApiError(404, f"no job {job_id}")
     forget_expert(rt.settings.experts_dir / job_id)
@@ -244,23 +315,27 @@ def experts_router(settings: Settings) -> APIRouter:
     expert_prompt = Depends(expert_prompt_form(settings))
 
     @router.post("/experts", status_code=202, summary="Start a DreamBooth expert job on 3-5 photos")
-    async def create_expert(rt: RuntimeDep, form: Annotated[ExpertForm, new_job]):
+    async def create_expert(rt: RuntimeDep, form: Annotated[ExpertForm, new_job], request: Request):
         """
         \f
         Queue a DreamBooth job on the uploaded photos (202, ``Location: /v1/experts/{id}``).
         Errors: 401 without the API key; 415 for a body that is not a form; 422 for a field out
         of bounds (400 when only blank); 400 for a bad class noun, an unknown recipe, a wrong
         photo count or an unreadable photo; 413 over the byte or pixel limits; 429 when
-        ``max_queued_jobs`` jobs are already waiting (before any photo is read).
+        ``max_queued_jobs`` jobs are already waiting (before any photo is read); 422 for a
+        ``webhook_url`` that is not http(s).
         """
-        return await queue_job(rt, form)
+        return await queue_job(rt, form, str(request.base_url))
 
     router.add_api_route("/experts", list_experts, methods=["GET"], summary="List DreamBooth jobs, newest first")
     router.add_api_route("/experts/{job_id}", get_expert, methods=["GET"], summary="Status of a DreamBooth job")
+    router.add_api_route("/experts/{job_id}/events", expert_events, methods=["GET"], summary="The job's events as Server-Sent Events (to done, failed or cancelled)",
+                         response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     router.add_api_route("/experts/{job_id}", delete_expert, methods=["DELETE"], summary="Cancel a queued or running DreamBooth job; delete a finished one with its files")
 
     @router.post("/experts/{job_id}/generate", responses=IMAGES_RESPONSE, summary="Generate images with a trained expert")
-    async def generate_expert(rt: RuntimeDep, form: Annotated[ExpertPrompt, expert_prompt]):
+    async def generate_expert(rt: RuntimeDep, form: Annotated[ExpertPrompt, expert_prompt], request: Request,
+                              expires: Annotated[int | None, expires_query(settings)] = None):
         """
         \f
         Images from the trained expert of the job for ``prompt`` (one PNG, or JSON with several).
@@ -270,6 +345,6 @@ def experts_router(settings: Settings) -> APIRouter:
         the generation queue is full; 503 when the expert cannot load; 504 past the request
         timeout.
         """
-        return images_response(rt, await run_generation(rt, await expert_work(rt, form)))
+        return images_response(rt, await run_generation(rt, await expert_work(rt, form)), expires, str(request.base_url))
 
     return router

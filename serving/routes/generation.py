@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from serving.app import Runtime
 from serving.dependencies import Admitted, RuntimeDep, function_scoped, require_key, with_generation_place
 from serving.limits import ApiError, check_pixels, clean_text, read_uploads
-from serving.routes.common import IMAGES_RESPONSE, images_response, num_images_form, prompt_form, run_generation, seed_form, steps_form
+from serving.routes.common import IMAGES_RESPONSE, expires_query, images_response, num_images_form, prompt_form, run_generation, seed_form, steps_form
 from serving.settings import Settings
 
 
@@ -83,11 +83,13 @@ def generation_router(settings: Settings) -> APIRouter:
     place = function_scoped(with_generation_place(generate_form(settings)))
 
     @router.post("/generate", responses=IMAGES_RESPONSE, summary="Generate images of the subject of 1-8 photos (apprentice, no tuning)")
-    async def generate(rt: RuntimeDep, admitted: Annotated[Admitted[GenerateForm], place]):
+    async def generate(rt: RuntimeDep, admitted: Annotated[Admitted[GenerateForm], place], request: Request,
+                       expires: Annotated[int | None, expires_query(settings)] = None):
         """
         \f
         Images of the subject of the uploaded photos for ``prompt`` (one PNG, or JSON with
-        several), seeded by ``seed`` (else a random one; ``X-Seed`` says which).
+        several), seeded by ``seed`` (else a random one; ``X-Seed`` says which); with
+        ``?expires=SECONDS``, JSON ``{"urls", "expires_at", "seed"}`` of signed URLs instead.
 
         Errors: 401 without the API key; 415 for a body that is not a form; 422 for a field out
         of bounds (400 when only blank); 400 for a blank prompt, a wrong photo or caption count
@@ -96,6 +98,6 @@ def generation_router(settings: Settings) -> APIRouter:
         request timeout.
         """
         work = await apprentice_work(rt, admitted.form)
-        return images_response(rt, await run_generation(rt, work, admitted.admission))
+        return images_response(rt, await run_generation(rt, work, admitted.admission), expires, str(request.base_url))
 
     return router
