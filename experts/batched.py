@@ -45,7 +45,8 @@ def check_batchable(configs: list[ExpertConfig]) -> None:
     Raises:
         InputError: no configs, full fine-tuning (one set of U-Net weights cannot be K experts),
             a trained text encoder, gradient accumulation, checkpoints or validation images
-            during training, or a shared setting (:data:`PER_EXPERT_FIELDS` aside) that differs.
+            during training, LoRA dropout, DoRA, Prodigy (one step-size estimate for all the
+            stacked experts would not be each expert's own), or a shared setting (:data:`PER_EXPERT_FIELDS` aside) that differs.
     """
     if not configs:
         raise InputError("no experts to train")
@@ -53,7 +54,9 @@ def check_batchable(configs: list[ExpertConfig]) -> None:
     if first.lora_rank <= 0:
         raise InputError("experts train in batches only as LoRA adapters (--lora-rank > 0); full fine-tuning changes the shared base")
     unsupported = {"train_text_encoder": first.train_text_encoder, "gradient_accumulation_steps > 1": first.gradient_accumulation_steps > 1,
-                   "checkpointing_steps": first.checkpointing_steps, "validation_steps": first.validation_steps}
+                   "checkpointing_steps": first.checkpointing_steps, "validation_steps": first.validation_steps,
+                   # each expert's rows would need their own dropout draws, DoRA norms and Prodigy step size
+                   "lora_dropout": first.lora_dropout, "use_dora": first.use_dora, "optimizer prodigy": first.optimizer == "prodigy"}
     named = [name for name, value in unsupported.items() if value]
     if named:
         raise InputError(f"experts cannot train in batches with {', '.join(named)}; use an expert batch size of 1")

@@ -161,7 +161,7 @@ def apply_hyperparameters(optimizer, lr_scheduler, asked: list[dict]) -> dict[st
     changes: dict[str, tuple[float, float]] = {}
     for group, wanted in zip(optimizer.param_groups, asked):
         for key, value in wanted.items():
-            if key in ("lr", "params") or key not in group or group[key] == value:
+            if key in ("lr", "params") or key in OPTIMIZER_STATE_KEYS or key not in group or group[key] == value:
                 continue
             if isinstance(value, (int, float)) or (isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)):
                 name = "learning_rate" if key == "initial_lr" else key
@@ -178,8 +178,13 @@ def apply_hyperparameters(optimizer, lr_scheduler, asked: list[dict]) -> dict[st
     return changes
 
 
-#: Settings a resumed run must share with its checkpoint (they decide what is trained).
-RESUME_KEYS = ("model", "lora_rank", "train_text_encoder")
+#: Param-group entries that are an optimizer's running state, not settings: Prodigy's step-size
+#: estimate and step count (``prodigyopt`` keeps them in the groups); a resume keeps the checkpoint's.
+OPTIMIZER_STATE_KEYS = frozenset({"d", "d_max", "d_numerator", "k"})
+
+#: Settings a resumed run must share with its checkpoint (they decide what is trained, and the
+#: optimizer state's layout).
+RESUME_KEYS = ("model", "lora_rank", "train_text_encoder", "use_dora", "optimizer")
 
 
 def check_resumable(path: Path, saved: dict, config: dict) -> None:
@@ -192,6 +197,10 @@ def check_resumable(path: Path, saved: dict, config: dict) -> None:
             return "a full fine-tune (--lora-rank 0)" if not value else f"LoRA (--lora-rank {value})"
         if key == "train_text_encoder":
             return "with the text encoder trained" if value else "with the text encoder frozen"
+        if key == "use_dora":
+            return "DoRA (--use-dora)" if value else "plain LoRA (no --use-dora)"
+        if key == "optimizer":
+            return f"--optimizer {value}"
         return f"on base {value}"
 
     for key in RESUME_KEYS:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from experts.export import FORMATS
-from experts.recipe import LR_SCHEDULERS, REPORT_TO, expert_number
+from experts.recipe import LR_SCHEDULERS, OPTIMIZERS, REPORT_TO, expert_number
 from suti import checks
 from suti.cli_format import HelpFormatter
 from suti.sampling import GUIDANCE_SCALE, NUM_IMAGES, SEED, SIDE, STEPS
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     train.add_argument("--identifier", help="use this identifier instead of a sampled rare token")
     train.add_argument("--learning-rate", type=expert_number("learning_rate"), help="learning rate (overrides the recipe; the preset's scale still applies)")
     train.add_argument("--learning-rate-scale", type=expert_number("learning_rate_scale"), help="multiplier of the learning rate (default: the preset's)")
-    train.add_argument("--optimizer", choices=["adamw", "adafactor"], help="optimizer (default: the recipe's)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: the recipe's); prodigy: prodigyopt's Prodigy, set --learning-rate 1.0")
     train.add_argument("--batch-size", type=expert_number("batch_size"), help="instance images per step (default: the recipe's)")
     train.add_argument("--resolution", type=expert_number("resolution"), help="training resolution (default: the model's)")
     train.add_argument("--seed", type=expert_number("seed"), default=0, help="seed of the identifier, data order and noise")
@@ -62,6 +63,17 @@ def register(subparsers) -> None:
     train.add_argument("--adam-beta2", type=expert_number("adam_beta2"))
     train.add_argument("--adam-weight-decay", type=expert_number("adam_weight_decay"))
     train.add_argument("--adam-epsilon", type=expert_number("adam_epsilon"))
+    # LoRA and optimizer options of train_dreambooth_lora.py / train_dreambooth_lora_sdxl.py
+    train.add_argument("--lora-alpha", type=expert_number("lora_alpha"), help="LoRA alpha: the update is scaled by alpha / rank (default: the rank, as diffusers' scripts)")
+    train.add_argument("--lora-dropout", type=expert_number("lora_dropout"), help="dropout probability of the LoRA layers (default 0)")
+    train.add_argument("--use-dora", action="store_true", default=None, help="train DoRA (weight-decomposed LoRA; peft use_dora) instead of plain LoRA")
+    train.add_argument("--text-encoder-lr", type=expert_number("text_encoder_lr"), help="learning rate of the text encoders with --train-text-encoder (default: the U-Net's; the preset's scale applies)")
+    train.add_argument("--adam-weight-decay-text-encoder", type=expert_number("adam_weight_decay_text_encoder"), help="weight decay of the text encoders (default: --adam-weight-decay)")
+    train.add_argument("--prodigy-beta3", type=expert_number("prodigy_beta3"), help="Prodigy's beta3 (default: sqrt(adam beta2))")
+    train.add_argument("--prodigy-decouple", action=argparse.BooleanOptionalAction, default=None, help="Prodigy: AdamW-style decoupled weight decay (default: on)")
+    train.add_argument("--prodigy-use-bias-correction", action=argparse.BooleanOptionalAction, default=None, help="Prodigy: Adam's bias correction (default: on)")
+    train.add_argument("--prodigy-safeguard-warmup", action=argparse.BooleanOptionalAction, default=None, help="Prodigy: leave the rate out of the D estimate's denominator during warmup (default: on)")
+    train.add_argument("--output-kohya-format", action="store_true", default=None, help="LoRA: also write OUTPUT/pytorch_lora_weights_kohya.safetensors in kohya's layout (ComfyUI, A1111)")
     train.add_argument("--max-grad-norm", type=expert_number("max_grad_norm"), help="gradient clipping norm")
     train.add_argument("--checkpoints-total-limit", type=expert_number("checkpoints_total_limit"), help="checkpoints kept (0: all)")
     train.add_argument("--random-flip", action="store_true", default=None, help="flip images horizontally at random")
@@ -156,6 +168,8 @@ _OVERRIDES = (
     "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "checkpoints_total_limit", "random_flip", "center_crop", "report_to", "vae_encode_batch_size",
     "sample_batch_size",
+    "lora_alpha", "lora_dropout", "use_dora", "text_encoder_lr", "adam_weight_decay_text_encoder", "prodigy_beta3", "prodigy_decouple",
+    "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "output_kohya_format",
 )
 
 

@@ -5,6 +5,7 @@ Layout of an expert folder::
     expert.json                          identifier, class noun, base model, recipe, config, steps, seed
     pipeline/                            full fine-tuning: a complete diffusers pipeline folder
     pytorch_lora_weights.safetensors     LoRA: loads with diffusers' ``load_lora_weights``
+    pytorch_lora_weights_kohya.safetensors  LoRA with ``output_kohya_format``: kohya's layout (ComfyUI, A1111)
     checkpoints/step-N/                  resumable training state
     logs/                                TensorBoard
 """
@@ -90,7 +91,8 @@ def unsaved_expert_info(config, instance_prompt: str, train_seconds: float) -> E
 def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_name: str = "default") -> ExpertInfo:
     """Save the trained weights (safetensors only) and ``expert.json``; a LoRA expert is the
     peft adapter ``adapter_name`` of ``pipe``'s U-Net (and text encoders), saved in diffusers'
-    layout whatever its name."""
+    layout whatever its name, and with ``config.output_kohya_format`` also in kohya's
+    (``pytorch_lora_weights_kohya.safetensors``, :func:`experts.export.write_lora_file`)."""
     import suti
     from experts.identifier import fill_prompt
 
@@ -140,6 +142,13 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_
         train_seconds=round(train_seconds, 3),
         suti_version=suti.__version__,
     )
+    if kind == "lora" and getattr(config, "output_kohya_format", False):  # diffusers' --output_kohya_format: also kohya's layout
+        from experts.export import KOHYA_FILE, write_lora_file
+
+        if getattr(pipe, "unet", None) is None:  # kohya's lora_unet_ layout is SD 1.x/2.x and SDXL's
+            log.warning("%s: no %s written: kohya's layout covers U-Net bases (SD 1.x/2.x, SDXL), not %s", output, KOHYA_FILE, config.model)
+        else:
+            write_lora_file(pipe, info, output / KOHYA_FILE, "kohya", adapter=adapter_name)
     info.write(output)
     return info
 
@@ -186,6 +195,8 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
             (an interrupted copy), ``FILE: trained for base X, its shapes do not fit base Y``
             (``expert.json`` names another base), or the library's first error line.
     """
+    import torch
+
     from suti.models import load_pipeline
     from suti.weights import check_weight_folder, describe_load_error, is_shape_mismatch, loading, quiet_library_errors, safetensors_header
 
@@ -210,6 +221,9 @@ def load_expert(folder: str | Path, *, device: str | None = None, torch_dtype=No
             raise ModelLoadError(f"{weights}: could not apply the LoRA weights to base "
                                  f"{info.base_model} ({describe_load_error(exc)})") from None
         check_lora_applied(pipe, weights, header, info.base_model)
+        for part in ("unet", "transformer", "text_encoder", "text_encoder_2"):  # peft adds its layers in training mode: LoRA dropout would act while sampling
+            if isinstance(getattr(pipe, part, None), torch.nn.Module):
+                getattr(pipe, part).eval()
     elif info.kind == "full":
         if not weights.is_dir():
             raise ModelLoadError(f"{weights}: the expert's pipeline folder is missing")

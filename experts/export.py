@@ -63,8 +63,21 @@ def export_expert(expert: str | Path, output: str | Path, fmt: str = "kohya", *,
 
     from experts.expert import load_expert
 
-    pipe = load_expert(folder)
-    parts = lora_parts(pipe)
+    return write_lora_file(load_expert(folder), info, output, fmt)
+
+
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # diffusers' --output_kohya_format name
+
+
+def write_lora_file(pipe, info, output: Path, fmt: str = "kohya", *, adapter: str | None = None) -> dict:
+    """Write the LoRA layers of ``pipe`` (the adapter ``adapter``; ``None``: its only one) to
+    ``output`` in ``fmt`` with the expert's metadata (``info``: :class:`experts.expert.ExpertInfo`),
+    atomically. Returns the summary of :func:`export_expert`.
+
+    Raises:
+        InputError: no LoRA layers, several adapters and none named, or a DoRA adapter.
+    """
+    parts = lora_parts(pipe, adapter)
     version = base_model_version(pipe)
     if fmt == "kohya":
         tensors = kohya_state_dict(parts, single_text_encoder=getattr(pipe, "text_encoder_2", None) is None)
@@ -72,7 +85,9 @@ def export_expert(expert: str | Path, output: str | Path, fmt: str = "kohya", *,
         tensors = diffusers_state_dict(parts)
     ranks = sorted({r for _, modules in parts for _, (_, _, r, _) in modules.items()})
     alphas = sorted({a for _, modules in parts for _, (_, _, _, a) in modules.items()})
-    metadata = export_metadata(info, version, ranks, alphas, output.stem, text_encoder=any(p != "unet" for p, _ in parts))
+    output = Path(output)
+    title = output.stem if output.name != KOHYA_FILE else output.parent.name
+    metadata = export_metadata(info, version, ranks, alphas, title, text_encoder=any(p != "unet" for p, _ in parts))
     if fmt == "diffusers":
         metadata["lora_adapter_metadata"] = adapter_metadata(pipe, [p for p, _ in parts])
     from safetensors.torch import save_file

@@ -14,6 +14,7 @@ from suti.errors import InputError
 from suti.models import config_dir
 
 
+OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "none")
 
@@ -41,7 +42,7 @@ class ExpertConfig:
     class_prompt: str = "a {class}"
     class_data_dir: str | None = None  # real class photos; topped up with generated ones if fewer
     class_seed: int = 0  # sampler seed of generated class images (shared by all experts, not `seed`)
-    optimizer: str = "adamw"  # adamw | adafactor
+    optimizer: str = "adamw"  # adamw | adafactor | prodigy (OPTIMIZERS)
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit instead of torch's AdamW
     learning_rate: float = 5e-6  # full fine-tuning
     lora_learning_rate: float = 1e-4  # LoRA adapters (used when lora_rank > 0)
@@ -52,8 +53,15 @@ class ExpertConfig:
     lr_power: float = 1.0  # polynomial: decay power
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
+    adam_weight_decay: float = 1e-2  # train_dreambooth(_lora).py's; the SDXL LoRA script's is 1e-4
+    adam_weight_decay_text_encoder: float | None = None  # None: adam_weight_decay (the SDXL LoRA script: 1e-3)
     adam_epsilon: float = 1e-8
+    text_encoder_lr: float | None = None  # the text encoders' rate (x learning_rate_scale); None: the U-Net's
+    # prodigy (diffusers' --prodigy_*; betas, eps and weight decay are the adam_* fields)
+    prodigy_beta3: float | None = None  # None: sqrt(adam_beta2)
+    prodigy_decouple: bool = True  # AdamW-style decoupled weight decay
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
     max_grad_norm: float = 1.0
     steps: int = 800  # optimizer steps (diffusers' max_train_steps)
     batch_size: int = 1  # instance images per micro-batch and process (train_batch_size)
@@ -62,7 +70,10 @@ class ExpertConfig:
     random_flip: bool = False  # flip each image horizontally with probability 1/2
     center_crop: bool = True  # False: a random square crop per step (images resized shorter side first)
     lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float | None = None  # None: equal to the rank
+    lora_alpha: float | None = None  # None: equal to the rank (scaling alpha / rank)
+    lora_dropout: float = 0.0  # dropout probability of the LoRA layers' input (peft LoraConfig.lora_dropout)
+    use_dora: bool = False  # DoRA (Liu et al. 2024): peft LoraConfig(use_dora=True)
+    output_kohya_format: bool = False  # LoRA: also write pytorch_lora_weights_kohya.safetensors (kohya's layout)
     train_text_encoder: bool = False
     # numerics
     resolution: int | None = None  # None: the model's native resolution
@@ -93,9 +104,25 @@ class ExpertConfig:
 
     @property
     def effective_learning_rate(self) -> float:
-        """The learning rate the optimiser uses (recipe rate for the mode x preset scale)."""
+        """The learning rate the optimiser uses (recipe rate for the mode x preset scale).
+
+        With ``prodigy`` the rate is Prodigy's multiplier of its own step-size estimate (1.0
+        recommended), so the preset's scale does not apply."""
         base = self.lora_learning_rate if self.lora_rank > 0 else self.learning_rate
-        return base * self.learning_rate_scale
+        return base if self.optimizer == "prodigy" else base * self.learning_rate_scale
+
+    @property
+    def effective_text_encoder_learning_rate(self) -> float:
+        """The text encoders' rate: ``text_encoder_lr`` x preset scale, or the U-Net's rate when
+        unset or with ``prodigy`` (as diffusers' SDXL script: Prodigy takes one rate)."""
+        if self.text_encoder_lr is None or self.optimizer == "prodigy":
+            return self.effective_learning_rate
+        return self.text_encoder_lr * self.learning_rate_scale
+
+    @property
+    def effective_text_encoder_weight_decay(self) -> float:
+        """The text encoders' weight decay: ``adam_weight_decay_text_encoder``, else ``adam_weight_decay``."""
+        return self.adam_weight_decay if self.adam_weight_decay_text_encoder is None else self.adam_weight_decay_text_encoder
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
@@ -125,8 +152,8 @@ class ExpertConfig:
             raise InputError(f"--steps must be at least 1 (got {self.steps})")
         if self.lora_rank < 0:
             raise InputError(f"--lora-rank must be >= 0 (got {self.lora_rank})")
-        if self.optimizer not in ("adamw", "adafactor"):
-            raise InputError(f"unknown optimizer {self.optimizer!r} (adamw or adafactor)")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown --optimizer {self.optimizer!r} ({', '.join(OPTIMIZERS)})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError(f"unknown mixed precision {self.mixed_precision!r} (no, fp16, bf16)")
         if self.prior_preservation and self.num_class_images < 1:
@@ -164,11 +191,32 @@ class ExpertConfig:
         check_sampler_args(sample_batch_size=self.sample_batch_size, flags=True)
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise InputError("--use-8bit-adam needs --optimizer adamw")
+        self._validate_lora_options()
         if self.lr_warmup_steps and self.lr_scheduler == "constant":  # diffusers' constant schedule has no warmup
             _warn_once(f"--lr-warmup-steps {self.lr_warmup_steps} has no effect with --lr-scheduler constant (use constant_with_warmup to warm up)")
         elif self.lr_warmup_steps >= self.steps:
             _warn_once(f"--lr-warmup-steps {self.lr_warmup_steps} is not below --steps {self.steps}: the {self.lr_scheduler} schedule is still warming up when "
                        f"the run ends, so the learning rate never reaches its set value (shorten the warmup or raise --steps)")
+
+
+    def _validate_lora_options(self) -> None:
+        """The LoRA-only options need LoRA; kohya's layout has no DoRA; Prodigy's rate is ~1.0."""
+        if self.lora_rank == 0:
+            for name in ("use_dora", "output_kohya_format"):
+                if getattr(self, name):
+                    raise InputError(f"--{name.replace('_', '-')} needs a LoRA expert (--lora-rank > 0); got --lora-rank 0 (full fine-tuning)")
+            for name in ("lora_alpha", "lora_dropout"):  # e.g. a LoRA recipe trained at --lora-rank 0: unused, not wrong
+                if getattr(self, name):
+                    _warn_once(f"--{name.replace('_', '-')} {getattr(self, name):g} has no effect with --lora-rank 0 (full fine-tuning)")
+        if self.use_dora and self.output_kohya_format:
+            raise InputError("--output-kohya-format writes plain LoRA (lora_down/lora_up/alpha); a --use-dora expert has magnitude vectors kohya's layout does not hold")
+        if self.optimizer == "prodigy" and self.effective_learning_rate <= 0.1:  # diffusers' SDXL script warns the same
+            _warn_once(f"--optimizer prodigy at learning rate {self.effective_learning_rate:g}: Prodigy's rate multiplies its own step-size estimate, "
+                       f"so it is generally set around 1.0 (--learning-rate 1.0)")
+        if self.optimizer == "prodigy" and self.text_encoder_lr is not None and self.train_text_encoder:
+            _warn_once(f"--text-encoder-lr {self.text_encoder_lr:g} is not used with --optimizer prodigy: Prodigy takes one rate (--learning-rate) for every parameter group")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            _warn_once(f"--text-encoder-lr {self.text_encoder_lr:g} has no effect without --train-text-encoder")
 
 
 _warned: set[str] = set()
@@ -205,6 +253,10 @@ def _expert_numbers() -> dict:
         "adam_beta1": checks.BETA,
         "adam_beta2": checks.BETA,
         "adam_weight_decay": checks.real(0.0, 1.0),
+        "adam_weight_decay_text_encoder": checks.real(0.0, 1.0),
+        "text_encoder_lr": checks.LEARNING_RATE,
+        "prodigy_beta3": checks.BETA,
+        "lora_dropout": checks.real(0.0, 1.0, hi_open=True),
         "adam_epsilon": checks.EPSILON,
         "max_grad_norm": checks.POSITIVE,
         "steps": checks.whole(1, 10_000_000),

@@ -179,8 +179,8 @@ class StackedLoRA:
         :class:`StackedLoRALinear` initialised from those adapters' weights.
 
         Raises:
-            ValueError: no adapters, a LoRA layer that is not a ``Linear``, or an adapter with
-                dropout (each expert's rows would need their own dropout draws).
+            ValueError: no adapters, a LoRA layer that is not a ``Linear``, a DoRA adapter, or
+                an adapter with dropout (each expert's rows would need their own dropout draws).
         """
         from peft.tuners.lora import LoraLayer
 
@@ -195,6 +195,8 @@ class StackedLoRA:
             if not isinstance(base, nn.Linear):
                 raise ValueError(f"{name}: stacked LoRA wraps nn.Linear layers, not {type(base).__name__}")
             for a in adapters:
+                if getattr(module, "use_dora", {}).get(a):
+                    raise ValueError(f"{name}: adapter {a} is a DoRA adapter; stacked experts are plain LoRA")
                 dropout = module.lora_dropout[a]
                 if isinstance(dropout, nn.Dropout) and dropout.p > 0:
                     raise ValueError(f"{name}: adapter {a} has LoRA dropout {dropout.p}; stacked experts need none")

@@ -27,7 +27,7 @@ from experts.expert import EXPERT_FILE, ExpertInfo, save_expert, unsaved_expert_
 from experts.identifier import fill_prompt, sample_identifier
 from experts.latents import TrainingLatents, load_training_pixels
 from suti.losses import denoising_target, per_sample_mse, sample_latents, snr_weights
-from experts.optim import adamw_class, make_lr_scheduler, make_optimizer
+from experts.optim import adamw_class, make_lr_scheduler, make_optimizer, prodigy_class
 from experts.recipe import ExpertConfig
 from experts.tracking import check_tracker, log_image, start_trackers
 from suti import storage
@@ -72,17 +72,24 @@ def text_encoders(pipe) -> list:
     return [pipe.text_encoder] if second is None else [pipe.text_encoder, second]
 
 
-def add_lora(pipe, config: ExpertConfig, adapter_name: str = "default") -> None:
-    """Attach peft LoRA adapters named ``adapter_name`` to the U-Net attention projections (and
-    the text encoders: both of SDXL's, as diffusers' ``train_dreambooth_lora_sdxl.py`` does).
-    The initialisation draws from torch's global RNG."""
+def lora_config(config: ExpertConfig, target_modules: list[str]):
+    """peft's ``LoraConfig`` of an expert, as diffusers' ``get_lora_config`` builds it: rank
+    ``lora_rank``, ``lora_alpha`` (the rank when unset: scaling alpha / rank), ``lora_dropout``,
+    ``use_dora``, gaussian initialisation."""
     from peft import LoraConfig
 
-    alpha = config.lora_alpha or config.lora_rank
-    pipe.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_UNET), adapter_name=adapter_name)
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, lora_dropout=config.lora_dropout, use_dora=config.use_dora,
+                      init_lora_weights="gaussian", target_modules=target_modules)
+
+
+def add_lora(pipe, config: ExpertConfig, adapter_name: str = "default") -> None:
+    """Attach peft LoRA adapters named ``adapter_name`` (:func:`lora_config`) to the U-Net
+    attention projections (and the text encoders: both of SDXL's, as diffusers'
+    ``train_dreambooth_lora_sdxl.py`` does). The initialisation draws from torch's global RNG."""
+    pipe.unet.add_adapter(lora_config(config, LORA_TARGETS_UNET), adapter_name=adapter_name)
     if config.train_text_encoder:
         for encoder in text_encoders(pipe):
-            encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT), adapter_name=adapter_name)
+            encoder.add_adapter(lora_config(config, LORA_TARGETS_TEXT), adapter_name=adapter_name)
 
 
 def train_expert(config: ExpertConfig, output: str | Path, *, resume: str | None = None, overwrite: bool = False, progress: bool = True, progress_callback=None, pipeline=None, save: bool = True) -> ExpertInfo:
@@ -207,6 +214,8 @@ def _checked_inputs(config: ExpertConfig):
         log.warning("--class-data-dir %s is unused without prior preservation", config.class_data_dir)
     if config.optimizer == "adamw":
         adamw_class(config)
+    elif config.optimizer == "prodigy":
+        prodigy_class()
     return resolution, instance_pixels, real_class, check_tracker(config.report_to)
 
 
@@ -284,7 +293,7 @@ def _build_run(config: ExpertConfig, pipe, accelerator, output: Path, device: st
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = make_optimizer(list(params.values()), config)
+    optimizer = make_optimizer(params, config)  # the U-Net's group, then the text encoders'
     lr_scheduler = make_lr_scheduler(optimizer, config)
     # DDP wraps only what trains; pipe.unet / pipe.text_encoder stay the plain modules
     train_unet = accelerator.prepare(pipe.unet)

@@ -1,6 +1,8 @@
 """The web page served at ``/``: plain HTML and JavaScript (no build step), embedded here so it
 ships inside the package. Drop photos, type a prompt, see images (apprentice); start a DreamBooth
-job, watch its progress, then generate from it. Every message appears next to the control that
+job, watch its progress live (its ``/v1/experts/{id}/events`` stream, read with ``fetch`` because
+``EventSource`` cannot send the API key; a job's box records the events seen in
+``data-events``), then generate from it. Every message appears next to the control that
 caused it (``#key-status``, ``#generate-status``, ``#train-status``, a job's ``.job-status``).
 
 ``DOCS_PAGE`` (``/docs``) lists the API from ``/openapi.json`` without any asset from a CDN."""
@@ -172,11 +174,11 @@ function jobBox(id) {
   if (box) return box;
   box = document.createElement("div"); box.className = "job"; box.id = "job-" + id; box.dataset.job = id;
   box.innerHTML =
-    '<div class="row"><b class="title"></b> <span class="state"></span> <progress max="1" value="0"></progress> <span class="pct"></span>' +
+    '<div class="row"><b class="title"></b> <span class="state"></span> <progress max="1" value="0"></progress> <span class="pct"></span> <span class="steps muted"></span>' +
     ' <button class="cancel">Cancel</button> <button class="delete">Delete</button></div>' +
     '<div class="row expert-generate" hidden><input type="text" class="expert-prompt" value="a {V} {class} on the beach" maxlength="300">' +
     ' <button class="expert-go">Generate with expert</button></div><div class="status job-status" role="status"></div>' +
-    '<div class="images expert-results"></div>';
+    '<div class="images validation-image"></div><div class="images expert-results"></div>';
   box.querySelector(".cancel").addEventListener("click", () => cancel(id, box));
   box.querySelector(".delete").addEventListener("click", () => remove(id, box));
   box.querySelector(".expert-go").addEventListener("click", () => generateWithExpert(id, box));
@@ -188,14 +190,80 @@ function renderJob(job) {
   const box = jobBox(job.id);
   box.querySelector(".title").textContent = job.class_noun + " (" + job.id.slice(0, 8) + ")";
   let state = job.status + (job.phase && job.status === "running" ? " \u2013 " + job.phase : "");
+  if (job.status === "queued" && job.queue_position) state += " (position " + job.queue_position + ")";
   if (job.status === "failed" && job.error) state += ": " + job.error;
   box.querySelector(".state").textContent = state;
   box.dataset.status = job.status;
-  box.querySelector("progress").value = job.progress || 0;
-  box.querySelector(".pct").textContent = Math.round((job.progress || 0) * 100) + "%";
+  showProgress(box, job.progress, job.step, job.total);
   box.querySelector(".cancel").hidden = !(job.status === "queued" || job.status === "running");
   box.querySelector(".delete").hidden = job.status === "queued" || job.status === "running";
   box.querySelector(".expert-generate").hidden = job.status !== "done";
+}
+
+function showProgress(box, progress, step, total) {
+  box.querySelector("progress").value = progress || 0;
+  box.querySelector(".pct").textContent = Math.round((progress || 0) * 100) + "%";
+  box.querySelector(".steps").textContent = total ? "step " + step + "/" + total : "";
+}
+
+// One event of a job's stream: progress is drawn at once; a terminal event loads the job's view.
+function onEvent(id, type, event) {
+  const box = jobBox(id);
+  box.dataset.events = ((box.dataset.events || "") + " " + type).trim();
+  const data = event.data || {};
+  if (type === "progress") {
+    box.dataset.status = "running";
+    box.querySelector(".state").textContent = "running" + (data.phase ? " \u2013 " + data.phase : "");
+    showProgress(box, data.progress, data.step, data.total);
+  } else if (type === "started" || type === "queued") {
+    box.dataset.status = type === "started" ? "running" : "queued";
+    box.querySelector(".state").textContent = type === "started" ? "running (attempt " + data.attempt + ")" : "queued" + (data.reason ? " \u2013 " + data.reason : "");
+  } else if (type === "validation" && data.url) {
+    const img = document.createElement("img"); img.src = data.url; img.alt = "validation image";
+    box.querySelector(".validation-image").replaceChildren(img);
+  } else if (type === "done" || type === "failed" || type === "cancelled") {
+    poll(id);
+  }
+}
+
+// Server-Sent Events read with fetch (EventSource cannot send the API key): reconnects with
+// Last-Event-ID until a terminal event, or the job is gone.
+const streams = new Map();
+async function follow(id) {
+  if (streams.has(id)) return;
+  const controller = new AbortController();
+  streams.set(id, controller);
+  let last = "", ended = false;
+  try {
+    while (!ended) {
+      const h = headers();
+      if (last) h["Last-Event-ID"] = last;
+      const resp = await fetch("/v1/experts/" + id + "/events", { headers: h, signal: controller.signal });
+      if (!resp.ok) break;
+      const reader = resp.body.getReader(), decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const fields = {};
+          for (const line of buffer.slice(0, cut).split("\n")) {
+            const at = line.indexOf(": ");
+            if (at > 0) fields[line.slice(0, at)] = line.slice(at + 2);
+          }
+          buffer = buffer.slice(cut + 2);
+          if (!fields.event) continue;
+          last = fields.id || last;
+          onEvent(id, fields.event, JSON.parse(fields.data));
+          if (["done", "failed", "cancelled"].includes(fields.event)) ended = true;
+        }
+      }
+      if (!ended) await new Promise((r) => setTimeout(r, 2000));
+    }
+  } catch (e) { /* aborted or offline: the 1 s poll takes over */ }
+  finally { streams.delete(id); }
 }
 
 async function poll(id) {
@@ -208,8 +276,8 @@ async function poll(id) {
   } catch (e) { /* try again on the next tick */ }
 }
 
-function watch(id) { watched.set(id, true); poll(id); }
-setInterval(() => { for (const id of watched.keys()) poll(id); }, 1000);
+function watch(id) { watched.set(id, true); poll(id); follow(id); }
+setInterval(() => { for (const id of watched.keys()) if (!streams.has(id)) poll(id); }, 1000);  // only jobs without a stream
 
 async function cancel(id, box) {
   const status = box.querySelector(".job-status");
@@ -253,13 +321,13 @@ async function loadJobs() {
   try {
     const resp = await fetch("/v1/experts?limit=20", { headers: headers() });
     if (resp.status === 401) {
-      $("jobs").replaceChildren(); watched.clear();
+      $("jobs").replaceChildren(); watched.clear(); for (const c of streams.values()) c.abort();
       return say(status, keyInput.value.trim() ? "wrong API key" : "this server needs an API key", true);
     }
     if (!resp.ok) return say(status, await errorOf(resp), true);
     say(status, keyInput.value.trim() ? "key accepted" : "");
     const jobs = (await resp.json()).jobs.reverse();
-    for (const job of jobs) { renderJob(job); if (job.status === "queued" || job.status === "running") watched.set(job.id, true); }
+    for (const job of jobs) { renderJob(job); if (job.status === "queued" || job.status === "running") watch(job.id); }
   } catch (e) { say(status, "could not load the jobs: " + e, true); }
 }
 loadJobs();

@@ -1020,11 +1020,21 @@ def test_web_page_in_headless_chromium(live_server, tmp_path):
             assert "generated 2 images" in page.text_content("#generate-status")
 
             page.fill("#class-noun", "star")
-            page.fill("#train-steps", "10")
+            page.fill("#train-steps", "40")
             page.click("#train")
             job = page.wait_for_selector(".job", timeout=30_000)
-            page.wait_for_selector(".job[data-status='done']", timeout=180_000)
+            shown = []  # what the job's box shows while it trains: live progress from its event stream
+
+            def finished():
+                shown.append((job.query_selector(".pct").text_content(), job.query_selector(".steps").text_content()))
+                return job.get_attribute("data-status") == "done"
+
+            wait_for(finished, 180, 0.05, "the job to be done on the page")
             assert job.query_selector(".pct").text_content() == "100%"
+            assert job.query_selector(".steps").text_content() == "step 40/40"
+            assert any(pct not in ("0%", "100%") and re.fullmatch(r"step ([1-9]|[1-3][0-9])/40", steps) for pct, steps in shown), shown
+            events = job.get_attribute("data-events").split()
+            assert events[:2] == ["queued", "started"] and events[-1] == "done" and "progress" in events, events
             job.query_selector(".expert-go").click()
             expert_image = "() => { const i = document.querySelector('.job .expert-results img'); return !!i && i.complete && i.naturalWidth === 32; }"
             wait_for(lambda: page.evaluate(expert_image), 60, 0.2, "the expert's image")
