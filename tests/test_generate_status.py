@@ -404,3 +404,14 @@ def test_the_driver_exports_the_counters_as_ray_metrics(job):
     for key, value in gauges.items():
         assert values.get(key) == pytest.approx(value, rel=1e-3), (key, values)
     assert values[("suti_generate_experts_per_hour", frozenset())] > 0
+
+
+def test_the_metrics_job_tag_and_an_empty_job_name(tmp_path, capsys):
+    from generation.config import GenerateConfig
+
+    assert GenerateConfig(clusters="c.jsonl", crawl="w", output="s3://bucket/jobs/run7/").metrics_job == "run7"
+    assert GenerateConfig(clusters="c.jsonl", crawl="w", output=str(tmp_path / "out"), job_name="nightly").metrics_job == "nightly"
+    out = tmp_path / "never"
+    assert exit_code(["generate", "--clusters", "c.jsonl", "--crawl", "w", "--output", str(out), "--job-name", " "]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--job-name" in err and not out.exists(), err
