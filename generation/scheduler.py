@@ -281,11 +281,21 @@ class Scheduler:
                 for ref in ready:
                     if not self.submit.started(ref):  # else a resident worker is ready (or failed to start)
                         self._finish(ref)
-                if self.metrics:
-                    self.metrics.refresh(len(self.in_flight))
+                self._metrics("refresh", len(self.in_flight))
         finally:
             self.bar.close()  # an error is printed on a line of its own
         return self.unfinished, self.finish_times, self.slots
+
+    def _metrics(self, method: str, *args) -> None:
+        """Call a :class:`generation.metrics.JobMetrics` method; a failure turns the metrics off
+        (logged), never the job."""
+        if self.metrics is None:
+            return
+        try:
+            getattr(self.metrics, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - metrics are an extra
+            log.warning("Ray metrics turned off for this job (%s: %s)", type(exc).__name__, exc)
+            self.metrics = None
 
     def _submitter(self, job: ExpertJob):
         import ray
@@ -397,8 +407,7 @@ class Scheduler:
         summary.setdefault("finished_at", round(time.time(), 3))  # Unix seconds (the driver's clock): `suti generate --status` rates
         write_manifest_row(self.config.output, summary)
         self.done[row["cluster_id"]] = summary
-        if self.metrics:
-            self.metrics.record(summary)
+        self._metrics("record", summary)
         self.finish_times.append(time.perf_counter())
         self.finished += 1
         self.accepted += summary["status"] == "accepted"

@@ -415,3 +415,17 @@ def test_the_metrics_job_tag_and_an_empty_job_name(tmp_path, capsys):
     assert exit_code(["generate", "--clusters", "c.jsonl", "--crawl", "w", "--output", str(out), "--job-name", " "]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--job-name" in err and not out.exists(), err
+
+
+def test_a_failing_metrics_exporter_turns_the_metrics_off_not_the_job(caplog):
+    from generation.scheduler import Scheduler
+
+    class Broken:
+        def record(self, row):
+            raise RuntimeError("exporter gone")
+
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler.metrics = Broken()
+    scheduler._metrics("record", {"cluster_id": "c", "status": "accepted"})
+    assert scheduler.metrics is None and "exporter gone" in caplog.text
+    scheduler._metrics("refresh", 0)  # off: nothing called
