@@ -118,18 +118,46 @@ def test_queued_jobs_report_their_queue_position(tmp_path, apprentice_dir):
         assert [e for _, e, _ in events] == ["queued", "cancelled"]
 
 
-def test_events_stream_progress_validation_and_done_and_resume(tmp_path, apprentice_dir):
-    with TestClient(create_app(settings_for(tmp_path, apprentice_dir))) as client:
-        _stream_to_done(client)
+@pytest.mark.slow
+def test_a_job_streams_its_events_and_sends_signed_webhooks(tmp_path, apprentice_dir):
+    """Issue 34's acceptance: the events stream shows progress to done (resumable), and a
+    webhook_url on a local receiver gets every event, signed so that it verifies, with a
+    failed POST retried; a second job whose receiver is dead finishes all the same."""
+    flaky = Receiver(SECRET, fail_first=1)
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    settings = settings_for(tmp_path, apprentice_dir, webhook_secret=SECRET, webhook_attempts=3, webhook_backoff_s=0.05, webhook_timeout=2.0, job_workers=2)
+    try:
+        with TestClient(create_app(settings)) as client:
+            data = {"class_noun": "star", "steps": 40, "validation_prompt": "a {V} {class} in the snow",
+                    "webhook_url": flaky.url, "webhook_events_filter": ["start", "progress", "output"]}
+            r = client.post("/v1/experts", files=files(3), data=data)
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            lost = client.post("/v1/experts", files=files(3), data={"class_noun": "star", "steps": 3, "webhook_url": dead}).json()["id"]
+            assert client.get(f"/v1/experts/{job_id}").json()["webhook_events_filter"] == ["completed", "start", "progress", "output"]
+            events = _stream_to_done(client, job_id)
+            assert wait_job(client, lost)["status"] == "done"  # its receiver is dead: the job finishes all the same
+            wait_for(lambda: len(flaky.accepted()) >= len(events), 20, 0.1, "every event at the receiver")
+            metrics = wait_for(lambda: (m := client.get("/metrics").text) and "suti_webhooks_failed_total 1\n" in m and m, 20, 0.2, "the dead receiver given up on")
+            accepted = flaky.accepted()
+            assert all(p["verified"] for p in flaky.posts), flaky.posts
+            assert sorted(e["event_id"] for e in accepted) == [i for i, _, _ in events]  # each event once, as streamed
+            assert all(e["job_id"] == job_id and abs(e["timestamp"] - time.time()) < 120 for e in accepted)
+            assert flaky.posts[0]["status"] == 500 and flaky.posts[0]["event"]["event_id"] in [e["event_id"] for e in accepted]  # retried
+            assert {p["type"] for p in flaky.posts} == {"queued", "started", "progress", "validation", "done"}
+            url = next(e for e in accepted if e["type"] == "validation")["data"]["url"]
+            assert url.startswith(f"http://testserver/v1/files/experts/{job_id}/validation/")  # absolute: where the POST came in
+            assert client.get(url).status_code == 200
+            assert "suti_webhooks_delivered_total" in metrics
+    finally:
+        flaky.close()
 
 
-def _stream_to_done(client):
-    r = client.post("/v1/experts", files=files(3), data={"class_noun": "star", "steps": 40, "validation_prompt": "a {V} {class} in the snow"})
-    assert r.status_code == 202, r.text
-    job_id = r.json()["id"]
+def _stream_to_done(client, job_id: str) -> list[tuple[int, str, dict]]:
     with client.stream("GET", f"/v1/experts/{job_id}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         text = "".join(stream.iter_text())
+    assert text.startswith("retry: 2000\n\n")
     events = parse_sse(text)
     kinds = [e for _, e, _ in events]
     assert kinds[:2] == ["queued", "started"] and kinds[-2:] == ["validation", "done"], kinds
@@ -155,35 +183,35 @@ def _stream_to_done(client):
     assert [i for i, _, _ in resumed] == [i for i, _, _ in events[3:]]
     assert client.get(f"/v1/experts/{'0' * 32}/events").status_code == 404
     assert client.get("/v1/experts/nothex/events").status_code == 422
+    return events
 
 
-# --- webhooks ----------------------------------------------------------------------------------
+def test_the_stream_keeps_alive_and_ends_when_the_job_is_deleted(tmp_path):
+    import asyncio
 
+    from serving.events import sse_stream
+    from serving.store import JobStore, new_job_id
 
-def test_webhooks_are_signed_retried_and_never_block_the_job(tmp_path, apprentice_dir):
-    flaky = Receiver(SECRET, fail_first=1)
-    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
-    settings = settings_for(tmp_path, apprentice_dir, webhook_secret=SECRET, webhook_attempts=3, webhook_backoff_s=0.05, webhook_timeout=2.0)
-    try:
-        with TestClient(create_app(settings)) as c:
-            data = {"class_noun": "star", "steps": 20, "webhook_url": flaky.url, "webhook_events_filter": ["start", "progress"]}
-            watched = c.post("/v1/experts", files=files(3), data=data).json()["id"]
-            lost = c.post("/v1/experts", files=files(3), data={"class_noun": "star", "steps": 3, "webhook_url": dead}).json()["id"]
-            assert c.get(f"/v1/experts/{watched}").json()["webhook_events_filter"] == ["completed", "start", "progress"]
-            assert wait_job(c, watched)["status"] == "done"
-            assert wait_job(c, lost)["status"] == "done"  # its receiver is dead: the job finishes all the same
-            wait_for(lambda: any(e["type"] == "done" for e in flaky.accepted()), 20, 0.1, "the done webhook")
-            metrics = wait_for(lambda: (m := c.get("/metrics").text) and "suti_webhooks_failed_total 1\n" in m and m, 20, 0.2, "the dead receiver given up on")
-        assert all(p["verified"] for p in flaky.posts), flaky.posts
-        accepted = flaky.accepted()
-        kinds = [e["type"] for e in accepted]
-        assert {"queued", "started", "progress", "done"} <= set(kinds) and "validation" not in kinds, kinds
-        assert all(e["job_id"] == watched and abs(e["timestamp"] - time.time()) < 120 for e in accepted)
-        assert flaky.posts[0]["status"] == 500 and flaky.posts[0]["event"]["event_id"] in [e["event_id"] for e in accepted]  # retried
-        assert len({e["event_id"] for e in accepted}) == len(accepted)
-        assert "suti_webhooks_delivered_total" in metrics
-    finally:
-        flaky.close()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = new_job_id()
+    store.create(job_id, class_noun="cup", recipe="r", model="tiny", steps=1, seed=0, num_images=3)
+    polls = []
+
+    def gone() -> bool:
+        polls.append(1)
+        if len(polls) == 6:  # the job is cancelled and deleted while the stream is quiet
+            store.cancel(job_id)
+            store.delete(job_id)
+        return store.get(job_id) is None
+
+    async def read_all() -> bytes:
+        chunks = [c async for c in sse_stream(lambda after: store.events(job_id, after) if len(polls) < 6 else [], 0, gone=gone, poll=0.01, keepalive=0.02)]
+        return b"".join(chunks)
+
+    body = asyncio.run(read_all()).decode()
+    assert body.startswith("retry: 2000\n\nid: ") and "event: queued" in body
+    assert ": keep-alive\n\n" in body and "cancelled" not in body  # ended by the deletion, not an event
+    assert store.events(job_id) == []  # a deleted job's events go with it
 
 
 @pytest.mark.parametrize("data, message", [
