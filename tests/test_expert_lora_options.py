@@ -68,9 +68,10 @@ def _capture_optimizer(monkeypatch):
     return made
 
 
-def test_output_kohya_format_and_lora_alpha(instance_dir, tmp_path, capsys):
-    """--output-kohya-format writes the file `suti expert export --format kohya` writes, which
-    plain diffusers loads into the expert's images; --lora-alpha 8 at rank 4 scales by 2."""
+def test_output_kohya_format_and_lora_alpha(instance_dir, tmp_path):
+    """--output-kohya-format writes a kohya file that plain diffusers loads into the expert's
+    images (that it is the file `suti expert export` writes: the stacked test below); --lora-alpha
+    8 at rank 4 scales by 2; --lora-dropout reaches the saved adapter config."""
     out = tmp_path / "e"
     assert _train_cli(instance_dir, out, "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.125", "--train-text-encoder", "--output-kohya-format") == 0
     kohya = out / "pytorch_lora_weights_kohya.safetensors"
@@ -82,12 +83,6 @@ def test_output_kohya_format_and_lora_alpha(instance_dir, tmp_path, capsys):
     _, diffusers_meta = _tensors(out / "pytorch_lora_weights.safetensors")
     adapter = json.loads(diffusers_meta["lora_adapter_metadata"])
     assert adapter["unet.lora_alpha"] == adapter["text_encoder.lora_alpha"] == 8 and adapter["unet.lora_dropout"] == adapter["text_encoder.lora_dropout"] == 0.125
-
-    capsys.readouterr()
-    exported = tmp_path / "exported.safetensors"
-    assert exit_code(["expert", "export", "--expert", str(out), "--output", str(exported)]) == 0
-    again, _ = _tensors(exported)
-    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
     ours = load_expert(out)
     assert {float(layer.scaling["default_0"]) for layer in _lora_layers(ours.unet)} == {2.0}
@@ -105,7 +100,7 @@ def test_lora_options_need_lora_and_dora_has_no_kohya_layout(instance_dir, tmp_p
         assert not (tmp_path / "never").exists()
 
 
-def test_use_dora_saves_magnitudes_that_plain_diffusers_loads(instance_dir, tmp_path, capsys):
+def test_use_dora_saves_magnitudes_that_plain_diffusers_loads(instance_dir, tmp_path):
     out = tmp_path / "dora"
     assert _train_cli(instance_dir, out, "--lora-rank", "4", "--use-dora") == 0
     tensors, meta = _tensors(out / "pytorch_lora_weights.safetensors")
@@ -116,9 +111,10 @@ def test_use_dora_saves_magnitudes_that_plain_diffusers_loads(instance_dir, tmp_
     plain = _plain_sd(out, "pytorch_lora_weights.safetensors")
     assert all(any(layer.use_dora.values()) for layer in _lora_layers(plain.unet))
     np.testing.assert_allclose(_image(plain), _image(ours), atol=1e-4)
-    capsys.readouterr()
-    assert exit_code(["expert", "export", "--expert", str(out), "--output", str(tmp_path / "x.safetensors")]) == 2
-    assert "DoRA" in capsys.readouterr().err
+    from experts.export import lora_parts
+
+    with pytest.raises(InputError, match="DoRA"):  # what `suti expert export` says of it
+        lora_parts(ours)
 
 
 def test_lora_dropout_is_in_the_layers_and_drops_in_training_only(instance_dir):
@@ -152,8 +148,8 @@ def test_text_encoder_lr_and_weight_decay_are_the_text_encoders_param_group(inst
     unet_group, text_group = made[-1].param_groups
     assert (unet_group["lr"], unet_group["weight_decay"]) == (pytest.approx(1e-4 * 100), 1e-2)  # tiny's learning_rate_scale is 100
     assert (text_group["lr"], text_group["weight_decay"]) == (pytest.approx(1e-6 * 100), 0.5)
-    assert len(text_group["params"]) == sum(1 for n, p in load_expert(out).text_encoder.named_parameters() if "lora_" in n)
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert len(text_group["params"]) == sum(1 for k in weights if k.startswith("text_encoder."))
     moved = {part: max(v.abs().max().item() for k, v in weights.items() if k.startswith(part) and ".up." in k) for part in ("unet.", "text_encoder.")}
     assert moved["text_encoder."] < 1e-3 < moved["unet."], moved
 
@@ -180,7 +176,7 @@ def test_prodigy_optimizer_settings_adapt_and_resume(instance_dir, tmp_path, mon
 
     made = _capture_optimizer(monkeypatch)
     settings = dict(lora_rank=4, optimizer="prodigy", learning_rate=1.0, prodigy_beta3=0.9, prodigy_decouple=False, prodigy_use_bias_correction=False,
-                    prodigy_safeguard_warmup=False, adam_weight_decay=0.0, steps=3)
+                    prodigy_safeguard_warmup=False, adam_weight_decay=0.0, steps=2)
     train_expert(_config(instance_dir, **settings), tmp_path / "straight", progress=False)
     opt = made[-1]
     group = opt.param_groups[0]
@@ -188,12 +184,12 @@ def test_prodigy_optimizer_settings_adapt_and_resume(instance_dir, tmp_path, mon
     assert group["lr"] == 1.0, "Prodigy's rate is not scaled by the preset's learning_rate_scale"
     assert (group["beta3"], group["decouple"], group["use_bias_correction"], group["safeguard_warmup"]) == (0.9, False, False, False)
     straight = {k: group[k] for k in ("k", "d", "d_numerator")}
-    assert straight["k"] == 3 and straight["d_numerator"] > 0, "Prodigy's estimate accumulated"
+    assert straight["k"] == 2 and straight["d_numerator"] > 0, "Prodigy's estimate accumulated"
     # resumed from a checkpoint, Prodigy keeps its step count and estimate: the straight run's
-    train_expert(_config(instance_dir, **{**settings, "steps": 2, "checkpointing_steps": 1}), tmp_path / "resumed", progress=False)
+    train_expert(_config(instance_dir, **{**settings, "steps": 1, "checkpointing_steps": 1}), tmp_path / "resumed", progress=False)
     train_expert(_config(instance_dir, **settings), tmp_path / "resumed", resume="latest", progress=False)
     resumed = made[-1].param_groups[0]
-    assert resumed["k"] == 3 and resumed["d"] == straight["d"] and resumed["d_numerator"] == pytest.approx(straight["d_numerator"], rel=1e-4)
+    assert resumed["k"] == 2 and resumed["d"] == straight["d"] and resumed["d_numerator"] == pytest.approx(straight["d_numerator"], rel=1e-4)
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
@@ -244,14 +240,12 @@ def test_stacked_experts_write_their_own_kohya_files(instance_dir, tmp_path):
 
     configs = [_config(instance_dir, lora_rank=2, steps=1, seed=s, output_kohya_format=True) for s in (1, 2)]
     train_lora_experts(load_pipeline("tiny"), configs, ["a", "b"], outputs=[tmp_path / "a", tmp_path / "b"])
-    files = []
-    for name in ("a", "b"):
-        assert exit_code(["expert", "export", "--expert", str(tmp_path / name), "--output", str(tmp_path / f"{name}.safetensors")]) == 0
-        written, _ = _tensors(tmp_path / name / "pytorch_lora_weights_kohya.safetensors")
-        exported, _ = _tensors(tmp_path / f"{name}.safetensors")
-        assert written.keys() == exported.keys() and all(torch.allclose(written[k], exported[k]) for k in written)
-        files.append(written)
-    assert any(not torch.equal(files[0][k], files[1][k]) for k in files[0] if "lora_up" in k), "two experts, two files"
+    assert exit_code(["expert", "export", "--expert", str(tmp_path / "b"), "--output", str(tmp_path / "b.safetensors")]) == 0
+    written, _ = _tensors(tmp_path / "b" / "pytorch_lora_weights_kohya.safetensors")
+    exported, _ = _tensors(tmp_path / "b.safetensors")
+    assert written.keys() == exported.keys() and all(torch.allclose(written[k], exported[k]) for k in written)
+    first, _ = _tensors(tmp_path / "a" / "pytorch_lora_weights_kohya.safetensors")
+    assert first.keys() == written.keys() and any(not torch.equal(first[k], written[k]) for k in first if "lora_up" in k), "each expert's own adapter"
 
 
 def test_generate_keeps_experts_in_kohya_layout(tmp_path, capsys):
