@@ -136,7 +136,12 @@ def test_sdxl_kohya_export_loads_in_plain_sdxl_pipeline(tmp_path, instance_dir, 
     plain = StableDiffusionXLPipeline.from_pretrained(str(preset_folder("tiny-sdxl")))
     plain.load_lora_weights(str(tmp_path), weight_name=out.name)
     prompt = "a sks star toy"
-    np.testing.assert_allclose(_image(plain, prompt), _image(load_expert(expert), prompt), atol=1e-4)
+    reference = _image(load_expert(expert), prompt)
+    np.testing.assert_allclose(_image(plain, prompt), reference, atol=1e-4)
+    # imported back, the kohya file is the same expert (issue 34, acceptance 1, on SDXL)
+    back = tmp_path / "imported"
+    assert exit_code(["expert", "import", "--lora", str(out), "--identifier", "sks", "--class-noun", "star toy", "--model", "tiny-sdxl", "--output", str(back)]) == 0
+    np.testing.assert_allclose(_image(load_expert(back), prompt), reference, atol=1e-4)
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(experts_dir, tmp_path, instance_dir, capsys):
