@@ -259,3 +259,32 @@ def test_generated_images_as_urls_that_expire(tmp_path, apprentice_dir):
         assert sweep_results(settings.results_dir, now=time.time() + 120) == 2  # swept once expired
         assert os.listdir(settings.results_dir) == []
         assert c.get(url).status_code == 404
+
+
+def test_every_state_change_is_one_event_and_old_job_tables_are_upgraded(tmp_path):
+    import sqlite3
+
+    from serving.store import SCHEMA, JobStore, new_job_id
+
+    db = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(db) as conn:  # a job table as the first servers made it
+        conn.executescript(SCHEMA)  # the first table; the columns since are ADDED_COLUMNS
+        conn.execute("INSERT INTO jobs (id, state, class_noun, recipe, model, num_images, created_at) VALUES (?, 'queued', 'cup', 'r', 'tiny', 3, 0)", ("a" * 32,))
+    store = JobStore(db)
+    assert store.get("a" * 32)["webhook_url"] is None and store.get("a" * 32)["step"] is None  # columns added, row kept
+    job_id = new_job_id()
+    store.create(job_id, class_noun="cup", recipe="r", model="tiny", steps=5, seed=0, num_images=3)
+    store.cancel("a" * 32)
+    run = store.claim_next("me", "host", 1)
+    assert run["id"] == job_id
+    assert store.report(job_id, run["run_token"], 0.1, "training", 1, 5)
+    assert store.report(job_id, run["run_token"], 0.2, "training", 2, 5)  # within 500 ms: the row moves, no event
+    assert (store.get(job_id)["step"], store.get(job_id)["total"]) == (2, 5)
+    assert store.requeue(job_id, run["run_token"], reason="retrying (killed)")
+    run = store.claim_next("me", "host", 1)
+    assert store.fail(job_id, run["run_token"], "boom")
+    kinds = [(e.type, e.data) for e in store.events(job_id)]
+    assert kinds == [("queued", {}), ("started", {"attempt": 1}), ("progress", {"progress": 0.1, "phase": "training", "step": 1, "total": 5}),
+                     ("queued", {"reason": "retrying (killed)"}), ("started", {"attempt": 2}), ("failed", {"error": "boom"})], kinds
+    assert [e.type for e in store.events("a" * 32)] == ["cancelled"]
+    assert [e.type for e in store.events(job_id, after=store.events(job_id)[3].id)] == ["started", "failed"]
