@@ -115,7 +115,7 @@ def _draw_rates(ax, order: list[str], times: dict[str, tuple[float, float]]) -> 
         counts[int((f - start) // width)] = counts.get(int((f - start) // width), 0) + 1
     lefts = [_when(start + i * width) for i in sorted(counts)]
     ax.bar(lefts, [counts[i] * HOUR / width for i in sorted(counts)], width=datetime.timedelta(seconds=width), align="edge",
-           color="tab:blue", alpha=0.4, label=f"finished per {_width_name(width)}, per hour")
+           color="tab:blue", alpha=0.4, label=f"finished in each {_width_name(width)} bin, as a rate per hour")
     throughput, line_x, line_y = Throughput(), [], []
     for cid in order:
         throughput.add(*times[cid])
