@@ -276,3 +276,46 @@ def test_generate_keeps_experts_in_kohya_layout(tmp_path, capsys):
     tensors, meta = _tensors(kept / "pytorch_lora_weights_kohya.safetensors")
     assert all(k.startswith("lora_unet_") for k in tensors) and meta["ss_network_dim"] == "2"
     np.testing.assert_allclose(_image(_plain_sd(kept, "pytorch_lora_weights_kohya.safetensors"), "a cup"), _image(load_expert(kept), "a cup"), atol=1e-4)
+
+
+#: Every option of diffusers' examples/dreambooth train_dreambooth.py, train_dreambooth_lora.py and
+#: train_dreambooth_lora_sdxl.py (their argparse at diffusers commit 58eb52c).
+DIFFUSERS_OPTIONS = """
+    --adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --adam_weight_decay_text_encoder --allow_tf32
+    --cache_dir --caption_column --center_crop --checkpointing_steps --checkpoints_total_limit --class_data_dir
+    --class_labels_conditioning --class_prompt --dataloader_num_workers --dataset_config_name --dataset_name
+    --do_edm_style_training --enable_xformers_memory_efficient_attention --gradient_accumulation_steps
+    --gradient_checkpointing --hub_model_id --hub_token --image_column --image_interpolation_mode
+    --instance_data_dir --instance_prompt --learning_rate --local_rank --logging_dir --lora_dropout
+    --lr_num_cycles --lr_power --lr_scheduler --lr_warmup_steps --max_grad_norm --max_train_steps
+    --mixed_precision --num_class_images --num_train_epochs --num_validation_images --offset_noise --optimizer
+    --output_dir --output_kohya_format --pre_compute_text_embeddings --pretrained_model_name_or_path
+    --pretrained_vae_model_name_or_path --prior_generation_precision --prior_loss_weight --prodigy_beta3
+    --prodigy_decouple --prodigy_safeguard_warmup --prodigy_use_bias_correction --push_to_hub --random_flip
+    --rank --repeats --report_to --resolution --resume_from_checkpoint --revision --sample_batch_size --scale_lr
+    --seed --set_grads_to_none --skip_save_text_encoder --snr_gamma --text_encoder_lr
+    --text_encoder_use_attention_mask --tokenizer_max_length --tokenizer_name --train_batch_size
+    --train_text_encoder --use_8bit_adam --use_dora --validation_epochs --validation_images --validation_prompt
+    --validation_scheduler --validation_steps --variant --with_prior_preservation
+""".split()
+
+
+def test_the_docs_table_lists_every_option_of_the_three_scripts():
+    """Issue 34, acceptance 5: each diffusers option is in docs/experts.md's table (mapped or not
+    offered), and the suti flags this issue added are real flags of `suti expert train`."""
+    import re
+    from pathlib import Path
+
+    from orchestration.cli import build_parser
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "experts.md").read_text()
+    table = doc[doc.index("## diffusers `train_dreambooth.py` options in suti"):]
+    rows = [line for line in table.splitlines() if line.startswith("| `--") or line.startswith("| multi-GPU") or line.startswith("| alpha")]
+    named = {m for row in rows for m in re.findall(r"`(--[a-z0-9_]+)", row.split(" | ")[0])}
+    named |= {f"--{m}" for row in rows for m in re.findall(r"--([a-z0-9_]+)", row.split(" | ")[0])}
+    assert not [o for o in DIFFUSERS_OPTIONS if o not in named]
+    train = build_parser()._subparsers._group_actions[0].choices["expert"]._subparsers._group_actions[0].choices["train"]
+    flags = {s for action in train._actions for s in action.option_strings}
+    for flag in ("--lora-alpha", "--lora-dropout", "--use-dora", "--text-encoder-lr", "--adam-weight-decay-text-encoder", "--prodigy-beta3",
+                 "--prodigy-decouple", "--no-prodigy-decouple", "--prodigy-use-bias-correction", "--prodigy-safeguard-warmup", "--output-kohya-format"):
+        assert flag in flags and flag.removeprefix("--no-").removeprefix("--") in table, flag
