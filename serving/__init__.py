@@ -4,8 +4,9 @@
 >>> app = create_app(Settings(model="tiny", apprentice="path/to/apprentice"))
 
 ``suti serve`` runs it with uvicorn; :mod:`serving.ray_app` wraps the same app in a Ray Serve
-deployment. Endpoints: ``POST /v1/generate``, ``/v1/experts`` (jobs), ``/healthz``, ``/metrics``,
-``/docs`` and a web page at ``/``.
+deployment. Endpoints: ``POST /v1/generate``, ``/v1/experts`` (jobs; their events as
+Server-Sent Events at ``/v1/experts/{id}/events``, and signed webhooks), ``/v1/files/...``
+(signed image URLs that expire), ``/healthz``, ``/metrics``, ``/docs`` and a web page at ``/``.
 """
 
 from serving.settings import Settings

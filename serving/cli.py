@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         "serve",
         help="serve the apprentice and DreamBooth experts over HTTP (API, metrics, web page)",
         formatter_class=HelpFormatter,
-        description="Serve POST /v1/generate (apprentice), /v1/experts (DreamBooth jobs), /healthz, /metrics, "
+        description="Serve POST /v1/generate (apprentice), /v1/experts (DreamBooth jobs, their events as Server-Sent Events, signed webhooks), /healthz, /metrics, "
         "the API reference at /docs (from /openapi.json, works offline) and a web page at /. With no arguments: the toy model and toy apprentice on "
         "http://127.0.0.1:8000.",
     )

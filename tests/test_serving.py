@@ -845,6 +845,16 @@ def test_cli_defaults_and_errors(monkeypatch, tmp_path, capsys):
     assert "--max-queued-jobs: must be a whole number from 1 to 100000, got 0" in capsys.readouterr().err
     assert refused_while_parsing(["serve", "--upload-retention-hours", "-1"]) == 2
     assert "--upload-retention-hours: must be a finite number in [0, 1e+06], got -1" in capsys.readouterr().err
+    monkeypatch.setenv("MY_SECRET", "s")
+    args = build_parser().parse_args(["serve", "--webhook-secret-env", "MY_SECRET", "--public-url", "https://suti.example.com", "--webhook-attempts", "2", "--webhook-timeout", "3"])
+    settings = settings_from_args(args)
+    assert (settings.webhook_secret, settings.public_url, settings.webhook_attempts, settings.webhook_timeout) == ("s", "https://suti.example.com", 2, 3.0)
+    assert main(["serve", "--webhook-secret-env", "NOT_SET_ANYWHERE_42"]) == 2
+    assert "--webhook-secret-env NOT_SET_ANYWHERE_42: the environment variable is not set or empty" in capsys.readouterr().err
+    assert main(["serve", "--public-url", "suti.example.com"]) == 2
+    assert "--public-url must start with http:// or https://" in capsys.readouterr().err
+    assert refused_while_parsing(["serve", "--webhook-attempts", "0"]) == 2
+    assert refused_while_parsing(["serve", "--webhook-timeout", "0"]) == 2
 
 
 def test_ray_serve_deployment_constructs(tmp_path, apprentice_dir):
