@@ -17,7 +17,9 @@ failed     training failed, or the worker died too often           ``{"error"}``
 cancelled  ``DELETE`` while queued or running                      ``{}``
 ========== ======================================================= ============================
 
-``done``, ``failed`` and ``cancelled`` are terminal. Event ids (``seq``) increase across all
+``done``, ``failed`` and ``cancelled`` are terminal. A job's webhook (``webhook_targets``) and
+its events outlive the job's row until webhook delivery has read them, so a job deleted right
+after it finished still sends its ``done``. Event ids (``seq``) increase across all
 jobs; :func:`sse_stream` sends them as SSE ``id:`` so ``Last-Event-ID`` resumes a stream.
 """
 
@@ -45,7 +47,9 @@ CREATE TABLE IF NOT EXISTS job_events (
 );
 CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job_id, seq);
 CREATE TABLE IF NOT EXISTS serving_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS webhook_targets (job_id TEXT PRIMARY KEY, url TEXT NOT NULL, events TEXT, base_url TEXT);
 """
+WEBHOOK_CURSOR = "webhook_cursor"  # serving_meta: the last event id handed to webhook delivery
 
 
 @dataclass

@@ -155,19 +155,24 @@ class JobStore:
         rows = self._connect().execute("SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
         return [Event.from_row(r) for r in rows]
 
-    def take_events(self, cursor: str, limit: int = 200) -> list[tuple[Event, dict[str, Any]]]:
-        """The next events after the persisted cursor ``cursor`` with their job's webhook fields
+    def take_events(self, limit: int = 200) -> list[tuple[Event, dict[str, Any]]]:
+        """The next events for webhooks, after the persisted cursor, with their job's webhook
         (``webhook_url``, ``webhook_events``, ``base_url``), and advance the cursor past them: of
-        several servers on one job table, each event goes to exactly one."""
+        several servers on one job table, each event goes to exactly one. Then forget what only
+        webhook delivery still kept: the webhooks of jobs whose terminal event was read, and
+        the events of deleted jobs."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO serving_meta (name, value) VALUES (?, 0)", (cursor,))
-            after = db.execute("SELECT value FROM serving_meta WHERE name = ?", (cursor,)).fetchone()["value"]
+            db.execute("INSERT OR IGNORE INTO serving_meta (name, value) VALUES (?, 0)", (events.WEBHOOK_CURSOR,))
+            after = db.execute("SELECT value FROM serving_meta WHERE name = ?", (events.WEBHOOK_CURSOR,)).fetchone()["value"]
             rows = db.execute(
-                "SELECT e.*, j.webhook_url, j.webhook_events, j.base_url FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
+                "SELECT e.*, w.url AS webhook_url, w.events AS webhook_events, w.base_url, j.id IS NULL AS orphan FROM job_events e"
+                " LEFT JOIN webhook_targets w ON w.job_id = e.job_id LEFT JOIN jobs j ON j.id = e.job_id WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
                 (after, limit),
             ).fetchall()
             if rows:
-                db.execute("UPDATE serving_meta SET value = ? WHERE name = ?", (rows[-1]["seq"], cursor))
+                db.execute("UPDATE serving_meta SET value = ? WHERE name = ?", (rows[-1]["seq"], events.WEBHOOK_CURSOR))
+                db.executemany("DELETE FROM webhook_targets WHERE job_id = ?", [(r["job_id"],) for r in rows if r["type"] in events.TERMINAL])
+                db.executemany("DELETE FROM job_events WHERE job_id = ? AND seq <= ?", [(r["job_id"], r["seq"]) for r in rows if r["orphan"]])
         return [(Event.from_row(r), {k: r[k] for k in ("webhook_url", "webhook_events", "base_url")}) for r in rows if r["webhook_url"]]
 
     # --- writes ------------------------------------------------------------------------------
@@ -183,6 +188,9 @@ class JobStore:
                 " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, class_noun, recipe, model, steps, seed, num_images, now, webhook_url, ",".join(webhook_events) or None, validation_prompt, base_url),
             )
+            if webhook_url:
+                db.execute("INSERT OR REPLACE INTO webhook_targets (job_id, url, events, base_url) VALUES (?, ?, ?, ?)",
+                           (job_id, webhook_url, ",".join(webhook_events) or None, base_url))
             events.emit(db, job_id, "queued", {}, now)
         return self.get(job_id)
 
@@ -275,11 +283,13 @@ class JobStore:
         return dict(row)
 
     def delete(self, job_id: str) -> bool:
-        """Delete a finished job's row (``done``, ``failed`` or ``cancelled``); False otherwise."""
+        """Delete a finished job's row (``done``, ``failed`` or ``cancelled``) and its events;
+        False otherwise. Events webhook delivery has not read yet stay until it has (:meth:`take_events`)."""
         with self._tx() as db:
             cur = db.execute("DELETE FROM jobs WHERE id = ? AND state IN ('done', 'failed', 'cancelled')", (job_id,))
             if cur.rowcount == 1:
-                db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
+                cursor = db.execute("SELECT value FROM serving_meta WHERE name = ?", (events.WEBHOOK_CURSOR,)).fetchone()
+                db.execute("DELETE FROM job_events WHERE job_id = ? AND seq <= ?", (job_id, cursor["value"] if cursor else 2**62))
         return cur.rowcount == 1
 
     def finished_before(self, cutoff: float, limit: int = 100) -> list[str]:

@@ -112,7 +112,7 @@ class WebhookSender:
     def _tail(self) -> None:
         while not self._stop.is_set():
             try:
-                taken = self.store.take_events("webhook_cursor")
+                taken = self.store.take_events()
             except Exception:  # noqa: BLE001 - the database is busy or gone: try again
                 log.exception("could not read job events for webhooks")
                 taken = []

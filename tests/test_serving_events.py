@@ -288,3 +288,24 @@ def test_every_state_change_is_one_event_and_old_job_tables_are_upgraded(tmp_pat
                      ("queued", {"reason": "retrying (killed)"}), ("started", {"attempt": 2}), ("failed", {"error": "boom"})], kinds
     assert [e.type for e in store.events("a" * 32)] == ["cancelled"]
     assert [e.type for e in store.events(job_id, after=store.events(job_id)[3].id)] == ["started", "failed"]
+
+
+def test_a_job_deleted_right_after_it_finished_still_sends_its_webhooks(tmp_path):
+    from serving.store import JobStore, new_job_id
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    assert store.take_events() == []  # the webhook cursor starts (a server is delivering)
+    job_id, other = new_job_id(), new_job_id()
+    store.create(job_id, class_noun="cup", recipe="r", model="tiny", steps=1, seed=0, num_images=3, webhook_url="http://h/x", webhook_events=["start"], base_url="http://s/")
+    store.create(other, class_noun="cup", recipe="r", model="tiny", steps=1, seed=0, num_images=3)
+    run = store.claim_next("me", "host", 1)
+    assert store.finish(job_id, run["run_token"], "done")
+    assert store.delete(job_id)  # before webhook delivery read its events
+    assert store.get(job_id) is None
+    taken = store.take_events()
+    assert [(e.job_id, e.type) for e, _ in taken] == [(job_id, "queued"), (job_id, "started"), (job_id, "done")]  # not the other job's (no webhook)
+    assert taken[-1][1] == {"webhook_url": "http://h/x", "webhook_events": "start", "base_url": "http://s/"}
+    assert store.take_events() == [] and store.events(job_id) == []  # read once, then forgotten
+    with store._tx() as db:
+        assert db.execute("SELECT COUNT(*) AS n FROM webhook_targets").fetchone()["n"] == 0
+    assert [e.type for e in store.events(other)] == ["queued"]
