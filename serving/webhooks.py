@@ -94,8 +94,9 @@ class WebhookSender:
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
+        deadline = time.monotonic() + self.settings.webhook_timeout + 1  # a POST in flight may take that long
         for t in self._threads:
-            t.join(timeout=self.settings.webhook_timeout + 1)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._heap:
             log.warning("server stopping: %d webhook deliveries not sent", len(self._heap))
         if self._client is not None:
