@@ -30,6 +30,7 @@ import torch
 
 from experts.expert import ExpertInfo, save_expert, unsaved_expert_info
 from experts.recipe import ExpertConfig
+from suti.denoisers import denoiser_module
 from suti.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ def check_batchable(configs: list[ExpertConfig]) -> None:
     unsupported = {"train_text_encoder": first.train_text_encoder, "gradient_accumulation_steps > 1": first.gradient_accumulation_steps > 1,
                    "checkpointing_steps": first.checkpointing_steps, "validation_steps": first.validation_steps,
                    # each expert's rows would need their own dropout draws, DoRA norms and Prodigy step size
-                   "lora_dropout": first.lora_dropout, "use_dora": first.use_dora, "optimizer prodigy": first.optimizer == "prodigy"}
+                   "lora_dropout": first.lora_dropout, "use_dora": first.use_dora, "optimizer prodigy": first.optimizer == "prodigy",
+                   # one conditioning per expert for every step (per-row prompts and bucket sizes are a lone expert's)
+                   "aspect_ratio_buckets": first.aspect_ratio_buckets, "caption_extension": first.caption_extension, "caption_dropout": first.caption_dropout}
     named = [name for name, value in unsupported.items() if value]
     if named:
         raise InputError(f"experts cannot train in batches with {', '.join(named)}; use an expert batch size of 1")
@@ -125,7 +128,7 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
     _freeze_base(pipe)
     experts = _add_experts(pipe, configs, adapters, pixels)
     if configs[0].gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser_module(pipe).enable_gradient_checkpointing()
     elapsed = _train_together(pipe, experts, device, compile=compile, timings=timings, on_step=on_step)
     return _expert_infos(pipe, experts, outputs, elapsed)
 
@@ -133,15 +136,14 @@ def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], o
 def _checked_instance_pixels(configs: list[ExpertConfig]) -> list[list[torch.Tensor]]:
     """Validate every config (filling in its resolution) and load every expert's instance images
     as (3, R, R) tensors, so that a bad image fails before any work."""
-    from experts.latents import load_training_pixels
+    from experts.data import instance_images
     from experts.optim import adamw_class
-    from suti.images import list_image_files
     from suti.models import default_resolution
 
     for config in configs:
         config.validate()
         config.resolution = config.resolution or default_resolution(config.model)
-    pixels = [load_training_pixels(list_image_files(c.instance_dir), c.resolution, c.center_crop) for c in configs]  # every image checked before any work
+    pixels = [instance_images(c, c.resolution) for c in configs]  # every image checked before any work
     if configs[0].optimizer == "adamw":
         adamw_class(configs[0])
     return pixels
@@ -153,7 +155,7 @@ def _freeze_base(pipe) -> None:
     pipe.text_encoder.requires_grad_(False)
     if getattr(pipe, "text_encoder_2", None) is not None:
         pipe.text_encoder_2.requires_grad_(False)
-    pipe.unet.requires_grad_(False)
+    denoiser_module(pipe).requires_grad_(False)
 
 
 def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels: list[list[torch.Tensor]]) -> list[_Expert]:
@@ -182,7 +184,7 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
         generator = torch.Generator().manual_seed(config.seed)  # train_expert's generator (process 0)
         experts.append(_Expert(config, adapter, prompt, inst, cls, cond_inst, cond_cls, [], generator))
     for expert in experts:  # peft trains only the adapter added last: all of them train here
-        expert.params = adapter_parameters(pipe.unet, expert.adapter)
+        expert.params = adapter_parameters(denoiser_module(pipe), expert.adapter)
         for p in expert.params:
             p.requires_grad_(True)
             p.data = p.data.float()
@@ -195,19 +197,21 @@ def _train_together(pipe, experts: list[_Expert], device: str, *, compile: bool 
     ``backward``, ``optimizer``; the device is synchronised between phases, which costs a
     little). ``on_step()``: called after every step (a ``torch.profiler`` schedule's ``step``).
     ``compile``: train through ``torch.compile`` of the U-Net with its stacked layers."""
-    from diffusers import DDPMScheduler
-
     from experts.optim import make_lr_scheduler
     from experts.stacked import clip_grad_norm_per_expert, make_stacked_optimizer, stacked_lora
     from experts.stacked_data import ExpertData, StackedBatches
     from experts.train import mixed_precision
+    from suti.denoisers import denoiser_for
+    from suti.objectives import training_objective
 
     first = experts[0].config
-    unet = pipe.unet
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    denoiser = denoiser_for(pipe, guidance_scale=first.guidance_scale)
+    unet = denoiser.module  # the U-Net or the transformer
+    objective = training_objective(pipe.scheduler, snr_gamma=first.snr_gamma, weighting_scheme=first.weighting_scheme,
+                                   logit_mean=first.logit_mean, logit_std=first.logit_std, mode_scale=first.mode_scale)
     precision = mixed_precision(first, device)
-    data = StackedBatches([ExpertData(e.inst, e.cls, e.cond_inst, e.cond_cls, e.generator) for e in experts], first.batch_size, noise_scheduler,
-                          pipe.vae.config.scaling_factor, first.offset_noise, first.prior_loss_weight, first.snr_gamma, device)
+    data = StackedBatches([ExpertData(e.inst, e.cls, e.cond_inst, e.cond_cls, e.generator) for e in experts], first.batch_size, objective,
+                          pipe.vae.config, first.offset_noise, first.prior_loss_weight, device)
     log.info("training %d LoRA experts stacked (%s), %d steps", len(experts), ", ".join(e.config.identifier for e in experts), first.steps)
     clock = _PhaseClock(timings, device)
     unet.train()
@@ -225,7 +229,7 @@ def _train_together(pipe, experts: list[_Expert], device: str, *, compile: bool 
             clock.lap("data")
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
-                pred = model(noisy, timesteps, **data.unet_kwargs).sample
+                pred = denoiser(noisy, timesteps, data.cond, module=model)
             total, _ = data.loss(pred, target, timesteps)
             clock.lap("forward")
             precision.scaler.scale(total).backward()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from experts.buckets import INTERPOLATION_MODES
 from experts.export import FORMATS
 from experts.recipe import LR_SCHEDULERS, OPTIMIZERS, REPORT_TO, expert_number
 from suti import checks
 from suti.cli_format import HelpFormatter
+from suti.objectives import WEIGHTING_SCHEMES
 from suti.sampling import GUIDANCE_SCALE, NUM_IMAGES, SEED, SIDE, STEPS
 
 
@@ -46,6 +48,11 @@ def register(subparsers) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory (default: off)")
     train.add_argument("--snr-gamma", type=expert_number("snr_gamma"), help="Min-SNR-gamma loss weighting (default: off)")
     train.add_argument("--offset-noise", type=expert_number("offset_noise"), help="offset noise strength (default: 0)")
+    train.add_argument("--weighting-scheme", choices=WEIGHTING_SCHEMES, help="flow-matching models (FLUX): timestep density and loss weighting, as diffusers' --weighting_scheme (default: none)")
+    train.add_argument("--logit-mean", type=expert_number("logit_mean"), help="logit_normal density mean (default: 0)")
+    train.add_argument("--logit-std", type=expert_number("logit_std"), help="logit_normal density standard deviation (default: 1)")
+    train.add_argument("--mode-scale", type=expert_number("mode_scale"), help="mode density scale (default: 1.29)")
+    train.add_argument("--max-sequence-length", type=expert_number("max_sequence_length"), help="FLUX: T5 tokens per prompt (default: 512, capped by the tokenizer)")
     train.add_argument("--checkpointing-steps", type=expert_number("checkpointing_steps"), help="save a resumable checkpoint every N steps (default: only at the end)")
     train.add_argument("--validation-steps", type=expert_number("validation_steps"), help="write a validation image every N steps (default: none)")
     train.add_argument("--validation-prompt", help='validation prompt, e.g. "a {V} {class} on the beach"')
@@ -79,6 +86,12 @@ def register(subparsers) -> None:
     train.add_argument("--random-flip", action="store_true", default=None, help="flip images horizontally at random")
     train.add_argument("--center-crop", action="store_true", default=None, help="centre-crop images to a square (the default)")
     train.add_argument("--random-crop", dest="center_crop", action="store_false", help="a random square crop per step instead of the centre crop")
+    # photos as people take them (docs/experts.md#photos-of-any-shape)
+    train.add_argument("--aspect-ratio-buckets", nargs="?", const="auto", metavar="H,W;H,W", help="train each photo at the bucket nearest its aspect ratio: "
+                       "bare, diffusers' ladder (1:1 ... 2:1) at about --resolution squared pixels; or these buckets, sides multiples of 64 (recorded in expert.json)")
+    train.add_argument("--caption-extension", metavar="EXT", help="per-image captions: photo.txt beside photo.jpg (.txt or .caption) is its instance prompt, with {V} and {class}")
+    train.add_argument("--caption-dropout", type=expert_number("caption_dropout"), metavar="P", help="train each instance row on the empty prompt with probability P (diffusers' --proportion_empty_prompts; default 0)")
+    train.add_argument("--image-interpolation-mode", choices=list(INTERPOLATION_MODES), help="resize filter of the photos (default lanczos, as diffusers' SDXL script)")
     train.add_argument("--report-to", choices=REPORT_TO, help="experiment tracker (tensorboard default; wandb needs the wandb package, WANDB_MODE=offline works without an account)")
     train.add_argument("--vae-encode-batch-size", type=expert_number("vae_encode_batch_size"), help="images per VAE encode call when caching latents")
     train.add_argument("--sample-batch-size", type=expert_number("sample_batch_size"), help="class images generated per pipeline call (default 4; the images do not depend on it)")
@@ -92,7 +105,7 @@ def register(subparsers) -> None:
     sample.add_argument("--num-images", type=NUM_IMAGES, default=4)
     sample.add_argument("--output", required=True, help="folder for the PNG files")
     sample.add_argument("--steps", type=STEPS, default=25, help="denoising steps")
-    sample.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=7.5)
+    sample.add_argument("--guidance-scale", type=GUIDANCE_SCALE, help="default: the expert's own (expert.json: 7.5 for SD/SDXL, 3.5 for FLUX)")
     sample.add_argument("--seed", type=SEED, default=0)
     add_sampler_flags(sample, size=True)
     sample.add_argument("--overwrite", action="store_true", help="replace existing image files")
@@ -162,7 +175,7 @@ def recipe_defaults_epilog() -> str:
 _OVERRIDES = (
     "steps", "prior_preservation", "num_class_images", "prior_loss_weight", "lora_rank", "train_text_encoder",
     "identifier", "learning_rate", "learning_rate_scale", "optimizer", "batch_size", "resolution", "seed",
-    "mixed_precision", "gradient_checkpointing", "snr_gamma", "offset_noise", "checkpointing_steps",
+    "mixed_precision", "gradient_checkpointing", "snr_gamma", "offset_noise", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "checkpointing_steps",
     "validation_steps", "validation_prompt",
     "instance_prompt", "class_prompt", "class_data_dir", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
@@ -170,6 +183,7 @@ _OVERRIDES = (
     "sample_batch_size",
     "lora_alpha", "lora_dropout", "use_dora", "text_encoder_lr", "adam_weight_decay_text_encoder", "prodigy_beta3", "prodigy_decouple",
     "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "output_kohya_format",
+    "aspect_ratio_buckets", "caption_extension", "caption_dropout", "image_interpolation_mode",
 )
 
 

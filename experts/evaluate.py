@@ -8,37 +8,40 @@ from __future__ import annotations
 
 import torch
 
-from suti.losses import denoising_target, encode_images, per_sample_mse
+from suti.losses import encode_images, per_sample_mse
 
 
 @torch.no_grad()
 def denoising_loss(pipe, images: torch.Tensor, prompt: str | list[str], *, seed: int = 0, draws: int = 8, timesteps: list[int] | None = None) -> float:
-    """Mean denoising MSE of ``pipe`` on ``images`` (N, 3, R, R) in [-1, 1] with ``prompt``.
+    """Mean denoising MSE of ``pipe`` on ``images`` (N, 3, R, R) in [-1, 1] with ``prompt``, under
+    the objective that trains it (:func:`suti.objectives.training_objective`: epsilon/v for SD
+    and SDXL, flow matching for FLUX) and its denoiser (:func:`suti.denoisers.denoiser_for`).
 
-    Each image is noised ``draws`` times with noise and timesteps drawn from ``seed`` (or the
-    given ``timesteps``), so two pipelines evaluated with the same arguments see identical inputs.
+    Each image is noised ``draws`` times with noise and timesteps drawn from ``seed`` (or at the
+    given schedule indices ``timesteps``: the timestep itself for DDPM-type schedules), so two
+    pipelines evaluated with the same arguments see identical inputs.
     """
-    from diffusers import DDPMScheduler
-
     from suti.conditioning import encode_prompt
+    from suti.denoisers import denoiser_for, latents_from_vae
+    from suti.objectives import training_objective
 
-    device = pipe.unet.device
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    denoiser = denoiser_for(pipe)
+    device = denoiser.module.device
+    objective = training_objective(pipe.scheduler)
     generator = torch.Generator().manual_seed(seed)
     mean, std = encode_images(pipe.vae, images)
     n = len(images)
     prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-    cond = encode_prompt(pipe, prompts)  # (N, 77, D) hidden states (+ SDXL pooled embeds, time ids)
+    cond = encode_prompt(pipe, prompts)  # SD: hidden states; SDXL: + pooled embeds, time ids; FLUX: T5 states + CLIP pooled
     total = []
     for d in range(draws):
-        eps = torch.randn(mean.shape, generator=generator).to(device)
-        latents = (mean + std * eps) * pipe.vae.config.scaling_factor
+        latents = latents_from_vae(mean, std, pipe.vae.config, generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         if timesteps is None:
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+            t = objective.draw_timesteps(n, generator).to(device)
         else:
-            t = torch.full((n,), timesteps[d % len(timesteps)], dtype=torch.long, device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(noisy, t, **cond.unet_kwargs()).sample
-        total.append(per_sample_mse(pred, denoising_target(scheduler, latents, noise, t)))
+            t = objective.timesteps_at(torch.full((n,), timesteps[d % len(timesteps)], dtype=torch.long)).to(device)
+        noisy = objective.add_noise(latents, noise, t)
+        pred = denoiser(noisy, t, cond)
+        total.append(per_sample_mse(pred, objective.target(latents, noise, t)))
     return torch.cat(total).mean().item()

@@ -88,6 +88,37 @@ def unsaved_expert_info(config, instance_prompt: str, train_seconds: float) -> E
                       train_seconds=round(train_seconds, 3))
 
 
+def save_lora_weights(pipe, output: Path, adapter_name: str = "default", *, with_text_encoders: bool = False) -> Path:
+    """Write the peft adapter ``adapter_name`` of ``pipe``'s denoiser (and of the text encoders
+    its family trains, :attr:`suti.models.Family.text_encoders`) to ``output/LORA_FILE``
+    atomically, with the family pipeline's own ``save_lora_weights`` (the layout its
+    ``load_lora_weights`` reads: ``unet.*``/``text_encoder.*`` for SD and SDXL, converted to
+    diffusers' keys as ``train_dreambooth_lora.py`` does; ``transformer.*`` in peft's keys for
+    FLUX, as ``train_dreambooth_lora_flux.py`` does) and each adapter's config as metadata (so
+    that loading restores ``lora_alpha``). Returns the file."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from suti.denoisers import denoiser_for
+    from suti.models import pipeline_family
+
+    family = pipeline_family(pipe)
+    denoiser = denoiser_for(pipe)
+    parts = [(denoiser.attribute, denoiser.module)]
+    if with_text_encoders:
+        parts += [(name, getattr(pipe, name)) for name in family.text_encoders]
+    kwargs = {}
+    for name, module in parts:
+        layers = get_peft_model_state_dict(module, adapter_name=adapter_name)
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers) if denoiser.lora_keys == "diffusers" else layers
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[adapter_name].to_dict()  # diffusers restores lora_alpha from it
+    with tempfile.TemporaryDirectory(prefix=".lora-", dir=output) as tmp:  # then renamed: atomic
+        family.pipeline_class().save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        storage.umask_modes(Path(tmp) / LORA_FILE)  # safetensors writes 0o600
+        os.replace(Path(tmp) / LORA_FILE, output / LORA_FILE)
+    return output / LORA_FILE
+
+
 def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_name: str = "default") -> ExpertInfo:
     """Save the trained weights (safetensors only) and ``expert.json``; a LoRA expert is the
     peft adapter ``adapter_name`` of ``pipe``'s U-Net (and text encoders), saved in diffusers'
@@ -97,32 +128,7 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_
     from experts.identifier import fill_prompt
 
     if config.lora_rank > 0:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        from suti.models import is_sdxl
-
-        def adapter_config(model):  # diffusers' lora_adapter_metadata: load_lora_weights restores lora_alpha from it
-            return model.peft_config[adapter_name].to_dict() if model is not None else None
-
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name))
-        text_layers = None
-        encoder = pipe.text_encoder if config.train_text_encoder else None
-        if config.train_text_encoder:
-            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder, adapter_name=adapter_name))
-        with tempfile.TemporaryDirectory(prefix=".lora-", dir=output) as tmp:  # then renamed: atomic
-            if is_sdxl(pipe):  # the layout StableDiffusionXLPipeline.load_lora_weights reads
-                encoder_2 = pipe.text_encoder_2 if config.train_text_encoder else None
-                text_layers_2 = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder_2, adapter_name=adapter_name)) if config.train_text_encoder else None
-                StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, text_encoder_2_lora_layers=text_layers_2, safe_serialization=True,
-                                                            unet_lora_adapter_metadata=adapter_config(pipe.unet), text_encoder_lora_adapter_metadata=adapter_config(encoder),
-                                                            text_encoder_2_lora_adapter_metadata=adapter_config(encoder_2))
-            else:
-                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
-                                                          unet_lora_adapter_metadata=adapter_config(pipe.unet), text_encoder_lora_adapter_metadata=adapter_config(encoder))
-            storage.umask_modes(Path(tmp) / LORA_FILE)  # safetensors writes 0o600
-            os.replace(Path(tmp) / LORA_FILE, output / LORA_FILE)
+        save_lora_weights(pipe, output, adapter_name, with_text_encoders=config.train_text_encoder)
         kind, weights = "lora", LORA_FILE
     else:
         storage.save_pretrained_atomic(pipe, output / "pipeline", safe_serialization=True)

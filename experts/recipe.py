@@ -17,6 +17,8 @@ from suti.models import config_dir
 OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "none")
+#: Caption files beside the photos (``--caption-extension``): the sidecars that are never read as photos.
+CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
 @dataclass
@@ -69,6 +71,11 @@ class ExpertConfig:
     # augmentation (diffusers' --random_flip / --center_crop)
     random_flip: bool = False  # flip each image horizontally with probability 1/2
     center_crop: bool = True  # False: a random square crop per step (images resized shorter side first)
+    # photos as people take them (issue 34): buckets, captions, resize filter
+    aspect_ratio_buckets: str | None = None  # None: square R x R; "auto": the ladder at ~R*R pixels; "H,W;H,W": these buckets (experts.buckets)
+    caption_extension: str | None = None  # e.g. ".txt": photo.txt beside photo.jpg is its instance prompt (kohya's --caption_extension)
+    caption_dropout: float = 0.0  # probability of training an instance row on the empty prompt (diffusers' --proportion_empty_prompts)
+    image_interpolation_mode: str = "lanczos"  # resize filter (diffusers' --image_interpolation_mode; experts.buckets.INTERPOLATION_MODES)
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None  # None: equal to the rank (scaling alpha / rank)
     lora_dropout: float = 0.0  # dropout probability of the LoRA layers' input (peft LoraConfig.lora_dropout)
@@ -81,6 +88,12 @@ class ExpertConfig:
     gradient_checkpointing: bool = False
     snr_gamma: float | None = None
     offset_noise: float = 0.0
+    # flow-matching models (FLUX; diffusers' train_dreambooth_lora_flux.py --weighting_scheme, ...)
+    weighting_scheme: str = "none"  # none | sigma_sqrt | logit_normal | mode | cosmap (suti.objectives)
+    logit_mean: float = 0.0  # logit_normal timestep density
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode timestep density
+    max_sequence_length: int | None = None  # T5 tokens of a FLUX prompt; None: 512 (capped by the tokenizer)
     seed: int = 0
     # bookkeeping
     checkpointing_steps: int = 0  # 0: only at the end
@@ -152,6 +165,11 @@ class ExpertConfig:
             raise InputError(f"--steps must be at least 1 (got {self.steps})")
         if self.lora_rank < 0:
             raise InputError(f"--lora-rank must be >= 0 (got {self.lora_rank})")
+        from suti.objectives import WEIGHTING_SCHEMES
+
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise InputError(f"unknown --weighting-scheme {self.weighting_scheme!r} ({', '.join(WEIGHTING_SCHEMES)})")
+        self._validate_objective_options()
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown --optimizer {self.optimizer!r} ({', '.join(OPTIMIZERS)})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -191,6 +209,7 @@ class ExpertConfig:
         check_sampler_args(sample_batch_size=self.sample_batch_size, flags=True)
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise InputError("--use-8bit-adam needs --optimizer adamw")
+        self._validate_photo_options()
         self._validate_lora_options()
         if self.lr_warmup_steps and self.lr_scheduler == "constant":  # diffusers' constant schedule has no warmup
             _warn_once(f"--lr-warmup-steps {self.lr_warmup_steps} has no effect with --lr-scheduler constant (use constant_with_warmup to warm up)")
@@ -198,6 +217,14 @@ class ExpertConfig:
             _warn_once(f"--lr-warmup-steps {self.lr_warmup_steps} is not below --steps {self.steps}: the {self.lr_scheduler} schedule is still warming up when "
                        f"the run ends, so the learning rate never reaches its set value (shorten the warmup or raise --steps)")
 
+
+    def _validate_objective_options(self) -> None:
+        """Min-SNR-gamma is for epsilon/v models, the weighting schemes for flow-matching ones
+        (:attr:`suti.models.Family.objective` of ``model``; the run checks its scheduler again)."""
+        from suti.models import model_family
+        from suti.objectives import training_objective_options
+
+        training_objective_options(model_family(self.model).objective == "flow_matching", snr_gamma=self.snr_gamma, weighting_scheme=self.weighting_scheme)
 
     def _validate_lora_options(self) -> None:
         """The LoRA-only options need LoRA; kohya's layout has no DoRA; Prodigy's rate is ~1.0."""
@@ -217,6 +244,18 @@ class ExpertConfig:
             _warn_once(f"--text-encoder-lr {self.text_encoder_lr:g} is not used with --optimizer prodigy: Prodigy takes one rate (--learning-rate) for every parameter group")
         if self.text_encoder_lr is not None and not self.train_text_encoder:
             _warn_once(f"--text-encoder-lr {self.text_encoder_lr:g} has no effect without --train-text-encoder")
+
+
+    def _validate_photo_options(self) -> None:
+        """Buckets, captions and the resize filter (:mod:`experts.buckets`, :func:`experts.data.read_captions`)."""
+        from experts.buckets import INTERPOLATION_MODES, parse_buckets
+
+        if self.image_interpolation_mode not in INTERPOLATION_MODES:
+            raise InputError(f"unknown --image-interpolation-mode {self.image_interpolation_mode!r} ({', '.join(INTERPOLATION_MODES)})")
+        if self.aspect_ratio_buckets not in (None, "auto"):
+            parse_buckets(self.aspect_ratio_buckets)
+        if self.caption_extension is not None and self.caption_extension.lower() not in CAPTION_EXTENSIONS:
+            raise InputError(f"--caption-extension must be one of {', '.join(CAPTION_EXTENSIONS)} (files beside the photos that are not read as photos); got {self.caption_extension!r}")
 
 
 _warned: set[str] = set()
@@ -250,6 +289,7 @@ def _expert_numbers() -> dict:
         "lr_warmup_steps": checks.whole(0, 10_000_000),
         "lr_num_cycles": checks.whole(1, 10_000),
         "lr_power": checks.real(0.0, 100.0, lo_open=True),
+        "caption_dropout": checks.PROBABILITY,
         "adam_beta1": checks.BETA,
         "adam_beta2": checks.BETA,
         "adam_weight_decay": checks.real(0.0, 1.0),
@@ -267,6 +307,10 @@ def _expert_numbers() -> dict:
         "resolution": checks.whole(8, MAX_SIDE),
         "snr_gamma": checks.real(0.0, 1e3, lo_open=True),
         "offset_noise": checks.real(0.0, 1.0),
+        "logit_mean": checks.real(-10.0, 10.0),
+        "logit_std": checks.real(0.0, 10.0, lo_open=True),
+        "mode_scale": checks.real(0.0, 10.0),
+        "max_sequence_length": checks.whole(1, 4096),
         "checkpointing_steps": checks.whole(0, 10_000_000),
         "checkpoints_total_limit": checks.whole(0, 100_000),
         "validation_steps": checks.whole(0, 10_000_000),
@@ -361,6 +405,10 @@ def resolve_config(recipe: str | dict, overrides: dict[str, Any]) -> ExpertConfi
     if "learning_rate" in overrides:  # an explicit rate applies to full and LoRA training alike
         overrides["lora_learning_rate"] = overrides["learning_rate"]
     model = overrides.get("model", data.get("model", "tiny"))
+    from suti.models import model_family
+
+    for key, value in model_family(model).training_defaults.items():  # e.g. FLUX's distilled guidance 3.5
+        data.setdefault(key, value)  # a recipe's own setting stays
     data.update(preset_expert_defaults(model, data["recipe"]))
     data.update(overrides)
     config = ExpertConfig.from_dict(data)

@@ -17,14 +17,16 @@ from suti.sampling import DEFAULT_SAMPLE_BATCH_SIZE, batches, check_prompt, chec
 log = logging.getLogger(__name__)
 
 
-def sample_expert(expert: str | Path, prompt: str, num_images: int, output: str | Path, *, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
+def sample_expert(expert: str | Path, prompt: str, num_images: int, output: str | Path, *, steps: int = 25, guidance_scale: float | None = None, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
     """Generate ``num_images`` PNGs of ``prompt`` (``{V}``/``{class}`` filled from ``expert.json``).
 
     Files are ``OUTPUT/image_000.png`` ...; existing files of those names are refused unless
     ``overwrite``. Image i uses the seed ``seed + i``, so any image can be regenerated alone.
     Images are ``height`` x ``width`` pixels (default: the expert's training resolution), sampled
     in ``dtype`` (``fp32``/``fp16``/``bf16``; default fp16 on CUDA, fp32 on CPU), up to
-    ``sample_batch_size`` per pipeline call (the images do not depend on it).
+    ``sample_batch_size`` per pipeline call (the images do not depend on it), at
+    ``guidance_scale`` (default: the expert's own ``guidance_scale``, recorded in ``expert.json``:
+    classifier-free guidance 7.5 for SD and SDXL, the distilled guidance 3.5 for FLUX).
 
     Raises:
         InputError: an argument out of range (:func:`suti.sampling.check_sampler_args`), or a
@@ -34,6 +36,8 @@ def sample_expert(expert: str | Path, prompt: str, num_images: int, output: str 
     device = default_device()
     torch_dtype = resolve_dtype(dtype, device)
     info = ExpertInfo.read(expert)
+    if guidance_scale is None:
+        guidance_scale = float((info.config or {}).get("guidance_scale", 7.5))
     output = Path(output)
     paths = numbered_images(output, num_images, overwrite=overwrite)
     text = info.prompt(prompt)

@@ -37,19 +37,20 @@ class StackedBatches:
         experts: one :class:`ExpertData` per expert, in stack order; all with or all without
             class images.
         batch_size: instance rows per expert (and class rows with prior preservation).
-        noise_scheduler: the DDPM training scheduler.
-        scale: the VAE's ``scaling_factor``.
+        objective: the training objective (:mod:`suti.objectives`: timesteps, noising, target
+            and loss weights, e.g. Min-SNR-gamma).
+        vae_config: the VAE's config (``scaling_factor``, ``shift_factor``).
         offset_noise: per-channel noise standard deviation (0: none).
         prior_loss_weight: weight of each expert's class loss.
-        snr_gamma: Min-SNR-gamma weighting (0 or ``None``: none).
         device: where the rows go.
     """
 
-    def __init__(self, experts: list[ExpertData], batch_size: int, noise_scheduler, scale: float, offset_noise: float, prior_loss_weight: float, snr_gamma: float | None, device: str):
+    def __init__(self, experts: list[ExpertData], batch_size: int, objective, vae_config, offset_noise: float, prior_loss_weight: float, device: str):
         from suti.conditioning import Conditioning
 
-        self.experts, self.b, self.noise_scheduler, self.scale = experts, batch_size, noise_scheduler, scale
-        self.offset_noise, self.prior_loss_weight, self.snr_gamma, self.device = offset_noise, prior_loss_weight, snr_gamma, device
+        self.experts, self.b, self.objective, self.vae_config = experts, batch_size, objective, vae_config
+        self.scale, self.shift = vae_config.scaling_factor, getattr(vae_config, "shift_factor", None) or 0.0
+        self.offset_noise, self.prior_loss_weight, self.device = offset_noise, prior_loss_weight, device
         self.prior = experts[0].cls is not None
         if any((e.cls is not None) != self.prior for e in experts):
             raise ValueError("experts trained together all use prior preservation or none does")
@@ -59,7 +60,7 @@ class StackedBatches:
         conds = []
         for e in experts:
             conds += [e.cond_inst] * batch_size + ([e.cond_cls] * batch_size if self.prior else [])
-        self.unet_kwargs = Conditioning.cat(conds).to(device).unet_kwargs()  # the same every step
+        self.cond = Conditioning.cat(conds).to(device)  # the same every step
 
     def _stack_tables(self) -> None:
         """One table of every distinct latent set (shared class sets counted once), with each
@@ -94,21 +95,20 @@ class StackedBatches:
         noise = torch.randn(shape, generator=g)
         if self.offset_noise:
             noise = noise + self.offset_noise * torch.randn(shape[:2] + (1, 1), generator=g)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],), generator=g)
+        timesteps = self.objective.draw_timesteps(shape[0], g)
         return eps, noise, timesteps
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(noisy, timesteps, target)`` of all K experts' rows, expert after expert: (K*rows,
         C, h, w), (K*rows,), (K*rows, C, h, w)."""
-        from suti.losses import denoising_target
-
         if not self.cached:
             return self._draw_encoding()
         rows = self.rows_per_expert
         shape = (rows, *self.mean.shape[1:])
-        index, flip, eps, noise, timesteps = [], [], [], [], []
+        index, flip, eps, noise, timesteps, sizes = [], [], [], [], [], []
         for k, e in enumerate(self.experts):
             idx, flips, _, cidx, cflips, _ = self._draws(e)
+            sizes += [e.inst.time_ids(idx, None)] + ([e.cls.time_ids(cidx, None)] if cidx is not None else [])
             index.append(idx + self.inst_at[k])
             flip.append(flips if flips is not None else torch.zeros(0, dtype=torch.bool))
             if cidx is not None:
@@ -118,6 +118,7 @@ class StackedBatches:
             eps.append(drawn[0])
             noise.append(drawn[1])
             timesteps.append(drawn[2])
+        self._set_time_ids(torch.cat(sizes))
         index = self._to(torch.cat(index), self.mean.device)
         mean, std = self.mean[index], self.std[index]
         if self.flipped is not None:
@@ -125,13 +126,13 @@ class StackedBatches:
             mean, std = torch.where(m, self.flipped[0][index], mean), torch.where(m, self.flipped[1][index], std)
         eps = torch.cat(eps)
         if mean.device.type == "cpu":  # as sample_latents: on the CPU, then moved
-            latents = ((mean + std * eps) * self.scale).to(self.device)
+            latents = ((mean + std * eps - self.shift) * self.scale).to(self.device)
         else:  # on the accelerator: no copy back to the host (no sync in the step)
-            latents = (mean + std * self._to(eps, mean.device)) * self.scale
+            latents = (mean + std * self._to(eps, mean.device) - self.shift) * self.scale
         noise = self._to(torch.cat(noise), self.device)
         timesteps = self._to(torch.cat(timesteps), self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        return noisy, timesteps, denoising_target(self.noise_scheduler, latents, noise, timesteps)
+        noisy = self.objective.add_noise(latents, noise, timesteps)
+        return noisy, timesteps, self.objective.target(latents, noise, timesteps)
 
     @staticmethod
     def _to(t: torch.Tensor, device) -> torch.Tensor:
@@ -146,17 +147,31 @@ class StackedBatches:
         """Random crops: each expert's batch is encoded per step (as a lone run does)."""
         from experts.train import draw_training_batch
 
-        parts = [draw_training_batch(e.inst, e.cls, self.b, e.generator, self.noise_scheduler, self.scale, self.offset_noise, self.device) for e in self.experts]
+        parts, sizes = [], []
+        for e in self.experts:
+            parts.append(draw_training_batch(e.inst, e.cls, self.b, e.generator, self.objective, self.vae_config, self.offset_noise, self.device))
+            sizes += [e.inst.last_time_ids()] + ([e.cls.last_time_ids()] if e.cls is not None else [])
+        self._set_time_ids(torch.cat(sizes))
         return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _set_time_ids(self, time_ids: torch.Tensor) -> None:
+        """SDXL: the drawn rows' true sizes (K*rows, 6) into ``cond`` (each photo's original size
+        and crop, :meth:`experts.latents.TrainingLatents.time_ids`, as a lone expert's rows get
+        them); nothing for a model without time ids."""
+        added = self.cond.added_cond_kwargs
+        if added is not None and "time_ids" in added:
+            old = added["time_ids"]
+            added["time_ids"] = self._to(time_ids.to(old.dtype), old.device)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, per_expert)``: the sum over experts of each one's loss (instance mean plus
         ``prior_loss_weight`` times the class mean), and those K losses (K,), detached."""
-        from suti.losses import per_sample_mse, snr_weights
+        from suti.losses import per_sample_mse
 
         losses = per_sample_mse(pred, target)
-        if self.snr_gamma:
-            losses = losses * snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
+        weights = self.objective.loss_weights(timesteps)
+        if weights is not None:
+            losses = losses * weights.to(losses.device)
         rows = losses.view(len(self.experts), self.rows_per_expert)
         each = rows[:, : self.b].mean(1)
         if self.prior:

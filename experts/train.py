@@ -22,23 +22,33 @@ import torch
 from tqdm import tqdm
 
 from experts import checkpoint as ckpt
-from experts.data import ensure_class_images, real_class_images
+from experts.data import ensure_class_images, instance_images, real_class_images
 from experts.expert import EXPERT_FILE, ExpertInfo, save_expert, unsaved_expert_info
 from experts.identifier import fill_prompt, sample_identifier
-from experts.latents import TrainingLatents, load_training_pixels
-from suti.losses import denoising_target, per_sample_mse, sample_latents, snr_weights
+from experts.latents import TrainingLatents, latent_sets, load_training_pixels
+from experts.rows import cached_conditioning, instance_text, row_prompts, step_rows, with_time_ids
+from suti.denoisers import denoiser_for, denoiser_module, latents_from_vae
+from suti.losses import per_sample_mse
+from suti.objectives import training_objective
 from experts.optim import adamw_class, make_lr_scheduler, make_optimizer, prodigy_class
 from experts.recipe import ExpertConfig
 from experts.tracking import check_tracker, log_image, start_trackers
 from suti import storage
-from suti.conditioning import Conditioning, encode_prompt
+from suti.conditioning import encode_prompt
 from suti.errors import InputError
-from suti.images import list_image_files, save_image_atomic
+from suti.images import save_image_atomic
 from suti.models import check_model, default_device, default_resolution, load_pipeline
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS_UNET = ["to_k", "to_q", "to_v", "to_out.0"]
+#: diffusers' train_dreambooth_lora_flux.py default ``--lora_layers``: the joint attention's image
+#: and text projections and both streams' feed-forward layers of every double-stream block (the
+#: single-stream blocks' attention shares the names ``attn.to_q/k/v``).
+LORA_TARGETS_TRANSFORMER = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
+                            "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+#: LoRA targets of each denoiser (``suti.denoisers``: its pipeline attribute).
+LORA_TARGETS = {"unet": LORA_TARGETS_UNET, "transformer": LORA_TARGETS_TRANSFORMER}
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -67,9 +77,20 @@ def _check_training_prompts(tokenizer, config, prompt: str, class_prompt: str) -
 
 
 def text_encoders(pipe) -> list:
-    """The pipeline's text encoders: ``[text_encoder]``, or ``[text_encoder, text_encoder_2]`` for SDXL."""
-    second = getattr(pipe, "text_encoder_2", None)
-    return [pipe.text_encoder] if second is None else [pipe.text_encoder, second]
+    """The text encoders that ``--train-text-encoder`` trains (the family's,
+    :attr:`suti.models.Family.text_encoders`): ``[text_encoder]``, ``[text_encoder,
+    text_encoder_2]`` for SDXL, CLIP's alone for FLUX (T5 stays frozen)."""
+    from suti.models import pipeline_family
+
+    names = pipeline_family(pipe).text_encoders
+    return [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
+
+
+def lora_targets(pipe) -> list[str]:
+    """The modules of ``pipe``'s denoiser that LoRA adapts (:data:`LORA_TARGETS`)."""
+    from suti.models import pipeline_family, resolve
+
+    return LORA_TARGETS[resolve(pipeline_family(pipe).denoiser).attribute]
 
 
 def lora_config(config: ExpertConfig, target_modules: list[str]):
@@ -86,7 +107,7 @@ def add_lora(pipe, config: ExpertConfig, adapter_name: str = "default") -> None:
     """Attach peft LoRA adapters named ``adapter_name`` (:func:`lora_config`) to the U-Net
     attention projections (and the text encoders: both of SDXL's, as diffusers'
     ``train_dreambooth_lora_sdxl.py`` does). The initialisation draws from torch's global RNG."""
-    pipe.unet.add_adapter(lora_config(config, LORA_TARGETS_UNET), adapter_name=adapter_name)
+    denoiser_module(pipe).add_adapter(lora_config(config, lora_targets(pipe)), adapter_name=adapter_name)
     if config.train_text_encoder:
         for encoder in text_encoders(pipe):
             encoder.add_adapter(lora_config(config, LORA_TARGETS_TEXT), adapter_name=adapter_name)
@@ -186,10 +207,11 @@ class _Run:
     class_prompt: str
     params: dict[str, torch.nn.Parameter]  # by name: unet.*, text_encoder.*, text_encoder_2.*
     inputs: tuple  # (inst, cls, cond_inst, cond_cls) of cached_inputs
-    noise_scheduler: Any
+    objective: Any  # suti.objectives: DiffusionObjective or FlowMatchingObjective
+    denoiser: Any  # suti.denoisers: UNetDenoiser or FluxDenoiser (its module is the plain network)
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    train_unet: torch.nn.Module  # the U-Net as DDP wraps it (pipe.unet stays the plain module)
+    train_model: torch.nn.Module  # the denoiser's network as DDP wraps it (pipe.unet / pipe.transformer stay plain)
     train_texts: list  # the text encoders, DDP-wrapped when they train
     generator: torch.Generator  # this process's data generator
     precision: MixedPrecision
@@ -208,7 +230,7 @@ def _checked_inputs(config: ExpertConfig):
     real_class, log_with)``, the instance images as (3, R, R) tensors (or shorter side R), the
     real class images to use, and the trackers to log with."""
     resolution = config.resolution or default_resolution(config.model)
-    instance_pixels = load_training_pixels(list_image_files(config.instance_dir), resolution, config.center_crop)
+    instance_pixels = instance_images(config, resolution)  # buckets, captions, the resize filter
     real_class = real_class_images(config.class_data_dir, config.num_class_images) if config.prior_preservation and config.class_data_dir else []
     if config.class_data_dir and not config.prior_preservation:
         log.warning("--class-data-dir %s is unused without prior preservation", config.class_data_dir)
@@ -263,11 +285,12 @@ def _load_base(config: ExpertConfig, accelerator, device: str, pipeline):
 def _trainable_parameters(pipe, config: ExpertConfig) -> dict[str, torch.nn.Parameter]:
     """Freeze what does not train, add LoRA or unfreeze the text encoders, turn on gradient
     checkpointing; the trainable parameters by name, made fp32."""
-    vae, unet = pipe.vae, pipe.unet
+    vae, unet = pipe.vae, denoiser_module(pipe)
     encoders = text_encoders(pipe)  # SDXL: both text encoders train together
     vae.requires_grad_(False)
-    for encoder in encoders:
-        encoder.requires_grad_(False)
+    for encoder in encoders + [getattr(pipe, "text_encoder_2", None)]:  # FLUX's T5 never trains
+        if encoder is not None:
+            encoder.requires_grad_(False)
     unet.requires_grad_(config.lora_rank == 0)
     if config.lora_rank > 0:
         add_lora(pipe, config)
@@ -279,7 +302,8 @@ def _trainable_parameters(pipe, config: ExpertConfig) -> dict[str, torch.nn.Para
         if config.train_text_encoder:
             for encoder in encoders:
                 encoder.gradient_checkpointing_enable()
-    params = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    prefix = denoiser_for(pipe).attribute  # unet.* or transformer.*
+    params = {f"{prefix}.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
     for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
         params.update({f"{name}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
     for p in params.values():
@@ -288,20 +312,20 @@ def _trainable_parameters(pipe, config: ExpertConfig) -> dict[str, torch.nn.Para
 
 
 def _build_run(config: ExpertConfig, pipe, accelerator, output: Path, device: str, prompts: tuple[str, str], params: dict, inputs: tuple) -> _Run:
-    """The noise scheduler, optimizer, learning-rate schedule, DDP-wrapped models and data
-    generator of a run."""
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    """The training objective, denoiser, optimizer, learning-rate schedule, DDP-wrapped models and
+    data generator of a run."""
+    objective = training_objective(pipe.scheduler, snr_gamma=config.snr_gamma, weighting_scheme=config.weighting_scheme,
+                                   logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale)
+    denoiser = denoiser_for(pipe, guidance_scale=config.guidance_scale)
     optimizer = make_optimizer(params, config)  # the U-Net's group, then the text encoders'
     lr_scheduler = make_lr_scheduler(optimizer, config)
-    # DDP wraps only what trains; pipe.unet / pipe.text_encoder stay the plain modules
-    train_unet = accelerator.prepare(pipe.unet)
+    # DDP wraps only what trains; pipe.unet (transformer) / pipe.text_encoder stay the plain modules
+    train_model = accelerator.prepare(denoiser.module)
     encoders = text_encoders(pipe)
     train_texts = [accelerator.prepare(e) for e in encoders] if config.train_text_encoder else encoders
     generator = torch.Generator().manual_seed(config.seed + 1000003 * accelerator.process_index)
-    return _Run(config, pipe, accelerator, output, device, *prompts, params, inputs, noise_scheduler, optimizer, lr_scheduler,
-                train_unet, train_texts, generator, mixed_precision(config, device))
+    return _Run(config, pipe, accelerator, output, device, *prompts, params, inputs, objective, denoiser, optimizer, lr_scheduler,
+                train_model, train_texts, generator, mixed_precision(config, device))
 
 
 def _resume_step(run: _Run, start_ckpt: Path | None) -> int:
@@ -329,7 +353,7 @@ def _train_steps(run: _Run, step: int, progress: bool, progress_callback) -> tup
     trackers), with checkpoints and validation images at their intervals. Returns the last step
     and the seconds they took."""
     config, accelerator = run.config, run.accelerator
-    run.pipe.unet.train()
+    run.denoiser.module.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc="expert", unit="step", disable=not progress or not run.main)
     while step < config.steps:
@@ -347,7 +371,7 @@ def _train_steps(run: _Run, step: int, progress: bool, progress_callback) -> tup
             _validate(run.pipe, config, run.output, step, accelerator)
     bar.close()
     elapsed = time.perf_counter() - started
-    run.pipe.unet.eval()
+    run.denoiser.module.eval()
     return step, elapsed
 
 
@@ -358,13 +382,14 @@ def _optimizer_step(run: _Run) -> dict[str, float]:
     config = run.config
     b, accum = config.batch_size, config.gradient_accumulation_steps
     inst, cls = run.inputs[:2]
-    noisy, timesteps, target = draw_training_batch(inst, cls, b * accum, run.generator, run.noise_scheduler, run.pipe.vae.config.scaling_factor, config.offset_noise, run.device)
+    noisy, timesteps, target = draw_training_batch(inst, cls, b * accum, run.generator, run.objective, run.pipe.vae.config, config.offset_noise, run.device)
+    step_data = step_rows(inst, cls, b * accum, run.generator, config.caption_dropout)  # captions, dropout, SDXL sizes of the rows
 
     lr = run.lr_scheduler.get_last_lr()[0]
     run.optimizer.zero_grad(set_to_none=True)
     loss_inst = loss_prior = 0.0
     for k in range(accum):
-        micro_inst, micro_prior = _micro_batch_backward(run, k, noisy, timesteps, target)
+        micro_inst, micro_prior = _micro_batch_backward(run, k, noisy, timesteps, target, step_data)
         loss_inst = loss_inst + micro_inst.detach() / accum
         loss_prior = loss_prior + micro_prior.detach() / accum
     scaler = run.precision.scaler
@@ -381,7 +406,7 @@ def _optimizer_step(run: _Run) -> dict[str, float]:
     return {"loss": loss, "instance_loss": loss_inst, "prior_loss": loss_prior, "lr": lr, "grad_norm": float(grad_norm)}
 
 
-def _micro_batch_backward(run: _Run, k: int, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _micro_batch_backward(run: _Run, k: int, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, step_data) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of micro-batch ``k`` of a step's rows (its instance rows, then its
     class rows); gradients are all-reduced only on the last. Returns its instance and prior
     losses (scalars; the prior loss is 0 without class images)."""
@@ -392,21 +417,24 @@ def _micro_batch_backward(run: _Run, k: int, noisy: torch.Tensor, timesteps: tor
     rows = torch.arange(k * b, (k + 1) * b)
     if cls is not None:
         rows = torch.cat([rows, rows + n])
-    row_prompts = [run.prompt] * b + ([run.class_prompt] * b if cls is not None else [])
+    prompts = row_prompts(step_data, k, b, inst.text, run.class_prompt if cls is not None else None)  # experts.rows
     cond = None
     if cond_inst is not None:
-        cond = Conditioning.cat([cond_inst] * b + ([cond_cls] * b if cls is not None else []))
+        cond = cached_conditioning(step_data, k, b, inst.text, cond_inst, cond_cls if cls is not None else None)
     texts = run.train_texts
-    sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(run.accelerator, run.train_unet, *(texts if config.train_text_encoder else []))
+    sync = contextlib.nullcontext() if k == accum - 1 else _no_sync(run.accelerator, run.train_model, *(texts if config.train_text_encoder else []))
     autocast = run.precision.autocast()
     with sync:
         with autocast:
             if cond is None:
-                cond = encode_prompt(run.pipe, row_prompts, resolution=config.resolution, text_encoder=texts[0], text_encoder_2=texts[1] if len(texts) > 1 else None)
-            pred = run.train_unet(noisy[rows], timesteps[rows], **cond.to(run.device).unet_kwargs()).sample
+                cond = encode_prompt(run.pipe, prompts, resolution=config.resolution, text_encoder=texts[0], text_encoder_2=texts[1] if len(texts) > 1 else None,
+                                      max_sequence_length=config.max_sequence_length)
+            cond = with_time_ids(cond, step_data, rows)  # SDXL: each row's original size and crop
+            pred = run.denoiser(noisy[rows], timesteps[rows], cond.to(run.device), module=run.train_model)
         losses = per_sample_mse(pred, target[rows])  # (b or 2b,)
-        if config.snr_gamma:
-            losses = losses * snr_weights(run.noise_scheduler, timesteps[rows], config.snr_gamma)
+        weights = run.objective.loss_weights(timesteps[rows])  # Min-SNR-gamma, or a flow-matching scheme's
+        if weights is not None:
+            losses = losses * weights.to(losses.device)
         micro_inst = losses[:b].mean()
         micro_prior = losses[b:].mean() if cls is not None else torch.zeros((), device=run.device)
         run.precision.scaler.scale((micro_inst + config.prior_loss_weight * micro_prior) / accum).backward()
@@ -468,7 +496,7 @@ def class_training_pixels(pipe, config: ExpertConfig, real_class: list[Path], cl
             log.info("%s has %d class images; generating %d more", config.class_data_dir, len(real_class), missing)
         with main_process_first():  # the main process generates, the others reuse
             class_paths += ensure_class_images(pipe, config.model, class_prompt, missing, resolution, config.class_seed, config.class_sample_steps, config.guidance_scale, progress_callback=progress_callback, sample_batch_size=config.sample_batch_size)
-    return load_training_pixels(class_paths, resolution, config.center_crop) if class_paths else None
+    return load_training_pixels(class_paths, resolution, config.center_crop, interpolation=config.image_interpolation_mode) if class_paths else None
 
 
 def cached_inputs(pipe, config: ExpertConfig, instance_pixels: list[torch.Tensor], class_pixels: list[torch.Tensor] | None, prompt: str, class_prompt: str):
@@ -478,22 +506,31 @@ def cached_inputs(pipe, config: ExpertConfig, instance_pixels: list[torch.Tensor
     the text encoder trains: encoded per step)."""
     resolution = config.resolution
     aug = dict(random_flip=config.random_flip, center_crop=config.center_crop, batch_size=config.vae_encode_batch_size)
-    inst = TrainingLatents(pipe.vae, instance_pixels, resolution, **aug)
-    cls = TrainingLatents(pipe.vae, list(class_pixels), resolution, **aug) if class_pixels is not None else None
+    bucketed = config.aspect_ratio_buckets is not None
+    inst, cls = latent_sets(pipe.vae, instance_pixels, class_pixels, bucketed=bucketed, interpolation=config.image_interpolation_mode, **aug)
+    if bucketed:  # recorded in expert.json
+        config.extra["aspect_ratio_buckets"] = [{"size": list(size), "images": [Path(instance_pixels.paths[i]).name for i in members]}
+                                                for size, members in instance_pixels.by_size().items()]
+    captions = getattr(instance_pixels, "captions", [None] * len(instance_pixels))
+    inst.text = instance_text(pipe, config, prompt, captions, encode=not config.train_text_encoder)  # per-image prompts (experts.rows)
     # Text conditioning (suti.conditioning: SD hidden states; SDXL adds pooled embeds and time ids)
     cond_inst = cond_cls = None
     if not config.train_text_encoder:
         with torch.no_grad():
-            cond_inst, cond_cls = encode_prompt(pipe, [prompt], resolution=resolution), encode_prompt(pipe, [class_prompt], resolution=resolution)
+            length = config.max_sequence_length
+            cond_inst = encode_prompt(pipe, [prompt], resolution=resolution, max_sequence_length=length)
+            cond_cls = encode_prompt(pipe, [class_prompt], resolution=resolution, max_sequence_length=length)
     return inst, cls, cond_inst, cond_cls
 
 
-def draw_training_batch(inst: TrainingLatents, cls: TrainingLatents | None, n: int, generator: torch.Generator, noise_scheduler, scale: float, offset_noise: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_training_batch(inst: TrainingLatents, cls: TrainingLatents | None, n: int, generator: torch.Generator, objective, vae_config, offset_noise: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step's data, drawn at once from ``generator``: ``n`` instance rows, then
     ``n`` class rows with prior preservation. Returns ``(noisy, timesteps, target)``: noisy
-    latents (rows, C, h, w), timesteps (rows,) and the U-Net's regression target (rows, C, h, w).
+    latents (rows, C, h, w), timesteps (rows,) and the denoiser's regression target (rows, C, h, w).
 
-    ``scale`` is the VAE's ``scaling_factor``; ``offset_noise`` adds per-channel noise of that
+    ``objective`` (:mod:`suti.objectives`) draws the timesteps, noises and gives the target;
+    ``vae_config`` shifts and scales the latents (:func:`suti.denoisers.latents_from_vae`);
+    ``offset_noise`` adds per-channel noise of that
     standard deviation (Guttenberg 2023). The draws are in a fixed order, so a run is a function
     of the generator's seed.
     """
@@ -503,14 +540,14 @@ def draw_training_batch(inst: TrainingLatents, cls: TrainingLatents | None, n: i
         cidx = cls.draw_indices(n, generator)
         c_mean, c_std = cls.latents(cidx, *cls.draw_augmentation(n, generator))
         mean, std = torch.cat([mean, c_mean]), torch.cat([std, c_std])
-    latents = sample_latents(mean.cpu(), std.cpu(), scale, generator).to(device)  # (n or 2n, C, h, w)
+    latents = latents_from_vae(mean.cpu(), std.cpu(), vae_config, generator).to(device)  # (n or 2n, C, h, w)
     noise = torch.randn(latents.shape, generator=generator)
     if offset_noise:
         noise = noise + offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
     noise = noise.to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    return noisy, timesteps, denoising_target(noise_scheduler, latents, noise, timesteps)
+    timesteps = objective.draw_timesteps(latents.shape[0], generator).to(device)
+    noisy = objective.add_noise(latents, noise, timesteps)
+    return noisy, timesteps, objective.target(latents, noise, timesteps)
 
 
 def _no_sync(accelerator, *models):
@@ -525,7 +562,7 @@ def _no_sync(accelerator, *models):
 @torch.no_grad()
 def _validate(pipe, config: ExpertConfig, output: Path, step: int, accelerator) -> None:
     """Sample the validation prompt with the weights being trained."""
-    pipe.unet.eval()
+    denoiser_module(pipe).eval()
     prompt = fill_prompt(config.validation_prompt, config.identifier, config.class_noun)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     image = pipe(prompt, height=config.resolution, width=config.resolution, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale, generator=generator).images[0]
@@ -534,4 +571,4 @@ def _validate(pipe, config: ExpertConfig, output: Path, step: int, accelerator) 
     save_image_atomic(image, folder / f"step-{step:06d}.png")
     storage.write_text(folder / "prompts.json", json.dumps({"prompt": prompt}))
     log_image(accelerator, "validation", image, step)
-    pipe.unet.train()
+    denoiser_module(pipe).train()

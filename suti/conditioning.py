@@ -1,4 +1,4 @@
-"""Text conditioning of a U-Net, the same call for SD 1.x/2.x and SDXL pipelines.
+"""Text conditioning of a denoiser, the same call for SD 1.x/2.x, SDXL and FLUX.1 pipelines.
 
 SD 1.x/2.x: the U-Net attends to the text encoder's last hidden states, ``(B, 77, D)``.
 SDXL (Podell et al. 2023, section 2.2; diffusers' ``StableDiffusionXLPipeline.encode_prompt``):
@@ -6,6 +6,7 @@ it attends to the *penultimate* hidden states of both text encoders, concatenate
 axis, ``(B, 77, D1 + D2)``, and its ``text_time`` add_embeds take the second encoder's pooled,
 projected embedding ``text_embeds (B, P)`` plus ``time_ids (B, 6)`` =
 (original height, original width, crop top, crop left, target height, target width) in pixels.
+FLUX.1: T5 token states and CLIP's pooled embedding (:func:`encode_flux_prompt`).
 
 :func:`encode_prompt` returns both as a :class:`Conditioning`, whose :meth:`Conditioning.unet_kwargs`
 are passed to ``unet(sample, t, **cond.unet_kwargs())``. No gradient mode is set here: callers
@@ -79,7 +80,7 @@ def time_ids(height: int, width: int, batch: int, device=None) -> torch.Tensor:
 
 
 def encode_prompt(pipe, prompts: list[str], *, resolution: int | tuple[int, int] | None = None,
-                  text_encoder=None, text_encoder_2=None) -> Conditioning:
+                  text_encoder=None, text_encoder_2=None, max_sequence_length: int | None = None) -> Conditioning:
     """Encode ``prompts`` for ``pipe``'s U-Net (see the module docstring).
 
     Args:
@@ -90,12 +91,17 @@ def encode_prompt(pipe, prompts: list[str], *, resolution: int | tuple[int, int]
             ``None``: the U-Net's native size.
         text_encoder, text_encoder_2: override the pipeline's encoders (e.g. a DeepSpeed- or
             peft-wrapped one being trained).
+        max_sequence_length: FLUX only: T5's token count (:func:`encode_flux_prompt`).
 
     Returns:
         :class:`Conditioning` on the text encoder's device.
     """
     te = text_encoder if text_encoder is not None else pipe.text_encoder
     te2 = text_encoder_2 if text_encoder_2 is not None else getattr(pipe, "text_encoder_2", None)
+    from suti.models import pipeline_family
+
+    if pipeline_family(pipe).name == "flux":
+        return encode_flux_prompt(pipe, prompts, max_sequence_length=max_sequence_length, text_encoder=te, text_encoder_2=te2)
     device = next(te.parameters()).device
     ids = tokenize(pipe.tokenizer, prompts).to(device)
     if te2 is None:
@@ -110,3 +116,25 @@ def encode_prompt(pipe, prompts: list[str], *, resolution: int | tuple[int, int]
         resolution = pipe.unet.config.sample_size * vae_scale
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
     return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids(h, w, len(prompts), device).to(pooled.dtype)})
+
+
+#: T5 tokens of a FLUX prompt when none is asked (diffusers' ``FluxPipeline`` and its flux
+#: DreamBooth script: ``max_sequence_length=512``).
+FLUX_MAX_SEQUENCE_LENGTH = 512
+
+
+def encode_flux_prompt(pipe, prompts: list[str], *, max_sequence_length: int | None = None, text_encoder=None, text_encoder_2=None) -> Conditioning:
+    """FLUX.1's text conditioning, as ``FluxPipeline.encode_prompt``: the T5 encoder's last hidden
+    states ``(B, L, joint_attention_dim)`` over ``max_sequence_length`` tokens (``L``; default
+    :data:`FLUX_MAX_SEQUENCE_LENGTH`, capped by the T5 tokenizer's length), padded and truncated,
+    as ``encoder_hidden_states``, and CLIP's pooled output ``(B, pooled_projection_dim)`` over 77
+    tokens as ``added_cond_kwargs["pooled_projections"]``. The text position ids are all zero
+    (:class:`suti.denoisers.FluxDenoiser` makes them)."""
+    te = text_encoder if text_encoder is not None else pipe.text_encoder
+    te2 = text_encoder_2 if text_encoder_2 is not None else pipe.text_encoder_2
+    device = next(te.parameters()).device
+    pooled = te(tokenize(pipe.tokenizer, prompts).to(device), output_hidden_states=False).pooler_output
+    length = max_sequence_length or min(FLUX_MAX_SEQUENCE_LENGTH, pipe.tokenizer_2.model_max_length)
+    ids2 = pipe.tokenizer_2(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    hidden = te2(ids2.to(next(te2.parameters()).device), output_hidden_states=False)[0]
+    return Conditioning(hidden, {"pooled_projections": pooled.to(hidden.device)})

@@ -163,6 +163,14 @@ class Family:
         class_names: the ``model_index.json`` ``_class_name`` values that belong to it.
         builder: ``module:function`` that builds a seeded random-weight pipeline from a preset.
         load_kwargs: extra keyword arguments of ``pipeline.from_pretrained``.
+        denoiser: ``module:class`` of its denoising network's adapter (:mod:`suti.denoisers`).
+        text_encoders: the pipeline attributes of the text encoders that fine-tuning trains
+            (``--train-text-encoder``; FLUX: CLIP only, its T5 stays frozen as in diffusers'
+            ``train_dreambooth_lora_flux.py``).
+        objective: ``diffusion`` (epsilon/v prediction) or ``flow_matching``: how it trains
+            (:mod:`suti.objectives`; decided by its scheduler, told here to check flags early).
+        training_defaults: training settings that differ for this family, applied below a
+            recipe's own values and the command line (FLUX: the distilled ``guidance_scale`` 3.5).
     """
 
     name: str
@@ -170,6 +178,10 @@ class Family:
     class_names: tuple[str, ...]
     builder: str
     load_kwargs: dict[str, Any] = field(default_factory=dict)
+    denoiser: str = "suti.denoisers:UNetDenoiser"
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    objective: str = "diffusion"
+    training_defaults: dict[str, Any] = field(default_factory=dict)
 
     def pipeline_class(self):
         import diffusers
@@ -182,8 +194,10 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "sd": Family("sd", "StableDiffusionPipeline", SD_CLASSES, "suti.models:build_stable_diffusion",
                  {"safety_checker": None, "requires_safety_checker": False}),
-    "sdxl": Family("sdxl", "StableDiffusionXLPipeline", SDXL_CLASSES, "suti.models:build_stable_diffusion"),
-    "flux": Family("flux", "FluxPipeline", FLUX_CLASSES, "suti.flux_presets:build_flux_pipeline"),
+    "sdxl": Family("sdxl", "StableDiffusionXLPipeline", SDXL_CLASSES, "suti.models:build_stable_diffusion",
+                   text_encoders=("text_encoder", "text_encoder_2")),
+    "flux": Family("flux", "FluxPipeline", FLUX_CLASSES, "suti.flux_presets:build_flux_pipeline", denoiser="suti.denoisers:FluxDenoiser",
+                   objective="flow_matching", training_defaults={"guidance_scale": 3.5}),
 }
 DEFAULT_FAMILY = "sd"
 
@@ -199,6 +213,18 @@ def preset_family(preset: dict[str, Any]) -> Family:
     if name not in FAMILIES:
         raise ModelLoadError(f"preset {preset.get('name')!r}: unknown family {name!r}; families: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def model_family(model: str) -> Family:
+    """The family of a ``--model``: a preset's (:func:`preset_family`), else the folder's or hub
+    id's ``model_index.json`` (:func:`folder_family`); :data:`DEFAULT_FAMILY` when that cannot be
+    read (an unreachable hub id fails later, where it is loaded)."""
+    if model in list_presets():
+        return preset_family(load_preset(model))
+    try:
+        return folder_family(model)
+    except Exception:  # noqa: BLE001 - a hub id offline, a folder without model_index.json
+        return FAMILIES[DEFAULT_FAMILY]
 
 
 def family_of_class(class_name: str) -> Family:
@@ -240,8 +266,8 @@ def is_sdxl(pipe) -> bool:
     return pipeline_family(pipe).name == "sdxl"
 
 
-def _resolve(target: str):
-    """The function named by ``module:function``."""
+def resolve(target: str):
+    """The function or class named by ``module:name`` (a family's builder or denoiser)."""
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
 
@@ -250,7 +276,7 @@ def build_random_pipeline(preset: dict[str, Any]):
     """Build a seeded random-weight pipeline from a preset's configs, with its family's builder
     (:func:`build_stable_diffusion` for SD and SDXL, :func:`suti.flux_presets.build_flux_pipeline`
     for FLUX)."""
-    return _resolve(preset_family(preset).builder)(preset)
+    return resolve(preset_family(preset).builder)(preset)
 
 
 def build_stable_diffusion(preset: dict[str, Any]):
@@ -332,7 +358,7 @@ def preset_folder(name: str) -> Path:
             build_random_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
         elif source == "builder":
             log.info("building preset %r with %s into %s", name, preset["builder"], folder)
-            _resolve(preset["builder"])(preset, tmp)
+            resolve(preset["builder"])(preset, tmp)
         else:
             raise ModelLoadError(f"preset {name!r}: unknown source {source!r}")
 
