@@ -95,7 +95,7 @@ class ApprenticeTrainConfig:
 
 
 #: Fields whose option is not ``--`` + the field's name with dashes (not flags of their own).
-_OPTION = {"drop_text": "drop_text", "drop_demos": "drop_demos", "drop_both": "drop_both", "demo_timestep": "demo_timestep"}
+_OPTION = {"drop_text": "--caption-dropout", "drop_demos": "drop_demos", "drop_both": "drop_both", "demo_timestep": "demo_timestep"}
 
 
 def _apprentice_numbers() -> dict:
@@ -170,6 +170,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--demo-position-bias", action="store_true", help="add a learned per-head bias -w*d^2 (d: distance between a token's position and a demonstration token's; w starts at 0) to the demonstration attention, so that a noisy image can take each position's content from the same place in the demos (layout, silhouette)")
     p.add_argument("--caption-distillation", type=apprentice_number("caption_distillation"), default=0.0, metavar="W", help="learning from a privileged caption: in reconstruction examples prompted with the class only, the target becomes (1-W) * the true target + W * the frozen base's prediction given the target photo's own alt text (in the world: class, colour, pattern and scene), so the demos learn what that caption adds, with far less noise than the true target alone; 0 (default): off, 1: only the teacher")
     p.add_argument("--copy-view", type=apprentice_number("copy_view"), default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a view of the target photo itself (mirrored half the time, re-cropped) in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
+    p.add_argument("--caption-dropout", dest="drop_text", type=apprentice_number("drop_text"), default=0.1, metavar="P", help="share of examples trained on the empty prompt with their demos kept "
+                   "(classifier-free guidance over the text; diffusers' --proportion_empty_prompts); a further 5%% drop text and demos together and 10%% the demos alone (default 0.1)")
     p.add_argument("--ema-decay", type=apprentice_number("ema_decay"), default=0.0, help="decay of an exponential moving average of the trainable weights, saved instead of them, in [0, 1) (0: no EMA)")
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=apprentice_number("resolution"), help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
@@ -202,6 +204,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         subject_tokens=args.subject_tokens, image_encoder=args.image_encoder, snr_gamma=args.snr_gamma,
         demo_position_bias=args.demo_position_bias, caption_distillation=args.caption_distillation, copy_view=args.copy_view,
+        drop_text=args.drop_text,
     )
 
 

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from suti import storage
+from suti.errors import InputError
 from suti.fingerprint import digest
 from suti.images import fit_square, list_image_files, load_cached_image, load_image, save_image_atomic, to_tensor
 from suti.models import cache_dir, model_fingerprint
@@ -117,3 +118,55 @@ def real_class_images(folder: str | Path, num: int) -> list[Path]:
 def load_class_images(paths: list[Path], resolution: int) -> torch.Tensor:
     """Class images (generated or the user's) as a (N, 3, R, R) tensor in [-1, 1]."""
     return torch.stack([to_tensor(fit_square(load_image(p), resolution, name=str(p))) for p in paths])
+
+
+def read_captions(paths: list[Path], extension: str | None, identifier: str | None = None) -> list[str | None]:
+    """Each photo's caption: the text of the file beside it with ``extension`` (``photo.txt``
+    for ``photo.jpg``, kohya's ``--caption_extension`` convention), stripped; ``None`` for a
+    photo without one or with an empty one (it trains on the instance prompt, as diffusers' SDXL
+    script does for an empty caption), and for every photo when ``extension`` is ``None``.
+
+    A caption is an instance prompt: it names the subject with ``{V}`` (and may say
+    ``{class}``), filled in as in ``--instance-prompt``; a caption that already holds the
+    ``identifier`` word (``--identifier sks`` and ``"a photo of sks dog"``, as kohya's datasets
+    are written) is taken as it is.
+
+    Raises:
+        InputError: a caption file that is not UTF-8 text, or a caption without ``{V}`` (nor
+            the identifier), naming the file.
+    """
+    if extension is None:
+        return [None] * len(paths)
+    captions = []
+    for path in paths:
+        file = Path(path).with_suffix(extension)
+        if not file.is_file():
+            captions.append(None)
+            continue
+        try:
+            text = " ".join(file.read_text(encoding="utf-8").split())
+        except UnicodeDecodeError:
+            raise InputError(f"{file}: a caption file must be UTF-8 text") from None
+        if text and "{V}" not in text and not (identifier and identifier in text.split()):
+            raise InputError(f"{file}: a caption must name the subject with {{V}} (e.g. \"a photo of {{V}} {{class}} on a sofa\")"
+                             + (f" or the identifier {identifier!r}" if identifier else "") + f"; got {text!r}")
+        captions.append(text or None)
+    return captions
+
+
+def instance_images(config, resolution: int):
+    """The instance photos of ``config`` (an :class:`experts.recipe.ExpertConfig`) as
+    :class:`experts.latents.TrainingImages`: every photo validated, each in its bucket
+    (``aspect_ratio_buckets``, :func:`experts.buckets.training_buckets`), resized with
+    ``image_interpolation_mode``, with its caption (``caption_extension``, :func:`read_captions`).
+
+    Raises:
+        InputError: a bad photo or caption file (named), or buckets that do not fit ``resolution``.
+    """
+    from experts.buckets import training_buckets
+    from experts.latents import load_training_pixels
+
+    paths = list_image_files(config.instance_dir)
+    buckets = training_buckets(config.aspect_ratio_buckets, resolution)
+    captions = read_captions(paths, config.caption_extension, config.identifier)
+    return load_training_pixels(paths, resolution, config.center_crop, buckets=buckets, interpolation=config.image_interpolation_mode, captions=captions)
