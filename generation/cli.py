@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--samples-per-prompt", type=generate_number("samples_per_prompt"), default=1, help="candidate images per prompt")
     p.add_argument("--prompts-per-cluster", type=generate_number("prompts_per_cluster_or_all"), default=4, help="unseen prompts sampled per cluster (0: all)")
     p.add_argument("--sample-steps", type=generate_number("sample_steps"), default=25, help="denoising steps per sample")
-    p.add_argument("--guidance-scale", type=generate_number("guidance_scale"), default=7.5, help="classifier-free guidance (the paper: 30 for Imagen experts)")
+    p.add_argument("--guidance-scale", type=generate_number("guidance_scale"), help="the experts' sampling guidance (default: 7.5 classifier-free for SD/SDXL, the distilled 3.5 for FLUX; the paper: 30 for Imagen experts)")
     add_sample_batch_flag(p, "candidate images")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="sampling dtype of the experts (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--scorer", help="CLIP used for delta-CLIP (default: the model's own: toy-clip for the world presets tiny/toy, openai-clip-vit-b-32 otherwise)")
@@ -68,13 +68,16 @@ def _run(args, parser) -> int:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or --status OUTPUT)")
     from generation.job import GenerateConfig, run_generation
 
+    from suti.models import model_family
+
+    guidance = args.guidance_scale if args.guidance_scale is not None else model_family(args.model).training_defaults.get("guidance_scale", 7.5)
     overrides = {}
     if args.lora_rank is not None:
         overrides["lora_rank"] = args.lora_rank
     config = GenerateConfig(
         clusters=args.clusters, crawl=args.crawl, output=args.output, model=args.model, recipe=args.recipe,
         steps=args.steps, recipe_overrides=overrides, lambda_=args.lambda_, samples_per_prompt=args.samples_per_prompt,
-        prompts_per_cluster=args.prompts_per_cluster or None, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale, sample_batch_size=args.sample_batch_size,
+        prompts_per_cluster=args.prompts_per_cluster or None, sample_steps=args.sample_steps, guidance_scale=guidance, sample_batch_size=args.sample_batch_size,
         scorer=args.scorer, samples_per_shard=args.samples_per_shard, max_clusters=args.max_clusters,
         keep_experts=args.keep_experts, keep_experts_format=args.keep_experts_format, no_filter=args.no_filter, seed=args.seed, ray_address=args.ray_address,
         gpus_per_expert=args.gpus_per_expert, cpus_per_expert=args.cpus_per_expert, max_workers=args.max_workers,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from generation.config import ExpertJob
 from generation.task import candidate_prompts, expert_config, filter_candidates, maybe_crash_for_tests, sample_candidates, candidate_seeds, cluster_seed, run_cluster
+from suti.denoisers import denoiser_module
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ResidentExpertWorker:
         self.scorer = get_scorer(job.scorer)
         self.batch_size = job.expert_batch_size or self._experts_that_fit()
         # the modules an expert may change (SDXL: also the second text encoder)
-        self.trained = [n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
+        self.trained = [n for n in ("unet", "transformer", "text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
         self.base: dict = {}  # the base weights, copied before the first full fine-tuning expert (keep_base_copy)
         self.experts = 0  # experts trained so far
         self._queue: list = []
@@ -195,7 +196,7 @@ class ResidentExpertWorker:
             owners = [k for k, todo in enumerate(todos) for _ in todo]
             per_call = self.job.sample_batch_size * len(clusters)
             sampling_started = time.perf_counter()
-            with stacked_lora(self.pipe.unet, adapters, write_back=False) as stack:
+            with stacked_lora(denoiser_module(self.pipe), adapters, write_back=False) as stack:
                 images = sample_candidates(self.pipe, texts, seeds_of, infos[0].resolution, self.job, device, experts=owners, route=stack.route, per_call=per_call)
             scoring_started = time.perf_counter()
             if timings is not None:

@@ -323,6 +323,27 @@ def test_generation_job_on_an_sdxl_base_resident_equals_per_task(mined, tmp_path
     assert samples and all(s["json"]["expert"]["model"] == "tiny-sdxl" for s in samples)
 
 
+def test_generation_job_on_a_flux_base_batched_equals_per_task(mined, tmp_path):
+    """Issue 33: `suti generate --model tiny-flux --resident-workers --expert-batch-size 2` writes
+    shards exactly once, with the samples (up to JPEG rounding) of per-task FLUX experts, sampled
+    at FLUX's distilled guidance 3.5 by default."""
+    import numpy as np
+
+    extra = ["--model", "tiny-flux", "--max-clusters", "3", "--lambda", "-1", "--lora-rank", "4", "--steps", "6"]
+    per_task = _generate(mined, tmp_path / "task", *extra)
+    assert per_task.returncode == 0, per_task.stderr[-3000:]
+    batched = _generate(mined, tmp_path / "batched", *extra, "--resident-workers", "--expert-batch-size", "2")
+    assert batched.returncode == 0, batched.stderr[-3000:]
+    assert json.loads((tmp_path / "batched" / "job.json").read_text())["guidance_scale"] == 3.5
+    manifest = _manifest(tmp_path / "batched")
+    assert sorted(r["expert_batch"] for r in manifest.values()) == [1, 2, 2]
+    alone = {s["__key__"]: np.asarray(s["target.jpg"], dtype=float) for s in _samples(tmp_path / "task")}
+    together = {s["__key__"]: np.asarray(s["target.jpg"], dtype=float) for s in _samples(tmp_path / "batched")}
+    assert together.keys() == alone.keys() and len(alone) == 6, "every sample once"
+    assert max(np.abs(together[k] - alone[k]).mean() for k in alone) < 2.0
+    assert all(s["json"]["expert"]["model"] == "tiny-flux" for s in _samples(tmp_path / "batched"))
+
+
 def test_an_empty_clusters_file_is_refused_before_a_job_is_made(tmp_path, capsys):
     (tmp_path / "clusters.jsonl").write_text("")
     assert main(["generate", "--clusters", str(tmp_path / "clusters.jsonl"), "--crawl", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "tiny"]) == 2
