@@ -10,12 +10,19 @@ distributions (mean, std) wherever the result does not depend on the step:
 - random crop: the pixels (shorter side at the resolution) stay in memory and each step encodes
   its crops, as diffusers does.
 
+With ``--aspect-ratio-buckets`` each image is resized to cover its bucket instead
+(:mod:`experts.buckets`) and the images of one bucket form one set (:class:`BucketedLatents`);
+class images are encoded once per bucket in use (:class:`FollowingLatents`). Each set knows its
+photos' original sizes and crops, SDXL's ``time_ids`` (:meth:`TrainingLatents.time_ids`).
+
 Encoding runs in chunks of ``vae_encode_batch_size`` images, so peak memory does not grow with
 the number of class images (issue 15: 0.64 GiB per 512-px image in one call).
 
 The cache lives in memory for one training run and is never written to disk: every run encodes
 its own images with its own VAE again, so no earlier run's latents can be served (it needs no
-cache key; the persistent caches are the class images, :mod:`experts.data`).
+cache key, and no option of the latents (buckets, crops, the resize filter) needs to be in one;
+the persistent caches are the generated class images, :mod:`experts.data`, made at R x R
+whatever those options are).
 """
 
 from __future__ import annotations
