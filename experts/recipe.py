@@ -237,6 +237,11 @@ class ExpertConfig:
                     _warn_once(f"--{name.replace('_', '-')} {getattr(self, name):g} has no effect with --lora-rank 0 (full fine-tuning)")
         if self.use_dora and self.output_kohya_format:
             raise InputError("--output-kohya-format writes plain LoRA (lora_down/lora_up/alpha); a --use-dora expert has magnitude vectors kohya's layout does not hold")
+        if self.output_kohya_format and self.lora_rank > 0:
+            from suti.models import model_family
+
+            if model_family(self.model).name == "flux":
+                raise InputError(f"--output-kohya-format: kohya's lora_unet_/lora_te_ layout is for U-Net bases (SD 1.x/2.x, SDXL), not the FLUX model {self.model}")
         if self.optimizer == "prodigy" and self.effective_learning_rate <= 0.1:  # diffusers' SDXL script warns the same
             _warn_once(f"--optimizer prodigy at learning rate {self.effective_learning_rate:g}: Prodigy's rate multiplies its own step-size estimate, "
                        f"so it is generally set around 1.0 (--learning-rate 1.0)")

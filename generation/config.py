@@ -128,9 +128,11 @@ class GenerateConfig:
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
         recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
         expert = resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
-        if self.keep_experts and self.keep_experts_format == "kohya" and (expert.lora_rank == 0 or expert.use_dora):
-            raise InputError(f"--keep-experts-format kohya keeps plain LoRA experts in kohya's layout; recipe {self.recipe} trains "
-                             f"{'DoRA' if expert.lora_rank else 'full fine-tunes (pass --lora-rank 4)'}")
+        if self.keep_experts and self.keep_experts_format == "kohya":
+            if expert.lora_rank == 0 or expert.use_dora:
+                raise InputError(f"--keep-experts-format kohya keeps plain LoRA experts in kohya's layout; recipe {self.recipe} trains "
+                                 f"{'DoRA' if expert.lora_rank else 'full fine-tunes (pass --lora-rank 4)'}")
+            resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides, "output_kohya_format": True})  # as each task will (FLUX refused)
         if (self.expert_batch_size or 1) > 1:
             from experts.batched import check_batchable
 

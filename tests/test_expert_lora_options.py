@@ -319,3 +319,15 @@ def test_the_docs_table_lists_every_option_of_the_three_scripts():
     for flag in ("--lora-alpha", "--lora-dropout", "--use-dora", "--text-encoder-lr", "--adam-weight-decay-text-encoder", "--prodigy-beta3",
                  "--prodigy-decouple", "--no-prodigy-decouple", "--prodigy-use-bias-correction", "--prodigy-safeguard-warmup", "--output-kohya-format"):
         assert flag in flags and flag.removeprefix("--no-").removeprefix("--") in table, flag
+
+
+def test_kohya_layout_is_refused_for_flux_up_front(instance_dir, tmp_path):
+    from generation.config import GenerateConfig
+
+    with pytest.raises(InputError, match="--output-kohya-format: .* not the FLUX model tiny-flux"):
+        _config(instance_dir, model="tiny-flux", lora_rank=4, output_kohya_format=True)
+    config = GenerateConfig(clusters="c.jsonl", crawl="crawl", output=str(tmp_path / "o"), model="tiny-flux", keep_experts=True, keep_experts_format="kohya",
+                            recipe_overrides={"lora_rank": 4})
+    with pytest.raises(InputError, match="FLUX"):
+        config.resolved()
+    assert not (tmp_path / "o").exists()
