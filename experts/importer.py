@@ -1,7 +1,9 @@
 """``suti expert import``: wrap a diffusers DreamBooth output as a suti expert folder.
 
 diffusers' ``train_dreambooth_lora.py`` writes ``pytorch_lora_weights.safetensors``
-(``StableDiffusionPipeline.save_lora_weights``); ``train_dreambooth.py`` writes a pipeline folder
+(``StableDiffusionPipeline.save_lora_weights``; ``train_dreambooth_lora_flux.py`` the same file
+with ``FluxPipeline.save_lora_weights``, peft-named ``transformer.*`` keys: import it with a FLUX
+``--model`` such as ``tiny-flux``); ``train_dreambooth.py`` writes a pipeline folder
 (``save_pretrained``). A kohya-layout LoRA (``lora_unet_``/``lora_te_`` keys: ComfyUI, A1111,
 ``suti expert export --format kohya``) imports too: diffusers' ``load_lora_weights`` converts it,
 and the same checks refuse an empty or foreign file. None of these records the identifier or the
@@ -99,7 +101,12 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
         resolution = resolution or _pipeline_resolution(source)
     import suti
 
-    config = {"model": base, "identifier": identifier, "class_noun": class_noun, "instance_prompt": instance_prompt, "resolution": resolution, "imported_from": str(Path(lora or pipeline).resolve())}
+    from suti.models import model_family
+
+    # the sampling default of expert.json (suti expert sample): the family's (FLUX's distilled 3.5), else 7.5
+    guidance_scale = model_family(base if lora is not None else str(source)).training_defaults.get("guidance_scale", 7.5)
+    config = {"model": base, "identifier": identifier, "class_noun": class_noun, "instance_prompt": instance_prompt, "resolution": resolution,
+              "guidance_scale": guidance_scale, "imported_from": str(Path(lora or pipeline).resolve())}
     info = ExpertInfo(
         identifier=identifier,
         class_noun=class_noun,
