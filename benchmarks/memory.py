@@ -19,9 +19,16 @@ Three kinds of figures, each labelled:
 * **measured, CUDA, 512 px** - ``torch.cuda.max_memory_allocated`` for every case, when a GPU is
   visible (``--cuda``; default: when available).
 
+
+FLUX rows (``benchmarks/memory_flux.py``): ``flux-arch`` (FLUX.1-dev's 11.9B transformer) at
+``--flux-resolution`` (1024 px: 4096 image + 512 text tokens), a LoRA expert and the apprentice
+with 3 demonstrations, bf16 base and gradient checkpointing: analytic on ``meta`` (~10 s) and,
+with ``--cuda``, one measured training step of each (the transformer alone on the GPU, ~24 GB).
+
     python benchmarks/memory.py                 # analytic + CPU measurements (~1-2 min)
     python benchmarks/memory.py --quick         # small CPU sizes only (CI / --dry-run)
-    python benchmarks/memory.py --cuda          # add the real CUDA peaks at 512 px
+    python benchmarks/memory.py --cuda          # add the real CUDA peaks at 512 px (and FLUX's at 1024 px)
+    python benchmarks/memory.py --flux-only     # the flux-arch rows alone (with --cuda: measured too)
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import time
 from contextlib import contextmanager
 
 import torch
+
+from suti.checks import whole
 
 GIB = 2**30
 MIB = 2**20
@@ -383,6 +392,22 @@ def _print(title: str, rows: list[dict]) -> None:
         print(f"{r['case']}: {vals}" + (f"  ({r['note']})" if r.get("note") else ""))
 
 
+def _flux(args, out: dict, measured: bool) -> dict:
+    """The flux-arch rows (analytic; measured on CUDA when ``measured``), then ``--json``."""
+    from memory_flux import analytic_flux, measured_flux
+
+    res, rank = args.flux_resolution, args.flux_adapter_rank
+    out["analytic_flux"] = analytic_flux(res, adapter_rank=rank)
+    _print(f"flux-arch at {res} px, analytic (meta device, bf16 base, fp32 trained params + AdamW, gradient checkpointing)", out["analytic_flux"])
+    if measured:
+        out["measured_cuda_flux"] = measured_flux("cuda", "flux-arch", res, adapter_rank=rank)
+        _print(f"flux-arch at {res} px, measured on CUDA (max_memory_allocated, weights included)", out["measured_cuda_flux"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=512)
@@ -394,10 +419,19 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-images", type=int, default=4)
     p.add_argument("--cuda", action="store_true", default=None, help="also measure on CUDA (default: when available)")
     p.add_argument("--sdxl-resolution", type=int, default=1024, help="resolution of the sdxl-arch rows (0: none)")
+    p.add_argument("--flux-resolution", type=whole(0, 4096), default=1024, help="resolution of the flux-arch rows (0: none)")
+    p.add_argument("--flux-adapter-rank", type=whole(0, 3072), default=0, help="the FLUX apprentice's adapter: 0 full dim x dim projections, else rank-r factors")
+    p.add_argument("--flux-only", action="store_true", help="only the flux-arch rows (analytic; measured with --cuda)")
     p.add_argument("--json", help="write all rows here")
     args = p.parse_args(argv)
+    if args.flux_only and not args.flux_resolution:
+        p.error("--flux-only needs --flux-resolution > 0")
+    if args.flux_resolution % 16:
+        p.error(f"--flux-resolution must be a multiple of 16 (2x2 patches of the 8x latent), got {args.flux_resolution}")
     torch.manual_seed(0)
     out: dict = {}
+    if args.flux_only:
+        return _flux(args, out, measured=bool(args.cuda or (args.cuda is None and torch.cuda.is_available())))
     if not args.quick:
         out["analytic"] = analytic(args.resolution)
         _print(f"sd15-arch at {args.resolution} px, analytic (meta device, fp32, AdamW)", out["analytic"])
@@ -420,6 +454,8 @@ def main(argv=None) -> dict:
     if args.cuda or (args.cuda is None and torch.cuda.is_available() and not args.quick):
         out["measured_cuda"] = cuda_rows(args.resolution)
         _print(f"measured on CUDA at {args.resolution} px (max_memory_allocated)", out["measured_cuda"])
+    if not args.quick and args.flux_resolution:
+        return _flux(args, out, measured="measured_cuda" in out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -120,3 +120,28 @@ def test_memory_analytic_sdxl_arch_rows():
     assert full["weights_gib"] == pytest.approx((2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840) * 4 / 2**30, rel=1e-3)
     assert full["grads_gib"] == pytest.approx(2_567_463_684 * 4 / 2**30, rel=1e-6)
     assert 0 < lora["grads_gib"] < full["grads_gib"] / 100
+
+
+@pytest.mark.slow  # ~10 s: FLUX.1-dev's transformer and T5-XXL built on meta
+def test_memory_analytic_flux_arch_rows(monkeypatch):
+    """flux-arch at 64 px (16 image tokens): exact weights, LoRA and adapter sizes, the demos'
+    cache by its formula, and checkpointing below the activations without it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    flux = _benchmark("memory_flux")
+    expert, apprentice, sampling = flux.analytic_flux(resolution=64, text_tokens=16)
+    transformer, lora = flux.build_transformer("flux-arch", "meta", 4)
+    base = sum(p.numel() for p in transformer.parameters() if not p.requires_grad)
+    assert base == pytest.approx(11.9e9, rel=0.01)  # FLUX.1-dev's transformer
+    vae = flux.frozen_parts("flux-arch")["vae"]
+    gib = 2**30
+    assert expert["weights_gib"] == pytest.approx((base + vae) * 2 / gib, rel=1e-9)  # bf16
+    assert expert["grads_gib"] == pytest.approx(sum(p.numel() for p in lora) * 4 / gib, rel=1e-9)  # fp32 LoRA
+    assert all(p.dtype == torch.float32 for p in lora) and expert["adamw_gib"] == pytest.approx(2 * expert["grads_gib"])
+    assert 0 < expert["activations_gib"] < expert["activations_without_checkpointing_gib"] / 5
+    dim, blocks = 3072, 19 + 38
+    assert apprentice["grads_gib"] == pytest.approx(blocks * (4 * dim * dim + dim) * 4 / gib, rel=1e-9)  # q, k, v, out (+ out bias), fp32
+    assert apprentice["other_gib"] == pytest.approx(3 * 16 * blocks * dim * 2 / gib, rel=1e-9)  # the demos' block inputs, bf16
+    assert sampling["demo_kv_shared_gib"] == pytest.approx(2 * apprentice["other_gib"])  # keys and values
+    assert apprentice["activations_gib"] > sampling["demo_kv_shared_gib"]  # training keeps the keys/values with gradients
+    low = flux.analytic_flux(resolution=64, text_tokens=16, adapter_rank=16)[1]
+    assert low["grads_gib"] == pytest.approx(blocks * (8 * 16 * dim + dim) * 4 / gib, rel=1e-9)
