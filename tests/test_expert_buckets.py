@@ -229,3 +229,18 @@ def test_apprentice_caption_dropout_is_its_text_dropout():
     assert config_from_args(parser.parse_args(["--shards", "s", "--output", "o"])).drop_text == 0.1
     with pytest.raises(SystemExit):
         parser.parse_args(["--shards", "s", "--output", "o", "--caption-dropout", "2"])
+
+
+def test_apprentice_caption_dropout_drops_the_text_and_keeps_the_demos():
+    from apprentice.objective import guidance_dropout
+    from apprentice.train_config import ApprenticeTrainConfig
+    from suti.conditioning import Conditioning
+
+    text, null = Conditioning(torch.randn(2000, 4, 8)), Conditioning(torch.zeros(1, 4, 8))
+    g = torch.Generator().manual_seed(0)
+    cond, mask = guidance_dropout(ApprenticeTrainConfig(shards="s", output="o", drop_text=0.3, drop_demos=0.0, drop_both=0.0), 2000, text, null, g, "cpu")
+    dropped = (cond.encoder_hidden_states == 0).all(dim=(1, 2))
+    assert abs(float(dropped.float().mean()) - 0.3) < 0.04 and bool((mask == 1).all()), "text dropped at P, demos kept"
+    torch.testing.assert_close(cond.encoder_hidden_states[~dropped], text.encoder_hidden_states[~dropped])
+    cond, _ = guidance_dropout(ApprenticeTrainConfig(shards="s", output="o", drop_text=0.0, drop_demos=0.0, drop_both=0.0), 2000, text, null, g, "cpu")
+    torch.testing.assert_close(cond.encoder_hidden_states, text.encoder_hidden_states)
