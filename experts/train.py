@@ -502,8 +502,11 @@ def class_training_pixels(pipe, config: ExpertConfig, real_class: list[Path], cl
 def cached_inputs(pipe, config: ExpertConfig, instance_pixels: list[torch.Tensor], class_pixels: list[torch.Tensor] | None, prompt: str, class_prompt: str):
     """Cached latents (the VAE is always frozen) and, with a frozen text encoder, cached prompt
     embeddings: ``(inst, cls, cond_inst, cond_cls)``, :class:`TrainingLatents` (``cls`` ``None``
-    without class images) and :class:`suti.conditioning.Conditioning` of batch 1 (``None`` when
-    the text encoder trains: encoded per step)."""
+    without class images; with ``aspect_ratio_buckets`` a :class:`experts.latents.BucketedLatents`
+    and the class images at each of its buckets, recorded in ``config.extra``) and
+    :class:`suti.conditioning.Conditioning` of batch 1 (``None`` when the text encoder trains:
+    encoded per step). ``inst.text`` holds each image's prompt (:class:`experts.rows.InstanceText`:
+    captions, the empty prompt of caption dropout)."""
     resolution = config.resolution
     aug = dict(random_flip=config.random_flip, center_crop=config.center_crop, batch_size=config.vae_encode_batch_size)
     bucketed = config.aspect_ratio_buckets is not None
