@@ -25,9 +25,17 @@ Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub
    GPU-hour per K and its ratio to K = 1, training steps per second, the 500-step experts per
    GPU-hour that follow, seconds per expert by phase, aten operators per step; the profiler
    trace of one stacked step of K = 1 and of the largest K goes to ``traces/`` beside ``--json``.
+9. FLUX (``flux``; ``flux-arch``: FLUX.1-dev's 11.9B transformer, random bf16 weights, built on
+   the GPU from its config: no T5 or VAE on the device): ``benchmarks/memory.py --flux-only
+   --cuda``'s rows at ``--flux-resolution`` (1024 px: 4096 image + 512 text tokens): the analytic
+   peaks, then one measured training step of a LoRA rank 4 expert (batch 1 + 1, gradient
+   checkpointing) and of the apprentice with 3 demonstrations (the demos' pass once, then a
+   training step; ``--flux-adapter-rank``): peak memory (``max_memory_allocated``) and median
+   seconds per step of ``--flux-steps`` steps (``benchmarks/memory_flux.py``). Run first, once
+   (not per ``--sdxl`` run); ``tiny-flux`` at 32 px on the CPU under ``--dry-run``.
 
 A row that fails prints ``ROW <name>: error ...`` and the suite goes on with the next one;
-``--rows`` picks rows (``experts,apprentice,training,resident,throughput``). The exit status is 1 when
+``--rows`` picks rows (``flux,experts,apprentice,training,resident,throughput``). The exit status is 1 when
 a row failed.
 
 ``--dry-run`` runs every row on the CPU with the ``tiny`` preset and tiny sizes (CI).
@@ -48,6 +56,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from suti.checks import whole
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362.1e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
@@ -351,6 +361,31 @@ def throughput_row(a) -> None:
               if "resident_batched" in r else {})})
 
 
+def flux_rows(a) -> None:
+    """Row 9: memory.py's FLUX rows (analytic, then measured on this device), each guarded."""
+    model, res, text = ("tiny-flux", 32, 8) if a.dry_run else ("flux-arch", a.flux_resolution, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # as the other rows' CPU runs (--threads 1): tiny models, threads only contend
+    try:
+        _flux_rows(a, model, res, text, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _flux_rows(a, model: str, res: int, text: int, device: str) -> None:
+    from memory_flux import analytic_flux, measured_flux_apprentice, measured_flux_expert
+
+    for r in guarded(f"flux memory, analytic ({model})", analytic_flux, res, 3, 4, a.flux_adapter_rank, text, model, default=[]):
+        row(f"flux memory, analytic: {r['case']}", **{k: v for k, v in r.items() if k not in ("case", "note")})
+    for name, fn, args in (("flux expert training step", measured_flux_expert, (device, model, res, 4, text, 1, a.flux_steps)),
+                           ("flux apprentice training step", measured_flux_apprentice, (device, model, res, 3, a.flux_adapter_rank, text, a.flux_steps))):
+        r = guarded(f"{name} ({model})", fn, *args)
+        if r:
+            row(r.pop("case"), **r)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny preset and sizes on the CPU (every row, in seconds)")
@@ -371,19 +406,26 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-batch", type=int, default=4, help="row 7 also times a resident worker training this many LoRA experts together (1: not)")
     p.add_argument("--sweep", default="1,2,4,8", help="row 8: the K values of the stacked-expert sweep")
     p.add_argument("--sweep-batches", type=int, default=4, help="row 8: timed batches per K (after one warm-up)")
-    p.add_argument("--rows", default="experts,apprentice,training,resident,throughput", help="comma-separated, run in this order: experts,apprentice,training,resident,throughput")
+    p.add_argument("--flux-resolution", type=whole(16, 4096), default=1024, help="row 9: resolution of the flux-arch rows (a multiple of 16)")
+    p.add_argument("--flux-adapter-rank", type=whole(0, 3072), default=0, help="row 9: the FLUX apprentice's adapter, 0 full dim x dim projections, else rank-r factors")
+    p.add_argument("--flux-steps", type=whole(1, 100), default=2, help="row 9: timed training steps (after one warm-up step)")
+    p.add_argument("--rows", default="flux,experts,apprentice,training,resident,throughput",
+                   help="comma-separated, run in this order (flux first, once): flux,experts,apprentice,training,resident,throughput")
     p.add_argument("--json", help="write the rows here (after every row)")
     a = p.parse_args(argv)
     global JSON_PATH
     JSON_PATH = Path(a.json) if a.json else None
     wanted = set(a.rows.split(","))
-    known = {"experts", "apprentice", "training", "resident", "throughput"}
+    known = {"flux", "experts", "apprentice", "training", "resident", "throughput"}
     if wanted - known:
         p.error(f"--rows: unknown {sorted(wanted - known)}")
+    if a.flux_resolution % 16:
+        p.error(f"--flux-resolution must be a multiple of 16 (2x2 patches of the 8x latent), got {a.flux_resolution}")
     if a.dry_run:
         a.model, a.resolution, a.expert_steps, a.class_images, a.sample_steps = "tiny", 32, 2, 2, 2
         a.timed_images, a.train_steps, a.train_batch, a.prompts_per_expert = 1, 2, 2, 1
         a.throughput_clusters, a.throughput_steps, a.sweep, a.sweep_batches = 2, 2, "1,2", 1
+        a.flux_steps = 1
     elif not torch.cuda.is_available():
         print("warning: no CUDA device; the rows measure the CPU (use --dry-run for a quick check)", flush=True)
     started = time.perf_counter()
@@ -394,13 +436,16 @@ def main(argv=None) -> int:
         if not a.dry_run:
             sdxl.resolution, sdxl.expert_steps, sdxl.train_batch = 1024, a.sdxl_expert_steps, 1
         runs.append(sdxl)
-    for run in runs:
+    if "flux" in wanted:
+        flux_rows(a)
+    others = [name for name in a.rows.split(",") if name != "flux"]
+    for run in runs if others else []:
         with tempfile.TemporaryDirectory(prefix="suti-gpu-suite-") as tmp:
             work = Path(tmp)
             photos = _photos(work / "photos", run.resolution)
             run.preset, run.model = run.model, model_folder(run.model, work)
             experts: dict = {}
-            for name in a.rows.split(","):  # in the order asked
+            for name in others:  # in the order asked
                 if name == "experts":
                     experts = guarded(f"experts ({run.preset})", expert_rows, run, work, photos, default={})
                     experts_per_hour_rows(run, experts)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The performance rows that need a GPU, in one run (under 10 minutes on one H100); the rows are
-# described in benchmarks/gpu_suite.py. sd15-arch (SD 1.5's architecture, random weights): no hub
-# download.
+# described in benchmarks/gpu_suite.py. sd15-arch (SD 1.5's architecture, random weights) and
+# flux-arch (FLUX.1-dev's): no hub download.
 #
 #   bash benchmarks/gpu_suite.sh                  # GPU machine: installs what is missing, then runs
 #   bash benchmarks/gpu_suite.sh --dry-run        # CPU, tiny preset and sizes (CI): every row
@@ -17,6 +17,10 @@
 # The stacked-expert K sweep alone (issue 32; traces go to traces/ beside rows.json), sized for about
 # 6 minutes on one H100 (not yet run on a GPU):
 #   bash benchmarks/gpu_suite.sh --rows throughput --throughput-steps 30 --sample-steps 10 --sweep 1,2,4,8 --json rows.json
+# The FLUX rows alone (issue 33: flux-arch, FLUX.1-dev's 11.9B transformer in bf16 built on the GPU
+# from its config, ~24 GB; no T5 or VAE on the device), sized for about 2-3 minutes on one H100
+# (by reasoning, not yet run on a GPU):
+#   bash benchmarks/gpu_suite.sh --rows flux --json rows.json
 #
 # Python: $PYTHON, else .venv/bin/python (scripts/setup.sh), else python3. Missing packages are
 # installed from the lock file requirements/cpu.lock; a CUDA torch already on the machine is kept.

@@ -38,6 +38,8 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path):
         for name in SUITE_ROWS:
             name = name.format(m=model)
             assert any(line.startswith(f"ROW {name}") for line in rows), f"missing row {name!r}:\n" + "\n".join(rows)
+    for name in ("flux expert training step", "flux apprentice training step"):  # row 9, once (tiny-flux)
+        assert sum(line.startswith(f"ROW {name}") for line in rows) == 1, f"missing row {name!r}:\n" + "\n".join(rows)
     import json
 
     data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text()) if "tiny-sdxl" not in r["row"]}
@@ -197,3 +199,31 @@ def test_memory_analytic_flux_arch_rows(monkeypatch):
     assert apprentice["activations_gib"] > sampling["demo_kv_shared_gib"]  # training keeps the keys/values with gradients
     low = flux.analytic_flux(resolution=64, text_tokens=16, adapter_rank=16)[1]
     assert low["grads_gib"] == pytest.approx(blocks * (8 * 16 * dim + dim) * 4 / gib, rel=1e-9)
+
+
+
+def test_gpu_suite_flux_rows_dry_run(tmp_path, monkeypatch):
+    """Row 9 (``--rows flux``) on the CPU with tiny-flux: the analytic rows, then one measured
+    training step of the LoRA expert and of the apprentice (the code path a GPU run takes)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    suite = _benchmark("gpu_suite")
+    monkeypatch.setattr(suite, "ROWS", [])
+    threads = torch.get_num_threads()
+    assert suite.main(["--dry-run", "--rows", "flux", "--json", str(tmp_path / "rows.json")]) == 0
+    assert torch.get_num_threads() == threads  # the CPU rows' one thread is given back
+    import json
+
+    rows = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"flux memory, analytic: flux expert training, LoRA rank 4, gradient checkpointing",
+                         "flux memory, analytic: flux apprentice training, 3 demos, adapter full, gradient checkpointing",
+                         "flux memory, analytic: flux apprentice sampling, 3 demos, 1 image, bf16",
+                         "flux expert training step, LoRA rank 4, gradient checkpointing",
+                         "flux apprentice training step, 3 demos, adapter full, gradient checkpointing"}, list(rows)
+    assert all("tiny-flux, 32 px" in r["row"] for r in rows.values())
+    expert, apprentice = rows["flux expert training step, LoRA rank 4, gradient checkpointing"], rows["flux apprentice training step, 3 demos, adapter full, gradient checkpointing"]
+    assert expert["seconds_per_step"] > 0 and expert["steps_timed"] == 1
+    assert apprentice["seconds_per_step"] > 0 and apprentice["demo_pass_s"] > 0 and apprentice["adapter_params_m"] > 0
+    assert rows["flux memory, analytic: flux apprentice sampling, 3 demos, 1 image, bf16"]["demo_kv_shared_gib"] > 0
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--rows", "flux", "--flux-resolution", "1000"])
+    assert exc.value.code == 2
