@@ -201,7 +201,6 @@ def test_memory_analytic_flux_arch_rows(monkeypatch):
     assert low["grads_gib"] == pytest.approx(blocks * (8 * 16 * dim + dim) * 4 / gib, rel=1e-9)
 
 
-
 def test_gpu_suite_flux_rows_dry_run(tmp_path, monkeypatch):
     """Row 9 (``--rows flux``) on the CPU with tiny-flux: the analytic rows, then one measured
     training step of the LoRA expert and of the apprentice (the code path a GPU run takes)."""
