@@ -226,3 +226,33 @@ def test_gpu_suite_flux_rows_dry_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         suite.main(["--rows", "flux", "--flux-resolution", "1000"])
     assert exc.value.code == 2
+
+
+def test_flux_demo_branch_trains_through_checkpointing_and_is_the_base_at_scale_0(monkeypatch):
+    """The stand-in branch the FLUX apprentice rows measure: every block's demo features are
+    captured, the adapter's q/k/v/out get gradients through per-block gradient checkpointing
+    (keys/values made outside the blocks), and a zero gate gives the base transformer's output."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    flux = _benchmark("memory_flux")
+    torch.manual_seed(0)
+    transformer, _ = flux.build_transformer("tiny-flux", "cpu", 0, dtype=torch.float32)
+    branches, ctx = flux.install_branches(transformer, 0, "cpu")
+    transformer.enable_gradient_checkpointing()
+    latent, tokens = 4, 4
+
+    def fp32(kw):
+        return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    ctx.update(mode="capture", features={}, image_tokens=tokens)
+    with torch.no_grad():
+        transformer(**fp32(flux._inputs(transformer, 3, latent, 8, "cpu")))
+    assert len(ctx["features"]) == 4 and all(f.shape == (1, 3 * tokens, 32) for f in ctx["features"].values())  # 2 + 2 blocks, 3 demos
+    ctx["mode"] = "branch"
+    ctx["kv"] = flux.demo_kv(transformer, branches, ctx, flux._demo_rotary(transformer, 3, latent, "cpu"))
+    x = fp32(flux._inputs(transformer, 1, latent, 8, "cpu"))
+    transformer(**x)[0].pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in branches.parameters())
+    ctx["scale"] = 0.0
+    with torch.no_grad():
+        gated = transformer(**x)[0]
+        transformer.set_attn_processor({name: proc.base for name, proc in transformer.attn_processors.items()})
+        torch.testing.assert_close(gated, transformer(**x)[0])
