@@ -60,6 +60,8 @@ class DemoContext:
             token grid is recovered for the position bias (``None``: square grids).
         query_size: (h, w) of the latents being denoised, when they differ from the demos'
             (``None``: the same as ``latent_size``); set by the sampler for ``height``/``width``.
+        text_tokens: FLUX only (:mod:`apprentice.flux`): the text tokens that precede the image
+            tokens in a single-stream block's sequence, for the call under way.
     """
 
     mode: str = "use"
@@ -71,6 +73,7 @@ class DemoContext:
     subject: torch.Tensor | None = None
     latent_size: tuple[int, int] | None = None
     query_size: tuple[int, int] | None = None
+    text_tokens: int = 0
 
     def repeat(self, times: int) -> "DemoContext":
         """The same context for a batch repeated ``times`` (e.g. images x CFG branches).
@@ -86,7 +89,8 @@ class DemoContext:
         subject = self.subject
         if subject is not None and subject.shape[0] != 1:
             subject = subject.repeat(times, 1, 1)
-        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject, latent_size=self.latent_size, query_size=self.query_size)
+        return DemoContext(mode=self.mode, num_demos=self.num_demos, kv=kv, mask=mask, scale=self.scale, subject=subject, latent_size=self.latent_size, query_size=self.query_size,
+                           text_tokens=self.text_tokens)
 
     def cache_bytes(self) -> int:
         """Bytes held by the cached keys and values (distinct storages counted once)."""

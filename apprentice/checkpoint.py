@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT = "suti-apprentice-checkpoint/1"
 TAG = re.compile(r"step-(\d+)")
 #: Saved-config keys that decide which parameters train and how; resuming with any other value is refused.
-TRAINABLE_KEYS = ("model", "freeze_base", "method", "optimizer", "demo_timestep", "subject_tokens", "image_encoder", "demo_position_bias")
+TRAINABLE_KEYS = ("model", "freeze_base", "method", "optimizer", "demo_timestep", "subject_tokens", "image_encoder", "demo_position_bias", "base_lora_rank", "demo_positions")
 #: Values of :data:`TRAINABLE_KEYS` that checkpoints written before those keys existed had.
 LEGACY_DEFAULTS = {"subject_tokens": 0, "image_encoder": None, "demo_position_bias": False}
 

@@ -41,7 +41,7 @@ def register(subparsers):
     sample.add_argument("--num-images", type=NUM_IMAGES, default=4, help="images to generate")
     sample.add_argument("--output", required=True, help="folder for the PNG files")
     sample.add_argument("--steps", type=STEPS, default=25, help="denoising steps")
-    sample.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=5.0, help="text guidance")
+    sample.add_argument("--guidance-scale", type=GUIDANCE_SCALE, help="text guidance (default 5.0); on a FLUX base the distilled guidance (default 3.5)")
     sample.add_argument("--demo-guidance-scale", type=GUIDANCE_SCALE, default=DEFAULT_DEMO_GUIDANCE_SCALE, help="demonstration guidance s_demo: higher carries more of the subject, less of the prompt (default: %(default)s)")
     sample.add_argument("--seed", type=SEED, default=0, help="image k uses seed + k")
     add_sampler_flags(sample, size=True)

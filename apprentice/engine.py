@@ -22,6 +22,11 @@ class ApprenticeModule(torch.nn.Module):
         self.unet = unet
         self.adapter = adapter
 
+    @property
+    def denoiser_module(self):
+        """The base's denoising network (the U-Net; :class:`apprentice.flux.FluxApprenticeModule`: the transformer)."""
+        return self.unet
+
     def forward(self, noisy, timesteps, text_emb, demo_latents, demo_emb, demo_mask, text_added=None, demo_added=None, image_embeds=None):
         """noisy (B, C, h, w), text_emb (B, L, D), demo_latents (B, n, C, h, w), demo_emb (B, n, L, D),
         demo_mask (B,); SDXL: ``text_added`` = {text_embeds (B, P), time_ids (B, 6)} and
@@ -31,6 +36,27 @@ class ApprenticeModule(torch.nn.Module):
         ctx.mask = demo_mask
         extra = {} if text_added is None else {"added_cond_kwargs": text_added}
         return self.unet(noisy, timesteps, text_emb, cross_attention_kwargs={"demo": ctx}, **extra).sample
+
+
+def add_base_lora(base, rank: int) -> None:
+    """``--base-lora-rank``: peft LoRA adapters (``default``, alpha = rank, gaussian init: the
+    untrained apprentice still equals the base) on the layers the family's DreamBooth LoRA script
+    adapts (:attr:`suti.denoisers.UNetDenoiser.lora_targets`, ``FluxDenoiser.lora_targets``)."""
+    from peft import LoraConfig
+
+    from suti.denoisers import denoiser_for
+
+    denoiser = denoiser_for(base)
+    denoiser.module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(denoiser.lora_targets)))
+
+
+def merge_base_lora(module) -> None:
+    """Fold the base's LoRA adapters into its weights and remove them (diffusers' ``fuse_lora`` /
+    ``unload_lora``), so the saved apprentice is a plain base plus the adapter."""
+    net = module.denoiser_module
+    if getattr(net, "peft_config", None):
+        net.fuse_lora()
+        net.unload_lora()
 
 
 def load_deepspeed_config(path: str, config: ApprenticeTrainConfig, device: str) -> dict:
@@ -83,7 +109,7 @@ def param_groups(module, config: ApprenticeTrainConfig) -> list[dict]:
     U-Net's at that rate; without it one group holds both at ``--learning-rate``. Empty groups are
     left out."""
     adapter = [p for p in module.adapter.parameters() if p.requires_grad]
-    base = [p for p in module.unet.parameters() if p.requires_grad]
+    base = [p for p in module.denoiser_module.parameters() if p.requires_grad]
     if config.base_learning_rate is None:  # one group, as before the option
         return [{"params": base + adapter, "lr": config.learning_rate}]  # the module's order
     return [g for g in ({"params": adapter, "lr": config.learning_rate}, {"params": base, "lr": config.base_learning_rate}) if g["params"]]
@@ -113,23 +139,33 @@ def build_engine(config: ApprenticeTrainConfig, device: str, scorer=None):
     import deepspeed
 
     from apprentice.adapter import DemoAttentionAdapter, image_embedding_size
-    from suti.models import load_pipeline
+    from suti.denoisers import denoiser_module
+    from suti.models import load_pipeline, pipeline_family
 
     base = load_pipeline(config.model, device=device)
-    unet = base.unet
+    unet = denoiser_module(base)  # the U-Net, or FLUX's transformer
     base.vae.requires_grad_(False)
     base.text_encoder.requires_grad_(False)
     if getattr(base, "text_encoder_2", None) is not None:  # SDXL
         base.text_encoder_2.requires_grad_(False)
-    unet.requires_grad_(not config.freeze_base)
+    unet.requires_grad_(not config.freeze_base and not config.base_lora_rank)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    embed_dim = None if scorer is None else image_embedding_size(scorer)  # measured on the training loop's scorer: built once
-    adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method,
-                                            subject_tokens=config.subject_tokens, image_encoder=config.image_encoder, image_embed_dim=embed_dim,
-                                            position_bias=config.demo_position_bias)
-    adapter.install(unet)
-    module = ApprenticeModule(unet, adapter)
+    if pipeline_family(base).name == "flux":  # demonstrations as extra tokens of the joint attention (apprentice.flux)
+        from apprentice.flux import FluxApprenticeModule, FluxDemoAdapter
+
+        adapter = FluxDemoAdapter.for_transformer(unet, demo_timestep=config.demo_timestep, demo_positions=config.demo_positions)
+        adapter.install(unet)
+        module = FluxApprenticeModule(unet, adapter, vae_scale_factor=base.vae_scale_factor, guidance=config.guidance_scale)
+    else:
+        embed_dim = None if scorer is None else image_embedding_size(scorer)  # measured on the training loop's scorer: built once
+        adapter = DemoAttentionAdapter.for_unet(unet, demo_timestep=config.demo_timestep, method=config.method,
+                                                subject_tokens=config.subject_tokens, image_encoder=config.image_encoder, image_embed_dim=embed_dim,
+                                                position_bias=config.demo_position_bias)
+        adapter.install(unet)
+        module = ApprenticeModule(unet, adapter)
+    if config.base_lora_rank:  # after the adapter copied the base's projections
+        add_base_lora(base, config.base_lora_rank)
     groups = param_groups(module, config)
     params = [p for g in groups for p in g["params"]]
     ds_config = load_deepspeed_config(config.deepspeed_config, config, device)

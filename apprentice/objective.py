@@ -11,37 +11,49 @@ import torch
 from apprentice.train_config import ApprenticeTrainConfig
 
 
-def denoising_loss(model, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None, image_embeds: torch.Tensor | None = None, snr_gamma: float | None = None, teacher: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
+def denoising_loss(model, objective, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor, demo_latents: torch.Tensor, demo_emb: torch.Tensor, demo_mask: torch.Tensor, dtype: torch.dtype = torch.float32, text_added: dict | None = None, demo_added: dict | None = None, image_embeds: torch.Tensor | None = None, snr_gamma: float | None = None, teacher: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The apprentice's training loss on one batch (a scalar, fp32).
 
     Args:
         model: :class:`ApprenticeModule` or the DeepSpeed engine wrapping it.
-        scheduler: the base model's noise scheduler; its ``config.prediction_type`` picks the
-            target (``suti.losses.denoising_target``: noise, ``get_velocity``, or the latents).
+        objective: the base's training objective (:func:`suti.objectives.training_objective`:
+            epsilon/v/sample targets with Min-SNR-gamma weights, or flow matching's velocity), or
+            the base's scheduler (made its objective with ``snr_gamma``).
         latents: (B, C, h, w) scaled clean latents; noise: the same shape; timesteps: (B,).
         text_emb: (B, L, D); demo_latents: (B, n, C, h, w); demo_emb: (B, n, L, D); demo_mask: (B,).
         dtype: the module's dtype; every input is cast to it (fp16/bf16 DeepSpeed configs).
         text_added, demo_added: SDXL's added conditioning of the targets and the demonstrations
             (see :class:`ApprenticeModule`); ``None`` for SD 1.x/2.x.
         image_embeds: (B, n, D) image embeddings of the demos, for the subject channel (or ``None``).
-        snr_gamma: Min-SNR-gamma weights per sample (``suti.losses.snr_weights``, as the experts'
-            ``snr_gamma`` and diffusers' training scripts); ``None``: the plain mean squared error.
+        snr_gamma: Min-SNR-gamma weights when ``objective`` is a scheduler (an objective carries
+            its own); ``None``: the plain mean squared error.
         teacher, teacher_weight: ``--caption-distillation``: (B, C, h, w) predictions of a teacher
             (:func:`teacher_prediction`) and (B,) weights ``w`` in [0, 1]; each row's target becomes
             ``(1 - w) * target + w * teacher``. ``None``: the true target only.
     """
-    from suti.losses import denoising_target, per_sample_mse, snr_weights
+    from suti.losses import per_sample_mse
 
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    objective = as_objective(objective, snr_gamma)
+    noisy = objective.add_noise(latents, noise, timesteps)
     cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
     pred = model(noisy.to(dtype), timesteps, text_emb.to(dtype), demo_latents.to(dtype), demo_emb.to(dtype), demo_mask.to(dtype), cast(text_added), cast(demo_added), None if image_embeds is None else image_embeds.to(dtype))
-    target = denoising_target(scheduler, latents, noise, timesteps)
+    target = objective.target(latents, noise, timesteps)
     if teacher is not None:
         w = teacher_weight.to(target.device, target.dtype).view(-1, *([1] * (target.dim() - 1)))
         target = target + w * (teacher.to(target.device, target.dtype) - target)
-    if snr_gamma is None:
+    weights = objective.loss_weights(timesteps)  # Min-SNR-gamma, or a flow-matching weighting scheme
+    if weights is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float())
-    return (per_sample_mse(pred, target) * snr_weights(scheduler, timesteps, snr_gamma).to(pred.device)).mean()
+    return (per_sample_mse(pred, target) * weights.to(pred.device)).mean()
+
+
+def as_objective(objective_or_scheduler, snr_gamma: float | None = None):
+    """An objective (:mod:`suti.objectives`) as given, or the training objective of a scheduler."""
+    if hasattr(objective_or_scheduler, "target"):
+        return objective_or_scheduler
+    from suti.objectives import training_objective
+
+    return training_objective(objective_or_scheduler, snr_gamma=snr_gamma)
 
 
 def guidance_dropout(config: ApprenticeTrainConfig, batch_size: int, text_cond, null_cond, generator: torch.Generator, device: str):
@@ -91,18 +103,18 @@ def caption_teacher(config: ApprenticeTrainConfig, unet):
     return teacher
 
 
-def teacher_prediction(teacher, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+def teacher_prediction(teacher, objective, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
     """The teacher's prediction (B, C, h, w), fp32, in the scheduler's ``prediction_type``, on the
     same noisy latents as the student; ``cond``: the privileged captions'
     :class:`suti.conditioning.Conditioning` (B rows). No demonstrations, no gradient."""
     dtype = next(teacher.parameters()).dtype
-    noisy = scheduler.add_noise(latents, noise, timesteps).to(dtype)
+    noisy = as_objective(objective).add_noise(latents, noise, timesteps).to(dtype)
     extra = {} if cond.added_cond_kwargs is None else {"added_cond_kwargs": {k: v.to(dtype) for k, v in cond.added_cond_kwargs.items()}}
     with torch.no_grad():
         return teacher(noisy, timesteps, cond.encoder_hidden_states.to(dtype), **extra).sample.float()
 
 
-def distillation_targets(teacher, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, teacher_prompts: list[str], prompts: list[str], weight: float, encode) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def distillation_targets(teacher, objective, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, teacher_prompts: list[str], prompts: list[str], weight: float, encode) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``--caption-distillation``'s ``(teacher, teacher_weight)`` for :func:`denoising_loss`: the
     teacher's (B, C, h, w) predictions given each row's privileged caption (``teacher_prompts``;
     a row without one gets its own prompt and weight 0), and (B,) weights ``weight`` or 0.
@@ -115,5 +127,5 @@ def distillation_targets(teacher, scheduler, latents: torch.Tensor, noise: torch
     if teacher is None or not any(has_caption):
         return None, None
     captions = [p if p else q for p, q in zip(teacher_prompts, prompts)]  # rows without one: weight 0
-    teacher_pred = teacher_prediction(teacher, scheduler, latents, noise, timesteps, encode(captions))
+    teacher_pred = teacher_prediction(teacher, objective, latents, noise, timesteps, encode(captions))
     return teacher_pred, torch.tensor(has_caption, dtype=torch.float32) * weight

@@ -22,7 +22,6 @@ def load_apprentice(name_or_path: str, *, device: str | None = None, dtype: str 
     CUDA, fp32 on CPU; :func:`suti.sampling.resolve_dtype`). The pipeline's default image size is
     the resolution it was trained at (``training.json``), else the U-Net's native size.
     """
-    from apprentice.pipeline import ApprenticePipeline
     from suti.models import default_device
 
     if name_or_path == "toy":
@@ -42,10 +41,29 @@ def load_apprentice(name_or_path: str, *, device: str | None = None, dtype: str 
     torch_dtype = resolve_dtype(dtype, device)
     check_weight_folder(folder)
     with loading(folder):
-        pipe = ApprenticePipeline.from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
+        pipe = apprentice_class(folder).from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.trained_resolution = _trained_resolution(folder)
     return pipe.to(device)
+
+
+def apprentice_class(folder: Path):
+    """The pipeline class of an apprentice folder, by its ``model_index.json`` ``_class_name``:
+    :class:`~apprentice.flux_pipeline.FluxApprenticePipeline` on a FLUX base, else
+    :class:`~apprentice.pipeline.ApprenticePipeline`."""
+    import json
+
+    from apprentice.pipeline import ApprenticePipeline
+
+    try:
+        name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name == "FluxApprenticePipeline":
+        from apprentice.flux_pipeline import FluxApprenticePipeline
+
+        return FluxApprenticePipeline
+    return ApprenticePipeline
 
 
 def _trained_resolution(folder: Path) -> int | None:
@@ -63,13 +81,15 @@ def _trained_resolution(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float = 5.0, demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
+def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images: int, output: str | Path, *, demo_captions: list[str] | None = None, steps: int = 25, guidance_scale: float | None = None, demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE, seed: int = 0, overwrite: bool = False, height: int | None = None, width: int | None = None, dtype: str | None = None, sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE) -> list[Path]:
     """Generate ``num_images`` PNGs of ``prompt`` in context of the demonstration photos.
 
     Every argument and photo is validated first (a bad one stops with its name); then the
     demonstrations are encoded once and reused for every image and every denoising step.
     Images are ``height`` x ``width`` pixels (default: the apprentice's trained resolution),
     ``sample_batch_size`` per call; image ``i`` uses the seed ``seed + i`` whatever the batch.
+    ``guidance_scale``: the text guidance (default 5.0), or on a FLUX base the distilled guidance
+    (default 3.5).
 
     Raises:
         InputError: a bad argument (:func:`suti.sampling.check_sampler_args`), photo, or a prompt
@@ -85,6 +105,10 @@ def sample_apprentice(apprentice: str, demos: list[str], prompt: str, num_images
     output = Path(output)
     paths = numbered_images(output, num_images, overwrite=overwrite)
     pipe = load_apprentice(apprentice, dtype=dtype)
+    if guidance_scale is None:  # the pipeline's own default: text CFG 5.0, FLUX's distilled 3.5
+        import inspect
+
+        guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
     check_prompt(pipe.tokenizer, prompt, what="--prompt")
     ctx = pipe.encode_demonstrations(images, demo_captions)
     output.mkdir(parents=True, exist_ok=True)

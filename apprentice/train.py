@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from apprentice.distributed import DIST_ENV, init_distributed
-from apprentice.engine import ApprenticeModule, build_engine, load_deepspeed_config, module_dtype, param_groups
+from apprentice.engine import ApprenticeModule, build_engine, load_deepspeed_config, merge_base_lora, module_dtype, param_groups
 from apprentice.objective import caption_teacher, denoising_loss, distillation_targets, guidance_dropout, teacher_prediction
 from apprentice.train_config import ApprenticeTrainConfig, apply_local_rank, build_arg_parser, config_from_args
 from apprentice.train_data import demo_scorer, embed_demos, encode_batch, encode_text, image_encoder_for, training_batches
@@ -124,9 +124,9 @@ def train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None = None
 
 
 def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, overwrite: bool, progress: bool) -> Path | str:
-    from diffusers import DDPMScheduler
-
+    from suti.denoisers import denoiser_module
     from suti.models import default_resolution
+    from suti.objectives import training_objective
 
     config.output = output = storage.resolve(config.output)
     config.resolution = config.resolution or default_resolution(config.model)
@@ -146,15 +146,15 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
 
     scorer = demo_scorer(config)
     base, module, engine, trainable, dtype = build_engine(config, device, scorer)
-    teacher = caption_teacher(config, base.unet)  # before resuming: the base model's weights
+    teacher = caption_teacher(config, denoiser_module(base))  # before resuming: the base model's weights
     step, ema = resume_state(decision, config, engine, module, trainable, rank, world, device)
-    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    objective = training_objective(base.scheduler, snr_gamma=config.snr_gamma)  # epsilon/v (DDPM) or flow matching (FLUX)
     data_seed = config.seed + 1000 * step
     data = training_batches(config, data_seed)
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed((config.seed * 7919 + rank + 104729 * step) % 2**64)  # any --seed (up to 2**63 - 1): torch takes 64 bits
-    run = _Run(config, rank, world, device, base, module, engine, trainable, dtype, scorer, teacher, ema, scheduler, gen, encode_text(base, [""], device, config.resolution))
+    run = _Run(config, rank, world, device, base, module, engine, trainable, dtype, scorer, teacher, ema, objective, gen, encode_text(base, [""], device, config.resolution))
 
     start_step = step
     step, loss, elapsed = _train_steps(run, data, step, data_seed, writer, progress)
@@ -182,7 +182,7 @@ class _Run:
     scorer: Any  # embeds the demos for the subject channel (or None)
     teacher: Any  # the --caption-distillation teacher U-Net (or None)
     ema: Ema | None
-    scheduler: Any  # the DDPM noise scheduler of the base
+    objective: Any  # the base's training objective (suti.objectives)
     gen: torch.Generator  # this rank's generator of dropout, noise and timesteps
     null_cond: Any  # the empty prompt's Conditioning (dropped text)
 
@@ -218,10 +218,10 @@ def _training_step(run: _Run, batch: dict) -> torch.Tensor:
     x = encode_batch(run.base, batch, device, config.resolution, run.gen, run.scorer)
     text_cond, mask = guidance_dropout(config, b, x.text_cond, run.null_cond, run.gen, device)
     noise = torch.randn(x.target.shape, generator=run.gen).to(device)
-    t = torch.randint(0, run.scheduler.config.num_train_timesteps, (b,), generator=run.gen).to(device)
-    teacher_pred, teacher_weight = distillation_targets(run.teacher, run.scheduler, x.target, noise, t, batch["teacher_prompt"], batch["prompt"], config.caption_distillation,
+    t = run.objective.draw_timesteps(b, run.gen).to(device)
+    teacher_pred, teacher_weight = distillation_targets(run.teacher, run.objective, x.target, noise, t, batch["teacher_prompt"], batch["prompt"], config.caption_distillation,
                                                         lambda prompts: encode_text(run.base, prompts, device, config.resolution))
-    loss = denoising_loss(run.engine, run.scheduler, x.target, noise, t, text_cond.encoder_hidden_states, x.demos, x.demo_emb, mask, run.dtype, text_cond.added_cond_kwargs, x.demo_cond.added_cond_kwargs, x.image_embeds, config.snr_gamma, teacher_pred, teacher_weight)
+    loss = denoising_loss(run.engine, run.objective, x.target, noise, t, text_cond.encoder_hidden_states, x.demos, x.demo_emb, mask, run.dtype, text_cond.added_cond_kwargs, x.demo_cond.added_cond_kwargs, x.image_embeds, config.snr_gamma, teacher_pred, teacher_weight)
     run.engine.backward(loss)
     run.engine.step()
     if run.ema:
@@ -237,10 +237,16 @@ def _write_outputs(run: _Run, step: int, steps_this_run: int, elapsed: float, lo
     config, base, output = run.config, run.base, run.config.output
     if run.ema:
         run.ema.copy_to(run.module)
-    pipe = ApprenticePipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, run.module.adapter,
-                              text_encoder_2=getattr(base, "text_encoder_2", None), tokenizer_2=getattr(base, "tokenizer_2", None))
+    merge_base_lora(run.module)  # --base-lora-rank: the saved base is plain
+    if hasattr(base, "transformer"):  # FLUX (apprentice.flux_pipeline)
+        from apprentice.flux_pipeline import FluxApprenticePipeline
+
+        pipe = FluxApprenticePipeline(base.scheduler, base.vae, base.text_encoder, base.tokenizer, base.text_encoder_2, base.tokenizer_2, base.transformer, run.module.adapter)
+    else:
+        pipe = ApprenticePipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, run.module.adapter,
+                                  text_encoder_2=getattr(base, "text_encoder_2", None), tokenizer_2=getattr(base, "tokenizer_2", None))
     _save_pipeline(pipe, output)
-    info = {"config": asdict(config), "resolution": config.resolution, "prediction_type": run.scheduler.config.prediction_type, "steps": step, "steps_this_run": steps_this_run, "world_size": run.world, "seconds": round(elapsed, 1), "final_loss": None if loss is None else loss.item()}
+    info = {"config": asdict(config), "resolution": config.resolution, "prediction_type": getattr(run.objective.scheduler.config, "prediction_type", None) or run.objective.kind, "steps": step, "steps_this_run": steps_this_run, "world_size": run.world, "seconds": round(elapsed, 1), "final_loss": None if loss is None else loss.item()}
     storage.write_text(storage.join(output, "training.json"), json.dumps(info, indent=2))
 
 

@@ -52,6 +52,9 @@ class ApprenticeTrainConfig:
     demo_position_bias: bool = False  # a learned per-head position bias in the demonstration attention
     copy_view: float = 0.0  # share of reconstruction examples with an augmented view of the target among the demos
     caption_distillation: float = 0.0  # weight of the base-with-alt-text teacher in reconstruction targets (0: off)
+    base_lora_rank: int = 0  # >0: the base trains as LoRA adapters of this rank (its weights frozen), merged into the saved apprentice
+    demo_positions: str = "frame"  # FLUX: how demonstration tokens sit apart from the target's (apprentice.flux: frame | diagonal)
+    guidance_scale: float = 3.5  # FLUX: the distilled guidance embedded while training (diffusers' flux scripts' --guidance_scale)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -79,6 +82,7 @@ class ApprenticeTrainConfig:
                     kind.check(weight, option)
             else:  # a whole number given as 2.0 is stored as 2
                 setattr(self, name, kind.check(value, option))
+        need(not (self.base_lora_rank and self.freeze_base), "--base-lora-rank", "0 with --freeze-base (a frozen base trains no LoRA)", self.base_lora_rank)
         need(self.base_learning_rate is None or not self.freeze_base, "--base-learning-rate", "unset with --freeze-base (the U-Net does not train)", self.base_learning_rate)
         if self.shard_weights is not None:
             patterns = 1 if isinstance(self.shards, str) else len(self.shards)
@@ -92,6 +96,25 @@ class ApprenticeTrainConfig:
             check_scorer_for_model(self.image_encoder, self.model)
         if self.resolution is not None:
             need(self.resolution % 8 == 0, "--resolution", "a positive multiple of 8", self.resolution)
+        self._validate_family()
+
+    def _validate_family(self) -> None:
+        """Options the base's family does not take (FLUX: the U-Net apprentice's subject channel,
+        reference method, position bias and caption distillation; Min-SNR-gamma), refused early."""
+        from suti.errors import InvalidValueError
+        from suti.models import model_family
+        from suti.objectives import training_objective_options
+
+        if self.demo_positions not in DEMO_POSITIONS:
+            raise InvalidValueError(f"--demo-positions must be one of {', '.join(DEMO_POSITIONS)}, got {self.demo_positions!r}")
+        family = model_family(self.model)
+        if family.name == "flux":
+            unsupported = {"--subject-tokens": self.subject_tokens, "--method reference": self.method == "reference",
+                           "--demo-position-bias": self.demo_position_bias, "--caption-distillation": self.caption_distillation}
+            named = [flag for flag, value in unsupported.items() if value]
+            if named:
+                raise InvalidValueError(f"{', '.join(named)}: not offered for a FLUX base (--model {self.model}); its demonstrations are tokens of the joint attention (apprentice.flux)")
+        training_objective_options(family.objective == "flow_matching", snr_gamma=self.snr_gamma, weighting_scheme="none")
 
 
 #: Fields whose option is not ``--`` + the field's name with dashes (not flags of their own).
@@ -128,6 +151,8 @@ def _apprentice_numbers() -> dict:
         "num_workers": checks.whole(0, 1024),  # 0: load in the training process
         "subject_tokens": checks.whole(0, 256),  # 0: no subject channel
         "snr_gamma": checks.real(0.0, 1e3, lo_open=True),
+        "guidance_scale": checks.real(0.0, 50.0),
+        "base_lora_rank": checks.whole(0, 1024),
         "copy_view": checks.PROBABILITY,
         "caption_distillation": checks.PROBABILITY,
     }
@@ -146,6 +171,10 @@ def launch_number(name: str):
 
     return {"nproc": checks.whole(1, 1024), "nnodes": checks.whole(1, 100_000), "node_rank": checks.whole(0, 99_999),
             "master_port": checks.whole(1, 65535), "local_rank": checks.whole(0, 1023)}[name]
+
+
+#: FLUX bases: where demonstration tokens sit apart from the target's (:mod:`apprentice.flux`).
+DEMO_POSITIONS = ("frame", "diagonal")
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -172,6 +201,9 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--copy-view", type=apprentice_number("copy_view"), default=0.0, metavar="P", help="share of reconstruction examples (photo shards, --self-target) whose demonstrations include a view of the target photo itself (mirrored half the time, re-cropped) in place of another photo, so that the demonstration attention learns to find the subject in a demonstration and carry all of it, silhouette included; 0 (default): off")
     p.add_argument("--caption-dropout", dest="drop_text", type=apprentice_number("drop_text"), default=0.1, metavar="P", help="share of examples trained on the empty prompt with their demos kept "
                    "(classifier-free guidance over the text; diffusers' --proportion_empty_prompts); a further 5%% drop text and demos together and 10%% the demos alone (default 0.1)")
+    p.add_argument("--base-lora-rank", type=apprentice_number("base_lora_rank"), default=0, help="train the base (U-Net or FLUX transformer) as LoRA adapters of this rank on the layers diffusers' DreamBooth LoRA scripts adapt, its own weights frozen, beside the demonstration layers; merged into the saved apprentice (0: the base trains in full unless --freeze-base)")
+    p.add_argument("--demo-positions", choices=DEMO_POSITIONS, default="frame", help="FLUX bases: where the demonstration tokens sit: frame (FLUX.1 Kontext: frame index i+1, same rows and columns) or diagonal (UNO: rows and columns shifted by the grid's size per demo)")
+    p.add_argument("--guidance-scale", type=apprentice_number("guidance_scale"), default=3.5, help="FLUX bases: the distilled guidance embedded while training (diffusers' flux scripts' --guidance_scale; default 3.5)")
     p.add_argument("--ema-decay", type=apprentice_number("ema_decay"), default=0.0, help="decay of an exponential moving average of the trainable weights, saved instead of them, in [0, 1) (0: no EMA)")
     p.add_argument("--deepspeed-config", default="zero2", help="a shipped DeepSpeed config (zero0, zero2) or a JSON path")
     p.add_argument("--resolution", type=apprentice_number("resolution"), help="training image size in pixels (default: the model's native size); recorded in OUTPUT/training.json")
@@ -204,7 +236,7 @@ def config_from_args(args) -> ApprenticeTrainConfig:
         num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         subject_tokens=args.subject_tokens, image_encoder=args.image_encoder, snr_gamma=args.snr_gamma,
         demo_position_bias=args.demo_position_bias, caption_distillation=args.caption_distillation, copy_view=args.copy_view,
-        drop_text=args.drop_text,
+        drop_text=args.drop_text, demo_positions=args.demo_positions, guidance_scale=args.guidance_scale, base_lora_rank=args.base_lora_rank,
     )
 
 

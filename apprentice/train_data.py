@@ -46,8 +46,9 @@ def encode_batch(base, batch: dict, device: str, resolution: int, generator: tor
     vae = base.vae
     b, n = batch["demos"].shape[:2]
     with torch.no_grad():
-        target = vae.encode(batch["target"].to(device)).latent_dist.sample(generator if device == "cpu" else None) * vae.config.scaling_factor
-        demos = vae.encode(batch["demos"].flatten(0, 1).to(device)).latent_dist.mean * vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # FLUX's VAE: latents are shifted, then scaled
+        target = (vae.encode(batch["target"].to(device)).latent_dist.sample(generator if device == "cpu" else None) - shift) * vae.config.scaling_factor
+        demos = (vae.encode(batch["demos"].flatten(0, 1).to(device)).latent_dist.mean - shift) * vae.config.scaling_factor
         demos = demos.view(b, n, *demos.shape[1:])  # (B, n, C, h, w)
         text_cond = encode_text(base, batch["prompt"], device, resolution)  # (B, L, D) (+ SDXL pooled, time ids)
         demo_cond = encode_text(base, [c for caps in batch["demo_captions"] for c in caps], device, resolution)  # B * n

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from experts.expert import ExpertInfo, save_expert, unsaved_expert_info
+from experts.export import write_kohya_copy
 from experts.recipe import ExpertConfig
 from suti.denoisers import denoiser_module
 from suti.errors import InputError
@@ -282,6 +283,8 @@ def _expert_infos(pipe, experts: list[_Expert], outputs: list[Path | None], elap
         if output is not None:
             Path(output).mkdir(parents=True, exist_ok=True)
             infos.append(save_expert(pipe, c, Path(output), train_seconds=elapsed / len(experts), adapter_name=e.adapter))
+            if c.output_kohya_format:
+                write_kohya_copy(pipe, infos[-1], Path(output), e.adapter)
         else:
             infos.append(unsaved_expert_info(c, e.prompt, elapsed / len(experts)))
     return infos

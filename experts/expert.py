@@ -122,8 +122,8 @@ def save_lora_weights(pipe, output: Path, adapter_name: str = "default", *, with
 def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_name: str = "default") -> ExpertInfo:
     """Save the trained weights (safetensors only) and ``expert.json``; a LoRA expert is the
     peft adapter ``adapter_name`` of ``pipe``'s U-Net (and text encoders), saved in diffusers'
-    layout whatever its name, and with ``config.output_kohya_format`` also in kohya's
-    (``pytorch_lora_weights_kohya.safetensors``, :func:`experts.export.write_lora_file`)."""
+    layout whatever its name (``config.output_kohya_format``'s kohya copy is written by the
+    trainers beside it: :func:`experts.export.write_kohya_copy`)."""
     import suti
     from experts.identifier import fill_prompt
 
@@ -148,13 +148,6 @@ def save_expert(pipe, config, output: Path, train_seconds: float = 0.0, adapter_
         train_seconds=round(train_seconds, 3),
         suti_version=suti.__version__,
     )
-    if kind == "lora" and getattr(config, "output_kohya_format", False):  # diffusers' --output_kohya_format: also kohya's layout
-        from experts.export import KOHYA_FILE, write_lora_file
-
-        if getattr(pipe, "unet", None) is None:  # kohya's lora_unet_ layout is SD 1.x/2.x and SDXL's
-            log.warning("%s: no %s written: kohya's layout covers U-Net bases (SD 1.x/2.x, SDXL), not %s", output, KOHYA_FILE, config.model)
-        else:
-            write_lora_file(pipe, info, output / KOHYA_FILE, "kohya", adapter=adapter_name)
     info.write(output)
     return info
 

@@ -238,3 +238,16 @@ def export_metadata(info, version: str, ranks: list[int], alphas: list[float], t
         "suti_recipe": str(info.recipe),
         "suti_version": str(info.suti_version or suti.__version__),
     }
+
+
+def write_kohya_copy(pipe, info, output: Path, adapter_name: str = "default") -> Path | None:
+    """diffusers' ``--output_kohya_format``: a LoRA expert's adapter ``adapter_name`` also written
+    in kohya's layout as ``output/KOHYA_FILE`` (:func:`write_lora_file`); ``None`` (logged) on a
+    base kohya's ``lora_unet_`` layout does not cover (FLUX)."""
+    import logging
+
+    if getattr(pipe, "unet", None) is None:
+        logging.getLogger(__name__).warning("%s: no %s written: kohya's layout covers U-Net bases (SD 1.x/2.x, SDXL), not %s", output, KOHYA_FILE, info.base_model)
+        return None
+    write_lora_file(pipe, info, Path(output) / KOHYA_FILE, "kohya", adapter=adapter_name)
+    return Path(output) / KOHYA_FILE

@@ -24,10 +24,11 @@ from tqdm import tqdm
 from experts import checkpoint as ckpt
 from experts.data import ensure_class_images, instance_images, real_class_images
 from experts.expert import EXPERT_FILE, ExpertInfo, save_expert, unsaved_expert_info
+from experts.export import write_kohya_copy
 from experts.identifier import fill_prompt, sample_identifier
 from experts.latents import TrainingLatents, latent_sets, load_training_pixels
 from experts.rows import cached_conditioning, instance_text, row_prompts, step_rows, with_time_ids
-from suti.denoisers import denoiser_for, denoiser_module, latents_from_vae
+from suti.denoisers import FluxDenoiser, UNetDenoiser, denoiser_for, denoiser_module, latents_from_vae
 from suti.losses import per_sample_mse
 from suti.objectives import training_objective
 from experts.optim import adamw_class, make_lr_scheduler, make_optimizer, prodigy_class
@@ -41,14 +42,9 @@ from suti.models import check_model, default_device, default_resolution, load_pi
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS_UNET = ["to_k", "to_q", "to_v", "to_out.0"]
-#: diffusers' train_dreambooth_lora_flux.py default ``--lora_layers``: the joint attention's image
-#: and text projections and both streams' feed-forward layers of every double-stream block (the
-#: single-stream blocks' attention shares the names ``attn.to_q/k/v``).
-LORA_TARGETS_TRANSFORMER = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
-                            "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-#: LoRA targets of each denoiser (``suti.denoisers``: its pipeline attribute).
-LORA_TARGETS = {"unet": LORA_TARGETS_UNET, "transformer": LORA_TARGETS_TRANSFORMER}
+#: LoRA targets of each denoiser (:mod:`suti.denoisers`: ``lora_targets`` of its class).
+LORA_TARGETS_UNET = list(UNetDenoiser.lora_targets)
+LORA_TARGETS_TRANSFORMER = list(FluxDenoiser.lora_targets)
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -87,10 +83,10 @@ def text_encoders(pipe) -> list:
 
 
 def lora_targets(pipe) -> list[str]:
-    """The modules of ``pipe``'s denoiser that LoRA adapts (:data:`LORA_TARGETS`)."""
+    """The modules of ``pipe``'s denoiser that LoRA adapts (its class's ``lora_targets``)."""
     from suti.models import pipeline_family, resolve
 
-    return LORA_TARGETS[resolve(pipeline_family(pipe).denoiser).attribute]
+    return list(resolve(pipeline_family(pipe).denoiser).lora_targets)
 
 
 def lora_config(config: ExpertConfig, target_modules: list[str]):
@@ -459,6 +455,8 @@ def _finish(run: _Run, step: int, elapsed: float, *, save_weights: bool) -> Expe
     info = None
     if run.main and save_weights:
         info = save_expert(run.pipe, config, run.output, train_seconds=elapsed)
+        if config.output_kohya_format and info.kind == "lora":
+            write_kohya_copy(run.pipe, info, run.output)
     elif run.main:
         info = unsaved_expert_info(config, run.prompt, elapsed)
     for tracker in accelerator.trackers:  # not end_training(): it would end a launcher's process group
@@ -565,7 +563,10 @@ def _no_sync(accelerator, *models):
 @torch.no_grad()
 def _validate(pipe, config: ExpertConfig, output: Path, step: int, accelerator) -> None:
     """Sample the validation prompt with the weights being trained."""
-    denoiser_module(pipe).eval()
+    trained = [denoiser_module(pipe), *text_encoders(pipe)]
+    modes = [m.training for m in trained]
+    for module in trained:  # no LoRA dropout while sampling
+        module.eval()
     prompt = fill_prompt(config.validation_prompt, config.identifier, config.class_noun)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     image = pipe(prompt, height=config.resolution, width=config.resolution, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale, generator=generator).images[0]
@@ -574,4 +575,5 @@ def _validate(pipe, config: ExpertConfig, output: Path, step: int, accelerator) 
     save_image_atomic(image, folder / f"step-{step:06d}.png")
     storage.write_text(folder / "prompts.json", json.dumps({"prompt": prompt}))
     log_image(accelerator, "validation", image, step)
-    denoiser_module(pipe).train()
+    for module, mode in zip(trained, modes):
+        module.train(mode)

@@ -41,9 +41,9 @@ class Settings:
     request_timeout: float = 120.0  # seconds from arrival to answer; then 504
     default_steps: int = 25
     max_steps: int = 100
-    apprentice_guidance_scale: float = 5.0
+    apprentice_guidance_scale: float | None = None  # None: 5.0 (text CFG), 3.5 on a FLUX apprentice (distilled guidance)
     apprentice_demo_guidance_scale: float = DEFAULT_DEMO_GUIDANCE_SCALE
-    expert_guidance_scale: float = 7.5
+    expert_guidance_scale: float | None = None  # None: 7.5 (CFG), 3.5 on a FLUX --model (distilled guidance)
     max_num_images: int = 4
     # expert jobs
     job_workers: int = 1  # training jobs running at once
@@ -111,9 +111,32 @@ class Settings:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
+    def resolve_guidance(self) -> None:
+        """Unset guidance scales take the family's: FLUX's distilled 3.5 for a FLUX ``model``
+        (experts) or FLUX apprentice, else 7.5 for experts and 5.0 for the apprentice."""
+        from pathlib import Path
+
+        from suti.models import model_family
+
+        if self.expert_guidance_scale is None:
+            self.expert_guidance_scale = model_family(self.model).training_defaults.get("guidance_scale", 7.5)
+        if self.apprentice_guidance_scale is None:
+            flux = False
+            if self.apprentice != "toy":
+                import json
+
+                try:  # an unreadable folder is refused where the apprentice loads (a 503), not here
+                    flux = json.loads((Path(self.apprentice) / "model_index.json").read_text()).get("_class_name") == "FluxApprenticePipeline"
+                except (OSError, ValueError, AttributeError):
+                    flux = False
+            self.apprentice_guidance_scale = 3.5 if flux else 5.0
+
     def validate(self) -> None:
-        """Raise :class:`suti.errors.InputError` on unusable values."""
+        """Raise :class:`suti.errors.InputError` on unusable values; fill in the guidance defaults
+        of the model's family (:meth:`resolve_guidance`)."""
         from suti.errors import InputError
+
+        self.resolve_guidance()
 
         for name in ("max_concurrency", "job_workers", "max_steps", "default_steps", "max_num_images", "max_train_steps", "max_queued_jobs", "max_job_attempts", "max_image_pixels", "max_request_pixels", "max_decoding",
                      "webhook_attempts", "webhook_queue", "webhook_threads", "max_url_expires_s"):

@@ -29,16 +29,20 @@ class UNetDenoiser:
 
     module: Any
     attribute = "unet"  # the pipeline attribute that holds the network
+    #: modules LoRA adapts (diffusers' train_dreambooth_lora.py: the attention projections)
+    lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     lora_keys = "diffusers"  # saved LoRA keys: converted to diffusers' names (train_dreambooth_lora.py)
 
     @classmethod
     def from_pipeline(cls, pipe, **_) -> "UNetDenoiser":
         return cls(pipe.unet)
 
-    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond, *, module=None) -> torch.Tensor:
-        """The U-Net's prediction; ``module``: the same network wrapped (DDP, compile) to call instead."""
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond, *, module=None, attention_kwargs: dict | None = None) -> torch.Tensor:
+        """The U-Net's prediction; ``module``: the same network wrapped (DDP, compile) to call
+        instead; ``attention_kwargs``: its attention processors' ``cross_attention_kwargs``."""
         net = module if module is not None else self.module
-        return net(noisy, timesteps, **cond.unet_kwargs()).sample
+        extra = {} if attention_kwargs is None else {"cross_attention_kwargs": attention_kwargs}
+        return net(noisy, timesteps, **cond.unet_kwargs(), **extra).sample
 
 
 @dataclass
@@ -55,6 +59,11 @@ class FluxDenoiser:
     vae_scale_factor: int
     guidance_scale: float = 3.5
     attribute = "transformer"
+    #: modules LoRA adapts: diffusers' train_dreambooth_lora_flux.py default ``--lora_layers`` (the
+    #: joint attention's image and text projections and both streams' feed-forward layers of every
+    #: double-stream block; the single-stream blocks' attention shares ``attn.to_q/k/v``)
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
+                    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
     lora_keys = "peft"  # saved LoRA keys: peft's names, as train_dreambooth_lora_flux.py saves them
 
     @classmethod
@@ -62,8 +71,9 @@ class FluxDenoiser:
         scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return cls(pipe.transformer, scale, 3.5 if guidance_scale is None else float(guidance_scale))
 
-    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond, *, module=None) -> torch.Tensor:
-        """The transformer's velocity prediction, unpacked to ``noisy``'s shape.
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond, *, module=None, attention_kwargs: dict | None = None) -> torch.Tensor:
+        """The transformer's velocity prediction, unpacked to ``noisy``'s shape
+        (``attention_kwargs``: its attention processors' ``joint_attention_kwargs``).
 
         ``noisy`` (B, C, h, w) with even ``h`` and ``w``; ``cond.encoder_hidden_states`` the T5
         token states (B, L, D) and ``cond.added_cond_kwargs["pooled_projections"]`` CLIP's pooled
@@ -82,7 +92,7 @@ class FluxDenoiser:
             guidance = torch.full((b,), self.guidance_scale, device=noisy.device, dtype=torch.float32)
         out = net(hidden_states=packed, timestep=timesteps.to(noisy.device, packed.dtype) / 1000, guidance=guidance,
                   pooled_projections=cond.added_cond_kwargs["pooled_projections"], encoder_hidden_states=text,
-                  txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+                  txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
         scale = self.vae_scale_factor
         return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
 

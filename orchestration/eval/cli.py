@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-class-images", type=checks.whole(0, 1_000_000), help="prior-preservation images per expert")
     p.add_argument("--num-demos", type=checks.whole(1, 8), default=3, help="apprentice demonstrations (the first n photos)")
     p.add_argument("--sample-steps", type=STEPS, default=25)
-    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=5.0)
+    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, help="classifier-free guidance (default 5.0); on a FLUX base (or apprentice) the distilled guidance (default 3.5)")
     p.add_argument("--seed", type=SEED, default=0)
     add_sampler_flags(p)
     p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
@@ -36,9 +36,25 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run, local_paths=("output", "dataset", "apprentice"))
 
 
+def default_guidance(args) -> float:
+    """``--guidance-scale``'s default: 3.5 (the distilled guidance) when the images come from a
+    FLUX base or a FLUX apprentice, else 5.0 (classifier-free guidance)."""
+    from suti.models import model_family
+
+    if args.method == "apprentice" and args.apprentice != "toy":
+        from apprentice.sample import apprentice_class
+
+        flux = apprentice_class(Path(args.apprentice)).__name__ == "FluxApprenticePipeline"
+    else:
+        flux = args.method in ("base", "expert") and model_family(args.model).name == "flux"
+    return 3.5 if flux else 5.0
+
+
 def _run(args) -> int:
     from orchestration.eval.run import check_args, check_reuse, json_safe, run_eval
 
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(args)
     check_args(args)  # before the world dataset is written
     if args.dataset.startswith("world"):
         from orchestration.eval.worldbench import world_dataset
