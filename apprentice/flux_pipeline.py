@@ -22,8 +22,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from apprentice.flux import FluxDemoAdapter
+from apprentice.pipeline import checked_demonstrations
 from suti.conditioning import Conditioning, encode_prompt
-from suti.errors import InputError, InvalidValueError
+from suti.errors import InputError
 from suti.images import fit_square, to_pil, to_tensor
 from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE, check_prompt, check_sampler_args
 
@@ -80,13 +81,7 @@ class FluxApprenticePipeline(FluxPipeline):
     @torch.no_grad()
     def encode_demonstrations(self, demos: list[Image.Image], captions: list[str] | None = None, scale: float = 1.0, image_embeds=None, guidance_scale: float = FLUX_GUIDANCE_SCALE):
         """Encode one request's demonstrations once (cached keys/values for every step)."""
-        if not 1 <= len(demos) <= 8:
-            raise InvalidValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
-        captions = captions or [""] * len(demos)
-        if len(captions) != len(demos):
-            raise InvalidValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
-        for i, caption in enumerate(captions):
-            check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
+        captions = checked_demonstrations(self.tokenizer, demos, captions)
         latents = self.encode_images(demos)[None].to(self.transformer.device)  # (1, n, C, h, w)
         return self.adapter.encode_demos(self.transformer, latents, self.encode_conditioning(captions), scale=scale, guidance=guidance_scale)
 

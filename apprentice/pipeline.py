@@ -25,6 +25,23 @@ from suti.images import fit_square, to_pil, to_tensor
 from suti.sampling import DEFAULT_DEMO_GUIDANCE_SCALE, check_prompt, check_sampler_args
 
 
+def checked_demonstrations(tokenizer, demos: list, captions: list[str] | None) -> list[str]:
+    """The demonstrations' captions (``""`` each when none are given), checked: 1-8 demos, one
+    caption per demo, each caption fitting the text encoder (:func:`suti.sampling.check_prompt`).
+
+    Raises:
+        InvalidValueError: naming the count or the caption.
+    """
+    if not 1 <= len(demos) <= 8:
+        raise InvalidValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
+    captions = captions or [""] * len(demos)
+    if len(captions) != len(demos):
+        raise InvalidValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
+    for i, caption in enumerate(captions):
+        check_prompt(tokenizer, caption, what=f"demo caption {i}")
+    return captions
+
+
 class ApprenticePipeline(DiffusionPipeline):
     """The SuTI apprentice: base U-Net + demonstration attention, tuning-free.
 
@@ -106,13 +123,7 @@ class ApprenticePipeline(DiffusionPipeline):
         ``image_encoder`` (or ``image_embeds``, (n, D), is used) for the subject tokens; a
         channel that reads the U-Net's features (``"unet-features"``) needs neither.
         """
-        if not 1 <= len(demos) <= 8:
-            raise InvalidValueError(f"give 1 to 8 demonstration images (got {len(demos)})")
-        captions = captions or [""] * len(demos)
-        if len(captions) != len(demos):
-            raise InvalidValueError(f"{len(captions)} captions for {len(demos)} demonstration images")
-        for i, caption in enumerate(captions):
-            check_prompt(self.tokenizer, caption, what=f"demo caption {i}")
+        captions = checked_demonstrations(self.tokenizer, demos, captions)
         latents = self.encode_images(demos)[None]  # (1, n, C, h, w)
         cond = self.encode_conditioning(captions)  # (n, L, D) (+ SDXL: (n, P), (n, 6))
         if self.adapter.needs_image_embeds and image_embeds is None:
