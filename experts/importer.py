@@ -126,10 +126,14 @@ def import_expert(output: str | Path, *, identifier: str, class_noun: str, lora:
 
 
 def _pipeline_resolution(folder: Path) -> int:
-    """Native resolution of a pipeline folder: U-Net sample size x the VAE's downsampling."""
+    """Native resolution of a pipeline folder: U-Net sample size x the VAE's downsampling, or (a
+    transformer base such as FLUX, no ``unet/``) the VAE's ``sample_size`` in pixels; 512 when
+    neither can be read."""
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
+        if not (folder / "unet" / "config.json").is_file():
+            return int(vae["sample_size"])
+        unet = json.loads((folder / "unet" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, KeyError, ValueError, TypeError):
         return 512

@@ -161,3 +161,12 @@ def test_objective_options_of_the_other_family_are_refused_in_one_line(instance_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_flux_pipeline_folder_imports_at_its_native_resolution_and_guidance(tmp_path, capsys):
+    """`suti expert import --pipeline` of a FLUX folder (no unet/) takes the VAE's sample size
+    (32 px for tiny-flux, not the 512 fallback) and FLUX's distilled guidance."""
+    load_pipeline("tiny-flux").save_pretrained(tmp_path / "flux", safe_serialization=True)
+    assert main(["expert", "import", "--pipeline", str(tmp_path / "flux"), "--identifier", "sks", "--class-noun", "dog", "--output", str(tmp_path / "x")]) == 0
+    info = json.loads((tmp_path / "x" / "expert.json").read_text())
+    assert info["resolution"] == 32 and info["config"]["guidance_scale"] == 3.5
