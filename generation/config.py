@@ -59,6 +59,7 @@ class GenerateConfig:
     dtype: str | None = None  # sampling dtype: fp32, fp16, bf16 (None: fp16 on CUDA, fp32 on CPU)
     job_name: str | None = None  # the "job" tag of the driver's Ray metrics (None: the output's last path component; not part of the identity)
     recipe_data: dict | None = None  # the recipe as loaded on the driver (resolved()): workers never read the driver's disk for it
+    expert_settings: dict | None = None  # every expert setting as this suti resolves the recipe (resolved(); part of the identity)
 
     def __post_init__(self) -> None:
         """Refuse bad settings at once, before anything is written (InputError naming the flag):
@@ -107,6 +108,8 @@ class GenerateConfig:
         into the same output must match them). ``lambda`` is spelled as in the paper."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in IDENTITY_FIELDS}
         d["lambda"] = d.pop("lambda_")
+        if d.get("expert_settings") is None:  # not resolved: nothing to compare
+            d.pop("expert_settings", None)
         return d
 
     def resolved(self) -> "GenerateConfig":
@@ -128,6 +131,11 @@ class GenerateConfig:
         # the experts' settings (--steps, --lora-rank, the recipe), checked as each task will
         recipe_data = load_recipe(self.recipe)  # a name, a local YAML or a URI, read once here and shipped in the job
         expert = resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides})
+        from experts.batched import PER_EXPERT_FIELDS
+
+        # every shared setting as this suti resolves it: a rerun by a suti whose defaults changed
+        # (e.g. the resize filter) must not train the rest of the job's experts differently
+        expert_settings = {k: v for k, v in expert.to_dict().items() if k not in PER_EXPERT_FIELDS | {"model", "steps"}}  # those two: identity keys of their own
         if self.keep_experts and self.keep_experts_format == "kohya":
             if expert.lora_rank == 0 or expert.use_dora:
                 raise InputError(f"--keep-experts-format kohya keeps plain LoRA experts in kohya's layout; recipe {self.recipe} trains "
@@ -139,7 +147,8 @@ class GenerateConfig:
             check_batchable([expert])  # LoRA, no text encoder training, no accumulation: before job.json
         scorer = check_scorer_for_model(self.scorer or model_scorer(self.model), self.model)
         out = dataclasses.replace(self, clusters=storage.resolve(self.clusters), crawl=storage.resolve(self.crawl), output=storage.resolve(self.output), scorer=scorer,
-                                  model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe), recipe_data=recipe_data)  # workers have other working directories
+                                  model=portable_model(self.model), recipe=storage.absolute_if_local(self.recipe), recipe_data=recipe_data,
+                                  expert_settings=expert_settings)  # workers have other working directories
         for uri in (out.clusters, out.crawl, out.output):
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
         storage.require_bucket(out.output)  # a missing bucket: one line, before job.json
@@ -249,4 +258,4 @@ class ExpertJob:
 #: The :class:`GenerateConfig` fields of the job's identity (``OUTPUT/job.json``): its inputs (the
 #: clusters file and the crawl, as resolved URIs), the experts' and the sampler's settings (the
 #: sampling ``dtype`` included) and the filter. A rerun into the same output must match them.
-IDENTITY_FIELDS = ("clusters", "crawl", "dtype", "model", "recipe", "steps", "recipe_overrides", "lambda_", "samples_per_prompt", "prompts_per_cluster", "sample_steps", "guidance_scale", "scorer", "samples_per_shard", "seed", "no_filter")
+IDENTITY_FIELDS = ("clusters", "crawl", "dtype", "model", "recipe", "steps", "recipe_overrides", "expert_settings", "lambda_", "samples_per_prompt", "prompts_per_cluster", "sample_steps", "guidance_scale", "scorer", "samples_per_shard", "seed", "no_filter")

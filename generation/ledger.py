@@ -144,13 +144,22 @@ def check_job(output: str, config: GenerateConfig) -> None:
     saved = json.loads(storage.read_text(path))
     diff = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
     if diff:
-        flags = ", ".join(f"{_FLAGS.get(k, k)}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        flags = ", ".join(_difference(k, a, b) for k, (a, b) in diff.items())
         raise InputError(f"{output}: an earlier job with other inputs or settings wrote here ({flags}); its samples would be mixed with "
                          "this run's: use another --output, or the same inputs and settings to continue it")
     unrecorded = [k for k in current if k not in saved]
     if unrecorded:
         log.info("%s: recording %s in %s (an older job did not)", output, ", ".join(unrecorded), JOB_FILE)
         storage.write_text(path, json.dumps({**saved, **{k: current[k] for k in unrecorded}}, indent=2))
+
+
+def _difference(key: str, recorded, now) -> str:
+    """One identity difference for the refusal's line; the experts' settings field by field."""
+    if key == "expert_settings" and isinstance(recorded, dict) and isinstance(now, dict):
+        fields = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+        said = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in fields)
+        return f"the experts' settings as this suti resolves --recipe ({said})"
+    return f"{_FLAGS.get(key, key)}: {recorded!r} -> {now!r}"
 
 
 #: The flag of each identity key, for messages.

@@ -344,6 +344,33 @@ def test_generation_job_on_a_flux_base_batched_equals_per_task(mined, tmp_path):
     assert all(s["json"]["expert"]["model"] == "tiny-flux" for s in _samples(tmp_path / "batched"))
 
 
+def test_a_rerun_whose_suti_resolves_the_experts_differently_is_refused(mined, tmp_path):
+    """job.json records every expert setting as the suti that started the job resolved the recipe;
+    a rerun by a suti whose defaults changed (here: the resize filter) is refused naming the
+    setting, not left to train the rest of the job's experts another way. An older job.json
+    without them is completed, not refused."""
+    from generation.config import GenerateConfig
+    from generation.ledger import check_job
+    from suti.errors import InputError
+
+    config = GenerateConfig(clusters=str(mined / "mined" / "clusters.jsonl"), crawl=str(mined / "crawl"), output=str(tmp_path / "out"), model="tiny").resolved()
+    assert config.expert_settings["image_interpolation_mode"] == "lanczos" and "instance_dir" not in config.expert_settings
+    (tmp_path / "out").mkdir()
+    check_job(config.output, config)  # the first run records the identity
+    job = tmp_path / "out" / "job.json"
+    recorded = json.loads(job.read_text())
+    assert recorded["expert_settings"] == config.expert_settings
+    check_job(config.output, config)  # the same suti: accepted
+    recorded["expert_settings"]["image_interpolation_mode"] = "bicubic"  # as an older suti resolved it
+    job.write_text(json.dumps(recorded))
+    with pytest.raises(InputError, match=r"image_interpolation_mode 'bicubic' -> 'lanczos'"):
+        check_job(config.output, config)
+    del recorded["expert_settings"]
+    job.write_text(json.dumps(recorded))
+    check_job(config.output, config)
+    assert json.loads(job.read_text())["expert_settings"] == config.expert_settings
+
+
 def test_an_empty_clusters_file_is_refused_before_a_job_is_made(tmp_path, capsys):
     (tmp_path / "clusters.jsonl").write_text("")
     assert main(["generate", "--clusters", str(tmp_path / "clusters.jsonl"), "--crawl", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "tiny"]) == 2
