@@ -152,6 +152,9 @@ class GenerateConfig:
         for uri in (out.clusters, out.crawl, out.output):
             storage.filesystem(uri)  # a missing s3fs/gcsfs exits 2 here, before anything is written
         storage.require_bucket(out.output)  # a missing bucket: one line, before job.json
+        from suti.raytools import check_ray_address
+
+        check_ray_address(self.ray_address)  # an unreachable cluster: one line, before job.json
         from mining.crawl import check_crawl
 
         check_crawl(out.crawl)  # a folder, shard file, manifest or pattern, as `suti mine` reads

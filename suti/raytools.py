@@ -30,6 +30,40 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+#: Seconds :func:`check_ray_address` waits for a cluster's port to accept a connection.
+PROBE_SECONDS = 5.0
+
+
+def check_ray_address(address: str | None, option: str = "--ray-address", timeout: float = PROBE_SECONDS) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, a cluster address nothing listens at
+    (``ray.init`` itself retries such an address for minutes, printing a warning every few
+    seconds). ``host:port`` (the GCS, default port 6379) and ``ray://host:port`` (Ray Client) are
+    probed with a TCP connection; ``None``, ``""``, ``"local"`` and ``"auto"`` are not (Ray
+    resolves them itself).
+
+    Raises:
+        RayStartError: naming ``option``, the address and the connection's error.
+    """
+    import socket
+
+    if address in (None, "", "local", "auto"):
+        return
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host:
+        host, port = rest.rstrip("/"), "10001" if address.startswith("ray://") else "6379"
+    try:
+        number = int(port)
+    except ValueError:
+        raise RayStartError(f"{option} {address!r}: not a host:port address (e.g. 10.0.0.1:6379, ray://head:10001 or auto)") from None
+    try:
+        socket.create_connection((host.strip("[]"), number), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RayStartError(f"{option} {address!r}: no Ray cluster answers at {host}:{number} ({reason}); start one there with "
+                            f"`ray start --head`, or leave out {option} to start a local one") from None
+
+
 def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwargs) -> bool:
     """``ray.init(address=address, **kwargs)`` unless Ray is initialised already.
 
@@ -59,6 +93,8 @@ def init_ray(address: str | None = None, *, option: str = "--ray-address", **kwa
     kwargs.setdefault("log_to_driver", False)
     if local:
         kwargs.setdefault("include_dashboard", False)
+    if not local:
+        check_ray_address(address, option)  # seconds, not minutes of Ray's retries
     try:
         if not local:  # resources belong to the cluster, not to this driver
             for key in ("num_cpus", "num_gpus"):

@@ -41,6 +41,7 @@ def test_no_address_starts_a_private_cluster_unless_ray_address_is_set(failing_r
     # a `ray start` cluster on this machine is not joined by accident (a plain ray.init() would
     # join it and refuse num_cpus); RAY_ADDRESS, as `ray job submit` sets it, is followed
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("suti.raytools.check_ray_address", lambda *args, **kwargs: None)  # no probe: ray.init's own failure
     with pytest.raises(RayStartError, match="could not start a local Ray cluster"):
         init_ray(None, num_cpus=1)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
@@ -53,8 +54,8 @@ def test_no_address_starts_a_private_cluster_unless_ray_address_is_set(failing_r
 
 
 def test_unreachable_address_names_it(failing_ray):
-    with pytest.raises(RayStartError, match=r"could not join the Ray cluster at 'ray://nowhere:10001'"):
-        init_ray("ray://nowhere:10001")
+    with pytest.raises(RayStartError, match=r"--ray-address 'ray://nowhere:10001': no Ray cluster answers at nowhere:10001"):
+        init_ray("ray://nowhere:10001")  # refused by the probe, before Ray's minutes of retries
 
 
 def test_already_initialised_is_left_alone(monkeypatch):
@@ -96,3 +97,36 @@ def test_demo_stage_error_is_one_line_naming_the_stage(failing_ray, capsys, tmp_
     with pytest.raises(SutiError) as info:
         _stage("generate", False, ["generate", "--clusters", "nothere.jsonl", "--crawl", str(tmp_path), "--output", "o"])
     assert str(info.value) == f"stage generate: {os.path.abspath('nothere.jsonl')}: no such clusters file"  # paths are made absolute
+
+
+def test_an_address_nothing_listens_at_is_refused_in_seconds(tmp_path, capsys):
+    """check_ray_address probes host:port and ray://host:port with one TCP connection (Ray's own
+    ray.init retries such an address for minutes); `suti generate` refuses it in one line before
+    job.json is written."""
+    import socket
+    import time
+
+    from orchestration.cli import main
+    from suti.raytools import RayStartError, check_ray_address
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        check_ray_address(f"127.0.0.1:{port}")  # something listens: accepted
+        check_ray_address(f"ray://127.0.0.1:{port}")
+    for address in (None, "", "local", "auto"):
+        check_ray_address(address)  # Ray resolves these itself
+    started = time.monotonic()
+    with pytest.raises(RayStartError, match=rf"--ray-address '127.0.0.1:{port}': no Ray cluster answers at 127.0.0.1:{port}"):
+        check_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(RayStartError, match="not a host:port address"):
+        check_ray_address("head:port")
+    assert time.monotonic() - started < 10
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (tmp_path / "clusters.jsonl").write_text("")
+    code = main(["generate", "--clusters", str(tmp_path / "clusters.jsonl"), "--crawl", str(crawl), "--output", str(tmp_path / "out"),
+                 "--ray-address", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not (tmp_path / "out").exists(), err
