@@ -254,6 +254,10 @@ def _claim_output(accelerator, output: Path, config: ExpertConfig, resume: str |
     (``None``: start at step 0); resuming keeps the checkpoint's identifier."""
     if accelerator.is_main_process:
         prepare_output(output, resume, overwrite)
+        try:  # made now, so an output that cannot be written fails before the class images and the steps, not after
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--output {output}: cannot create the expert folder ({exc.strerror or type(exc).__name__})") from None
     accelerator.wait_for_everyone()
     start_ckpt = None
     if resume:

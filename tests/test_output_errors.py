@@ -109,6 +109,19 @@ def test_an_output_that_is_a_regular_file(inputs, tmp_path, capsys, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMMANDS)
+def test_an_output_where_no_folder_can_be_made(inputs, tmp_path, capsys, name):
+    """/proc holds no new folders (even for root): one line naming the output, exit 2, before any
+    work (an expert used to generate its class images and train first)."""
+    import time
+
+    started = time.monotonic()
+    code, err = _run(commands(inputs, Path("/proc/suti-no-such/out"))[name], capsys)
+    assert code == 2 and len(err) == 1 and "/proc/suti-no-such" in err[0], (name, err)
+    assert time.monotonic() - started < 60, "refused before the work"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMMANDS)
 def test_an_output_on_a_read_only_file_system(inputs, tmp_path, capsys, name):
     ro = tmp_path / "ro"
     if not _mount(ro, "ro,size=1m"):
