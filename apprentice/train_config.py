@@ -89,6 +89,8 @@ class ApprenticeTrainConfig:
             need(len(self.shard_weights) == patterns, "--shard-weights", f"one weight per --shards pattern ({patterns})", " ".join(map(str, self.shard_weights)))
             need(any(w > 0 for w in self.shard_weights), "--shard-weights", "not all 0", " ".join(map(str, self.shard_weights)))
         need(self.subject_tokens == 0 or self.method == "attention", "--subject-tokens", "0 with --method reference", self.subject_tokens)
+        need(self.subject_tokens > 0 or self.image_encoder is None, "--image-encoder", "left out without --subject-tokens N > 0 (it embeds the demos for the subject channel)",
+             self.image_encoder)
         need(not self.demo_position_bias or self.method == "attention", "--demo-position-bias", "off with --method reference (its attention has no trained weights)", "on")
         if self.subject_tokens and self.image_encoder not in (None, "unet-features"):  # apprentice.adapter.UNET_FEATURES needs no scorer
             from suti.scoring import check_scorer_for_model

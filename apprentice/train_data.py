@@ -70,7 +70,7 @@ def image_encoder_for(config: ApprenticeTrainConfig) -> str | None:
     model's scorer (:func:`suti.scoring.model_scorer`: a preset's ``scorer``, ``toy-clip`` for the
     world presets), or ``"unet-features"`` (:data:`apprentice.adapter.UNET_FEATURES`: a resampler
     over the demos' own U-Net features); ``None`` without a channel (so it never decides a resume)."""
-    if not config.subject_tokens:
+    if not config.subject_tokens:  # an --image-encoder without a channel is refused by ApprenticeTrainConfig.validate
         return None
     from suti.scoring import model_scorer
 

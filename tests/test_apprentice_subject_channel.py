@@ -165,6 +165,8 @@ def test_config_cli_and_resume_keys():
     config.validate()
     with pytest.raises(InvalidValueError, match="--subject-tokens"):
         ApprenticeTrainConfig(shards="s", output="o", subject_tokens=4, method="reference").validate()
+    with pytest.raises(InvalidValueError, match="--image-encoder must be left out without --subject-tokens"):  # not silently ignored
+        ApprenticeTrainConfig(shards="s", output="o", image_encoder="toy-clip").validate()
     old = {"model": "tiny", "freeze_base": True, "method": "attention", "optimizer": "adamw", "demo_timestep": 1}
     now = {**old, "subject_tokens": 0, "image_encoder": None}
     assert config_differences(old, now) == []  # checkpoints from before the channel resume
