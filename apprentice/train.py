@@ -33,6 +33,7 @@ the entry point and the training loop; it re-exports their public names.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -151,6 +152,13 @@ def _train_apprentice(config: ApprenticeTrainConfig, *, resume: str | None, over
     objective = training_objective(base.scheduler, snr_gamma=config.snr_gamma)  # epsilon/v (DDPM) or flow matching (FLUX)
     data_seed = config.seed + 1000 * step
     data = training_batches(config, data_seed)
+    try:  # shards that yield no sample fail here, before logs/ is written; the folder this run made goes too
+        data = itertools.chain([next(data)], data)
+    except InputError:
+        local = storage.local_path(output)
+        if rank == 0 and local is not None and local.is_dir() and not any(local.iterdir()):
+            local.rmdir()
+        raise
     log_dir = storage.local_path(storage.join(output, "logs")) or Path(tempfile.mkdtemp(prefix="suti-logs-")) / "logs"
     writer = _writer(log_dir) if rank == 0 else None
     gen = torch.Generator().manual_seed((config.seed * 7919 + rank + 104729 * step) % 2**64)  # any --seed (up to 2**63 - 1): torch takes 64 bits

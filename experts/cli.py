@@ -56,6 +56,7 @@ def register(subparsers) -> None:
     train.add_argument("--checkpointing-steps", type=expert_number("checkpointing_steps"), help="save a resumable checkpoint every N steps (default: only at the end)")
     train.add_argument("--validation-steps", type=expert_number("validation_steps"), help="write a validation image every N steps (default: none)")
     train.add_argument("--validation-prompt", help='validation prompt, e.g. "a {V} {class} on the beach"')
+    train.add_argument("--guidance-scale", type=expert_number("guidance_scale"), help="guidance of the class and validation images (SD/SDXL: classifier-free, default 7.5); on FLUX also the distilled guidance fed to the transformer while training (diffusers' flux script's --guidance_scale, default 3.5)")
     # diffusers train_dreambooth.py options (same names, dashes for underscores)
     train.add_argument("--instance-prompt", help='instance prompt with {V} and {class}, e.g. "a photo of {V} {class}" (default "a {V} {class}")')
     train.add_argument("--class-prompt", help='class prompt of the prior images, with {class} (default "a {class}")')
@@ -176,7 +177,7 @@ _OVERRIDES = (
     "steps", "prior_preservation", "num_class_images", "prior_loss_weight", "lora_rank", "train_text_encoder",
     "identifier", "learning_rate", "learning_rate_scale", "optimizer", "batch_size", "resolution", "seed",
     "mixed_precision", "gradient_checkpointing", "snr_gamma", "offset_noise", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "checkpointing_steps",
-    "validation_steps", "validation_prompt",
+    "validation_steps", "validation_prompt", "guidance_scale",
     "instance_prompt", "class_prompt", "class_data_dir", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "checkpoints_total_limit", "random_flip", "center_crop", "report_to", "vae_encode_batch_size",

@@ -28,6 +28,7 @@ BASE_VERSIONS = {
     "sd_v1": "stable-diffusion-v1/lora",
     "sd_v2": "stable-diffusion-v2-512/lora",
     "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+    "flux1": "flux-1-dev/lora",  # modelspec's architecture id of FLUX.1 LoRAs
 }
 
 
@@ -63,7 +64,11 @@ def export_expert(expert: str | Path, output: str | Path, fmt: str = "kohya", *,
 
     from experts.expert import load_expert
 
-    return write_lora_file(load_expert(folder), info, output, fmt)
+    pipe = load_expert(folder)
+    if fmt == "kohya" and getattr(pipe, "unet", None) is None:
+        raise InputError(f"--format kohya: kohya's lora_unet_/lora_te_ layout is written for U-Net bases (SD 1.x/2.x, SDXL), not {info.base_model}; "
+                         f"export this expert with --format diffusers")
+    return write_lora_file(pipe, info, output, fmt)
 
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # diffusers' --output_kohya_format name
@@ -82,12 +87,15 @@ def write_lora_file(pipe, info, output: Path, fmt: str = "kohya", *, adapter: st
     if fmt == "kohya":
         tensors = kohya_state_dict(parts, single_text_encoder=getattr(pipe, "text_encoder_2", None) is None)
     else:
-        tensors = diffusers_state_dict(parts)
+        from suti.denoisers import denoiser_for
+
+        denoiser = denoiser_for(pipe)
+        tensors = diffusers_state_dict(parts, peft_keys={denoiser.attribute} if denoiser.lora_keys == "peft" else set())
     ranks = sorted({r for _, modules in parts for _, (_, _, r, _) in modules.items()})
     alphas = sorted({a for _, modules in parts for _, (_, _, _, a) in modules.items()})
     output = Path(output)
     title = output.stem if output.name != KOHYA_FILE else output.parent.name
-    metadata = export_metadata(info, version, ranks, alphas, title, text_encoder=any(p != "unet" for p, _ in parts))
+    metadata = export_metadata(info, version, ranks, alphas, title, text_encoder=any(p.startswith("text_encoder") for p, _ in parts))
     if fmt == "diffusers":
         metadata["lora_adapter_metadata"] = adapter_metadata(pipe, [p for p, _ in parts])
     from safetensors.torch import save_file
@@ -97,18 +105,18 @@ def write_lora_file(pipe, info, output: Path, fmt: str = "kohya", *, adapter: st
     with storage.atomic_local_path(output) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return {"output": str(output), "format": fmt, "base_model_version": version, "rank": ranks[-1], "alpha": alphas[-1],
-            "tensors": len(tensors), "text_encoder": any(p != "unet" for p, _ in parts)}
+            "tensors": len(tensors), "text_encoder": any(p.startswith("text_encoder") for p, _ in parts)}
 
 
 def lora_parts(pipe, adapter: str | None = None) -> list[tuple[str, dict]]:
     """``[(component, {module name: (down, up, rank, alpha)})]`` of the pipeline's LoRA layers
-    (``unet``, ``text_encoder``, ``text_encoder_2``), read from peft's layers: the alpha is
+    (``unet`` or ``transformer``, ``text_encoder``, ``text_encoder_2``), read from peft's layers: the alpha is
     ``scaling * rank``, what kohya's ``alpha / dim`` scale reproduces; text encoder modules by
     :func:`canonical_name`."""
     from peft.tuners.lora import LoraLayer
 
     parts = []
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
         if model is None:
             continue
@@ -162,9 +170,11 @@ def kohya_state_dict(parts, *, single_text_encoder: bool) -> dict:
     return out
 
 
-def diffusers_state_dict(parts) -> dict:
+def diffusers_state_dict(parts, peft_keys: set[str] = frozenset()) -> dict:
     """diffusers' LoRA layout (as ``save_lora_weights`` writes it): peft keys through
-    :func:`~diffusers.utils.convert_state_dict_to_diffusers`, prefixed by the component."""
+    :func:`~diffusers.utils.convert_state_dict_to_diffusers`, prefixed by the component; the
+    components in ``peft_keys`` (FLUX's ``transformer``, as diffusers' flux script saves it) keep
+    peft's names."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     out = {}
@@ -173,7 +183,8 @@ def diffusers_state_dict(parts) -> dict:
         for name, (down, up, _, _) in modules.items():
             peft[f"{name}.lora_A.weight"] = down
             peft[f"{name}.lora_B.weight"] = up
-        out.update({f"{component}.{k}": v for k, v in convert_state_dict_to_diffusers(peft).items()})
+        keyed = peft if component in peft_keys else convert_state_dict_to_diffusers(peft)
+        out.update({f"{component}.{k}": v for k, v in keyed.items()})
     return out
 
 
@@ -199,6 +210,8 @@ def base_model_version(pipe) -> str:
 
     if is_sdxl(pipe):
         return "sdxl_base_v1-0"
+    if getattr(pipe, "unet", None) is None:  # a transformer base (kohya's name for FLUX.1)
+        return "flux1"
     return "sd_v2" if getattr(pipe.unet.config, "cross_attention_dim", None) == 1024 else "sd_v1"
 
 

@@ -172,3 +172,18 @@ def test_apprentice_train_usage_errors_are_one_line():
     with pytest.raises(SystemExit) as exc:
         build_arg_parser().parse_args(["--steps", "abc"])
     assert exc.value.code == 2
+
+
+def test_eval_refuses_a_missing_apprentice_before_writing_its_dataset(tmp_path, capsys):
+    assert main(["eval", "--method", "apprentice", "--apprentice", str(tmp_path / "nosuch"), "--dataset", "world:2", "--output", str(tmp_path / "ev")]) == 2
+    assert "--apprentice" in one_line(capsys) and not (tmp_path / "ev").exists()
+
+
+def test_apprentice_train_on_shards_with_no_usable_sample_leaves_no_output(tmp_path, capsys):
+    """The first batch is drawn before logs/ is written: shards that yield nothing leave no
+    output folder behind (the run made it)."""
+    (tmp_path / "bad.tar").write_bytes(b"not a tar file")
+    code = main(["apprentice", "train", "--model", "tiny", "--shards", str(tmp_path / "bad.tar"), "--output", str(tmp_path / "a"), "--steps", "1", "--batch-size", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "suti: error:" in line]
+    assert code == 2 and len(err) == 1 and "no usable training sample" in err[0], err
+    assert not (tmp_path / "a").exists()

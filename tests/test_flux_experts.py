@@ -105,6 +105,18 @@ def test_flux_lora_expert_trains_loads_in_plain_diffusers_and_samples(instance_d
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["expert_loss"] < scores["base_loss"], scores
 
+    # issue 34: `suti expert export --format diffusers` of a FLUX expert loads in plain diffusers as
+    # the expert; kohya's U-Net layout is refused in one line
+    assert main(["expert", "export", "--expert", str(out), "--format", "diffusers", "--output", str(tmp_path / "flux.safetensors")]) == 0
+    again = FluxPipeline.from_pretrained(preset_folder("tiny-flux"))
+    again.load_lora_weights(str(tmp_path), weight_name="flux.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(denoiser_for(again)(x, t, cond), b, atol=1e-5)
+    capsys.readouterr()
+    assert main(["expert", "export", "--expert", str(out), "--format", "kohya", "--output", str(tmp_path / "k.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--format kohya" in err[0] and "--format diffusers" in err[0] and not (tmp_path / "k.safetensors").exists()
+
 
 def test_flux_text_encoder_lora_trains_clip_only_and_loads(instance_dir, tmp_path):
     """--train-text-encoder on FLUX adapts CLIP (as the flux script), never T5; the file loads."""
@@ -170,3 +182,17 @@ def test_a_flux_pipeline_folder_imports_at_its_native_resolution_and_guidance(tm
     assert main(["expert", "import", "--pipeline", str(tmp_path / "flux"), "--identifier", "sks", "--class-noun", "dog", "--output", str(tmp_path / "x")]) == 0
     info = json.loads((tmp_path / "x" / "expert.json").read_text())
     assert info["resolution"] == 32 and info["config"]["guidance_scale"] == 3.5
+
+
+def test_guidance_scale_is_the_distilled_guidance_fed_while_training(instance_dir, tmp_path):
+    """`suti expert train --guidance-scale` on FLUX is the flux script's --guidance_scale: the
+    embedding's value during training (so other values train other weights), recorded in expert.json."""
+    def weights(scale):
+        info = train_expert(_flux(instance_dir, steps=2, prior_preservation=False, guidance_scale=scale), tmp_path / f"g{scale}", progress=False)
+        assert info.config["guidance_scale"] == scale
+        from safetensors.torch import load_file
+
+        return load_file(str(tmp_path / f"g{scale}" / "pytorch_lora_weights.safetensors"))
+
+    a, b = weights(1.0), weights(3.5)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 0

@@ -180,6 +180,8 @@ def check_args(args) -> None:
         from suti.models import check_model
 
         check_model(args.model)
+    if args.method == "apprentice" and args.apprentice != "toy" and not (Path(args.apprentice) / "model_index.json").is_file():
+        raise InputError(f"--apprentice {args.apprentice}: not an apprentice folder (no model_index.json)")  # before the dataset and images are written
     from suti.scoring import SCORERS
 
     for flag, name in (("--clip", getattr(args, "clip", "auto")), ("--dino", getattr(args, "dino", "auto"))):
