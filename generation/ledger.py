@@ -236,9 +236,13 @@ def read_summary(output: str) -> dict | None:
 def write_run(output: str, started_at: float, clusters: int, max_clusters: int | None, to_run: int) -> None:
     """Record the run that starts: ``OUTPUT/run.json`` with ``started_at`` (Unix seconds),
     ``clusters`` (the clusters it aims at: the clusters file's first ``max_clusters``, or all),
-    ``max_clusters`` and ``to_run`` (those not finished earlier). Not part of the job's identity:
-    each run replaces it."""
-    record = {"started_at": round(started_at, 3), "clusters": clusters, "max_clusters": max_clusters, "to_run": to_run}
+    ``max_clusters`` and ``to_run`` (those not finished earlier), and ``first_started_at``: the
+    first run's start, carried over from the run.json it replaces. Not part of the job's
+    identity: each run replaces it."""
+    earlier = read_run(output) or {}
+    first = earlier.get("first_started_at", earlier.get("started_at"))
+    record = {"started_at": round(started_at, 3), "first_started_at": round(first if isinstance(first, (int, float)) else started_at, 3),
+              "clusters": clusters, "max_clusters": max_clusters, "to_run": to_run}
     storage.write_text(storage.join(output, RUN_FILE), json.dumps(record, indent=2))
 
 

@@ -75,6 +75,7 @@ class JobMetrics:
         self.recorded = {cid: str(row.get("status")) for cid, row in done.items()}
         self.statuses = Tally(self.recorded.values())
         self.throughput = Throughput()
+        self.throughput.first_started = time.time()  # the run's start: its start-up counts as its work (as --status counts it)
         self.total.set(total)
         self.to_go_count = to_go
         self.refresh(0)

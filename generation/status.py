@@ -59,11 +59,13 @@ class JobStatus:
         finished_last_hour: clusters that finished in the hour before ``now``.
         experts_per_hour_last_hour: experts per hour over the last hour of work
             (:class:`Throughput`: the hour up to the last finish, or the time since the latest
-            run's first expert started when that is shorter); 0 when nothing finished in the
-            hour before ``now`` (stalled); ``None`` before any timed row.
+            run started (its workers' start-up and model loads included) when that is shorter);
+            0 when nothing finished in the hour before ``now`` (stalled); ``None`` before any
+            timed row.
         rate_window_seconds: the seconds ``experts_per_hour_last_hour`` is measured over.
-        experts_per_hour_overall: timed finished clusters / hours from the first expert's start
-            to the last finish (gaps between runs count); ``None`` when that span is 0.
+        experts_per_hour_overall: timed finished clusters / hours from the job's start (the first
+            run's, ``run.json``, or the first expert's start when earlier or unrecorded) to the last
+            finish (gaps between runs count); ``None`` when that span is 0.
         eta_seconds: seconds until ``to_go`` is done at the last hour's rate: 0 when nothing is
             to go, ``None`` when unknown (no total, or nothing finished in the last hour).
         first_started_at / last_finished_at: Unix seconds of the first expert's start (its
@@ -97,6 +99,7 @@ class JobStatus:
     last_finished_at: float | None = None
     untimed: int = 0
     run_started_at: float | None = None
+    job_started_at: float | None = None  # the first run's start (run.json first_started_at; None: older job)
     now: float = 0.0
 
     @property
@@ -139,7 +142,7 @@ def job_status_and_rows(output: str, now: float | None = None) -> tuple[JobStatu
     clusters_file = (job or {}).get("clusters")
     target, total_error = _target_ids(clusters_file, run.get("max_clusters"))
     status = _counts(output, clusters_file, rows, target, total_error)
-    status.now, status.run_started_at = now, run.get("started_at")
+    status.now, status.run_started_at, status.job_started_at = now, run.get("started_at"), run.get("first_started_at", run.get("started_at"))
     times = row_times(output, rows)
     _rates(status, list(times.values()), now)
     return status, rows, times
@@ -254,7 +257,8 @@ def _unix_time(value) -> float | None:
 class Throughput:
     """Experts per hour over the last hour of work, fed one finished expert at a time.
 
-    With ``last`` the latest finish and ``first`` the earliest start of the experts added, the
+    With ``last`` the latest finish and ``first`` the earliest start of the experts added (or an
+    earlier ``first_started`` set before: a run's start), the
     rate is the number of experts that finished in ``(last - 1 h, last]`` over the window
     ``last - max(last - 1 h, first)`` seconds. Ending the window at the last finish rather than
     at ``now`` keeps the rate from falling between finishes and while the first experts train;
@@ -301,11 +305,14 @@ def _rates(status: JobStatus, times: list[tuple[float, float]], now: float) -> N
         status.finished_last_hour = sum(now - HOUR < f <= now for _, f in times)
         latest_run = [t for t in times if status.run_started_at is not None and t[1] >= status.run_started_at]
         throughput = Throughput()
+        if latest_run:  # the run's own start: its workers' start-up and model loads are its work too
+            throughput.first_started = status.run_started_at
         for started, finished in sorted(latest_run or times, key=lambda t: t[1]):
             throughput.add(started, finished)
         status.experts_per_hour_last_hour = throughput.rate(now)
         status.rate_window_seconds = round(throughput.window(), 3)
-        span = status.last_finished_at - status.first_started_at
+        start = min(status.first_started_at, status.job_started_at) if status.job_started_at is not None else status.first_started_at
+        span = status.last_finished_at - start
         status.experts_per_hour_overall = round(len(times) / span * HOUR, 2) if span > 0 else None
     if status.to_go == 0:
         status.eta_seconds = 0.0

@@ -107,12 +107,14 @@ def test_status_of_a_job_in_progress(job, tmp_path, capsys, monkeypatch):
     assert status.failed_by_kind == {"InputError": 1} and "images are missing" in status.failed_examples["InputError"]
     assert status.total == len(clusters) and status.to_go == len(clusters) - 2
     assert status.untimed == 0 and status.finished_last_hour == 1, "the older row is timed by its object"
-    # the failure finished before the latest run started: the last hour's rate is the latest run's, one expert over its own duration
-    assert status.rate_window_seconds == pytest.approx(older["seconds"], abs=1e-3)
-    assert status.experts_per_hour_last_hour == pytest.approx(3600 / older["seconds"], rel=1e-3)
+    # the failure finished before the latest run started: the last hour's rate is the latest run's,
+    # one expert over the time since that run started (its start-up and model loads count)
+    window = status.last_finished_at - min(run["started_at"], status.last_finished_at - older["seconds"])
+    assert status.rate_window_seconds == pytest.approx(window, abs=1e-2)
+    assert status.experts_per_hour_last_hour == pytest.approx(3600 / window, rel=1e-3)
     assert status.experts_per_hour_overall == pytest.approx(2 / ((status.last_finished_at - status.first_started_at) / 3600), abs=0.01)
     assert status.first_started_at == pytest.approx(now - 5400, abs=1e-3)
-    assert status.eta_seconds == pytest.approx(status.to_go * older["seconds"], rel=1e-2)  # the rate is rounded to 0.01/hour
+    assert status.eta_seconds == pytest.approx(status.to_go * window, rel=1e-2)  # the rate is rounded to 0.01/hour
 
     later = job_status(str(out), now=now + 7200)  # nothing finished in the last hour: a stalled job has no ETA
     assert later.finished_last_hour == 0 and later.experts_per_hour_last_hour == 0 and later.eta_seconds is None
@@ -192,16 +194,18 @@ T0 = 1.9e9  # Unix seconds of the synthetic jobs' start
 
 
 def test_last_hour_rate_does_not_fall_while_the_next_experts_train(tmp_path):
-    """Four workers, 600 s experts: the first four finish at +600 s. Between finishes the rate
-    stays the work's (24/h); before this fix it fell with the time since the last finish."""
+    """Four workers, 600 s experts after 30 s of start-up: the first four finish at +600 s. Between
+    finishes the rate stays the work's, start-up included (4 in 630 s); before this fix it fell
+    with the time since the last finish."""
     from generation.status import job_status
 
     out = _synthetic_job(tmp_path / "j", [(T0 + 600, 600.0)] * 4, run_started_at=T0 - 30)
     at_finish = job_status(str(out), now=T0 + 600)
     later = job_status(str(out), now=T0 + 1100)  # the next four are half trained
-    assert at_finish.experts_per_hour_last_hour == later.experts_per_hour_last_hour == pytest.approx(24.0)
-    assert later.rate_window_seconds == 600 and later.finished_last_hour == 4
-    assert later.eta_seconds == pytest.approx(96 / 24 * 3600)
+    rate = 4 / 630 * 3600
+    assert at_finish.experts_per_hour_last_hour == later.experts_per_hour_last_hour == pytest.approx(rate, abs=0.01)
+    assert later.rate_window_seconds == 630 and later.finished_last_hour == 4
+    assert later.eta_seconds == pytest.approx(96 / rate * 3600, rel=1e-3)
     stalled = job_status(str(out), now=T0 + 600 + 3601)  # nothing for an hour: stalled, no ETA
     assert stalled.experts_per_hour_last_hour == 0 and stalled.eta_seconds is None
 
@@ -429,3 +433,20 @@ def test_a_failing_metrics_exporter_turns_the_metrics_off_not_the_job(caplog):
     scheduler._metrics("record", {"cluster_id": "c", "status": "accepted"})
     assert scheduler.metrics is None and "exporter gone" in caplog.text
     scheduler._metrics("refresh", 0)  # off: nothing called
+
+
+def test_batched_experts_rate_counts_the_runs_start_up_and_a_rerun_keeps_the_jobs_start(tmp_path):
+    """Resident workers finish a batch of experts together, each row holding only its share of
+    the batch (0.4 s): the rate runs from the run's start (18 s of loads and training: 4 experts,
+    about 770/h), not from the rows' own starts (23000/h). A rerun's run.json keeps the first
+    run's start for the overall rate."""
+    from generation.ledger import read_run, write_run
+    from generation.status import job_status
+
+    out = _synthetic_job(tmp_path / "j", [(T0 + 18 + 0.2 * i, 0.4) for i in range(4)], run_started_at=T0)
+    status = job_status(str(out), now=T0 + 20)
+    assert status.rate_window_seconds == pytest.approx(18.6) and status.experts_per_hour_last_hour == pytest.approx(4 / 18.6 * 3600, abs=0.01)
+    write_run(str(out), T0 + 500, 100, None, 96)  # a rerun
+    assert read_run(str(out))["first_started_at"] == T0 and read_run(str(out))["started_at"] == T0 + 500
+    write_run(str(out), T0 + 900, 100, None, 96)
+    assert read_run(str(out))["first_started_at"] == T0
