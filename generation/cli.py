@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="with --status: print it as JSON")
     p.add_argument("--progress-plot", metavar="PNG", help="with --status: also draw samples kept and experts/hour over time into PNG (a local path or URI ending in .png; replaced if it exists)")
     p.add_argument("--job-name", help="the 'job' tag of the driver's Ray metrics (suti_generate_*; default: the output's last path component)")
-    p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, tiny-sdxl, sd15-arch, sdxl-arch), a diffusers folder or a hub id")
+    p.add_argument("--model", default="toy", help="base model of the experts: a preset (tiny, toy, tiny-sdxl, tiny-flux, sd15-arch, sdxl-arch, flux-arch), a diffusers folder or a hub id")
     p.add_argument("--recipe", default="suti-expert", help="expert recipe (configs/recipes)")
     p.add_argument("--steps", type=generate_number("steps"), help="expert steps (overrides the recipe)")
     p.add_argument("--lora-rank", type=expert_number("lora_rank"), help="train LoRA experts of this rank (0: full fine-tuning)")

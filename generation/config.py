@@ -140,7 +140,10 @@ class GenerateConfig:
             if expert.lora_rank == 0 or expert.use_dora:
                 raise InputError(f"--keep-experts-format kohya keeps plain LoRA experts in kohya's layout; recipe {self.recipe} trains "
                                  f"{'DoRA' if expert.lora_rank else 'full fine-tunes (pass --lora-rank 4)'}")
-            resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides, "output_kohya_format": True})  # as each task will (FLUX refused)
+            try:  # as each task will (FLUX refused), named by this command's flag
+                resolve_config(recipe_data, {"model": self.model, "instance_dir": ".", "class_noun": "object", "steps": self.steps, **self.recipe_overrides, "output_kohya_format": True})
+            except InputError as exc:
+                raise InputError(str(exc).replace("--output-kohya-format", "--keep-experts-format kohya", 1)) from None
         if (self.expert_batch_size or 1) > 1:
             from experts.batched import check_batchable
 
