@@ -72,6 +72,14 @@ def draw_subject(seed: int, size: int = 48) -> Image.Image:
     return img
 
 
+def subject_photos(folder: Path, seeds, size: int = 48) -> Path:
+    """``folder`` (made) holding ``c{i}.png``: :func:`draw_subject` of each seed at ``size`` px."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, seed in enumerate(seeds):
+        draw_subject(seed, size=size).save(folder / f"c{i}.png")
+    return folder
+
+
 @pytest.fixture()
 def instance_dir(tmp_path) -> Path:
     """Four photos of one subject (48 px PNG, larger than the tiny model's 32 px)."""

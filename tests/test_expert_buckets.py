@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import draw_subject
+from conftest import draw_subject, subject_photos
 from experts import load_pipeline, resolve_config
 from experts.batched import check_batchable
 from experts.buckets import bucket_ladder, nearest_bucket, parse_buckets
@@ -92,11 +92,7 @@ def test_a_step_draws_one_bucket_and_class_images_follow_it(mixed_dir, class_pho
 
 @pytest.fixture()
 def class_photos(tmp_path):
-    folder = tmp_path / "class"
-    folder.mkdir()
-    for i in range(2):
-        draw_subject(50 + i, size=128).save(folder / f"c{i}.png")
-    return sorted(folder.glob("*.png"))
+    return sorted(subject_photos(tmp_path / "class", [50, 51], size=128).glob("*.png"))
 
 
 @pytest.mark.slow

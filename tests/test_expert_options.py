@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import draw_subject
+from conftest import draw_subject, subject_photos
 from experts import load_expert, load_pipeline, resolve_config
 from experts.data import class_images_folder, ensure_class_images
 from experts.latents import TrainingLatents, encode_in_chunks, load_training_pixels
@@ -33,11 +33,7 @@ def train_cli(instance_dir, out, *extra):
 
 @pytest.fixture()
 def class_dir(tmp_path):
-    folder = tmp_path / "class_photos"
-    folder.mkdir()
-    for i in range(2):
-        draw_subject(100 + i, size=40).save(folder / f"c{i}.png")
-    return folder
+    return subject_photos(tmp_path / "class_photos", [100, 101], size=40)
 
 
 def test_acceptance_free_prompts_accumulation_cosine_class_dir_flip_recorded(instance_dir, class_dir, tmp_path, monkeypatch):
