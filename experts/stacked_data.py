@@ -125,7 +125,7 @@ class StackedBatches:
             m = self._to(torch.cat(flip), mean.device).view(-1, 1, 1, 1)
             mean, std = torch.where(m, self.flipped[0][index], mean), torch.where(m, self.flipped[1][index], std)
         eps = torch.cat(eps)
-        if mean.device.type == "cpu":  # as sample_latents: on the CPU, then moved
+        if mean.device.type == "cpu":  # as suti.denoisers.latents_from_vae: on the CPU, then moved
             latents = ((mean + std * eps - self.shift) * self.scale).to(self.device)
         else:  # on the accelerator: no copy back to the host (no sync in the step)
             latents = (mean + std * self._to(eps, mean.device) - self.shift) * self.scale

@@ -84,9 +84,7 @@ def text_encoders(pipe) -> list:
 
 def lora_targets(pipe) -> list[str]:
     """The modules of ``pipe``'s denoiser that LoRA adapts (its class's ``lora_targets``)."""
-    from suti.models import pipeline_family, resolve
-
-    return list(resolve(pipeline_family(pipe).denoiser).lora_targets)
+    return list(denoiser_for(pipe).lora_targets)
 
 
 def lora_config(config: ExpertConfig, target_modules: list[str]):

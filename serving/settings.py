@@ -114,21 +114,14 @@ class Settings:
     def resolve_guidance(self) -> None:
         """Unset guidance scales take the family's: FLUX's distilled 3.5 for a FLUX ``model``
         (experts) or FLUX apprentice, else 7.5 for experts and 5.0 for the apprentice."""
-        from pathlib import Path
-
         from suti.models import model_family
 
         if self.expert_guidance_scale is None:
             self.expert_guidance_scale = model_family(self.model).training_defaults.get("guidance_scale", 7.5)
         if self.apprentice_guidance_scale is None:
-            flux = False
-            if self.apprentice != "toy":
-                import json
+            from apprentice.sample import apprentice_class  # an unreadable folder: the U-Net class (refused where it loads, a 503)
 
-                try:  # an unreadable folder is refused where the apprentice loads (a 503), not here
-                    flux = json.loads((Path(self.apprentice) / "model_index.json").read_text()).get("_class_name") == "FluxApprenticePipeline"
-                except (OSError, ValueError, AttributeError):
-                    flux = False
+            flux = self.apprentice != "toy" and apprentice_class(Path(self.apprentice)).__name__ == "FluxApprenticePipeline"
             self.apprentice_guidance_scale = 3.5 if flux else 5.0
 
     def validate(self) -> None:

@@ -14,12 +14,6 @@ def encode_images(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return dist.mean, dist.std
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator=None) -> torch.Tensor:
-    """Draw latents from the cached distribution, scaled for the U-Net."""
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-    return (mean + std * eps) * scaling_factor
-
-
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The U-Net's regression target for the scheduler's prediction type.
 
