@@ -104,7 +104,7 @@ class FlowMatchingObjective:
 
     def timesteps_at(self, index: torch.Tensor) -> torch.Tensor:
         """The schedule's timesteps (float, in ``(0, num_train_timesteps]``) at ``index`` (B,)."""
-        return self._timesteps[index.long().cpu()]
+        return self._timesteps[index.long().to(self._timesteps.device)].cpu()
 
     def draw_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` timesteps (float, on the CPU) from the weighting scheme's density."""
@@ -116,10 +116,12 @@ class FlowMatchingObjective:
         return self.timesteps_at(index)
 
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The sigma (B,) of each timestep, looked up in the training schedule."""
-        t = timesteps.float().cpu()
-        index = (self._timesteps[None, :] - t[:, None]).abs().argmin(dim=1)
-        return self._sigmas[index].to(timesteps.device)
+        """The sigma (B,) of each timestep, looked up in the training schedule on the timesteps'
+        own device (no copy to the host in a training step)."""
+        if self._timesteps.device != timesteps.device:  # the schedule follows the steps' device once
+            self._timesteps, self._sigmas = self._timesteps.to(timesteps.device), self._sigmas.to(timesteps.device)
+        index = (self._timesteps[None, :] - timesteps.float()[:, None]).abs().argmin(dim=1)
+        return self._sigmas[index]
 
     def _sigma_like(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return self.sigmas(timesteps).to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
