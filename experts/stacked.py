@@ -329,30 +329,42 @@ def measure_bytes_per_expert(pipe, config, device: str) -> int:
     device that is not CUDA. The step runs on a throwaway adapter, removed afterwards."""
     if not str(device).startswith("cuda"):
         return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        probe_training_step(pipe, config, device)
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    finally:
+        torch.cuda.empty_cache()
+
+
+def probe_training_step(pipe, config, device: str) -> None:
+    """One LoRA training step (forward and backward, no optimizer) of any family's denoiser
+    (:func:`suti.denoisers.denoiser_for`) on one expert's rows at ``config``'s resolution, on a
+    throwaway adapter ``_memory_probe`` that is removed afterwards (gradients cleared)."""
     from experts.train import add_lora, mixed_precision
     from suti.conditioning import encode_prompt
+    from suti.denoisers import denoiser_for
     from suti.models import default_resolution
 
-    unet = pipe.unet
+    denoiser = denoiser_for(pipe)
+    module = denoiser.module
     resolution = config.resolution or default_resolution(config.model)
     rows = config.batch_size * (2 if config.prior_preservation else 1)
     latent = resolution // pipe.vae_scale_factor
     with torch.no_grad():  # the training step's conditioning (cached there too)
-        cond = encode_prompt(pipe, ["a photo of an object"] * rows, resolution=resolution).to(device).unet_kwargs()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+        cond = encode_prompt(pipe, ["a photo of an object"] * rows, resolution=resolution,
+                             max_sequence_length=getattr(config, "max_sequence_length", None)).to(device)
     add_lora(pipe, config, adapter_name="_memory_probe")
     try:
-        params = [p for n, p in unet.named_parameters() if "_memory_probe" in n]
-        for p in params:
-            p.requires_grad_(True)
-        x = torch.randn(rows, unet.config.in_channels, latent, latent, device=device, dtype=unet.dtype)
+        for name, p in module.named_parameters():
+            if "_memory_probe" in name:
+                p.requires_grad_(True)
+        x = torch.randn(rows, pipe.vae.config.latent_channels, latent, latent, device=device, dtype=module.dtype)
         with mixed_precision(config, device).autocast():
-            unet(x, torch.full((rows,), 500, device=device), **cond).sample.float().pow(2).mean().backward()
-        torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated() - before)
+            denoiser(x, torch.full((rows,), 500.0, device=device), cond).float().pow(2).mean().backward()
     finally:
-        unet.delete_adapters(["_memory_probe"])
-        unet.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
+        module.delete_adapters(["_memory_probe"])
+        module.zero_grad(set_to_none=True)

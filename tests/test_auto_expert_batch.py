@@ -36,3 +36,40 @@ def test_the_resident_worker_on_a_cpu_trains_one_expert_at_a_time(monkeypatch):
     worker = ResidentExpertWorker.__new__(ResidentExpertWorker)
     worker.job = _config().expert_job("cpu")
     assert worker._experts_that_fit() == 1
+
+
+import pytest
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_the_memory_probe_step_runs_on_every_family_and_leaves_no_adapter(model):
+    """The step :func:`experts.stacked.measure_bytes_per_expert` measures on CUDA runs on any
+    family's denoiser (run here on the CPU: the U-Net and FLUX's transformer), takes the LoRA
+    through a backward pass and leaves the model as it found it."""
+    import torch
+
+    from experts.recipe import resolve_config
+    from experts.stacked import probe_training_step
+    from suti.denoisers import denoiser_module
+    from suti.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    module = denoiser_module(pipe)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    config = resolve_config("dreambooth-lora", {"model": model, "instance_dir": "photos", "class_noun": "dog", "lora_rank": 2, "resolution": 32})
+    grads = []
+    orig_backward = torch.Tensor.backward
+
+    def backward(self, *a, **kw):
+        orig_backward(self, *a, **kw)
+        grads.extend(p.grad.abs().sum().item() for n, p in module.named_parameters() if "_memory_probe" in n and p.grad is not None)
+
+    torch.Tensor.backward = backward
+    try:
+        probe_training_step(pipe, config, "cpu")
+    finally:
+        torch.Tensor.backward = orig_backward
+    assert grads and any(g > 0 for g in grads)  # the throwaway LoRA got gradients
+    after = {n.replace(".base_layer", ""): p for n, p in module.named_parameters()}  # peft keeps its empty wrappers
+    assert set(after) == set(before)  # the adapter is gone
+    assert all(torch.equal(before[n], p) and p.grad is None for n, p in after.items())
