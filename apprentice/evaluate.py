@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from suti.losses import denoising_target, per_sample_mse
+from suti.losses import per_sample_mse
+from suti.objectives import training_objective
 
 
 @torch.no_grad()
@@ -27,11 +28,9 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
     With ``demos=None`` the demonstration attention is off (the base model's prediction when
     the apprentice is untrained). The same ``seed`` gives the same noise and timesteps, so
     "with demos" and "without demos" are compared on identical inputs. The target follows the
-    scheduler's ``prediction_type`` (as in training).
+    scheduler's ``prediction_type`` (as in training: :func:`suti.objectives.training_objective`).
     """
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = training_objective(pipe.scheduler)
     gen = torch.Generator().manual_seed(seed)
     latents = pipe.encode_images(targets)  # (N, C, h, w)
     text = pipe.encode_conditioning(prompts)  # (N, L, D) (+ SDXL pooled embeddings, time ids)
@@ -40,21 +39,22 @@ def apprentice_loss(pipe, targets: list[Image.Image], prompts: list[str], demos:
         ctx = None
         if demos is not None:
             ctx = pipe.encode_demonstrations(demos[i], demo_captions[i] if demo_captions else None)
-        losses += _draw_losses(pipe.unet, scheduler, latents[i : i + 1], text[i : i + 1].unet_kwargs(), gen, draws, cross_attention_kwargs={"demo": ctx})
+        losses += _draw_losses(pipe.unet, objective, latents[i : i + 1], text[i : i + 1].unet_kwargs(), gen, draws, cross_attention_kwargs={"demo": ctx})
     return torch.cat(losses).mean().item()
 
 
-def _draw_losses(unet, scheduler, latents: torch.Tensor, text_kwargs: dict, gen: torch.Generator, draws: int, **unet_kwargs) -> list[torch.Tensor]:
-    """``draws`` denoising MSEs, each (1,), of one target's latents (1, C, h, w): noise, then a
-    timestep, drawn from ``gen`` per draw (the order every loss here shares)."""
+def _draw_losses(unet, objective, latents: torch.Tensor, text_kwargs: dict, gen: torch.Generator, draws: int, **unet_kwargs) -> list[torch.Tensor]:
+    """``draws`` denoising MSEs, each (1,), of one target's latents (1, C, h, w) under
+    ``objective`` (:mod:`suti.objectives`): noise, then a timestep, drawn from ``gen`` per draw
+    (the order every loss here shares)."""
     device = unet.device
     out = []
     for _ in range(draws):
         noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
+        t = objective.draw_timesteps(1, gen).to(device)
+        noisy = objective.add_noise(latents, noise, t)
         pred = unet(noisy, t, **text_kwargs, **unet_kwargs).sample
-        out.append(per_sample_mse(pred, denoising_target(scheduler, latents, noise, t)))
+        out.append(per_sample_mse(pred, objective.target(latents, noise, t)))
     return out
 
 
@@ -78,16 +78,14 @@ def pipeline_loss(pipe, targets: list[Image.Image], prompt: str, *, resolution: 
     """Denoising MSE of a plain text-to-image pipeline (a base model or a DreamBooth expert) on
     ``targets`` prompted with ``prompt``: one value per (target, draw). Noise and timesteps are
     drawn from ``generator`` in the order of :func:`apprentice_loss` (per target, per draw)."""
-    from diffusers import DDPMScheduler
-
     from suti.conditioning import encode_prompt
     from suti.images import fit_square, to_tensor
 
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = training_objective(pipe.scheduler)
     pixels = torch.stack([to_tensor(fit_square(img, resolution)) for img in targets]).to(pipe.vae.device, pipe.vae.dtype)
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     text = encode_prompt(pipe, [prompt], resolution=resolution).unet_kwargs()
-    return [float(x) for i in range(len(targets)) for x in _draw_losses(pipe.unet, scheduler, latents[i : i + 1], text, generator, draws)]
+    return [float(x) for i in range(len(targets)) for x in _draw_losses(pipe.unet, objective, latents[i : i + 1], text, generator, draws)]
 
 
 def heldout_expert_loss(base, experts: list, subjects, *, seed: int = 7, num_demos: int = 3, num_targets: int = 4, draws: int = 4, resolution: int = 32) -> tuple[float, float]:
@@ -173,10 +171,8 @@ def heldout_loss_by_timestep(pipe, subjects, *, seed: int = 7, num_demos: int = 
         ``{"timesteps": [t...], "loss": {condition: [mean loss per t]}, "mean": {condition:
         mean over t}}``; every loss averages ``len(subjects) * num_targets`` targets.
     """
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    n_train = scheduler.config.num_train_timesteps
+    objective = training_objective(pipe.scheduler)
+    n_train = objective.num_train_timesteps
     if timesteps is None:
         timesteps = tuple(range(n_train // 40, n_train, n_train // 10))
     gen = torch.Generator().manual_seed(seed)
@@ -198,9 +194,9 @@ def heldout_loss_by_timestep(pipe, subjects, *, seed: int = 7, num_demos: int = 
             }
             for j, t in enumerate(timesteps):
                 noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-                tt = torch.tensor([t], device=latents.device)
-                noisy = scheduler.add_noise(latents, noise, tt)
-                target = denoising_target(scheduler, latents, noise, tt)
+                tt = objective.timesteps_at(torch.tensor([t])).to(latents.device)
+                noisy = objective.add_noise(latents, noise, tt)
+                target = objective.target(latents, noise, tt)
                 for name, (text, ctx) in conditions.items():
                     pred = pipe.unet(noisy, tt, **text, cross_attention_kwargs={"demo": ctx}).sample
                     sums[name][j] += float(per_sample_mse(pred, target))
