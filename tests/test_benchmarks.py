@@ -125,41 +125,47 @@ def test_memory_analytic_sdxl_arch_rows():
     assert 0 < lora["grads_gib"] < full["grads_gib"] / 100
 
 
-def _peer_flux_script():
-    """diffusers' train_dreambooth_lora_flux.py: $SUTI_FLUX_PEER_SCRIPT, else from a local diffusers git mirror, else None."""
-    if os.environ.get("SUTI_FLUX_PEER_SCRIPT"):
-        return Path(os.environ["SUTI_FLUX_PEER_SCRIPT"])
+def _peer_script(name: str):
+    """diffusers' examples/dreambooth/``name``: $SUTI_PEER_SCRIPTS/name, else from a local diffusers
+    git mirror, else None."""
+    if os.environ.get("SUTI_PEER_SCRIPTS"):
+        return Path(os.environ["SUTI_PEER_SCRIPTS"]) / name
     mirror = Path("/work/.mirror/huggingface+diffusers/repo")
     if not mirror.is_dir():
         return None
-    proc = subprocess.run(["git", "-C", str(mirror), "show", "HEAD:examples/dreambooth/train_dreambooth_lora_flux.py"], capture_output=True, text=True)
+    proc = subprocess.run(["git", "-C", str(mirror), "show", f"HEAD:examples/dreambooth/{name}"], capture_output=True, text=True)
     return proc.stdout if proc.returncode == 0 else None
 
 
-def test_flux_parity_gives_both_trainers_the_same_settings(tmp_path):
-    """benchmarks/flux_parity.py: the suti command line resolves to the settings the peer is given
-    (effective rate, warmup 0, weight decay 1e-4, bilinear resize, no prior preservation, batch 1,
-    rank = alpha = 4, guidance 3.5, T5 length); where diffusers' script is at hand, its own parser
-    reads the peer command with the same values; and the paired summary's arithmetic."""
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_lora_parity_gives_both_trainers_the_same_settings(tmp_path, model):
+    """benchmarks/lora_parity.py, SD1 and FLUX: the suti command line resolves to the settings the
+    peer is given (effective rate, warmup 0, the peer's weight decay, its resize filter, no prior
+    preservation, batch 1, rank = alpha = 4; FLUX: guidance 3.5, T5 length); where diffusers'
+    script is at hand, its own parser reads the peer command with the same values; and the
+    paired summary's arithmetic."""
     from experts.cli import _OVERRIDES
     from experts.recipe import resolve_config
     from orchestration.cli import build_parser
 
-    parity = _benchmark("flux_parity")
-    args = argparse.Namespace(steps=7, learning_rate=2e-3, rank=4, resolution=32, max_sequence_length=77)
-    cmd = parity.suti_command("tiny-flux", tmp_path / "photos", tmp_path / "out", 3, args)
+    parity = _benchmark("lora_parity")
+    family = "flux" if model == "tiny-flux" else "sd"
+    decay, interpolation = (1e-4, "bilinear") if family == "flux" else (1e-2, "lanczos")
+    args = argparse.Namespace(steps=7, learning_rate=2e-3, rank=4, resolution=32, max_sequence_length=77, family=family)
+    cmd = parity.suti_command(model, tmp_path / "photos", tmp_path / "out", 3, args)
     ns = build_parser().parse_args(cmd[3:])
     config = resolve_config(ns.recipe, {**{k: getattr(ns, k) for k in _OVERRIDES}, "model": ns.model, "instance_dir": ns.instance_dir, "class_noun": ns.class_noun})
     assert config.effective_learning_rate == pytest.approx(2e-3) and config.lr_warmup_steps == 0 and config.lr_scheduler == "constant"
-    assert (config.adam_weight_decay, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.max_grad_norm) == (1e-4, 0.9, 0.999, 1e-8, 1.0)
-    assert (config.image_interpolation_mode, config.center_crop, config.random_flip) == ("bilinear", True, False)
+    assert (config.adam_weight_decay, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.max_grad_norm) == (decay, 0.9, 0.999, 1e-8, 1.0)
+    assert (config.image_interpolation_mode, config.center_crop, config.random_flip) == (interpolation, True, False)
     assert not config.prior_preservation and not config.train_text_encoder and config.batch_size == 1 and config.gradient_accumulation_steps == 1
-    assert (config.lora_rank, config.lora_alpha, config.lora_dropout, config.guidance_scale, config.max_sequence_length) == (4, 4, 0, 3.5, 77)
-    assert (config.steps, config.seed, config.weighting_scheme, config.mixed_precision) == (7, 3, "none", "no")
+    assert (config.lora_rank, config.lora_alpha, config.lora_dropout, config.steps, config.seed, config.mixed_precision) == (4, 4, 0, 7, 3, "no")
+    if family == "flux":
+        assert (config.guidance_scale, config.max_sequence_length, config.weighting_scheme) == (3.5, 77, "none")
     assert config.instance_prompt.replace("{V}", ns.identifier).replace("{class}", ns.class_noun) == parity.instance_prompt() == "a photo of sks dog"
     assert parity.paired_summary([0.1, -0.3, 0.2]) == pytest.approx({"mean_difference": 0.0, "standard_error": 0.2645751 / 3 ** 0.5,
                                                                       "suti_lower": 1, "seeds": 3, "within_2se": True})
-    script = _peer_flux_script()
+    script = _peer_script(parity.FAMILIES[family]["script"])
     if script is None:
         return  # no diffusers checkout here: the suti side is checked
     source = script.read_text() if isinstance(script, Path) else script
@@ -169,11 +175,24 @@ def test_flux_parity_gives_both_trainers_the_same_settings(tmp_path):
     exec(compile(source, "peer.py", "exec"), namespace)  # definitions only: main() runs under __main__
     pa = namespace["parse_args"](peer[2:])
     assert (pa.learning_rate, pa.lr_warmup_steps, pa.lr_scheduler, pa.adam_weight_decay, pa.adam_beta1, pa.adam_beta2, pa.adam_epsilon, pa.max_grad_norm) == \
-        (2e-3, 0, "constant", 1e-4, 0.9, 0.999, 1e-8, 1.0)
-    assert (pa.center_crop, pa.random_flip, pa.with_prior_preservation, pa.train_text_encoder, pa.train_batch_size, pa.gradient_accumulation_steps) == \
-        (True, False, False, False, 1, 1)
-    assert (pa.rank, pa.lora_alpha, pa.lora_dropout, pa.guidance_scale, pa.max_sequence_length, pa.max_train_steps, pa.seed) == (4, 4, 0, 3.5, 77, 7, 3)
-    assert (pa.weighting_scheme, pa.mixed_precision, pa.instance_prompt, pa.resolution, pa.optimizer) == ("none", "no", "a photo of sks dog", 32, "AdamW")
+        (2e-3, 0, "constant", decay, 0.9, 0.999, 1e-8, 1.0)
+    assert (pa.center_crop, pa.with_prior_preservation, pa.train_text_encoder, pa.train_batch_size, pa.gradient_accumulation_steps) == (True, False, False, 1, 1)
+    assert (pa.rank, pa.lora_dropout, pa.max_train_steps, pa.seed, pa.mixed_precision, pa.instance_prompt, pa.resolution) == \
+        (4, 0, 7, 3, "no", "a photo of sks dog", 32)
+    if family == "flux":  # the SD script has no --lora_alpha (alpha = rank in its code), no flip and a fixed AdamW
+        assert (pa.lora_alpha, pa.random_flip, pa.guidance_scale, pa.max_sequence_length, pa.weighting_scheme, pa.optimizer) == (4, False, 3.5, 77, "none", "AdamW")
+    else:
+        assert pa.image_interpolation_mode == "lanczos" and "lora_alpha=args.rank" in source.replace(" ", "")
+
+
+def test_lora_parity_refuses_a_model_without_a_peer(tmp_path, capsys):
+    """A family with no peer script here (SDXL) or a model that is not a preset: one line, exit 2."""
+    parity = _benchmark("lora_parity")
+    (tmp_path / "peer.py").write_text("")
+    for model, words in (("tiny-sdxl", "no peer here"), (str(tmp_path), "not a suti preset")):
+        with pytest.raises(SystemExit) as e:
+            parity.parse_args(["--peer-script", str(tmp_path / "peer.py"), "--model", model])
+        assert e.value.code == 2 and words in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~10 s: FLUX.1-dev's transformer and T5-XXL built on meta

@@ -170,29 +170,37 @@ def test_stacked_layers_count_their_kernels_not_their_experts():
 
 
 def test_stacked_adafactor_equals_one_adafactor_per_expert():
-    """Adafactor over a (K, r, c) stack: every slice's update equals its own Adafactor's,
+    """Adafactor over (K, r, c) stacks of several shapes (two parameters share one, so their
+    batched step is exercised): every slice's update equals its own ``transformers.Adafactor``'s,
     though the slices' gradients differ in scale by 1000x (the RMS clip is per slice)."""
     from transformers.optimization import Adafactor
 
     from experts.stacked import StackedAdafactor, clip_grad_norm_per_expert
 
     torch.manual_seed(0)
-    start = torch.randn(3, 4, 5)
-    grads = [torch.randn(3, 4, 5) * torch.tensor([1.0, 1e3, 1e-3]).view(3, 1, 1) for _ in range(4)]
-    stacked = torch.nn.Parameter(start.clone())
-    opt = StackedAdafactor([stacked], lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False)
-    alone = [torch.nn.Parameter(start[i].clone()) for i in range(3)]
-    opts = [Adafactor([p], lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False) for p in alone]
+    shapes = [(3, 4, 5), (3, 4, 5), (3, 6, 2)]
+    scale = torch.tensor([1.0, 1e3, 1e-3]).view(3, 1, 1)
+    starts = [torch.randn(*shape) for shape in shapes]
+    grads = [[torch.randn(*shape) * scale for shape in shapes] for _ in range(4)]
+    stacked = [torch.nn.Parameter(x.clone()) for x in starts]
+    opt = StackedAdafactor(stacked, lr=1e-2)
+    alone = [[torch.nn.Parameter(x[i].clone()) for x in starts] for i in range(3)]
+    opts = [Adafactor(ps, lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False) for ps in alone]
     for g in grads:
-        stacked.grad = g.clone()
-        norms = clip_grad_norm_per_expert([stacked], 1.0)
+        for p, gp in zip(stacked, g):
+            p.grad = gp.clone()
+        norms = clip_grad_norm_per_expert(stacked, 1.0)
         opt.step()
-        for i, (p, o) in enumerate(zip(alone, opts)):
-            p.grad = g[i].clone()
-            assert torch.isclose(norms[i], torch.nn.utils.clip_grad_norm_([p], 1.0), rtol=1e-5)
+        for i, (ps, o) in enumerate(zip(alone, opts)):
+            for p, gp in zip(ps, g):
+                p.grad = gp[i].clone()
+            assert torch.isclose(norms[i], torch.nn.utils.clip_grad_norm_(ps, 1.0), rtol=1e-5)
             o.step()
     for i in range(3):
-        assert torch.allclose(stacked[i], alone[i], atol=1e-6), i
+        for j, p in enumerate(stacked):
+            assert torch.allclose(p[i], alone[i][j], atol=1e-6), (i, j)
+    with pytest.raises(ValueError, match="stacked"):
+        StackedAdafactor([torch.nn.Parameter(torch.zeros(4, 5))], lr=1e-2)
 
 
 def test_stacked_sdxl_experts_equal_experts_trained_one_at_a_time(instance_dir, tmp_path):
