@@ -48,7 +48,7 @@ def make_bench(root: Path) -> Path:
 
 
 def _eval(root, out, method, *extra):
-    args = ["eval", "--dataset", str(root), "--method", method, "--model", "tiny", "--output", str(out), "--clip", "toy-clip",
+    args = ["eval", "--dataset", str(root), "--method", method, *(["--model", "tiny"] if method in ("base", "expert") else []), "--output", str(out), "--clip", "toy-clip",
             "--dino", "toy-identity", "--images-per-prompt", "1", "--sample-steps", "2", *extra]
     if "--prompts" not in extra:
         args += ["--prompts", "1"]

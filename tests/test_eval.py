@@ -94,7 +94,7 @@ def test_bad_prompt_line_names_the_line(tmp_path):
 
 
 def _eval(root, out, method, *extra):
-    return main(["eval", "--dataset", str(root), "--method", method, "--model", "tiny", "--output", str(out), "--clip", "toy-clip", "--dino", "toy-identity", "--prompts", "2", "--images-per-prompt", "1", "--sample-steps", "2", *extra])
+    return main(["eval", "--dataset", str(root), "--method", method, *(["--model", "tiny"] if method in ("base", "expert") else []), "--output", str(out), "--clip", "toy-clip", "--dino", "toy-identity", "--prompts", "2", "--images-per-prompt", "1", "--sample-steps", "2", *extra])
 
 
 def test_real_and_base_tables_are_written_deterministic_and_resumable(tmp_path, capsys):
@@ -162,4 +162,16 @@ def test_an_unknown_scorer_is_refused_naming_its_flag_before_the_dataset_is_writ
     assert main(["eval", "--dataset", "world:1", "--method", "base", "--model", "tiny", "--output", str(tmp_path / "e"), "--prompts", "1", flag, "bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{flag} 'bogus'" in err[0], err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("method, extra, flag", [("apprentice", ["--model", "tiny"], "--model tiny"), ("real", ["--model", "tiny"], "--model tiny"),
+                                                 ("base", ["--num-demos", "2"], "--num-demos 2"), ("expert", ["--apprentice", "toy"], "--apprentice toy"),
+                                                 ("apprentice", ["--expert-steps", "5"], "--expert-steps 5"), ("base", ["--recipe", "dreambooth-lora"], "--recipe dreambooth-lora")])
+def test_a_flag_the_method_does_not_read_is_refused_not_ignored(tmp_path, capsys, method, extra, flag):
+    """e.g. ``--model`` with ``--method apprentice`` was silently ignored (the apprentice folder
+    carries its base): now one line naming the flag, exit 2, nothing written."""
+    assert main(["eval", "--dataset", "world:1", "--method", method, *extra, "--output", str(tmp_path / "e"), "--prompts", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and f"--method {method} does not read it" in err[0], err
     assert not (tmp_path / "e").exists()
