@@ -34,7 +34,17 @@ class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line on stderr and exit code 2,
     as every other bad input of suti (``suti generate: error: argument --steps: invalid int
     value: 'abc' (see suti generate --help)``), instead of the whole usage text. Sub-command
-    parsers inherit it (``add_subparsers`` makes them of the parent's class)."""
+    parsers inherit it (``add_subparsers`` makes them of the parent's class).
+
+    A negative number in scientific notation is a value, not an option: ``--lambda -1e-3`` and
+    ``--logit-mean -2.5e-1`` parse (Python 3.11's argparse takes ``-1e-3`` for an unknown option
+    and reports "expected one argument"; no suti option looks like a number)."""
+
+    def __init__(self, *args, **kwargs):
+        import re
+
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

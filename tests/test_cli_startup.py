@@ -74,3 +74,23 @@ def test_expert_train_help_shows_the_recipes_effective_defaults():
     assert "--no-prior-preservation disable prior preservation (the suti-expert recipe's choice)" in flat
     # a real value is still shown for an option that takes one
     assert "--steps STEPS denoising steps (default: 25)" in re.sub(r"\s+", " ", dict(_all_help(build_parser()))["suti expert sample"])
+
+
+def test_a_negative_number_in_scientific_notation_is_a_value_on_every_command(capsys):
+    """``--lambda -1e-3`` was "expected one argument" (Python 3.11's argparse takes ``-1e-3`` for
+    an option); now a value on every sub-command, and an out-of-range one is refused by its own
+    check, naming the flag and the value."""
+    from orchestration.cli import build_parser
+
+    parser = build_parser()
+    ns = parser.parse_args(["generate", "--clusters", "c", "--crawl", "x", "--output", "o", "--lambda", "-1e-3"])
+    assert ns.lambda_ == -1e-3
+    base = ["expert", "train", "--model", "tiny", "--instance-dir", "d", "--class-noun", "dog", "--output", "o"]
+    assert parser.parse_args(base + ["--logit-mean", "-2.5E-1"]).logit_mean == -0.25
+    assert parser.parse_args(base + ["--logit-mean", "-.5"]).logit_mean == -0.5
+    try:
+        parser.parse_args(base + ["--text-encoder-lr", "-1e-4"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--text-encoder-lr" in err[0] and "-0.0001" in err[0] and "expected one argument" not in err[0], err
