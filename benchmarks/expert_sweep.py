@@ -5,7 +5,9 @@ clusters in batches of K stacked LoRA experts (``run_batch``: train together, sa
 pipeline calls, score), for every K asked. For each K it reports:
 
 * steady experts per hour: the batches after the first (which warms caches and, for K = 1 and
-  the largest K, runs under the profiler), ``3600 * experts / seconds``; and the ratio to K = 1;
+  the largest K, runs under the profiler), ``3600 * experts / seconds``; and the ratio to K = 1.
+  The steady batches run in rounds, every K once per round on the same clusters, so that a
+  shared machine's drift in speed falls on every K alike;
 * the seconds per expert in each phase: the training steps' data, forward, backward and
   optimizer (the device is synchronised between them), sampling and scoring;
 * training steps per second (per expert, and of the whole batch), and the experts per hour
@@ -51,38 +53,48 @@ def _check(results: list) -> None:
 
 def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int, steady_batches: int = 4, trace: Path | None = None, profile: bool = True) -> dict:
     """The K sweep on ``worker``: for each K, one warm-up batch (the first K clusters; profiled
-    for K = 1 and the largest K), then the same ``steady_batches * max(sizes)`` clusters in
-    batches of K, timed: every K trains and samples the same experts, and the largest K runs
-    ``steady_batches`` full batches. ``(1 + steady_batches) * max(sizes)`` clusters are needed.
-    Returns ``{K: {...}}`` rows (see the module docstring)."""
-    out = {}
+    for K = 1 and the largest K); then ``steady_batches`` rounds, each of which runs the round's
+    ``max(sizes)`` clusters once per K, in batches of K, timed per K. Every K trains and samples
+    the same experts, the largest K runs ``steady_batches`` full batches, and the rounds
+    interleave the K so that a shared machine's drift in speed falls on every K alike.
+    ``(1 + steady_batches) * max(sizes)`` clusters are needed. Returns ``{K: {...}}`` rows (see
+    the module docstring)."""
     largest = max(sizes)
     steady = steady_batches * largest
     if len(rows) < largest + steady:
         raise SystemExit(f"the sweep needs {largest + steady} clusters for {steady_batches} steady batches of {largest} (have {len(rows)})")
-    for k in sizes:
-        groups = [rows[:k]] + [rows[largest + i : largest + i + k] for i in range(0, steady - k + 1, k)]
-        ops = None
-        first = groups[0]
+    ops: dict[int, int | None] = {}
+    for k in sizes:  # warm-up (and the profiled step)
+        first = rows[:k]
         if profile and k in (1, largest):
-            ops = _profiled_ops(worker, first, [demos[r["cluster_id"]] for r in first], trace, k)
+            ops[k] = _profiled_ops(worker, first, [demos[r["cluster_id"]] for r in first], trace, k)
         else:
             _check(worker.run_batch(first, [demos[r["cluster_id"]] for r in first], timings={}))
-        timings: dict = {}
-        started = time.perf_counter()
-        for group in groups[1:]:
-            _check(worker.run_batch(group, [demos[r["cluster_id"]] for r in group], timings=timings))
-        seconds = time.perf_counter() - started
-        n = k * (len(groups) - 1)
-        train = sum(timings.get(p, 0.0) for p in ("data", "forward", "backward", "optimizer"))
+            ops[k] = None
+    timings: dict[int, dict] = {k: {} for k in sizes}
+    seconds = dict.fromkeys(sizes, 0.0)
+    batches = dict.fromkeys(sizes, 0)
+    for i in range(steady_batches):
+        chunk = rows[largest + i * largest : largest + (i + 1) * largest]
+        for k in sizes:
+            started = time.perf_counter()
+            for j in range(0, largest - k + 1, k):
+                group = chunk[j : j + k]
+                _check(worker.run_batch(group, [demos[r["cluster_id"]] for r in group], timings=timings[k]))
+                batches[k] += 1
+            seconds[k] += time.perf_counter() - started
+    out = {}
+    for k in sizes:
+        n = k * batches[k]
+        train = sum(timings[k].get(p, 0.0) for p in ("data", "forward", "backward", "optimizer"))
         per_step = train / n / steps  # training seconds per expert and step
-        other = (seconds - train) / n  # per expert: set-up, sampling, scoring
-        out[k] = {"experts": n, "batches": len(groups) - 1, "seconds": round(seconds, 2), "experts_per_hour": 3600 * n / seconds,
-                  "seconds_per_expert": {p: round(timings.get(p, 0.0) / n, 4) for p in PHASES}, "aten_ops_per_step": ops,
+        other = (seconds[k] - train) / n  # per expert: set-up, sampling, scoring
+        out[k] = {"experts": n, "batches": batches[k], "seconds": round(seconds[k], 2), "experts_per_hour": 3600 * n / seconds[k],
+                  "seconds_per_expert": {p: round(timings[k].get(p, 0.0) / n, 4) for p in PHASES}, "aten_ops_per_step": ops[k],
                   "expert_steps_per_second": round(1 / per_step, 2), "batch_steps_per_second": round(1 / (per_step * k), 3),
                   "projected_500_step_experts_per_hour": round(3600 / (500 * per_step + other), 1)}
-        print(f"  K={k:3d}: {out[k]['experts_per_hour']:8.0f} experts/hour over {n} experts ({len(groups) - 1} steady batches)"
-              + (f", {ops} aten ops per training step" if ops else ""), flush=True)
+        print(f"  K={k:3d}: {out[k]['experts_per_hour']:8.0f} experts/hour over {n} experts ({batches[k]} steady batches)"
+              + (f", {ops[k]} aten ops per training step" if ops[k] else ""), flush=True)
     base = out[min(sizes)]
     for k in sizes:
         out[k]["ratio_to_k1"] = out[k]["experts_per_hour"] / base["experts_per_hour"]

@@ -85,9 +85,17 @@ class _Expert:
     generator: torch.Generator
 
 
-def adapter_parameters(unet: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
-    """The LoRA parameters of one adapter (``...lora_A.<adapter>.weight``, ``lora_B``)."""
-    return [p for n, p in unet.named_parameters() if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n]
+def adapter_parameters(module: torch.nn.Module, adapters: list[str]) -> dict[str, list[torch.nn.Parameter]]:
+    """The LoRA parameters of each adapter (``...lora_A.<adapter>.weight``, ``lora_B``), in the
+    module's order, from one walk over its parameters."""
+    out: dict[str, list[torch.nn.Parameter]] = {a: [] for a in adapters}
+    for name, param in module.named_parameters():
+        for kind in (".lora_A.", ".lora_B."):
+            if kind in name:
+                adapter = name.split(kind, 1)[1].rsplit(".", 1)[0]
+                if adapter in out:
+                    out[adapter].append(param)
+    return out
 
 
 def train_lora_experts(pipe, configs: list[ExpertConfig], adapters: list[str], outputs: list[Path | None] | None = None, *, compile: bool = False, timings: dict | None = None,
@@ -184,8 +192,9 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
             class_sets.setdefault(key, cls)
         generator = torch.Generator().manual_seed(config.seed)  # train_expert's generator (process 0)
         experts.append(_Expert(config, adapter, prompt, inst, cls, cond_inst, cond_cls, [], generator))
+    params = adapter_parameters(denoiser_module(pipe), [e.adapter for e in experts])
     for expert in experts:  # peft trains only the adapter added last: all of them train here
-        expert.params = adapter_parameters(denoiser_module(pipe), expert.adapter)
+        expert.params = params[expert.adapter]
         for p in expert.params:
             p.requires_grad_(True)
             p.data = p.data.float()

@@ -275,3 +275,32 @@ def test_flux_demo_branch_trains_through_checkpointing_and_is_the_base_at_scale_
         gated = transformer(**x)[0]
         transformer.set_attn_processor({name: proc.base for name, proc in transformer.attn_processors.items()})
         torch.testing.assert_close(gated, transformer(**x)[0])
+
+
+def test_the_k_sweep_runs_every_k_on_the_same_clusters_in_interleaved_rounds():
+    """benchmarks/expert_sweep.py: after one warm-up batch per K, each round runs the round's
+    clusters once per K in batches of K (so a shared machine's drift falls on every K alike);
+    every K trains the same experts and the rates come from each K's own time."""
+    sweep = _benchmark("expert_sweep")
+
+    class Worker:
+        def __init__(self):
+            self.calls = []
+
+        def run_batch(self, group, demos, timings=None, on_step=None):
+            self.calls.append([r["cluster_id"] for r in group])
+            for phase in ("forward", "backward"):
+                timings[phase] = timings.get(phase, 0.0) + 0.001 * len(group)
+            return [{} for _ in group]
+
+    rows = [{"cluster_id": f"c{i}"} for i in range(12)]
+    worker = Worker()
+    out = sweep.sweep(worker, rows, {r["cluster_id"]: [] for r in rows}, [1, 2, 4], steps=3, steady_batches=2, profile=False)
+    warm, steady = worker.calls[:3], worker.calls[3:]
+    assert warm == [["c0"], ["c0", "c1"], ["c0", "c1", "c2", "c3"]]
+    round_0 = [["c4"], ["c5"], ["c6"], ["c7"], ["c4", "c5"], ["c6", "c7"], ["c4", "c5", "c6", "c7"]]
+    assert steady[:7] == round_0 and steady[7:] == [[c.replace(c[1:], str(int(c[1:]) + 4)) for c in g] for g in round_0]
+    assert {k: (row["experts"], row["batches"]) for k, row in out.items()} == {1: (8, 8), 2: (8, 4), 4: (8, 2)}
+    assert out[1]["ratio_to_k1"] == 1.0 and out[4]["seconds_per_expert"]["forward"] == pytest.approx(0.001)
+    with pytest.raises(SystemExit, match="needs 12 clusters"):
+        sweep.sweep(worker, rows[:11], {}, [1, 2, 4], steps=3, steady_batches=2, profile=False)
