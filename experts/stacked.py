@@ -146,13 +146,16 @@ class StackedLoRALinear(nn.Module):
             else:
                 A_r, B_r, s_r = A[runs], B[runs], scale[runs]
             n = len(runs)
-            h = torch.bmm(flat.reshape(n, route.group * flat.shape[1], -1), A_r.transpose(1, 2))  # (runs, group*L, r)
-            delta = torch.bmm(h, B_r.transpose(1, 2)) * s_r.view(n, 1, 1)  # (runs, group*L, out)
+            flat = flat.reshape(n, route.group * flat.shape[1], -1)  # (runs, group*L, in)
         else:
             idx = route.indices(rows, x.device)
-            h = torch.bmm(flat, A[idx].transpose(1, 2))  # (rows, L, r)
-            delta = torch.bmm(h, B[idx].transpose(1, 2)) * scale[idx].view(rows, 1, 1)
-        return out + delta.reshape(out.shape).to(out.dtype)
+            A_r, B_r, s_r = A[idx], B[idx], scale[idx]
+            n = rows
+        h = torch.bmm(flat, A_r.transpose(1, 2))  # (n, M, r)
+        h = h * s_r.to(h.dtype).view(n, 1, 1)  # the scaling on the rank-r activations (small)
+        if h.dtype == out.dtype:  # out + h @ B^T in one kernel
+            return torch.baddbmm(out.reshape(n, h.shape[1], -1), h, B_r.transpose(1, 2)).reshape(out.shape)
+        return out + torch.bmm(h, B_r.transpose(1, 2)).reshape(out.shape).to(out.dtype)  # e.g. an fp16 base without autocast
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
