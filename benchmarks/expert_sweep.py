@@ -131,10 +131,10 @@ def run(root: Path, args, sizes: list[int]) -> dict:
     demos = load_demos(config, rows)
     worker = ResidentExpertWorker(job)
     print(f"K sweep, model={args.model} device={args.device} lora_rank={args.lora_rank} clusters={len(rows)} expert steps={args.steps} "
-          f"prompts={args.prompts} sample steps={args.sample_steps} compile={args.compile}", flush=True)
+          f"prompts={args.prompts} sample steps={args.sample_steps} compile={args.compile} torch threads={args.threads}", flush=True)
     result = sweep(worker, rows, demos, sizes, steps=args.steps, steady_batches=args.steady_batches, trace=Path(args.trace) if args.trace else None)
     report(result, sizes)
     summary = {"mode": "k-sweep", "model": args.model, "device": args.device, "lora_rank": args.lora_rank, "steps": args.steps, "clusters": len(rows),
-               "compile": args.compile, "rows": {str(k): v for k, v in result.items()}}
+               "compile": args.compile, "threads": args.threads, "rows": {str(k): v for k, v in result.items()}}
     print(json.dumps(summary))
     return summary

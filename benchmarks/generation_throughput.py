@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 2-worker run (one GPU)")
     parser.add_argument("--in-process", action="store_true", help="no Ray: per-task experts vs one resident worker in this process (no scaling row)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per expert (--in-process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per expert worker (--in-process, and the one worker of the K sweep)")
     parser.add_argument("--expert-batch-size", default="1", help="also resident workers training this many LoRA experts together (needs --lora-rank); "
                         "a list (1,2,4,8): the stacked-expert K sweep (benchmarks/expert_sweep.py)")
     parser.add_argument("--trace", help="K sweep: write the profiled training step's Chrome trace here")
