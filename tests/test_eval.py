@@ -94,7 +94,9 @@ def test_bad_prompt_line_names_the_line(tmp_path):
 
 
 def _eval(root, out, method, *extra):
-    return main(["eval", "--dataset", str(root), "--method", method, *(["--model", "tiny"] if method in ("base", "expert") else []), "--output", str(out), "--clip", "toy-clip", "--dino", "toy-identity", "--prompts", "2", "--images-per-prompt", "1", "--sample-steps", "2", *extra])
+    sampling = ["--prompts", "2", "--images-per-prompt", "1", "--sample-steps", "2"] if method != "real" else []  # real samples nothing
+    return main(["eval", "--dataset", str(root), "--method", method, *(["--model", "tiny"] if method in ("base", "expert") else []), "--output", str(out),
+                 "--clip", "toy-clip", "--dino", "toy-identity", *sampling, *extra])
 
 
 def test_real_and_base_tables_are_written_deterministic_and_resumable(tmp_path, capsys):
@@ -131,7 +133,7 @@ def test_world_dataset_is_scored_by_the_probe(tmp_path, capsys):
     """``--dataset world:N``: real photos of held-out world subjects get the probe's exact
     identity, attribute share and class numbers, and they read as their subjects."""
     out = tmp_path / "world"
-    assert main(["eval", "--dataset", "world:2", "--method", "real", "--output", str(out), "--clip", "toy-clip", "--dino", "toy-identity", "--prompts", "1"]) == 0
+    assert main(["eval", "--dataset", "world:2", "--method", "real", "--output", str(out), "--clip", "toy-clip", "--dino", "toy-identity"]) == 0
     (overall,) = json.loads((out / "overall.json").read_text())  # one row
     for key in ("probe_identity", "probe_attributes", "probe_class"):
         assert 0.0 <= overall[key] <= 1.0, key
@@ -167,11 +169,14 @@ def test_an_unknown_scorer_is_refused_naming_its_flag_before_the_dataset_is_writ
 
 @pytest.mark.parametrize("method, extra, flag", [("apprentice", ["--model", "tiny"], "--model tiny"), ("real", ["--model", "tiny"], "--model tiny"),
                                                  ("base", ["--num-demos", "2"], "--num-demos 2"), ("expert", ["--apprentice", "toy"], "--apprentice toy"),
-                                                 ("apprentice", ["--expert-steps", "5"], "--expert-steps 5"), ("base", ["--recipe", "dreambooth-lora"], "--recipe dreambooth-lora")])
+                                                 ("apprentice", ["--expert-steps", "5"], "--expert-steps 5"), ("base", ["--recipe", "dreambooth-lora"], "--recipe dreambooth-lora"),
+                                                 ("real", ["--sample-steps", "5"], "--sample-steps 5"), ("real", ["--guidance-scale", "9"], "--guidance-scale 9.0"),
+                                                 ("real", ["--images-per-prompt", "2"], "--images-per-prompt 2"), ("real", ["--dtype", "bf16"], "--dtype bf16")])
 def test_a_flag_the_method_does_not_read_is_refused_not_ignored(tmp_path, capsys, method, extra, flag):
     """e.g. ``--model`` with ``--method apprentice`` was silently ignored (the apprentice folder
-    carries its base): now one line naming the flag, exit 2, nothing written."""
-    assert main(["eval", "--dataset", "world:1", "--method", method, *extra, "--output", str(tmp_path / "e"), "--prompts", "1"]) == 2
+    carries its base), and ``real`` (the photos themselves) ignored every sampling flag: now one
+    line naming the flag, exit 2, nothing written."""
+    assert main(["eval", "--dataset", "world:1", "--method", method, *extra, "--output", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0] and f"--method {method} does not read it" in err[0], err
     assert not (tmp_path / "e").exists()

@@ -16,19 +16,21 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="DreamBench evaluation (DINO, CLIP-I, CLIP-T, PRES, DIV) of a method", formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True, help='DreamBench-layout folder, or "world:N" for N held-out subjects of the synthetic world')
-    p.add_argument("--method", required=True, choices=["expert", "apprentice", "base", "real"])
+    p.add_argument("--method", required=True, choices=["expert", "apprentice", "base", "real"],
+                   help="what makes the images: expert (a DreamBooth expert per subject), apprentice (no tuning), base (the model, class prompt), "
+                        "real (the subject's own photos: the reference row; no sampling flag applies)")
     p.add_argument("--model", help="base model (expert, base; default toy)")
     p.add_argument("--apprentice", help="apprentice folder or toy (apprentice; default toy)")
     p.add_argument("--subjects", help="comma-separated subject names (default: all)")
-    p.add_argument("--prompts", type=checks.whole(1, 10_000), help="first n prompt templates, n >= 1 (default: all of the subject's list, 25 in DreamBench)")
-    p.add_argument("--images-per-prompt", type=NUM_IMAGES, default=4)
+    p.add_argument("--prompts", type=checks.whole(1, 10_000), help="first n prompt templates, n >= 1 (expert, apprentice, base; default: all of the subject's list, 25 in DreamBench)")
+    p.add_argument("--images-per-prompt", type=NUM_IMAGES, help="images per prompt (expert, apprentice, base; default 4)")
     p.add_argument("--output", required=True, help="results folder (rerunning reuses its images when the settings that made them are the same; else it is refused)")
     p.add_argument("--recipe", help="expert recipe (expert; default dreambooth)")
     p.add_argument("--expert-steps", type=checks.whole(1, 10_000_000), help="expert training steps (expert; default: the recipe's)")
     p.add_argument("--num-class-images", type=checks.whole(0, 1_000_000), help="prior-preservation images per expert (expert)")
     p.add_argument("--num-demos", type=checks.whole(1, 8), help="apprentice demonstrations, the first n photos (apprentice; default 3)")
-    p.add_argument("--sample-steps", type=STEPS, default=25)
-    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, help="classifier-free guidance (default 5.0); on a FLUX base (or apprentice) the distilled guidance (default 3.5)")
+    p.add_argument("--sample-steps", type=STEPS, help="sampling steps (expert, apprentice, base; default 25)")
+    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, help="classifier-free guidance (expert, apprentice, base; default 5.0); on a FLUX base (or apprentice) the distilled guidance (default 3.5)")
     p.add_argument("--seed", type=SEED, default=0)
     add_sampler_flags(p)
     p.add_argument("--clip", default="auto", help="CLIP backbone: auto (openai ViT-B/32, else the world's toy-clip), or a scorer name")
@@ -36,10 +38,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run, local_paths=("output", "dataset", "apprentice"))
 
 
+_SAMPLING = ("expert", "apprentice", "base")
 #: Flags that only some methods read: (attribute, flag, those methods, the default). Given to
 #: another method they are refused (they would be ignored); left out, the default is filled for
 #: every method (the results folder's key holds them).
-METHOD_FLAGS = (("model", "--model", ("expert", "base"), "toy"), ("apprentice", "--apprentice", ("apprentice",), "toy"),
+METHOD_FLAGS = (("prompts", "--prompts", _SAMPLING, None), ("images_per_prompt", "--images-per-prompt", _SAMPLING, 4),
+                ("sample_steps", "--sample-steps", _SAMPLING, 25), ("guidance_scale", "--guidance-scale", _SAMPLING, None), ("dtype", "--dtype", _SAMPLING, None),
+                ("model", "--model", ("expert", "base"), "toy"), ("apprentice", "--apprentice", ("apprentice",), "toy"),
                 ("recipe", "--recipe", ("expert",), "dreambooth"), ("expert_steps", "--expert-steps", ("expert",), None),
                 ("num_class_images", "--num-class-images", ("expert",), None), ("num_demos", "--num-demos", ("apprentice",), 3))
 
