@@ -107,6 +107,16 @@ def peer_command(script: Path, folder: str, photos: Path, output: Path, seed: in
     return cmd + ["--image_interpolation_mode", fam["interpolation"]]
 
 
+def peer_flags_missing(script: Path, args) -> list[str]:
+    """The options :func:`peer_command` passes that ``script`` does not define (read as text:
+    each must appear as a quoted ``"--name"``): a script of another family, before any work."""
+    import re
+
+    text = script.read_text(errors="replace")
+    wanted = [a for a in peer_command(script, "F", Path("p"), Path("o"), 0, args) if a.startswith("--")]
+    return [flag for flag in wanted if not re.search(rf"[\"']{re.escape(flag)}[\"']", text)]
+
+
 def suti_command(model: str, photos: Path, output: Path, seed: int, args) -> list[str]:
     """``suti expert train`` with the same settings as :func:`peer_command`."""
     fam = FAMILIES[args.family]
@@ -152,13 +162,9 @@ def _photos(args, work: Path) -> tuple[Path, str]:
     source = Path(args.photos) if args.photos else DREAMBENCH / "dog"
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: args.max_photos]
-        if not files:
-            raise SystemExit(f"--photos {source}: no image files")
         for p in files:
             shutil.copyfile(p, photos / p.name)
         return photos, str(source)
-    if args.photos:
-        raise SystemExit(f"--photos {source}: no such folder")
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import draw_subject
 
@@ -275,10 +281,17 @@ def parse_args(argv=None):
         p.error(f"--model {args.model}: family {family!r} has no peer here (sd: train_dreambooth_lora.py, flux: train_dreambooth_lora_flux.py)")
     if args.family == "flux" and args.resolution % 16:
         p.error(f"--resolution {args.resolution}: must be a multiple of 16 (FLUX packs 2x2 latent patches of an 8x VAE)")
+    missing = peer_flags_missing(Path(args.peer_script), args)
+    if missing:
+        p.error(f"--peer-script {args.peer_script}: takes no {', '.join(missing)}; --model {args.model} needs diffusers' {FAMILIES[args.family]['script']}")
     if not 0 < args.learning_rate < 1:
         p.error(f"--learning-rate {args.learning_rate}: must be in (0, 1)")
     if not Path(args.peer_script).is_file():
         p.error(f"--peer-script {args.peer_script}: no such file (see the docstring: how to get it)")
+    if args.photos and not Path(args.photos).is_dir():
+        p.error(f"--photos {args.photos}: no such folder")
+    if args.photos and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in Path(args.photos).iterdir()):
+        p.error(f"--photos {args.photos}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return args
 
 
@@ -296,7 +309,12 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        photos, source = _photos(args, work) if not (work / "photos").exists() else (work / "photos", "kept in --work-dir")
+        kept = work / "photos"
+        if kept.is_dir() and not args.photos and any(f.suffix.lower() in IMAGE_SUFFIXES for f in kept.iterdir()):
+            photos, source = kept, "kept in --work-dir"
+        else:
+            shutil.rmtree(kept, ignore_errors=True)
+            photos, source = _photos(args, work)
         pipe = load_pipeline(args.model)
         images = torch.stack(list(load_training_pixels(list_image_files(photos), args.resolution, True, interpolation=FAMILIES[args.family]["interpolation"])))
         base = eval_loss(pipe, None, images, args)

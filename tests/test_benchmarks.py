@@ -185,14 +185,26 @@ def test_lora_parity_gives_both_trainers_the_same_settings(tmp_path, model):
         assert pa.image_interpolation_mode == "lanczos" and "lora_alpha=args.rank" in source.replace(" ", "")
 
 
-def test_lora_parity_refuses_a_model_without_a_peer(tmp_path, capsys):
-    """A family with no peer script here (SDXL) or a model that is not a preset: one line, exit 2."""
+def test_lora_parity_refuses_bad_input_before_any_work(tmp_path, capsys):
+    """One line, exit 2, before a pipeline loads or a folder is made: a family with no peer here
+    (SDXL), a model that is not a preset, a peer script of the other family (its options are
+    read from its text), a photos folder that is missing or holds no image."""
     parity = _benchmark("lora_parity")
-    (tmp_path / "peer.py").write_text("")
-    for model, words in (("tiny-sdxl", "no peer here"), (str(tmp_path), "not a suti preset")):
+    sd_flags = [a for a in parity.peer_command(Path("s"), "F", Path("p"), Path("o"), 0, argparse.Namespace(
+        steps=1, learning_rate=1e-3, rank=4, resolution=32, max_sequence_length=77, family="sd")) if a.startswith("--")]
+    (tmp_path / "peer_sd.py").write_text("\n".join(f'parser.add_argument("{flag}")' for flag in sd_flags))
+    (tmp_path / "empty").mkdir()
+    work = tmp_path / "work"
+    cases = [(["--model", "tiny-sdxl"], "no peer here"), (["--model", str(tmp_path)], "not a suti preset"),
+             (["--model", "tiny-flux"], "takes no --lora_alpha"), (["--photos", str(tmp_path / "none")], "no such folder"),
+             (["--photos", str(tmp_path / "empty")], "no image files")]
+    for extra, words in cases:
         with pytest.raises(SystemExit) as e:
-            parity.parse_args(["--peer-script", str(tmp_path / "peer.py"), "--model", model])
-        assert e.value.code == 2 and words in capsys.readouterr().err
+            parity.parse_args(["--peer-script", str(tmp_path / "peer_sd.py"), "--work-dir", str(work), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], (extra, err)
+    assert parity.parse_args(["--peer-script", str(tmp_path / "peer_sd.py")]).family == "sd"  # the SD script fits tiny
+    assert not work.exists()
 
 
 @pytest.mark.slow  # ~10 s: FLUX.1-dev's transformer and T5-XXL built on meta
