@@ -38,13 +38,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     A negative number in scientific notation is a value, not an option: ``--lambda -1e-3`` and
     ``--logit-mean -2.5e-1`` parse (Python 3.11's argparse takes ``-1e-3`` for an unknown option
-    and reports "expected one argument"; no suti option looks like a number)."""
+    and reports "expected one argument"; no suti option looks like a number). So are ``-inf``
+    and ``-nan``, which the option's own check then refuses by name."""
 
     def __init__(self, *args, **kwargs):
         import re
 
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        self._negative_number_matcher = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -94,3 +94,10 @@ def test_a_negative_number_in_scientific_notation_is_a_value_on_every_command(ca
         assert exc.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--text-encoder-lr" in err[0] and "-0.0001" in err[0] and "expected one argument" not in err[0], err
+    for value in ("-inf", "-nan"):
+        try:
+            parser.parse_args(base + ["--text-encoder-lr", value])
+        except SystemExit as exc:
+            assert exc.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--text-encoder-lr" in err[0] and "finite" in err[0], (value, err)

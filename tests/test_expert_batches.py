@@ -201,6 +201,17 @@ def test_stacked_adafactor_equals_one_adafactor_per_expert():
             assert torch.allclose(p[i], alone[i][j], atol=1e-6), (i, j)
     with pytest.raises(ValueError, match="stacked"):
         StackedAdafactor([torch.nn.Parameter(torch.zeros(4, 5))], lr=1e-2)
+    # bf16 parameters: updated in an fp32 copy and rounded once, as transformers does
+    low = torch.nn.Parameter(starts[0].clone().bfloat16())
+    low_alone = [torch.nn.Parameter(starts[0][i].clone().bfloat16()) for i in range(3)]
+    opt, opts = StackedAdafactor([low], lr=1e-2), [Adafactor([p], lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False) for p in low_alone]
+    for g in grads:
+        low.grad = g[0].bfloat16()
+        opt.step()
+        for i, (p, o) in enumerate(zip(low_alone, opts)):
+            p.grad = g[0][i].bfloat16()
+            o.step()
+    assert all(torch.equal(low[i], low_alone[i]) for i in range(3))
 
 
 def test_stacked_sdxl_experts_equal_experts_trained_one_at_a_time(instance_dir, tmp_path):
