@@ -126,9 +126,9 @@ def test_flux_apprentice_trains_with_deepspeed_and_samples_three_demonstrations(
     assert main(["apprentice", "sample", "--apprentice", str(out), "--demos", *demos, "--prompt", "a toy on the beach", "--num-images", "2",
                  "--steps", "2", "--output", str(tmp_path / "samples")]) == 0
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["image_000.png", "image_001.png"]
-    # acceptance 4: suti eval --model tiny-flux --method apprentice scores it (FLUX's guidance 3.5 by default)
+    # acceptance 4: suti eval --method apprentice (the FLUX apprentice folder carries its base) scores it (FLUX's guidance 3.5 by default)
     capsys.readouterr()
-    assert main(["eval", "--dataset", "world:1", "--method", "apprentice", "--model", "tiny-flux", "--apprentice", str(out), "--prompts", "1",
+    assert main(["eval", "--dataset", "world:1", "--method", "apprentice", "--apprentice", str(out), "--prompts", "1",
                  "--images-per-prompt", "1", "--sample-steps", "2", "--output", str(tmp_path / "eval")]) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["method"] == "apprentice" and scores["images"] == 1 and 0 <= scores["CLIP-I"] <= 1

@@ -195,7 +195,7 @@ def test_malformed_clusters_file_names_the_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [[]], ids=["full"])  # LoRA experts: the GPU suite's dry run checks resident = per-task samples and scores byte for byte (CI time)
 def test_resident_workers_write_the_same_shards_byte_for_byte(mined, tmp_path, extra):
     per_task = _generate(mined, tmp_path / "task", "--max-clusters", "3", "--lambda", "-1", "--max-workers", "1", *extra)
     assert per_task.returncode == 0, per_task.stderr[-3000:]
