@@ -203,9 +203,8 @@ def denoiser_output(pipe, max_sequence_length: int, resolution: int):
     from suti.conditioning import encode_prompt
     from suti.denoisers import denoiser_for
 
-    vae = pipe.vae.config
-    size = resolution // 2 ** (len(vae.block_out_channels) - 1)
-    latents = torch.randn((1, vae.latent_channels, size, size), generator=torch.Generator().manual_seed(0))
+    size = resolution // pipe.vae_scale_factor
+    latents = torch.randn((1, pipe.vae.config.latent_channels, size, size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond = encode_prompt(pipe, [instance_prompt()], max_sequence_length=max_sequence_length)
         return denoiser_for(pipe)(latents, torch.tensor([500.0]), cond)

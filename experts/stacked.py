@@ -413,7 +413,7 @@ def probe_training_step(pipe, config, device: str) -> None:
     latent = resolution // pipe.vae_scale_factor
     with torch.no_grad():  # the training step's conditioning (cached there too)
         cond = encode_prompt(pipe, ["a photo of an object"] * rows, resolution=resolution,
-                             max_sequence_length=getattr(config, "max_sequence_length", None)).to(device)
+                             max_sequence_length=config.max_sequence_length).to(device)
     add_lora(pipe, config, adapter_name="_memory_probe")
     try:
         for name, p in module.named_parameters():
