@@ -4,20 +4,23 @@ One resident expert worker (``generation.resident.ResidentExpertWorker``, no Ray
 clusters in batches of K stacked LoRA experts (``run_batch``: train together, sample in shared
 pipeline calls, score), for every K asked. For each K it reports:
 
-* steady experts per hour: the batches after the first (which warms caches and, for K = 1 and
-  the largest K, runs under the profiler), ``3600 * experts / seconds``; and the ratio to K = 1.
+* steady experts per hour: the batches after a warm-up batch per K (which warms caches and, for
+  K = 1 and the largest K, runs under the profiler), ``3600 * experts / seconds``; and the ratio
+  to K = 1.
   The steady batches run in rounds, every K once per round on the same clusters, so that a
   shared machine's drift in speed falls on every K alike;
 * the seconds per expert in each phase: the training steps' data, forward, backward and
-  optimizer (the device is synchronised between them), sampling and scoring;
+  optimizer (the device is synchronised between them), sampling, scoring, and setup (the rest:
+  configs, adapters, cached latents, saving and restoring);
 * training steps per second (per expert, and of the whole batch), and the experts per hour
   at the recipe's 500 steps that follow from them and the rest of each expert's time;
 * the aten operators of one training step (``torch.profiler``; K = 1 and the largest K), and,
   with ``--trace DIR``, that step's Chrome trace.
 
-Run through ``benchmarks/generation_throughput.py --expert-batch-size 1,2,4,8``::
+The one worker gets every core the process may use (``--threads`` overrides), as a GPU worker
+has its whole GPU. Run through ``benchmarks/generation_throughput.py --expert-batch-size 1,2,4,8``::
 
-    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 40 --expert-batch-size 1,2,4,8
+    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 32 --expert-batch-size 1,2,4,8
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-PHASES = ("data", "forward", "backward", "optimizer", "sampling", "scoring")
+PHASES = ("data", "forward", "backward", "optimizer", "sampling", "scoring", "setup")  # setup: the rest (configs, adapters, cached latents, saving, restoring)
 
 
 def _profiled_ops(worker, group, demos, trace: Path | None, k: int) -> int:
@@ -51,18 +54,24 @@ def _check(results: list) -> None:
         raise SystemExit(f"an expert of the sweep failed: {errors[0]!r}")
 
 
+def clusters_needed(sizes: list[int], steady_batches: int) -> int:
+    """Clusters the sweep needs: ``steady_batches`` full batches at the largest K (the warm-up
+    batches rerun the first of them)."""
+    return steady_batches * max(sizes)
+
+
 def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int, steady_batches: int = 4, trace: Path | None = None, profile: bool = True) -> dict:
-    """The K sweep on ``worker``: for each K, one warm-up batch (the first K clusters; profiled
-    for K = 1 and the largest K); then ``steady_batches`` rounds, each of which runs the round's
-    ``max(sizes)`` clusters once per K, in batches of K, timed per K. Every K trains and samples
-    the same experts, the largest K runs ``steady_batches`` full batches, and the rounds
-    interleave the K so that a shared machine's drift in speed falls on every K alike.
-    ``(1 + steady_batches) * max(sizes)`` clusters are needed. Returns ``{K: {...}}`` rows (see
-    the module docstring)."""
+    """The K sweep on ``worker``: for each K, one warm-up batch (the first K clusters, not
+    timed; profiled for K = 1 and the largest K); then ``steady_batches`` rounds, each of which
+    runs the round's ``max(sizes)`` clusters once per K, in batches of K, timed per K. Every K
+    trains and samples the same experts, the largest K runs ``steady_batches`` full batches, and
+    the rounds interleave the K so that a shared machine's drift in speed falls on every K alike.
+    ``steady_batches * max(sizes)`` clusters are needed (:func:`clusters_needed`). Returns
+    ``{K: {...}}`` rows (see the module docstring)."""
     largest = max(sizes)
-    steady = steady_batches * largest
-    if len(rows) < largest + steady:
-        raise SystemExit(f"the sweep needs {largest + steady} clusters for {steady_batches} steady batches of {largest} (have {len(rows)})")
+    steady = clusters_needed(sizes, steady_batches)
+    if len(rows) < steady:
+        raise SystemExit(f"the sweep needs {steady} clusters for {steady_batches} steady batches of {largest} (have {len(rows)})")
     ops: dict[int, int | None] = {}
     for k in sizes:  # warm-up (and the profiled step)
         first = rows[:k]
@@ -75,7 +84,7 @@ def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int
     seconds = dict.fromkeys(sizes, 0.0)
     batches = dict.fromkeys(sizes, 0)
     for i in range(steady_batches):
-        chunk = rows[largest + i * largest : largest + (i + 1) * largest]
+        chunk = rows[i * largest : (i + 1) * largest]
         for k in sizes:
             started = time.perf_counter()
             for j in range(0, largest - k + 1, k):
@@ -90,7 +99,7 @@ def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int
         per_step = train / n / steps  # training seconds per expert and step
         other = (seconds[k] - train) / n  # per expert: set-up, sampling, scoring
         out[k] = {"experts": n, "batches": batches[k], "seconds": round(seconds[k], 2), "experts_per_hour": 3600 * n / seconds[k],
-                  "seconds_per_expert": {p: round(timings[k].get(p, 0.0) / n, 4) for p in PHASES}, "aten_ops_per_step": ops[k],
+                  "seconds_per_expert": _per_expert(timings[k], seconds[k], n), "aten_ops_per_step": ops[k],
                   "expert_steps_per_second": round(1 / per_step, 2), "batch_steps_per_second": round(1 / (per_step * k), 3),
                   "projected_500_step_experts_per_hour": round(3600 / (500 * per_step + other), 1)}
         print(f"  K={k:3d}: {out[k]['experts_per_hour']:8.0f} experts/hour over {n} experts ({batches[k]} steady batches)"
@@ -99,6 +108,12 @@ def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int
     for k in sizes:
         out[k]["ratio_to_k1"] = out[k]["experts_per_hour"] / base["experts_per_hour"]
     return out
+
+
+def _per_expert(timings: dict, seconds: float, n: int) -> dict:
+    """Seconds per expert of each of :data:`PHASES`; ``setup`` is the time the others leave."""
+    timed = {p: timings.get(p, 0.0) for p in PHASES if p != "setup"}
+    return {**{p: round(t / n, 4) for p, t in timed.items()}, "setup": round(max(seconds - sum(timed.values()), 0.0) / n, 4)}
 
 
 def report(result: dict, sizes: list[int]) -> None:

@@ -22,9 +22,11 @@ one-at-a-time experts' up to float rounding, not byte for byte.
 
 ``--expert-batch-size 1,2,4,8,16`` (a list) runs the stacked-expert K sweep instead
 (:mod:`expert_sweep`: one resident worker in process, steady experts per hour per K, the time per
-expert by phase, aten operators per training step; ``--trace DIR`` writes the profiled step)::
+expert by phase, aten operators per training step; ``--trace DIR`` writes the profiled step; it
+runs at least 4 full batches at the largest K, raising ``--clusters`` when needed; its one worker
+gets every core, ``--threads 1`` one)::
 
-    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 40 --expert-batch-size 1,2,4,8
+    python benchmarks/generation_throughput.py --model toy --lora-rank 4 --steps 60 --clusters 32 --expert-batch-size 1,2,4,8
 
 ``--in-process`` runs the same expert code without Ray, in this process, one expert at a time:
 per-task experts (``generation.task.run_cluster``: load the base and the scorer, train, save,
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -142,11 +145,12 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 2-worker run (one GPU)")
     parser.add_argument("--in-process", action="store_true", help="no Ray: per-task experts vs one resident worker in this process (no scaling row)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per expert worker (--in-process, and the one worker of the K sweep)")
+    parser.add_argument("--threads", type=int, help="torch threads of the expert worker (--in-process: default 1; the K sweep's one worker: default every "
+                        "core this process may use, as a GPU worker has its whole GPU; --threads 1 measures it on one core)")
     parser.add_argument("--expert-batch-size", default="1", help="also resident workers training this many LoRA experts together (needs --lora-rank); "
                         "a list (1,2,4,8): the stacked-expert K sweep (benchmarks/expert_sweep.py)")
     parser.add_argument("--trace", help="K sweep: write the profiled training step's Chrome trace here")
-    parser.add_argument("--steady-batches", type=int, default=4, help="K sweep: timed batches per K after a warm-up batch (needs (1 + this) x largest K clusters)")
+    parser.add_argument("--steady-batches", type=int, default=4, help="K sweep: timed batches at the largest K (after a warm-up batch); the sweep runs at least this x largest K clusters")
     parser.add_argument("--compile", action="store_true", help="K sweep: train through torch.compile")
     parser.add_argument("--random-clip", action="store_true", help="random-weight OpenAI CLIP ViT-B/32 in a temporary hub cache (no weights on the machine; timing only)")
     args = parser.parse_args()
@@ -154,6 +158,19 @@ def main() -> None:
     args.expert_batch_size = sizes[0]
     if len(sizes) > 1 and not args.lora_rank:
         parser.error("the K sweep trains LoRA experts: give --lora-rank")
+    if args.steady_batches < 1:
+        parser.error(f"--steady-batches: must be at least 1, got {args.steady_batches}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: must be at least 1, got {args.threads}")
+    if len(sizes) > 1:
+        from expert_sweep import clusters_needed
+
+        args.threads = args.threads or len(os.sched_getaffinity(0))
+        needed = clusters_needed(sizes, args.steady_batches)
+        if args.clusters < needed:
+            print(f"K sweep: {args.steady_batches} steady batches of {max(sizes)} need {needed} clusters; running {needed} (--clusters {args.clusters})", flush=True)
+            args.clusters = needed
+    args.threads = args.threads or 1
     if args.random_clip:
         from bench_models import random_clip_hub_cache
 

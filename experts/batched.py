@@ -20,6 +20,7 @@ experts do (the keys and layout of ``pytorch_lora_weights.safetensors`` are the 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -181,9 +182,12 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
         prompt, class_prompt = expert_prompts(pipe, config)
         real_class = real_class_images(config.class_data_dir, config.num_class_images) if config.prior_preservation and config.class_data_dir else []
         class_pixels = class_training_pixels(pipe, config, real_class, class_prompt, config.resolution)
-        with warnings.catch_warnings():  # several adapters on one model is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            add_lora(pipe, config, adapter_name=adapter)
+        if experts:  # the same layers as the first expert's adapter, without peft's walks over the model
+            add_adapter_like(denoiser_module(pipe), experts[0].adapter, adapter)
+        else:
+            with warnings.catch_warnings():  # several adapters on one model is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                add_lora(pipe, config, adapter_name=adapter)
         key = (class_prompt, tuple(str(p) for p in real_class))
         shared = class_sets.get(key) if class_pixels is not None else None
         inst, cls, cond_inst, cond_cls = cached_inputs(pipe, config, instance_pixels, None if shared is not None else class_pixels, prompt, class_prompt)
@@ -199,6 +203,34 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
             p.requires_grad_(True)
             p.data = p.data.float()
     return experts
+
+
+def add_adapter_like(module: torch.nn.Module, first: str, adapter: str) -> None:
+    """Add the LoRA adapter ``adapter`` to ``module`` with the settings of its adapter ``first``,
+    as peft's ``inject_adapter`` (through diffusers' ``add_adapter``) would add it, but without
+    walking the whole model: every LoRA layer that carries ``first``, in the model's module order,
+    gets ``adapter`` through its own ``update_layer`` (peft's path for a layer that is already a
+    LoRA layer). The initialisation therefore draws the same numbers from torch's global RNG, in
+    the same order, as ``module.add_adapter(config, adapter)`` would; ``adapter`` also gets a copy
+    of ``first``'s config (what peft and diffusers read to save it). Unlike ``add_adapter``, the
+    active adapter stays ``first`` (the stacked layers route the rows themselves).
+
+    Raises:
+        ValueError: ``adapter`` exists already, or ``first`` uses rank or alpha patterns (use
+            ``add_adapter``).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    configs = module.peft_config
+    if adapter in configs:
+        raise ValueError(f"adapter {adapter!r} exists already")
+    config = copy.deepcopy(configs[first])
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("adapters with rank or alpha patterns are added with add_adapter")
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, LoraLayer) and first in layer.lora_A:
+            layer.update_layer(adapter, config.r, lora_alpha=config.lora_alpha, target_name=name, config=config)
+    configs[adapter] = config
 
 
 def _train_together(pipe, experts: list[_Expert], device: str, *, compile: bool = False, timings: dict | None = None, on_step=None) -> float:

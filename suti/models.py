@@ -21,6 +21,7 @@ on the family asks :func:`preset_family`, :func:`folder_family` or :func:`pipeli
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -90,11 +91,17 @@ def _read_preset(name: str) -> str:
     return (config_dir() / "models" / f"{name}.yaml").read_text()
 
 
+@lru_cache(maxsize=None)
+def _parsed_preset(text: str) -> dict[str, Any]:
+    return yaml.safe_load(text)
+
+
 def load_preset(name: str) -> dict[str, Any]:
-    """The preset ``name`` as a dict (raises :class:`ModelLoadError` if unknown)."""
+    """The preset ``name`` as a dict, the caller's own copy (raises :class:`ModelLoadError` if
+    unknown). Parsed once per process: every expert of a job reads it several times."""
     if name not in list_presets():
         raise ModelLoadError(f"unknown model preset {name!r}; presets: {', '.join(list_presets())}")
-    return yaml.safe_load(_read_preset(name))
+    return copy.deepcopy(_parsed_preset(_read_preset(name)))
 
 
 #: Preset keys that advise how to fine-tune the model and do not change its weights: editing them

@@ -32,17 +32,16 @@ SUITE_ROWS = [
 def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "SUTI_SUITE_TIMEOUT": "600"}
     rows_but_flux = "experts,apprentice,training,resident,throughput"  # row 9 (flux) has its own dry-run test below
-    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--sdxl", "--rows", rows_but_flux, "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=env,
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--rows", rows_but_flux, "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    for model in ("tiny", "tiny-sdxl"):  # the sd15-arch rows and the sdxl-arch rows, at dry-run sizes
-        for name in SUITE_ROWS:
-            name = name.format(m=model)
-            assert any(line.startswith(f"ROW {name}") for line in rows), f"missing row {name!r}:\n" + "\n".join(rows)
+    for name in SUITE_ROWS:  # the sd15-arch rows at dry-run sizes (--sdxl runs the same rows on another run: below)
+        name = name.format(m="tiny")
+        assert any(line.startswith(f"ROW {name}") for line in rows), f"missing row {name!r}:\n" + "\n".join(rows)
     import json
 
-    data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text()) if "tiny-sdxl" not in r["row"]}
+    data = {r["row"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert data["experts per GPU-hour, lora"]["experts_per_hour"] > 0
     assert data["apprentice training"]["images_per_s"] > 0 and data["apprentice training"]["tflop_per_image"] > 0
     throughput = data["generation throughput, LoRA rank 4"]
@@ -52,8 +51,28 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path):
     assert throughput["batched_4_per_hour"] > 0 and throughput["batched_max_delta_clip_diff"] < 0.01  # a batch's samples: the same up to rounding
     stacked = data["stacked experts K=2, LoRA rank 4"]
     assert stacked["experts_per_hour"] > 0 and stacked["aten_ops_per_step"] > 0 and stacked["expert_steps_per_second"] > 0
-    assert set(stacked["seconds_per_expert"]) == {"data", "forward", "backward", "optimizer", "sampling", "scoring"}
+    assert set(stacked["seconds_per_expert"]) == {"data", "forward", "backward", "optimizer", "sampling", "scoring", "setup"}
     assert (tmp_path / "traces" / "stacked_step_k2.json").is_file()  # the profiled step, beside the rows
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_gpu_suite_sdxl_runs_every_asked_row_again_on_the_sdxl_base(monkeypatch, tmp_path, dry_run):
+    """--sdxl: after the sd15-arch run, every asked row runs again on sdxl-arch at 1024 px with
+    --sdxl-expert-steps and batch 1 (tiny-sdxl at dry-run sizes under --dry-run), in the order asked."""
+    suite = _benchmark("gpu_suite")
+    calls = []
+    monkeypatch.setattr(suite, "guarded", lambda name, fn, run, *rest, **kw: calls.append((name.split(" (")[0], run.preset, run.resolution, run.expert_steps, run.train_batch)) or {})
+    monkeypatch.setattr(suite, "model_folder", lambda model, work: f"folder of {model}")
+    monkeypatch.setattr(suite, "_photos", lambda folder, resolution: [])
+    monkeypatch.setattr(suite, "ROWS", [])
+    monkeypatch.setattr(suite.torch.cuda, "is_available", lambda: True)
+    argv = ["--sdxl", "--rows", "resident,throughput", "--sdxl-expert-steps", "7"] + (["--dry-run"] if dry_run else [])
+    assert suite.main(argv) == 0
+    base, sdxl = ("tiny", 32, 2, 2), ("tiny-sdxl", 32, 2, 2)
+    if not dry_run:
+        base, sdxl = ("sd15-arch", 512, 500, 4), ("sdxl-arch", 1024, 7, 1)
+    rows = ["generation throughput", "stacked experts"]
+    assert calls == [(row, *base) for row in rows] + [(row, *sdxl) for row in rows]
 
 
 def _benchmark(name: str):
@@ -290,9 +309,10 @@ def test_flux_demo_branch_trains_through_checkpointing_and_is_the_base_at_scale_
 
 
 def test_the_k_sweep_runs_every_k_on_the_same_clusters_in_interleaved_rounds():
-    """benchmarks/expert_sweep.py: after one warm-up batch per K, each round runs the round's
-    clusters once per K in batches of K (so a shared machine's drift falls on every K alike);
-    every K trains the same experts and the rates come from each K's own time."""
+    """benchmarks/expert_sweep.py: after one warm-up batch per K (on the first clusters, not
+    timed), each round runs the round's clusters once per K in batches of K (so a shared
+    machine's drift falls on every K alike); every K trains the same experts, the rates come
+    from each K's own time, and steady_batches x largest K clusters are enough."""
     sweep = _benchmark("expert_sweep")
 
     class Worker:
@@ -305,14 +325,15 @@ def test_the_k_sweep_runs_every_k_on_the_same_clusters_in_interleaved_rounds():
                 timings[phase] = timings.get(phase, 0.0) + 0.001 * len(group)
             return [{} for _ in group]
 
-    rows = [{"cluster_id": f"c{i}"} for i in range(12)]
+    rows = [{"cluster_id": f"c{i}"} for i in range(8)]
     worker = Worker()
     out = sweep.sweep(worker, rows, {r["cluster_id"]: [] for r in rows}, [1, 2, 4], steps=3, steady_batches=2, profile=False)
     warm, steady = worker.calls[:3], worker.calls[3:]
     assert warm == [["c0"], ["c0", "c1"], ["c0", "c1", "c2", "c3"]]
-    round_0 = [["c4"], ["c5"], ["c6"], ["c7"], ["c4", "c5"], ["c6", "c7"], ["c4", "c5", "c6", "c7"]]
+    round_0 = [["c0"], ["c1"], ["c2"], ["c3"], ["c0", "c1"], ["c2", "c3"], ["c0", "c1", "c2", "c3"]]
     assert steady[:7] == round_0 and steady[7:] == [[c.replace(c[1:], str(int(c[1:]) + 4)) for c in g] for g in round_0]
     assert {k: (row["experts"], row["batches"]) for k, row in out.items()} == {1: (8, 8), 2: (8, 4), 4: (8, 2)}
     assert out[1]["ratio_to_k1"] == 1.0 and out[4]["seconds_per_expert"]["forward"] == pytest.approx(0.001)
-    with pytest.raises(SystemExit, match="needs 12 clusters"):
-        sweep.sweep(worker, rows[:11], {}, [1, 2, 4], steps=3, steady_batches=2, profile=False)
+    assert sweep.clusters_needed([1, 2, 4], 2) == 8
+    with pytest.raises(SystemExit, match="needs 8 clusters"):
+        sweep.sweep(worker, rows[:7], {}, [1, 2, 4], steps=3, steady_batches=2, profile=False)

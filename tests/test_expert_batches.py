@@ -86,6 +86,38 @@ def test_a_stacked_expert_saves_as_an_expert_trained_alone(instance_dir, tmp_pat
     assert fresh.unet.peft_config
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-flux"])
+def test_an_adapter_added_like_the_first_equals_peft_add_adapter(model):
+    """add_adapter_like (the batch's second and later experts) draws the initialisation peft's
+    add_adapter draws after the same seed, bit for bit, on the same layers, with the same saved
+    config, on a U-Net and a transformer alike."""
+    from experts.batched import add_adapter_like
+    from experts.train import add_lora
+    from suti.denoisers import denoiser_module
+
+    config = resolve_config("suti-expert", dict(model=model, instance_dir=".", class_noun="dog", lora_rank=4))
+    weights = []
+    for fast in (False, True):
+        pipe = load_pipeline(model, device="cpu")
+        module = denoiser_module(pipe)
+        for i, seed in enumerate((3, 4, 5)):
+            torch.manual_seed(seed)
+            if fast and i:
+                add_adapter_like(module, "e0", f"e{i}")
+            else:
+                add_lora(pipe, config, adapter_name=f"e{i}")
+        weights.append({a: get_peft_model_state_dict(module, adapter_name=a) for a in ("e1", "e2")})
+        configs = {a: module.peft_config[a].to_dict() for a in ("e1", "e2")}
+        if not fast:
+            peft_configs = configs
+    assert configs == peft_configs
+    for a in ("e1", "e2"):
+        assert weights[1][a].keys() == weights[0][a].keys() and len(weights[0][a]) > 0
+        assert all(torch.equal(weights[1][a][key], weights[0][a][key]) for key in weights[0][a]), a
+    with pytest.raises(ValueError, match="exists"):
+        add_adapter_like(module, "e0", "e1")
+
+
 def test_batches_refuse_full_fine_tuning_and_unequal_settings(instance_dir):
     with pytest.raises(InputError, match="LoRA"):
         check_batchable([resolve_config("suti-expert", dict(model="tiny", instance_dir=str(instance_dir), class_noun="toy"))])
