@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from suti.checks import COUNT
+
 
 def suti(argv: list[str]) -> int:
     from orchestration.cli import main
@@ -134,34 +136,41 @@ def in_process(root: Path, args) -> dict:
     return result
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``--expert-batch-size``: one K, or a comma-separated list of distinct Ks (the sweep), each at least 1."""
+    try:
+        sizes = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers separated by commas, got {text!r}") from None
+    if min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"each K must be at least 1, and each K once, got {text!r}")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: 1 GPU per expert, rates are per GPU-hour")
-    parser.add_argument("--lora-rank", type=int, help="LoRA experts of this rank (default: the recipe's full fine-tuning)")
-    parser.add_argument("--clusters", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--prompts", type=int, default=2, help="prompts sampled per expert")
-    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--lora-rank", type=COUNT, help="LoRA experts of this rank (default: the recipe's full fine-tuning)")
+    parser.add_argument("--clusters", type=COUNT, default=8)
+    parser.add_argument("--steps", type=COUNT, default=60)
+    parser.add_argument("--prompts", type=COUNT, default=2, help="prompts sampled per expert")
+    parser.add_argument("--sample-steps", type=COUNT, default=25)
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 2-worker run (one GPU)")
     parser.add_argument("--in-process", action="store_true", help="no Ray: per-task experts vs one resident worker in this process (no scaling row)")
-    parser.add_argument("--threads", type=int, help="torch threads of the expert worker (--in-process: default 1; the K sweep's one worker: default every "
+    parser.add_argument("--threads", type=COUNT, help="torch threads of the expert worker (--in-process: default 1; the K sweep's one worker: default every "
                         "core this process may use, as a GPU worker has its whole GPU; --threads 1 measures it on one core)")
-    parser.add_argument("--expert-batch-size", default="1", help="also resident workers training this many LoRA experts together (needs --lora-rank); "
+    parser.add_argument("--expert-batch-size", type=batch_sizes, default=[1], help="also resident workers training this many LoRA experts together (needs --lora-rank); "
                         "a list (1,2,4,8): the stacked-expert K sweep (benchmarks/expert_sweep.py)")
     parser.add_argument("--trace", help="K sweep: write the profiled training step's Chrome trace here")
-    parser.add_argument("--steady-batches", type=int, default=4, help="K sweep: timed batches at the largest K (after a warm-up batch); the sweep runs at least this x largest K clusters")
+    parser.add_argument("--steady-batches", type=COUNT, default=4, help="K sweep: timed batches at the largest K (after a warm-up batch); the sweep runs at least this x largest K clusters")
     parser.add_argument("--compile", action="store_true", help="K sweep: train through torch.compile")
     parser.add_argument("--random-clip", action="store_true", help="random-weight OpenAI CLIP ViT-B/32 in a temporary hub cache (no weights on the machine; timing only)")
     args = parser.parse_args()
-    sizes = [int(k) for k in str(args.expert_batch_size).split(",")]
+    sizes = args.expert_batch_size
     args.expert_batch_size = sizes[0]
     if len(sizes) > 1 and not args.lora_rank:
         parser.error("the K sweep trains LoRA experts: give --lora-rank")
-    if args.steady_batches < 1:
-        parser.error(f"--steady-batches: must be at least 1, got {args.steady_batches}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads: must be at least 1, got {args.threads}")
     if len(sizes) > 1:
         from expert_sweep import clusters_needed
 

@@ -337,3 +337,15 @@ def test_the_k_sweep_runs_every_k_on_the_same_clusters_in_interleaved_rounds():
     assert sweep.clusters_needed([1, 2, 4], 2) == 8
     with pytest.raises(SystemExit, match="needs 8 clusters"):
         sweep.sweep(worker, rows[:7], {}, [1, 2, 4], steps=3, steady_batches=2, profile=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--expert-batch-size", "1,x", "--lora-rank", "4"], "--expert-batch-size: must be whole numbers separated by commas, got '1,x'"),
+    (["--expert-batch-size", "0,2", "--lora-rank", "4"], "--expert-batch-size: each K must be at least 1, and each K once, got '0,2'"),
+    (["--expert-batch-size", "1,2"], "the K sweep trains LoRA experts: give --lora-rank"),
+    (["--clusters", "0"], "--clusters: must be a whole number from 1"),
+    (["--threads", "-1"], "--threads: must be a whole number from 1"),
+])
+def test_generation_throughput_refuses_bad_flags_in_one_line_before_any_work(argv, message):
+    proc = subprocess.run([sys.executable, "benchmarks/generation_throughput.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr, proc.stderr
