@@ -226,8 +226,9 @@ class JobStore:
                 "UPDATE jobs SET progress = ?, phase = COALESCE(?, phase), step = COALESCE(?, step), total = COALESCE(?, total), heartbeat_at = ? WHERE id = ? AND run_token = ? AND state = 'running'",
                 (progress, phase, step, total, now, job_id, token),
             )
-            if cur.rowcount == 1 and events.progress_due(db, job_id, now):
-                events.emit(db, job_id, "progress", {"progress": round(progress, 4), "phase": phase, "step": step, "total": total}, now)
+            if cur.rowcount == 1 and events.progress_due(db, job_id, now):  # the event says what the row now holds (a kept step too)
+                row = db.execute("SELECT phase, step, total FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                events.emit(db, job_id, "progress", {"progress": round(progress, 4), "phase": row["phase"], "step": row["step"], "total": row["total"]}, now)
         return cur.rowcount == 1
 
     def heartbeat(self, job_ids: list[str], owner: str) -> None:

@@ -280,14 +280,17 @@ def test_every_state_change_is_one_event_and_old_job_tables_are_upgraded(tmp_pat
     assert store.report(job_id, run["run_token"], 0.1, "training", 1, 5)
     assert store.report(job_id, run["run_token"], 0.2, "training", 2, 5)  # within 500 ms: the row moves, no event
     assert (store.get(job_id)["step"], store.get(job_id)["total"]) == (2, 5)
+    time.sleep(0.6)  # past PROGRESS_INTERVAL: the next report is an event
+    assert store.report(job_id, run["run_token"], 0.99, "saving")  # no step of its own: the event keeps the last one
     assert store.requeue(job_id, run["run_token"], reason="retrying (killed)")
     run = store.claim_next("me", "host", 1)
     assert store.fail(job_id, run["run_token"], "boom")
     kinds = [(e.type, e.data) for e in store.events(job_id)]
     assert kinds == [("queued", {}), ("started", {"attempt": 1}), ("progress", {"progress": 0.1, "phase": "training", "step": 1, "total": 5}),
+                     ("progress", {"progress": 0.99, "phase": "saving", "step": 2, "total": 5}),
                      ("queued", {"reason": "retrying (killed)"}), ("started", {"attempt": 2}), ("failed", {"error": "boom"})], kinds
     assert [e.type for e in store.events("a" * 32)] == ["cancelled"]
-    assert [e.type for e in store.events(job_id, after=store.events(job_id)[3].id)] == ["started", "failed"]
+    assert [e.type for e in store.events(job_id, after=store.events(job_id)[4].id)] == ["started", "failed"]
 
 
 def test_a_job_deleted_right_after_it_finished_still_sends_its_webhooks(tmp_path):
