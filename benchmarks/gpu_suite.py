@@ -21,7 +21,10 @@ Rows (sd15-arch: Stable Diffusion 1.5's architecture with random weights, no hub
    ``resident``;
 8. stacked experts, the K sweep (``throughput``): ``generation_throughput.py --expert-batch-size
    --sweep`` (``benchmarks/expert_sweep.py``: one resident worker, LoRA rank 4, one warm-up and
-   ``--sweep-batches`` timed batches per K, ``--throughput-steps`` steps): steady experts per
+   ``--sweep-batches`` timed batches per K on ``--sweep-batches`` x largest K clusters,
+   ``--sweep-steps`` training steps and ``--sweep-sample-steps`` sample steps per expert; the
+   defaults are sized for about 6 minutes on one H100 by reasoning from 0.18 s per K = 1 step,
+   K = 1's 32 experts being most of it - not yet run on a GPU): steady experts per
    GPU-hour per K and its ratio to K = 1, training steps per second, the 500-step experts per
    GPU-hour that follow, seconds per expert by phase, aten operators per step; the profiler
    trace of one stacked step of K = 1 and of the largest K goes to ``traces/`` beside ``--json``.
@@ -333,14 +336,14 @@ def sweep_row(a) -> None:
     world = a.preset in ("tiny", "toy", "tiny-sdxl")
     traces = (Path(a.json).parent if a.json else Path.cwd()) / "traces"
     cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--model", a.preset if world else a.model, "--lora-rank", "4",
-           "--clusters", str(a.sweep_batches * max(int(k) for k in a.sweep.split(","))), "--steps", str(a.throughput_steps), "--sample-steps", str(a.sample_steps),
+           "--clusters", str(a.sweep_batches * max(int(k) for k in a.sweep.split(","))), "--steps", str(a.sweep_steps), "--sample-steps", str(a.sweep_sample_steps),
            "--prompts", "2", "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1",
            "--expert-batch-size", a.sweep, "--steady-batches", str(a.sweep_batches), "--trace", str(traces)]
     if not world:
         cmd.append("--random-clip")
     r = _run_json(cmd)
     for k, values in r["rows"].items():
-        row(f"stacked experts K={k}, LoRA rank 4 ({a.preset}, {a.throughput_steps} steps, 2 prompts x {a.sample_steps} sample steps)", **values, traces=str(traces))
+        row(f"stacked experts K={k}, LoRA rank 4 ({a.preset}, {a.sweep_steps} steps, 2 prompts x {a.sweep_sample_steps} sample steps)", **values, traces=str(traces))
 
 
 def throughput_row(a) -> None:
@@ -405,7 +408,9 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-steps", type=int, default=100)
     p.add_argument("--throughput-batch", type=int, default=4, help="row 7 also times a resident worker training this many LoRA experts together (1: not)")
     p.add_argument("--sweep", default="1,2,4,8", help="row 8: the K values of the stacked-expert sweep")
-    p.add_argument("--sweep-batches", type=int, default=4, help="row 8: timed batches per K (after one warm-up)")
+    p.add_argument("--sweep-batches", type=whole(1), default=4, help="row 8: timed batches at the largest K (after one warm-up batch per K)")
+    p.add_argument("--sweep-steps", type=whole(1), default=16, help="row 8: training steps per expert (steps/s give the 500-step figures)")
+    p.add_argument("--sweep-sample-steps", type=whole(1), default=10, help="row 8: sample steps per candidate")
     p.add_argument("--flux-resolution", type=whole(16, 4096), default=1024, help="row 9: resolution of the flux-arch rows (a multiple of 16)")
     p.add_argument("--flux-adapter-rank", type=whole(0, 3072), default=0, help="row 9: the FLUX apprentice's adapter, 0 full dim x dim projections, else rank-r factors")
     p.add_argument("--flux-steps", type=whole(1, 100), default=2, help="row 9: timed training steps (after one warm-up step)")
@@ -424,7 +429,7 @@ def main(argv=None) -> int:
     if a.dry_run:
         a.model, a.resolution, a.expert_steps, a.class_images, a.sample_steps = "tiny", 32, 2, 2, 2
         a.timed_images, a.train_steps, a.train_batch, a.prompts_per_expert = 1, 2, 2, 1
-        a.throughput_clusters, a.throughput_steps, a.sweep, a.sweep_batches = 2, 2, "1,2", 1
+        a.throughput_clusters, a.throughput_steps, a.sweep, a.sweep_batches, a.sweep_steps, a.sweep_sample_steps = 2, 2, "1,2", 1, 2, 2
         a.flux_steps = 1
     elif not torch.cuda.is_available():
         print("warning: no CUDA device; the rows measure the CPU (use --dry-run for a quick check)", flush=True)

@@ -14,9 +14,10 @@
 #     --timed-images 2 --train-steps 10 --throughput-clusters 3 --throughput-steps 100 \
 #     --rows experts,apprentice,training,throughput --json rows.json
 # (one H200: 437 s, plus the machine's start; docs/results.md "On one H200" has the rows)
-# The stacked-expert K sweep alone (issue 32; traces go to traces/ beside rows.json), sized for about
-# 6 minutes on one H100 (not yet run on a GPU):
-#   bash benchmarks/gpu_suite.sh --rows throughput --throughput-steps 30 --sample-steps 10 --sweep 1,2,4,8 --json rows.json
+# The stacked-expert K sweep alone (issue 32; traces go to traces/ beside rows.json; its defaults,
+# K = 1,2,4,8 on 32 clusters, 16 steps and 10 sample steps per expert, are sized for about
+# 6 minutes on one H100 by reasoning from 0.18 s per K = 1 step; not yet run on a GPU):
+#   bash benchmarks/gpu_suite.sh --rows throughput --json rows.json
 # The FLUX rows alone (issue 33: flux-arch, FLUX.1-dev's 11.9B transformer in bf16 built on the GPU
 # from its config, ~24 GB; no T5 or VAE on the device), sized for about 2-3 minutes on one H100
 # (by reasoning, not yet run on a GPU):
