@@ -32,12 +32,28 @@ from pathlib import Path
 PHASES = ("data", "forward", "backward", "optimizer", "sampling", "scoring", "setup")  # setup: the rest (configs, adapters, cached latents, saving, restoring)
 
 
-def _profiled_ops(worker, group, demos, trace: Path | None, k: int) -> int:
-    """Run one batch with ``torch.profiler`` on its third training step (two of warm-up);
-    return the aten operators of that step, and write its trace to ``trace`` when given."""
+def profiler_schedule(steps: int) -> dict | None:
+    """``torch.profiler.schedule`` arguments that record exactly one training step of a batch of
+    ``steps``: the third (one step skipped, one of warm-up), or the second of two (a recording
+    that outlived the training steps would count sampling and scoring too). ``None`` for one
+    step: a recording of the first step would start with the batch's set-up."""
+    if steps < 2:
+        return None
+    return {"wait": 1 if steps >= 3 else 0, "warmup": 1, "active": 1, "repeat": 1}
+
+
+def _profiled_ops(worker, group, demos, trace: Path | None, k: int, steps: int) -> int | None:
+    """Run one batch with ``torch.profiler`` recording one of its training steps
+    (:func:`profiler_schedule`); return the aten operators of that step, and write its trace to
+    ``trace`` when given. With one training step: the batch unprofiled, ``None``."""
     import torch
 
-    schedule = torch.profiler.schedule(wait=1, warmup=1, active=1, repeat=1)
+    arguments = profiler_schedule(steps)
+    if arguments is None:
+        print("  (the aten operators of a training step need at least 2 steps: not counted)", flush=True)
+        _check(worker.run_batch(group, demos, timings={}))
+        return None
+    schedule = torch.profiler.schedule(**arguments)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         _check(worker.run_batch(group, demos, on_step=prof.step))
@@ -62,9 +78,10 @@ def clusters_needed(sizes: list[int], steady_batches: int) -> int:
 
 def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int, steady_batches: int = 4, trace: Path | None = None, profile: bool = True) -> dict:
     """The K sweep on ``worker``: for each K, one warm-up batch (the first K clusters, not
-    timed; profiled for K = 1 and the largest K); then ``steady_batches`` rounds, each of which
-    runs the round's ``max(sizes)`` clusters once per K, in batches of K, timed per K. Every K
-    trains and samples the same experts, the largest K runs ``steady_batches`` full batches, and
+    timed; profiled for the smallest and the largest K); then ``steady_batches`` rounds, each of
+    which runs the round's ``max(sizes)`` clusters once per K, in as many whole batches of K as
+    fit, timed per K. Every K whose multiples reach the largest (1, 2, 4, 8) trains and samples
+    the same experts, the largest K runs ``steady_batches`` full batches, and
     the rounds interleave the K so that a shared machine's drift in speed falls on every K alike.
     ``steady_batches * max(sizes)`` clusters are needed (:func:`clusters_needed`). Returns
     ``{K: {...}}`` rows (see the module docstring)."""
@@ -75,8 +92,8 @@ def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int
     ops: dict[int, int | None] = {}
     for k in sizes:  # warm-up (and the profiled step)
         first = rows[:k]
-        if profile and k in (1, largest):
-            ops[k] = _profiled_ops(worker, first, [demos[r["cluster_id"]] for r in first], trace, k)
+        if profile and k in (min(sizes), largest):
+            ops[k] = _profiled_ops(worker, first, [demos[r["cluster_id"]] for r in first], trace, k, steps)
         else:
             _check(worker.run_batch(first, [demos[r["cluster_id"]] for r in first], timings={}))
             ops[k] = None
@@ -106,7 +123,7 @@ def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int
               + (f", {ops[k]} aten ops per training step" if ops[k] else ""), flush=True)
     base = out[min(sizes)]
     for k in sizes:
-        out[k]["ratio_to_k1"] = out[k]["experts_per_hour"] / base["experts_per_hour"]
+        out[k]["ratio_to_k1"] = out[k]["experts_per_hour"] / base["experts_per_hour"]  # to the smallest K (K = 1 in a sweep from 1)
     return out
 
 
@@ -118,7 +135,7 @@ def _per_expert(timings: dict, seconds: float, n: int) -> dict:
 
 def report(result: dict, sizes: list[int]) -> None:
     """Print the sweep's table: rates, ratios, seconds per expert by phase, operators."""
-    print(f"{'K':>4s} {'experts/h':>10s} {'x K=1':>6s} " + " ".join(f"{p:>9s}" for p in PHASES) + f" {'aten/step':>10s}")
+    print(f"{'K':>4s} {'experts/h':>10s} {'x K=' + str(min(sizes)):>6s} " + " ".join(f"{p:>9s}" for p in PHASES) + f" {'aten/step':>10s}")
     for k in sizes:
         row = result[k]
         ops = row["aten_ops_per_step"]

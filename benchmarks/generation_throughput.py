@@ -147,6 +147,23 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _check_model_and_device(parser, args) -> None:
+    """Refuse, before any work, a ``--model`` no stage could load and ``--device cuda`` without
+    a CUDA device (argparse's one line, exit 2)."""
+    from suti.errors import SutiError
+    from suti.models import check_model
+
+    try:
+        check_model(args.model)
+    except SutiError as exc:
+        parser.error(str(exc))
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible here")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy")
@@ -171,6 +188,9 @@ def main() -> None:
     args.expert_batch_size = sizes[0]
     if len(sizes) > 1 and not args.lora_rank:
         parser.error("the K sweep trains LoRA experts: give --lora-rank")
+    if len(sizes) > 1 and args.in_process:
+        parser.error("--in-process takes one --expert-batch-size; a list runs the K sweep (in process already)")
+    _check_model_and_device(parser, args)
     if len(sizes) > 1:
         from expert_sweep import clusters_needed
 
@@ -189,8 +209,11 @@ def main() -> None:
         from bench_models import model_folder
 
         args.model = model_folder(args.model, root)
-        suti(["world", "make", "--output", str(root / "crawl"), "--subjects", str(args.clusters * 2), "--noise-pages", "0.2", "--seed", "3", "--size", "32"])
-        suti(["mine", "--crawl", str(root / "crawl"), "--output", str(root / "mined")])
+        for stage in (["world", "make", "--output", str(root / "crawl"), "--subjects", str(args.clusters * 2), "--noise-pages", "0.2", "--seed", "3", "--size", "32"],
+                      ["mine", "--crawl", str(root / "crawl"), "--output", str(root / "mined")]):
+            code = suti(stage)
+            if code != 0:  # its own one-line error is printed
+                raise SystemExit(code)
         args.clusters = min(args.clusters, len((root / "mined" / "clusters.jsonl").read_text().splitlines()))
         if len(sizes) > 1:
             from expert_sweep import run

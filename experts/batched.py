@@ -196,6 +196,8 @@ def _add_experts(pipe, configs: list[ExpertConfig], adapters: list[str], pixels:
             class_sets.setdefault(key, cls)
         generator = torch.Generator().manual_seed(config.seed)  # train_expert's generator (process 0)
         experts.append(_Expert(config, adapter, prompt, inst, cls, cond_inst, cond_cls, [], generator))
+    if len(experts) > 1:  # as after K add_adapter calls: the last adapter is the active one
+        denoiser_module(pipe).set_adapter(experts[-1].adapter)
     params = adapter_parameters(denoiser_module(pipe), [e.adapter for e in experts])
     for expert in experts:  # peft trains only the adapter added last: all of them train here
         expert.params = params[expert.adapter]
@@ -213,11 +215,12 @@ def add_adapter_like(module: torch.nn.Module, first: str, adapter: str) -> None:
     LoRA layer). The initialisation therefore draws the same numbers from torch's global RNG, in
     the same order, as ``module.add_adapter(config, adapter)`` would; ``adapter`` also gets a copy
     of ``first``'s config (what peft and diffusers read to save it). Unlike ``add_adapter``, the
-    active adapter stays ``first`` (the stacked layers route the rows themselves).
+    active adapter stays ``first`` (call the model's ``set_adapter`` after the last one), and the
+    layers are those that carry ``first`` (not every module its config targets).
 
     Raises:
-        ValueError: ``adapter`` exists already, or ``first`` uses rank or alpha patterns (use
-            ``add_adapter``).
+        ValueError: ``adapter`` exists already, or ``first``'s config has peft extras (rank or
+            alpha patterns, ``modules_to_save``, ...; use ``add_adapter``).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -225,8 +228,10 @@ def add_adapter_like(module: torch.nn.Module, first: str, adapter: str) -> None:
     if adapter in configs:
         raise ValueError(f"adapter {adapter!r} exists already")
     config = copy.deepcopy(configs[first])
-    if config.rank_pattern or config.alpha_pattern:
-        raise ValueError("adapters with rank or alpha patterns are added with add_adapter")
+    extras = [name for name in ("rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "target_parameters", "trainable_token_indices")
+              if getattr(config, name, None)]
+    if extras:
+        raise ValueError(f"adapters with {', '.join(extras)} are added with add_adapter")
     for name, layer in list(module.named_modules()):
         if isinstance(layer, LoraLayer) and first in layer.lora_A:
             layer.update_layer(adapter, config.r, lora_alpha=config.lora_alpha, target_name=name, config=config)
@@ -266,6 +271,7 @@ def _train_together(pipe, experts: list[_Expert], device: str, *, compile: bool 
         lr_scheduler = make_lr_scheduler(optimizer, first)
         stack.route.set_grouped(data.rows_per_expert)
         model = _compiled(unet, compile)
+        clock.restart()  # the stack and the optimizer are set up: the steps' phases from here
         for _ in range(first.steps):
             noisy, timesteps, target = data.draw()
             clock.lap("data")
@@ -303,6 +309,10 @@ class _PhaseClock:
 
     def __init__(self, timings: dict | None, device: str):
         self.timings, self.cuda = timings, str(device).startswith("cuda")
+        self.last = time.perf_counter()
+
+    def restart(self) -> None:
+        """Start the next phase now (what came before is charged to no phase)."""
         self.last = time.perf_counter()
 
     def lap(self, phase: str) -> None:

@@ -335,6 +335,9 @@ def test_the_k_sweep_runs_every_k_on_the_same_clusters_in_interleaved_rounds():
     assert {k: (row["experts"], row["batches"]) for k, row in out.items()} == {1: (8, 8), 2: (8, 4), 4: (8, 2)}
     assert out[1]["ratio_to_k1"] == 1.0 and out[4]["seconds_per_expert"]["forward"] == pytest.approx(0.001)
     assert sweep.clusters_needed([1, 2, 4], 2) == 8
+    # the profiler records one training step, however few the batch has (never sampling after it)
+    assert [sweep.profiler_schedule(n) for n in (1, 2, 3, 60)] == [None, {"wait": 0, "warmup": 1, "active": 1, "repeat": 1},
+                                                                  {"wait": 1, "warmup": 1, "active": 1, "repeat": 1}, {"wait": 1, "warmup": 1, "active": 1, "repeat": 1}]
     with pytest.raises(SystemExit, match="needs 8 clusters"):
         sweep.sweep(worker, rows[:7], {}, [1, 2, 4], steps=3, steady_batches=2, profile=False)
 
@@ -345,6 +348,8 @@ def test_the_k_sweep_runs_every_k_on_the_same_clusters_in_interleaved_rounds():
     (["--expert-batch-size", "1,2"], "the K sweep trains LoRA experts: give --lora-rank"),
     (["--clusters", "0"], "--clusters: must be a whole number from 1"),
     (["--threads", "-1"], "--threads: must be a whole number from 1"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--expert-batch-size", "1,2", "--lora-rank", "4", "--in-process"], "--in-process takes one --expert-batch-size"),
 ])
 def test_generation_throughput_refuses_bad_flags_in_one_line_before_any_work(argv, message):
     proc = subprocess.run([sys.executable, "benchmarks/generation_throughput.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -116,6 +116,9 @@ def test_an_adapter_added_like_the_first_equals_peft_add_adapter(model):
         assert all(torch.equal(weights[1][a][key], weights[0][a][key]) for key in weights[0][a]), a
     with pytest.raises(ValueError, match="exists"):
         add_adapter_like(module, "e0", "e1")
+    module.peft_config["e0"].modules_to_save = ["conv_in"]
+    with pytest.raises(ValueError, match="modules_to_save are added with add_adapter"):
+        add_adapter_like(module, "e0", "e3")
 
 
 def test_batches_refuse_full_fine_tuning_and_unequal_settings(instance_dir):
