@@ -42,18 +42,13 @@ def profiler_schedule(steps: int) -> dict | None:
     return {"wait": 1 if steps >= 3 else 0, "warmup": 1, "active": 1, "repeat": 1}
 
 
-def _profiled_ops(worker, group, demos, trace: Path | None, k: int, steps: int) -> int | None:
+def _profiled_ops(worker, group, demos, trace: Path | None, k: int, schedule_arguments: dict) -> int:
     """Run one batch with ``torch.profiler`` recording one of its training steps
-    (:func:`profiler_schedule`); return the aten operators of that step, and write its trace to
-    ``trace`` when given. With one training step: the batch unprofiled, ``None``."""
+    (``schedule_arguments``: :func:`profiler_schedule`); return the aten operators of that step,
+    and write its trace to ``trace`` when given."""
     import torch
 
-    arguments = profiler_schedule(steps)
-    if arguments is None:
-        print("  (the aten operators of a training step need at least 2 steps: not counted)", flush=True)
-        _check(worker.run_batch(group, demos, timings={}))
-        return None
-    schedule = torch.profiler.schedule(**arguments)
+    schedule = torch.profiler.schedule(**schedule_arguments)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         _check(worker.run_batch(group, demos, on_step=prof.step))
@@ -90,10 +85,13 @@ def sweep(worker, rows: list[dict], demos: dict, sizes: list[int], *, steps: int
     if len(rows) < steady:
         raise SystemExit(f"the sweep needs {steady} clusters for {steady_batches} steady batches of {largest} (have {len(rows)})")
     ops: dict[int, int | None] = {}
+    schedule = profiler_schedule(steps) if profile else None
+    if profile and schedule is None:
+        print("  (the aten operators of a training step need at least 2 steps: not counted)", flush=True)
     for k in sizes:  # warm-up (and the profiled step)
         first = rows[:k]
-        if profile and k in (min(sizes), largest):
-            ops[k] = _profiled_ops(worker, first, [demos[r["cluster_id"]] for r in first], trace, k, steps)
+        if schedule is not None and k in (min(sizes), largest):
+            ops[k] = _profiled_ops(worker, first, [demos[r["cluster_id"]] for r in first], trace, k, schedule)
         else:
             _check(worker.run_batch(first, [demos[r["cluster_id"]] for r in first], timings={}))
             ops[k] = None

@@ -336,7 +336,7 @@ def sweep_row(a) -> None:
     world = a.preset in ("tiny", "toy", "tiny-sdxl")
     traces = (Path(a.json).parent if a.json else Path.cwd()) / "traces"
     cmd = [sys.executable, str(Path(__file__).with_name("generation_throughput.py")), "--model", a.preset if world else a.model, "--lora-rank", "4",
-           "--clusters", str(a.sweep_batches * max(int(k) for k in a.sweep.split(","))), "--steps", str(a.sweep_steps), "--sample-steps", str(a.sweep_sample_steps),
+           "--clusters", "1", "--steps", str(a.sweep_steps), "--sample-steps", str(a.sweep_sample_steps),  # raised to --sweep-batches x largest K by the benchmark
            "--prompts", "2", "--device", "cuda" if torch.cuda.is_available() else "cpu", "--threads", "8" if torch.cuda.is_available() else "1",
            "--expert-batch-size", a.sweep, "--steady-batches", str(a.sweep_batches), "--trace", str(traces)]
     if not world:

@@ -74,6 +74,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = ROOT.parent / "shared" / "dreambench"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` with an image suffix (:data:`IMAGE_SUFFIXES`), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 IDENTIFIER, CLASS_NOUN, PROMPT_TEMPLATE = "sks", "dog", "a photo of {V} {class}"
 
@@ -161,7 +166,7 @@ def _photos(args, work: Path) -> tuple[Path, str]:
     photos.mkdir()
     source = Path(args.photos) if args.photos else DREAMBENCH / "dog"
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: args.max_photos]
+        files = _image_files(source)[: args.max_photos]
         for p in files:
             shutil.copyfile(p, photos / p.name)
         return photos, str(source)
@@ -289,7 +294,7 @@ def parse_args(argv=None):
         p.error(f"--peer-script {args.peer_script}: no such file (see the docstring: how to get it)")
     if args.photos and not Path(args.photos).is_dir():
         p.error(f"--photos {args.photos}: no such folder")
-    if args.photos and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in Path(args.photos).iterdir()):
+    if args.photos and not _image_files(args.photos):
         p.error(f"--photos {args.photos}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return args
 
@@ -309,7 +314,7 @@ def main(argv=None) -> dict:
         work = Path(args.work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         kept = work / "photos"
-        if kept.is_dir() and not args.photos and any(f.suffix.lower() in IMAGE_SUFFIXES for f in kept.iterdir()):
+        if kept.is_dir() and not args.photos and _image_files(kept):
             photos, source = kept, "kept in --work-dir"
         else:
             shutil.rmtree(kept, ignore_errors=True)
